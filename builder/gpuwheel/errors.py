@@ -1,0 +1,99 @@
+"""Every error a user can meet, each with its own exit code and a one-line message.
+
+The CLI prints `gpuwheel: error: <message>` and exits with `exit_code`; no traceback is
+shown for these. Anything else escaping is a bug in gpuwheel (exit 70, traceback kept).
+Exit codes are documented in docs/errors.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+
+class GpuwheelError(Exception):
+    """Base of all user-facing errors."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class RecipeError(GpuwheelError):
+    """The recipe file is unreadable, mistyped or names something unknown."""
+
+    exit_code = 2
+
+
+class IncompatibleRecipeError(GpuwheelError):
+    """The recipe parses but cannot work: every problem is listed, with its fix."""
+
+    exit_code = 3
+
+    def __init__(self, recipe: str, problems: list[str]):
+        self.problems = problems
+        listed = "; ".join(problems)
+        super().__init__(f"{recipe}: {len(problems)} problem(s): {listed}")
+
+
+class SourceError(GpuwheelError):
+    """A source cannot be fetched, verified or extracted."""
+
+    exit_code = 4
+
+
+class OfflineError(SourceError):
+    """Offline mode and a source is missing from the cache."""
+
+    exit_code = 5
+
+
+class PatchError(GpuwheelError):
+    """A patch does not apply (package, patch, file and hunk named)."""
+
+    exit_code = 6
+
+
+class ToolchainError(GpuwheelError):
+    """The compiler, torch or container engine does not match the recipe or is missing."""
+
+    exit_code = 7
+
+
+class BuildError(GpuwheelError):
+    """A package's build failed (log path and last lines shown)."""
+
+    exit_code = 8
+
+
+class OutOfMemoryError(BuildError):
+    """A compiler was killed by the OOM killer."""
+
+    exit_code = 9
+
+
+class WheelError(GpuwheelError):
+    """A wheel is malformed, unsafe or cannot be finished."""
+
+    exit_code = 10
+
+
+class AuditFailure(GpuwheelError):
+    """A wheel or .so carries kernels that cannot run on the target."""
+
+    exit_code = 11
+
+
+class SmokeFailure(GpuwheelError):
+    """A smoke check failed on the target."""
+
+    exit_code = 12
+
+
+class PublishError(GpuwheelError):
+    """The index refused an upload, or a wheel may not be published."""
+
+    exit_code = 13

@@ -1,0 +1,183 @@
+"""Facts about the CUDA world that gpuwheel checks recipes and binaries against.
+
+Data only: every table cites what it encodes, and the few functions below just look
+things up in it. Where a fact changes (a new toolkit, a new vLLM), change the table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from packaging.version import Version
+
+# Minimum CUDA toolkit that can emit SASS for a plain arch (NVIDIA CUDA release notes).
+ARCH_MIN_CUDA: dict[str, str] = {
+    "5.0": "6.0", "5.2": "7.0", "5.3": "7.0", "6.0": "8.0", "6.1": "8.0", "6.2": "8.0",
+    "7.0": "9.0", "7.2": "10.0", "7.5": "10.0",
+    "8.0": "11.0", "8.6": "11.1", "8.7": "11.4", "8.9": "11.8",
+    "9.0": "11.8",
+    "10.0": "12.8", "10.1": "12.8", "10.3": "12.9", "11.0": "13.0",
+    "12.0": "12.8", "12.1": "12.9",
+}
+# Arch-specific ("a") and family ("f") variants need newer toolkits than the plain arch.
+SUFFIX_MIN_CUDA: dict[str, str] = {"a": "12.0", "f": "12.9"}
+# CUDA 13 removed SASS/PTX generation for Maxwell, Pascal and Volta (sm_50 … sm_72).
+ARCH_MAX_CUDA_MAJOR: dict[str, int] = {
+    arch: 12 for arch in ("5.0", "5.2", "5.3", "6.0", "6.1", "6.2", "7.0", "7.2")
+}
+
+# PTX ISA version → the CUDA release that introduced it (PTX ISA docs, "Release notes").
+PTX_ISA_CUDA: dict[str, str] = {
+    "7.0": "11.0", "7.1": "11.1", "7.2": "11.2", "7.3": "11.3", "7.4": "11.4",
+    "7.5": "11.5", "7.6": "11.6", "7.7": "11.7", "7.8": "11.8",
+    "8.0": "12.0", "8.1": "12.1", "8.2": "12.2", "8.3": "12.3", "8.4": "12.4",
+    "8.5": "12.5", "8.6": "12.7", "8.7": "12.8", "8.8": "12.9",
+    "9.0": "13.0", "9.1": "13.1",
+}
+
+# CUDA toolkit (major.minor) → oldest Linux driver that runs its binaries and JITs its PTX
+# (CUDA Toolkit release notes, table 3 "toolkit driver version").
+CUDA_MIN_DRIVER: dict[str, str] = {
+    "11.8": "520.61.05",
+    "12.0": "525.60.13", "12.1": "530.30.02", "12.2": "535.54.03", "12.3": "545.23.06",
+    "12.4": "550.54.14", "12.5": "555.42.02", "12.6": "560.28.03", "12.7": "565.57.01",
+    "12.8": "570.26", "12.9": "575.51.03",
+    "13.0": "580.65.06", "13.1": "590.44.01",
+}
+
+# vLLM release → torch it pins in requirements/cuda.txt, and the CUDA of vLLM's own wheels.
+VLLM_TORCH_PIN: dict[str, str] = {
+    "0.10.1.1": "2.7.1", "0.10.2": "2.8.0", "0.11.0": "2.8.0",
+    "0.11.1": "2.9.0", "0.11.2": "2.9.0", "0.12.0": "2.9.0", "0.13.0": "2.9.0",
+    "0.14.0": "2.9.1", "0.16.0": "2.9.1",
+    "0.17.1": "2.10.0", "0.18.0": "2.10.0", "0.19.0": "2.10.0",
+    "0.20.0": "2.11.0", "0.21.0": "2.11.0", "0.22.0": "2.11.0", "0.23.0": "2.11.0",
+    "0.24.0": "2.11.0", "0.25.0": "2.11.0", "0.26.0": "2.11.0",
+    "0.27.1": "2.13.0", "0.28.0": "2.13.0", "0.29.0": "2.13.0", "0.30.0": "2.13.0",
+    "0.33.0": "2.14.0",
+}
+
+# torch release (major.minor) → CUDA versions PyTorch publishes wheels for (pytorch.org
+# "previous versions"; RELEASE.md compatibility matrix).
+TORCH_CUDA_BUILDS: dict[str, tuple[str, ...]] = {
+    "2.7": ("11.8", "12.6", "12.8"),
+    "2.8": ("12.6", "12.8", "12.9"),
+    "2.9": ("12.6", "12.8", "13.0"),
+    "2.10": ("12.6", "12.8", "13.0"),
+    "2.11": ("12.6", "12.8", "13.0"),
+    "2.13": ("12.8", "13.0"),
+    "2.14": ("12.8", "13.0"),
+}
+
+# vLLM FetchContent dependency → the environment variable that points vLLM at a local tree.
+VLLM_DEPENDENCY_SRC_ENV: dict[str, str] = {
+    "cutlass": "VLLM_CUTLASS_SRC_DIR",
+    "vllm-flash-attn": "VLLM_FLASH_ATTN_SRC_DIR",
+    "flashmla": "FLASH_MLA_SRC_DIR",
+    "qutlass": "QUTLASS_SRC_DIR",
+    "triton_kernels": "TRITON_KERNELS_SRC_DIR",
+    "deepgemm": "DEEPGEMM_SRC_DIR",
+}
+
+_ARCH_RE = re.compile(r"^(?P<major>\d+)\.(?P<minor>\d)(?P<suffix>[af]?)(?P<ptx>\+PTX)?$")
+
+
+@dataclass(frozen=True, order=True)
+class Arch:
+    """One entry of TORCH_CUDA_ARCH_LIST: 12.0, 9.0a, 10.0f, 8.0+PTX."""
+
+    major: int
+    minor: int
+    suffix: str = ""  # "", "a" (arch-specific) or "f" (family)
+    ptx: bool = False  # also embed PTX for this arch
+
+    @property
+    def number(self) -> int:
+        """The sm_NN number: 12.0 → 120."""
+        return self.major * 10 + self.minor
+
+    @property
+    def plain(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+    def __str__(self) -> str:
+        return f"{self.plain}{self.suffix}{'+PTX' if self.ptx else ''}"
+
+
+def parse_arch(text: str) -> Arch:
+    """Parse one arch as TORCH_CUDA_ARCH_LIST writes it; raises ValueError on anything else."""
+    match = _ARCH_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not an arch like 8.9, 9.0a, 12.0f or 8.0+PTX")
+    arch = Arch(int(match["major"]), int(match["minor"]), match["suffix"], bool(match["ptx"]))
+    if arch.plain not in ARCH_MIN_CUDA:
+        known = ", ".join(ARCH_MIN_CUDA)
+        raise ValueError(f"{text!r} is not a CUDA compute capability (known: {known})")
+    return arch
+
+
+def parse_arch_list(text: str) -> tuple[Arch, ...]:
+    """Parse a TORCH_CUDA_ARCH_LIST value ("9.0a;12.0", "8.0 8.6+PTX")."""
+    parts = [p for p in re.split(r"[;\s,]+", text.strip()) if p]
+    if not parts:
+        raise ValueError("the arch list is empty")
+    return tuple(parse_arch(p) for p in parts)
+
+
+def major_minor(version: str) -> str:
+    """'12.8.1' → '12.8'."""
+    release = Version(version).release
+    return f"{release[0]}.{release[1] if len(release) > 1 else 0}"
+
+
+def driver_tuple(driver: str) -> tuple[int, ...]:
+    """'570.195.03' → (570, 195, 3); raises ValueError when it is no driver version."""
+    if not re.fullmatch(r"\d+(\.\d+){1,2}", driver.strip()):
+        raise ValueError(f"{driver!r} is not a driver version like 570.195.03")
+    return tuple(int(p) for p in driver.strip().split("."))
+
+
+def arch_min_cuda(arch: Arch) -> str:
+    """The oldest toolkit (major.minor) that can build this arch, suffix included."""
+    need = Version(ARCH_MIN_CUDA[arch.plain])
+    if arch.suffix:
+        need = max(need, Version(SUFFIX_MIN_CUDA[arch.suffix]))
+    return str(need)
+
+
+def cuda_min_driver(cuda: str) -> str | None:
+    """Oldest driver for binaries of this toolkit, or None when the table lacks it."""
+    return CUDA_MIN_DRIVER.get(major_minor(cuda))
+
+
+def driver_max_cuda(driver: str) -> str | None:
+    """Newest toolkit (major.minor) whose binaries and PTX this driver runs."""
+    have = driver_tuple(driver)
+    fitting = [c for c, d in CUDA_MIN_DRIVER.items() if driver_tuple(d) <= have]
+    return max(fitting, key=Version) if fitting else None
+
+
+def ptx_isa_min_driver(isa: str) -> str | None:
+    """Oldest driver that can JIT-compile PTX of this ISA version."""
+    cuda = PTX_ISA_CUDA.get(isa)
+    return CUDA_MIN_DRIVER.get(cuda) if cuda else None
+
+
+def driver_max_ptx_isa(driver: str) -> str | None:
+    """Newest PTX ISA version a driver can JIT-compile."""
+    cuda = driver_max_cuda(driver)
+    if cuda is None:
+        return None
+    fitting = [isa for isa, c in PTX_ISA_CUDA.items() if Version(c) <= Version(cuda)]
+    return max(fitting, key=Version) if fitting else None
+
+
+def torch_cuda_builds(torch: str) -> tuple[str, ...] | None:
+    """CUDA versions PyTorch publishes wheels of this torch for, or None if unknown."""
+    return TORCH_CUDA_BUILDS.get(major_minor(torch))
+
+
+def cuda_tag(cuda: str) -> str:
+    """'12.8.1' → 'cu128', as PyTorch and vLLM name their CUDA builds."""
+    return "cu" + major_minor(cuda).replace(".", "")
