@@ -1,0 +1,119 @@
+"""The publish gate: a wheel reaches a target's index only if its audit passed for the target
+and its smoke report passed on a GPU of the target's compute capability.
+
+Reads the two records the earlier stages leave (formats in docs/publish.md):
+- `<name>-<version>.dist-info/gpuwheel.json` inside the wheel: `{"target": ..., "audit": {"passed": ..., "arch": ...}}`
+- the smoke report (`smoke.json` beside the wheels): `{"target": ..., "gpu": {"compute_capability": ...},
+  "wheels": [{"filename": ..., "sha256": ..., "passed": ...}]}`
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from gpuwheel import facts
+from gpuwheel.errors import PublishError
+
+if TYPE_CHECKING:
+    from gpuwheel.index import WheelFile
+
+
+@dataclass(frozen=True)
+class PublishGate:
+    """What every wheel must have passed before it may be published for `target`."""
+
+    target: str
+    compute_capability: str  # the target GPU's, e.g. "9.0"
+    smoke_report: Path | None  # None: no report exists, so nothing passed smoke
+    force: bool = False  # publish anyway, with a warning per wheel naming what was not checked
+
+
+def check_gate(wheels: Sequence[WheelFile], gate: PublishGate) -> dict[str, tuple[str, ...]]:
+    """Return the warnings per wheel filename (non-empty only under force).
+
+    Raises PublishError naming every wheel that fails and why, unless gate.force.
+    """
+    smoke = _read_smoke_report(gate)
+    problems = {w.filename: _audit_problems(w, gate) + _smoke_problems(w, gate, smoke) for w in wheels}
+    if gate.force:
+        return {name: (_forced_warning(name, found),) for name, found in problems.items()}
+    refused = {name: found for name, found in problems.items() if found}
+    if refused:
+        listed = "; ".join(f"{name}: {', '.join(found)}" for name, found in refused.items())
+        raise PublishError(
+            f"refusing to publish {len(refused)} wheel(s) for target {gate.target}: {listed}",
+            hint="run `gpuwheel audit` and `gpuwheel smoke` for the target, or pass --force",
+        )
+    return {name: () for name in problems}
+
+
+def _forced_warning(filename: str, problems: tuple[str, ...]) -> str:
+    found = f"; it would have been refused: {', '.join(problems)}" if problems else ""
+    return f"--force: published {filename} without the audit and smoke checks{found}"
+
+
+def _same_arch(a: str, b: str) -> bool:
+    try:
+        return facts.parse_arch(a).plain == facts.parse_arch(b).plain
+    except ValueError:
+        return False
+
+
+def _audit_problems(wheel: WheelFile, gate: PublishGate) -> tuple[str, ...]:
+    record = f"{wheel.dist_info}/gpuwheel.json"
+    if wheel.provenance is None:
+        return (f"not audited (no {record})",)
+    audit = wheel.provenance.get("audit")
+    problems = []
+    built_for = wheel.provenance.get("target")
+    if built_for != gate.target:
+        problems.append(f"built for target {built_for!r}, not {gate.target!r} ({record})")
+    if not isinstance(audit, dict):
+        return (*problems, f"not audited ({record} has no audit)")
+    if audit.get("passed") is not True:
+        problems.append(f"audit failed ({record})")
+    arch = str(audit.get("arch", ""))
+    if not _same_arch(arch, gate.compute_capability):
+        problems.append(f"audited for arch {arch or '?'}, target is {gate.compute_capability} ({record})")
+    return tuple(problems)
+
+
+def _read_smoke_report(gate: PublishGate) -> dict[str, Any] | str:
+    """The parsed report, or why there is none (a problem shared by every wheel)."""
+    if gate.smoke_report is None:
+        return "no smoke report"
+    path = gate.smoke_report
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no smoke report ({path} does not exist)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"smoke report {path} is unreadable ({error})"
+    if not isinstance(report, dict) or not isinstance(report.get("wheels"), list):
+        return f"smoke report {path} has no 'wheels' list"
+    return report
+
+
+def _smoke_problems(wheel: WheelFile, gate: PublishGate, report: dict[str, Any] | str) -> tuple[str, ...]:
+    if isinstance(report, str):
+        return (report,)
+    path = gate.smoke_report
+    problems = []
+    if report.get("target") != gate.target:
+        problems.append(f"smoke report {path} is for target {report.get('target')!r}")
+    gpu = report.get("gpu") if isinstance(report.get("gpu"), dict) else {}
+    ran_on = str(gpu.get("compute_capability", ""))
+    if not _same_arch(ran_on, gate.compute_capability):
+        problems.append(f"smoke ran on {gpu.get('name', 'an unknown GPU')} (compute capability "
+                        f"{ran_on or '?'}), target is {gate.compute_capability} ({path})")
+    entries = [e for e in report["wheels"] if isinstance(e, dict) and e.get("filename") == wheel.filename]
+    if not entries:
+        return (*problems, f"not in smoke report {path}")
+    if not any(e.get("sha256") == wheel.sha256 for e in entries):
+        return (*problems, f"smoke report {path} tested another file of that name (sha256 differs)")
+    if not any(e.get("sha256") == wheel.sha256 and e.get("passed") is True for e in entries):
+        problems.append(f"failed smoke ({path})")
+    return tuple(problems)
