@@ -81,6 +81,10 @@ class WheelError(GpuwheelError):
     exit_code = 10
 
 
+class AuditInputError(WheelError):
+    """What the audit was given is no wheel or ELF, or holds a corrupt fatbin or an unsafe path."""
+
+
 class AuditFailure(GpuwheelError):
     """A wheel or .so carries kernels that cannot run on the target."""
 

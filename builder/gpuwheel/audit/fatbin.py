@@ -1,0 +1,235 @@
+"""Read the GPU code an ELF shared object carries: its `.nv_fatbin` containers and their entries.
+
+Layout (little-endian, checked against nvcc 13.0 output and `cuobjdump --list-elf --list-ptx`):
+a container is a 16-byte header `u32 magic 0xBA55ED50, u16 version, u16 header size, u64 payload
+size` followed by entries, containers 8-byte aligned one after another. An entry header is
+`u16 kind (1 PTX, 2 ELF), u16, u32 header size, u64 payload size, u32 compressed size, u32,
+u16 minor, u16 major, u32 arch` with `u64 flags` at +40 and `u64 decompressed size` at +56.
+Only the section is read (seek, never the whole file); SASS needs no decompression at all,
+and of each PTX payload only the start that holds `.version` and `.target` is decompressed.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import lz4.block
+import zstandard
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from gpuwheel.errors import AuditInputError
+
+CONTAINER_MAGIC = 0xBA55ED50
+_CONTAINER = struct.Struct("<IHHQ")
+_ENTRY = struct.Struct("<HHIQIIHHI")  # kind, _, header size, payload size, compressed size, _, minor, major, arch
+_ENTRY_MIN_HEADER = 64  # the fields read below end at +64
+KIND_PTX, KIND_ELF = 1, 2
+FLAG_LZ4, FLAG_ZSTD = 0x2000, 0x8000
+FLAG_ARCH_SPECIFIC, FLAG_FAMILY = 0x100000, 0x200000
+# The wrapper struct __cudaFatBinWrapper in .nvFatBinSegment: u32 magic, u32 version, u64 data address, u64.
+_WRAPPER = struct.Struct("<IIQQ")
+WRAPPER_MAGIC = 0x466243B1
+_PTX_HEAD_LIMIT = 64 * 1024  # .version/.target come after a few comment lines; never read more
+_VERSION_RE = re.compile(rb"^\s*\.version\s+(\d+\.\d+)", re.M)
+_TARGET_RE = re.compile(rb"^\s*\.target\s+(sm_\d+[af]?)", re.M)
+
+
+@dataclass(frozen=True)
+class SassEntry:
+    """Machine code for one GPU arch: sm_90a is arch 90, variant "a"."""
+
+    arch: int
+    variant: str  # "" (plain), "a" (this arch only) or "f" (this arch's family)
+
+    @property
+    def major(self) -> int:
+        return self.arch // 10
+
+    @property
+    def minor(self) -> int:
+        return self.arch % 10
+
+    @property
+    def name(self) -> str:
+        return f"sm_{self.arch}{self.variant}"
+
+
+@dataclass(frozen=True)
+class PtxEntry:
+    """PTX for one virtual arch, and the PTX ISA version its text declares (`.version`)."""
+
+    arch: int
+    variant: str
+    isa: str  # "9.0"
+
+    @property
+    def major(self) -> int:
+        return self.arch // 10
+
+    @property
+    def minor(self) -> int:
+        return self.arch % 10
+
+    @property
+    def name(self) -> str:
+        return f"compute_{self.arch}{self.variant}"
+
+
+@dataclass(frozen=True)
+class FatbinUnit:
+    """One fatbin container: the GPU code of one compilation unit (or one device link)."""
+
+    index: int  # position among the .so's non-empty containers, from 0
+    offset: int  # file offset of the container header
+    sass: tuple[SassEntry, ...]
+    ptx: tuple[PtxEntry, ...]
+
+
+def read_fatbin_units(path: Path | str) -> tuple[FatbinUnit, ...]:
+    """The fatbin units of an ELF file on disk; () when it carries no GPU code."""
+    with open(path, "rb") as stream:
+        return read_fatbin_stream(stream, str(path))
+
+
+def read_fatbin_stream(stream: BinaryIO, name: str) -> tuple[FatbinUnit, ...]:
+    """The fatbin units of a seekable ELF stream; `name` goes into error messages."""
+    try:
+        elf = ELFFile(stream)
+        regions = _fatbin_regions(elf, name)
+    except ELFError as error:
+        raise AuditInputError(f"{name}: not a readable ELF file ({error})") from None
+    units: list[FatbinUnit] = []
+    for file_offset, size in regions:
+        stream.seek(file_offset)
+        data = stream.read(size)
+        if len(data) != size:
+            raise AuditInputError(f"{name}: file ends inside .nv_fatbin at offset {file_offset + len(data)}; "
+                                  "the file is truncated")
+        units.extend(_parse_containers(data, file_offset, name, first_index=len(units)))
+    return tuple(units)
+
+
+def _fatbin_regions(elf: ELFFile, name: str) -> list[tuple[int, int]]:
+    """(file offset, size) of the bytes holding fatbin containers."""
+    section = elf.get_section_by_name(".nv_fatbin")
+    if section is not None:
+        if section["sh_type"] == "SHT_NOBITS":
+            return []
+        return [(section["sh_offset"], section["sh_size"])]
+    # No .nv_fatbin: the fatbin wrappers still say where each container lives (another section).
+    segment = elf.get_section_by_name(".nvFatBinSegment")
+    if segment is None or segment["sh_type"] == "SHT_NOBITS":
+        return []
+    wrappers = segment.data()
+    regions = []
+    for at in range(0, len(wrappers) - _WRAPPER.size + 1, _WRAPPER.size):
+        magic, _, address, _ = _WRAPPER.unpack_from(wrappers, at)
+        if magic != WRAPPER_MAGIC:
+            continue
+        regions.append(_container_region(elf, address, name))
+    return regions
+
+
+def _container_region(elf: ELFFile, address: int, name: str) -> tuple[int, int]:
+    """The file bytes of the single container a .nvFatBinSegment wrapper points at."""
+    for section in elf.iter_sections():
+        start = section["sh_addr"]
+        if start and section["sh_type"] != "SHT_NOBITS" and start <= address < start + section["sh_size"]:
+            file_offset = section["sh_offset"] + address - start
+            stream = elf.stream
+            stream.seek(file_offset)
+            header = stream.read(_CONTAINER.size)
+            if len(header) != _CONTAINER.size:
+                break
+            _, _, header_size, payload_size = _CONTAINER.unpack(header)
+            return file_offset, header_size + payload_size
+    raise AuditInputError(f"{name}: .nvFatBinSegment points at address {address:#x}, which no section holds; "
+                          "the fatbin cannot be located")
+
+
+def _parse_containers(data: bytes, base: int, name: str, first_index: int) -> list[FatbinUnit]:
+    units: list[FatbinUnit] = []
+    at = 0
+    while at + _CONTAINER.size <= len(data):
+        magic, _, header_size, payload_size = _CONTAINER.unpack_from(data, at)
+        if magic != CONTAINER_MAGIC:
+            if not any(data[at:at + 8]):  # zero padding between containers of different objects
+                at += 8
+                continue
+            raise AuditInputError(f"{name}: no fatbin container at offset {base + at:#x} "
+                                  f"(magic {magic:#010x}); the .nv_fatbin section is corrupt")
+        end = at + header_size + payload_size
+        if header_size < _CONTAINER.size or end > len(data):
+            raise AuditInputError(f"{name}: fatbin container at offset {base + at:#x} claims {payload_size} bytes "
+                                  f"past the end of its section; the .nv_fatbin section is truncated or corrupt")
+        sass, ptx = _parse_entries(data, at + header_size, end, base, name)
+        if sass or ptx:  # an empty container (a device link without SASS) carries no code
+            units.append(FatbinUnit(first_index + len(units), base + at, tuple(sass), tuple(ptx)))
+        at = (end + 7) & ~7
+    if any(data[at:]):
+        raise AuditInputError(f"{name}: {len(data) - at} stray bytes at offset {base + at:#x} after the last "
+                              "fatbin container; the .nv_fatbin section is corrupt")
+    return units
+
+
+def _parse_entries(data: bytes, at: int, end: int, base: int, name: str) -> tuple[list[SassEntry], list[PtxEntry]]:
+    sass: list[SassEntry] = []
+    ptx: list[PtxEntry] = []
+    while at < end:
+        if at + _ENTRY_MIN_HEADER > end:
+            raise AuditInputError(f"{name}: fatbin entry at offset {base + at:#x} is cut off by its container's end; "
+                                  "the .nv_fatbin section is corrupt")
+        kind, _, header_size, payload_size, compressed_size, _, _, _, arch = _ENTRY.unpack_from(data, at)
+        flags = struct.unpack_from("<Q", data, at + 40)[0]
+        raw_size = struct.unpack_from("<Q", data, at + 56)[0]
+        payload_start = at + header_size
+        if header_size < _ENTRY_MIN_HEADER or payload_start + payload_size > end:
+            raise AuditInputError(f"{name}: fatbin entry at offset {base + at:#x} (header {header_size} bytes, payload "
+                                  f"{payload_size}) overruns its container; the .nv_fatbin section is corrupt")
+        variant = "a" if flags & FLAG_ARCH_SPECIFIC else "f" if flags & FLAG_FAMILY else ""
+        if kind == KIND_ELF:
+            sass.append(SassEntry(arch, variant))
+        elif kind == KIND_PTX:
+            stored = data[payload_start:payload_start + (compressed_size or payload_size)]
+            head = _ptx_head(stored, flags, raw_size, f"{name}: PTX entry at offset {base + at:#x}")
+            ptx.append(PtxEntry(arch, variant, _ptx_isa(head, f"{name}: PTX entry at offset {base + at:#x}")))
+        else:
+            raise AuditInputError(f"{name}: fatbin entry at offset {base + at:#x} has unknown kind {kind}; "
+                                  "the .nv_fatbin section is corrupt")
+        at = payload_start + payload_size
+    return sass, ptx
+
+
+def _ptx_head(stored: bytes, flags: int, raw_size: int, where: str) -> bytes:
+    """Enough of the PTX text to hold `.version` and `.target`."""
+    try:
+        if flags & FLAG_ZSTD:
+            # Stream: stop decompressing once the header lines are in.
+            reader = zstandard.ZstdDecompressor().stream_reader(stored)
+            head = b""
+            while len(head) < _PTX_HEAD_LIMIT:
+                chunk = reader.read(4096)
+                if not chunk:
+                    break
+                head += chunk
+                if _TARGET_RE.search(head) and _VERSION_RE.search(head):
+                    break
+            return head
+        if flags & FLAG_LZ4:
+            # The lz4 binding has no partial block decompression; LZ4 blocks decode at GB/s anyway.
+            return lz4.block.decompress(stored, uncompressed_size=raw_size)
+    except (zstandard.ZstdError, lz4.block.LZ4BlockError) as error:
+        raise AuditInputError(f"{where}: compressed payload does not decompress ({error}); the fatbin is corrupt") from None
+    return stored[:_PTX_HEAD_LIMIT]
+
+
+def _ptx_isa(head: bytes, where: str) -> str:
+    version = _VERSION_RE.search(head)
+    if version is None or _TARGET_RE.search(head) is None:
+        raise AuditInputError(f"{where}: no `.version`/`.target` line at the start of the PTX; the fatbin is corrupt")
+    return version[1].decode()

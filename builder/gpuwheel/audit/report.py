@@ -1,0 +1,332 @@
+"""The arch audit: can every kernel unit of a wheel (or .so) run on the target GPU and driver?
+
+Per fatbin unit: *native* (SASS the target runs), *JIT* (PTX the driver must compile: its ISA must be
+one the target driver reads) or *none*. A .so fails when a unit needs JIT of too new a PTX ISA
+(cudaErrorUnsupportedPtxVersion the moment that kernel runs), or when none of its units run on the
+target (unless the recipe declares it arch-specific). A wheel fails when any of its .so fails.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import shutil
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from packaging.version import Version
+
+from gpuwheel import facts
+from gpuwheel.audit.fatbin import FatbinUnit, PtxEntry, SassEntry, read_fatbin_stream
+from gpuwheel.errors import AuditInputError
+
+if TYPE_CHECKING:
+    from gpuwheel.recipe import Recipe
+
+NATIVE, JIT, NONE = "native", "jit", "none"
+_ELF_MAGIC = b"\x7fELF"
+_SPOOL_IN_MEMORY = 64 * 1024 * 1024  # smaller .so members are read from memory, larger ones from a temp file
+
+
+@dataclass(frozen=True)
+class AuditTarget:
+    """The GPU the code must run on and the oldest driver of the fleet (None: driver not checked)."""
+
+    arch: facts.Arch
+    min_driver: str | None
+    optional_globs: tuple[str, ...] = ()  # .so paths in a wheel that may carry no code for this arch
+
+    @classmethod
+    def from_recipe(cls, recipe: "Recipe", driver: str | None = None) -> AuditTarget:
+        """The recipe's GPU and fleet driver (`driver` overrides it) and every package's optional globs."""
+        globs = tuple(glob for package in recipe.packages for glob in package.audit_optional)
+        return cls(facts.parse_arch(recipe.target.compute_capability), driver or recipe.target.min_driver, globs)
+
+    def to_json(self) -> dict:
+        return {"arch": self.arch.plain, "min_driver": self.min_driver, "optional_globs": list(self.optional_globs)}
+
+
+@dataclass(frozen=True)
+class UnitVerdict:
+    """How the target runs one fatbin unit, and what is wrong with that if anything."""
+
+    index: int
+    offset: int
+    verdict: str  # native | jit | none
+    sass: tuple[str, ...]  # sm_90a, sm_120, ...
+    ptx: tuple[str, ...]  # compute_80, compute_90a, ...
+    ptx_isas: tuple[str, ...]  # the PTX ISA version of each of `ptx`, in the same order
+    runs_as: str | None  # the entry the driver picks: sm_120 or compute_80
+    ptx_isa: str | None = None  # for JIT: the ISA the driver must read
+    jit_min_driver: str | None = None  # for JIT: oldest driver that reads it (None: unknown ISA)
+    problem: str | None = None
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "offset": self.offset, "verdict": self.verdict, "sass": list(self.sass),
+                "ptx": list(self.ptx), "ptx_isas": list(self.ptx_isas), "runs_as": self.runs_as, "ptx_isa": self.ptx_isa,
+                "jit_min_driver": self.jit_min_driver, "problem": self.problem}
+
+
+@dataclass(frozen=True)
+class SoReport:
+    """The verdicts for one ELF shared object (`path` is its path inside `wheel`, or on disk)."""
+
+    path: str
+    wheel: str | None
+    units: tuple[UnitVerdict, ...]
+    optional: bool  # matches one of the target's optional globs
+    problems: tuple[str, ...]  # why it fails
+    waived: tuple[str, ...] = ()  # what would fail it, were it not declared optional
+
+    @property
+    def has_gpu_code(self) -> bool:
+        return bool(self.units)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def count(self, verdict: str) -> int:
+        return sum(1 for unit in self.units if unit.verdict == verdict)
+
+    @property
+    def ptx_isa_range(self) -> str:
+        isas = sorted({isa for unit in self.units for isa in unit.ptx_isas}, key=Version)
+        return "" if not isas else isas[0] if len(isas) == 1 else f"{isas[0]}–{isas[-1]}"
+
+    @property
+    def sass_archs(self) -> tuple[str, ...]:
+        return _sorted_names(name for unit in self.units for name in unit.sass)
+
+    @property
+    def ptx_archs(self) -> tuple[str, ...]:
+        return _sorted_names(name for unit in self.units for name in unit.ptx)
+
+    @property
+    def verdict(self) -> str:
+        """One word for the table: pass, fail, optional (no code for the target, allowed) or no GPU code."""
+        if not self.has_gpu_code:
+            return "no GPU code"
+        if self.problems:
+            return "fail"
+        return "optional" if self.waived else "pass"
+
+    @property
+    def none_archs(self) -> tuple[str, ...]:
+        """What the units with no code for the target carry (reported, not failed, beside runnable ones)."""
+        return _sorted_names(name for unit in self.units if unit.verdict == NONE
+                             for name in (*unit.sass, *unit.ptx))
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "wheel": self.wheel, "verdict": self.verdict, "passed": self.passed,
+                "optional": self.optional, "native": self.count(NATIVE), "jit": self.count(JIT),
+                "none": self.count(NONE), "ptx_isa_range": self.ptx_isa_range, "sass_archs": list(self.sass_archs),
+                "ptx_archs": list(self.ptx_archs), "none_archs": list(self.none_archs),
+                "problems": list(self.problems), "waived": list(self.waived),
+                "units": [unit.to_json() for unit in self.units]}
+
+
+@dataclass(frozen=True)
+class WheelReport:
+    """One wheel: its .so reports; it fails when any .so fails or none carries GPU code."""
+
+    path: str
+    sos: tuple[SoReport, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "passed": self.passed, "problems": list(self.problems),
+                "sos": [so.path for so in self.sos]}
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """Everything the audit found under one PATH: per wheel (when it read wheels) and per .so."""
+
+    path: str
+    target: AuditTarget
+    wheels: tuple[WheelReport, ...]
+    sos: tuple[SoReport, ...]
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    @property
+    def driver_checked(self) -> bool:
+        return self.target.min_driver is not None
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "target": self.target.to_json(), "passed": self.passed,
+                "driver_checked": self.driver_checked, "problems": list(self.problems),
+                "wheels": [wheel.to_json() for wheel in self.wheels], "sos": [so.to_json() for so in self.sos]}
+
+
+def audit(path: Path | str, target: AuditTarget) -> AuditReport:
+    """Audit a wheel, a directory of wheels or one ELF .so against the target GPU and driver."""
+    path = Path(path)
+    if target.arch.suffix or target.arch.ptx:
+        raise AuditInputError(f"target arch {target.arch} is not a GPU's compute capability; give one like "
+                              f"{target.arch.plain}")
+    if target.min_driver is not None:
+        try:
+            facts.driver_tuple(target.min_driver)
+        except ValueError as error:
+            raise AuditInputError(f"driver {error}") from None
+    if path.is_dir():
+        wheel_paths = sorted(path.glob("*.whl"))
+        if not wheel_paths:
+            raise AuditInputError(f"{path}: no *.whl files in this directory; give a wheel, a directory of wheels or a .so")
+        wheels = tuple(_audit_wheel(wheel, target) for wheel in wheel_paths)
+        sos = tuple(so for wheel in wheels for so in wheel.sos)
+        problems = tuple(problem for wheel in wheels for problem in wheel.problems)
+        return AuditReport(str(path), target, wheels, sos, problems)
+    if not path.is_file():
+        raise AuditInputError(f"{path}: no such file or directory")
+    if zipfile.is_zipfile(path):
+        if path.suffix != ".whl":
+            raise AuditInputError(f"{path}: a zip file but not a wheel (*.whl); give a wheel, a directory of wheels or a .so")
+        wheel = _audit_wheel(path, target)
+        return AuditReport(str(path), target, (wheel,), wheel.sos, wheel.problems)
+    with open(path, "rb") as stream:
+        if stream.read(4) != _ELF_MAGIC:
+            raise AuditInputError(f"{path}: neither a wheel nor an ELF shared object; "
+                                  "give a wheel, a directory of wheels or a .so")
+        stream.seek(0)
+        units = read_fatbin_stream(stream, str(path))
+    so = _judge_so(str(path), None, units, target)
+    problems = so.problems if so.has_gpu_code else (f"{path}: carries no GPU code (no fatbin); "
+                                                    f"nothing in it runs on {target.arch.plain}",)
+    return AuditReport(str(path), target, (), (so,), problems)
+
+
+def _audit_wheel(path: Path, target: AuditTarget) -> WheelReport:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise AuditInputError(f"{path}: not a readable wheel ({error})") from None
+    with archive:
+        members = archive.infolist()
+        for member in members:
+            _refuse_unsafe_name(path, member.filename)
+        if not any(_is_dist_info_metadata(member.filename) for member in members):
+            raise AuditInputError(f"{path}: no *.dist-info/WHEEL in the archive; not a wheel")
+        sos = []
+        for member in members:
+            if _looks_like_shared_object(member.filename):
+                units = _read_member_units(archive, member, path)
+                if units is not None:
+                    sos.append(_judge_so(member.filename, path.name, units, target))
+    problems = tuple(f"{path.name}: {problem}" for so in sos for problem in so.problems)
+    if not any(so.has_gpu_code for so in sos):
+        problems += (f"{path.name}: carries no GPU code (no .so with a fatbin among {len(sos)} ELF files); "
+                     f"nothing in it runs on {target.arch.plain}",)
+    return WheelReport(str(path), tuple(sos), problems)
+
+
+def _refuse_unsafe_name(wheel: Path, name: str) -> None:
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or (pure.parts and ":" in pure.parts[0]):
+        raise AuditInputError(f"{wheel}: member {name!r} would land outside the wheel's root (path traversal); "
+                              "refusing this wheel")
+
+
+def _is_dist_info_metadata(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return len(parts) == 2 and parts[0].endswith(".dist-info") and parts[1] == "WHEEL"
+
+
+def _looks_like_shared_object(name: str) -> bool:
+    base = PurePosixPath(name).name
+    return base.endswith(".so") or ".so." in base
+
+
+def _read_member_units(archive: zipfile.ZipFile, member: zipfile.ZipInfo, wheel: Path) -> tuple[FatbinUnit, ...] | None:
+    """The fatbin units of one .so member (None when it is no ELF), one member in a temp file at a time."""
+    name = f"{wheel.name}:{member.filename}"
+    try:
+        with archive.open(member) as source:
+            if source.read(4) != _ELF_MAGIC:
+                return None
+        with archive.open(member) as source, tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as copy:
+            shutil.copyfileobj(source, copy, 4 * 1024 * 1024)
+            copy.seek(0)
+            return read_fatbin_stream(copy, name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+        raise AuditInputError(f"{name}: cannot read this member ({error}); the wheel is corrupt") from None
+
+
+def _judge_so(path: str, wheel: str | None, units: tuple[FatbinUnit, ...], target: AuditTarget) -> SoReport:
+    verdicts = tuple(judge_unit(unit, target) for unit in units)
+    optional = any(fnmatch.fnmatch(path, glob) or fnmatch.fnmatch(PurePosixPath(path).name, glob)
+                   for glob in target.optional_globs)
+    problems = [f"{path}: unit {v.index}: {v.problem}" for v in verdicts if v.problem]
+    if verdicts and not any(v.verdict in (NATIVE, JIT) for v in verdicts):
+        carried = ", ".join(_sorted_names(name for v in verdicts for name in (*v.sass, *v.ptx)))
+        problems.append(f"{path}: none of its {len(verdicts)} fatbin units runs on {target.arch.plain} "
+                        f"(it carries {carried}); build it for {target.arch.plain} or declare it audit-optional")
+    if optional:  # declared arch-specific: the library never dispatches to it on other GPUs
+        return SoReport(path, wheel, verdicts, optional, (), tuple(problems))
+    return SoReport(path, wheel, verdicts, optional, tuple(problems))
+
+
+def judge_unit(unit: FatbinUnit, target: AuditTarget) -> UnitVerdict:
+    """native / JIT / none for one unit on the target, with the problem a JIT verdict may carry."""
+    sass = tuple(entry.name for entry in unit.sass)
+    ptx = tuple(entry.name for entry in unit.ptx)
+    isas = tuple(entry.isa for entry in unit.ptx)
+    runnable = [entry for entry in unit.sass if sass_runs_on(entry, target.arch)]
+    if runnable:
+        best = max(runnable, key=lambda e: (e.arch, e.variant != ""))
+        return UnitVerdict(unit.index, unit.offset, NATIVE, sass, ptx, isas, best.name)
+    jittable = [entry for entry in unit.ptx if ptx_jits_on(entry, target.arch)]
+    if not jittable:
+        return UnitVerdict(unit.index, unit.offset, NONE, sass, ptx, isas, None)
+    # The driver JITs the newest PTX that fits the GPU.
+    best = max(jittable, key=lambda e: (e.arch, e.variant != "", Version(e.isa)))
+    min_driver = facts.ptx_isa_min_driver(best.isa)
+    return UnitVerdict(unit.index, unit.offset, JIT, sass, ptx, isas, best.name, best.isa, min_driver,
+                       _jit_problem(best, min_driver, target.min_driver))
+
+
+def _jit_problem(entry: PtxEntry, min_driver: str | None, driver: str | None) -> str | None:
+    if driver is None:
+        return None
+    if min_driver is None:
+        return (f"{entry.name} needs JIT of PTX ISA {entry.isa}, which gpuwheel's facts do not know; "
+                f"cannot tell whether driver {driver} reads it")
+    if facts.driver_tuple(driver) < facts.driver_tuple(min_driver):
+        return (f"PTX ISA {entry.isa} cannot be JIT-compiled by driver {driver} (reads up to "
+                f"{facts.driver_max_ptx_isa(driver) or 'none known'}; {entry.name} needs driver ≥ {min_driver}): "
+                "build native SASS for the target or use a toolkit no newer than the driver")
+    return None
+
+
+def sass_runs_on(entry: SassEntry, gpu: facts.Arch) -> bool:
+    """Plain SASS runs on its arch and later minors of its major; `a` only on its arch; `f` within its family."""
+    if entry.variant == "a":
+        return (entry.major, entry.minor) == (gpu.major, gpu.minor)
+    # Plain and family SASS alike: same major, GPU minor ≥ code minor (sm_100f runs on 10.0 and 10.3).
+    return entry.major == gpu.major and entry.minor <= gpu.minor
+
+
+def ptx_jits_on(entry: PtxEntry, gpu: facts.Arch) -> bool:
+    """Plain PTX JITs for any GPU of its arch or newer; `a`/`f` PTX only where their SASS would run."""
+    if entry.variant:
+        return sass_runs_on(SassEntry(entry.arch, entry.variant), gpu)
+    return entry.arch <= gpu.number
+
+
+def _sorted_names(names) -> tuple[str, ...]:
+    def key(name: str) -> tuple:
+        digits = "".join(ch for ch in name if ch.isdigit())
+        return (int(digits) if digits else 0, name)
+    return tuple(sorted(set(names), key=key))
