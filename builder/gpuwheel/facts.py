@@ -51,15 +51,17 @@ VLLM_TORCH_PIN: dict[str, str] = {
     "0.10.1.1": "2.7.1", "0.10.2": "2.8.0", "0.11.0": "2.8.0",
     "0.11.1": "2.9.0", "0.11.2": "2.9.0", "0.12.0": "2.9.0", "0.13.0": "2.9.0",
     "0.14.0": "2.9.1", "0.16.0": "2.9.1",
-    "0.17.1": "2.10.0", "0.18.0": "2.10.0", "0.19.0": "2.10.0",
+    "0.17.1": "2.10.0", "0.18.0": "2.10.0", "0.19.0": "2.10.0", "0.19.1": "2.10.0",
     "0.20.0": "2.11.0", "0.21.0": "2.11.0", "0.22.0": "2.11.0", "0.23.0": "2.11.0",
     "0.24.0": "2.11.0", "0.25.0": "2.11.0", "0.26.0": "2.11.0",
-    "0.27.1": "2.13.0", "0.28.0": "2.13.0", "0.29.0": "2.13.0", "0.30.0": "2.13.0",
+    "0.27.0": "2.13.0", "0.27.1": "2.13.0", "0.28.0": "2.13.0", "0.29.0": "2.13.0",
+    "0.30.0": "2.13.0", "0.31.0": "2.13.0", "0.32.0": "2.13.0",
     "0.33.0": "2.14.0",
 }
 
 # torch release (major.minor) → CUDA versions PyTorch publishes wheels for (pytorch.org
-# "previous versions"; RELEASE.md compatibility matrix).
+# "previous versions" for 2.7–2.11; 2.13/2.14 cu128 builds are seen in third-party use only,
+# not confirmed on download.pytorch.org: docs/recipes.md, "Pins").
 TORCH_CUDA_BUILDS: dict[str, tuple[str, ...]] = {
     "2.7": ("11.8", "12.6", "12.8"),
     "2.8": ("12.6", "12.8", "12.9"),
@@ -181,3 +183,26 @@ def torch_cuda_builds(torch: str) -> tuple[str, ...] | None:
 def cuda_tag(cuda: str) -> str:
     """'12.8.1' → 'cu128', as PyTorch and vLLM name their CUDA builds."""
     return "cu" + major_minor(cuda).replace(".", "")
+
+# flash-attn 2.x: FLASH_ATTN_CUDA_ARCHS values its setup.py turns into `code=sm_NN` (SASS only,
+# no PTX), and the toolkit each needs (setup.py checks bare-metal nvcc ≥ 11.8 / 12.8).
+FLASH_ATTN_ARCHS: dict[int, str] = {80: "11.7", 90: "11.8", 100: "12.8", 120: "12.8"}
+
+
+def runs_natively(sass: Arch, target: Arch) -> bool:
+    """Whether SASS built for `sass` runs on a GPU of compute capability `target`.
+
+    Plain SASS runs on the same major with an equal or later minor; `a` SASS only on its exact
+    arch; `f` SASS on the later minors of its family (same major).
+    """
+    if sass.major != target.major:
+        return False
+    if sass.suffix == "a":
+        return sass.minor == target.minor
+    return sass.minor <= target.minor
+
+
+def flash_attn_arch(arch: Arch) -> int | None:
+    """The FLASH_ATTN_CUDA_ARCHS entry whose SASS runs on `arch` natively, if any."""
+    fitting = [n for n in FLASH_ATTN_ARCHS if runs_natively(Arch(n // 10, n % 10), arch)]
+    return max(fitting) if fitting else None

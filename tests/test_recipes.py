@@ -1,0 +1,285 @@
+"""Recipes, compatibility checks and `plan`: the story of a user picking a target."""
+
+from __future__ import annotations
+
+import shutil
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpuwheel import facts
+from gpuwheel.errors import RecipeError
+from gpuwheel.plan import make_plan
+from gpuwheel.recipe import PROJECT_ROOT, list_targets, load_recipe
+
+SHIPPED = ["rtx6000pro", "rtx6000pro-cu13", "h100", "h200", "b200", "l40s", "a100"]
+
+
+def test_every_required_target_is_shipped_and_plans(gpuwheel):
+    assert set(SHIPPED) <= set(list_targets())
+    for name in list_targets():
+        result = gpuwheel("plan", name, "--json")
+        assert result.exit_code == 0, result.stderr
+        plan = result.json()
+        assert {"hash", "target", "toolchain", "packages"} <= plan.keys()
+        assert [p["name"] for p in plan["packages"]] == ["flash-attn", "vllm"]
+
+
+def test_rtx6000pro_plan_builds_sm120_for_both_packages_with_a_toolkit_the_570_driver_runs(gpuwheel):
+    plan = gpuwheel("plan", "rtx6000pro", "--json").json()
+    env = {p["name"]: p["env"] for p in plan["packages"]}
+    assert env["flash-attn"]["FLASH_ATTN_CUDA_ARCHS"] == "120"
+    assert env["vllm"]["TORCH_CUDA_ARCH_LIST"] == "12.0"
+    cuda = plan["toolchain"]["cuda"]
+    assert facts.driver_tuple(facts.cuda_min_driver(cuda)) <= facts.driver_tuple("570.195.03")
+    assert plan["target"]["min_driver"] == "570.195.03"
+    assert env["vllm"]["VLLM_MAIN_CUDA_VERSION"] == facts.major_minor(cuda)
+
+
+def test_vllm_plan_points_every_pinned_dependency_at_a_prefetched_tree(gpuwheel):
+    plan = gpuwheel("plan", "rtx6000pro", "--json").json()
+    vllm = next(p for p in plan["packages"] if p["name"] == "vllm")
+    assert "-DFETCHCONTENT_FULLY_DISCONNECTED=ON" in vllm["env"]["CMAKE_ARGS"]
+    names = {d["name"] for d in vllm["dependencies"]}
+    assert {"cutlass", "vllm-flash-attn", "flashmla"} <= names
+    for dep in vllm["dependencies"]:
+        tree = f"$GPUWHEEL_DEPS/{dep['name']}"
+        assert vllm["env"].get(dep["src_dir_env"]) == tree or tree in vllm["env"]["CMAKE_ARGS"]
+    assert {"MAX_JOBS", "NVCC_THREADS"} <= vllm["env"].keys()
+
+
+def test_plan_text_shows_steps_env_and_hash(gpuwheel):
+    result = gpuwheel("plan", "rtx6000pro")
+    assert result.exit_code == 0
+    out = result.stderr
+    assert "plan hash:" in out and "FLASH_ATTN_CUDA_ARCHS" in out and "VLLM_CUTLASS_SRC_DIR" in out
+    assert "build flash-attn" in out and "build vllm" in out
+
+
+def test_targets_table_lists_gpu_arch_cuda_torch_and_versions(gpuwheel):
+    result = gpuwheel("targets")
+    assert result.exit_code == 0
+    for name in SHIPPED:
+        assert name in result.stderr
+    assert "12.0" in result.stderr and "9.0a" in result.stderr
+
+
+def test_show_names_the_file_each_value_came_from(gpuwheel, write_recipe):
+    path = write_recipe("""
+        extends = "h100"
+        [toolchain]
+        python = "3.11"
+    """)
+    result = gpuwheel("show", path)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    python_line = next(line for line in lines if "toolchain.python" in line)
+    assert "3.11" in python_line and "recipe.toml:3" in python_line
+    cuda_line = next(line for line in lines if "toolchain.cuda" in line)
+    assert "cuda-13" in cuda_line  # inherited from recipes/_base/
+
+
+# ---- impossible recipes: refused with every problem and the right numbers --------------------
+def test_arch_120_with_cuda_126_needs_128(gpuwheel, write_recipe):
+    path = write_recipe("""
+        extends = "rtx6000pro"
+        [toolchain]
+        cuda = "12.6.3"
+    """)
+    result = gpuwheel("plan", path)
+    assert result.exit_code == 3
+    assert "arch 12.0 needs CUDA ≥ 12.8 (recipe has 12.6.3)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cuda_129_with_570_driver_is_refused_with_the_driver_it_needs(gpuwheel, write_recipe):
+    path = write_recipe("""
+        extends = "rtx6000pro"
+        [toolchain]
+        cuda = "12.9.1"
+    """)
+    result = gpuwheel("plan", path)
+    assert result.exit_code == 3
+    assert "binaries from CUDA 12.9 need driver ≥ 575.51.03 (fleet min_driver 570.195.03)" in result.stderr
+    assert "use CUDA ≤ 12.8" in result.stderr
+
+
+def test_every_problem_is_listed_at_once(gpuwheel, write_recipe):
+    path = write_recipe("""
+        extends = "rtx6000pro"
+        [target]
+        torch_cuda_arch_list = "9.0a"
+        min_driver = "560.35.03"
+        [toolchain]
+        torch = "2.7.1"
+    """)
+    result = gpuwheel("plan", path)
+    assert result.exit_code == 3
+    err = result.stderr
+    assert "gives no native code for the target's compute capability 12.0" in err
+    assert "need driver ≥ 570.26" in err
+    assert "pins torch" in err
+    assert len(err.strip().splitlines()) == 1  # one line, every problem on it
+
+
+def test_arch_family_suffix_needs_cuda_129(write_recipe):
+    path = write_recipe("""
+        extends = "rtx6000pro"
+        [target]
+        torch_cuda_arch_list = "12.0f"
+    """)
+    with pytest.raises(Exception) as raised:
+        make_plan(load_recipe(path))
+    assert "arch 12.0f needs CUDA ≥ 12.9" in str(raised.value)
+
+
+def test_cuda13_cannot_build_volta(write_recipe):
+    path = write_recipe("""
+        extends = "h100"
+        [target]
+        torch_cuda_arch_list = "7.0;9.0a"
+    """)
+    with pytest.raises(Exception) as raised:
+        make_plan(load_recipe(path))
+    assert "CUDA 13 cannot build arch 7.0" in str(raised.value)
+
+
+# ---- bad input: one line, file:line, the nearest valid name, its own exit code ---------------
+@pytest.mark.parametrize("text, expected", [
+    ('extends = "h100"\n[toolchain]\ncuda_version = "13.0"\n',
+     "recipe.toml:3: unknown key [toolchain] 'cuda_version' (did you mean 'cuda'?)"),
+    ('extends = "h100"\n[targte]\nname = "x"\n', "recipe.toml:2: unknown key 'targte' (did you mean 'target'?)"),
+    ('extends = "h10"\n', "unknown target 'h10' (did you mean 'h100'?)"),
+    ('extends = "h100"\n[toolchain]\ncuda = 13.0\n', "recipe.toml:3: [toolchain] 'cuda' must be a string, got a number"),
+    ('extends = "h100"\n[toolchain]\ntorch = "two.nine"\n', "toolchain.torch 'two.nine' is not a version"),
+    ('extends = "h100"\n[target]\nmin_driver = "latest"\n', "'latest' is not a driver version"),
+    ('extends = "h100"\n[target]\ncompute_capability = "sm_90"\n', "'sm_90' is not an arch"),
+    ('[target]\nname = "x"\n', "missing [target] compute_capability"),
+    ('[toolchain]\ncuda = "12.8"\n', "missing [target] table"),
+    ('extends = "h100"\n[toolchain\n', "not valid TOML"),
+    ('extends = "h100"\n[[package]]\nname = "flash-attn"\nprofile = "inferance"\n',
+     "unknown profile 'inferance' (did you mean 'inference'?)"),
+    ('extends = "h100"\n[[package]]\nname = "flash-attn"\nsource = { sdist = "x.tar.gz" }\n',
+     "a sdist source needs its sha256"),
+])
+def test_bad_recipe_is_one_clear_line_with_exit_code_2(gpuwheel, write_recipe, text, expected):
+    path = write_recipe(text)
+    result = gpuwheel("plan", path)
+    assert result.exit_code == 2, result.stderr
+    assert expected in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_unknown_target_suggests_the_nearest(gpuwheel):
+    result = gpuwheel("plan", "rtx6000")
+    assert result.exit_code == 2
+    assert "unknown target 'rtx6000' (did you mean 'rtx6000pro'?)" in result.stderr
+
+
+def test_extends_cycle_is_named(gpuwheel, write_recipe):
+    write_recipe('extends = "b.toml"\n', name="a.toml")
+    b = write_recipe('extends = "a.toml"\n', name="b.toml")
+    result = gpuwheel("plan", b)
+    assert result.exit_code == 2
+    assert "extends cycle: " in result.stderr and "a.toml" in result.stderr
+
+
+# ---- merging ---------------------------------------------------------------------------------
+def test_packages_merge_by_name_and_new_names_append(write_recipe):
+    path = write_recipe("""
+        extends = "h100"
+        [[package]]
+        name = "flash-attn"
+        profile = "inference"
+        [package.inference]
+        head_dims = [128]
+        [[package]]
+        name = "xformers"
+        version = "0.0.30"
+        source = { path = "/src/xformers" }
+    """)
+    recipe = load_recipe(path)
+    names = [p.name for p in recipe.packages]
+    assert names == ["flash-attn", "vllm", "xformers"]
+    fa = recipe.package("flash-attn")
+    assert fa.version == load_recipe("h100").package("flash-attn").version  # kept from the base
+    assert fa.inference.head_dims == (128,)
+
+
+# ---- the content hash -------------------------------------------------------------------------
+def test_hash_is_stable_and_machine_independent(tmp_path, monkeypatch):
+    first = make_plan(load_recipe("rtx6000pro"), jobs=1).hash
+    assert make_plan(load_recipe("rtx6000pro"), jobs=7).hash == first  # parallelism is not an input
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(PROJECT_ROOT / "recipes", copy / "recipes")
+    shutil.copytree(PROJECT_ROOT / "patches", copy / "patches")
+    monkeypatch.setenv("GPUWHEEL_RECIPES", str(copy / "recipes"))
+    assert make_plan(load_recipe("rtx6000pro")).hash == first
+
+
+@pytest.mark.parametrize("change", [
+    '[toolchain]\ncuda = "12.8.0"\n',
+    '[[package]]\nname = "flash-attn"\nenv = { FLASH_ATTN_EXTRA = "1" }\n',
+    '[[package]]\nname = "vllm"\nsource = { sdist = "vllm-0.26.0.tar.gz", sha256 = "%s" }\n' % ("0" * 64),
+    '[target]\nmin_driver = "575.64"\n',
+])
+def test_changing_any_pin_or_env_changes_the_hash(write_recipe, change):
+    base = make_plan(load_recipe("rtx6000pro")).hash
+    path = write_recipe(f'extends = "rtx6000pro"\n{change}')
+    assert make_plan(load_recipe(path)).hash != base
+
+
+def test_changing_a_patch_file_changes_the_hash(tmp_path, monkeypatch):
+    copy = tmp_path / "tree"
+    shutil.copytree(PROJECT_ROOT / "recipes", copy / "recipes")
+    shutil.copytree(PROJECT_ROOT / "patches", copy / "patches")
+    monkeypatch.setenv("GPUWHEEL_RECIPES", str(copy / "recipes"))
+    patch_dir = load_recipe("rtx6000pro").package("flash-attn").patches
+    patch = patch_dir / "9999-test.patch"
+    patch.write_text("--- a/setup.py\n+++ b/setup.py\n@@ -1 +1 @@\n-a\n+b\n", encoding="utf-8")
+    with open(patch_dir / "series", "a", encoding="utf-8") as series:
+        series.write("9999-test.patch\n")
+    before = make_plan(load_recipe("rtx6000pro")).hash
+    patch.write_text(patch.read_text().replace("+b", "+c"), encoding="utf-8")
+    assert make_plan(load_recipe("rtx6000pro")).hash != before
+
+
+# ---- fuzz: whatever the text, only a RecipeError escapes --------------------------------------
+VALID = (PROJECT_ROOT / "recipes" / "rtx6000pro.toml")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_recipes_raise_only_recipe_errors(tmp_path, data):
+    text = VALID.read_text(encoding="utf-8")
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(text)))
+        cut = data.draw(st.integers(0, 8))
+        insert = data.draw(st.text(alphabet=string.printable + "é[]{}=\"'", max_size=12))
+        text = text[:at] + insert + text[at + cut:]
+    path = tmp_path / "fuzz.toml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        load_recipe(path)
+    except RecipeError as error:
+        assert "\n" not in str(error)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.text(max_size=10),
+                       st.lists(st.integers(), max_size=3)),
+       table=st.sampled_from(["target", "toolchain", "build"]),
+       key=st.sampled_from(["name", "cuda", "torch", "python", "jobs", "min_driver", "compute_capability",
+                            "torch_cuda_arch_list", "nvcc_threads", "base_image", "bogus"]))
+def test_fuzzed_values_raise_only_recipe_errors(tmp_path, value, table, key):
+    import json
+    literal = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+    path = tmp_path / "values.toml"
+    path.write_text(f'extends = "rtx6000pro"\n[{table}]\n{key} = {literal}\n', encoding="utf-8")
+    try:
+        load_recipe(path)
+    except RecipeError:
+        pass
