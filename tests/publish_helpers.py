@@ -1,0 +1,239 @@
+"""Real things the publish tests need: small valid wheels, smoke reports, a target recipe, a real
+pypiserver on loopback, fresh virtual environments and the `gpuwheel` command as a subprocess."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import requests
+
+TARGET = "h100-test"
+TARGET_CC = "9.0"
+
+RECIPE = f"""\
+[target]
+name = "{TARGET}"
+gpu = "NVIDIA H100"
+compute_capability = "{TARGET_CC}"
+torch_cuda_arch_list = "9.0a"
+min_driver = "580.65.06"
+
+[toolchain]
+cuda = "13.0"
+python = "3.12"
+torch = "2.11.0"
+
+[[package]]
+name = "flash-attn"
+version = "2.8.3"
+source = {{ sdist = "flash_attn-2.8.3.tar.gz", sha256 = "{'0' * 64}" }}
+"""
+
+
+def write_recipes(directory: Path) -> Path:
+    """A recipes directory holding the test target, for GPUWHEEL_RECIPES."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{TARGET}.toml").write_text(RECIPE)
+    return directory
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def audit_record(passed: bool = True, arch: str = TARGET_CC, target: str = TARGET) -> dict:
+    return {"target": target, "audit": {"passed": passed, "arch": arch, "driver": "580.65.06"}}
+
+
+def make_wheel(directory: Path, name: str, version: str = "1.0", *, provenance: dict | None = None,
+               value: str = "one", payload_bytes: int = 0) -> Path:
+    """A pure-Python wheel with a correct RECORD; its module exposes VALUE. payload_bytes adds a
+    stored (uncompressed) random file, to make the wheel big."""
+    directory.mkdir(parents=True, exist_ok=True)
+    module = name.replace("-", "_").lower()
+    dist = f"{module}-{version}"
+    files: dict[str, bytes] = {
+        f"{module}/__init__.py": f"VALUE = {value!r}\n".encode(),
+        f"{dist}.dist-info/METADATA": (f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                                        "Requires-Python: >=3.8\nSummary: publish test wheel\n").encode(),
+        f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: gpuwheel-tests\nRoot-Is-Purelib: true\n"
+                                   b"Tag: py3-none-any\n",
+    }
+    if provenance is not None:
+        files[f"{dist}.dist-info/gpuwheel.json"] = json.dumps(provenance).encode()
+    if payload_bytes:
+        files[f"{module}/payload.bin"] = os.urandom(payload_bytes)
+    record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items())
+    record += f"{dist}.dist-info/RECORD,,\n"
+    path = directory / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in files.items():
+            compression = zipfile.ZIP_STORED if member.endswith(".bin") else zipfile.ZIP_DEFLATED
+            archive.writestr(member, data, compress_type=compression)
+        archive.writestr(f"{dist}.dist-info/RECORD", record)
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_smoke_report(directory: Path, wheels: list[Path], *, cc: str = TARGET_CC, passed: bool = True,
+                       target: str = TARGET) -> Path:
+    """smoke.json as the smoke stage writes it, beside the wheels."""
+    report = {"target": target, "gpu": {"name": "NVIDIA H100 80GB HBM3" if cc == "9.0" else "other GPU",
+                                        "compute_capability": cc},
+              "passed": passed,
+              "wheels": [{"filename": w.name, "sha256": sha256(w), "passed": passed} for w in wheels]}
+    path = directory / "smoke.json"
+    path.write_text(json.dumps(report, indent=1))
+    return path
+
+
+def passing_wheel(directory: Path, name: str, version: str = "1.0", **kwargs) -> Path:
+    """A wheel that passed audit and smoke for the test target (its smoke.json written beside it)."""
+    wheel = make_wheel(directory, name, version, provenance=audit_record(), **kwargs)
+    write_smoke_report(directory, sorted(directory.glob("*.whl")))
+    return wheel
+
+
+def gpuwheel_env(recipes: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWINE_")}
+    env.update(GPUWHEEL_RECIPES=str(recipes), COLUMNS="200", **extra)
+    return env
+
+
+def run_gpuwheel(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`gpuwheel ARGS` as a user runs it: the installed console script in its own process."""
+    return subprocess.run([str(Path(sys.executable).with_name("gpuwheel")), *args],
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def start_gpuwheel(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([str(Path(sys.executable).with_name("gpuwheel")), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PypiServer:
+    """A real pypiserver on loopback with htpasswd auth for uploads (reads are open)."""
+
+    user = "publisher"
+    password = "Tr0ub4dor-and-3"
+
+    def __init__(self, root: Path):
+        from passlib.apache import HtpasswdFile
+
+        self.packages = root / "packages"
+        self.packages.mkdir(parents=True)
+        htpasswd = HtpasswdFile(str(root / "htpasswd"), new=True)
+        htpasswd.set_password(self.user, self.password)
+        htpasswd.save()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = open(root / "server.log", "w")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("pypi-server")), "run", "-i", "127.0.0.1", "-p", str(self.port),
+             "-P", str(root / "htpasswd"), "-a", "update", str(self.packages)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(self.url + "simple/", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pypiserver did not start: {(root / 'server.log').read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def fresh_venv(path: Path) -> Path:
+    """A new virtual environment without pip (fast); pip runs into it with --python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    return path / "bin" / "python"
+
+
+def pip_install(python: Path, index_url: str, *requirements: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-cache-dir",
+         "--disable-pip-version-check", "--index-url", index_url, *requirements],
+        capture_output=True, text=True, timeout=300)
+
+
+def import_value(python: Path, module: str) -> str:
+    result = subprocess.run([str(python), "-c", f"import {module}; print({module}.VALUE)"],
+                            capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def index_listing(index_dir: Path) -> dict[str, str]:
+    """filename → sha256 as the index's JSON pages state it, after checking that the index is
+    whole: HTML and JSON agree, every listed file and .metadata exists with the stated hashes."""
+    from html.parser import HTMLParser
+
+    simple = index_dir / "simple"
+    assert simple.is_symlink() and simple.resolve().is_dir(), f"{simple} is not a link to a generation"
+    root = json.loads((simple / "index.json").read_text())
+    listed: dict[str, str] = {}
+    for project in root["projects"]:
+        page = json.loads((simple / project["name"] / "index.json").read_text())
+        html_text = (simple / project["name"] / "index.html").read_text()
+        anchors: list[dict] = []
+
+        class Anchors(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                if tag == "a":
+                    anchors.append(dict(attrs))
+
+        Anchors().feed(html_text)
+        assert len(anchors) == len(page["files"])
+        for entry, anchor in zip(page["files"], anchors):
+            wheel = simple / project["name"] / entry["url"]
+            assert wheel.is_file(), f"{entry['url']} listed but missing"
+            assert sha256(wheel) == entry["hashes"]["sha256"]
+            assert anchor["href"] == f"{entry['url']}#sha256={entry['hashes']['sha256']}"
+            metadata = wheel.with_name(wheel.name + ".metadata").read_bytes()
+            assert hashlib.sha256(metadata).hexdigest() == entry["core-metadata"]["sha256"]
+            assert anchor["data-core-metadata"] == anchor["data-dist-info-metadata"] == \
+                f"sha256={entry['core-metadata']['sha256']}"
+            with zipfile.ZipFile(wheel) as archive:
+                member = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+                assert archive.read(member) == metadata
+            assert entry["filename"] not in listed, f"{entry['filename']} listed twice"
+            listed[entry["filename"]] = entry["hashes"]["sha256"]
+    on_disk = {p.name for p in (index_dir / "files").glob("*.whl") if not p.name.startswith(".")}
+    assert on_disk == set(listed), f"files/ holds {sorted(on_disk - set(listed))} not in the index"
+    return listed
+
+
+def leftovers(index_dir: Path) -> list[str]:
+    """Temp files a finished publish must not leave (it keeps at most the one previous generation)."""
+    found = [p.name for p in (index_dir / "files").glob(".*")]
+    found += [p.name for p in index_dir.glob(".simple-tmp-*")] + [p.name for p in index_dir.glob(".simple-link-*")]
+    generations = [p for p in index_dir.glob(".simple-*") if p.name not in found]
+    assert len(generations) <= 2, f"old generations kept: {generations}"
+    return found
