@@ -102,7 +102,7 @@ def read_fatbin_stream(stream: BinaryIO, name: str) -> tuple[FatbinUnit, ...]:
         elf = ELFFile(stream)
         regions = _fatbin_regions(elf, name)
     except ELFError as error:
-        raise AuditInputError(f"{name}: not a readable ELF file ({error})") from None
+        raise AuditInputError(f"{name}: not a readable ELF file ({error}); is it truncated?") from None
     units: list[FatbinUnit] = []
     for file_offset, size in regions:
         stream.seek(file_offset)

@@ -70,6 +70,8 @@ def _target_words(report: AuditReport) -> str:
 
 def _render(report: AuditReport, details: bool) -> None:
     with_code = [so for so in report.sos if so.has_gpu_code]
+    if not with_code:
+        return  # nothing to tabulate: the error line says the input carries no GPU code
     several_wheels = len(report.wheels) > 1
     table = Table(*(["wheel"] if several_wheels else []), ".so", "native", "JIT", "none", "PTX ISA", "verdict",
                   title=f"audit of {report.path} for {_target_words(report)}")

@@ -1,0 +1,127 @@
+"""Real GPU binaries for the audit tests: small kernels compiled by the machine's nvcc, wheels zipped
+around them, and cuobjdump's view of the same files to compare the parser against."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+
+KERNEL = """
+__global__ void {name}(float* a, const float* b, int n) {{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) a[i] {op}= b[i];
+}}
+extern "C" void launch_{name}(float* a, const float* b, int n) {{ {name}<<<(n + 255) / 256, 256>>>(a, b, n); }}
+"""
+
+# name → nvcc arguments (beyond -shared/-c); each a real way wheels end up built.
+SHARED_OBJECTS: dict[str, list[str]] = {
+    "sm90a": ["-gencode", "arch=compute_90a,code=sm_90a"],
+    "sm120": ["-gencode", "arch=compute_120,code=sm_120"],
+    "ptx80": ["-gencode", "arch=compute_80,code=compute_80"],
+    "compressed_zstd": ["-gencode", "arch=compute_120,code=sm_120", "-gencode", "arch=compute_120,code=compute_120",
+                        "-Xfatbin", "-compress-all"],
+    "compressed_lz4": ["-gencode", "arch=compute_120,code=sm_120", "-gencode", "arch=compute_120,code=compute_120",
+                       "-Xfatbin", "-compress-all", "-Xfatbin", "-compress-mode=speed"],
+    "variants": ["-gencode", "arch=compute_100f,code=sm_100f", "-gencode", "arch=compute_120a,code=sm_120a",
+                 "-gencode", "arch=compute_90a,code=compute_90a"],
+}
+# The mixed .so: one object per arch set, linked together (as a large extension is).
+MIXED_OBJECTS: dict[str, list[str]] = {
+    "hopper_only": ["-gencode", "arch=compute_90a,code=sm_90a"],
+    "native_and_ptx": ["-gencode", "arch=compute_120,code=sm_120", "-gencode", "arch=compute_80,code=compute_80"],
+    "ptx_only": ["-gencode", "arch=compute_80,code=compute_80"],
+}
+
+
+def _compile(args: list[str], source: Path, out: Path, *, shared: bool) -> None:
+    mode = ["-shared"] if shared else ["-c"]
+    subprocess.run([NVCC, *mode, "-Xcompiler", "-fPIC", *args, str(source), "-o", str(out)],
+                   check=True, capture_output=True, text=True)
+
+
+def build_fixtures(root: Path) -> dict[str, Path]:
+    """Compile every fixture .so into root; returns name → path (plus "mixed" and "moved")."""
+    built: dict[str, Path] = {}
+    for index, (name, args) in enumerate(SHARED_OBJECTS.items()):
+        source = root / f"{name}.cu"
+        source.write_text(KERNEL.format(name=f"k{index}", op="+"))
+        built[name] = root / f"{name}.so"
+        _compile(args, source, built[name], shared=True)
+    objects = []
+    for index, (name, args) in enumerate(MIXED_OBJECTS.items()):
+        source = root / f"mixed_{name}.cu"
+        source.write_text(KERNEL.format(name=f"m{index}", op="*"))
+        objects.append(root / f"mixed_{name}.o")
+        _compile(args, source, objects[-1], shared=False)
+    built["mixed"] = root / "mixed.so"
+    subprocess.run([NVCC, "-shared", *map(str, objects), "-o", str(built["mixed"])], check=True, capture_output=True)
+    # The same code with .nv_fatbin renamed: only the .nvFatBinSegment wrappers say where it is.
+    built["moved"] = root / "moved.so"
+    subprocess.run(["objcopy", "--rename-section", ".nv_fatbin=.gw_fatbin", str(built["compressed_zstd"]),
+                    str(built["moved"])], check=True, capture_output=True)
+    return built
+
+
+def cuobjdump_path() -> str:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    import nvidia  # the nvidia-cuda-cuobjdump wheel (test extra) installs nvidia/cu13/bin/cuobjdump
+
+    for base in nvidia.__path__:
+        for candidate in sorted(Path(base).glob("cu*/bin/cuobjdump")):
+            return str(candidate)
+    raise AssertionError("cuobjdump not found: pip install nvidia-cuda-cuobjdump (it is in the test extra)")
+
+
+_LISTED = re.compile(r"^(ELF|PTX) file\s+\d+: .*\.(sm_\d+[af]?)\.(?:cubin|ptx)$", re.M)
+
+
+def cuobjdump_listing(path: Path) -> dict[str, list[str]]:
+    """cuobjdump --list-elf --list-ptx, as {"ELF": [sm_NN…], "PTX": [sm_NN…]} in file order."""
+    out = subprocess.run([cuobjdump_path(), "--list-elf", "--list-ptx", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    listing: dict[str, list[str]] = {"ELF": [], "PTX": []}
+    for match in _LISTED.finditer(out):
+        listing[match[1]].append(match[2])
+    return listing
+
+
+def our_listing(units) -> dict[str, list[str]]:
+    """The parser's units in cuobjdump's naming: it drops the `f` of family cubins (not of family PTX)."""
+    return {
+        "ELF": [f"sm_{e.arch}{'a' if e.variant == 'a' else ''}" for unit in units for e in unit.sass],
+        "PTX": [f"sm_{e.arch}{e.variant}" for unit in units for e in unit.ptx],
+    }
+
+
+def make_wheel(directory: Path, name: str, version: str, files: dict[str, bytes | Path],
+               extra_members: dict[str, bytes] | None = None) -> Path:
+    """A real wheel (dist-info with METADATA, WHEEL, RECORD) holding `files` at their paths."""
+    dist_info = f"{name}-{version}.dist-info"
+    contents: dict[str, bytes] = {
+        path: (data.read_bytes() if isinstance(data, Path) else data) for path, data in files.items()
+    }
+    contents[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
+    contents[f"{dist_info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: gpuwheel-tests\nRoot-Is-Purelib: false\n"
+                                      b"Tag: cp311-cp311-linux_x86_64\n")
+    contents.update(extra_members or {})
+    record = []
+    for path, data in contents.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist_info}/RECORD,,")
+    contents[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    wheel = directory / f"{name}-{version}-cp311-cp311-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path, data in contents.items():
+            archive.writestr(path, data)
+    return wheel
