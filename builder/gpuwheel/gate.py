@@ -42,7 +42,7 @@ def check_gate(wheels: Sequence[WheelFile], gate: PublishGate) -> dict[str, tupl
         return {name: (_forced_warning(name, found),) for name, found in problems.items()}
     refused = {name: found for name, found in problems.items() if found}
     if refused:
-        listed = "; ".join(f"{name}: {', '.join(found)}" for name, found in refused.items())
+        listed = " | ".join(f"{name}: {'; '.join(found)}" for name, found in refused.items())
         raise PublishError(
             f"refusing to publish {len(refused)} wheel(s) for target {gate.target}: {listed}",
             hint="run `gpuwheel audit` and `gpuwheel smoke` for the target, or pass --force",
@@ -51,7 +51,7 @@ def check_gate(wheels: Sequence[WheelFile], gate: PublishGate) -> dict[str, tupl
 
 
 def _forced_warning(filename: str, problems: tuple[str, ...]) -> str:
-    found = f"; it would have been refused: {', '.join(problems)}" if problems else ""
+    found = f"; it would have been refused: {'; '.join(problems)}" if problems else ""
     return f"--force: published {filename} without the audit and smoke checks{found}"
 
 

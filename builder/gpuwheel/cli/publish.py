@@ -43,7 +43,7 @@ def publish(target: str | None, wheels_dir: Path | None, repository: str | None,
                             config_file=config_file)
     for wheel in report.wheels:
         for warning in wheel.warnings:
-            console.print(f"[bold yellow]gpuwheel: warning:[/bold yellow] {warning}")
+            console.print(f"[bold yellow]gpuwheel: warning:[/bold yellow] {warning}", soft_wrap=True)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
@@ -53,4 +53,4 @@ def publish(target: str | None, wheels_dir: Path | None, repository: str | None,
                   else "[dim]skipped: already there with the same sha256[/dim]")
         table.add_row(wheel.filename, wheel.sha256[:16], result)
     console.print(table)
-    console.print(f"install with: pip install --index-url {report.index_url} <package>")
+    console.print(f"install with: pip install --index-url {report.index_url} <package>", soft_wrap=True)

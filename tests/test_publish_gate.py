@@ -1,0 +1,136 @@
+"""Only wheels whose audit passed for the target and whose smoke test passed on the target's arch
+are published; --force publishes anyway and warns per wheel what it did not check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gpuwheel.errors import PublishError
+from gpuwheel.gate import PublishGate, check_gate
+from gpuwheel.index import read_wheel
+from publish_helpers import (TARGET, TARGET_CC, audit_record, gpuwheel_env, make_wheel, passing_wheel,
+                             run_gpuwheel, write_recipes, write_smoke_report)
+
+
+@pytest.fixture
+def recipes(tmp_path: Path) -> Path:
+    return write_recipes(tmp_path / "recipes")
+
+
+def publish(tmp_path: Path, recipes: Path, wheels: Path, *extra: str):
+    return run_gpuwheel(["publish", TARGET, "--wheels", str(wheels), "--index-dir", str(tmp_path / "index"),
+                         *extra], gpuwheel_env(recipes))
+
+
+def refused_line(result) -> str:
+    assert result.returncode == 13, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"gpuwheel: error: refusing to publish 1 wheel(s) for target {TARGET}: ")
+    return line
+
+
+def test_audited_and_smoke_tested_wheel_is_published(tmp_path: Path, recipes: Path):
+    passing_wheel(tmp_path / "in", "gw-alpha")
+    result = publish(tmp_path, recipes, tmp_path / "in")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+
+
+def test_unaudited_wheel_is_refused(tmp_path: Path, recipes: Path):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha")
+    write_smoke_report(tmp_path / "in", [wheel])
+    line = refused_line(publish(tmp_path, recipes, tmp_path / "in"))
+    assert "gw_alpha-1.0-py3-none-any.whl: not audited (no gw_alpha-1.0.dist-info/gpuwheel.json)" in line
+    assert not (tmp_path / "index").exists()
+
+
+def test_failed_audit_is_refused(tmp_path: Path, recipes: Path):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record(passed=False))
+    write_smoke_report(tmp_path / "in", [wheel])
+    assert "audit failed (gw_alpha-1.0.dist-info/gpuwheel.json)" in refused_line(publish(tmp_path, recipes,
+                                                                                          tmp_path / "in"))
+
+
+def test_audit_for_another_arch_or_target_is_refused(tmp_path: Path, recipes: Path):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record(arch="12.0", target="rtx6000"))
+    write_smoke_report(tmp_path / "in", [wheel])
+    line = refused_line(publish(tmp_path, recipes, tmp_path / "in"))
+    assert f"built for target 'rtx6000', not '{TARGET}'" in line
+    assert f"audited for arch 12.0, target is {TARGET_CC}" in line
+
+
+def test_missing_smoke_report_is_refused(tmp_path: Path, recipes: Path):
+    make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record())
+    line = refused_line(publish(tmp_path, recipes, tmp_path / "in"))
+    assert f"no smoke report ({tmp_path / 'in' / 'smoke.json'} does not exist)" in line
+
+
+def test_smoke_on_another_arch_is_refused(tmp_path: Path, recipes: Path):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record())
+    write_smoke_report(tmp_path / "in", [wheel], cc="8.9")
+    line = refused_line(publish(tmp_path, recipes, tmp_path / "in"))
+    assert f"smoke ran on other GPU (compute capability 8.9), target is {TARGET_CC}" in line
+
+
+def test_failed_smoke_is_refused(tmp_path: Path, recipes: Path):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record())
+    write_smoke_report(tmp_path / "in", [wheel], passed=False)
+    assert "failed smoke" in refused_line(publish(tmp_path, recipes, tmp_path / "in"))
+
+
+def test_smoke_report_of_another_build_is_refused(tmp_path: Path, recipes: Path):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record(), value="tested")
+    write_smoke_report(tmp_path / "in", [wheel])
+    make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record(), value="rebuilt")  # same name, new bytes
+    assert "tested another file of that name (sha256 differs)" in refused_line(
+        publish(tmp_path, recipes, tmp_path / "in"))
+
+
+def test_smoke_report_flag_overrides_the_default(tmp_path: Path, recipes: Path):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record())
+    report = write_smoke_report(tmp_path, [wheel])  # not beside the wheels
+    result = publish(tmp_path, recipes, tmp_path / "in", "--smoke-report", str(report))
+    assert result.returncode == 0, result.stderr
+
+
+def test_force_publishes_with_a_loud_warning_per_wheel(tmp_path: Path, recipes: Path):
+    make_wheel(tmp_path / "in", "gw-alpha")  # neither audited nor smoke-tested
+    passing_wheel(tmp_path / "in", "gw-beta")
+    (tmp_path / "in" / "smoke.json").unlink()
+
+    result = publish(tmp_path, recipes, tmp_path / "in", "--force", "--json")
+
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 2
+    assert "--force: published gw_alpha-1.0-py3-none-any.whl without the audit and smoke checks; it would " \
+           "have been refused: not audited" in warnings[0]
+    assert "gw_beta-1.0-py3-none-any.whl" in warnings[1] and "no smoke report" in warnings[1]
+    report = json.loads(result.stdout)
+    assert [w["action"] for w in report["wheels"]] == ["published", "published"]
+    assert all(w["warnings"] for w in report["wheels"])
+
+
+def test_target_is_read_from_the_wheels_when_not_named(tmp_path: Path, recipes: Path):
+    passing_wheel(tmp_path / "in", "gw-alpha")
+    result = run_gpuwheel(["publish", "--wheels", str(tmp_path / "in")], gpuwheel_env(recipes), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "wheels" / TARGET / "files" / "gw_alpha-1.0-py3-none-any.whl").is_file()
+
+
+def test_wheels_naming_no_target_need_one_named(tmp_path: Path, recipes: Path):
+    make_wheel(tmp_path / "in", "gw-alpha")
+    result = run_gpuwheel(["publish", "--wheels", str(tmp_path / "in")], gpuwheel_env(recipes), cwd=tmp_path)
+    assert result.returncode == 13
+    assert result.stderr.strip() == ("gpuwheel: error: gw_alpha-1.0-py3-none-any.whl names no target (no "
+                                     "readable gpuwheel.json) (name the TARGET: gpuwheel publish TARGET --wheels DIR)")
+
+
+def test_gate_lists_every_refused_wheel(tmp_path: Path):
+    wheels = [read_wheel(make_wheel(tmp_path, name)) for name in ("gw-a", "gw-b")]
+    gate = PublishGate(target=TARGET, compute_capability=TARGET_CC, smoke_report=None)
+    with pytest.raises(PublishError, match=r"refusing to publish 2 wheel\(s\) .*gw_a-1.0.*gw_b-1.0"):
+        check_gate(wheels, gate)
