@@ -283,3 +283,20 @@ def test_fuzzed_values_raise_only_recipe_errors(tmp_path, value, table, key):
         load_recipe(path)
     except RecipeError:
         pass
+
+
+def test_only_plans_and_checks_just_the_chosen_package(gpuwheel, write_recipe):
+    # The GPU machine's torch (2.11.0) with the h100 recipe: vLLM 0.33.0 pins 2.14.0,
+    # but a flash-attn-only build does not depend on that pin.
+    path = write_recipe("""
+        extends = "h100"
+        [toolchain]
+        torch = "2.11.0"
+    """)
+    assert gpuwheel("plan", path).exit_code == 3
+    result = gpuwheel("plan", path, "--only", "flash-attn", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [p["name"] for p in result.json()["packages"]] == ["flash-attn"]
+    assert result.json()["packages"][0]["env"]["FLASH_ATTN_CUDA_ARCHS"] == "90"
+    wrong = gpuwheel("plan", path, "--only", "flash_attn")
+    assert wrong.exit_code == 2 and "did you mean 'flash-attn'?" in wrong.stderr

@@ -17,10 +17,10 @@ from packaging.version import Version
 
 from gpuwheel import facts
 from gpuwheel.build.jobs import Jobs, choose_jobs
-from gpuwheel.errors import IncompatibleRecipeError
+from gpuwheel.errors import IncompatibleRecipeError, RecipeError
 from gpuwheel.patches import PatchRef, read_series
 from gpuwheel.recipe import (Dependency, InferenceProfile, PackageRecipe, Recipe, Source, Target,
-                             Toolchain)
+                             Toolchain, closest)
 
 PLAN_SCHEMA = 1
 # Placeholders the build backends substitute: the tree being built, where wheels go, and the
@@ -110,8 +110,10 @@ def _package_json(p: PackagePlan) -> dict:
 
 
 # ---- compatibility --------------------------------------------------------------------------
-def check_compatibility(recipe: Recipe) -> tuple[list[str], list[str]]:
-    """Every reason the recipe cannot work (with its fix), and warnings that do not stop it."""
+def check_compatibility(recipe: Recipe, packages: tuple[PackageRecipe, ...] | None = None
+                        ) -> tuple[list[str], list[str]]:
+    """Every reason the recipe (or the chosen packages of it) cannot work, with its fix,
+    and warnings that do not stop it."""
     problems: list[str] = []
     notes: list[str] = []
     t, tc = recipe.target, recipe.toolchain
@@ -148,7 +150,7 @@ def check_compatibility(recipe: Recipe) -> tuple[list[str], list[str]]:
     elif cuda not in builds:
         notes.append(f"torch {tc.torch} has no cu{cuda.replace('.', '')} build ({', '.join(builds)}): "
                      f"extensions built with CUDA {cuda} run against its CUDA {Version(cuda).major}.x build")
-    for package in recipe.packages:
+    for package in recipe.packages if packages is None else packages:
         problems.extend(_package_problems(package, recipe, archs, notes))
     return problems, notes
 
@@ -232,14 +234,19 @@ def _package_env(package: PackageRecipe, recipe: Recipe, jobs: Jobs) -> dict[str
 
 
 # ---- the plan -------------------------------------------------------------------------------
-def make_plan(recipe: Recipe, *, jobs: int | None = None) -> Plan:
-    """Check the recipe and resolve it into a Plan; raises IncompatibleRecipeError with every problem."""
-    problems, notes = check_compatibility(recipe)
+def make_plan(recipe: Recipe, *, jobs: int | None = None, only: tuple[str, ...] = ()) -> Plan:
+    """Check the recipe and resolve it into a Plan; raises IncompatibleRecipeError with every problem.
+
+    `only` plans (and checks) just the named packages: a flash-attn-only build is not refused
+    for a vLLM pin it will not build.
+    """
+    selected = _select(recipe, only)
+    problems, notes = check_compatibility(recipe, selected)
     if problems:
         raise IncompatibleRecipeError(str(recipe.path.name), problems)
     archs = len(facts.parse_arch_list(recipe.target.torch_cuda_arch_list))
     packages = []
-    for package in recipe.packages:
+    for package in selected:
         chosen = choose_jobs(package.name, archs, jobs=jobs or recipe.build.jobs,
                              nvcc_threads=recipe.build.nvcc_threads)
         patches = read_series(package.patches, tuple(d.name for d in package.dependencies)) \
@@ -253,6 +260,16 @@ def make_plan(recipe: Recipe, *, jobs: int | None = None) -> Plan:
     digest = _content_hash(recipe, packages_t)
     return Plan(recipe=recipe.path, target=recipe.target, toolchain=recipe.toolchain,
                 build_type=recipe.build.build_type, packages=packages_t, notes=tuple(notes), hash=digest)
+
+
+def _select(recipe: Recipe, only: tuple[str, ...]) -> tuple[PackageRecipe, ...]:
+    names = [p.name for p in recipe.packages]
+    for name in only:
+        if name not in names:
+            close = closest(name, names)
+            raise RecipeError(f"{recipe.path.name}: --only {name}: the recipe has no package '{name}'",
+                              hint=f"did you mean '{close}'?" if close else f"packages: {', '.join(names)}")
+    return tuple(p for p in recipe.packages if not only or p.name in only)
 
 
 def _content_hash(recipe: Recipe, packages: tuple[PackagePlan, ...]) -> str:

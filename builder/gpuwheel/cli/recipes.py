@@ -49,9 +49,10 @@ def show(target: str) -> None:
 @TARGET
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
 @click.option("--jobs", type=click.IntRange(min=1), help="Compiler jobs (default: from cores and memory).")
-def plan(target: str, as_json: bool, jobs: int | None) -> None:
+@click.option("--only", multiple=True, metavar="PACKAGE", help="Plan just this package (repeatable).")
+def plan(target: str, as_json: bool, jobs: int | None, only: tuple[str, ...]) -> None:
     """Resolve TARGET into the exact build: steps, env per package, content hash."""
-    resolved = make_plan(load_recipe(target), jobs=jobs)
+    resolved = make_plan(load_recipe(target), jobs=jobs, only=only)
     if as_json:
         click.echo(json.dumps(resolved.to_json(), indent=2))
         return
