@@ -87,9 +87,12 @@ _LISTED = re.compile(r"^(ELF|PTX) file\s+\d+: .*\.(sm_\d+[af]?)\.(?:cubin|ptx)$"
 
 def cuobjdump_listing(path: Path) -> dict[str, list[str]]:
     """cuobjdump --list-elf --list-ptx, as {"ELF": [sm_NN…], "PTX": [sm_NN…]} in file order."""
-    out = subprocess.run([cuobjdump_path(), "--list-elf", "--list-ptx", str(path)],
-                         check=True, capture_output=True, text=True).stdout
+    done = subprocess.run([cuobjdump_path(), "--list-elf", "--list-ptx", str(path)], capture_output=True, text=True)
     listing: dict[str, list[str]] = {"ELF": [], "PTX": []}
+    if done.returncode and "does not contain device code" in done.stderr:
+        return listing
+    done.check_returncode()
+    out = done.stdout
     for match in _LISTED.finditer(out):
         listing[match[1]].append(match[2])
     return listing

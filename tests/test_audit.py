@@ -303,3 +303,10 @@ def test_bad_arch_and_driver_options(sos):
     assert result.exit_code == 2 and "not a driver version" in result.output
     result = run_cli("audit", str(sos["sm120"]))
     assert result.exit_code == 2 and "--target TARGET or --arch" in result.output
+
+
+def test_so_without_gpu_code(tmp_path):
+    plain = tmp_path / "libplain.so"
+    plain.write_bytes(Path(shutil.which("ls")).read_bytes())  # an ELF without any fatbin
+    _one_line_error(run_cli("audit", str(plain), "--arch", "12.0"), AuditFailure.exit_code,
+                    "libplain.so: carries no GPU code (no fatbin)")

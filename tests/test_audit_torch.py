@@ -1,0 +1,45 @@
+"""The audit on a real wheel nobody here wrote: PyTorch 2.14.1's CUDA 13.0 build (~1 GB of .so files)."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from audit_helpers import cuobjdump_listing, our_listing
+from gpuwheel import facts
+from gpuwheel.audit.fatbin import read_fatbin_units
+from gpuwheel.audit.report import AuditTarget, audit
+
+TORCH_WHEEL = Path("/opt/pypi-more/files/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not TORCH_WHEEL.exists(), reason=f"the torch 2.14.1 CUDA wheel is not at {TORCH_WHEEL}"),
+]
+
+
+def test_torch_wheel_matches_cuobjdump_for_every_gpu_so(tmp_path):
+    report = audit(TORCH_WHEEL, AuditTarget(facts.parse_arch("12.0"), "580.65.06"))
+    gpu_sos = [so for so in report.sos if so.has_gpu_code]
+    assert {so.path for so in gpu_sos} >= {"torch/lib/libtorch_cuda.so", "torch/lib/libtorch_cuda_linalg.so"}
+    assert report.passed  # torch cu130 carries sm_120 SASS for every unit
+    with zipfile.ZipFile(TORCH_WHEEL) as wheel:
+        for so in report.sos:
+            extracted = tmp_path / Path(so.path).name
+            with wheel.open(so.path) as source, open(extracted, "wb") as target:
+                shutil.copyfileobj(source, target, 4 * 1024 * 1024)
+            units = read_fatbin_units(extracted)
+            assert len(units) == len(so.units), so.path
+            # Every .so, with or without GPU code, lists what cuobjdump lists.
+            assert our_listing(units) == cuobjdump_listing(extracted), so.path
+            extracted.unlink()
+
+
+def test_torch_cuda_on_a_570_driver_still_runs_natively():
+    # No PTX in torch's cu130 build: a 570 driver never has to JIT anything on sm_120.
+    report = audit(TORCH_WHEEL, AuditTarget(facts.parse_arch("12.0"), "570.195.03"))
+    cuda = next(so for so in report.sos if so.path == "torch/lib/libtorch_cuda.so")
+    assert cuda.count("native") == len(cuda.units) and cuda.count("jit") == 0 and report.passed
