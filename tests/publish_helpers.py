@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import socket
@@ -237,3 +238,42 @@ def leftovers(index_dir: Path) -> list[str]:
     generations = [p for p in index_dir.glob(".simple-*") if p.name not in found]
     assert len(generations) <= 2, f"old generations kept: {generations}"
     return found
+
+
+class StaticIndexServer:
+    """The static index served over HTTP the way docs/publish.md tells a web server to: directory
+    URLs answer index.json to clients that ask for PEP 691 JSON (pip does), index.html otherwise."""
+
+    def __init__(self, index_dir: Path):
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        class Negotiating(SimpleHTTPRequestHandler):
+            def send_head(self):
+                path = Path(self.translate_path(self.path))
+                if path.is_dir() and self.path.endswith("/") and \
+                        "application/vnd.pypi.simple.v1+json" in self.headers.get("Accept", ""):
+                    body = (path / "index.json").read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/vnd.pypi.simple.v1+json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    served_json.append(self.path)
+                    return io.BytesIO(body)
+                return super().send_head()
+
+            def log_message(self, *args):
+                pass
+
+        served_json: list[str] = []
+        self.served_json = served_json
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0),
+                                         functools.partial(Negotiating, directory=str(index_dir)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

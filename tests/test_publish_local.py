@@ -14,7 +14,7 @@ import pytest
 
 from gpuwheel.errors import PublishError
 from gpuwheel.index import publish_local, target_paths, write_static_index
-from publish_helpers import (TARGET, audit_record, fresh_venv, gpuwheel_env, import_value, index_listing, leftovers,
+from publish_helpers import (TARGET, StaticIndexServer, audit_record, fresh_venv, gpuwheel_env, import_value, index_listing, leftovers,
                              make_wheel, passing_wheel, pip_install, run_gpuwheel, sha256, start_gpuwheel,
                              write_recipes)
 
@@ -218,3 +218,17 @@ def test_a_broken_wheel_is_refused_before_anything_is_written(tmp_path: Path, re
     assert result.returncode == 10
     assert "gw_broken-1.0-py3-none-any.whl: cannot read the wheel" in result.stderr
     assert not (tmp_path / "index").exists()
+
+
+def test_served_over_http_pip_reads_the_json_pages(tmp_path: Path):
+    index_dir = tmp_path / "index"
+    publish_local([make_wheel(tmp_path / "in", "gw-alpha", value="over http")], index_dir)
+    server = StaticIndexServer(index_dir)
+    try:
+        python = fresh_venv(tmp_path / "venv")
+        installed = pip_install(python, server.url + "simple/", "gw-alpha")
+    finally:
+        server.stop()
+    assert installed.returncode == 0, installed.stderr
+    assert server.served_json == ["/simple/gw-alpha/"]  # pip took the PEP 691 JSON page
+    assert import_value(python, "gw_alpha") == "over http"

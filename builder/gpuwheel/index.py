@@ -22,7 +22,9 @@ import hashlib
 import html
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -537,7 +539,10 @@ def publish_remote(wheels: Sequence[Path], repository: str, *, gate: PublishGate
             non_interactive=True,
             disable_progress_bar=True,
         )
+        # twine logs keyring lookups with tracebacks; our error says what is missing in one line
+        logging.getLogger("twine").setLevel(logging.ERROR)
         upload_url = settings.repository_config["repository"]  # userinfo already stripped by twine
+        _ = settings.username  # resolved first, so a missing username is named as such
         secret = settings.password
         remote = settings.create_repository()
     except TwineException as error:
@@ -568,7 +573,7 @@ def publish_remote(wheels: Sequence[Path], repository: str, *, gate: PublishGate
                     response = remote.upload(PackageFile.from_filename(str(wheel.path), None))
             except (requests.RequestException, TwineException) as error:
                 raise PublishError(scrub(f"uploading {wheel.filename} to {upload_url} failed: "
-                                         f"{_one_line(str(error))}{_so_far(done, to_upload)}")) from None
+                                         f"{_request_failure(error)}{_so_far(done, to_upload)}")) from None
             if not 200 <= response.status_code < 300:
                 raise PublishError(scrub(
                     f"{upload_url} refused {wheel.filename}: {response.status_code} {response.reason}"
@@ -590,7 +595,8 @@ class _Scrubber:
         self.secret = secret
 
     def __call__(self, text: str) -> str:
-        return text.replace(self.secret, "********") if self.secret else text
+        # a 1-3 character "password" would mangle every message and protects nothing
+        return text.replace(self.secret, "********") if self.secret and len(self.secret) >= 4 else text
 
 
 def _safe_url(url: str) -> str:
@@ -598,6 +604,14 @@ def _safe_url(url: str) -> str:
     if parts.username or parts.password:
         return parts._replace(netloc=f"********@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
     return url
+
+
+def _request_failure(error: Exception) -> str:
+    """requests' messages nest urllib3's; the OS reason ("Connection refused") is what helps."""
+    reason = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
+    if isinstance(error, requests.ConnectionError) and reason:
+        return reason.group(1).strip()
+    return _one_line(str(error))
 
 
 def _one_line(text: str, limit: int = 240) -> str:
@@ -697,7 +711,7 @@ class _SimpleLookup:
             try:
                 response = self._session_for(url).get(url, headers=headers, allow_redirects=False, timeout=60)
             except requests.RequestException as error:
-                raise PublishError(self.scrub(f"cannot read {url}: {_one_line(str(error))}")) from None
+                raise PublishError(self.scrub(f"cannot read {url}: {_request_failure(error)}")) from None
             if not response.is_redirect:
                 return response
             url = urljoin(url, response.headers["Location"])
@@ -756,5 +770,5 @@ class _SimpleLookup:
                 for chunk in response.iter_content(_CHUNK):
                     digest.update(chunk)
         except requests.RequestException as error:
-            raise PublishError(self.scrub(f"cannot download {url} to compare it: {_one_line(str(error))}")) from None
+            raise PublishError(self.scrub(f"cannot download {url} to compare it: {_request_failure(error)}")) from None
         return digest.hexdigest()

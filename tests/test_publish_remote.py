@@ -1,0 +1,158 @@
+"""Publishing to a remote index through twine, against a real pypiserver on loopback with htpasswd
+auth: upload then pip install from it; the same file again is skipped; another file under a
+published name is refused; a wrong password or a server refusal is one line without the password."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+
+from gpuwheel.errors import PublishError
+from gpuwheel.index import publish_local, publish_remote
+from publish_helpers import (TARGET, PypiServer, StaticIndexServer, fresh_venv, gpuwheel_env, import_value, make_wheel,
+                             passing_wheel, pip_install, run_gpuwheel, sha256, write_recipes)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    started = PypiServer(tmp_path_factory.mktemp("pypiserver"))
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def recipes(tmp_path: Path) -> Path:
+    return write_recipes(tmp_path / "recipes")
+
+
+def credentials(server: PypiServer, password: str | None = None) -> dict[str, str]:
+    return {"TWINE_USERNAME": server.user, "TWINE_PASSWORD": password or server.password}
+
+
+def upload(server: PypiServer, recipes: Path, wheels: Path, *extra: str, password: str | None = None):
+    return run_gpuwheel(["publish", TARGET, "--wheels", str(wheels), "--repository", server.url, *extra],
+                        gpuwheel_env(recipes, **credentials(server, password)))
+
+
+def test_upload_then_pip_install_from_the_server(tmp_path: Path, server: PypiServer, recipes: Path):
+    wheel = passing_wheel(tmp_path / "in", "gw-remote-alpha", value="remote")
+
+    result = upload(server, recipes, tmp_path / "in", "--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["destination"] == server.url
+    assert report["index_url"] == server.url + "simple/"
+    assert report["wheels"] == [{"filename": wheel.name, "sha256": sha256(wheel), "action": "published",
+                                 "warnings": []}]
+    assert (server.packages / wheel.name).read_bytes() == wheel.read_bytes()
+    python = fresh_venv(tmp_path / "venv")
+    installed = pip_install(python, report["index_url"], "--no-deps", "gw-remote-alpha")
+    assert installed.returncode == 0, installed.stderr
+    assert import_value(python, "gw_remote_alpha") == "remote"
+
+
+def test_same_wheel_again_is_skipped(tmp_path: Path, server: PypiServer, recipes: Path):
+    wheel = passing_wheel(tmp_path / "in", "gw-remote-beta")
+    assert upload(server, recipes, tmp_path / "in").returncode == 0
+
+    again = upload(server, recipes, tmp_path / "in")
+
+    assert again.returncode == 0, again.stderr
+    assert "skipped: already there with the same sha256" in again.stderr
+    assert (server.packages / wheel.name).read_bytes() == wheel.read_bytes()
+
+
+def test_same_name_different_content_is_refused(tmp_path: Path, server: PypiServer, recipes: Path):
+    first = passing_wheel(tmp_path / "a", "gw-remote-gamma", value="first")
+    assert upload(server, recipes, tmp_path / "a").returncode == 0
+    passing_wheel(tmp_path / "b", "gw-remote-gamma", value="second")
+
+    result = upload(server, recipes, tmp_path / "b")
+
+    assert result.returncode == 13
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"gpuwheel: error: {first.name} is already on {server.url} with sha256 "
+                           f"{sha256(first)[:16]}")
+    assert "never replaced" in line
+    assert (server.packages / first.name).read_bytes() == first.read_bytes()
+
+
+def test_wrong_password_is_one_clear_line_without_the_password(tmp_path: Path, server: PypiServer,
+                                                               recipes: Path):
+    wheel = passing_wheel(tmp_path / "in", "gw-remote-delta")
+    wrong = "Sup3r-Secret-Wrong-Pw"
+
+    result = upload(server, recipes, tmp_path / "in", password=wrong)
+
+    assert result.returncode == 13
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"gpuwheel: error: {server.url} refused {wheel.name}: 403 Forbidden")
+    assert "TWINE_PASSWORD" in line  # the hint says where the password comes from
+    assert wrong not in result.stdout + result.stderr
+    assert not (server.packages / wheel.name).exists()
+
+
+def test_pypirc_section_names_the_repository(tmp_path: Path, server: PypiServer, recipes: Path):
+    wheel = passing_wheel(tmp_path / "in", "gw-remote-epsilon")
+    pypirc = tmp_path / "pypirc"
+    pypirc.write_text(f"[distutils]\nindex-servers = internal\n\n[internal]\nrepository = {server.url}\n"
+                      f"username = {server.user}\npassword = {server.password}\n")
+
+    result = run_gpuwheel(["publish", TARGET, "--wheels", str(tmp_path / "in"), "--repository", "internal",
+                           "--config-file", str(pypirc)], gpuwheel_env(recipes))
+
+    assert result.returncode == 0, result.stderr
+    assert server.password not in result.stdout + result.stderr
+    assert (server.packages / wheel.name).is_file()
+
+
+def test_no_credentials_is_a_clear_error(tmp_path: Path, server: PypiServer, recipes: Path):
+    passing_wheel(tmp_path / "in", "gw-remote-zeta")
+    result = run_gpuwheel(["publish", TARGET, "--wheels", str(tmp_path / "in"), "--repository", server.url,
+                           "--config-file", str(tmp_path / "missing-pypirc")],
+                          gpuwheel_env(recipes, PYTHON_KEYRING_BACKEND="keyring.backends.null.Keyring"))
+    assert result.returncode == 13
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"gpuwheel: error: cannot use repository {server.url}: Credential not found for ")
+    assert "TWINE_USERNAME" in line
+
+
+def test_server_refusal_is_reported_with_the_servers_reason(tmp_path: Path, server: PypiServer,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    wheel = make_wheel(tmp_path / "in", "gw-remote-eta")
+    requests.post(server.url, auth=(server.user, server.password), files={"content": wheel.open("rb")},
+                  data={":action": "file_upload"}).raise_for_status()
+    monkeypatch.setenv("TWINE_USERNAME", server.user)
+    monkeypatch.setenv("TWINE_PASSWORD", server.password)
+
+    # a simple URL that lists nothing makes gpuwheel try the upload, and the server refuse it
+    with pytest.raises(PublishError) as refused:
+        publish_remote([wheel], server.url, simple_url=f"{server.url}nothing-here/")
+
+    message = str(refused.value)
+    assert message.startswith(f"{server.url} refused {wheel.name}: 400 Bad Request: Package "
+                              f"'{wheel.name}' already exists!")
+    assert "\n" not in message and server.password not in message
+
+
+def test_pep691_json_simple_pages_are_read_for_the_check(tmp_path: Path, server: PypiServer,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    wheel = make_wheel(tmp_path / "a", "gw-remote-theta", value="first")
+    publish_local([wheel], tmp_path / "index")
+    static = StaticIndexServer(tmp_path / "index")
+    monkeypatch.setenv("TWINE_USERNAME", server.user)
+    monkeypatch.setenv("TWINE_PASSWORD", server.password)
+    try:
+        same = publish_remote([wheel], server.url, simple_url=static.url + "simple/")
+        with pytest.raises(PublishError, match=f"{wheel.name} is already on {server.url} with sha256"):
+            publish_remote([make_wheel(tmp_path / "b", "gw-remote-theta", value="second")], server.url,
+                           simple_url=static.url + "simple/")
+    finally:
+        static.stop()
+    assert [w.action for w in same.wheels] == ["skipped"]
+    assert static.served_json == ["/simple/gw-remote-theta/"] * 2
+    assert not (server.packages / wheel.name).exists()  # nothing was uploaded
