@@ -232,3 +232,11 @@ def test_served_over_http_pip_reads_the_json_pages(tmp_path: Path):
     assert installed.returncode == 0, installed.stderr
     assert server.served_json == ["/simple/gw-alpha/"]  # pip took the PEP 691 JSON page
     assert import_value(python, "gw_alpha") == "over http"
+
+
+def test_a_simple_directory_made_by_hand_is_not_overwritten(tmp_path: Path):
+    index_dir = tmp_path / "index"
+    (index_dir / "simple").mkdir(parents=True)
+    with pytest.raises(PublishError, match="simple is a directory gpuwheel did not make"):
+        publish_local([make_wheel(tmp_path / "in", "gw-alpha")], index_dir)
+    assert not any((index_dir / "files").iterdir())

@@ -313,6 +313,10 @@ def _index_lock(index_dir: Path):
 
 def _remove_leftovers(index_dir: Path) -> None:
     """Under the lock every temp file and unlinked generation is from a process that died."""
+    simple = index_dir / "simple"
+    if simple.exists() and not simple.is_symlink():
+        raise PublishError(f"{simple} is a directory gpuwheel did not make (it keeps `simple` as a symlink)",
+                           hint=f"move {simple} away and publish again")
     files_dir = index_dir / "files"
     for path in files_dir.glob(".*.part"):
         logger.info("removing %s left by an interrupted publish", path)
@@ -423,9 +427,6 @@ def _regenerate(index_dir: Path, known: Mapping[str, tuple[str, int]]) -> None:
         digest.update(relpath.encode() + b"\0" + pages[relpath] + b"\0")
     generation = f".simple-{digest.hexdigest()[:16]}"
     simple = index_dir / "simple"
-    if simple.exists() and not simple.is_symlink():
-        raise PublishError(f"{simple} is a directory gpuwheel did not make (it keeps `simple` as a symlink)",
-                           hint=f"move {simple} away and publish again")
     previous = os.readlink(simple) if simple.is_symlink() else None
     if previous == generation and (index_dir / generation).is_dir():
         return
