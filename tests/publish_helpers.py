@@ -136,7 +136,8 @@ class PypiServer:
     user = "publisher"
     password = "Tr0ub4dor-and-3"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, open_uploads: bool = False, hash_algo: str = "sha256"):
+        """open_uploads: no login at all (-P . -a .); hash_algo: what its simple pages list."""
         from passlib.apache import HtpasswdFile
 
         self.packages = root / "packages"
@@ -149,7 +150,8 @@ class PypiServer:
         self.log = open(root / "server.log", "w")
         self.process = subprocess.Popen(
             [str(Path(sys.executable).with_name("pypi-server")), "run", "-i", "127.0.0.1", "-p", str(self.port),
-             "-P", str(root / "htpasswd"), "-a", "update", str(self.packages)],
+             *(["-P", ".", "-a", "."] if open_uploads else ["-P", str(root / "htpasswd"), "-a", "update"]),
+             "--hash-algo", hash_algo, str(self.packages)],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:

@@ -156,3 +156,22 @@ def test_pep691_json_simple_pages_are_read_for_the_check(tmp_path: Path, server:
     assert [w.action for w in same.wheels] == ["skipped"]
     assert static.served_json == ["/simple/gw-remote-theta/"] * 2
     assert not (server.packages / wheel.name).exists()  # nothing was uploaded
+
+
+def test_open_index_listing_only_md5(tmp_path: Path, recipes: Path):
+    """An index without login (empty credentials) whose pages carry md5: the file is downloaded and
+    hashed to decide."""
+    server = PypiServer(tmp_path / "open", open_uploads=True, hash_algo="md5")
+    env = gpuwheel_env(recipes, TWINE_USERNAME="", TWINE_PASSWORD="")
+    try:
+        passing_wheel(tmp_path / "a", "gw-open", value="first")
+        args = ["publish", TARGET, "--repository", server.url, "--wheels"]
+        assert run_gpuwheel([*args, str(tmp_path / "a")], env).returncode == 0
+        assert "#md5=" in requests.get(server.url + "simple/gw-open/").text
+        again = run_gpuwheel([*args, str(tmp_path / "a")], env)
+        passing_wheel(tmp_path / "b", "gw-open", value="second")
+        changed = run_gpuwheel([*args, str(tmp_path / "b")], env)
+    finally:
+        server.stop()
+    assert again.returncode == 0 and "skipped" in again.stderr, again.stderr
+    assert changed.returncode == 13 and "is already on" in changed.stderr
