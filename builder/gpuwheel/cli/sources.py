@@ -1,0 +1,98 @@
+"""`gpuwheel fetch` and `gpuwheel patches check`: hermetic sources and the patch sets on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from gpuwheel.cli import main
+from gpuwheel.errors import PatchError
+from gpuwheel.log import console
+from gpuwheel.patches import APPLIED, FAILED, UPSTREAM, check_patches
+from gpuwheel.plan import make_plan
+from gpuwheel.recipe import load_recipe
+from gpuwheel.sources import NEEDS_NETWORK, Sources, fetch_sources
+
+TARGET = click.argument("target", metavar="TARGET")
+OFFLINE = click.option("--offline", is_flag=True,
+                       help="Use only the cache (also GPUWHEEL_OFFLINE=1); never touch the network.")
+ONLY = click.option("--only", "only", multiple=True, metavar="PKG", help="Only this package (repeatable).")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+
+
+@main.command()
+@TARGET
+@OFFLINE
+@ONLY
+@click.option("--dependency-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="DIR/<name>/ git checkouts of dependencies brought from a connected machine.")
+@click.option("--strict", is_flag=True, help="Fail (exit 4) while any dependency still needs network.")
+@JSON
+def fetch(target: str, offline: bool, only: tuple[str, ...], dependency_dir: Path | None, strict: bool,
+          as_json: bool) -> None:
+    """Fetch and verify every source of TARGET, and its packages' build-time dependencies, into the cache."""
+    sources = fetch_sources(make_plan(load_recipe(target)), offline=offline, only=only or None,
+                            dependency_dir=dependency_dir, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(sources.to_json(), indent=2))
+    else:
+        _render_sources(sources)
+    if strict:
+        sources.require_complete()
+
+
+def _render_sources(sources: Sources) -> None:
+    table = Table("package", "version", "source", "status", "pin", "tree", title=f"sources ({sources.cache})",
+                  title_justify="left")
+    for p in sources.packages:
+        table.add_row(p.name, p.version, p.kind, p.status, (p.sha256 or p.commit or "")[:16], str(p.tree))
+    console.print(table)
+    deps = [(p.name, d) for p in sources.packages for d in p.dependencies]
+    if deps:
+        table = Table("package", "dependency", "rev", "status", "tree / command on a connected machine",
+                      title_justify="left", title="build-time dependencies")
+        for package, d in deps:
+            style = "yellow" if d.status == NEEDS_NETWORK else ""
+            table.add_row(package, d.name, d.rev[:16], f"[{style}]{d.status}[/{style}]" if style else d.status,
+                          d.fetch_command if d.tree is None else str(d.tree))
+        console.print(table)
+    missing = sources.needs_network
+    if missing:
+        console.print(f"[yellow]{len(missing)} dependencies need network[/yellow]: run the commands above on a "
+                      f"connected machine, copy deps/ here, then `gpuwheel fetch {sources.target} "
+                      f"--dependency-dir deps` (or copy that machine's {sources.cache})")
+    else:
+        console.print("every source is in the cache")
+
+
+@main.group("patches")
+def patches_group() -> None:
+    """Patch sets applied to the fetched sources."""
+
+
+@patches_group.command("check")
+@TARGET
+@OFFLINE
+@ONLY
+@JSON
+def check(target: str, offline: bool, only: tuple[str, ...], as_json: bool) -> None:
+    """Apply every patch of TARGET to fresh trees: applied / already upstream / failed (exit 6)."""
+    plan = make_plan(load_recipe(target))
+    report = check_patches(plan, fetch_sources(plan, offline=offline, only=only or None, progress=not as_json))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        colours = {APPLIED: "green", UPSTREAM: "cyan", FAILED: "red"}
+        table = Table("package", "patch", "tree", "status", "detail")
+        for o in report.outcomes:
+            colour = colours.get(o.status, "yellow")
+            table.add_row(o.package, o.patch, o.where, f"[{colour}]{o.status}[/{colour}]", o.detail)
+        console.print(table if report.outcomes else "the plan carries no patches")
+    if report.failed:
+        first = report.failed[0]
+        raise PatchError(f"{len(report.failed)} of {len(report.outcomes)} patches do not apply; first: "
+                         f"{first.package} {first.patch}: {first.detail}",
+                         hint="refresh them against the fetched sources or drop them from their series")

@@ -1,0 +1,580 @@
+"""Plan → Sources: fetch, verify, extract and cache every source a build needs; offline mode.
+
+Cache layout under cache_root()/sources/ (docs/sources.md):
+  archives/<sha256>/<file name>   verified downloads (sdists, URL archives)
+  trees/<sha256>/                 their extracted contents
+  git/<commit>/                   checkouts at that commit, submodules included
+  git-refs/<key>.json             which commit a dependency's tag resolved to when it was fetched
+  locks/<key>.lock                so that two fetches of one source never race
+Everything is written under a `.tmp-*` name inside the cache and renamed into place only once
+verified and extracted, so an interrupted or refused fetch leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Callable, Iterator
+from urllib.parse import unquote, urlparse
+
+import requests
+import urllib3
+from filelock import FileLock
+from packaging.utils import InvalidSdistFilename, parse_sdist_filename
+from pypi_simple import PYPI_SIMPLE_ENDPOINT, NoSuchProjectError, PyPISimple
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+
+from gpuwheel.cache import cache_root
+from gpuwheel.errors import OfflineError, RecipeError, SourceError
+from gpuwheel.log import console, logger
+from gpuwheel.plan import PackagePlan, Plan
+from gpuwheel.recipe import Dependency, closest, recipes_dir
+from gpuwheel.run import capture
+
+# Statuses of a fetched dependency tree.
+CACHED, FETCHED, IMPORTED, NEEDS_NETWORK = "cached", "fetched", "imported", "needs network"
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+# git's words for "the remote cannot be reached" (as opposed to "it has no such commit").
+_UNREACHABLE = ("could not resolve host", "unable to access", "failed to connect", "connection refused",
+                "connection timed out", "network is unreachable", "could not resolve hostname",
+                "operation timed out")
+_TIMEOUT = (15, 60)  # seconds: connect, and between bytes
+
+
+@dataclass(frozen=True)
+class FetchedDependency:
+    name: str
+    git: str
+    rev: str
+    tree: Path | None  # None while it needs network
+    commit: str | None
+    status: str  # cached | fetched | imported | needs network
+    fetch_command: str  # what fetches it on a connected machine, into DIR/<name> for --dependency-dir
+
+
+@dataclass(frozen=True)
+class FetchedPackage:
+    name: str
+    version: str
+    kind: str  # sdist | git | url | path
+    tree: Path  # the extracted tree in the cache (or the local path): never modified
+    archive: Path | None
+    sha256: str | None
+    commit: str | None
+    status: str  # cached | fetched | local
+    dependencies: tuple[FetchedDependency, ...]
+
+    def dependency(self, name: str) -> FetchedDependency | None:
+        return next((d for d in self.dependencies if d.name == name), None)
+
+
+@dataclass(frozen=True)
+class Sources:
+    target: str  # how commands name the recipe (`gpuwheel fetch <target>`)
+    cache: Path
+    packages: tuple[FetchedPackage, ...]
+
+    def package(self, name: str) -> FetchedPackage | None:
+        return next((p for p in self.packages if p.name == name), None)
+
+    @property
+    def needs_network(self) -> tuple[tuple[str, FetchedDependency], ...]:
+        return tuple((p.name, d) for p in self.packages for d in p.dependencies if d.status == NEEDS_NETWORK)
+
+    def require_complete(self) -> None:
+        """Raise when a dependency tree is still missing (`fetch --strict`, and before a build)."""
+        missing = self.needs_network
+        if missing:
+            names = ", ".join(f"{package}/{dep.name}" for package, dep in missing)
+            raise SourceError(f"{len(missing)} dependencies need network: {names}",
+                              hint=f"clone them on a connected machine as `gpuwheel fetch {self.target}` "
+                                   f"lists, then `gpuwheel fetch {self.target} --dependency-dir DIR`")
+
+    def to_json(self) -> dict:
+        def dep(d: FetchedDependency) -> dict:
+            return {"name": d.name, "git": d.git, "rev": d.rev, "commit": d.commit, "status": d.status,
+                    "tree": str(d.tree) if d.tree else None, "fetch_command": d.fetch_command}
+        return {"target": self.target, "cache": str(self.cache), "packages": [
+            {"name": p.name, "version": p.version, "kind": p.kind, "status": p.status, "tree": str(p.tree),
+             "archive": str(p.archive) if p.archive else None, "sha256": p.sha256, "commit": p.commit,
+             "dependencies": [dep(d) for d in p.dependencies]} for p in self.packages]}
+
+
+def fetch_sources(plan: Plan, *, offline: bool = False, cache: Path | None = None,
+                  only: tuple[str, ...] | None = None, progress: bool = True,
+                  dependency_dir: Path | None = None) -> Sources:
+    """Fetch (or find in the cache) every source of the plan, verified, and its dependency trees.
+
+    offline (or GPUWHEEL_OFFLINE=1): touch no network; a missing package source is an OfflineError.
+    dependency_dir: DIR/<name>/ git checkouts of dependencies brought from a connected machine,
+    verified against their pins and copied into the cache.
+    A dependency that cannot be reached is reported as "needs network", not raised.
+    """
+    offline = offline or os.environ.get("GPUWHEEL_OFFLINE", "").lower() in ("1", "true", "yes")
+    store = _Store((cache or cache_root()) / "sources", _target_ref(plan), offline, progress)
+    packages = []
+    for package in select_packages(plan, only):
+        fetched = store.package(package, plan.recipe.parent)
+        dependencies = tuple(store.dependency(package, dep, dependency_dir) for dep in package.dependencies)
+        packages.append(FetchedPackage(**{**fetched, "dependencies": dependencies}))
+    return Sources(target=store.target, cache=store.root, packages=tuple(packages))
+
+
+def select_packages(plan: Plan, only: tuple[str, ...] | None) -> tuple[PackagePlan, ...]:
+    """The plan's packages, or those named by --only (an unknown name is a RecipeError)."""
+    if not only:
+        return plan.packages
+    names = [p.name for p in plan.packages]
+    for name in only:
+        if name not in names:
+            close = closest(name, names)
+            raise RecipeError(f"--only {name}: the plan builds no package '{name}'",
+                              hint=f"did you mean '{close}'?" if close else f"packages: {', '.join(names)}")
+    return tuple(p for p in plan.packages if p.name in only)
+
+
+def _target_ref(plan: Plan) -> str:
+    shipped = recipes_dir().resolve() / f"{plan.recipe.stem}.toml"
+    return plan.recipe.stem if shipped == plan.recipe.resolve() else str(plan.recipe)
+
+
+class _Store:
+    """The sources cache: lookups, verified writes and fetches (one per source key, locked)."""
+
+    def __init__(self, root: Path, target: str, offline: bool, progress: bool):
+        self.root, self.target, self.offline, self.progress = root, target, offline, progress
+        for sub in ("archives", "trees", "git", "git-refs", "locks"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        with FileLock(str(self.root / "locks" / f"{key}.lock")):
+            yield
+
+    # ---- packages ----------------------------------------------------------------------
+    def package(self, package: PackagePlan, recipe_dir: Path) -> dict:
+        source, label = package.source, f"{package.name} {package.version}"
+        common = {"name": package.name, "version": package.version, "kind": source.kind,
+                  "sha256": source.sha256, "commit": source.commit}
+        if source.kind == "path":
+            return {**common, **self._local(Path(source.location) if Path(source.location).is_absolute()
+                                            else recipe_dir / source.location, source.sha256, label)}
+        if source.kind == "git":
+            with self._locked(source.commit):
+                tree, status = self._git_tree(source.location, source.commit, source.commit,
+                                              source.submodules, label)
+            return {**common, "tree": tree, "archive": None, "status": status}
+        filename = source.location if source.kind == "sdist" else _url_filename(source.location)
+        with self._locked(source.sha256):
+            archive = self.root / "archives" / source.sha256 / filename
+            tree_root = self.root / "trees" / source.sha256
+            status = CACHED
+            if archive.is_file():
+                _verify_cached(archive, tree_root, source.sha256, label)
+            if not (archive.is_file() and tree_root.is_dir()):
+                if not archive.is_file() and self.offline:
+                    raise OfflineError(f"{label}: {filename} (sha256 {source.sha256[:12]}…) is not in the cache "
+                                       f"{self.root}", hint=f"run `gpuwheel fetch {self.target}` on a connected "
+                                       f"machine and copy its {self.root} here")
+                url = self._sdist_url(package) if source.kind == "sdist" else source.location
+                self._store_archive(url, archive, tree_root, source.sha256, label)
+                status = FETCHED
+        return {**common, "tree": _single_top(tree_root), "archive": archive, "status": status}
+
+    def _local(self, path: Path, sha256: str | None, label: str) -> dict:
+        if path.is_dir():
+            return {"tree": path.resolve(), "archive": None, "status": "local"}
+        if not path.is_file():
+            raise SourceError(f"{label}: local source {path} does not exist", hint="fix [package.source] path")
+        if not sha256:
+            raise SourceError(f"{label}: local archive {path} has no sha256 in the recipe",
+                              hint=f"add sha256 = \"{_sha256_of(path)}\" to [package.source]")
+        _verify_file(path, sha256, label)
+        tree_root = self.root / "trees" / sha256
+        with self._locked(sha256):
+            if not tree_root.is_dir():
+                _extract(path, tree_root, label)
+        return {"tree": _single_top(tree_root), "archive": path.resolve(), "status": "local"}
+
+    def _sdist_url(self, package: PackagePlan) -> str:
+        source, label = package.source, f"{package.name} {package.version}"
+        index = (source.index or pip_index_url()).rstrip("/") + "/"
+        try:
+            project = parse_sdist_filename(source.location)[0]
+        except InvalidSdistFilename:
+            project = package.name
+        try:
+            with PyPISimple(index) as client:
+                page = client.get_project_page(project, timeout=_TIMEOUT)
+        except NoSuchProjectError:
+            raise SourceError(f"{label}: index {index} has no project '{project}'",
+                              hint="set [package.source] index, or PIP_INDEX_URL / pip's index-url") from None
+        except requests.RequestException as error:
+            raise SourceError(f"{label}: cannot read index {index}: {_reason(error)}",
+                              hint=f"check the index, or fetch on a connected machine: gpuwheel fetch "
+                                   f"{self.target}") from None
+        for dist in page.packages:
+            if dist.filename == source.location:
+                listed = dist.digests.get("sha256")
+                if listed and listed != source.sha256:
+                    raise SourceError(f"{label}: index {index} lists {dist.filename} with sha256 {listed}, the "
+                                      f"recipe pins {source.sha256}; refused", hint="check which one is right")
+                return dist.url
+        versions = sorted({d.version for d in page.packages if d.package_type == "sdist" and d.version})
+        raise SourceError(f"{label}: index {index} has no file {source.location}",
+                          hint=f"sdists there: {', '.join(versions[-8:]) or 'none'}")
+
+    def _store_archive(self, url: str, archive: Path, tree_root: Path, sha256: str, label: str) -> None:
+        """Download (unless cached), verify, extract; nothing lands in the cache unless all succeed."""
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        downloaded = None
+        try:
+            if not archive.is_file():
+                downloaded = _download(url, archive.parent, sha256, label, archive.name, self.progress)
+            if not tree_root.is_dir():
+                _extract(downloaded or archive, tree_root, label)
+            if downloaded:
+                os.replace(downloaded, archive)
+        finally:
+            if downloaded and downloaded.exists():
+                downloaded.unlink()
+            if not archive.is_file() and not any(archive.parent.iterdir()):
+                archive.parent.rmdir()
+
+    # ---- git ---------------------------------------------------------------------------
+    def _git_tree(self, url: str, rev: str, commit: str | None, submodules: bool, label: str
+                  ) -> tuple[Path, str]:
+        """The cached checkout of url at rev (pinned to commit when known), cloning it if needed."""
+        if commit and (self.root / "git" / commit).is_dir():
+            return self.root / "git" / commit, CACHED
+        if self.offline:
+            raise OfflineError(f"{label}: git {url} @ {rev} is not in the cache {self.root}",
+                               hint=f"run `gpuwheel fetch {self.target}` on a connected machine and copy its "
+                                    f"{self.root} here")
+        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "git"))
+        try:
+            head = _checkout(work, url, rev, submodules, label)
+            if commit and head != commit:
+                raise SourceError(f"{label}: {url} @ {rev} checked out {head}, the recipe pins {commit}; refused",
+                                  hint="pin the commit the tag points to, or fix the URL")
+            final = self.root / "git" / head
+            if final.is_dir():
+                return final, CACHED
+            os.replace(work, final)
+            return final, FETCHED
+        finally:
+            if work.exists():
+                shutil.rmtree(work)
+
+    # ---- dependencies ------------------------------------------------------------------
+    def dependency(self, package: PackagePlan, dep: Dependency, dependency_dir: Path | None) -> FetchedDependency:
+        label = f"{package.name} {package.version} dependency {dep.name}"
+        refs = self.root / "git-refs" / f"{hashlib.sha256(f'{dep.git}@{dep.rev}'.encode()).hexdigest()[:24]}.json"
+        known = dep.commit or (dep.rev if _HEX40.fullmatch(dep.rev) else None) or _read_ref(refs)
+        command = _clone_command(dep)
+        found = {"name": dep.name, "git": dep.git, "rev": dep.rev, "fetch_command": command}
+        with self._locked(f"{dep.name}-{hashlib.sha256(dep.git.encode()).hexdigest()[:12]}"):
+            if known and (self.root / "git" / known).is_dir():
+                return FetchedDependency(**found, tree=self.root / "git" / known, commit=known, status=CACHED)
+            if dependency_dir is not None and (dependency_dir / dep.name).is_dir():
+                tree = self._import(dependency_dir / dep.name, dep, label)
+                _write_ref(refs, dep, tree.name)
+                return FetchedDependency(**found, tree=tree, commit=tree.name, status=IMPORTED)
+            if self.offline:
+                return FetchedDependency(**found, tree=None, commit=known, status=NEEDS_NETWORK)
+            try:
+                tree, status = self._git_tree(dep.git, dep.rev, dep.commit, dep.submodules, label)
+            except _Unreachable as error:
+                logger.info("%s: %s", label, error)
+                return FetchedDependency(**found, tree=None, commit=known, status=NEEDS_NETWORK)
+        _write_ref(refs, dep, tree.name)
+        return FetchedDependency(**found, tree=tree, commit=tree.name, status=status)
+
+    def _import(self, source: Path, dep: Dependency, label: str) -> Path:
+        """Copy a checkout brought from a connected machine into the cache, once verified."""
+        if not (source / ".git").exists():
+            raise SourceError(f"{label}: {source} is not a git checkout, so its commit cannot be verified",
+                              hint=f"bring it as: {_clone_command(dep)}")
+        head = _git(["rev-parse", "HEAD"], source, label).stdout.strip()
+        pinned = _git(["rev-parse", "--verify", "--quiet", f"{dep.commit or dep.rev}^{{commit}}"], source, label,
+                      check=False).stdout.strip()
+        if not pinned:
+            raise SourceError(f"{label}: {source} has no {dep.commit or dep.rev}; refused",
+                              hint=f"bring it as: {_clone_command(dep)}")
+        if head != pinned:
+            raise SourceError(f"{label}: {source} is at {head[:12]}, {dep.rev} is {pinned[:12]}; refused",
+                              hint=f"git -C {shlex.quote(str(source))} checkout {dep.rev}")
+        changes = _git(["status", "--porcelain", "--ignore-submodules=none"], source, label).stdout.strip()
+        if changes:
+            first = changes.splitlines()[0].strip()
+            raise SourceError(f"{label}: {source} has local changes ({first}); refused",
+                              hint="import a clean checkout: patches are gpuwheel's to apply")
+        if dep.submodules and (source / ".gitmodules").is_file():
+            stale = [line for line in _git(["submodule", "status", "--recursive"], source, label).stdout.splitlines()
+                     if line[:1] in ("-", "+", "U")]
+            if stale:
+                raise SourceError(f"{label}: {source} submodule {stale[0].split()[1]} is not at its pinned commit",
+                                  hint=f"git -C {shlex.quote(str(source))} submodule update --init --recursive")
+        final = self.root / "git" / head
+        if not final.is_dir():
+            work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "git"))
+            try:
+                shutil.copytree(source, work / "tree", symlinks=True)
+                os.replace(work / "tree", final)
+            finally:
+                shutil.rmtree(work)
+        return final
+
+
+# ---- index configuration --------------------------------------------------------------------
+def pip_index_url() -> str:
+    """The index pip itself would use: PIP_INDEX_URL, else pip.conf's index-url, else pip's default."""
+    result = capture([sys.executable, "-m", "pip", "config", "list"])
+    values = {}
+    for line in result.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            try:
+                values[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                values[key.strip()] = value.strip()
+    # The environment beats the [install] section, which beats [global] (pip's own order).
+    for key in (":env:.index-url", "install.index-url", "download.index-url", "global.index-url"):
+        if values.get(key):
+            return str(values[key]).split()[0]
+    return PYPI_SIMPLE_ENDPOINT  # pip's own default when nothing is configured
+
+
+# ---- downloads ------------------------------------------------------------------------------
+def _download(url: str, directory: Path, sha256: str, label: str, name: str, progress: bool) -> Path:
+    """Stream url into a temp file in directory, hashing as it goes; returned only if it matches."""
+    fd, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=directory)
+    temp = Path(temp_name)
+    digest, received = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as out, requests.get(url, stream=True, timeout=_TIMEOUT) as response:
+            if response.status_code != 200:
+                raise SourceError(f"{label}: {url} answered HTTP {response.status_code} {response.reason}")
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with _meter(name, total, progress) as advance:
+                # Raw bytes: a server's Content-Encoding must not change what is hashed.
+                for chunk in response.raw.stream(1 << 20, decode_content=False):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    advance(len(chunk))
+            if total is not None and received != total:
+                raise SourceError(f"{label}: download of {url} stopped after {received} of {total} bytes; "
+                                  f"kept nothing", hint="run the fetch again")
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+        temp.unlink(missing_ok=True)
+        raise SourceError(f"{label}: download of {url} failed after {received} bytes ({_reason(error)}); "
+                          f"kept nothing", hint="run the fetch again") from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    if digest.hexdigest() != sha256:
+        temp.unlink()
+        raise SourceError(f"{label}: {name} from {url} has sha256 {digest.hexdigest()}, the recipe pins "
+                          f"{sha256}; refused and kept nothing",
+                          hint="the file changed upstream or the pin is wrong: check before updating sha256")
+    return temp
+
+
+@contextmanager
+def _meter(name: str, total: int | None, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich bar (bytes, rate) on a terminal; one plain line with size and rate elsewhere."""
+    start = time.monotonic()
+    count = [0]
+    if enabled and console.is_terminal:
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task(name, total=total)
+            yield lambda n: bar.advance(task, n)
+        return
+
+    def advance(n: int) -> None:
+        count[0] += n
+    yield advance
+    if enabled:
+        seconds = max(time.monotonic() - start, 1e-6)
+        console.print(f"fetched {name}: {count[0] / 1e6:.1f} MB in {seconds:.1f} s "
+                      f"({count[0] / 1e6 / seconds:.1f} MB/s)")
+
+
+def _verify_file(path: Path, sha256: str, label: str) -> None:
+    actual = _sha256_of(path)
+    if actual != sha256:
+        raise SourceError(f"{label}: {path} has sha256 {actual}, the recipe pins {sha256}; refused",
+                          hint="check which one is right before changing the pin")
+
+
+def _verify_cached(archive: Path, tree_root: Path, sha256: str, label: str) -> None:
+    """A cached archive is hashed again on each use: one altered in the cache is removed, tree and all."""
+    actual = _sha256_of(archive)
+    if actual != sha256:
+        shutil.rmtree(archive.parent)
+        shutil.rmtree(tree_root, ignore_errors=True)
+        raise SourceError(f"{label}: cached {archive.name} was altered (sha256 {actual[:12]}…, pinned "
+                          f"{sha256[:12]}…); removed it and its tree", hint="run the fetch again")
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _url_filename(url: str) -> str:
+    name = PurePosixPath(unquote(urlparse(url).path)).name
+    return name or "download"
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__
+
+
+# ---- safe extraction --------------------------------------------------------------------------
+def _extract(archive: Path, dest: Path, label: str) -> None:
+    """Extract into a temp dir beside dest, refusing any unsafe member before writing anything."""
+    work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    try:
+        if tarfile.is_tarfile(archive):
+            _extract_tar(archive, work, label)
+        elif zipfile.is_zipfile(archive):
+            _extract_zip(archive, work, label)
+        else:
+            raise SourceError(f"{label}: {archive.name} is neither a tar nor a zip archive")
+        os.replace(work, dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+
+
+def _extract_tar(archive: Path, dest: Path, label: str) -> None:
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for member in members:
+                try:
+                    # The `data` filter refuses absolute paths, `..`, links leaving the tree and devices.
+                    tarfile.data_filter(member, str(dest))
+                except tarfile.FilterError as error:
+                    raise SourceError(f"{label}: {archive.name} holds an unsafe member: {error}; refused, "
+                                      f"nothing extracted") from None
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise SourceError(f"{label}: {archive.name} is a damaged archive ({_reason(error)})") from None
+
+
+def _extract_zip(archive: Path, dest: Path, label: str) -> None:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                name, mode = info.filename, info.external_attr >> 16
+                parts = PurePosixPath(name).parts
+                why = ("is an absolute path" if name.startswith(("/", "\\")) or PureWindowsPath(name).drive else
+                       "leaves the tree (..)" if ".." in parts or ".." in PureWindowsPath(name).parts else
+                       "is a symlink" if stat.S_ISLNK(mode) else
+                       "is a special file" if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) else None)
+                if why:
+                    raise SourceError(f"{label}: {archive.name} holds an unsafe member: {name!r} {why}; refused, "
+                                      f"nothing extracted")
+            zf.extractall(dest)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise SourceError(f"{label}: {archive.name} is a damaged archive ({_reason(error)})") from None
+
+
+def _single_top(root: Path) -> Path:
+    """An sdist holds one top directory (name-version/): that is the tree."""
+    entries = list(root.iterdir())
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else root
+
+
+# ---- git -----------------------------------------------------------------------------------------
+class _Unreachable(SourceError):
+    """The git remote cannot be reached from here (no network, or no route to that host)."""
+
+
+def _git(args: list[str], cwd: Path, label: str, *, check: bool = True, allow_file: bool = False,
+         timeout: float = 3600):
+    # file:// submodules are refused by default since git 2.38.1 (CVE-2022-39253); allowed only
+    # when the superproject itself is local, where the same files are trusted anyway.
+    argv = ["git", "-c", "advice.detachedHead=false", *(["-c", "protocol.file.allow=always"] if allow_file else []),
+            *args]
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+    result = capture(argv, cwd=cwd, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        message = next((line for line in result.stderr.splitlines() if line.startswith(("fatal:", "error:"))),
+                       result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no output")
+        kind = _Unreachable if any(word in result.stderr.lower() for word in _UNREACHABLE) else SourceError
+        raise kind(f"{label}: git {args[0]} failed: {message}")
+    return result
+
+
+def _checkout(work: Path, url: str, rev: str, submodules: bool, label: str) -> str:
+    """Check url at rev out into work (with submodules at their recorded commits); returns HEAD."""
+    local = urlparse(url).scheme in ("", "file")
+    _git(["init", "-q"], work, label)
+    _git(["remote", "add", "origin", url], work, label)
+    # A shallow fetch of just the pinned rev; servers that refuse a bare commit get a full fetch.
+    shallow = _git(["fetch", "-q", "--depth", "1", "origin", rev], work, label, check=False, allow_file=local)
+    if shallow.returncode == 0:
+        _git(["checkout", "-q", "--detach", "FETCH_HEAD"], work, label)
+    else:
+        if any(word in shallow.stderr.lower() for word in _UNREACHABLE):
+            raise _Unreachable(f"{label}: {url} cannot be reached: {shallow.stderr.strip().splitlines()[-1]}")
+        _git(["fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"], work, label,
+             allow_file=local)
+        found = _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], work, label, check=False)
+        if found.returncode != 0:
+            raise SourceError(f"{label}: {url} has no commit or tag {rev}",
+                              hint="check the pin against the repository")
+        _git(["checkout", "-q", "--detach", found.stdout.strip()], work, label)
+    head = _git(["rev-parse", "HEAD"], work, label).stdout.strip()
+    if _HEX40.fullmatch(rev) and head != rev:
+        raise SourceError(f"{label}: {url} checked out {head}, not the pinned {rev}; refused")
+    if submodules and (work / ".gitmodules").is_file():
+        _git(["submodule", "update", "--init", "--recursive", "-q"], work, label, allow_file=local)
+    return head
+
+
+def _clone_command(dep: Dependency) -> str:
+    where = f"deps/{dep.name}"
+    steps = [f"git clone {shlex.quote(dep.git)} {where}", f"git -C {where} checkout {dep.commit or dep.rev}"]
+    if dep.submodules:
+        steps.append(f"git -C {where} submodule update --init --recursive")
+    return " && ".join(steps)
+
+
+def _read_ref(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text())["commit"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_ref(path: Path, dep: Dependency, commit: str) -> None:
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"git": dep.git, "rev": dep.rev, "commit": commit}, out)
+    os.replace(temp, path)
