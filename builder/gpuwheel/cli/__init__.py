@@ -33,6 +33,7 @@ def _register() -> None:
     from gpuwheel.cli import recipes  # noqa: F401
     from gpuwheel.cli import audit  # noqa: F401
     from gpuwheel.cli import publish  # noqa: F401
+    from gpuwheel.cli import sources  # noqa: F401
 
 
 _register()
