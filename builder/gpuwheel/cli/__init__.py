@@ -34,6 +34,7 @@ def _register() -> None:
     from gpuwheel.cli import audit  # noqa: F401
     from gpuwheel.cli import publish  # noqa: F401
     from gpuwheel.cli import sources  # noqa: F401
+    from gpuwheel.cli import wheels  # noqa: F401
 
 
 _register()
