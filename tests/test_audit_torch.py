@@ -1,4 +1,5 @@
-"""The audit on a real wheel nobody here wrote: PyTorch 2.14.1's CUDA 13.0 build (~1 GB of .so files)."""
+"""The audit on real wheels nobody here wrote: PyTorch 2.14.1's CUDA 13.0 build (~1 GB of .so files,
+SASS only) and cuBLAS 13.1 (cuBLASLt carries PTX too)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,27 @@ from gpuwheel.audit.fatbin import read_fatbin_units
 from gpuwheel.audit.report import AuditTarget, audit
 
 TORCH_WHEEL = Path("/opt/pypi-more/files/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not TORCH_WHEEL.exists(), reason=f"the torch 2.14.1 CUDA wheel is not at {TORCH_WHEEL}"),
-]
+CUBLAS_WHEEL = Path("/opt/pypi-more/files/nvidia_cublas-13.1.1.3-py3-none-manylinux_2_27_x86_64.whl")
 
 
-def test_torch_wheel_matches_cuobjdump_for_every_gpu_so(tmp_path):
-    report = audit(TORCH_WHEEL, AuditTarget(facts.parse_arch("12.0"), "580.65.06"))
-    gpu_sos = [so for so in report.sos if so.has_gpu_code]
-    assert {so.path for so in gpu_sos} >= {"torch/lib/libtorch_cuda.so", "torch/lib/libtorch_cuda_linalg.so"}
-    assert report.passed  # torch cu130 carries sm_120 SASS for every unit
-    with zipfile.ZipFile(TORCH_WHEEL) as wheel:
+def _needs(wheel: Path):
+    return pytest.mark.skipif(not wheel.exists(), reason=f"{wheel.name} is not on this machine's disk")
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("wheel_path", "gpu_sos"), [
+    pytest.param(TORCH_WHEEL, {"torch/lib/libtorch_cuda.so", "torch/lib/libtorch_cuda_linalg.so"},
+                 marks=_needs(TORCH_WHEEL), id="torch"),
+    pytest.param(CUBLAS_WHEEL, {"nvidia/cu13/lib/libcublas.so.13", "nvidia/cu13/lib/libcublasLt.so.13"},
+                 marks=_needs(CUBLAS_WHEEL), id="cublas"),
+])
+def test_wheel_matches_cuobjdump_for_every_so(tmp_path, wheel_path, gpu_sos):
+    report = audit(wheel_path, AuditTarget(facts.parse_arch("12.0"), "580.65.06"))
+    assert {so.path for so in report.sos if so.has_gpu_code} >= gpu_sos
+    assert report.passed  # both carry sm_120 SASS or compute_120 PTX wherever they need it
+    with zipfile.ZipFile(wheel_path) as wheel:
         for so in report.sos:
             extracted = tmp_path / Path(so.path).name
             with wheel.open(so.path) as source, open(extracted, "wb") as target:
@@ -38,6 +47,7 @@ def test_torch_wheel_matches_cuobjdump_for_every_gpu_so(tmp_path):
             extracted.unlink()
 
 
+@_needs(TORCH_WHEEL)
 def test_torch_cuda_on_a_570_driver_still_runs_natively():
     # No PTX in torch's cu130 build: a 570 driver never has to JIT anything on sm_120.
     report = audit(TORCH_WHEEL, AuditTarget(facts.parse_arch("12.0"), "570.195.03"))
