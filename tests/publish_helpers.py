@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import requests
@@ -193,28 +194,30 @@ def import_value(python: Path, module: str) -> str:
     return result.stdout.strip()
 
 
+class _Anchors(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchors: list[dict] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.anchors.append(dict(attrs))
+
+
 def index_listing(index_dir: Path) -> dict[str, str]:
     """filename → sha256 as the index's JSON pages state it, after checking that the index is
     whole: HTML and JSON agree, every listed file and .metadata exists with the stated hashes."""
-    from html.parser import HTMLParser
-
     simple = index_dir / "simple"
     assert simple.is_symlink() and simple.resolve().is_dir(), f"{simple} is not a link to a generation"
     root = json.loads((simple / "index.json").read_text())
     listed: dict[str, str] = {}
     for project in root["projects"]:
         page = json.loads((simple / project["name"] / "index.json").read_text())
-        html_text = (simple / project["name"] / "index.html").read_text()
-        anchors: list[dict] = []
-
-        class Anchors(HTMLParser):
-            def handle_starttag(self, tag, attrs):
-                if tag == "a":
-                    anchors.append(dict(attrs))
-
-        Anchors().feed(html_text)
+        parser = _Anchors()
+        parser.feed((simple / project["name"] / "index.html").read_text())
+        anchors = parser.anchors
         assert len(anchors) == len(page["files"])
-        for entry, anchor in zip(page["files"], anchors):
+        for entry, anchor in zip(page["files"], anchors, strict=True):
             wheel = simple / project["name"] / entry["url"]
             assert wheel.is_file(), f"{entry['url']} listed but missing"
             assert sha256(wheel) == entry["hashes"]["sha256"]
