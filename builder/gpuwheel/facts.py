@@ -82,6 +82,15 @@ VLLM_DEPENDENCY_SRC_ENV: dict[str, str] = {
     "deepgemm": "DEEPGEMM_SRC_DIR",
 }
 
+# CUDA toolkit (major.minor) → the PyPI wheels that make a complete nvcc toolchain, every part
+# pinned (else pip mixes in newer ones), and the directory under site-packages they fill
+# (ENVIRONMENT.md). CUDA 12's PyPI wheels hold no nvcc: a 12.x toolkit comes from a host install
+# or a CUDA base image.
+CUDA_PYPI_TOOLCHAIN: dict[str, tuple[tuple[str, ...], str]] = {
+    "13.0": (("nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-crt==13.0.88", "nvidia-nvvm==13.0.88",
+              "nvidia-cuda-runtime==13.0.96", "nvidia-cuda-cccl==13.0.85"), "nvidia/cu13"),
+}
+
 _ARCH_RE = re.compile(r"^(?P<major>\d+)\.(?P<minor>\d)(?P<suffix>[af]?)(?P<ptx>\+PTX)?$")
 
 

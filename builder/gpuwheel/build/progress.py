@@ -1,0 +1,54 @@
+"""Build progress: a rich bar per package fed by ninja's `[N/M]` lines, with elapsed time and ETA.
+
+Off a terminal (CI logs) the bar becomes a plain line per tenth of the steps; `quiet` shows nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from gpuwheel.log import console
+
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+
+
+class BuildProgress:
+    def __init__(self, *, quiet: bool = False):
+        self.quiet = quiet
+        self.interactive = console.is_terminal and not quiet
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            console.print(text)
+
+    @contextmanager
+    def package(self, name: str) -> Iterator[Callable[[str], None]]:
+        """Yields the on_line callback that advances this package's bar."""
+        if self.interactive:
+            with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                          transient=True) as bar:
+                task = bar.add_task(name, total=None)
+
+                def advance(line: str) -> None:
+                    if step := _NINJA_STEP.match(line):
+                        bar.update(task, completed=int(step[1]), total=int(step[2]))
+                yield advance
+            return
+        start, shown = time.monotonic(), [-1]
+
+        def plain(line: str) -> None:
+            if self.quiet or not (step := _NINJA_STEP.match(line)):
+                return
+            done, total = int(step[1]), int(step[2])
+            tenth = done * 10 // total
+            if tenth != shown[0]:
+                shown[0] = tenth
+                console.print(f"{name}: {done}/{total} build steps ({time.monotonic() - start:.0f}s)")
+        yield plain
