@@ -247,7 +247,7 @@ class _Store:
             if not archive.is_file():
                 downloaded = _download(url, archive.parent, sha256, label, archive.name, self.progress)
             if not tree_root.is_dir():
-                _extract(downloaded or archive, tree_root, label)
+                _extract(downloaded or archive, tree_root, label, archive.name)
             if downloaded:
                 os.replace(downloaded, archive)
         finally:
@@ -414,7 +414,7 @@ def _meter(name: str, total: int | None, enabled: bool) -> Iterator[Callable[[in
     yield advance
     if enabled:
         seconds = max(time.monotonic() - start, 1e-6)
-        console.print(f"fetched {name}: {count[0] / 1e6:.1f} MB in {seconds:.1f} s "
+        console.print(f"downloaded {name}: {count[0] / 1e6:.1f} MB in {seconds:.1f} s "
                       f"({count[0] / 1e6 / seconds:.1f} MB/s)")
 
 
@@ -454,39 +454,45 @@ def _reason(error: BaseException) -> str:
 
 
 # ---- safe extraction --------------------------------------------------------------------------
-def _extract(archive: Path, dest: Path, label: str) -> None:
+def _extract(archive: Path, dest: Path, label: str, name: str | None = None) -> None:
     """Extract into a temp dir beside dest, refusing any unsafe member before writing anything."""
     work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    name = name or archive.name
     try:
         if tarfile.is_tarfile(archive):
-            _extract_tar(archive, work, label)
+            _extract_tar(archive, name, work, label)
         elif zipfile.is_zipfile(archive):
-            _extract_zip(archive, work, label)
+            _extract_zip(archive, name, work, label)
         else:
-            raise SourceError(f"{label}: {archive.name} is neither a tar nor a zip archive")
+            raise SourceError(f"{label}: {name} is neither a tar nor a zip archive")
         os.replace(work, dest)
     finally:
         if work.exists():
             shutil.rmtree(work)
 
 
-def _extract_tar(archive: Path, dest: Path, label: str) -> None:
+def _extract_tar(archive: Path, name: str, dest: Path, label: str) -> None:
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
             for member in members:
+                # The `data` filter would strip a leading "/" and extract anyway: refuse instead.
+                for path in (member.name, member.linkname if member.islnk() else ""):
+                    if path.startswith(("/", "\\")) or PureWindowsPath(path).drive:
+                        raise SourceError(f"{label}: {name} holds an unsafe member: {member.name!r} names the "
+                                          f"absolute path {path!r}; refused, nothing extracted")
                 try:
-                    # The `data` filter refuses absolute paths, `..`, links leaving the tree and devices.
+                    # The `data` filter refuses `..`, links leaving the tree and device files.
                     tarfile.data_filter(member, str(dest))
                 except tarfile.FilterError as error:
-                    raise SourceError(f"{label}: {archive.name} holds an unsafe member: {error}; refused, "
+                    raise SourceError(f"{label}: {name} holds an unsafe member: {error}; refused, "
                                       f"nothing extracted") from None
             tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise SourceError(f"{label}: {archive.name} is a damaged archive ({_reason(error)})") from None
+        raise SourceError(f"{label}: {name} is a damaged archive ({_reason(error)})") from None
 
 
-def _extract_zip(archive: Path, dest: Path, label: str) -> None:
+def _extract_zip(archive: Path, archive_name: str, dest: Path, label: str) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
@@ -495,13 +501,14 @@ def _extract_zip(archive: Path, dest: Path, label: str) -> None:
                 why = ("is an absolute path" if name.startswith(("/", "\\")) or PureWindowsPath(name).drive else
                        "leaves the tree (..)" if ".." in parts or ".." in PureWindowsPath(name).parts else
                        "is a symlink" if stat.S_ISLNK(mode) else
-                       "is a special file" if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) else None)
+                       "is a special file" if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+                       else None)
                 if why:
-                    raise SourceError(f"{label}: {archive.name} holds an unsafe member: {name!r} {why}; refused, "
+                    raise SourceError(f"{label}: {archive_name} holds an unsafe member: {name!r} {why}; refused, "
                                       f"nothing extracted")
             zf.extractall(dest)
     except (zipfile.BadZipFile, OSError) as error:
-        raise SourceError(f"{label}: {archive.name} is a damaged archive ({_reason(error)})") from None
+        raise SourceError(f"{label}: {archive_name} is a damaged archive ({_reason(error)})") from None
 
 
 def _single_top(root: Path) -> Path:
