@@ -60,6 +60,9 @@ GRAFT_EXCLUDE: tuple[str, ...] = (
     "libcupti.so*", "libcufile*.so*", "libnvshmem*.so*", "libnvfatbin.so*", "libcudss*.so*", "libnvperf*.so*",
     "*/nvidia/*", "*/torch/lib/*",  # anything resolved from an nvidia-* wheel or torch's own lib directory
 )
+# ToolchainInfo fields that say where or how fast it built, not what built it: kept out of gpuwheel.json,
+# so that the same plan and sources give the same bytes on every machine (like MAX_JOBS in the plan hash).
+TOOLCHAIN_NOT_RECORDED = ("location", "sccache")
 _COMPRESS_LEVEL = 6  # zlib's Z_DEFAULT_COMPRESSION, which zipfile uses for an entry given as a ZipInfo
 _CHUNK = 1 << 20
 _HASHES = ("sha256", "sha384", "sha512")  # what a RECORD may use (PEP 376/427 forbid md5 and sha1)
@@ -128,13 +131,19 @@ def finish_wheels(plan: Plan, raw_wheels: Any, *, toolchain: Any, out_dir: Path 
                   source_date_epoch: int | None = None, allow_audit_failure: bool = False) -> Wheels:
     """Finish every raw wheel of `plan` into out_dir (wheels/<target>/staging/): all of them or none.
 
-    raw_wheels: a RawWheels-like object (`.wheels` of items with `.package` and `.path`), or an
+    raw_wheels: the build stage's RawWheels (its plan_hash must be this plan's; `.wheels` of items
+    with `.package` and `.path`), or an
     iterable of such items, of (package, path) pairs, or of bare paths (package from the file name).
-    toolchain: the observed ToolchainInfo (a dataclass, an object with to_json(), or a mapping).
+    toolchain: the observed ToolchainInfo (a dataclass, an object with to_json(), or a mapping; None:
+    not observed, the label then uses the plan's pins).
     Raises WheelError for a malformed raw wheel or one auditwheel cannot repair, AuditFailure when
     a wheel's kernels cannot run on the target (unless allow_audit_failure: finished, marked failed).
     """
     items = _raw_items(plan, raw_wheels)
+    built_for = getattr(raw_wheels, "plan_hash", plan.hash)
+    if built_for != plan.hash:
+        raise WheelError(f"the raw wheels were built for plan {built_for[:12]}, not for this plan {plan.hash[:12]} "
+                         f"({plan.target.name})", hint="finish them with the plan that built them, or rebuild")
     observed = _toolchain_json(toolchain)
     _warn_toolchain_drift(plan, observed)
     label = local_label(plan, observed)
@@ -208,7 +217,8 @@ def _toolchain_json(toolchain: Any) -> dict[str, Any]:
         raw = dict(toolchain)
     else:
         raise WheelError(f"the toolchain must be a ToolchainInfo or a mapping, not {type(toolchain).__name__}")
-    return json.loads(json.dumps(raw, sort_keys=True, default=str))  # Paths and the like as text
+    recorded = {key: value for key, value in raw.items() if key not in TOOLCHAIN_NOT_RECORDED}
+    return json.loads(json.dumps(recorded, sort_keys=True, default=str))  # Paths and the like as text
 
 
 def _warn_toolchain_drift(plan: Plan, observed: Mapping[str, Any]) -> None:
