@@ -35,12 +35,19 @@ class LocalBackend:
     def __init__(self, python: str | None = None, on_line: Callable[[str], None] | None = None):
         self.python = python  # an interpreter to use (or to make the venv from)
         self._on_line = on_line  # progress of toolchain set-up (pip output)
+        self._prepared: tuple[Toolchain, ToolchainInfo] | None = None
         self._interpreter: Path | None = None
         self._cuda_home: Path | None = None
         self._sccache: str | None = None
 
     # ---- toolchain ----------------------------------------------------------------------------
     def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
+        if self._prepared and self._prepared[0] == toolchain:
+            return self._prepared[1]  # asked again by build_packages after the CLI's early check
+        self._prepared = (toolchain, self._prepare(toolchain, recipe_name))
+        return self._prepared[1]
+
+    def _prepare(self, toolchain: Toolchain, recipe_name: str) -> ToolchainInfo:
         cuda = facts.major_minor(toolchain.cuda)
         fix_cuda = (f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend docker"
                     + (f" (base image {toolchain.base_image})" if toolchain.base_image else ""))
@@ -78,7 +85,8 @@ class LocalBackend:
             base = _find_python(toolchain.python)
         cuda = facts.major_minor(toolchain.cuda)
         cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[cuda][0] if provision_cuda else ()
-        venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, str(base), *cuda_wheels)}"
+        base_version = (_probe(base) or {}).get("python", str(base))  # not its path: any 3.11.7 makes the same venv
+        venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *cuda_wheels)}"
         python = venv / "bin" / "python"
         venv.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(venv) + ".lock"):

@@ -35,6 +35,8 @@ def _register() -> None:
     from gpuwheel.cli import publish  # noqa: F401
     from gpuwheel.cli import sources  # noqa: F401
     from gpuwheel.cli import wheels  # noqa: F401
+    from gpuwheel.cli import build  # noqa: F401
+    from gpuwheel.cli import smoke  # noqa: F401
 
 
 _register()

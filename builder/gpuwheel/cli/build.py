@@ -1,0 +1,103 @@
+"""`gpuwheel build TARGET` (plan → fetch → patch → build → finish) and `gpuwheel toolchain base-image`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from gpuwheel import log
+from gpuwheel.build.packages import build_packages, select_backend
+from gpuwheel.cache import cache_root
+from gpuwheel.cli import main
+from gpuwheel.errors import BuildError
+from gpuwheel.index import target_paths
+from gpuwheel.log import console
+from gpuwheel.patches import prepare_trees
+from gpuwheel.plan import make_plan
+from gpuwheel.recipe import load_recipe
+from gpuwheel.sources import fetch_sources
+from gpuwheel.wheels import finish_wheels
+
+
+@main.command()
+@click.argument("target", metavar="TARGET")
+@click.option("--backend", type=click.Choice(["auto", "local", "docker"]), default="auto", show_default=True,
+              help="auto: docker where an engine answers, else local.")
+@click.option("--only", multiple=True, metavar="PACKAGE", help="Build just this package (repeatable).")
+@click.option("--jobs", type=click.IntRange(min=1), help="Compiler jobs (default: from cores and available memory).")
+@click.option("--offline", is_flag=True, help="Use only cached sources.")
+@click.option("--python", "python", metavar="PY",
+              help="local: an interpreter holding the pinned torch (used as is), or to make the venv from.")
+@click.option("--base-image", metavar="IMAGE", help="docker: base image instead of the recipe's base_image.")
+@click.option("--allow-audit-failure", is_flag=True, help="Finish wheels whose kernels fail the audit (marked failed).")
+@click.option("--out", "out", type=click.Path(path_type=Path), metavar="DIR",
+              help="Where finished wheels go (default: wheels/<target>/staging).")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON on stdout.")
+def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, offline: bool, python: str | None,
+          base_image: str | None, allow_audit_failure: bool, out: Path | None, quiet: bool, as_json: bool) -> None:
+    """Build TARGET's wheels: fetch, patch, compile (local or docker), finish and audit."""
+    log.configure(quiet=quiet)
+    timings: list[tuple[str, float]] = []
+    start = time.monotonic()
+    plan = make_plan(load_recipe(target), jobs=jobs, only=only)
+    chosen = select_backend(backend, python=python, base_image=base_image, quiet=quiet)
+    # A toolkit or torch that differs from the recipe stops the build before any download.
+    chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
+    timings.append(("toolchain", time.monotonic() - start))
+    mark = time.monotonic()
+    sources = fetch_sources(plan, offline=offline, only=only or None, progress=not quiet)
+    timings.append(("fetch", time.monotonic() - mark))
+    mark = time.monotonic()
+    trees = prepare_trees(plan, sources, cache_root() / "trees" / plan.hash[:16], only=only or None)
+    timings.append(("patch", time.monotonic() - mark))
+    try:
+        raw = build_packages(plan, trees, backend=chosen, out_dir=cache_root() / "raw" / plan.hash[:16],
+                             only=only, quiet=quiet)
+    except BuildError as error:
+        for line in getattr(error, "tail", ()):
+            console.print(f"  {line}", markup=False, highlight=False)
+        raise
+    timings.extend((f"build {w.package}", w.seconds) for w in raw.wheels)
+    mark = time.monotonic()
+    finished = finish_wheels(plan, raw, toolchain=raw.toolchain, out_dir=out or target_paths(plan.target.name).staging_dir,
+                             allow_audit_failure=allow_audit_failure)
+    timings.append(("finish + audit", time.monotonic() - mark))
+    if as_json:
+        click.echo(json.dumps({"raw": raw.to_json(), "finished": finished.to_json()}, indent=2))
+    if quiet:
+        return
+    table = Table("stage", "seconds", title=f"{plan.target.name}: {chosen.name} backend, "
+                  f"{time.monotonic() - start:.0f}s in all", title_justify="left")
+    for stage, seconds in timings:
+        table.add_row(stage, f"{seconds:.1f}")
+    console.print(table)
+    wheels = Table("package", "wheel", "compile cache", "audit", "log", title="wheels", title_justify="left")
+    logs = {w.package: w for w in raw.wheels}
+    for wheel in finished.wheels:
+        built = logs.get(wheel.package)
+        wheels.add_row(wheel.package, str(wheel.path), str(built.cache) if built else "",
+                       "passed" if wheel.audit_passed else "[red]FAILED[/red]", str(built.log_path) if built else "")
+    console.print(wheels)
+
+
+@main.group()
+def toolchain() -> None:
+    """Toolchain images for the docker backend."""
+
+
+@toolchain.command("base-image")
+@click.option("--tag", default="gpuwheel-base:bookworm", show_default=True, help="Image name to import as.")
+@click.option("--suite", default="bookworm", show_default=True, help="Debian release to debootstrap.")
+@click.option("--mirror", metavar="URL", help="Debian mirror (default: debootstrap's).")
+def base_image(tag: str, suite: str, mirror: str | None) -> None:
+    """Make a base image without a registry: debootstrap a minimal Debian and import it."""
+    from gpuwheel.build.base_image import make_base_image
+
+    made = make_base_image(tag=tag, suite=suite, mirror=mirror,
+                           log_path=cache_root() / "logs" / "images" / f"base-{suite}.log")
+    console.print(f"made {made.tag} ({made.id}) from Debian {made.suite}; use it with --base-image {made.tag}")
