@@ -49,7 +49,8 @@ def built(tmp_path_factory):
     ptx80 = compile_so(work, "ptx80", PTX80)
     return {
         "flash-attn": raw_wheel(work, "flash-attn", "2.8.3", "flash_attn", {"flash_attn_2_cuda.so": sm120}),
-        "vllm": raw_wheel(work, "vllm", "0.26.0+cu130", "vllm", {"_C.abi3.so": ptx80}),
+        "vllm": raw_wheel(work, "vllm", "0.26.0+cu130", "vllm", {"_C.abi3.so": ptx80},
+                          scripts={"vllm-hello": "#!/usr/bin/env python\nprint('hello')\n"}),
         "work": work,
     }
 
@@ -232,13 +233,13 @@ PTX_REASON = "PTX ISA 9.0 cannot be JIT-compiled by driver 570.195.03"
 
 
 def test_a_ptx_only_cuda13_wheel_fails_the_audit_and_nothing_is_written(plan, built, tmp_path):
-    out = tmp_path / "staging"
+    out = tmp_path / "wheels" / "rtx6000pro" / "staging"
     with pytest.raises(AuditFailure) as failure:
         finish_wheels(plan, [("vllm", built["vllm"])], toolchain=toolchain(), out_dir=out)
     message = str(failure.value)
     assert message.startswith(f"vllm-0.26.0+{LABEL}-cp311-cp311-manylinux")
     assert "vllm/_C.abi3.so: unit 0: " + PTX_REASON in message and "target rtx6000pro" in message
-    assert not out.exists()
+    assert not (tmp_path / "wheels").exists()  # nor the directories the call made
 
 
 def test_audit_failure_through_the_cli_leaves_the_staging_dir_as_it_was(gpuwheel, built, tmp_path):
@@ -268,6 +269,12 @@ def test_allow_audit_failure_finishes_it_marked_failed(gpuwheel, built, tmp_path
     audit = show_wheel(written["path"])["provenance"]["audit"]
     assert audit["passed"] is False and audit["allowed_failure"] is True
     assert any(PTX_REASON in problem for problem in audit["problems"])
+    # The .data directory carries the label too, and its script stays executable.
+    script = f"vllm-0.26.0+{LABEL}.data/scripts/vllm-hello"
+    with zipfile.ZipFile(written["path"]) as wheel:
+        assert stat.S_IMODE(wheel.getinfo(script).external_attr >> 16) == 0o755
+        assert not any(".data/" in name and not name.startswith(f"vllm-0.26.0+{LABEL}.data/") for name in wheel.namelist())
+        assert f"{script},sha256=" in wheel.read(f"vllm-0.26.0+{LABEL}.dist-info/RECORD").decode()
 
 
 # ---- auditwheel: what it grafts, and what it cannot place ---------------------------------------

@@ -37,7 +37,7 @@ class BinaryDistribution(Distribution):
 
 
 setup(name={name!r}, version={version!r}, packages=[{package!r}], package_data={{{package!r}: ["*.so"]}},
-      distclass=BinaryDistribution)
+      scripts={scripts!r}, distclass=BinaryDistribution)
 """
 
 
@@ -81,14 +81,19 @@ def compile_plain_library(workdir: Path, soname: str) -> Path:
     return out
 
 
-def raw_wheel(workdir: Path, name: str, version: str, package: str, so_files: dict[str, Path]) -> Path:
-    """`pip wheel` of a setuptools project holding `so_files` (file name in the package → .so)."""
+def raw_wheel(workdir: Path, name: str, version: str, package: str, so_files: dict[str, Path],
+              scripts: dict[str, str] | None = None) -> Path:
+    """`pip wheel` of a setuptools project holding `so_files` (file name in the package → .so) and
+    `scripts` (name → text; they land in the wheel's .data/scripts/)."""
     project = workdir / f"{name}-project"
     (project / package).mkdir(parents=True)
+    for script, text in (scripts or {}).items():
+        (project / script).write_text(text)
     (project / package / "__init__.py").write_text('"""Kernels for the finishing tests."""\n')
     for member, built in so_files.items():
         shutil.copy2(built, project / package / member)
-    (project / "setup.py").write_text(textwrap.dedent(SETUP_PY.format(name=name, version=version, package=package)))
+    (project / "setup.py").write_text(textwrap.dedent(SETUP_PY.format(name=name, version=version, package=package,
+                                                                 scripts=sorted(scripts or {}))))
     dist = workdir / f"{name}-dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(dist),
                     str(project)], check=True, capture_output=True, text=True)

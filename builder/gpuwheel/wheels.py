@@ -148,7 +148,7 @@ def finish_wheels(plan: Plan, raw_wheels: Any, *, toolchain: Any, out_dir: Path 
     _warn_toolchain_drift(plan, observed)
     label = local_label(plan, observed)
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first: removed on failure
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".gpuwheel-finish-", dir=out_dir))  # same filesystem: rename is atomic
     try:
@@ -167,8 +167,10 @@ def finish_wheels(plan: Plan, raw_wheels: Any, *, toolchain: Any, out_dir: Path 
             placed.append(dataclasses.replace(wheel, path=final))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        for directory in created:
+            if any(directory.iterdir()):
+                break
+            directory.rmdir()
         raise
     shutil.rmtree(work, ignore_errors=True)
     return Wheels(plan.target.name, out_dir, tuple(placed))
