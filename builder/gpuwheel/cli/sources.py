@@ -11,7 +11,7 @@ from rich.table import Table
 from gpuwheel.cli import main
 from gpuwheel.errors import PatchError
 from gpuwheel.log import console
-from gpuwheel.patches import APPLIED, FAILED, UPSTREAM, check_patches
+from gpuwheel.patches import APPLIED, FAILED, SKIPPED, UPSTREAM, check_patches
 from gpuwheel.plan import make_plan
 from gpuwheel.recipe import load_recipe
 from gpuwheel.sources import NEEDS_NETWORK, Sources, fetch_sources
@@ -91,6 +91,10 @@ def check(target: str, offline: bool, only: tuple[str, ...], as_json: bool) -> N
             colour = colours.get(o.status, "yellow")
             table.add_row(o.package, o.patch, o.where, f"[{colour}]{o.status}[/{colour}]", o.detail)
         console.print(table if report.outcomes else "the plan carries no patches")
+        skipped = [o for o in report.outcomes if o.status == SKIPPED]
+        if skipped:
+            console.print(f"[yellow]{len(skipped)} patches not checked[/yellow]: their dependency trees need "
+                          f"network (`gpuwheel fetch {target}` lists how to bring them)")
     if report.failed:
         first = report.failed[0]
         raise PatchError(f"{len(report.failed)} of {len(report.outcomes)} patches do not apply; first: "
