@@ -131,11 +131,11 @@ def finish_wheels(plan: Plan, raw_wheels: Any, *, toolchain: Any, out_dir: Path 
                   source_date_epoch: int | None = None, allow_audit_failure: bool = False) -> Wheels:
     """Finish every raw wheel of `plan` into out_dir (wheels/<target>/staging/): all of them or none.
 
-    raw_wheels: the build stage's RawWheels (its plan_hash must be this plan's; `.wheels` of items
-    with `.package` and `.path`), or an
-    iterable of such items, of (package, path) pairs, or of bare paths (package from the file name).
-    toolchain: the observed ToolchainInfo (a dataclass, an object with to_json(), or a mapping; None:
-    not observed, the label then uses the plan's pins).
+    raw_wheels: the build stage's RawWheels (its plan_hash must be this plan's; `.wheels` of items with
+    `.package` and `.path`), or an iterable of such items, of (package, path) pairs, or of bare paths
+    (package from the file name).
+    toolchain: the observed ToolchainInfo (a dataclass, an object with to_json(), or a mapping); None:
+    raw_wheels.toolchain if it has one, else not observed (the label then uses the plan's pins).
     Raises WheelError for a malformed raw wheel or one auditwheel cannot repair, AuditFailure when
     a wheel's kernels cannot run on the target (unless allow_audit_failure: finished, marked failed).
     """
@@ -144,7 +144,7 @@ def finish_wheels(plan: Plan, raw_wheels: Any, *, toolchain: Any, out_dir: Path 
     if built_for != plan.hash:
         raise WheelError(f"the raw wheels were built for plan {built_for[:12]}, not for this plan {plan.hash[:12]} "
                          f"({plan.target.name})", hint="finish them with the plan that built them, or rebuild")
-    observed = _toolchain_json(toolchain)
+    observed = _toolchain_json(toolchain if toolchain is not None else getattr(raw_wheels, "toolchain", None))
     _warn_toolchain_drift(plan, observed)
     label = local_label(plan, observed)
     out_dir = Path(out_dir)
@@ -258,7 +258,7 @@ def _finish_one(plan: Plan, package: PackagePlan, raw: Path, label: str, observe
                                                          allow_audit_failure)))
     finished = work / filename
     renames = {layout.dist_info: f"{stem}.dist-info", layout.data_dir: f"{stem}.data"}
-    _repack(audited, finished, renames, version, {tag for tag in tags}, provenance, epoch)
+    _repack(audited, finished, renames, version, set(tags), provenance, epoch)
     with open(finished, "rb") as stream:
         sha256 = hashlib.file_digest(stream, "sha256").hexdigest()
     return FinishedWheel(package.name, finished, str(version), label, platform_tags, grafted, sha256,
