@@ -168,6 +168,16 @@ def test_the_build_stages_raw_wheels_and_toolchain_info_are_finished(plan, built
     assert not (tmp_path / "stale").exists()
 
 
+def test_without_an_observed_toolchain_the_label_uses_the_plans_pins(gpuwheel, built, tmp_path):
+    result = gpuwheel("finish", "rtx6000pro", built["flash-attn"], "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.stderr
+    (written,) = result.json()["wheels"]
+    assert written["filename"].startswith("flash_attn-2.8.3+cu128.sm120.torch211-")  # recipe: CUDA 12.8.1, torch 2.11.0
+    assert show_wheel(written["path"])["provenance"]["toolchain"]["observed"] is None
+    shown = gpuwheel("show-wheel", written["path"])
+    assert "not observed; planned: cuda 12.8.1" in shown.stderr
+
+
 # ---- provenance ---------------------------------------------------------------------------------
 def test_provenance_states_target_toolchain_sources_patches_env_and_audit(plan, finished):
     record = show_wheel(finished.path)["provenance"]
