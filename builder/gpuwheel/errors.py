@@ -97,6 +97,12 @@ class SmokeFailure(GpuwheelError):
     exit_code = 12
 
 
+class SmokeNotOnTarget(SmokeFailure):
+    """Nothing failed, but the GPU checks were skipped (no GPU, or another compute capability): not a pass."""
+
+    exit_code = 14
+
+
 class PublishError(GpuwheelError):
     """The index refused an upload, or a wheel may not be published."""
 

@@ -1,0 +1,151 @@
+"""flash-attn checks, run by probe.py inside the smoke interpreter (torch + the installed flash-attn).
+
+At the users' crashing batch, 8 sequences of 1001 tokens + 1 of 184 = 8192 tokens:
+- flash_attn_varlen_func, fp16 and bf16, causal and not, every head dim the wheel carries, against an
+  fp32 torch SDPA reference computed per sequence;
+- flash_attn_with_kvcache, paged decode (256-token pages, shuffled block table) at 8192 context.
+
+Tolerance: max |flash-attn − fp32 reference| ≤ max(2 × max |torch SDPA in the same dtype − fp32
+reference|, FLOOR[dtype]) — upstream flash-attn's own test criterion, with an absolute floor so that
+an unusually exact torch run does not fail flash-attn for ordinary rounding.
+"""
+
+from __future__ import annotations
+
+SEQLENS = (1001,) * 8 + (184,)  # 8192 tokens: the batch that crashed the users' servers
+ALL_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+FLOOR = {"float16": 2e-3, "bfloat16": 1.6e-2}
+HEADS = 16
+DECODE_BATCH, DECODE_CONTEXT, DECODE_KV_HEADS, PAGE = 8, 8192, 4, 256
+TIMED_ITERATIONS = 10
+
+
+def run_checks(spec: dict, recorder) -> None:
+    """spec: {"head_dims": [..] | null}; null: try every head dim, unbuilt ones are skipped."""
+    import torch
+
+    head_dims = spec.get("head_dims") or ALL_HEAD_DIMS
+    known = spec.get("head_dims") is not None
+    for head_dim in head_dims:
+        for dtype in (torch.float16, torch.bfloat16):
+            name = f"flash_attn_varlen_func hdim{head_dim} {_short(dtype)} 8x1001+184"
+            recorder.check(name, lambda: _varlen(head_dim, dtype, known))
+            name = f"flash_attn_with_kvcache hdim{head_dim} {_short(dtype)} paged decode {DECODE_CONTEXT}"
+            recorder.check(name, lambda: _kvcache(head_dim, dtype, known))
+
+
+def _short(dtype) -> str:
+    return {"torch.float16": "fp16", "torch.bfloat16": "bf16"}[str(dtype)]
+
+
+def _not_built(error: Exception, known: bool) -> bool:
+    """Without the wheel's head-dim list, a head-dim refusal from the kernel means: not built in."""
+    return not known and isinstance(error, RuntimeError) and "head" in str(error).lower()
+
+
+def _time(function) -> float:
+    """Seconds per call, by CUDA events after a warm-up."""
+    import torch
+
+    function()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(TIMED_ITERATIONS):
+        function()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / TIMED_ITERATIONS
+
+
+def _varlen(head_dim: int, dtype, known: bool):
+    import torch
+    import torch.nn.functional as F
+    from flash_attn import flash_attn_varlen_func
+
+    torch.manual_seed(head_dim)
+    total = sum(SEQLENS)
+    q, k, v = (torch.randn(total, HEADS, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    offsets = [0]
+    for length in SEQLENS:
+        offsets.append(offsets[-1] + length)
+    cu_seqlens = torch.tensor(offsets, device="cuda", dtype=torch.int32)
+    figures: dict[str, float] = {}
+    worst = 0.0
+    tolerance = FLOOR[str(dtype).removeprefix("torch.")]
+    for causal in (False, True):
+        def attend():
+            return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max(SEQLENS), max(SEQLENS), causal=causal)
+        try:
+            out = attend()
+        except RuntimeError as error:
+            if _not_built(error, known):
+                return "skip", f"head dim {head_dim} is not built into this wheel ({' '.join(str(error).split())[:160]})", {}
+            raise
+        error_fa = error_torch = 0.0
+        for start, end in zip(offsets, offsets[1:]):
+            # (L, H, D) → (1, H, L, D) for SDPA
+            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            reference = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=causal)
+            low = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+            got = out[start:end].transpose(0, 1).unsqueeze(0)
+            error_fa = max(error_fa, (got.float() - reference).abs().max().item())
+            error_torch = max(error_torch, (low.float() - reference).abs().max().item())
+        tolerance = max(tolerance, 2 * error_torch)
+        label = "causal" if causal else "full"
+        seconds = _time(attend)
+        flops = 4 * HEADS * head_dim * sum(n * n for n in SEQLENS) / (2 if causal else 1)
+        figures.update({f"max_err_{label}": error_fa, f"sdpa_err_{label}": error_torch,
+                        f"tflops_{label}": flops / seconds / 1e12})
+        worst = max(worst, error_fa)
+    figures["tolerance"] = tolerance
+    detail = (f"max err {worst:.2e} (tolerance {tolerance:.1e}); {figures['tflops_full']:.0f} TFLOP/s full, "
+              f"{figures['tflops_causal']:.0f} TFLOP/s causal")
+    return ("pass" if worst <= tolerance else "fail"), detail, figures
+
+
+def _kvcache(head_dim: int, dtype, known: bool):
+    import torch
+    import torch.nn.functional as F
+    from flash_attn import flash_attn_with_kvcache
+
+    torch.manual_seed(1000 + head_dim)
+    pages_per_sequence = DECODE_CONTEXT // PAGE
+    blocks = DECODE_BATCH * pages_per_sequence
+    k_cache, v_cache = (torch.randn(blocks, PAGE, DECODE_KV_HEADS, head_dim, device="cuda", dtype=dtype)
+                        for _ in range(2))
+    # pages in shuffled order, so a kernel that ignores the block table reads the wrong keys
+    block_table = torch.randperm(blocks, device="cuda", dtype=torch.int32).reshape(DECODE_BATCH, pages_per_sequence)
+    cache_seqlens = torch.full((DECODE_BATCH,), DECODE_CONTEXT, device="cuda", dtype=torch.int32)
+    q = torch.randn(DECODE_BATCH, 1, HEADS, head_dim, device="cuda", dtype=dtype)
+
+    def decode():
+        return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+                                       causal=True)
+    try:
+        out = decode()
+    except RuntimeError as error:
+        if _not_built(error, known):
+            return "skip", f"head dim {head_dim} is not built into this wheel ({' '.join(str(error).split())[:160]})", {}
+        raise
+    error_fa = error_torch = 0.0
+    group = HEADS // DECODE_KV_HEADS
+    for b in range(DECODE_BATCH):
+        # (pages, PAGE, Hkv, D) → (1, H, context, D), each KV head shared by `group` query heads
+        ks, vs = (c[block_table[b].long()].reshape(DECODE_CONTEXT, DECODE_KV_HEADS, head_dim)
+                  .repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
+        qs = q[b].transpose(0, 1).unsqueeze(0)  # (1, H, 1, D)
+        reference = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float())
+        low = F.scaled_dot_product_attention(qs, ks, vs)
+        got = out[b].transpose(0, 1).unsqueeze(0)
+        error_fa = max(error_fa, (got.float() - reference).abs().max().item())
+        error_torch = max(error_torch, (low.float() - reference).abs().max().item())
+    tolerance = max(FLOOR[str(dtype).removeprefix("torch.")], 2 * error_torch)
+    seconds = _time(decode)
+    cache_bytes = 2 * DECODE_BATCH * DECODE_CONTEXT * DECODE_KV_HEADS * head_dim * k_cache.element_size()
+    figures = {"max_err": error_fa, "sdpa_err": error_torch, "tolerance": tolerance,
+               "microseconds": seconds * 1e6, "kv_gb_per_s": cache_bytes / seconds / 1e9,
+               "tflops": 4 * DECODE_BATCH * HEADS * head_dim * DECODE_CONTEXT / seconds / 1e12}
+    detail = (f"max err {error_fa:.2e} (tolerance {tolerance:.1e}); {seconds * 1e6:.0f} µs per step, "
+              f"{figures['kv_gb_per_s']:.0f} GB/s of KV cache read")
+    return ("pass" if error_fa <= tolerance else "fail"), detail, figures

@@ -1,0 +1,193 @@
+"""`gpuwheel smoke` as a user runs it: real wheels (a real CUDA .so from nvcc), a real static index,
+real venvs and pip. There is no GPU here, so these tell the skip path: the checks that need no GPU
+run and pass, the GPU checks are skipped with the reason, and the report is never a pass."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from gpuwheel.index import publish_local, target_paths
+from gpuwheel.smoke.runner import _built_head_dims
+from smoke_helpers import TARGET, build_cuda_so, build_unresolved_so, make_wheel, write_recipe
+
+PROVENANCE = {"target": TARGET, "audit": {"passed": True, "arch": "9.0", "driver": "580.65.06"}}
+
+
+def gpuwheel(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpuwheel", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "COLUMNS": "250"})
+
+
+@pytest.fixture(scope="module")
+def cuda_so(tmp_path_factory) -> Path:
+    if not Path(shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc").exists():
+        pytest.skip("needs nvcc (CUDA toolkit) to build the test wheel's kernel")
+    return build_cuda_so(tmp_path_factory.mktemp("so"))
+
+
+def _rows(report: dict, suite: str) -> dict[str, dict]:
+    checks = report["checks"] if suite == "environment" else next(
+        w["checks"] for w in report["wheels"] if w["filename"] == suite)
+    return {c["name"]: c for c in checks}
+
+
+def test_skip_path_from_a_wheels_dir_reports_gpu_skip_and_never_a_pass(tmp_path, cuda_so):
+    recipe = write_recipe(tmp_path / "recipes")
+    wheel = make_wheel(tmp_path / "wheels", cuda_so, provenance=PROVENANCE)
+    junit, report_path = tmp_path / "out" / "junit.xml", tmp_path / "out" / "smoke.json"
+
+    result = gpuwheel("smoke", recipe, "--wheels", tmp_path / "wheels", "--junit", junit, "--json", report_path)
+
+    assert result.returncode == 14, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("gpuwheel: error: not passed on the target GPU: GPU checks skipped: no GPU visible")
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is False and report["gpu"] is None and report["gpu_checks"] == "skipped"
+    assert "no GPU visible" in report["gpu_skip_reason"]
+    assert report["target"] == TARGET and report["compute_capability"] == "9.0"
+    assert report["python"].startswith("a fresh venv of ")
+    (entry,) = report["wheels"]
+    assert entry["filename"] == wheel.name and entry["passed"] is False
+    assert entry["sha256"] == __import__("hashlib").sha256(wheel.read_bytes()).hexdigest()
+    checks = _rows(report, wheel.name)
+    assert {name: c["status"] for name, c in checks.items()} == {
+        "native code for 9.0 (audit)": "pass", ".so load": "pass", "import": "pass"}
+    environment = _rows(report, "environment")
+    assert environment["install"]["status"] == "pass" and environment["GPU"]["status"] == "skip"
+    assert "GPU checks skipped" in result.stderr  # the printed table shows the reason
+
+    suites = {s.get("name"): s for s in ET.parse(junit).getroot()}
+    assert set(suites) == {"environment", wheel.name}
+    gpu_case = next(c for c in suites["environment"] if c.get("name") == "GPU")
+    assert "no GPU visible" in gpu_case.find("skipped").get("message")
+    assert suites[wheel.name].get("failures") == "0"
+    assert not list(report_path.parent.glob(".*.part")), "a temp file was left beside the report"
+
+
+def test_the_publish_gate_refuses_wheels_whose_gpu_checks_were_skipped(tmp_path, cuda_so):
+    recipe = write_recipe(tmp_path / "recipes")
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, cuda_so, provenance=PROVENANCE)
+    assert gpuwheel("smoke", recipe, "--wheels", wheels).returncode == 14
+    assert (wheels / "smoke.json").is_file()  # default: beside the wheels, where publish looks
+
+    result = gpuwheel("publish", recipe, "--wheels", wheels, "--index-dir", tmp_path / "index")
+
+    assert result.returncode == 13
+    assert "smoke ran on an unknown GPU (compute capability ?), target is 9.0" in result.stderr
+    assert "failed smoke" in result.stderr
+    assert not (tmp_path / "index" / "files").exists() or not list((tmp_path / "index" / "files").iterdir())
+
+
+def test_installs_from_a_real_static_index_and_writes_the_default_report(tmp_path, cuda_so):
+    recipe = write_recipe(tmp_path / "recipes")
+    wheel = make_wheel(tmp_path / "built", cuda_so, provenance=PROVENANCE)
+    index = publish_local([wheel], tmp_path / "index")
+
+    result = gpuwheel("smoke", recipe, "--index", index.index_url, cwd=tmp_path)
+
+    assert result.returncode == 14, result.stderr
+    report = json.loads((tmp_path / target_paths(TARGET).smoke_report).read_text())
+    assert report["index_url"] == index.index_url
+    assert [w["filename"] for w in report["wheels"]] == [wheel.name]
+    assert _rows(report, wheel.name)["import"]["status"] == "pass"
+
+
+def test_a_so_with_an_undefined_symbol_fails_the_load_check(tmp_path):
+    recipe = write_recipe(tmp_path / "recipes")
+    wheel = make_wheel(tmp_path / "wheels", build_unresolved_so(tmp_path), provenance=PROVENANCE)
+
+    result = gpuwheel("smoke", recipe, "--wheels", tmp_path / "wheels")
+
+    assert result.returncode == 12, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "gpuwheel: error: 2 smoke check(s) failed for target h100-smoke: ")
+    checks = _rows(json.loads((tmp_path / "wheels" / "smoke.json").read_text()), wheel.name)
+    assert checks[".so load"]["status"] == "fail"
+    assert "undefined symbol: _ZN3c1019UndefinedTensorImpl10_singletonE" in checks[".so load"]["detail"]
+    assert "built against another torch?" in checks[".so load"]["detail"]
+    assert checks["import"]["status"] == "fail"
+    assert checks["native code for 9.0 (audit)"]["status"] == "skip"  # no GPU code in it
+
+
+def test_with_python_holding_torch_the_wheels_go_beside_it_without_deps(tmp_path, cuda_so):
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{sys.executable} has no torch to stand for a GPU machine's interpreter")
+    installed = probe.stdout.strip()
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, cuda_so, provenance=PROVENANCE)
+
+    pinned = gpuwheel("smoke", write_recipe(tmp_path / "a", torch=installed.split("+")[0]), "--wheels", wheels,
+                      "--python", sys.executable)
+    report = json.loads((wheels / "smoke.json").read_text())
+    other = gpuwheel("smoke", write_recipe(tmp_path / "b", torch="2.11.0"), "--wheels", wheels,
+                     "--python", sys.executable)
+
+    assert pinned.returncode == 14, pinned.stderr
+    environment = _rows(report, "environment")
+    assert "(--no-deps)" in environment["install"]["detail"]
+    assert environment["torch"]["status"] == "pass" and report["torch"] == installed
+    assert f"torch {installed} sees no CUDA device" in report["gpu_skip_reason"]
+    assert f"loaded against torch {installed}" in _rows(report, report["wheels"][0]["filename"])[".so load"]["detail"]
+    assert other.returncode == 12
+    assert f"torch {installed} in {sys.executable}, but the recipe pins 2.11.0" in \
+        _rows(json.loads((wheels / "smoke.json").read_text()), "environment")["torch"]["detail"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--index", "file:///nowhere/simple", "--wheels", "."], "give --index URL or --wheels DIR, not both"),
+    (["--wheels", "empty"], "no wheels in "),
+    (["--wheels", "empty", "--python", "/no/such/python3"], "--python /no/such/python3: no such interpreter"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    recipe = write_recipe(tmp_path / "recipes")
+    (tmp_path / "empty").mkdir()
+    if "/no/such/python3" in args:
+        make_wheel(tmp_path / "empty", build_unresolved_so(tmp_path))
+
+    result = gpuwheel("smoke", recipe, *args, cwd=tmp_path)
+
+    assert result.returncode == (2 if "not both" in message else 12), result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.glob("**/smoke.json"))
+
+
+def test_the_built_head_dims_come_from_the_plan_env_in_gpuwheel_json():
+    provenance = {"target": "h100", "plan": {"packages": [{"name": "flash-attn",
+                                                           "env": {"GPUWHEEL_FA_HEAD_DIMS": "64;128;256"}}]}}
+    assert _built_head_dims(provenance) == [64, 128, 256]
+    assert _built_head_dims({"target": "h100"}) is None
+    assert _built_head_dims(None) is None
+
+
+def _gpu_of_cc_90() -> str | None:
+    """Why the GPU test cannot run here, or None when python3 sees a compute capability 9.0 GPU."""
+    probe = subprocess.run(["python3", "-c", "import torch; print(torch.cuda.get_device_capability() "
+                            "if torch.cuda.is_available() else 'none')"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return "python3 has no torch"
+    return None if probe.stdout.strip() == "(9, 0)" else f"no compute capability 9.0 GPU (torch sees {probe.stdout.strip()})"
+
+
+@pytest.mark.gpu
+def test_on_an_h100_the_report_passes(tmp_path, cuda_so):
+    reason = _gpu_of_cc_90()
+    if reason:
+        pytest.skip(f"needs an NVIDIA GPU of compute capability 9.0 and torch in python3: {reason}")
+    recipe = write_recipe(tmp_path / "recipes", python="3.12")
+    make_wheel(tmp_path / "wheels", cuda_so, provenance=PROVENANCE)
+
+    result = gpuwheel("smoke", recipe, "--wheels", tmp_path / "wheels", "--python", "python3")
+
+    report = json.loads((tmp_path / "wheels" / "smoke.json").read_text())
+    assert report["gpu"]["compute_capability"] == "9.0" and report["gpu_checks"] == "ran"
+    assert result.returncode in (0, 12), result.stderr  # 12 only for a torch that differs from the pin
+    assert all(c["status"] == "pass" for c in report["wheels"][0]["checks"])
