@@ -12,7 +12,9 @@ import __future__
 import hashlib
 import os
 import re
+import shutil
 import subprocess
+import sys
 import tarfile
 import tomllib
 from pathlib import Path
@@ -81,6 +83,18 @@ def extract(sdist: Path, names: list[str], dest: Path) -> Path:
     return dest
 
 
+def vllm_files(version: str, names: list[str], dest: Path) -> Path:
+    """`names` from the pinned vLLM sdist into dest. Offline (the GPU machine), an extracted copy at
+    <cache>/vllm-<version>/ serves instead; `python tests/vllm_patches_helpers.py DIR` writes one."""
+    extracted = cache_dir() / f"vllm-{version}"
+    if extracted.is_dir():
+        for name in names:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(extracted / name, dest / name)
+        return dest
+    return extract(vllm_sdist(version, pinned_vllm_versions()[version]), names, dest)
+
+
 def apply_patch(patch: Path, tree: Path, *extra: str) -> subprocess.CompletedProcess:
     """GNU patch with exact semantics (-p1, no fuzz), as the build applies it."""
     return subprocess.run(["patch", "-p1", "--fuzz=0", "--batch", "--forward", *extra, "-i", str(patch)],
@@ -99,17 +113,20 @@ def hunk_preimage(patch: Path) -> dict[str, str]:
     return {name: "\n".join(lines) + "\n" for name, lines in images.items()}
 
 
-def load_functions(source_file: Path, names: tuple[str, ...], namespace: dict) -> dict:
+def load_functions(source_file: Path, names: tuple[str, ...], namespace: dict, *, lazy_annotations: bool = True
+                   ) -> dict:
     """Exec the named top-level classes/functions of a real upstream file, with the given globals.
 
-    Annotations are left unevaluated (as under `from __future__ import annotations`), so the
-    vLLM-only names they mention need not exist; everything else runs as written upstream.
+    With lazy_annotations (as under `from __future__ import annotations`) the vLLM-only names the
+    annotations mention need not exist; Triton kernels need them evaluated (tl.constexpr).
+    Everything else runs as written upstream, with the file's own name and line numbers.
     """
     tree = ast.parse(source_file.read_text(encoding="utf-8"))
     nodes = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
     assert {n.name for n in nodes} == set(names), f"{source_file} lacks {set(names) - {n.name for n in nodes}}"
     module = ast.Module(body=nodes, type_ignores=[])
-    code = compile(module, str(source_file), "exec", flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    flags = __future__.annotations.compiler_flag if lazy_annotations else 0
+    code = compile(module, str(source_file), "exec", flags=flags, dont_inherit=True)
     exec(code, namespace)
     return namespace
 
@@ -120,3 +137,25 @@ def op_schema(bindings: Path, op: str) -> str:
     start = text.index(f'"{op}(Tensor')
     end = text.index(");", start)
     return "".join(re.findall(r'"([^"]*)"', text[start:end]))
+
+
+# Files the GPU tests read from each pinned vLLM (the GPU machine has no network: carry these).
+GPU_TEST_FILES = {
+    "0.26.0": [f"{MOE_DIR}/moe_permute_unpermute.py", f"{MOE_DIR}/fused_moe.py", f"{MOE_DIR}/utils.py",
+               "csrc/libtorch_stable/moe/moe_permute_unpermute_op.cu", "csrc/libtorch_stable/moe/torch_bindings.cpp",
+               *(f"csrc/libtorch_stable/moe/permute_unpermute_kernels/{n}" for n in (
+                   "dispatch.h", "moe_permute_unpermute_kernel.cu", "moe_permute_unpermute_kernel.h",
+                   "moe_permute_unpermute_kernel.inl")),
+               "csrc/libtorch_stable/torch_utils.h", "csrc/core/registration.h"],
+    "0.33.0": [f"{MOE_DIR}/moe_permute_unpermute.py", f"{MOE_DIR}/fused_moe.py", f"{MOE_DIR}/utils.py",
+               "csrc/moe/moe_permute_unpermute_op.cu", "csrc/moe/torch_bindings.cpp",
+               *(f"csrc/moe/permute_unpermute_kernels/{n}" for n in (
+                   "dispatch.h", "moe_permute_unpermute_kernel.cu", "moe_permute_unpermute_kernel.h",
+                   "moe_permute_unpermute_kernel.inl")),
+               "csrc/torch_utils.h", "csrc/core/registration.h"],
+}
+
+if __name__ == "__main__":
+    # Write <DIR>/vllm-<version>/ with the files the GPU tests need, for a machine without network.
+    for version, names in GPU_TEST_FILES.items():
+        extract(vllm_sdist(version, pinned_vllm_versions()[version]), names, Path(sys.argv[1]) / f"vllm-{version}")
