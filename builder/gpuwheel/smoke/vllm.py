@@ -225,6 +225,9 @@ def run_boundary_checks(spec: dict, recorder) -> None:
     context the rest cannot run and are skipped."""
     import torch
 
+    root = _root(spec)
+    for relative in spec["op_libraries"]:
+        torch.ops.load_library(os.path.join(root, relative))  # run_checks reports how they load
     module = _permute_module(spec)
     hidden, scale, _, ids = _routing(seed=6)
     cases = {
