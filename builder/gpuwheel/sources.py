@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import stat
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -529,7 +530,11 @@ def _git(args: list[str], cwd: Path, label: str, *, check: bool = True, allow_fi
     argv = ["git", "-c", "advice.detachedHead=false", *(["-c", "protocol.file.allow=always"] if allow_file else []),
             *args]
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
-    result = capture(argv, cwd=cwd, env=env, timeout=timeout)
+    try:
+        result = capture(argv, cwd=cwd, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SourceError(f"{label}: git {args[0]} gave no result in {timeout:.0f} s; kept nothing",
+                          hint="check the network, or bring the tree with --dependency-dir") from None
     if check and result.returncode != 0:
         message = next((line for line in result.stderr.splitlines() if line.startswith(("fatal:", "error:"))),
                        result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no output")
