@@ -176,6 +176,7 @@ class DockerBackend:
         with tempfile.TemporaryDirectory(prefix="gpuwheel-image-") as context, \
                 open(log_path, "w", encoding="utf-8") as log:
             (Path(context) / "Dockerfile").write_text(dockerfile, encoding="utf-8")
+            _pip_settings(Path(context))
             try:
                 # pip in the build needs the network; the package builds later run without it.
                 for chunk in self._client.api.build(path=context, tag=tag, network_mode="host", rm=True,
@@ -269,6 +270,14 @@ def _stream_logs(container, log_path: Path, on_line: Callable[[str], None]) -> t
             log.write(pending + "\n")
             tail = (tail + [pending])[-40:]
     return tuple(tail)
+
+
+def _pip_settings(context: Path) -> None:
+    """pip.conf and ca.crt for the image build: the host's CA bundle (TLS-intercepting proxies) if set."""
+    bundle = next((Path(v) for k in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+                   if (v := os.environ.get(k)) and Path(v).is_file()), None)
+    (context / "ca.crt").write_bytes(bundle.read_bytes() if bundle else b"")
+    (context / "pip.conf").write_text("[global]\n" + ("cert = /opt/gpuwheel/ca.crt\n" if bundle else ""))
 
 
 def _matches_digest(image, digest: str) -> bool:
