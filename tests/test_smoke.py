@@ -4,7 +4,9 @@ run and pass, the GPU checks are skipped with the reason, and the report is neve
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,7 @@ PROVENANCE = {"target": TARGET, "audit": {"passed": True, "arch": "9.0", "driver
 
 def gpuwheel(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gpuwheel", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**__import__("os").environ, "COLUMNS": "250"})
+                          text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_skip_path_from_a_wheels_dir_reports_gpu_skip_and_never_a_pass(tmp_path,
     assert report["python"].startswith("a fresh venv of ")
     (entry,) = report["wheels"]
     assert entry["filename"] == wheel.name and entry["passed"] is False
-    assert entry["sha256"] == __import__("hashlib").sha256(wheel.read_bytes()).hexdigest()
+    assert entry["sha256"] == hashlib.sha256(wheel.read_bytes()).hexdigest()
     checks = _rows(report, wheel.name)
     assert {name: c["status"] for name, c in checks.items()} == {
         "native code for 9.0 (audit)": "pass", ".so load": "pass", "import": "pass"}
