@@ -163,8 +163,8 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 
 def test_the_built_head_dims_come_from_the_plan_env_in_gpuwheel_json():
-    provenance = {"target": "h100", "plan": {"packages": [{"name": "flash-attn",
-                                                           "env": {"GPUWHEEL_FA_HEAD_DIMS": "64;128;256"}}]}}
+    # as gpuwheel.wheels writes it: the package's build env under "build"
+    provenance = {"target": "h100", "build": {"profile": "inference", "env": {"GPUWHEEL_FA_HEAD_DIMS": "64;128;256"}}}
     assert _built_head_dims(provenance) == [64, 128, 256]
     assert _built_head_dims({"target": "h100"}) is None
     assert _built_head_dims(None) is None
