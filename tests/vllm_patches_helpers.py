@@ -127,6 +127,7 @@ def load_functions(source_file: Path, names: tuple[str, ...], namespace: dict, *
     module = ast.Module(body=nodes, type_ignores=[])
     flags = __future__.annotations.compiler_flag if lazy_annotations else 0
     code = compile(module, str(source_file), "exec", flags=flags, dont_inherit=True)
+    namespace.setdefault("__name__", source_file.stem)  # Triton resolves called kernels by __module__
     exec(code, namespace)
     return namespace
 

@@ -8,6 +8,9 @@
   (160 experts, top-8, hidden 5120, expert width 1536, unsharded: the w13 expert offset passes
   2**31 elements) at 8192 tokens, FP8 per-token, against a torch reference; short tensors refused.
 
+Build the op with the C++ compiler torch was built with (its libstdc++): on the GPU machine the
+image's CC/CXX wrapper (/opt/gcc) made every STD_TORCH_CHECK of the op, upstream ones too, crash the
+process instead of raising; CC=/usr/bin/gcc CXX=/usr/bin/g++ raise RuntimeError as vLLM's build does.
 Needs: an NVIDIA GPU, torch with CUDA (the op is built for the pinned vLLM whose torch pin matches
 the running torch's minor version), triton, nvcc + ninja, cutlass headers (`pip install
 nvidia-cutlass`, or CUTLASS_INCLUDE=DIR), and the pinned sources (cached sdist, or the extracted
