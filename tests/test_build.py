@@ -3,7 +3,6 @@ cache on a rebuild, and every way a build can be refused or fail — each one li
 
 from __future__ import annotations
 
-import json
 import shutil
 import zipfile
 from pathlib import Path

@@ -105,9 +105,8 @@ def render_dockerfile(toolchain: Toolchain, *, base_image: str, cuda_from_pypi: 
 class DockerBackend:
     name = "docker"
 
-    def __init__(self, base_image: str | None = None, on_line: Callable[[str], None] | None = None):
+    def __init__(self, base_image: str | None = None):
         self.base_image = base_image  # overrides the recipe's [toolchain] base_image
-        self._on_line = on_line
         self._prepared: tuple[Toolchain, ToolchainInfo] | None = None
         self._client: docker.DockerClient | None = None
         self._image: str | None = None
@@ -184,9 +183,7 @@ class DockerBackend:
                     text = chunk.get("stream") or chunk.get("status") or ""
                     if text:
                         log.write(text)
-                        for line in text.splitlines():
-                            if self._on_line:
-                                self._on_line(line)
+                        log.flush()  # followed with tail -f during a long image build
                     if "error" in chunk:
                         error = chunk["error"].strip()
             except APIError as api_error:

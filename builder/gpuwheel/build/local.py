@@ -32,9 +32,8 @@ from gpuwheel.run import capture, run
 class LocalBackend:
     name = "local"
 
-    def __init__(self, python: str | None = None, on_line: Callable[[str], None] | None = None):
+    def __init__(self, python: str | None = None):
         self.python = python  # an interpreter to use (or to make the venv from)
-        self._on_line = on_line  # progress of toolchain set-up (pip output)
         self._prepared: tuple[Toolchain, ToolchainInfo] | None = None
         self._interpreter: Path | None = None
         self._cuda_home: Path | None = None
@@ -101,7 +100,7 @@ class LocalBackend:
         steps = ((str(base), "-m", "venv", str(venv)),
                  (str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input", *requirements))
         for argv in steps:
-            finished = run(argv, log_path=log, on_line=self._on_line)
+            finished = run(argv, log_path=log)
             if not finished.ok:
                 shutil.rmtree(venv, ignore_errors=True)
                 last = next((line for line in reversed(finished.tail) if line.strip()), "")

@@ -54,8 +54,7 @@ class RawWheels:
                             "cache_misses": w.cache.misses} for w in self.wheels]}
 
 
-def select_backend(name: str, *, python: str | None = None, base_image: str | None = None,
-                   quiet: bool = False) -> Backend:
+def select_backend(name: str, *, python: str | None = None, base_image: str | None = None) -> Backend:
     """`auto` is docker where an engine answers, else local."""
     from gpuwheel.build.docker import DockerBackend, engine_answers
     from gpuwheel.build.local import LocalBackend

@@ -45,7 +45,7 @@ def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, of
     timings: list[tuple[str, float]] = []
     start = time.monotonic()
     plan = make_plan(load_recipe(target), jobs=jobs, only=only)
-    chosen = select_backend(backend, python=python, base_image=base_image, quiet=quiet)
+    chosen = select_backend(backend, python=python, base_image=base_image)
     # A toolkit or torch that differs from the recipe stops the build before any download.
     chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
     timings.append(("toolchain", time.monotonic() - start))
