@@ -121,3 +121,18 @@ def test_recipe_without_a_base_image_names_the_flag(gpuwheel, tmp_path, engine_e
 
     assert result.exit_code == 7
     assert "fixture.toml names no [toolchain] base_image (set one, or pass --base-image" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_compiler_killed_in_the_container_is_reported_as_out_of_memory(gpuwheel, tmp_path, base_image):
+    recipe = fixture_recipe(tmp_path, base_image=base_image,
+                            env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/kill_cicc.py"})
+    out = tmp_path / "staging"
+
+    result = gpuwheel("build", recipe, "--backend", "docker", "--jobs", "2", "--out", out)
+
+    assert result.exit_code == 9, result.stderr
+    assert ("gwfixture: a compiler was killed by SIGKILL (out of memory) at MAX_JOBS=2 × NVCC_THREADS="
+            in result.stderr)
+    assert "(lower the jobs: --jobs 1, or [build] jobs = 1 in fixture.toml)" in result.stderr
+    assert files_under(out) == []
