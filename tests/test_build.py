@@ -162,7 +162,7 @@ def test_plain_progress_lines_follow_ninja_steps(capsys):
 
     with BuildProgress().package("flash-attn 2.8.3") as on_line:
         for step in range(1, 21):
-            on_line(f"[{step}/20] nvcc ... flash_fwd_hdim128_bf16_sm80.cu")
+            on_line(f"  [{step}/20] sccache nvcc ... flash_fwd_hdim128_bf16_sm80.cu")  # as pip -v shows it
         on_line("not a ninja line")
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("flash-attn")]
     assert lines[0].startswith("flash-attn 2.8.3: 1/20 build steps") and lines[-1].startswith("flash-attn 2.8.3: 20/20")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gpuwheel.plan import PackagePlan, Plan
 
 # What a compiler killed by SIGKILL leaves in a build log (gcc, nvcc, a shell, ninja).
-_KILLED = re.compile(r"Killed signal terminated program|died due to signal 9|\(Kill signal\)|^Killed$|"
+_KILLED = re.compile(r"Killed signal terminated program|died due to signal 9|\(Kill signal\)|^\s*Killed$|"
                      r"code=137\b|exit status 137", re.MULTILINE)
 TAIL_LINES = 25
 

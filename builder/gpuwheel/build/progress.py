@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 
 from gpuwheel.log import console
 
-_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+_NINJA_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]")  # pip -v indents the build's output
 
 
 class BuildProgress:
