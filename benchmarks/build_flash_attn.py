@@ -105,7 +105,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gpuwheel-bench-fa-") as scratch:
         scratch = Path(scratch)
         tree = args.tree.resolve() if args.tree else prepared_tree(scratch / "work")
-        query = capture([args.python, "-c", TORCH_QUERY])
+        cuda_home = Path(args.nvcc).resolve().parents[1]  # torch's include paths follow CUDA_HOME
+        query = capture([args.python, "-c", TORCH_QUERY], env={**os.environ, "CUDA_HOME": str(cuda_home)})
         if query.returncode != 0:
             raise SystemExit(f"{args.python}: cannot read torch's build flags: {query.stderr.strip()[-300:]}")
         torch_info = json.loads(query.stdout)
