@@ -55,6 +55,9 @@ def docker_host():
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        netns = run_dir / "exec" / "netns" / "default"  # dockerd leaves its network namespace mounted
+        if netns.is_mount():
+            subprocess.run(["umount", str(netns)], check=False)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
