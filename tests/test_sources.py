@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -342,6 +343,28 @@ def test_sdist_comes_from_the_index_pip_is_configured_with(gpuwheel, write_recip
     result = gpuwheel("fetch", recipe, "--json")
     assert result.exit_code == 0, result.stderr
     assert (Path(result.json()["packages"][0]["tree"]) / "setup.py").read_text() == "print('from the index')\n"
+
+
+def test_offline_extracts_a_copied_sdist_without_asking_the_index(gpuwheel, write_recipe, cache, local_index,
+                                                                  monkeypatch):
+    """An offline site copies only the archives (an sdist, not its 100 MB tree) and builds from them."""
+    index, sdist = local_index
+    monkeypatch.setenv("PIP_INDEX_URL", index)
+    recipe = _recipe(write_recipe, f"""
+        [[package]]
+        name = "demo-pkg"
+        version = "1.0"
+        source = {{ sdist = "demo_pkg-1.0.tar.gz", sha256 = "{sha256(sdist)}" }}
+        """)
+    assert gpuwheel("fetch", recipe).exit_code == 0
+    shutil.rmtree(cache / "sources" / "trees")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")  # no index answers now
+    result = gpuwheel("fetch", recipe, "--offline", "--json")
+    assert result.exit_code == 0, result.stderr
+    package = result.json()["packages"][0]
+    assert package["status"] == "cached"
+    assert (Path(package["tree"]) / "setup.py").read_text() == "print('from the index')\n"
+    assert leftovers(cache) == []
 
 
 def test_sdist_the_index_lists_with_another_hash_is_refused(gpuwheel, write_recipe, cache, local_index):

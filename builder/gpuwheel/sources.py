@@ -192,9 +192,11 @@ class _Store:
                     raise OfflineError(f"{label}: {filename} (sha256 {source.sha256[:12]}…) is not in the cache "
                                        f"{self.root}", hint=f"run `gpuwheel fetch {self.target}` on a connected "
                                        f"machine and copy its {self.root} here")
-                url = self._sdist_url(package) if source.kind == "sdist" else source.location
+                # A cached archive only needs extracting: no index query, so this works offline too.
+                url = None if archive.is_file() else (
+                    self._sdist_url(package) if source.kind == "sdist" else source.location)
                 self._store_archive(url, archive, tree_root, source.sha256, label)
-                status = FETCHED
+                status = CACHED if url is None else FETCHED
         return {**common, "tree": _single_top(tree_root), "archive": archive, "status": status}
 
     def _local(self, path: Path, sha256: str | None, label: str) -> dict:
@@ -240,7 +242,7 @@ class _Store:
         raise SourceError(f"{label}: index {index} has no file {source.location}",
                           hint=f"sdists there: {', '.join(versions[-8:]) or 'none'}")
 
-    def _store_archive(self, url: str, archive: Path, tree_root: Path, sha256: str, label: str) -> None:
+    def _store_archive(self, url: str | None, archive: Path, tree_root: Path, sha256: str, label: str) -> None:
         """Download (unless cached), verify, extract; nothing lands in the cache unless all succeed."""
         archive.parent.mkdir(parents=True, exist_ok=True)
         downloaded = None
