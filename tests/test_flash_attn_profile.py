@@ -45,8 +45,8 @@ def _test_cache() -> Path:
 def _patched_tree(recipe: str | Path, workdir: Path):
     """(plan, tree): the recipe's flash-attn sdist, fetched (cached) and patched as a build prepares it."""
     plan = make_plan(load_recipe(recipe), only=("flash-attn",))
-    sources = fetch_sources(plan, cache=_test_cache(), only=("flash-attn",), progress=False)
-    return plan, prepare_trees(plan, sources, workdir, only=("flash-attn",)).package("flash-attn").tree
+    sources = fetch_sources(plan, cache=_test_cache(), progress=False)
+    return plan, prepare_trees(plan, sources, workdir).package("flash-attn").tree
 
 
 def _profile_module(tree: Path):
@@ -240,7 +240,7 @@ def _torch_python() -> Path:
 
 @pytest.mark.slow
 def test_inference_profile_builds_imports_and_carries_only_sm120(tmp_path, write_recipe):
-    """Head dim 128, every optional feature off, sm_120, against torch 2.14.1: ~6 min on 2 cores."""
+    """Head dim 128, every optional feature off, sm_120, against torch 2.14.1: 4-10 min on 2 cores."""
     plan, tree = _patched_tree(write_recipe(NARROW_RECIPE), tmp_path / "work")
     package = plan.package("flash-attn")
     python = _torch_python()
@@ -251,7 +251,7 @@ def test_inference_profile_builds_imports_and_carries_only_sm120(tmp_path, write
     build = subprocess.run([python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-v",
                             "--wheel-dir", wheels, "."], cwd=tree, env=env, capture_output=True, text=True)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    assert "[9/9]" in build.stdout  # flash_api.cpp + 2 dtypes x (fwd, fwd causal, split, split causal)
+    assert "[9/9]" in build.stdout + build.stderr  # flash_api.cpp + 2 dtypes x (fwd, fwd causal, split, split causal)
     (wheel,) = wheels.glob("flash_attn-2.8.3-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert not any(name.startswith("gpuwheel_fa_profile") for name in archive.namelist())

@@ -19,8 +19,8 @@ from sources_helpers import (cache, make_repos, real_cache, recipe_text, unified
 @pytest.fixture
 def flash_attn_tree(real_cache) -> Path:
     """The pristine flash-attn 2.8.3 tree from PyPI (fetched once, kept between runs)."""
-    plan = make_plan(load_recipe("h100"))
-    return fetch_sources(plan, only=("flash-attn",), progress=False).package("flash-attn").tree
+    plan = make_plan(load_recipe("h100"), only=("flash-attn",))
+    return fetch_sources(plan, progress=False).package("flash-attn").tree
 
 
 def _flash_attn_recipe(write_recipe, tmp_path: Path, patches: dict[str, str]) -> Path:
@@ -81,7 +81,7 @@ def test_patches_check_reports_applied_upstream_and_failed_with_file_and_hunk(
 def test_prepare_trees_applies_the_series_to_fresh_copies(write_recipe, tmp_path, flash_attn_tree):
     recipe = _flash_attn_recipe(write_recipe, tmp_path, {"0001-version-suffix.patch": _version_patch(flash_attn_tree)})
     plan = make_plan(load_recipe(recipe))
-    sources = fetch_sources(plan, offline=True, only=("flash-attn",), progress=False)
+    sources = fetch_sources(plan, offline=True, progress=False)
     work = tmp_path / "work"
     (work / "flash-attn" / "src").mkdir(parents=True)
     (work / "flash-attn" / "src" / "stale-build-output.o").write_text("left from a previous build")
@@ -102,7 +102,7 @@ def test_a_patch_that_does_not_apply_stops_the_build_naming_package_patch_file_a
         "0002-cxx20.patch": _stale_patch(flash_attn_tree),
     })
     plan = make_plan(load_recipe(recipe))
-    sources = fetch_sources(plan, offline=True, only=("flash-attn",), progress=False)
+    sources = fetch_sources(plan, offline=True, progress=False)
     with pytest.raises(PatchError) as raised:
         prepare_trees(plan, sources, tmp_path / "work")
     message = str(raised.value)

@@ -413,4 +413,4 @@ def test_real_flash_attn_sdist_from_pypi(gpuwheel, real_cache):
 def test_only_names_an_unknown_package(gpuwheel, real_cache):
     result = gpuwheel("fetch", "h100", "--only", "flash_attn", "--offline")
     assert result.exit_code == 2
-    assert "--only flash_attn: the plan builds no package 'flash_attn' (did you mean 'flash-attn'?)" in result.stderr
+    assert "--only flash_attn: the recipe has no package 'flash_attn' (did you mean 'flash-attn'?)" in result.stderr

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpuwheel.errors import PatchError, RecipeError
+from gpuwheel.errors import PatchError
 from gpuwheel.run import capture
 
 if TYPE_CHECKING:  # plan imports this module (read_series): type names only, no cycle
@@ -125,13 +125,13 @@ class PatchReport:
             for o in self.outcomes]}
 
 
-def prepare_trees(plan: Plan, sources: Sources, workdir: Path, *, only: tuple[str, ...] | None = None) -> Trees:
+def prepare_trees(plan: Plan, sources: Sources, workdir: Path) -> Trees:
     """Fresh copies of each fetched tree under workdir/<package>/, the series applied in order.
 
     A patch that does not apply raises PatchError (package, patch, file, hunk) before any build.
     """
     prepared = []
-    for package, fetched in _pairs(plan, sources, only):
+    for package, fetched in _pairs(plan, sources):
         root = workdir / package.name
         if root.exists():
             shutil.rmtree(root)
@@ -140,10 +140,10 @@ def prepare_trees(plan: Plan, sources: Sources, workdir: Path, *, only: tuple[st
     return Trees(tuple(prepared))
 
 
-def check_patches(plan: Plan, sources: Sources, *, only: tuple[str, ...] | None = None) -> PatchReport:
+def check_patches(plan: Plan, sources: Sources) -> PatchReport:
     """Apply every patch of the plan to throw-away trees: applied / already upstream / failed."""
     outcomes: list[PatchOutcome] = []
-    for package, fetched in _pairs(plan, sources, only):
+    for package, fetched in _pairs(plan, sources):
         if not package.patches:
             continue
         with tempfile.TemporaryDirectory(prefix="gpuwheel-patches-") as scratch:
@@ -152,16 +152,11 @@ def check_patches(plan: Plan, sources: Sources, *, only: tuple[str, ...] | None 
     return PatchReport(tuple(outcomes))
 
 
-def _pairs(plan: Plan, sources: Sources, only: tuple[str, ...] | None):
-    for name in only or ():
-        if sources.package(name) is None:
-            raise RecipeError(f"--only {name}: no fetched package '{name}'",
-                              hint=f"packages: {', '.join(p.name for p in sources.packages)}")
+def _pairs(plan: Plan, sources: Sources):
     for fetched in sources.packages:
-        if not only or fetched.name in only:
-            package = plan.package(fetched.name)
-            if package is not None:
-                yield package, fetched
+        package = plan.package(fetched.name)
+        if package is not None:
+            yield package, fetched
 
 
 def _patch_package(package: PackagePlan, fetched: FetchedPackage, root: Path, *, stop_on_failure: bool,

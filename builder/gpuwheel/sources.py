@@ -41,10 +41,10 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 
 from gpuwheel.cache import cache_root
-from gpuwheel.errors import OfflineError, RecipeError, SourceError
+from gpuwheel.errors import OfflineError, SourceError
 from gpuwheel.log import console, logger
 from gpuwheel.plan import PackagePlan, Plan
-from gpuwheel.recipe import Dependency, closest, recipes_dir
+from gpuwheel.recipe import Dependency, recipes_dir
 from gpuwheel.run import capture
 
 # Statuses of a fetched dependency tree.
@@ -116,8 +116,7 @@ class Sources:
              "dependencies": [dep(d) for d in p.dependencies]} for p in self.packages]}
 
 
-def fetch_sources(plan: Plan, *, offline: bool = False, cache: Path | None = None,
-                  only: tuple[str, ...] | None = None, progress: bool = True,
+def fetch_sources(plan: Plan, *, offline: bool = False, cache: Path | None = None, progress: bool = True,
                   dependency_dir: Path | None = None) -> Sources:
     """Fetch (or find in the cache) every source of the plan, verified, and its dependency trees.
 
@@ -129,24 +128,11 @@ def fetch_sources(plan: Plan, *, offline: bool = False, cache: Path | None = Non
     offline = offline or os.environ.get("GPUWHEEL_OFFLINE", "").lower() in ("1", "true", "yes")
     store = _Store((cache or cache_root()) / "sources", _target_ref(plan), offline, progress)
     packages = []
-    for package in select_packages(plan, only):
+    for package in plan.packages:  # `--only` is the plan's: make_plan(..., only=...)
         fetched = store.package(package, plan.recipe.parent)
         dependencies = tuple(store.dependency(package, dep, dependency_dir) for dep in package.dependencies)
         packages.append(FetchedPackage(**{**fetched, "dependencies": dependencies}))
     return Sources(target=store.target, cache=store.root, packages=tuple(packages))
-
-
-def select_packages(plan: Plan, only: tuple[str, ...] | None) -> tuple[PackagePlan, ...]:
-    """The plan's packages, or those named by --only (an unknown name is a RecipeError)."""
-    if not only:
-        return plan.packages
-    names = [p.name for p in plan.packages]
-    for name in only:
-        if name not in names:
-            close = closest(name, names)
-            raise RecipeError(f"--only {name}: the plan builds no package '{name}'",
-                              hint=f"did you mean '{close}'?" if close else f"packages: {', '.join(names)}")
-    return tuple(p for p in plan.packages if p.name in only)
 
 
 def _target_ref(plan: Plan) -> str:

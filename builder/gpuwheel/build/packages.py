@@ -68,18 +68,13 @@ def select_backend(name: str, *, python: str | None = None, base_image: str | No
     return LocalBackend(python=python)
 
 
-def build_packages(plan: Plan, trees, *, backend: Backend, out_dir: Path, only: tuple[str, ...] = (),
-                   quiet: bool = False) -> RawWheels:
-    """Build the plan's packages (or just `only`) from their prepared trees into out_dir.
+def build_packages(plan: Plan, trees, *, backend: Backend, out_dir: Path, quiet: bool = False) -> RawWheels:
+    """Build the plan's packages (`--only` is the plan's) from their prepared trees into out_dir.
 
     `trees` is patches.prepare_trees' value: `.packages`, each with name, tree and deps_dir.
     """
     progress = BuildProgress(quiet=quiet)
-    packages = [p for p in plan.packages if not only or p.name in only]
-    unknown = set(only) - {p.name for p in plan.packages}
-    if unknown:
-        raise BuildError(f"--only {', '.join(sorted(unknown))}: not in the plan "
-                         f"({', '.join(p.name for p in plan.packages)})")
+    packages = plan.packages
     prepared = {t.name: t for t in trees.packages}
     started = time.monotonic()
     toolchain = backend.prepare(plan.toolchain, recipe_name=plan.recipe.name)

@@ -50,14 +50,14 @@ def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, of
     chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
     timings.append(("toolchain", time.monotonic() - start))
     mark = time.monotonic()
-    sources = fetch_sources(plan, offline=offline, only=only or None, progress=not quiet)
+    sources = fetch_sources(plan, offline=offline, progress=not quiet)
     timings.append(("fetch", time.monotonic() - mark))
     mark = time.monotonic()
-    trees = prepare_trees(plan, sources, cache_root() / "trees" / plan.hash[:16], only=only or None)
+    trees = prepare_trees(plan, sources, cache_root() / "trees" / plan.hash[:16])
     timings.append(("patch", time.monotonic() - mark))
     try:
         raw = build_packages(plan, trees, backend=chosen, out_dir=cache_root() / "raw" / plan.hash[:16],
-                             only=only, quiet=quiet)
+                             quiet=quiet)
     except BuildError as error:
         for line in getattr(error, "tail", ()):
             console.print(f"  {line}", markup=False, highlight=False)

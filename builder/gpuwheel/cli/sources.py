@@ -34,7 +34,7 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as
 def fetch(target: str, offline: bool, only: tuple[str, ...], dependency_dir: Path | None, strict: bool,
           as_json: bool) -> None:
     """Fetch and verify every source of TARGET, and its packages' build-time dependencies, into the cache."""
-    sources = fetch_sources(make_plan(load_recipe(target)), offline=offline, only=only or None,
+    sources = fetch_sources(make_plan(load_recipe(target), only=only), offline=offline,
                             dependency_dir=dependency_dir, progress=not as_json)
     if as_json:
         click.echo(json.dumps(sources.to_json(), indent=2))
@@ -80,8 +80,8 @@ def patches_group() -> None:
 @JSON
 def check(target: str, offline: bool, only: tuple[str, ...], as_json: bool) -> None:
     """Apply every patch of TARGET to fresh trees: applied / already upstream / failed (exit 6)."""
-    plan = make_plan(load_recipe(target))
-    report = check_patches(plan, fetch_sources(plan, offline=offline, only=only or None, progress=not as_json))
+    plan = make_plan(load_recipe(target), only=only)
+    report = check_patches(plan, fetch_sources(plan, offline=offline, progress=not as_json))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
