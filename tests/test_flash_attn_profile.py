@@ -35,6 +35,16 @@ name = "flash-attn"
 head_dims = [128]
 disable = ["alibi", "softcap", "local", "uneven_k"]
 """
+# Three head dims and two features off: what the fast tests check the selection against.
+WIDE_RECIPE = """\
+extends = "rtx6000pro-cu13"
+
+[[package]]
+name = "flash-attn"
+[package.inference]
+head_dims = [64, 128, 256]
+disable = ["alibi", "softcap"]
+"""
 
 
 def _test_cache() -> Path:
@@ -71,8 +81,11 @@ def _expected_tus(dims, dtypes=("fp16", "bf16")) -> set[str]:
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    """The shipped recipe's plan and its patched flash-attn tree (rtx6000pro-cu13: head dims 64/128/256)."""
-    return _patched_tree("rtx6000pro-cu13", tmp_path_factory.mktemp("fa"))
+    """The plan of a recipe extending rtx6000pro-cu13 (head dims 64/128/256) and its patched flash-attn tree."""
+    root = tmp_path_factory.mktemp("fa")
+    recipe = root / "wide.toml"
+    recipe.write_text(WIDE_RECIPE)
+    return _patched_tree(recipe, root / "work")
 
 
 def test_patches_apply_exactly_to_the_pristine_sdist(shipped, tmp_path):
