@@ -3,7 +3,8 @@
 At the users' crashing batch, 8 sequences of 1001 tokens + 1 of 184 = 8192 tokens:
 - flash_attn_varlen_func, fp16 and bf16, causal and not, every head dim the wheel carries, against an
   fp32 torch SDPA reference computed per sequence;
-- flash_attn_with_kvcache, paged decode (256-token pages, shuffled block table) at 8192 context.
+- flash_attn_with_kvcache, paged decode (256-token pages, shuffled block table) at 8192 context;
+- in its own process (run_error_checks): a C++ error (TORCH_CHECK) surfaces as a Python exception.
 
 Tolerance: max |flash-attn − fp32 reference| ≤ max(2 × max |torch SDPA in the same dtype − fp32
 reference|, FLOOR[dtype]) — upstream flash-attn's own test criterion, with an absolute floor so that
@@ -32,6 +33,44 @@ def run_checks(spec: dict, recorder) -> None:
             recorder.check(name, lambda: _varlen(head_dim, dtype, known))
             name = f"flash_attn_with_kvcache hdim{head_dim} {_short(dtype)} paged decode {DECODE_CONTEXT}"
             recorder.check(name, lambda: _kvcache(head_dim, dtype, known))
+
+
+def run_error_checks(spec: dict, recorder) -> None:
+    """Bad input and what the build left out must raise, not crash: a head dim no kernel has, an
+    unbuilt head dim, dropout and backward where compiled out. Run alone: on the GPU machine a
+    build with its $CXX=/opt/gcc/bin/g++ took the process down on the profile's refusals (unbuilt
+    head dim, dropout, backward) while the system g++ build raised them (docs/gpu-runs.md)."""
+    import torch
+    from flash_attn import flash_attn_func
+
+    def refused(call, what: str):
+        def case():
+            try:
+                call()
+                torch.cuda.synchronize()
+            except RuntimeError as error:
+                return "pass", f"raised {' '.join(str(error).split())[:200]}", {}
+            return "fail", f"accepted {what}", {}
+        return case
+
+    def attention(head_dim: int, **options):
+        q = torch.randn(1, 64, 4, head_dim, device="cuda", dtype=torch.float16, requires_grad=True)
+        return lambda: flash_attn_func(q, q, q, **options)
+
+    recorder.check("head dim 304 raises", refused(attention(304), "head dim 304, which no kernel serves"))
+    built = spec.get("head_dims")
+    unbuilt = [d for d in ALL_HEAD_DIMS if built and d not in built]
+    if unbuilt:
+        recorder.check(f"unbuilt head dim {unbuilt[0]} raises",
+                       refused(attention(unbuilt[0]), f"head dim {unbuilt[0]}, which this build left out"))
+    disabled = set(spec.get("disabled") or ())
+    if "DROPOUT" in disabled:
+        recorder.check("dropout raises", refused(attention(built[0] if built else 128, dropout_p=0.1),
+                                                 "dropout, which this build left out"))
+    if "BACKWARD" in disabled:
+        forward = attention(built[0] if built else 128)
+        recorder.check("backward raises", refused(lambda: forward().sum().backward(),
+                                                  "backward, which this build left out"))
 
 
 def _short(dtype) -> str:

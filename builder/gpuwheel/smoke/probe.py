@@ -131,6 +131,7 @@ def _check_module(file_name: str):
 # group → (check module, function(spec, recorder)); the runner names the groups per package.
 GROUPS = {
     "flash-attn": ("flash_attn.py", "run_checks"),
+    "flash-attn-errors": ("flash_attn.py", "run_error_checks"),
     "vllm": ("vllm.py", "run_checks"),
     "vllm-boundary": ("vllm.py", "run_boundary_checks"),
     "vllm-generate": ("vllm.py", "run_generate_check"),

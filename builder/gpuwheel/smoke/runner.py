@@ -299,6 +299,9 @@ def _package_groups(wheel: WheelFile, shared_objects: list[str], work: Path):
     if wheel.project == "flash-attn":
         yield "flash-attn", {"head_dims": _built_head_dims(wheel.provenance)}, \
             "flash_attn_varlen_func, flash_attn_with_kvcache at 8192 tokens"
+        disabled = [f for f in (_plan_env(wheel.provenance, "GPUWHEEL_FA_DISABLE") or "").split(";") if f]
+        yield "flash-attn-errors", {"head_dims": _built_head_dims(wheel.provenance), "disabled": disabled}, \
+            "what the build left out raises a Python exception"
     elif wheel.project == "vllm":
         spec = {"root": None, "moe_permute_file": None,
                 "op_libraries": [m for m in shared_objects if any(fnmatch.fnmatch(m, g) for g in VLLM_OP_LIBRARIES)]}
@@ -307,24 +310,26 @@ def _package_groups(wheel: WheelFile, shared_objects: list[str], work: Path):
         yield "vllm-generate", {"workdir": str(work / "model")}, "tiny model generating with 8192-token chunked prefill"
 
 
-def _built_head_dims(provenance: Mapping[str, Any] | None) -> list[int] | None:
-    """The head dims the plan built (GPUWHEEL_FA_HEAD_DIMS in the plan env recorded in gpuwheel.json)."""
-    def find(value):
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                if key == "GPUWHEEL_FA_HEAD_DIMS" and isinstance(item, str):
-                    return item
-                found = find(item)
-                if found is not None:
-                    return found
-        elif isinstance(value, list):
-            for item in value:
-                found = find(item)
-                if found is not None:
-                    return found
-        return None
+def _plan_env(provenance: Mapping[str, Any] | None, key: str) -> str | None:
+    """A variable of the plan env recorded in gpuwheel.json (its build.env), wherever it is nested."""
+    if isinstance(provenance, Mapping):
+        for name, item in provenance.items():
+            if name == key and isinstance(item, str):
+                return item
+            found = _plan_env(item, key)
+            if found is not None:
+                return found
+    elif isinstance(provenance, list):
+        for item in provenance:
+            found = _plan_env(item, key)
+            if found is not None:
+                return found
+    return None
 
-    text = find(provenance)
+
+def _built_head_dims(provenance: Mapping[str, Any] | None) -> list[int] | None:
+    """The head dims the plan built (GPUWHEEL_FA_HEAD_DIMS), or None when the wheel does not say."""
+    text = _plan_env(provenance, "GPUWHEEL_FA_HEAD_DIMS")
     if not text:
         return None
     try:
