@@ -25,6 +25,8 @@ extern "C" void launch_{name}(float* a, const float* b, int n) {{ {name}<<<(n + 
 SHARED_OBJECTS: dict[str, list[str]] = {
     "sm90a": ["-gencode", "arch=compute_90a,code=sm_90a"],
     "sm120": ["-gencode", "arch=compute_120,code=sm_120"],
+    # As torch extensions link it: libcudart.so.13 in DT_NEEDED (nvcc's default is the static one).
+    "sm120_shared_cudart": ["-gencode", "arch=compute_120,code=sm_120", "-cudart", "shared"],
     "ptx80": ["-gencode", "arch=compute_80,code=compute_80"],
     "compressed_zstd": ["-gencode", "arch=compute_120,code=sm_120", "-gencode", "arch=compute_120,code=compute_120",
                         "-Xfatbin", "-compress-all"],

@@ -78,6 +78,21 @@ def test_sm120_build_runs_natively_on_rtx6000pro(sos):
     assert set(verdicts(sos["sm120"], "10.0")) == {"none"}
 
 
+def test_a_linked_cuda_13_runtime_fails_on_a_570_driver_whatever_its_kernels(sos):
+    """Native sm_120 SASS, but libcudart.so.13 will not initialise on driver 570 (CUDA 12.8)."""
+    path = sos["sm120_shared_cudart"]
+    assert set(verdicts(path, "12.0")) == {"native"}
+    report = audit(path, target("12.0", RTX6000PRO_DRIVER))
+    assert not report.passed
+    assert report.sos[0].cuda_runtime == 13
+    assert ("links libcudart.so.13, which needs driver ≥ 580.65.06 (target driver 570.195.03); "
+            "build with CUDA ≤ 12.8") in report.problems[0]
+    assert audit(path, target("12.0", "580.65.06")).passed
+    assert audit(path, target("12.0")).passed  # no driver given: nothing to judge the runtime by
+    # a statically linked runtime is not visible here: the plan's toolkit/driver check covers it
+    assert audit(sos["sm120"], target("12.0", RTX6000PRO_DRIVER)).passed
+
+
 def test_sm90a_only_runs_on_exactly_9_0(sos):
     assert set(verdicts(sos["sm90a"], "9.0")) == {"native"}
     report = audit(sos["sm90a"], target("12.0", RTX6000PRO_DRIVER))

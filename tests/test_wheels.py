@@ -35,6 +35,13 @@ pytestmark = pytest.mark.skipif(not TORCH_WHEEL.exists(), reason=f"the torch 2.1
 
 @pytest.fixture(scope="module")
 def plan():
+    """The fixtures are CUDA 13 builds linking libcudart.so.13: a fleet on driver ≥ 580 runs them."""
+    return make_plan(load_recipe("rtx6000pro-cu13"))
+
+
+@pytest.fixture(scope="module")
+def plan_570():
+    """The 570-driver fleet: where compute_80 PTX from CUDA 13 (ISA 9.0) cannot be JIT-compiled."""
     return make_plan(load_recipe("rtx6000pro"))
 
 
@@ -47,8 +54,11 @@ def built(tmp_path_factory):
     sm120 = compile_so(work, "sm120", [*SM120, "--cudart", "shared"],
                        link=[f"-L{torch_libs}", "-lc10", "-ltorch"])
     ptx80 = compile_so(work, "ptx80", PTX80)
+    static = compile_so(work, "sm120_static", SM120)  # nvcc's default static cudart: no driver floor in sight
     return {
         "flash-attn": raw_wheel(work, "flash-attn", "2.8.3", "flash_attn", {"flash_attn_2_cuda.so": sm120}),
+        "flash-attn-static": raw_wheel(work / "static", "flash-attn", "2.8.3", "flash_attn",
+                                       {"flash_attn_2_cuda.so": static}),
         "vllm": raw_wheel(work, "vllm", "0.26.0+cu130", "vllm", {"_C.abi3.so": ptx80},
                           scripts={"vllm-hello": "#!/usr/bin/env python\nprint('hello')\n"}),
         "work": work,
@@ -57,7 +67,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished(plan, built, tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheels") / "rtx6000pro" / "staging"
+    out = tmp_path_factory.mktemp("wheels") / "rtx6000pro-cu13" / "staging"
     (wheel,) = finish_wheels(plan, [("flash-attn", built["flash-attn"])], toolchain=toolchain(), out_dir=out).wheels
     return wheel
 
@@ -169,7 +179,7 @@ def test_the_build_stages_raw_wheels_and_toolchain_info_are_finished(plan, built
 
 
 def test_without_an_observed_toolchain_the_label_uses_the_plans_pins(gpuwheel, built, tmp_path):
-    result = gpuwheel("finish", "rtx6000pro", built["flash-attn"], "--out", tmp_path, "--json")
+    result = gpuwheel("finish", "rtx6000pro", built["flash-attn-static"], "--out", tmp_path, "--json")
     assert result.exit_code == 0, result.stderr
     (written,) = result.json()["wheels"]
     assert written["filename"].startswith("flash_attn-2.8.3+cu128.sm120.torch211-")  # recipe: CUDA 12.8.1, torch 2.11.0
@@ -183,9 +193,9 @@ def test_provenance_states_target_toolchain_sources_patches_env_and_audit(plan, 
     record = show_wheel(finished.path)["provenance"]
     assert record == finished.provenance
     package = plan.package("flash-attn")
-    assert record["target"] == "rtx6000pro" and record["plan_hash"] == plan.hash
+    assert record["target"] == "rtx6000pro-cu13" and record["plan_hash"] == plan.hash
     assert record["target_spec"]["compute_capability"] == "12.0" and record["target_spec"]["arch_list"] == ["12.0"]
-    assert record["target_spec"]["min_driver"] == "570.195.03"
+    assert record["target_spec"]["min_driver"] == "580.65.06"
     assert record["toolchain"]["observed"] == toolchain()
     assert record["toolchain"]["planned"]["cuda"] == plan.toolchain.cuda
     assert record["sources"] == [{"name": "flash-attn", "role": "package", "kind": "sdist",
@@ -195,12 +205,13 @@ def test_provenance_states_target_toolchain_sources_patches_env_and_audit(plan, 
     assert record["build"]["env"]["FLASH_ATTN_CUDA_ARCHS"] == "120"
     assert "MAX_JOBS" not in record["build"]["env"] and record["build"]["env_excluded"] == ["MAX_JOBS", "NVCC_THREADS"]
     assert record["audit"]["passed"] is True and record["audit"]["arch"] == "12.0"
-    assert record["audit"]["driver"] == "570.195.03"
+    assert record["audit"]["driver"] == "580.65.06"
     assert record["audit"]["sos"][0]["path"] == "flash_attn/flash_attn_2_cuda.so"
     assert record["audit"]["sos"][0]["sass_archs"] == ["sm_120"]
 
 
-def test_vllm_dependencies_are_sources_with_their_revs(plan, built, tmp_path):
+def test_vllm_dependencies_are_sources_with_their_revs(plan_570, built, tmp_path):
+    plan = plan_570
     # The PTX-only build fails the audit; finished anyway to read what it records about vLLM's sources.
     wheel = finish_wheels(plan, [("vllm", built["vllm"])], toolchain=toolchain(), out_dir=tmp_path,
                           allow_audit_failure=True).wheels[0]
@@ -215,15 +226,15 @@ def test_vllm_dependencies_are_sources_with_their_revs(plan, built, tmp_path):
 def test_the_publish_gate_accepts_the_finished_wheel(finished, tmp_path):
     wheel = read_wheel(finished.path)
     smoke = tmp_path / "smoke.json"
-    smoke.write_text(json.dumps({"target": "rtx6000pro", "gpu": {"name": "RTX PRO 6000", "compute_capability": "12.0"},
+    smoke.write_text(json.dumps({"target": "rtx6000pro-cu13", "gpu": {"name": "RTX PRO 6000", "compute_capability": "12.0"},
                                  "wheels": [{"filename": wheel.filename, "sha256": wheel.sha256, "passed": True}]}))
-    assert check_gate([wheel], PublishGate("rtx6000pro", "12.0", smoke)) == {wheel.filename: ()}
+    assert check_gate([wheel], PublishGate("rtx6000pro-cu13", "12.0", smoke)) == {wheel.filename: ()}
 
 
 def test_show_wheel_prints_the_provenance(gpuwheel, plan, finished):
     result = gpuwheel("show-wheel", finished.path)
     assert result.exit_code == 0, result.stderr
-    for expected in ("rtx6000pro", plan.hash, "passed for arch 12.0, driver 570.195.03", "flash_attn-2.8.3.tar.gz",
+    for expected in ("rtx6000pro-cu13", plan.hash, "passed for arch 12.0, driver 580.65.06", "flash_attn-2.8.3.tar.gz",
                      plan.package("flash-attn").source.sha256, "0001-build-with-cxx20-for-torch-2.14.patch",
                      "FLASH_ATTN_CUDA_ARCHS", "release 13.0"):
         assert expected in result.stderr, expected
@@ -242,7 +253,8 @@ def test_show_wheel_of_a_wheel_gpuwheel_did_not_finish(gpuwheel, built):
 PTX_REASON = "PTX ISA 9.0 cannot be JIT-compiled by driver 570.195.03"
 
 
-def test_a_ptx_only_cuda13_wheel_fails_the_audit_and_nothing_is_written(plan, built, tmp_path):
+def test_a_ptx_only_cuda13_wheel_fails_the_audit_and_nothing_is_written(plan_570, built, tmp_path):
+    plan = plan_570
     out = tmp_path / "wheels" / "rtx6000pro" / "staging"
     with pytest.raises(AuditFailure) as failure:
         finish_wheels(plan, [("vllm", built["vllm"])], toolchain=toolchain(), out_dir=out)
@@ -259,7 +271,7 @@ def test_audit_failure_through_the_cli_leaves_the_staging_dir_as_it_was(gpuwheel
     tc = tmp_path / "toolchain.json"
     tc.write_text(json.dumps(toolchain()))
     # Two wheels, the second failing: neither may land.
-    result = gpuwheel("finish", "rtx6000pro", built["flash-attn"], built["vllm"], "--out", out, "--toolchain", tc)
+    result = gpuwheel("finish", "rtx6000pro", built["flash-attn-static"], built["vllm"], "--out", out, "--toolchain", tc)
     assert result.exit_code == 11
     assert result.stderr.startswith("gpuwheel: error: vllm-0.26.0+") and PTX_REASON in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -359,7 +371,7 @@ def test_a_record_mismatch(gpuwheel, built, tmp_path):
 
 
 def test_a_wheel_of_a_package_the_plan_does_not_build(plan, built, tmp_path):
-    with pytest.raises(WheelError, match=r"package 'torch' is not in the plan for rtx6000pro \(it builds flash-attn, vllm\)"):
+    with pytest.raises(WheelError, match=r"package 'torch' is not in the plan for rtx6000pro-cu13 \(it builds flash-attn, vllm\)"):
         finish_wheels(plan, [TORCH_WHEEL], toolchain=toolchain(), out_dir=tmp_path / "out")
     with pytest.raises(WheelError, match="a wheel of flash-attn, not of package vllm"):
         finish_wheels(plan, [("vllm", built["flash-attn"])], toolchain=toolchain(), out_dir=tmp_path / "out")

@@ -96,6 +96,25 @@ def read_fatbin_units(path: Path | str) -> tuple[FatbinUnit, ...]:
         return read_fatbin_stream(stream, str(path))
 
 
+def linked_cuda_runtime(stream: BinaryIO, name: str) -> int | None:
+    """The CUDA major of the libcudart.so.N an ELF file links (its DT_NEEDED), or None.
+
+    The runtime, not only the kernels, has a driver floor: libcudart.so.13 fails to initialise
+    on a driver older than CUDA 13.0's even when every kernel is native SASS.
+    """
+    try:
+        dynamic = ELFFile(stream).get_section_by_name(".dynamic")
+    except ELFError as error:
+        raise AuditInputError(f"{name}: not a readable ELF file ({error}); is it truncated?") from None
+    if dynamic is None:
+        return None
+    for tag in dynamic.iter_tags("DT_NEEDED"):
+        match = re.fullmatch(r"libcudart\.so\.(\d+)", tag.needed)
+        if match:
+            return int(match[1])
+    return None
+
+
 def read_fatbin_stream(stream: BinaryIO, name: str) -> tuple[FatbinUnit, ...]:
     """The fatbin units of a seekable ELF stream; `name` goes into error messages."""
     try:

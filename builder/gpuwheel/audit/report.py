@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from packaging.version import Version
 
 from gpuwheel import facts
-from gpuwheel.audit.fatbin import FatbinUnit, PtxEntry, SassEntry, read_fatbin_stream
+from gpuwheel.audit.fatbin import FatbinUnit, PtxEntry, SassEntry, linked_cuda_runtime, read_fatbin_stream
 from gpuwheel.errors import AuditInputError
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class SoReport:
     optional: bool  # matches one of the target's optional globs
     problems: tuple[str, ...]  # why it fails
     waived: tuple[str, ...] = ()  # what would fail it, were it not declared optional
+    cuda_runtime: int | None = None  # N of the libcudart.so.N it links
 
     @property
     def has_gpu_code(self) -> bool:
@@ -125,7 +126,7 @@ class SoReport:
                 "optional": self.optional, "native": self.count(NATIVE), "jit": self.count(JIT),
                 "none": self.count(NONE), "ptx_isa_range": self.ptx_isa_range, "sass_archs": list(self.sass_archs),
                 "ptx_archs": list(self.ptx_archs), "none_archs": list(self.none_archs),
-                "problems": list(self.problems), "waived": list(self.waived),
+                "problems": list(self.problems), "waived": list(self.waived), "cuda_runtime": self.cuda_runtime,
                 "units": [unit.to_json() for unit in self.units]}
 
 
@@ -202,7 +203,8 @@ def audit(path: Path | str, target: AuditTarget) -> AuditReport:
                                   "give a wheel, a directory of wheels or a .so")
         stream.seek(0)
         units = read_fatbin_stream(stream, str(path))
-    so = _judge_so(str(path), None, units, target)
+        cuda_runtime = linked_cuda_runtime(stream, str(path))
+    so = _judge_so(str(path), None, units, cuda_runtime, target=target)
     problems = so.problems if so.has_gpu_code else (f"{path}: carries no GPU code (no fatbin); "
                                                     f"nothing in it runs on {target.arch.plain}",)
     return AuditReport(str(path), target, (), (so,), problems)
@@ -222,9 +224,9 @@ def _audit_wheel(path: Path, target: AuditTarget) -> WheelReport:
         sos = []
         for member in members:
             if _looks_like_shared_object(member.filename):
-                units = _read_member_units(archive, member, path)
-                if units is not None:
-                    sos.append(_judge_so(member.filename, path.name, units, target))
+                read = _read_member_units(archive, member, path)
+                if read is not None:
+                    sos.append(_judge_so(member.filename, path.name, *read, target=target))
     problems = tuple(f"{path.name}: {problem}" for so in sos for problem in so.problems)
     if not any(so.has_gpu_code for so in sos):
         problems += (f"{path.name}: carries no GPU code (no .so with a fatbin among {len(sos)} ELF files); "
@@ -249,8 +251,10 @@ def _looks_like_shared_object(name: str) -> bool:
     return base.endswith(".so") or ".so." in base
 
 
-def _read_member_units(archive: zipfile.ZipFile, member: zipfile.ZipInfo, wheel: Path) -> tuple[FatbinUnit, ...] | None:
-    """The fatbin units of one .so member (None when it is no ELF), one member in a temp file at a time."""
+def _read_member_units(archive: zipfile.ZipFile, member: zipfile.ZipInfo, wheel: Path
+                       ) -> tuple[tuple[FatbinUnit, ...], int | None] | None:
+    """The fatbin units and linked CUDA runtime of one .so member (None when it is no ELF), one
+    member in a temp file at a time."""
     name = f"{wheel.name}:{member.filename}"
     try:
         with archive.open(member) as source:
@@ -259,12 +263,14 @@ def _read_member_units(archive: zipfile.ZipFile, member: zipfile.ZipInfo, wheel:
         with archive.open(member) as source, tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as copy:
             shutil.copyfileobj(source, copy, 4 * 1024 * 1024)
             copy.seek(0)
-            return read_fatbin_stream(copy, name)
+            units = read_fatbin_stream(copy, name)
+            return units, linked_cuda_runtime(copy, name)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
         raise AuditInputError(f"{name}: cannot read this member ({error}); the wheel is corrupt") from None
 
 
-def _judge_so(path: str, wheel: str | None, units: tuple[FatbinUnit, ...], target: AuditTarget) -> SoReport:
+def _judge_so(path: str, wheel: str | None, units: tuple[FatbinUnit, ...], cuda_runtime: int | None = None, *,
+              target: AuditTarget) -> SoReport:
     verdicts = tuple(judge_unit(unit, target) for unit in units)
     optional = any(fnmatch.fnmatch(path, glob) or fnmatch.fnmatch(PurePosixPath(path).name, glob)
                    for glob in target.optional_globs)
@@ -273,9 +279,24 @@ def _judge_so(path: str, wheel: str | None, units: tuple[FatbinUnit, ...], targe
         carried = ", ".join(_sorted_names(name for v in verdicts for name in (*v.sass, *v.ptx)))
         problems.append(f"{path}: none of its {len(verdicts)} fatbin units runs on {target.arch.plain} "
                         f"(it carries {carried}); build it for {target.arch.plain} or declare it audit-optional")
+    runtime_problem = _runtime_problem(cuda_runtime, target.min_driver)
+    # No optional waiver for the runtime: such a library fails to load whichever GPU it is on.
+    loads = (f"{path}: {runtime_problem}",) if runtime_problem else ()
     if optional:  # declared arch-specific: the library never dispatches to it on other GPUs
-        return SoReport(path, wheel, verdicts, optional, (), tuple(problems))
-    return SoReport(path, wheel, verdicts, optional, tuple(problems))
+        return SoReport(path, wheel, verdicts, optional, loads, tuple(problems), cuda_runtime)
+    return SoReport(path, wheel, verdicts, optional, (*loads, *problems), (), cuda_runtime)
+
+
+def _runtime_problem(cuda_runtime: int | None, min_driver: str | None) -> str | None:
+    """libcudart.so.N runs on any driver of CUDA N.0 or newer (minor-version compatibility)."""
+    if cuda_runtime is None or min_driver is None:
+        return None
+    need = facts.CUDA_MIN_DRIVER.get(f"{cuda_runtime}.0")
+    if need is None or facts.driver_tuple(min_driver) >= facts.driver_tuple(need):
+        return None
+    fits = facts.driver_max_cuda(min_driver)
+    return (f"links libcudart.so.{cuda_runtime}, which needs driver ≥ {need} (target driver {min_driver}); "
+            f"build with CUDA ≤ {fits}" if fits else f"links libcudart.so.{cuda_runtime}, which needs driver ≥ {need}")
 
 
 def judge_unit(unit: FatbinUnit, target: AuditTarget) -> UnitVerdict:
