@@ -165,14 +165,14 @@ def test_the_build_stages_raw_wheels_and_toolchain_info_are_finished(plan, built
     info = ToolchainInfo(backend="local", python="3.11.7", torch="2.14.1+cu130", torch_cuda="13.0", nvcc="13.0.88",
                          cc="c++ (Debian 12.2.0-14) 12.2.0", location=str(tmp_path / "venv"), sccache="sccache 0.10.0")
     raw = RawWheels(plan.hash, info, (RawWheel("flash-attn", built["flash-attn"], tmp_path / "build.log", 1.0,
-                                               CacheStats(0, 0)),), 0.0)
+                                               CacheStats(0, 0)),))
     (wheel,) = finish_wheels(plan, raw, toolchain=info, out_dir=tmp_path / "out").wheels
     assert wheel.filename == finished.filename
     # Where and how fast it built is not what built it: kept out, so machines agree on the bytes.
     assert "location" not in wheel.provenance["toolchain"]["observed"]
     assert "sccache" not in wheel.provenance["toolchain"]["observed"]
     assert wheel.provenance["toolchain"]["observed"]["torch_cuda"] == "13.0"
-    stale = RawWheels("0" * 64, info, raw.wheels, 0.0)
+    stale = RawWheels("0" * 64, info, raw.wheels)
     with pytest.raises(WheelError, match="built for plan 000000000000, not for this plan"):
         finish_wheels(plan, stale, toolchain=info, out_dir=tmp_path / "stale")
     assert not (tmp_path / "stale").exists()

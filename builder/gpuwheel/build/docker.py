@@ -107,19 +107,12 @@ class DockerBackend:
 
     def __init__(self, base_image: str | None = None):
         self.base_image = base_image  # overrides the recipe's [toolchain] base_image
-        self._prepared: tuple[Toolchain, ToolchainInfo] | None = None
         self._client: docker.DockerClient | None = None
         self._image: str | None = None
         self._sccache = False
 
     # ---- toolchain image ----------------------------------------------------------------------
     def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
-        if self._prepared and self._prepared[0] == toolchain:
-            return self._prepared[1]  # asked again by build_packages after the CLI's early check
-        self._prepared = (toolchain, self._prepare(toolchain, recipe_name))
-        return self._prepared[1]
-
-    def _prepare(self, toolchain: Toolchain, recipe_name: str) -> ToolchainInfo:
         self._client = engine()
         base_name = self.base_image or toolchain.base_image
         if not base_name:

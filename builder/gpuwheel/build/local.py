@@ -34,19 +34,12 @@ class LocalBackend:
 
     def __init__(self, python: str | None = None):
         self.python = python  # an interpreter to use (or to make the venv from)
-        self._prepared: tuple[Toolchain, ToolchainInfo] | None = None
         self._interpreter: Path | None = None
         self._cuda_home: Path | None = None
         self._sccache: str | None = None
 
     # ---- toolchain ----------------------------------------------------------------------------
     def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
-        if self._prepared and self._prepared[0] == toolchain:
-            return self._prepared[1]  # asked again by build_packages after the CLI's early check
-        self._prepared = (toolchain, self._prepare(toolchain, recipe_name))
-        return self._prepared[1]
-
-    def _prepare(self, toolchain: Toolchain, recipe_name: str) -> ToolchainInfo:
         cuda = facts.major_minor(toolchain.cuda)
         fix_cuda = (f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend docker"
                     + (f" (base image {toolchain.base_image})" if toolchain.base_image else ""))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,11 +43,9 @@ class RawWheels:
     plan_hash: str
     toolchain: ToolchainInfo
     wheels: tuple[RawWheel, ...]
-    prepare_seconds: float
 
     def to_json(self) -> dict:
         return {"plan_hash": self.plan_hash, "toolchain": self.toolchain.to_json(),
-                "prepare_seconds": round(self.prepare_seconds, 1),
                 "wheels": [{"package": w.package, "path": str(w.path), "log": str(w.log_path),
                             "seconds": round(w.seconds, 1), "cache_hits": w.cache.hits,
                             "cache_misses": w.cache.misses} for w in self.wheels]}
@@ -68,17 +65,16 @@ def select_backend(name: str, *, python: str | None = None, base_image: str | No
     return LocalBackend(python=python)
 
 
-def build_packages(plan: Plan, trees, *, backend: Backend, out_dir: Path, quiet: bool = False) -> RawWheels:
+def build_packages(plan: Plan, trees, *, backend: Backend, toolchain: ToolchainInfo, out_dir: Path,
+                   quiet: bool = False) -> RawWheels:
     """Build the plan's packages (`--only` is the plan's) from their prepared trees into out_dir.
 
     `trees` is patches.prepare_trees' value: `.packages`, each with name, tree and deps_dir.
+    `toolchain` is what backend.prepare() observed: it is called first, before any download.
     """
     progress = BuildProgress(quiet=quiet)
     packages = plan.packages
     prepared = {t.name: t for t in trees.packages}
-    started = time.monotonic()
-    toolchain = backend.prepare(plan.toolchain, recipe_name=plan.recipe.name)
-    prepare_seconds = time.monotonic() - started
     progress.say(f"toolchain ({backend.name}): nvcc {toolchain.nvcc}, torch {toolchain.torch} "
                  f"(CUDA {toolchain.torch_cuda}), Python {toolchain.python}, {toolchain.cc}"
                  + (f", image {toolchain.image}" if toolchain.image else ""))
@@ -91,7 +87,7 @@ def build_packages(plan: Plan, trees, *, backend: Backend, out_dir: Path, quiet:
                              f"{', '.join(prepared) or 'none'})")
         built.append(_build_one(package, prepared[package.name], backend, toolchain, out_dir,
                                 logs / f"{package.name}.log", progress, recipe=plan.recipe.name))
-    return RawWheels(plan.hash, toolchain, tuple(built), prepare_seconds)
+    return RawWheels(plan.hash, toolchain, tuple(built))
 
 
 def _build_one(package: PackagePlan, prepared, backend: Backend, toolchain: ToolchainInfo, out_dir: Path,

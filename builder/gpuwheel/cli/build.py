@@ -47,7 +47,7 @@ def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, of
     plan = make_plan(load_recipe(target), jobs=jobs, only=only)
     chosen = select_backend(backend, python=python, base_image=base_image)
     # A toolkit or torch that differs from the recipe stops the build before any download.
-    chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
+    toolchain = chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
     timings.append(("toolchain", time.monotonic() - start))
     mark = time.monotonic()
     sources = fetch_sources(plan, offline=offline, progress=not quiet)
@@ -56,8 +56,8 @@ def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, of
     trees = prepare_trees(plan, sources, cache_root() / "trees" / plan.hash[:16])
     timings.append(("patch", time.monotonic() - mark))
     try:
-        raw = build_packages(plan, trees, backend=chosen, out_dir=cache_root() / "raw" / plan.hash[:16],
-                             quiet=quiet)
+        raw = build_packages(plan, trees, backend=chosen, toolchain=toolchain,
+                             out_dir=cache_root() / "raw" / plan.hash[:16], quiet=quiet)
     except BuildError as error:
         for line in getattr(error, "tail", ()):
             console.print(f"  {line}", markup=False, highlight=False)
