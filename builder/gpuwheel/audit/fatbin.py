@@ -40,8 +40,8 @@ _TARGET_RE = re.compile(rb"^\s*\.target\s+(sm_\d+[af]?)", re.M)
 
 
 @dataclass(frozen=True)
-class SassEntry:
-    """Machine code for one GPU arch: sm_90a is arch 90, variant "a"."""
+class _ArchCode:
+    """Code for one arch number and variant: sm_90a / compute_90a are arch 90, variant "a"."""
 
     arch: int
     variant: str  # "" (plain), "a" (this arch only) or "f" (this arch's family)
@@ -54,26 +54,21 @@ class SassEntry:
     def minor(self) -> int:
         return self.arch % 10
 
+
+@dataclass(frozen=True)
+class SassEntry(_ArchCode):
+    """Machine code for one GPU arch."""
+
     @property
     def name(self) -> str:
         return f"sm_{self.arch}{self.variant}"
 
 
 @dataclass(frozen=True)
-class PtxEntry:
+class PtxEntry(_ArchCode):
     """PTX for one virtual arch, and the PTX ISA version its text declares (`.version`)."""
 
-    arch: int
-    variant: str
     isa: str  # "9.0"
-
-    @property
-    def major(self) -> int:
-        return self.arch // 10
-
-    @property
-    def minor(self) -> int:
-        return self.arch % 10
 
     @property
     def name(self) -> str:
