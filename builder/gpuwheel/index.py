@@ -39,6 +39,7 @@ from packaging.metadata import parse_email
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from gpuwheel.cache import sha256_file
 from gpuwheel.errors import PublishError, WheelError
 from gpuwheel.gate import PublishGate, check_gate
 from gpuwheel.log import logger
@@ -131,8 +132,7 @@ def read_wheel(path: Path) -> WheelFile:
             raise WheelError(f"{path}: {record} is not valid JSON ({error})") from None
         if not isinstance(provenance, dict):
             raise WheelError(f"{path}: {record} is not a JSON object")
-    with open(path, "rb") as handle:
-        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    sha256 = sha256_file(path)
     return WheelFile(path=path, filename=path.name, project=name, display_name=raw["name"],
                      version=str(version), sha256=sha256, size=path.stat().st_size,
                      metadata=metadata, requires_python=raw.get("requires_python"),
@@ -347,8 +347,7 @@ def _hash_of(path: Path, known: Mapping[str, tuple[str, int]]) -> str:
     cached = known.get(path.name)
     if cached and cached[1] == path.stat().st_size:
         return cached[0]
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    return sha256_file(path)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -40,7 +40,7 @@ from pypi_simple import PYPI_SIMPLE_ENDPOINT, NoSuchProjectError, PyPISimple
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from gpuwheel.cache import cache_root
+from gpuwheel.cache import cache_root, sha256_file
 from gpuwheel.errors import OfflineError, SourceError
 from gpuwheel.log import console, logger
 from gpuwheel.plan import PackagePlan, Plan
@@ -192,7 +192,7 @@ class _Store:
             raise SourceError(f"{label}: local source {path} does not exist", hint="fix [package.source] path")
         if not sha256:
             raise SourceError(f"{label}: local archive {path} has no sha256 in the recipe",
-                              hint=f"add sha256 = \"{_sha256_of(path)}\" to [package.source]")
+                              hint=f"add sha256 = \"{sha256_file(path)}\" to [package.source]")
         _verify_file(path, sha256, label)
         tree_root = self.root / "trees" / sha256
         with self._locked(sha256):
@@ -408,7 +408,7 @@ def _meter(name: str, total: int | None, enabled: bool) -> Iterator[Callable[[in
 
 
 def _verify_file(path: Path, sha256: str, label: str) -> None:
-    actual = _sha256_of(path)
+    actual = sha256_file(path)
     if actual != sha256:
         raise SourceError(f"{label}: {path} has sha256 {actual}, the recipe pins {sha256}; refused",
                           hint="check which one is right before changing the pin")
@@ -416,20 +416,12 @@ def _verify_file(path: Path, sha256: str, label: str) -> None:
 
 def _verify_cached(archive: Path, tree_root: Path, sha256: str, label: str) -> None:
     """A cached archive is hashed again on each use: one altered in the cache is removed, tree and all."""
-    actual = _sha256_of(archive)
+    actual = sha256_file(archive)
     if actual != sha256:
         shutil.rmtree(archive.parent)
         shutil.rmtree(tree_root, ignore_errors=True)
         raise SourceError(f"{label}: cached {archive.name} was altered (sha256 {actual[:12]}…, pinned "
                           f"{sha256[:12]}…); removed it and its tree", hint="run the fetch again")
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _url_filename(url: str) -> str:

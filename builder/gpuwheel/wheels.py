@@ -37,7 +37,8 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
-from gpuwheel.audit.report import AuditReport, AuditTarget, audit
+from gpuwheel.audit.report import AuditReport, AuditTarget, audit, escapes_root
+from gpuwheel.cache import sha256_file
 from gpuwheel.errors import AuditFailure, WheelError
 from gpuwheel.index import PROVENANCE_FILE, read_wheel
 from gpuwheel.log import console, logger
@@ -259,8 +260,7 @@ def _finish_one(plan: Plan, package: PackagePlan, raw: Path, label: str, observe
     finished = work / filename
     renames = {layout.dist_info: f"{stem}.dist-info", layout.data_dir: f"{stem}.data"}
     _repack(audited, finished, renames, version, set(tags), provenance, epoch)
-    with open(finished, "rb") as stream:
-        sha256 = hashlib.file_digest(stream, "sha256").hexdigest()
+    sha256 = sha256_file(finished)
     return FinishedWheel(package.name, finished, str(version), label, platform_tags, grafted, sha256,
                          report.passed, provenance)
 
@@ -340,8 +340,7 @@ def _check_raw_wheel(path: Path, package: PackagePlan) -> _Layout:
 
 
 def _refuse_unsafe_name(wheel: Path, name: str) -> None:
-    pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or ".." in pure.parts or (pure.parts and ":" in pure.parts[0]):
+    if escapes_root(name):
         raise WheelError(f"{wheel}: member {name!r} would land outside the install root (path traversal); "
                          "refusing this wheel")
 

@@ -234,9 +234,14 @@ def _audit_wheel(path: Path, target: AuditTarget) -> WheelReport:
     return WheelReport(str(path), tuple(sos), problems)
 
 
-def _refuse_unsafe_name(wheel: Path, name: str) -> None:
+def escapes_root(name: str) -> bool:
+    """Whether a zip member name would land outside the directory it is extracted to."""
     pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or ".." in pure.parts or (pure.parts and ":" in pure.parts[0]):
+    return pure.is_absolute() or ".." in pure.parts or bool(pure.parts and ":" in pure.parts[0])
+
+
+def _refuse_unsafe_name(wheel: Path, name: str) -> None:
+    if escapes_root(name):
         raise AuditInputError(f"{wheel}: member {name!r} would land outside the wheel's root (path traversal); "
                               "refusing this wheel")
 
