@@ -121,7 +121,7 @@ def read_wheel(path: Path) -> WheelFile:
     except (zipfile.BadZipFile, OSError) as error:
         raise WheelError(f"{path}: cannot read the wheel ({error})") from None
     raw, _ = parse_email(metadata)
-    if canonicalize_name(raw.get("name", "")) != name or _version_or_none(raw.get("version")) != version:
+    if canonicalize_name(raw.get("name", "")) != name or version_or_none(raw.get("version")) != version:
         raise WheelError(f"{path}: METADATA says {raw.get('name')} {raw.get('version')}, "
                          f"the file name says {name} {version}")
     provenance = None
@@ -139,7 +139,8 @@ def read_wheel(path: Path) -> WheelFile:
                      dist_info=dist_info, provenance=provenance)
 
 
-def _version_or_none(text: str | None) -> Version | None:
+def version_or_none(text: str | None) -> Version | None:
+    """A METADATA Version field parsed, or None when it is missing or no PEP 440 version."""
     try:
         return Version(text or "")
     except InvalidVersion:

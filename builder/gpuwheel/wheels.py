@@ -34,13 +34,13 @@ from typing import Any, Mapping
 from packaging.metadata import parse_email
 from packaging.tags import parse_tag
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from gpuwheel import facts
 from gpuwheel.audit.report import AuditReport, AuditTarget, audit, escapes_root
 from gpuwheel.cache import sha256_file
 from gpuwheel.errors import AuditFailure, WheelError
-from gpuwheel.index import PROVENANCE_FILE, read_wheel
+from gpuwheel.index import PROVENANCE_FILE, read_wheel, version_or_none
 from gpuwheel.log import console, logger
 from gpuwheel.plan import SCHEDULING_ENV, PackagePlan, Plan
 from gpuwheel.run import run
@@ -331,7 +331,7 @@ def _check_raw_wheel(path: Path, package: PackagePlan) -> _Layout:
         dist_info = _single_dist_info(path, names, name, version)
         metadata = _read(archive, path, f"{dist_info}/METADATA")
         raw, _ = parse_email(metadata)
-        if canonicalize_name(raw.get("name", "")) != name or _version(raw.get("version")) != version:
+        if canonicalize_name(raw.get("name", "")) != name or version_or_none(raw.get("version")) != version:
             raise WheelError(f"{path}: {dist_info}/METADATA says {raw.get('name')} {raw.get('version')}, "
                              f"the file name says {name} {version}")
         _check_record(archive, path, dist_info, infos)
@@ -353,19 +353,12 @@ def _single_dist_info(path: Path, names: list[str], name: str, version: Version)
                          + (f" ({', '.join(found)})" if found else "; not a wheel"))
     dist_info = found[0]
     dist_name, _, dist_version = dist_info[:-len(".dist-info")].partition("-")
-    if canonicalize_name(dist_name) != name or _version(dist_version) != version:
+    if canonicalize_name(dist_name) != name or version_or_none(dist_version) != version:
         raise WheelError(f"{path}: its directory {dist_info} disagrees with the file name ({name} {version})")
     for required in ("METADATA", "WHEEL", "RECORD"):
         if f"{dist_info}/{required}" not in names:
             raise WheelError(f"{path}: {dist_info}/{required} is missing; not a wheel")
     return dist_info
-
-
-def _version(text: str | None) -> Version | None:
-    try:
-        return Version(text) if text else None
-    except InvalidVersion:
-        return None
 
 
 def _read(archive: zipfile.ZipFile, path: Path, member: str) -> bytes:
