@@ -19,7 +19,8 @@ from gpuwheel import facts
 from gpuwheel.build.jobs import Jobs, choose_jobs
 from gpuwheel.errors import IncompatibleRecipeError, RecipeError
 from gpuwheel.patches import PatchRef, read_series
-from gpuwheel.recipe import (Dependency, InferenceProfile, PackageRecipe, Recipe, Source, Target,
+from gpuwheel.kinds import vllm as vllm_kind
+from gpuwheel.recipe import (Dependency, InferenceProfile, PackageRecipe, Recipe, ServingProfile, Source, Target,
                              Toolchain, closest)
 
 PLAN_SCHEMA = 1
@@ -45,10 +46,19 @@ class PackagePlan:
     inference: InferenceProfile | None
     audit_optional: tuple[str, ...]
     jobs: Jobs
+    serving: ServingProfile | None = None
+    stand_in: Source | None = None  # the published wheel the stand-in trees come from
+    stand_ins: tuple[str, ...] = ()  # dependencies supplied as stand-in trees, not from their sources
+    rust_frontend: str = "off"
 
     @property
     def env_dict(self) -> dict[str, str]:
         return dict(self.env)
+
+    @property
+    def fetched_dependencies(self) -> tuple[Dependency, ...]:
+        """The dependencies whose own sources the build needs."""
+        return tuple(d for d in self.dependencies if d.name not in self.stand_ins)
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,10 @@ class Plan:
         out = []
         for p in self.packages:
             out.append(f"fetch {p.name} {p.version} ({p.source.kind} {p.source.location})")
-            out.extend(f"fetch {p.name} dependency {d.name} ({d.git} @ {d.rev})" for d in p.dependencies)
+            out.extend(f"fetch {p.name} dependency {d.name} ({d.git} @ {d.rev})" for d in p.fetched_dependencies)
+            if p.stand_ins:
+                out.append(f"stand in for {p.name} dependencies {', '.join(p.stand_ins)}: their installed files "
+                           f"from {p.stand_in.location} (sha256 {p.stand_in.sha256[:12]}…)")
             if p.patches:
                 out.append(f"patch {p.name}: {', '.join(r.name for r in p.patches)}")
             out.append(f"build {p.name}: {' '.join(p.command)}")
@@ -104,6 +117,10 @@ def _package_json(p: PackagePlan) -> dict:
         "command": list(p.command),
         "profile": p.profile,
         "inference": asdict(p.inference) if p.inference else None,
+        "serving": asdict(p.serving) if p.serving else None,
+        "stand_in": asdict(p.stand_in) if p.stand_in else None,
+        "stand_ins": list(p.stand_ins),
+        "rust_frontend": p.rust_frontend,
         "audit_optional": list(p.audit_optional),
         "jobs": asdict(p.jobs),
     }
@@ -167,6 +184,17 @@ def _package_problems(package: PackageRecipe, recipe: Recipe, archs, notes: list
                             f"torch = \"{pin}\" or pick the vLLM release that pins {torch}")
         elif pin != torch:
             notes.append(f"vLLM {package.version} pins torch {pin}; recipe has {torch} (same ABI series)")
+        if package.version not in vllm_kind.DEPENDENCY_ARCHS:
+            notes.append(f"vLLM {package.version}: gpuwheel does not know which archs compile which of its "
+                         f"dependencies: every dependency is fetched from its sources")
+        elif package.stand_in is not None:
+            standing = stand_ins(package, recipe)
+            if standing:
+                notes.append(f"vLLM {package.version}: {', '.join(standing)} stand in as the files "
+                             f"{package.stand_in.location} installs from them (nothing of them is compiled for "
+                             f"{recipe.target.torch_cuda_arch_list}" + (", or the serving profile leaves them out)"
+                                                                        if package.serving and package.serving.omit
+                                                                        else ")"))
     if package.name == "flash-attn":
         for arch in archs:
             fa = facts.flash_attn_arch(arch)
@@ -206,16 +234,32 @@ def _vllm_env(package: PackageRecipe, recipe: Recipe) -> dict[str, str]:
         # Equal to the toolkit's version, so vLLM appends no +cuXYZ to its version.
         "VLLM_MAIN_CUDA_VERSION": facts.major_minor(recipe.toolchain.cuda),
         "CMAKE_BUILD_TYPE": recipe.build.build_type,
+        **vllm_kind.rust_env(package.rust_frontend, str(package.cargo_vendor) if package.cargo_vendor else None),
     }
+    if package.serving:
+        env.update(vllm_kind.serving_env(package.serving.head_dims, package.serving.dtypes, package.serving.omit))
     cmake_args = ["-DFETCHCONTENT_FULLY_DISCONNECTED=ON"]  # no compile step touches the network
     for dep in package.dependencies:
-        tree = f"{DEPS}/{dep.name}"
+        tree = f"{DEPS}/{dep.name}" + (f"/{dep.subdir}" if dep.subdir else "")
         if dep.src_dir_env:
             env[dep.src_dir_env] = tree
         else:
             cmake_args.append(f"-DFETCHCONTENT_SOURCE_DIR_{dep.fetchcontent_name.upper()}={tree}")
     env["CMAKE_ARGS"] = " ".join(cmake_args)
     return env
+
+
+def stand_ins(package: PackageRecipe, recipe: Recipe) -> tuple[str, ...]:
+    """The dependencies of a vLLM package that the recipe's archs never compile (or its serving
+    profile leaves out) and that can stand in as Python files from the published wheel."""
+    if package.name != "vllm" or package.stand_in is None:
+        return ()
+    archs = facts.parse_arch_list(recipe.target.torch_cuda_arch_list)
+    omitted = vllm_kind.omitted_dependencies(package.serving.omit if package.serving else ())
+    return tuple(dep.name for dep in package.dependencies
+                 if vllm_kind.stand_in(package.version, dep.name) is not None
+                 and (dep.name in omitted
+                      or vllm_kind.compiled_for(package.version, dep.name, recipe.toolchain.cuda, archs) is False))
 
 
 _PACKAGE_ENV = {"flash-attn": _flash_attn_env, "vllm": _vllm_env}
@@ -255,7 +299,8 @@ def make_plan(recipe: Recipe, *, jobs: int | None = None, only: tuple[str, ...] 
             name=package.name, version=package.version, source=package.source, patches=patches,
             dependencies=package.dependencies, env=tuple(sorted(_package_env(package, recipe, chosen).items())),
             command=BUILD_COMMAND, profile=package.profile, inference=package.inference,
-            audit_optional=package.audit_optional, jobs=chosen))
+            audit_optional=package.audit_optional, jobs=chosen, serving=package.serving,
+            stand_in=package.stand_in, stand_ins=stand_ins(package, recipe), rust_frontend=package.rust_frontend))
     packages_t = tuple(packages)
     digest = _content_hash(recipe, packages_t)
     return Plan(recipe=recipe.path, target=recipe.target, toolchain=recipe.toolchain,

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
 from gpuwheel.errors import RecipeError
+from gpuwheel.kinds import vllm as vllm_kind
+from gpuwheel.kinds.vllm import RUST_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,6 +40,7 @@ def recipes_dir() -> Path:
 # ---- schema: table → key → (type, description); used for checks and docs ------------------
 _STR, _INT, _LIST_STR, _LIST_INT, _TABLE, _BOOL = "string", "integer", "list of strings", \
     "list of integers", "table", "boolean"
+_BOOL_OR_LIST = "boolean or list of strings"
 
 SCHEMA: dict[str, dict[str, str]] = {
     "": {"extends": _STR, "target": _TABLE, "toolchain": _TABLE, "build": _TABLE,
@@ -47,13 +51,17 @@ SCHEMA: dict[str, dict[str, str]] = {
                   "base_image_digest": _STR},
     "build": {"jobs": _INT, "nvcc_threads": _INT, "build_type": _STR},
     "package": {"name": _STR, "version": _STR, "source": _TABLE, "patches": _STR,
-                "env": _TABLE, "profile": _STR, "inference": _TABLE, "dependency": "array of tables",
-                "audit": _TABLE},
+                "env": _TABLE, "profile": _STR, "inference": _TABLE, "serving": _TABLE,
+                "dependency": "array of tables", "audit": _TABLE, "stand_in": _TABLE, "rust_frontend": _STR,
+                "cargo_vendor": _STR},
     "package.source": {"sdist": _STR, "index": _STR, "git": _STR, "commit": _STR,
                        "url": _STR, "path": _STR, "sha256": _STR, "submodules": _BOOL},
     "package.inference": {"head_dims": _LIST_INT, "disable": _LIST_STR},
+    "package.serving": {"head_dims": _LIST_INT, "dtypes": _LIST_STR, "omit": _LIST_STR},
+    "package.stand_in": {"wheel": _STR, "sha256": _STR, "index": _STR},
     "package.dependency": {"name": _STR, "git": _STR, "rev": _STR, "commit": _STR,
-                           "src_dir_env": _STR, "fetchcontent_name": _STR, "submodules": _BOOL},
+                           "src_dir_env": _STR, "fetchcontent_name": _STR, "submodules": _BOOL_OR_LIST,
+                           "subdir": _STR, "exclude": _LIST_STR},
     "package.audit": {"optional": _LIST_STR},
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -62,7 +70,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "package": ("name", "version", "source"),
     "package.dependency": ("name", "git", "rev"),
 }
-PROFILES = ("full", "inference")
+PROFILES = ("full", "inference", "serving")  # inference: flash-attn's; serving: vLLM's
 # Features the flash-attn inference profile may switch off (FLASHATTENTION_DISABLE_<NAME>).
 FLASH_ATTN_FEATURES = ("dropout", "alibi", "softcap", "local", "uneven_k")
 FLASH_ATTN_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -124,7 +132,18 @@ class Dependency:
     src_dir_env: str | None = None  # the variable that points vLLM at a local tree
     fetchcontent_name: str | None = None  # for FETCHCONTENT_SOURCE_DIR_<NAME> when no variable
     commit: str | None = None  # full commit the rev resolves to, when known
-    submodules: bool = True
+    submodules: bool | tuple[str, ...] = True  # all, none, or just these paths (others are never read)
+    subdir: str = ""  # the directory inside the tree that src_dir_env must name
+    exclude: tuple[str, ...] = ()  # paths no build reads, left out of the checkout (and of a mirror)
+
+
+@dataclass(frozen=True)
+class ServingProfile:
+    """vLLM's serving profile: FA2 for these head dims and dtypes only, these kernel families left out."""
+
+    head_dims: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    omit: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,8 +161,12 @@ class PackageRecipe:
     env: tuple[tuple[str, str], ...] = ()
     profile: str = "full"
     inference: InferenceProfile | None = None
+    serving: ServingProfile | None = None
     dependencies: tuple[Dependency, ...] = ()
     audit_optional: tuple[str, ...] = ()
+    stand_in: Source | None = None  # the published wheel whose files stand in for uncompiled dependencies
+    rust_frontend: str = "off"  # vLLM's optional Rust frontend: off | optional | required
+    cargo_vendor: Path | None = None  # `cargo vendor` output the Rust frontend's crates come from
 
 
 @dataclass(frozen=True)
@@ -371,6 +394,8 @@ def _is(value: Any, expected: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if expected == _BOOL:
         return isinstance(value, bool)
+    if expected == _BOOL_OR_LIST:
+        return isinstance(value, bool) or _is(value, _LIST_STR)
     if expected == _LIST_STR:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if expected == _LIST_INT:
@@ -447,7 +472,7 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
                   packages=tuple(packages), files=files, origins=origins)
 
 
-def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:
+def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:  # noqa: C901 - one check per key
     source = _source(entry["source"], f"{prefix}.source", where)
     profile = entry.get("profile", "full")
     if profile not in PROFILES:
@@ -472,6 +497,11 @@ def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:
         inference = InferenceProfile(head_dims=tuple(sorted(set(head_dims))), disable=tuple(sorted(set(disable))))
     elif "inference" in entry:
         raise RecipeError(f"{where(prefix + '.inference.head_dims')}: [package.inference] needs profile = \"inference\"")
+    serving = _serving(entry, prefix, where)
+    if profile == "inference" and entry["name"] != "flash-attn" or profile == "serving" and entry["name"] != "vllm":
+        raise RecipeError(f"{where(prefix + '.profile')}: profile '{profile}' is for "
+                          f"{'flash-attn' if profile == 'inference' else 'vllm'}, not {entry['name']}",
+                          hint="use profile = \"full\" or drop it")
     dependencies = []
     for index, dep in enumerate(entry.get("dependency", [])):
         dep_prefix = f"{prefix}.dependency[{index}]"
@@ -482,14 +512,79 @@ def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:
         if not dep.get("src_dir_env") and not dep.get("fetchcontent_name"):
             raise RecipeError(f"{where(dep_prefix + '.name')}: dependency {dep['name']} needs src_dir_env or "
                               f"fetchcontent_name", hint="say how vLLM is pointed at the pre-fetched tree")
-        dependencies.append(Dependency(**dep))
+        for key in ("subdir", "exclude", "submodules"):
+            values = dep.get(key, ())
+            for value in [values] if isinstance(values, str) else values if isinstance(values, list) else ():
+                if not _relative_path(value):
+                    raise RecipeError(f"{where(dep_prefix + '.' + key)}: dependency {dep['name']}: {key} "
+                                      f"'{value}' must be a relative path inside the tree, without '..'")
+        fields = {**dep, "exclude": tuple(dep.get("exclude", ())),
+                  "submodules": tuple(s) if isinstance(s := dep.get("submodules", True), list) else s}
+        dependencies.append(Dependency(**fields))
+    stand_in = None
+    if "stand_in" in entry:
+        spec = entry["stand_in"]
+        if "wheel" not in spec or "sha256" not in spec:
+            raise RecipeError(f"{where(prefix + '.stand_in')}: [package.stand_in] needs wheel and sha256",
+                              hint="the file name of the package's published wheel and its sha256")
+        try:
+            parse_wheel_filename(spec["wheel"])
+        except InvalidWheelFilename:
+            raise RecipeError(f"{where(prefix + '.stand_in.wheel')}: '{spec['wheel']}' is not a wheel file "
+                              f"name", hint="e.g. vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl") from None
+        stand_in = _source({"sdist": spec["wheel"], "sha256": spec["sha256"], **{k: v for k, v in spec.items()
+                            if k == "index"}}, f"{prefix}.stand_in", where)
+    rust_frontend = entry.get("rust_frontend", "off")
+    if rust_frontend not in RUST_MODES:
+        close = closest(rust_frontend, RUST_MODES)
+        raise RecipeError(f"{where(prefix + '.rust_frontend')}: unknown rust_frontend '{rust_frontend}'",
+                          hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(RUST_MODES)}")
+    cargo_vendor = None
+    if "cargo_vendor" in entry:
+        origin = origin_of(prefix + ".cargo_vendor")
+        cargo_vendor = (origin.file.parent / entry["cargo_vendor"]).resolve()
+        if not cargo_vendor.is_dir():
+            raise RecipeError(f"{origin}: cargo_vendor {entry['cargo_vendor']} is not a directory",
+                              hint="point it at the output of `cargo vendor` for vLLM's rust/ crates")
     patches = None
     if "patches" in entry:
         patches = _patch_dir(entry["patches"], origin_of(prefix + ".patches"))
     return PackageRecipe(
         name=entry["name"], version=entry["version"], source=source, patches=patches,
-        env=tuple(sorted(entry.get("env", {}).items())), profile=profile, inference=inference,
-        dependencies=tuple(dependencies), audit_optional=tuple(entry.get("audit", {}).get("optional", ())))
+        env=tuple(sorted(entry.get("env", {}).items())), profile=profile, inference=inference, serving=serving,
+        dependencies=tuple(dependencies), audit_optional=tuple(entry.get("audit", {}).get("optional", ())),
+        stand_in=stand_in, rust_frontend=rust_frontend, cargo_vendor=cargo_vendor)
+
+
+def _serving(entry: dict, prefix: str, where) -> ServingProfile | None:
+    if entry.get("profile") != "serving":
+        if "serving" in entry:
+            raise RecipeError(f"{where(prefix + '.serving')}: [package.serving] needs profile = \"serving\"")
+        return None
+    spec = entry.get("serving", {})
+    head_dims = tuple(sorted(set(spec.get("head_dims", vllm_kind.HEAD_DIMS))))
+    dtypes = tuple(d for d in vllm_kind.DTYPES if d in spec.get("dtypes", vllm_kind.DTYPES))
+    for key, values, valid in (("head_dims", spec.get("head_dims", ()), vllm_kind.HEAD_DIMS),
+                               ("dtypes", spec.get("dtypes", ()), vllm_kind.DTYPES),
+                               ("omit", spec.get("omit", ()), tuple(vllm_kind.OMITTABLE))):
+        for value in values:
+            if value not in valid:
+                close = closest(str(value), [str(v) for v in valid])
+                raise RecipeError(f"{where(f'{prefix}.serving.{key}')}: '{value}' is not one of vLLM's FA2 "
+                                  f"{key.replace('_', ' ')}" if key != "omit" else
+                                  f"{where(f'{prefix}.serving.omit')}: '{value}' is no kernel family gpuwheel "
+                                  f"can leave out of vLLM",
+                                  hint=f"did you mean '{close}'?" if close else
+                                  f"choose from {', '.join(map(str, valid))}")
+    if not head_dims or not dtypes:
+        raise RecipeError(f"{where(prefix + '.serving')}: the serving profile builds no FA2 kernels",
+                          hint="keep at least one head dim and one dtype")
+    return ServingProfile(head_dims=head_dims, dtypes=dtypes, omit=tuple(sorted(set(spec.get("omit", ())))))
+
+
+def _relative_path(value: str) -> bool:
+    parts = Path(value).parts
+    return bool(value) and not Path(value).is_absolute() and ".." not in parts and "\\" not in value
 
 
 def _source(spec: dict, prefix: str, where) -> Source:

@@ -13,6 +13,7 @@ verified and extracted, so an interrupted or refused fetch leaves nothing behind
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,13 +43,15 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 
 from gpuwheel.cache import cache_root, sha256_file
 from gpuwheel.errors import OfflineError, SourceError
+from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.log import console, logger
 from gpuwheel.plan import PackagePlan, Plan
-from gpuwheel.recipe import Dependency, recipes_dir
+from gpuwheel.recipe import Dependency, Source, recipes_dir
 from gpuwheel.run import capture
 
 # Statuses of a fetched dependency tree.
 CACHED, FETCHED, IMPORTED, NEEDS_NETWORK = "cached", "fetched", "imported", "needs network"
+STAND_IN = "stand-in"  # Python files from the package's published wheel, for a dependency nothing compiles
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 # git's words for "the remote cannot be reached" (as opposed to "it has no such commit").
 _UNREACHABLE = ("could not resolve host", "unable to access", "failed to connect", "connection refused",
@@ -121,8 +124,12 @@ def fetch_sources(plan: Plan, *, offline: bool = False, cache: Path | None = Non
     """Fetch (or find in the cache) every source of the plan, verified, and its dependency trees.
 
     offline (or GPUWHEEL_OFFLINE=1): touch no network; a missing package source is an OfflineError.
-    dependency_dir: DIR/<name>/ git checkouts of dependencies brought from a connected machine,
-    verified against their pins and copied into the cache.
+    dependency_dir: DIR/<name>/ for each dependency, brought from a connected machine: a git checkout
+    at the pinned commit, or a git mirror (bare repository) the pinned commit is checked out of —
+    its submodules then from the mirrors DIR/<repository name> (see docs/sources.md). Verified
+    against the pins and copied into the cache.
+    Dependencies the plan lets stand in (PackagePlan.stand_ins) are made from the package's
+    published wheel instead.
     A dependency that cannot be reached is reported as "needs network", not raised.
     """
     offline = offline or os.environ.get("GPUWHEEL_OFFLINE", "").lower() in ("1", "true", "yes")
@@ -130,7 +137,8 @@ def fetch_sources(plan: Plan, *, offline: bool = False, cache: Path | None = Non
     packages = []
     for package in plan.packages:  # `--only` is the plan's: make_plan(..., only=...)
         fetched = store.package(package, plan.recipe.parent)
-        dependencies = tuple(store.dependency(package, dep, dependency_dir) for dep in package.dependencies)
+        dependencies = tuple(store.stand_in(package, dep) if dep.name in package.stand_ins
+                             else store.dependency(package, dep, dependency_dir) for dep in package.dependencies)
         packages.append(FetchedPackage(**{**fetched, "dependencies": dependencies}))
     return Sources(target=store.target, cache=store.root, packages=tuple(packages))
 
@@ -145,7 +153,7 @@ class _Store:
 
     def __init__(self, root: Path, target: str, offline: bool, progress: bool):
         self.root, self.target, self.offline, self.progress = root, target, offline, progress
-        for sub in ("archives", "trees", "git", "git-refs", "locks"):
+        for sub in ("archives", "trees", "git", "git-refs", "locks", "stand-ins"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     @contextmanager
@@ -201,12 +209,15 @@ class _Store:
         return {"tree": _single_top(tree_root), "archive": path.resolve(), "status": "local"}
 
     def _sdist_url(self, package: PackagePlan) -> str:
-        source, label = package.source, f"{package.name} {package.version}"
+        return self._index_url(package.source, package.name, f"{package.name} {package.version}")
+
+    def _index_url(self, source: Source, package_name: str, label: str) -> str:
+        """The URL of the file source.location on the index (the recipe's, else pip's own)."""
         index = (source.index or pip_index_url()).rstrip("/") + "/"
         try:
             project = parse_sdist_filename(source.location)[0]
         except InvalidSdistFilename:
-            project = package.name
+            project = package_name
         try:
             with PyPISimple(index) as client:
                 page = client.get_project_page(project, timeout=_TIMEOUT)
@@ -281,7 +292,7 @@ class _Store:
             if known and (self.root / "git" / known).is_dir():
                 return FetchedDependency(**found, tree=self.root / "git" / known, commit=known, status=CACHED)
             if dependency_dir is not None and (dependency_dir / dep.name).is_dir():
-                tree = self._import(dependency_dir / dep.name, dep, label)
+                tree = self._import(dependency_dir / dep.name, dep, label, dependency_dir)
                 _write_ref(refs, dep, tree.name)
                 return FetchedDependency(**found, tree=tree, commit=tree.name, status=IMPORTED)
             if self.offline:
@@ -294,8 +305,11 @@ class _Store:
         _write_ref(refs, dep, tree.name)
         return FetchedDependency(**found, tree=tree, commit=tree.name, status=status)
 
-    def _import(self, source: Path, dep: Dependency, label: str) -> Path:
-        """Copy a checkout brought from a connected machine into the cache, once verified."""
+    def _import(self, source: Path, dep: Dependency, label: str, mirrors: Path) -> Path:
+        """Copy a checkout brought from a connected machine into the cache, once verified; or check
+        the pinned commit out of a mirror."""
+        if _is_bare_repository(source):
+            return self._import_mirror(source, dep, label, mirrors)
         if not (source / ".git").exists():
             raise SourceError(f"{label}: {source} is not a git checkout, so its commit cannot be verified",
                               hint=f"bring it as: {_clone_command(dep)}")
@@ -314,8 +328,9 @@ class _Store:
             raise SourceError(f"{label}: {source} has local changes ({first}); refused",
                               hint="import a clean checkout: patches are gpuwheel's to apply")
         if dep.submodules and (source / ".gitmodules").is_file():
-            stale = [line for line in _git(["submodule", "status", "--recursive"], source, label).stdout.splitlines()
-                     if line[:1] in ("-", "+", "U")]
+            paths = list(dep.submodules) if isinstance(dep.submodules, tuple) else []
+            stale = [line for line in _git(["submodule", "status", "--recursive", "--", *paths], source,
+                                           label).stdout.splitlines() if line[:1] in ("-", "+", "U")]
             if stale:
                 raise SourceError(f"{label}: {source} submodule {stale[0].split()[1]} is not at its pinned commit",
                                   hint=f"git -C {shlex.quote(str(source))} submodule update --init --recursive")
@@ -328,6 +343,69 @@ class _Store:
             finally:
                 shutil.rmtree(work)
         return final
+
+    def _import_mirror(self, mirror: Path, dep: Dependency, label: str, mirrors: Path) -> Path:
+        """Check the pinned commit (and the submodules the recipe names) out of git mirrors."""
+        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "git"))
+        try:
+            tree = work / "tree"
+            head = _checkout_mirror(mirror, tree, dep.commit or dep.rev, dep.exclude, label)
+            if dep.commit and head != dep.commit:
+                raise SourceError(f"{label}: {mirror} resolves {dep.rev} to {head[:12]}, the recipe pins "
+                                  f"{dep.commit[:12]}; refused", hint="check the mirror against the pin")
+            for path, url, commit in _submodules(tree, dep.submodules, label):
+                found = _find_mirror(mirrors, url)
+                if found is None:
+                    raise SourceError(f"{label}: submodule {path} needs {url} at {commit[:12]}, and {mirrors} "
+                                      f"holds no mirror of it", hint=f"add a mirror of it as {mirrors}/"
+                                      f"{_repository_name(url)}, or leave {path} out of the dependency's "
+                                      f"submodules if no build reads it")
+                _checkout_mirror(found, tree / path, commit, dep.exclude, f"{label} submodule {path}")
+            final = self.root / "git" / head
+            if not final.is_dir():
+                os.replace(tree, final)
+            return final
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # ---- stand-ins ---------------------------------------------------------------------
+    def stand_in(self, package: PackagePlan, dep: Dependency) -> FetchedDependency:
+        """A tree of the files vLLM's build installs from `dep`, taken from the package's published
+        wheel (sha256-pinned): for a dependency the recipe's archs never compile."""
+        layout = vllm_kind.stand_in(package.version, dep.name)
+        wheel = package.stand_in
+        label = f"{package.name} {package.version} dependency {dep.name}"
+        key = hashlib.sha256(json.dumps([wheel.sha256, dep.name, dataclasses.astuple(layout)]).encode()).hexdigest()
+        final = self.root / "stand-ins" / key[:24]
+        found = {"name": dep.name, "git": dep.git, "rev": dep.rev, "commit": None, "fetch_command": ""}
+        with self._locked(f"stand-in-{key[:24]}"):
+            if final.is_dir():
+                return FetchedDependency(**found, tree=final, status=STAND_IN)
+            archive = self._wheel(wheel, package.name, label)
+            work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "stand-ins"))
+            try:
+                _write_stand_in(archive, layout, work / "tree", label)
+                os.replace(work / "tree", final)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return FetchedDependency(**found, tree=final, status=STAND_IN)
+
+    def _wheel(self, source: Source, package_name: str, label: str) -> Path:
+        """The published wheel, verified, in archives/ (downloaded once)."""
+        archive = self.root / "archives" / source.sha256 / source.location
+        if archive.is_file():
+            _verify_file(archive, source.sha256, label)
+            return archive
+        if self.offline:
+            raise OfflineError(f"{label}: its stand-in needs {source.location} (sha256 {source.sha256[:12]}…), "
+                               f"which is not in the cache {self.root}",
+                               hint=f"run `gpuwheel fetch {self.target}` on a connected machine and copy its "
+                                    f"{self.root} here")
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        url = self._index_url(source, package_name, label)
+        downloaded = _download(url, archive.parent, source.sha256, label, archive.name, self.progress)
+        os.replace(downloaded, archive)
+        return archive
 
 
 # ---- index configuration --------------------------------------------------------------------
@@ -570,3 +648,119 @@ def _write_ref(path: Path, dep: Dependency, commit: str) -> None:
     with os.fdopen(fd, "w") as out:
         json.dump({"git": dep.git, "rev": dep.rev, "commit": commit}, out)
     os.replace(temp, path)
+
+
+# ---- mirrors ---------------------------------------------------------------------------------------
+def _is_bare_repository(path: Path) -> bool:
+    return (path / "HEAD").is_file() and (path / "objects").is_dir() and not (path / ".git").exists()
+
+
+def _repository_name(url: str) -> str:
+    """'https://github.com/NVIDIA/cutlass.git' → 'cutlass': how a mirror directory is named."""
+    return PurePosixPath(urlparse(url).path.rstrip("/")).name.removesuffix(".git").lower()
+
+
+def _find_mirror(mirrors: Path, url: str) -> Path | None:
+    wanted = _repository_name(url)
+    for entry in sorted(mirrors.iterdir()):
+        if entry.name.lower().removesuffix(".git") == wanted and entry.is_dir():
+            return entry
+    return None
+
+
+def _checkout_mirror(mirror: Path, dest: Path, rev: str, exclude: tuple[str, ...], label: str) -> str:
+    """A local clone of `mirror` at `rev` in dest, without the paths `exclude` names; returns HEAD.
+
+    A partial mirror may lack the content of files no build reads (images, papers): a sparse
+    checkout leaves them out, so only what the build reads must be there. Git checks every object
+    it writes out against its id, so the tree is the pinned one byte for byte.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        dest.rmdir()  # a submodule's empty placeholder directory
+    _git(["clone", "-q", "--no-checkout", str(mirror), str(dest)], dest.parent, label)
+    if exclude:
+        _git(["config", "core.sparseCheckout", "true"], dest, label)
+        (dest / ".git" / "info").mkdir(exist_ok=True)
+        (dest / ".git" / "info" / "sparse-checkout").write_text(
+            "/*\n" + "".join(f"!{path}\n" for path in exclude), encoding="utf-8")
+    commit = _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], dest, label, check=False).stdout.strip()
+    if not commit:
+        raise SourceError(f"{label}: the mirror {mirror} has no {rev}; refused",
+                          hint="update the mirror (git fetch) on a connected machine")
+    done = _git(["checkout", "-q", "--detach", commit], dest, label, check=False)
+    # git exits 0 even when it could not write a file whose object the mirror lacks: it says so
+    # ("unable to read sha1 file of PATH"), and the file then shows as deleted.
+    missing = re.search(r"^error: unable to read sha1 file of (\S+)", done.stderr, re.MULTILINE)
+    changed = _git(["status", "--porcelain"], dest, label, check=False).stdout.splitlines()
+    if done.returncode != 0 or missing or changed:
+        what = missing[1] if missing else changed[0][3:] if changed else None
+        raise SourceError(f"{label}: the mirror {mirror} lacks " + (f"the content of {what}" if what else "objects")
+                          + f" at {rev}: it is incomplete; refused",
+                          hint="bring a complete mirror, or add the path to the dependency's exclude if no "
+                               "build reads it")
+    return commit
+
+
+def _submodules(tree: Path, wanted: bool | tuple[str, ...], label: str) -> list[tuple[str, str, str]]:
+    """(path, url, pinned commit) of each submodule to check out: all, none, or the listed paths."""
+    if not wanted or not (tree / ".gitmodules").is_file():
+        if isinstance(wanted, tuple) and wanted:
+            raise SourceError(f"{label}: the recipe names submodules {', '.join(wanted)}, but the tree has none")
+        return []
+    # git config exits 1 when nothing matches: a .gitmodules without entries.
+    listed = _git(["config", "-f", ".gitmodules", "--get-regexp", r"^submodule\..*\.(path|url)$"], tree,
+                  label, check=False).stdout.splitlines()
+    entries: dict[str, dict[str, str]] = {}
+    for line in listed:
+        key, _, value = line.partition(" ")
+        name, _, field = key.removeprefix("submodule.").rpartition(".")
+        entries.setdefault(name, {})[field] = value
+    by_path = {e["path"]: e.get("url", "") for e in entries.values() if "path" in e}
+    paths = list(wanted) if isinstance(wanted, tuple) else sorted(by_path)
+    out = []
+    for path in paths:
+        if path not in by_path:
+            raise SourceError(f"{label}: the recipe names submodule {path}, which .gitmodules does not list",
+                              hint=f"submodules there: {', '.join(sorted(by_path)) or 'none'}")
+        pinned = _git(["ls-tree", "HEAD", "--", path], tree, label).stdout.split()
+        if len(pinned) < 3 or pinned[1] != "commit":
+            raise SourceError(f"{label}: {path} is not a submodule at the pinned commit")
+        out.append((path, by_path[path], pinned[2]))
+    return out
+
+
+def _write_stand_in(wheel: Path, layout: vllm_kind.StandIn, dest: Path, label: str) -> None:
+    """Write the wheel's files under layout.wheel_dir to dest/layout.tree_dir, undoing the text
+    rewrite vLLM's CMake applies on install (and checking that redoing it gives the wheel's bytes)."""
+    written = 0
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            for info in archive.infolist():
+                name = info.filename
+                single = not layout.wheel_dir.endswith("/")
+                if info.is_dir() or not (name == layout.wheel_dir if single else name.startswith(layout.wheel_dir)):
+                    continue
+                if layout.suffixes and not name.endswith(layout.suffixes):
+                    continue
+                relative = layout.tree_dir if single else layout.tree_dir + name[len(layout.wheel_dir):]
+                if ".." in PurePosixPath(relative).parts or relative.startswith("/"):
+                    raise SourceError(f"{label}: {wheel.name} holds an unsafe member {name!r}; refused")
+                data = archive.read(info)
+                if layout.rewrite:
+                    original, installed = layout.rewrite
+                    text = data.decode("utf-8")
+                    restored = text.replace(installed, original)
+                    if restored.replace(original, installed) != text:
+                        raise SourceError(f"{label}: {name} in {wheel.name} cannot be restored exactly (the "
+                                          f"text {original!r} occurs in it unrewritten); refused")
+                    data = restored.encode("utf-8")
+                target = dest / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                written += 1
+    except (zipfile.BadZipFile, OSError) as error:
+        raise SourceError(f"{label}: {wheel.name} is a damaged wheel ({_reason(error)})") from None
+    if not written:
+        raise SourceError(f"{label}: {wheel.name} holds no {layout.wheel_dir}: it cannot stand in for the "
+                          f"dependency", hint="check [package.stand_in] wheel: vLLM's own wheel of the same release")

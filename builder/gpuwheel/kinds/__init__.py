@@ -1,0 +1,1 @@
+"""One module per package kind: what gpuwheel knows about building it."""
