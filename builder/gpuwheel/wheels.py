@@ -41,6 +41,7 @@ from gpuwheel.audit.report import AuditReport, AuditTarget, audit, escapes_root
 from gpuwheel.cache import sha256_file
 from gpuwheel.errors import AuditFailure, WheelError
 from gpuwheel.index import PROVENANCE_FILE, read_wheel, version_or_none
+from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.log import console, logger
 from gpuwheel.plan import SCHEDULING_ENV, PackagePlan, Plan
 from gpuwheel.run import run
@@ -256,7 +257,7 @@ def _finish_one(plan: Plan, package: PackagePlan, raw: Path, label: str, observe
     grafted = _grafted(audited, layout)
     provenance = json.loads(_provenance_text(_provenance(plan, package, observed, label, version, filename,
                                                          raw.name, platform_tags, grafted, epoch, report,
-                                                         allow_audit_failure)))
+                                                         allow_audit_failure, layout.members)))
     finished = work / filename
     renames = {layout.dist_info: f"{stem}.dist-info", layout.data_dir: f"{stem}.data"}
     _repack(audited, finished, renames, version, set(tags), provenance, epoch)
@@ -468,7 +469,7 @@ def _grafted(repaired: Path, layout: _Layout) -> tuple[str, ...]:
 # ---- provenance -------------------------------------------------------------------------------
 def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], label: str, version: Version,
                 filename: str, raw_filename: str, platform_tags: tuple[str, ...], grafted: tuple[str, ...],
-                epoch: int, report: AuditReport, allowed_failure: bool) -> dict[str, Any]:
+                epoch: int, report: AuditReport, allowed_failure: bool, members: frozenset[str]) -> dict[str, Any]:
     target, toolchain = plan.target, plan.toolchain
     sos = [{"path": so.path, "verdict": so.verdict, "native": so.count("native"), "jit": so.count("jit"),
             "none": so.count("none"), "sass_archs": list(so.sass_archs), "ptx_archs": list(so.ptx_archs),
@@ -493,12 +494,20 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
             {"name": package.name, "role": "package", "kind": source.kind, "location": source.location,
              "sha256": source.sha256, "commit": source.commit, "index": source.index},
             *({"name": dep.name, "role": "dependency", "kind": "git", "location": dep.git, "rev": dep.rev,
-               "commit": dep.commit} for dep in package.dependencies),
+               "commit": dep.commit or (dep.rev if re.fullmatch(r"[0-9a-f]{40}", dep.rev) else None),
+               "submodules": list(dep.submodules) if isinstance(dep.submodules, tuple) else dep.submodules,
+               "provided_by": "stand-in" if dep.name in package.stand_ins else "source"}
+              for dep in package.dependencies),
+            *([{"name": package.stand_in.location, "role": "stand-in", "kind": "wheel",
+                "sha256": package.stand_in.sha256, "index": package.stand_in.index,
+                "stands_in_for": list(package.stand_ins)}] if package.stand_ins else []),
         ],
         "patches": [{"name": ref.name, "sha256": ref.sha256, "strip": ref.strip, "tree": ref.tree or None}
                     for ref in package.patches],
         "build": {"build_type": plan.build_type, "profile": package.profile,
                   "inference": dataclasses.asdict(package.inference) if package.inference else None,
+                  "serving": dataclasses.asdict(package.serving) if package.serving else None,
+                  "components": _components(package, members),
                   "command": list(package.command),
                   "env": {key: value for key, value in package.env if key not in SCHEDULING_ENV},
                   "env_excluded": [key for key in SCHEDULING_ENV if key in package.env_dict]},
@@ -510,6 +519,14 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
                   "problems": [p.split(": ", 1)[1] if p.startswith(filename) else p for p in report.problems],
                   "sos": sos},
     }
+
+
+def _components(package: PackagePlan, members: frozenset[str]) -> dict[str, Any]:
+    """Optional parts of a package, and whether this wheel holds them (read from the wheel)."""
+    if package.name != "vllm":
+        return {}
+    rust = sorted(m for m in members if m.startswith(vllm_kind.RUST_MEMBERS))
+    return {"rust_frontend": {"mode": package.rust_frontend, "in_wheel": bool(rust), "members": rust}}
 
 
 def _provenance_text(provenance: Mapping[str, Any]) -> str:

