@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Run gpuwheel on the GPU machine (the device tool: H200, no network) from a carried checkout.
+#
+#   bash tests/gpu/device.sh setup                 # install carried wheels, unpack carried sources
+#   bash tests/gpu/device.sh build RECIPE [JOBS]   # gpuwheel build --only vllm; ninja log + reports to $OUT
+#   bash tests/gpu/device.sh smoke RECIPE          # publish the staged wheels to a local index, smoke them
+#
+# What travels (git-ignored, named in the device call's `carry`; each call ≤ 64 MiB):
+#   .device/build-deps/*.whl     gpuwheel's own dependencies + vLLM's build requirements the image lacks
+#                                (tests/gpu/stage_device.sh makes them)
+#   .device/sources/*.tar.zst    parts of a gpuwheel source cache (GPUWHEEL_CACHE/sources): the vLLM
+#                                sdist archive, the dependency trees and stand-ins gpuwheel fetched here
+#   .device/vllm-deps/batch-N/   vLLM's runtime dependencies the image lacks, for the smoke test
+# Everything lands under /tmp/gw, which stays while the machine is warm: a later call resumes a build
+# (its finished compiles are sccache hits) and keeps the staged wheels.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+G=/tmp/gw
+OUT=${OUT:-$G/out}
+mkdir -p "$G/site" "$G/cache" "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$G/site:$PWD/builder" PATH="$G/site/bin:$PATH" GPUWHEEL_CACHE="$G/cache"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
+# The image's CXX=/opt/gcc/bin/g++ builds extensions whose C++ exceptions crash (docs/gpu-runs.md).
+export CC=/usr/bin/gcc CXX=/usr/bin/g++
+# NVLink multicast stays off on these machines (device README).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+setup() {
+  local wheels=(.device/build-deps/*.whl .device/vllm-deps/batch-*/*.whl)
+  local present=()
+  for w in "${wheels[@]}"; do [ -e "$w" ] && present+=("$w"); done
+  if [ ${#present[@]} -gt 0 ]; then
+    python3 -m pip install -q --no-deps --upgrade --target "$G/site" "${present[@]}"
+    echo "installed ${#present[@]} wheels into $G/site"
+  fi
+  for part in .device/sources/*.tar.zst; do
+    [ -e "$part" ] || continue
+    local mark="$G/cache/.unpacked-$(basename "$part")"
+    [ -e "$mark" ] && continue
+    # zstandard (a gpuwheel dependency, installed above) rather than a zstd binary the image may lack.
+    python3 -c "import sys, tarfile, zstandard
+with open(sys.argv[1], 'rb') as f, zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(f) as r:
+    tarfile.open(fileobj=r, mode='r|').extractall(sys.argv[2])" "$part" "$G/cache"
+    touch "$mark"
+    echo "unpacked $part into $G/cache"
+  done
+}
+
+build() {
+  local recipe=$1 jobs=${2:-$(nproc)} name
+  name=$(basename "$recipe" .toml)
+  local start=$SECONDS status=0
+  python3 -m gpuwheel build "$recipe" --only vllm --backend local --python python3 --offline --jobs "$jobs" \
+    --json > "$OUT/build-$name.json" || status=$?
+  echo "gpuwheel build $recipe: exit $status after $((SECONDS - start)) s"
+  local log
+  log=$(ls "$G"/cache/work/vllm/tree/build/temp*/.ninja_log 2>/dev/null | head -1 || true)
+  [ -n "$log" ] && cp "$log" "$OUT/ninja-$name.log"
+  ls "$G"/cache/logs/*/vllm.log >/dev/null 2>&1 && tail -c 2000000 "$(ls -t "$G"/cache/logs/*/vllm.log | head -1)" \
+    > "$OUT/vllm-build-$name.log"
+  if [ "$status" = 0 ]; then
+    python3 -m gpuwheel audit "wheels/$name/staging" --target "$recipe" --json > "$OUT/audit-$name.json" || true
+  fi
+  return "$status"
+}
+
+smoke() {
+  local recipe=$1 name status=0
+  name=$(basename "$recipe" .toml)
+  python3 -m gpuwheel smoke "$recipe" --python python3 --wheels "wheels/$name/staging" || status=$?
+  cp "wheels/$name/staging/smoke.json" "$OUT/smoke-$name.json" 2>/dev/null || true
+  echo "gpuwheel smoke $recipe: exit $status"
+  [ "$status" = 0 ] || return "$status"
+  python3 -m gpuwheel publish "$recipe" --wheels "wheels/$name/staging"
+  python3 -m pip install -q --no-deps --target "$G/from-index" --index-url "file://$PWD/wheels/$name/simple" vllm
+  echo "pip installed $(ls "$G/from-index" | grep -m1 'vllm-.*dist-info') from the published index"
+}
+
+"$@"
