@@ -270,20 +270,22 @@ def _smoke_wheel(wheel: WheelFile, interpreter: _Interpreter, work: Path, target
     checks = [_native_check(wheel, target_cc, optional)]
     checks += _run_group(interpreter, "wheel", {"project": wheel.project, "modules": _top_level_modules(members),
                                                 "shared_objects": shared_objects}, work, wheel, timeout=600)
-    for group, spec, names in _package_groups(wheel, shared_objects, work):
+    for index, (group, spec, names) in enumerate(_package_groups(wheel, shared_objects, work)):
         if gpu_skip is not None and group not in HOST_GROUPS:
             checks.append(CheckResult(f"GPU: {names}", SKIP, gpu_skip))
         else:
-            checks += _run_group(interpreter, group, spec, work, wheel, timeout=GPU_GROUP_TIMEOUT)
+            checks += _run_group(interpreter, group, spec, work, wheel, timeout=GPU_GROUP_TIMEOUT, run=index)
     if wheel.project == "vllm":
         checks.insert(1, _vllm_libraries_check(shared_objects, _serving(wheel.provenance)))
     return WheelSmoke(wheel.filename, wheel.sha256, wheel.project, wheel.version, tuple(checks))
 
 
 def _run_group(interpreter: _Interpreter, group: str, spec: Mapping[str, Any], work: Path, wheel: WheelFile,
-               timeout: float) -> list[CheckResult]:
+               timeout: float, run: int | None = None) -> list[CheckResult]:
+    """One probe process; `run` tells apart the runs of one group (vllm-generate compiled, then eager)."""
     logger.info("smoke: %s checks of %s", group, wheel.filename)
-    out, finished = _probe(interpreter, group, spec, work, f"{wheel.project}-{group}", timeout)
+    name = f"{wheel.project}-{group}" if run is None else f"{wheel.project}-{run}-{group}"
+    out, finished = _probe(interpreter, group, spec, work, name, timeout)
     lines = out.read_text(encoding="utf-8").splitlines() if out.exists() else []
     results = [CheckResult.from_json(json.loads(line)) for line in lines if line.strip()]
     if not finished.ok:
