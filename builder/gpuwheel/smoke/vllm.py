@@ -50,13 +50,11 @@ OMITTABLE_LIBRARIES = {
 FA2_HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # vllm-flash-attn's FA2 buckets
 FA2_DTYPES = ("fp16", "bf16")
 FA2_HEADS, FA2_KV_HEADS, FA2_BLOCK = 16, 4, 16  # GQA as served models use it; vLLM's default block size
-FA2_FLOOR = {"fp16": 2e-3, "bf16": 1.6e-2}  # as flash_attn.py: absolute floor of the tolerance
 FA2_NOT_BUILT = "has no FA2 kernels for"  # the serving profile's refusal (patch 0005)
 # vLLM modules the engine imports at start (engine, worker, model runner, FA backend, models).
 ENGINE_MODULES = ("vllm.entrypoints.llm", "vllm.v1.engine.core", "vllm.v1.worker.gpu_model_runner",
                   "vllm.v1.attention.backends.flash_attn", "vllm.model_executor.models.llama",
                   "vllm.model_executor.models.qwen3_moe", "vllm.v1.structured_output")
-TIMED_ITERATIONS = 10
 
 
 def _root(spec: dict) -> str:
@@ -192,19 +190,10 @@ def _torch_dtype(name: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _time(function) -> float:
-    """Seconds per call, by CUDA events after a warm-up."""
-    import torch
-
-    function()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(TIMED_ITERATIONS):
-        function()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / TIMED_ITERATIONS
+def _flash_attn_checks():
+    """flash_attn.py beside this file (its timing and SDPA reference serve FA2 here too)."""
+    return _load_by_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "flash_attn.py"),
+                         "_gpuwheel_smoke_flash_attn_helpers")
 
 
 def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
@@ -212,7 +201,6 @@ def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
     with a shuffled block table (causal, how vLLM's FLASH_ATTN backend calls it), each sequence
     against torch SDPA in fp32."""
     import torch
-    import torch.nn.functional as F
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     dtype = _torch_dtype(dtype_name)
@@ -257,27 +245,14 @@ def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
             return "skip", f"head dim {head_dim} {dtype_name} is not built into this wheel " \
                            f"({' '.join(str(error).split())[:160]})", {}
         raise
-    group = FA2_HEADS // FA2_KV_HEADS
+    shared = _flash_attn_checks()
     figures: dict[str, float] = {}
-    tolerance = FA2_FLOOR[dtype_name]
+    tolerance = shared.FLOOR[str(dtype).removeprefix("torch.")]
     worst = 0.0
     for label, out in outputs.items():
         causal = label != "full"
-        error_fa = error_torch = 0.0
-        for start, end in zip(offsets, offsets[1:]):
-            # (L, H, D) → (1, H, L, D) for SDPA, each KV head shared by `group` query heads
-            qs = q[start:end].transpose(0, 1).unsqueeze(0)
-            ks, vs = (t[start:end].repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (k, v))
-            reference = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=causal)
-            low = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-            got = out[start:end].transpose(0, 1).unsqueeze(0)
-            error_fa = max(error_fa, (got.float() - reference).abs().max().item())
-            error_torch = max(error_torch, (low.float() - reference).abs().max().item())
+        error_fa, error_torch = shared.measure_varlen(label, out, q, k, v, offsets, causal, calls[label], figures)
         tolerance = max(tolerance, 2 * error_torch)
-        seconds = _time(calls[label])
-        flops = 4 * FA2_HEADS * head_dim * sum(n * n for n in SEQLENS) / (2 if causal else 1)
-        figures.update({f"max_err_{label}": error_fa, f"sdpa_err_{label}": error_torch,
-                        f"tflops_{label}": flops / seconds / 1e12})
         worst = max(worst, error_fa)
     figures["tolerance"] = tolerance
     detail = (f"max err {worst:.2e} (tolerance {tolerance:.1e}); TFLOP/s {figures['tflops_full']:.0f} full, "
@@ -577,6 +552,10 @@ def _generate(workdir: str, head_dim: int, dtype: str, eager: bool):
     compilation = llm.llm_engine.vllm_config.compilation_config
     settings = f"compilation {getattr(compilation.mode, 'name', compilation.mode)}, " \
                f"CUDA graphs {getattr(compilation.cudagraph_mode, 'name', compilation.cudagraph_mode)}"
+    try:  # 0.26.0 compiles one graph per token range: (1, 8192) here, the 8192-token step at its edge
+        settings += f", compile ranges {', '.join(map(str, compilation.get_compile_ranges()))}"
+    except Exception:  # older vLLM has no ranges
+        pass
     produced = [len(o.outputs[0].token_ids) for o in outputs]
     attention = f"attention {chosen['backend']}" + (f" FA{chosen['fa_version']}" if chosen["fa_version"] else "")
     figures = {"seconds": seconds, "tokens_per_s": (TOKENS + new_tokens * len(SEQLENS)) / seconds}
