@@ -1,5 +1,6 @@
 """Real things the smoke tests need: a small wheel with a real CUDA .so (nvcc, sm_90 SASS), one whose
-.so has an undefined symbol (the torch ABI mismatch), and a recipe for a 9.0 target."""
+.so has an undefined symbol (the torch ABI mismatch), .so files that link the NVIDIA driver's
+libcuda.so.1 as vLLM's op libraries do, a vLLM-shaped wheel of them, and a recipe for a 9.0 target."""
 
 from __future__ import annotations
 
@@ -71,15 +72,52 @@ def build_unresolved_so(directory: Path) -> Path:
     return out
 
 
+def build_libcuda_stub(directory: Path, symbols: tuple[str, ...] = ("cuGetProcAddress_v2",)) -> Path:
+    """A libcuda.so.1 exporting `symbols` (each returns CUDA_ERROR_NO_DEVICE): what a machine without
+    the NVIDIA driver lacks, for linking (and, on LD_LIBRARY_PATH, loading) .so files that need it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    source = directory / "libcuda_stub.c"
+    source.write_text("".join(f"int {name}(void) {{ return 100; }}\n" for name in symbols), encoding="utf-8")
+    out = directory / "libcuda.so.1"
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", str(source), "-o", str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+def build_driver_linked_so(directory: Path, libcuda: Path, name: str = "ops") -> Path:
+    """A .so that links libcuda.so.1 (NEEDED) and calls into it, as vLLM's op libraries do."""
+    directory.mkdir(parents=True, exist_ok=True)
+    source = directory / f"{name}.c"
+    source.write_text("int cuGetProcAddress_v2(void);\nint probe(void) { return cuGetProcAddress_v2(); }\n",
+                      encoding="utf-8")
+    out = directory / f"{name}.so"
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(out), f"-L{libcuda.parent}", "-l:libcuda.so.1"],
+                   check=True, capture_output=True)
+    return out
+
+
+def make_vllm_wheel(directory: Path, shared_objects: dict[str, Path], *, version: str = "0.26.0",
+                    provenance: dict | None = None) -> Path:
+    """A wheel named vllm holding `shared_objects` (wheel path → .so) and an importable package."""
+    files = {"vllm/__init__.py": b"VALUE = 'vllm'\n", "vllm/vllm_flash_attn/__init__.py": b""}
+    files.update({member: path.read_bytes() for member, path in shared_objects.items()})
+    return _wheel(directory, "vllm", version, files, provenance)
+
+
 def make_wheel(directory: Path, shared_object: Path, *, name: str = "gw-smoke-kernels", version: str = "1.0",
                provenance: dict | None = None) -> Path:
     """A platform wheel (py3-none-linux_x86_64) whose package loads its .so at import."""
+    module = name.replace("-", "_")
+    return _wheel(directory, name, version, {f"{module}/__init__.py": INIT.encode(),
+                                             f"{module}/_kernels.so": shared_object.read_bytes()}, provenance)
+
+
+def _wheel(directory: Path, name: str, version: str, package_files: dict[str, bytes], provenance: dict | None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     module = name.replace("-", "_")
     dist = f"{module}-{version}.dist-info"
     files = {
-        f"{module}/__init__.py": INIT.encode(),
-        f"{module}/_kernels.so": shared_object.read_bytes(),
+        **package_files,
         f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: gpuwheel-tests\nRoot-Is-Purelib: false\n"
                          b"Tag: py3-none-linux_x86_64\n",

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from gpuwheel.index import publish_local, target_paths
-from gpuwheel.smoke.runner import _built_head_dims
-from smoke_helpers import TARGET, build_cuda_so, build_unresolved_so, make_wheel, write_recipe
+from gpuwheel.smoke.runner import _built_head_dims, _serving
+from smoke_helpers import (TARGET, build_cuda_so, build_driver_linked_so, build_libcuda_stub, build_unresolved_so,
+                           make_vllm_wheel, make_wheel, write_recipe)
 
 PROVENANCE = {"target": TARGET, "audit": {"passed": True, "arch": "9.0", "driver": "580.65.06"}}
 
@@ -168,6 +169,80 @@ def test_the_built_head_dims_come_from_the_plan_env_in_gpuwheel_json():
     assert _built_head_dims(provenance) == [64, 128, 256]
     assert _built_head_dims({"target": "h100"}) is None
     assert _built_head_dims(None) is None
+
+
+# gpuwheel.json of a vLLM 0.26.0 serving build for 9.0a (recipes/h200-torch211.toml), as wheels.py writes it
+SERVING = {"head_dims": [128], "dtypes": ["fp16", "bf16"], "omit": ["fa3", "flashmla"]}
+VLLM_PROVENANCE = {"target": TARGET, "build": {"profile": "serving", "serving": SERVING}}
+
+
+@pytest.fixture(scope="module")
+def driver_linked_so(tmp_path_factory) -> Path:
+    """A .so that needs the NVIDIA driver's libcuda.so.1, linked against a stub that is then out of sight."""
+    directory = tmp_path_factory.mktemp("driver")
+    return build_driver_linked_so(directory, build_libcuda_stub(directory / "stub"))
+
+
+def test_a_vllm_0_26_wheel_on_a_machine_without_gpu_or_driver_is_checked_as_far_as_it_can_be(tmp_path,
+                                                                                              driver_linked_so):
+    # 0.26.0's layout: the op libraries are *_stable_libtorch, FA3 and FlashMLA left out by the profile,
+    # and DeepGEMM's extension built for several CPythons
+    wheel = make_vllm_wheel(tmp_path / "wheels", {
+        "vllm/_C_stable_libtorch.abi3.so": driver_linked_so,
+        "vllm/_moe_C_stable_libtorch.abi3.so": driver_linked_so,
+        "vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so": driver_linked_so,
+        "vllm/third_party/deep_gemm/_C.cpython-399-x86_64-linux-gnu.so": build_unresolved_so(tmp_path),
+    }, provenance=VLLM_PROVENANCE)
+
+    result = gpuwheel("smoke", write_recipe(tmp_path / "recipes"), "--wheels", tmp_path / "wheels")
+
+    assert result.returncode == 14, result.stderr
+    checks = _rows(json.loads((tmp_path / "wheels" / "smoke.json").read_text()), wheel.name)
+    libraries = checks["op libraries in the wheel"]
+    assert libraries["status"] == "pass"
+    assert libraries["detail"] == ("_C (vllm/_C_stable_libtorch.abi3.so), _moe_C (vllm/_moe_C_stable_libtorch.abi3.so), "
+                                   "_vllm_fa2_C (vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so); "
+                                   "left out by the serving profile: fa3, flashmla")
+    loading = checks[".so load"]
+    assert loading["status"] == "skip"  # no driver here: not the wheel's failure, and no pass either
+    assert "3 of 3 .so need the NVIDIA driver's libcuda.so.1, which this machine lacks" in loading["detail"]
+    assert "1 extension module(s) for other Pythons not loaded (cpython-399)" in loading["detail"]
+    assert checks["import"]["status"] == "pass"
+    assert checks["op libraries"] == {**checks["op libraries"], "status": "skip",
+                                      "detail": "torch is not installed in this interpreter: the op libraries load into torch"}
+    gpu = {name: c for name, c in checks.items() if name.startswith("GPU: ")}
+    assert sorted(gpu) == [
+        "GPU: FA2 varlen (head dims 128), moe_permute and MoE at 8192 tokens",
+        "GPU: moe_permute refuses mismatched rows at 8192 tokens",
+        "GPU: tiny model generating with 8192-token chunked prefill (compiled)",
+        "GPU: tiny model generating with 8192-token chunked prefill (eager)",
+        "GPU: what the serving profile left out of FA2 raises"]
+    assert all(c["status"] == "skip" and "no GPU visible" in c["detail"] for c in gpu.values())
+
+
+def test_a_vllm_wheel_missing_an_op_library_or_holding_an_omitted_one_fails(tmp_path, driver_linked_so):
+    wheel = make_vllm_wheel(tmp_path / "wheels", {
+        "vllm/_C_stable_libtorch.abi3.so": driver_linked_so,
+        "vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so": driver_linked_so,
+        "vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so": driver_linked_so,  # the profile omits fa3
+    }, provenance=VLLM_PROVENANCE)
+
+    result = gpuwheel("smoke", write_recipe(tmp_path / "recipes"), "--wheels", tmp_path / "wheels")
+
+    assert result.returncode == 12, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "gpuwheel: error: 1 smoke check(s) failed for target h100-smoke: ")
+    libraries = _rows(json.loads((tmp_path / "wheels" / "smoke.json").read_text()), wheel.name)["op libraries in the wheel"]
+    assert libraries["status"] == "fail"
+    assert libraries["detail"] == (
+        "the wheel has no _moe_C (vllm/_moe_C_stable_libtorch.*so or vllm/_moe_C.*so); the serving profile omits "
+        "fa3, flashmla, yet the wheel has vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so")
+
+
+def test_the_serving_profile_comes_from_gpuwheel_json():
+    assert _serving(VLLM_PROVENANCE) == SERVING
+    assert _serving({"build": {"profile": "full", "serving": None}}) is None
+    assert _serving({"target": "h200"}) is None and _serving(None) is None
 
 
 def _gpu_of_cc_90() -> str | None:

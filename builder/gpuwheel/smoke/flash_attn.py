@@ -82,8 +82,8 @@ def _not_built(error: Exception, known: bool) -> bool:
     return not known and isinstance(error, RuntimeError) and "head" in str(error).lower()
 
 
-def _time(function) -> float:
-    """Seconds per call, by CUDA events after a warm-up."""
+def seconds_per_call(function) -> float:
+    """Seconds per call, by CUDA events after a warm-up (vllm.py uses it too)."""
     import torch
 
     function()
@@ -97,9 +97,40 @@ def _time(function) -> float:
     return start.elapsed_time(end) / 1000 / TIMED_ITERATIONS
 
 
+def sdpa_errors(out, q, k, v, offsets, causal: bool) -> tuple[float, float]:
+    """Max |out − fp32 SDPA| and max |SDPA in q's dtype − fp32 SDPA| over the sequences of a varlen
+    batch ((tokens, heads, head dim) tensors, sequence bounds `offsets`); K/V heads may be fewer
+    than Q heads (GQA: each serves a group of query heads). vllm.py uses it too."""
+    import torch.nn.functional as F
+
+    group = q.shape[1] // k.shape[1]
+    error_fa = error_torch = 0.0
+    for start, end in zip(offsets, offsets[1:]):
+        # (L, H, D) → (1, H, L, D) for SDPA
+        qs = q[start:end].transpose(0, 1).unsqueeze(0)
+        ks, vs = (t[start:end].repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (k, v))
+        reference = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=causal)
+        low = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+        got = out[start:end].transpose(0, 1).unsqueeze(0)
+        error_fa = max(error_fa, (got.float() - reference).abs().max().item())
+        error_torch = max(error_torch, (low.float() - reference).abs().max().item())
+    return error_fa, error_torch
+
+
+def measure_varlen(label: str, out, q, k, v, offsets, causal: bool, call, figures: dict) -> tuple[float, float]:
+    """sdpa_errors and the TFLOP/s of `call` (causal counts half the FLOPs) of one varlen attention,
+    recorded in figures as max_err_/sdpa_err_/tflops_<label>; vllm.py uses it too."""
+    error_fa, error_torch = sdpa_errors(out, q, k, v, offsets, causal)
+    seconds = seconds_per_call(call)
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    flops = 4 * q.shape[1] * q.shape[2] * sum(n * n for n in lengths) / (2 if causal else 1)
+    figures.update({f"max_err_{label}": error_fa, f"sdpa_err_{label}": error_torch,
+                    f"tflops_{label}": flops / seconds / 1e12})
+    return error_fa, error_torch
+
+
 def _varlen(head_dim: int, dtype, known: bool):
     import torch
-    import torch.nn.functional as F
     from flash_attn import flash_attn_varlen_func
 
     torch.manual_seed(head_dim)
@@ -121,21 +152,9 @@ def _varlen(head_dim: int, dtype, known: bool):
             if _not_built(error, known):
                 return "skip", f"head dim {head_dim} is not built into this wheel ({' '.join(str(error).split())[:160]})", {}
             raise
-        error_fa = error_torch = 0.0
-        for start, end in zip(offsets, offsets[1:]):
-            # (L, H, D) → (1, H, L, D) for SDPA
-            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            reference = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=causal)
-            low = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-            got = out[start:end].transpose(0, 1).unsqueeze(0)
-            error_fa = max(error_fa, (got.float() - reference).abs().max().item())
-            error_torch = max(error_torch, (low.float() - reference).abs().max().item())
-        tolerance = max(tolerance, 2 * error_torch)
         label = "causal" if causal else "full"
-        seconds = _time(attend)
-        flops = 4 * HEADS * head_dim * sum(n * n for n in SEQLENS) / (2 if causal else 1)
-        figures.update({f"max_err_{label}": error_fa, f"sdpa_err_{label}": error_torch,
-                        f"tflops_{label}": flops / seconds / 1e12})
+        error_fa, error_torch = measure_varlen(label, out, q, k, v, offsets, causal, attend, figures)
+        tolerance = max(tolerance, 2 * error_torch)
         worst = max(worst, error_fa)
     figures["tolerance"] = tolerance
     detail = (f"max err {worst:.2e} (tolerance {tolerance:.1e}); {figures['tflops_full']:.0f} TFLOP/s full, "
@@ -180,7 +199,7 @@ def _kvcache(head_dim: int, dtype, known: bool):
         error_fa = max(error_fa, (got.float() - reference).abs().max().item())
         error_torch = max(error_torch, (low.float() - reference).abs().max().item())
     tolerance = max(FLOOR[str(dtype).removeprefix("torch.")], 2 * error_torch)
-    seconds = _time(decode)
+    seconds = seconds_per_call(decode)
     cache_bytes = 2 * DECODE_BATCH * DECODE_CONTEXT * DECODE_KV_HEADS * head_dim * k_cache.element_size()
     figures = {"max_err": error_fa, "sdpa_err": error_torch, "tolerance": tolerance,
                "microseconds": seconds * 1e6, "kv_gb_per_s": cache_bytes / seconds / 1e9,

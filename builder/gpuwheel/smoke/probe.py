@@ -15,6 +15,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -89,21 +90,38 @@ def probe_wheel(spec: dict, recorder: Recorder) -> None:
     distribution = importlib.metadata.distribution(spec["project"])
 
     def load_shared_objects():
-        failures = []
+        failures, need_driver, other_python, loaded = [], [], [], 0
         for relative in spec["shared_objects"]:
+            tag = re.search(r"\.(cpython-\d+)[-.]", os.path.basename(relative))
+            if tag and tag.group(1) != sys.implementation.cache_tag:
+                other_python.append(relative)  # an extension module built for another CPython
+                continue
             path = str(distribution.locate_file(relative))
             try:
                 # RTLD_NOW resolves every symbol at load: a torch ABI mismatch shows as "undefined symbol"
                 ctypes.CDLL(path, mode=os.RTLD_NOW)
+                loaded += 1
             except OSError as error:
-                failures.append(f"{relative}: {' '.join(str(error).split())}")
+                reason = " ".join(str(error).split())
+                if re.search(r"libcuda\.so[.\d]*: cannot open shared object file", reason):
+                    need_driver.append(relative)  # the NVIDIA driver's library: no driver on this machine
+                else:
+                    failures.append(f"{relative}: {reason}")
+        tried = len(spec["shared_objects"]) - len(other_python)
+        notes = f"; {len(other_python)} extension module(s) for other Pythons not loaded " \
+                f"({', '.join(sorted({re.search(r'cpython-[0-9]+', p).group(0) for p in other_python}))})" \
+            if other_python else ""
         if failures:
             abi = " (built against another torch?)" if any("undefined symbol" in f for f in failures) else ""
-            return "fail", f"{len(failures)} of {len(spec['shared_objects'])} do not load against {against}{abi}: " \
-                           + "; ".join(failures), {}
+            return "fail", f"{len(failures)} of {tried} do not load against {against}{abi}: " \
+                           + "; ".join(failures) + notes, {}
+        if need_driver:
+            return "skip", (f"{len(need_driver)} of {tried} .so need the NVIDIA driver's libcuda.so.1, which this "
+                            f"machine lacks ({', '.join(need_driver)}); the other {loaded} loaded against "
+                            f"{against}{notes}"), {"shared_objects": loaded}
         if not spec["shared_objects"]:
             return "pass", "the wheel holds no .so", {}
-        return "pass", f"{len(spec['shared_objects'])} .so loaded against {against}", {"shared_objects": len(spec["shared_objects"])}
+        return "pass", f"{loaded} .so loaded against {against}{notes}", {"shared_objects": loaded}
 
     def import_modules():
         failures = []
@@ -132,7 +150,9 @@ def _check_module(file_name: str):
 GROUPS = {
     "flash-attn": ("flash_attn.py", "run_checks"),
     "flash-attn-errors": ("flash_attn.py", "run_error_checks"),
+    "vllm-ops": ("vllm.py", "run_op_checks"),
     "vllm": ("vllm.py", "run_checks"),
+    "vllm-fa2-errors": ("vllm.py", "run_fa2_error_checks"),
     "vllm-boundary": ("vllm.py", "run_boundary_checks"),
     "vllm-generate": ("vllm.py", "run_generate_check"),
 }

@@ -37,11 +37,10 @@ from gpuwheel.errors import SmokeFailure
 from gpuwheel.index import WheelFile, publish_local, read_wheel, target_paths
 from gpuwheel.log import logger
 from gpuwheel.run import Finished, capture, run
+from gpuwheel.smoke import vllm as vllm_checks
 from gpuwheel.smoke.report import FAIL, PASS, SKIP, CheckResult, GpuInfo, SmokeReport, WheelSmoke, write_json, write_junit
 
 PROBE = Path(__file__).with_name("probe.py")
-# The compiled op libraries every vLLM wheel must carry (the checks load each).
-VLLM_OP_LIBRARIES = ("vllm/_C.*so", "vllm/_moe_C.*so", "vllm/vllm_flash_attn/_vllm_fa2_C.*so")
 # Ways pip is pointed at other indexes; set aside while the target's wheels are downloaded.
 _PIP_INDEX_VARIABLES = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_CONFIG_FILE")
 PIP_TIMEOUT = 1800  # a fresh venv may download torch and vLLM's dependencies
@@ -271,20 +270,22 @@ def _smoke_wheel(wheel: WheelFile, interpreter: _Interpreter, work: Path, target
     checks = [_native_check(wheel, target_cc, optional)]
     checks += _run_group(interpreter, "wheel", {"project": wheel.project, "modules": _top_level_modules(members),
                                                 "shared_objects": shared_objects}, work, wheel, timeout=600)
-    for group, spec, names in _package_groups(wheel, shared_objects, work):
-        if gpu_skip is not None:
+    for index, (group, spec, names) in enumerate(_package_groups(wheel, shared_objects, work)):
+        if gpu_skip is not None and group not in HOST_GROUPS:
             checks.append(CheckResult(f"GPU: {names}", SKIP, gpu_skip))
         else:
-            checks += _run_group(interpreter, group, spec, work, wheel, timeout=GPU_GROUP_TIMEOUT)
+            checks += _run_group(interpreter, group, spec, work, wheel, timeout=GPU_GROUP_TIMEOUT, run=index)
     if wheel.project == "vllm":
-        checks.insert(1, _vllm_libraries_check(shared_objects))
+        checks.insert(1, _vllm_libraries_check(shared_objects, _serving(wheel.provenance)))
     return WheelSmoke(wheel.filename, wheel.sha256, wheel.project, wheel.version, tuple(checks))
 
 
 def _run_group(interpreter: _Interpreter, group: str, spec: Mapping[str, Any], work: Path, wheel: WheelFile,
-               timeout: float) -> list[CheckResult]:
+               timeout: float, run: int | None = None) -> list[CheckResult]:
+    """One probe process; `run` tells apart the runs of one group (vllm-generate compiled, then eager)."""
     logger.info("smoke: %s checks of %s", group, wheel.filename)
-    out, finished = _probe(interpreter, group, spec, work, f"{wheel.project}-{group}", timeout)
+    name = f"{wheel.project}-{group}" if run is None else f"{wheel.project}-{run}-{group}"
+    out, finished = _probe(interpreter, group, spec, work, name, timeout)
     lines = out.read_text(encoding="utf-8").splitlines() if out.exists() else []
     results = [CheckResult.from_json(json.loads(line)) for line in lines if line.strip()]
     if not finished.ok:
@@ -292,6 +293,11 @@ def _run_group(interpreter: _Interpreter, group: str, spec: Mapping[str, Any], w
         results.append(CheckResult(f"{group} checks", FAIL, f"the check process died after {len(results)} "
                                    f"check(s): {_last_line(finished)}", finished.seconds))
     return results
+
+
+# Groups that need no GPU (torch, and the driver's libcuda.so.1 where a library links it): they run,
+# or say why not, on any machine.
+HOST_GROUPS = ("vllm-ops",)
 
 
 def _package_groups(wheel: WheelFile, shared_objects: list[str], work: Path):
@@ -303,11 +309,49 @@ def _package_groups(wheel: WheelFile, shared_objects: list[str], work: Path):
         yield "flash-attn-errors", {"head_dims": _built_head_dims(wheel.provenance), "disabled": disabled}, \
             "what the build left out raises a Python exception"
     elif wheel.project == "vllm":
-        spec = {"root": None, "moe_permute_file": None,
-                "op_libraries": [m for m in shared_objects if any(fnmatch.fnmatch(m, g) for g in VLLM_OP_LIBRARIES)]}
-        yield "vllm", spec, "op libraries, moe_permute and MoE at 8192 tokens"
+        serving = _serving(wheel.provenance)
+        fa2 = {"head_dims": serving["head_dims"] if serving else None,
+               "dtypes": serving["dtypes"] if serving else list(vllm_checks.FA2_DTYPES)}
+        spec = {"root": None, "moe_permute_file": None, "op_libraries": _vllm_op_libraries(shared_objects),
+                "fa2": fa2}
+        built = f"head dims {', '.join(map(str, fa2['head_dims']))}" if serving else "every head dim"
+        yield "vllm-ops", spec, "op libraries load and register their ops"
+        yield "vllm", spec, f"FA2 varlen ({built}), moe_permute and MoE at 8192 tokens"
+        yield "vllm-fa2-errors", spec, "what the serving profile left out of FA2 raises"
         yield "vllm-boundary", spec, "moe_permute refuses mismatched rows at 8192 tokens"
-        yield "vllm-generate", {"workdir": str(work / "model")}, "tiny model generating with 8192-token chunked prefill"
+        # the profile's head dim (128 in the shipped recipes) and dtype, bf16 where built
+        head_dim = 128 if not serving or 128 in serving["head_dims"] else serving["head_dims"][0]
+        dtype = "bf16" if "bf16" in fa2["dtypes"] else fa2["dtypes"][0]
+        for eager in (False, True):
+            yield "vllm-generate", {"workdir": str(work / "model"), "head_dim": head_dim, "dtype": dtype,
+                                    "enforce_eager": eager}, \
+                f"tiny model generating with 8192-token chunked prefill ({'eager' if eager else 'compiled'})"
+
+
+def _serving(provenance: Mapping[str, Any] | None) -> dict[str, list] | None:
+    """vLLM's serving profile as gpuwheel.json records it (build.serving), or None (a full build,
+    or a wheel gpuwheel did not build)."""
+    build = provenance.get("build") if isinstance(provenance, Mapping) else None
+    serving = build.get("serving") if isinstance(build, Mapping) else None
+    if not isinstance(serving, Mapping):
+        return None
+    try:
+        head_dims = sorted(int(d) for d in serving.get("head_dims") or vllm_checks.FA2_HEAD_DIMS)
+    except (TypeError, ValueError):
+        return None
+    dtypes = [d for d in vllm_checks.FA2_DTYPES if d in (serving.get("dtypes") or vllm_checks.FA2_DTYPES)]
+    omit = [str(o) for o in serving.get("omit") or ()]
+    return {"head_dims": head_dims, "dtypes": dtypes, "omit": omit}
+
+
+def _vllm_op_libraries(shared_objects: list[str]) -> list[dict[str, Any]]:
+    """The wheel's op libraries, named and with the ops each must register (vllm.OP_LIBRARIES)."""
+    found = []
+    for name, globs, ops in vllm_checks.OP_LIBRARIES:
+        path = next((m for g in globs for m in shared_objects if fnmatch.fnmatch(m, g)), None)
+        if path is not None:
+            found.append({"name": name, "path": path, "ops": {ns: list(names) for ns, names in ops.items()}})
+    return found
 
 
 def _plan_env(provenance: Mapping[str, Any] | None, key: str) -> str | None:
@@ -338,11 +382,22 @@ def _built_head_dims(provenance: Mapping[str, Any] | None) -> list[int] | None:
         return None
 
 
-def _vllm_libraries_check(shared_objects: list[str]) -> CheckResult:
-    missing = [g for g in VLLM_OP_LIBRARIES if not any(fnmatch.fnmatch(m, g) for m in shared_objects)]
-    if missing:
-        return CheckResult("op libraries in the wheel", FAIL, f"the wheel has no {', '.join(missing)}")
-    return CheckResult("op libraries in the wheel", PASS, "_C, _moe_C and _vllm_fa2_C are in the wheel")
+def _vllm_libraries_check(shared_objects: list[str], serving: Mapping[str, Any] | None) -> CheckResult:
+    """The op libraries the engine needs are in the wheel; those the serving profile omits are not."""
+    name = "op libraries in the wheel"
+    present = {lib["name"]: lib["path"] for lib in _vllm_op_libraries(shared_objects)}
+    missing = [f"{lib} ({' or '.join(globs)})" for lib, globs, _ in vllm_checks.OP_LIBRARIES if lib not in present]
+    omitted = [family for family in (serving or {}).get("omit", ()) if family in vllm_checks.OMITTABLE_LIBRARIES]
+    leftover = [m for family in omitted for g in vllm_checks.OMITTABLE_LIBRARIES[family]
+                for m in shared_objects if fnmatch.fnmatch(m, g)]
+    problems = ([f"the wheel has no {', '.join(missing)}"] if missing else []) + \
+        ([f"the serving profile omits {', '.join(omitted)}, yet the wheel has {', '.join(leftover)}"] if leftover else [])
+    if problems:
+        return CheckResult(name, FAIL, "; ".join(problems))
+    detail = ", ".join(f"{lib} ({path})" for lib, path in present.items())
+    if omitted:
+        detail += f"; left out by the serving profile: {', '.join(omitted)}"
+    return CheckResult(name, PASS, detail)
 
 
 def _native_check(wheel: WheelFile, cc: str, optional: tuple[str, ...]) -> CheckResult:

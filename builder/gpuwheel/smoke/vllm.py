@@ -3,14 +3,23 @@
 The shapes are the crashes of CONTEXT.md: 8192 scheduled tokens made of 8 requests of 1001 tokens +
 1 of 184, FP8 (e4m3) activations with per-token scales, 128 experts, top-8 (Qwen3-30B-A3B's MoE).
 
-- `run_checks`: the compiled op libraries load and register their ops; `moe_permute` (vLLM's own
-  Python wrapper over `_moe_C.moe_permute`) at 8192 tokens checked row by row against the routing;
-  a MoE layer at 8192 tokens through vLLM's routing, permute and unpermute kernels (and vLLM's Triton
-  `fused_experts` when its Python package imports) against a torch reference.
+- `run_op_checks` (no GPU needed, only torch and the driver's libcuda.so.1): the compiled op
+  libraries load and register the ops the engine calls (OP_LIBRARIES; 0.26.0 names them
+  `_C_stable_libtorch` / `_moe_C_stable_libtorch`, 0.20.0 `_C` / `_moe_C`: same namespaces), and
+  vLLM's Python package imports with its dependencies.
+- `run_checks`: vLLM's FA2 (`vllm.vllm_flash_attn.flash_attn_varlen_func`, fa_version=2) at 8192
+  tokens for every head dim and dtype the wheel's serving profile built, contiguous and paged KV,
+  against an fp32 torch reference; `moe_permute` (vLLM's own Python wrapper over
+  `_moe_C.moe_permute`) at 8192 tokens checked row by row against the routing; a MoE layer at 8192
+  tokens through vLLM's routing, permute and unpermute kernels and vLLM's Triton `fused_experts`.
+- `run_fa2_error_checks` (its own process): what the serving profile left out of FA2 (head dims,
+  dtypes) must raise its RuntimeError, not crash, and leave the GPU usable.
 - `run_boundary_checks` (its own process: an unfixed wheel kills the CUDA context): row counts that
   disagree at 8192 tokens must be refused with an error, not read out of bounds (vllm issue 43396).
-- `run_generate_check`: a tiny random-weight Llama written locally generates with chunked prefill
-  and max_num_batched_tokens=8192, the 8192-token batch scheduled in one step.
+- `run_generate_check` (its own process, once compiled with CUDA graphs and once eager): a tiny
+  random-weight Llama of the profile's head dim, written locally, generates with chunked prefill
+  and max_num_batched_tokens=8192, the 8192-token batch scheduled in one step; the attention
+  backend and FA version vLLM chose are recorded.
 """
 
 from __future__ import annotations
@@ -23,12 +32,29 @@ TOKENS = sum(SEQLENS)  # 8192
 HIDDEN, INTERMEDIATE, EXPERTS, TOPK = 2048, 768, 128, 8
 MOE_REL_TOLERANCE = 2e-2  # max |out − reference| / max |reference|, bf16 expert outputs
 MOE_PERMUTE_FILE = "vllm/model_executor/layers/fused_moe/moe_permute_unpermute.py"
-# namespace → ops each compiled library must register
-EXPECTED_OPS = {
-    "_C": ("silu_and_mul", "rms_norm"),
-    "_moe_C": ("moe_permute", "moe_unpermute", "topk_softmax", "moe_align_block_size"),
-    "_vllm_fa2_C": ("varlen_fwd",),
+# The compiled op libraries: (name, wheel member globs, newest layout first, {namespace: ops it
+# must register}). One library registers several namespaces (_C holds _C_cache_ops too).
+OP_LIBRARIES = (
+    ("_C", ("vllm/_C_stable_libtorch.*so", "vllm/_C.*so"),
+     {"_C": ("silu_and_mul", "rms_norm", "fused_add_rms_norm", "rotary_embedding"),
+      "_C_cache_ops": ("reshape_and_cache_flash",)}),
+    ("_moe_C", ("vllm/_moe_C_stable_libtorch.*so", "vllm/_moe_C.*so"),
+     {"_moe_C": ("moe_permute", "moe_unpermute", "topk_softmax", "moe_align_block_size", "moe_sum")}),
+    ("_vllm_fa2_C", ("vllm/vllm_flash_attn/_vllm_fa2_C.*so",), {"_vllm_fa2_C": ("varlen_fwd", "fwd_kvcache")}),
+)
+# Kernel families a serving profile may omit (kinds/vllm.py OMITTABLE) and the libraries they are.
+OMITTABLE_LIBRARIES = {
+    "fa3": ("vllm/vllm_flash_attn/_vllm_fa3_C.*so",),
+    "flashmla": ("vllm/_flashmla_C.*so", "vllm/_flashmla_extension_C.*so"),
 }
+FA2_HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # vllm-flash-attn's FA2 buckets
+FA2_DTYPES = ("fp16", "bf16")
+FA2_HEADS, FA2_KV_HEADS, FA2_BLOCK = 16, 4, 16  # GQA as served models use it; vLLM's default block size
+FA2_NOT_BUILT = "has no FA2 kernels for"  # the serving profile's refusal (patch 0005)
+# vLLM modules the engine imports at start (engine, worker, model runner, FA backend, models).
+ENGINE_MODULES = ("vllm.entrypoints.llm", "vllm.v1.engine.core", "vllm.v1.worker.gpu_model_runner",
+                  "vllm.v1.attention.backends.flash_attn", "vllm.model_executor.models.llama",
+                  "vllm.model_executor.models.qwen3_moe", "vllm.v1.structured_output")
 
 
 def _root(spec: dict) -> str:
@@ -55,32 +81,227 @@ def _permute_module(spec: dict):
                          "_gpuwheel_smoke_moe_permute_unpermute")
 
 
-def run_checks(spec: dict, recorder) -> None:
-    """spec: {"root": dir | null, "op_libraries": [paths relative to root], "moe_permute_file": path | null}."""
+def _libraries(spec: dict) -> list[tuple[str, str, dict]]:
+    """(name, path relative to the root, {namespace: ops}) of spec["op_libraries"]: entries as the
+    runner writes them ({"name", "path", "ops"}), or bare paths matched against OP_LIBRARIES."""
+    import fnmatch
+
+    found = []
+    for entry in spec.get("op_libraries", ()):
+        if isinstance(entry, dict):
+            found.append((entry["name"], entry["path"], entry.get("ops") or {}))
+            continue
+        known = next(((name, ops) for name, globs, ops in OP_LIBRARIES
+                      if any(fnmatch.fnmatch(entry, g) for g in globs)), None)
+        name = known[0] if known else os.path.basename(entry).split(".")[0]
+        found.append((name, entry, known[1] if known else {}))
+    return found
+
+
+def _load_libraries(spec: dict) -> None:
+    import torch
+
     root = _root(spec)
-    for relative in spec["op_libraries"]:
-        namespace = os.path.basename(relative).split(".")[0]
-        recorder.check(f"op library {namespace}", lambda: _load_op_library(os.path.join(root, relative), namespace))
+    for _, relative, _ in _libraries(spec):
+        torch.ops.load_library(os.path.join(root, relative))  # run_op_checks reports how they load
+
+
+def run_op_checks(spec: dict, recorder) -> None:
+    """spec: {"root": dir | null, "op_libraries": [...]}. No GPU needed: loading needs torch and
+    the driver's libcuda.so.1 (the libraries link it), registration needs nothing more."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        recorder.emit("op libraries", "skip", "torch is not installed in this interpreter: the op libraries "
+                                              "load into torch")
+        return
+    root = _root(spec)
+    for name, relative, ops in _libraries(spec):
+        recorder.check(f"op library {name}", lambda: _load_op_library(os.path.join(root, relative), ops))
+    if not spec.get("root"):
+        recorder.check("vLLM's engine modules import", _engine_imports)
+
+
+def _load_op_library(path: str, ops: dict):
+    import ctypes
+
+    import torch
+
+    try:
+        # torch's own error hides the loader's reason ("Could not load this library")
+        ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    except OSError as error:
+        reason = " ".join(str(error).split())
+        if "libcuda.so" in reason and "cannot open shared object file" in reason:
+            return "skip", (f"needs the NVIDIA driver's libcuda.so.1, which this machine lacks "
+                            f"({os.path.basename(path)}); runs where the driver is"), {}
+        raise
+    torch.ops.load_library(path)
+    missing = []
+    for namespace, names in ops.items():
+        for op in names:
+            try:
+                getattr(getattr(torch.ops, namespace), op)
+            except (AttributeError, RuntimeError):
+                missing.append(f"{namespace}.{op}")
+    if missing:
+        return "fail", f"loaded, but registers no torch.ops.{', torch.ops.'.join(missing)}", {}
+    listed = "; ".join(f"torch.ops.{ns}: {', '.join(names)}" for ns, names in ops.items())
+    return "pass", f"loaded {os.path.basename(path)}; " + (listed or "no ops expected"), {}
+
+
+def _engine_imports():
+    """vLLM's Python package with the dependencies the engine imports at start."""
+    import importlib
+
+    for module in ENGINE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name and not error.name.startswith("vllm"):
+                return "fail", (f"{module} needs {error.name!r}, which is not installed here: vLLM's "
+                                "dependencies must be installed (on the GPU machine: "
+                                "tests/gpu/install_vllm_deps.sh)"), {}
+            raise
+    return "pass", f"imported {', '.join(ENGINE_MODULES)}", {}
+
+
+def run_checks(spec: dict, recorder) -> None:
+    """spec: {"root": dir | null, "op_libraries": [...], "moe_permute_file": path | null,
+    "fa2": {"head_dims": [..] | null, "dtypes": [..]} | null}."""
+    _load_libraries(spec)
+    fa2 = spec.get("fa2")
+    if fa2 is not None:
+        known = fa2.get("head_dims") is not None
+        for head_dim in fa2.get("head_dims") or FA2_HEAD_DIMS:
+            for dtype in fa2.get("dtypes") or FA2_DTYPES:
+                recorder.check(f"FA2 varlen hdim{head_dim} {dtype} 8x1001+184 (vllm.vllm_flash_attn)",
+                               lambda: _fa2_varlen(head_dim, dtype, known))
     recorder.check(f"moe_permute fp8 {TOKENS} tokens (8x1001+184)", lambda: _moe_permute(spec))
     recorder.check(f"MoE layer {TOKENS} tokens: topk_softmax, moe_permute, moe_unpermute",
                    lambda: _moe_layer_with_permute(spec))
     recorder.check(f"fused_experts (Triton) {TOKENS} tokens", _fused_experts_triton)
 
 
-def _load_op_library(path: str, namespace: str):
+# ---- vLLM's FA2 at 8192 tokens -------------------------------------------------------------------
+def _torch_dtype(name: str):
     import torch
 
-    torch.ops.load_library(path)
-    missing = []
-    for op in EXPECTED_OPS.get(namespace, ()):
-        try:
-            getattr(getattr(torch.ops, namespace), op)
-        except (AttributeError, RuntimeError):
-            missing.append(op)
-    if missing:
-        return "fail", f"loaded, but registers no {', '.join(missing)} in torch.ops.{namespace}", {}
-    ops = EXPECTED_OPS.get(namespace, ())
-    return "pass", f"loaded; torch.ops.{namespace} has {', '.join(ops) or 'its ops'}", {}
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _flash_attn_checks():
+    """flash_attn.py beside this file (its timing and SDPA reference serve FA2 here too)."""
+    return _load_by_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "flash_attn.py"),
+                         "_gpuwheel_smoke_flash_attn_helpers")
+
+
+def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
+    """vLLM's own entry point, FA2 forced: contiguous K/V (full and causal) and K/V in a paged cache
+    with a shuffled block table (causal, how vLLM's FLASH_ATTN backend calls it), each sequence
+    against torch SDPA in fp32."""
+    import torch
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    dtype = _torch_dtype(dtype_name)
+    torch.manual_seed(head_dim)
+    q = torch.randn(TOKENS, FA2_HEADS, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(TOKENS, FA2_KV_HEADS, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    offsets = [0]
+    for length in SEQLENS:
+        offsets.append(offsets[-1] + length)
+    cu_seqlens = torch.tensor(offsets, device="cuda", dtype=torch.int32)
+    longest = max(SEQLENS)
+    # the same K/V in 16-token pages, pages of all sequences shuffled over the cache
+    pages = [-(-n // FA2_BLOCK) for n in SEQLENS]
+    order = torch.randperm(sum(pages), device="cuda")
+    k_cache, v_cache = (torch.zeros(sum(pages), FA2_BLOCK, FA2_KV_HEADS, head_dim, device="cuda", dtype=dtype)
+                        for _ in range(2))
+    block_table = torch.zeros(len(SEQLENS), max(pages), device="cuda", dtype=torch.int32)
+    used = 0
+    for i, (start, length) in enumerate(zip(offsets, SEQLENS)):
+        blocks = order[used:used + pages[i]]
+        used += pages[i]
+        block_table[i, :pages[i]] = blocks.to(torch.int32)
+        for j, block in enumerate(blocks.tolist()):
+            rows = slice(start + j * FA2_BLOCK, min(start + (j + 1) * FA2_BLOCK, start + length))
+            n = rows.stop - rows.start
+            k_cache[block, :n], v_cache[block, :n] = k[rows], v[rows]
+    seqused = torch.tensor(SEQLENS, device="cuda", dtype=torch.int32)
+
+    calls = {
+        "full": lambda: flash_attn_varlen_func(q, k, v, longest, cu_seqlens, longest, cu_seqlens_k=cu_seqlens,
+                                               causal=False, fa_version=2),
+        "causal": lambda: flash_attn_varlen_func(q, k, v, longest, cu_seqlens, longest, cu_seqlens_k=cu_seqlens,
+                                                 causal=True, fa_version=2),
+        "paged": lambda: flash_attn_varlen_func(q, k_cache, v_cache, longest, cu_seqlens, longest,
+                                                seqused_k=seqused, block_table=block_table, causal=True,
+                                                fa_version=2),
+    }
+    try:
+        outputs = {label: call() for label, call in calls.items()}
+    except RuntimeError as error:
+        if not known and FA2_NOT_BUILT in str(error):
+            return "skip", f"head dim {head_dim} {dtype_name} is not built into this wheel " \
+                           f"({' '.join(str(error).split())[:160]})", {}
+        raise
+    shared = _flash_attn_checks()
+    figures: dict[str, float] = {}
+    tolerance = shared.FLOOR[str(dtype).removeprefix("torch.")]
+    worst = 0.0
+    for label, out in outputs.items():
+        causal = label != "full"
+        error_fa, error_torch = shared.measure_varlen(label, out, q, k, v, offsets, causal, calls[label], figures)
+        tolerance = max(tolerance, 2 * error_torch)
+        worst = max(worst, error_fa)
+    figures["tolerance"] = tolerance
+    detail = (f"max err {worst:.2e} (tolerance {tolerance:.1e}); TFLOP/s {figures['tflops_full']:.0f} full, "
+              f"{figures['tflops_causal']:.0f} causal, {figures['tflops_paged']:.0f} paged causal")
+    return ("pass" if worst <= tolerance else "fail"), detail, figures
+
+
+def run_fa2_error_checks(spec: dict, recorder) -> None:
+    """spec: {"fa2": {"head_dims": [..], "dtypes": [..]}}. What the serving profile left out of FA2
+    must raise its RuntimeError and leave the GPU usable; a head dim no kernel serves must raise.
+    Run alone: a build whose C++ exceptions crash (the GPU machine's /opt/gcc g++) takes the process
+    down here, and the runner reports that death as a failure."""
+    import torch
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    fa2 = spec.get("fa2") or {}
+    built_dims = fa2.get("head_dims") or FA2_HEAD_DIMS
+    built_dtypes = fa2.get("dtypes") or FA2_DTYPES
+
+    def attend(head_dim: int, dtype_name: str):
+        q = torch.randn(64, 4, head_dim, device="cuda", dtype=_torch_dtype(dtype_name))
+        cu = torch.tensor([0, 64], device="cuda", dtype=torch.int32)
+        out = flash_attn_varlen_func(q, q, q, 64, cu, 64, cu_seqlens_k=cu, causal=True, fa_version=2)
+        torch.cuda.synchronize()
+        return out
+
+    def refused(head_dim: int, dtype_name: str, what: str, profile: bool):
+        def case():
+            try:
+                attend(head_dim, dtype_name)
+            except RuntimeError as error:
+                message = " ".join(str(error).split())
+                if profile and FA2_NOT_BUILT not in message:
+                    return "fail", f"raised, but not the serving profile's refusal: {message[:240]}", {}
+                if not _context_alive():
+                    return "fail", f"raised ({message[:160]}), but the CUDA context is dead afterwards", {}
+                attend(built_dims[0], built_dtypes[0])  # a built kernel still runs after the refusal
+                return "pass", f"raised RuntimeError: {message[:240]}", {}
+            return "fail", f"accepted {what}", {}
+        return case
+
+    for head_dim in (d for d in FA2_HEAD_DIMS if d not in built_dims):
+        recorder.check(f"FA2 unbuilt head dim {head_dim} raises",
+                       refused(head_dim, built_dtypes[0], f"head dim {head_dim}, which this build left out", True))
+    for dtype_name in (d for d in FA2_DTYPES if d not in built_dtypes):
+        recorder.check(f"FA2 unbuilt dtype {dtype_name} raises",
+                       refused(built_dims[0], dtype_name, f"{dtype_name}, which this build left out", True))
+    recorder.check("FA2 head dim 304 raises", refused(304, built_dtypes[0], "head dim 304, which no kernel serves",
+                                                      False))
 
 
 def _routing(seed: int):
@@ -204,11 +425,7 @@ def _moe_layer_with_permute(spec: dict):
 def _fused_experts_triton():
     import torch
 
-    try:
-        from vllm.model_executor.layers.fused_moe import fused_experts
-    except Exception as error:  # the stand-in run carries vLLM's compiled ops, not its dependencies
-        return "skip", f"vLLM's Python package does not import here ({type(error).__name__}: " \
-                       f"{' '.join(str(error).split())[:200]})", {}
+    from vllm.model_executor.layers.fused_moe import fused_experts
     hidden, scale, weights, ids = _routing(seed=4)
     w1, w2 = _experts(seed=5)
     x = (hidden.float() * scale).to(torch.bfloat16)
@@ -225,9 +442,7 @@ def run_boundary_checks(spec: dict, recorder) -> None:
     context the rest cannot run and are skipped."""
     import torch
 
-    root = _root(spec)
-    for relative in spec["op_libraries"]:
-        torch.ops.load_library(os.path.join(root, relative))  # run_checks reports how they load
+    _load_libraries(spec)
     module = _permute_module(spec)
     hidden, scale, _, ids = _routing(seed=6)
     cases = {
@@ -273,30 +488,55 @@ def _context_alive() -> bool:
 
 # ---- a tiny model generating at the boundary ---------------------------------------------------
 def run_generate_check(spec: dict, recorder) -> None:
-    """spec: {"workdir": dir for the model}."""
-    recorder.check("generate: tiny Llama, chunked prefill, max_num_batched_tokens=8192, 8x1001+184 prompts",
-                   lambda: _generate(spec["workdir"]))
+    """spec: {"workdir": dir for the model, "head_dim": int, "dtype": "bf16" | "fp16",
+    "enforce_eager": bool}. Default settings (torch.compile and CUDA graphs) put the 8192-token
+    step on the boundary of the compiled shape ranges, where the reported crashes happened."""
+    eager = bool(spec.get("enforce_eager"))
+    head_dim, dtype = int(spec.get("head_dim") or 128), spec.get("dtype") or "bf16"
+    mode = "eager" if eager else "torch.compile + CUDA graphs"
+    recorder.check(f"generate ({mode}): tiny Llama hdim{head_dim} {dtype}, chunked prefill, "
+                   f"max_num_batched_tokens={TOKENS}, 8x1001+184 prompts",
+                   lambda: _generate(spec["workdir"], head_dim, dtype, eager))
 
 
-def _write_tiny_model(directory: str) -> None:
-    """config.json + model.safetensors of a 2-layer Llama with random weights: no hub, no tokenizer."""
+def _write_tiny_model(directory: str, head_dim: int, dtype: str) -> None:
+    """config.json + model.safetensors of a 2-layer Llama with random weights (4 query heads on 2 KV
+    heads of `head_dim`): no hub, no tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                         max_position_embeddings=2048, torch_dtype="bfloat16")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
+    torch_dtype = _torch_dtype(dtype)
+    config = LlamaConfig(vocab_size=2048, hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         max_position_embeddings=4096, torch_dtype=str(torch_dtype).removeprefix("torch."))
+    LlamaForCausalLM(config).to(torch_dtype).save_pretrained(directory, safe_serialization=True)
 
 
-def _generate(workdir: str):
+def _attention_in_use(worker) -> dict:
+    """Run inside the engine's worker (collective_rpc): the backend and FA version of its attention layers."""
+    context = worker.vllm_config.compilation_config.static_forward_context
+    for layer in context.values():
+        backend = getattr(layer, "attn_backend", None)
+        if backend is not None:
+            impl = getattr(layer, "impl", None)
+            return {"backend": backend.get_name(), "fa_version": getattr(impl, "vllm_flash_attn_version", None)}
+    return {"backend": None, "fa_version": None}
+
+
+def _generate(workdir: str, head_dim: int, dtype: str, eager: bool):
+    # the engine core in this process, so that the check can read what it chose (collective_rpc
+    # with a function needs no serialization then); a crash ends this check process, and the
+    # runner reports its last line
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    model = os.path.join(workdir, "tiny-llama")
-    _write_tiny_model(model)
+    model = os.path.join(workdir, f"tiny-llama-hdim{head_dim}-{dtype}")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        _write_tiny_model(model, head_dim, dtype)
     llm = LLM(model=model, skip_tokenizer_init=True, enable_chunked_prefill=True, max_num_batched_tokens=TOKENS,
-              max_model_len=2048, max_num_seqs=16, gpu_memory_utilization=0.3, enforce_eager=True, seed=0)
+              max_model_len=2048, max_num_seqs=16, gpu_memory_utilization=0.3, enforce_eager=eager, seed=0,
+              dtype={"bf16": "bfloat16", "fp16": "float16"}[dtype])
     prompts = [{"prompt_token_ids": [(7 * i + j) % 2000 + 1 for j in range(length)]}
                for i, length in enumerate(SEQLENS)]
     new_tokens = 16
@@ -304,9 +544,27 @@ def _generate(workdir: str):
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
+    try:
+        chosen = llm.collective_rpc(_attention_in_use)[0]
+    except Exception as error:  # what vLLM chose is a record, not the check
+        chosen = {"backend": f"unknown ({type(error).__name__}: {' '.join(str(error).split())[:80]})",
+                  "fa_version": None}
+    compilation = llm.llm_engine.vllm_config.compilation_config
+    settings = f"compilation {getattr(compilation.mode, 'name', compilation.mode)}, " \
+               f"CUDA graphs {getattr(compilation.cudagraph_mode, 'name', compilation.cudagraph_mode)}"
+    try:  # 0.26.0 compiles one graph per token range: (1, 8192) here, the 8192-token step at its edge
+        settings += f", compile ranges {', '.join(map(str, compilation.get_compile_ranges()))}"
+    except Exception:  # older vLLM has no ranges
+        pass
     produced = [len(o.outputs[0].token_ids) for o in outputs]
+    attention = f"attention {chosen['backend']}" + (f" FA{chosen['fa_version']}" if chosen["fa_version"] else "")
+    figures = {"seconds": seconds, "tokens_per_s": (TOKENS + new_tokens * len(SEQLENS)) / seconds}
+    if chosen["fa_version"]:
+        figures["fa_version"] = chosen["fa_version"]
     if produced != [new_tokens] * len(SEQLENS):
-        return "fail", f"generated {produced} tokens, expected {new_tokens} for each of {len(SEQLENS)} prompts", {}
-    tokens = TOKENS + new_tokens * len(SEQLENS)
-    return "pass", (f"{len(SEQLENS)} prompts ({TOKENS} prompt tokens) → {new_tokens} tokens each in {seconds:.1f} s"), \
-        {"seconds": seconds, "tokens_per_s": tokens / seconds}
+        return "fail", (f"generated {produced} tokens, expected {new_tokens} for each of {len(SEQLENS)} prompts "
+                        f"({attention}; {settings})"), figures
+    if any(t < 0 or t >= 2048 for o in outputs for t in o.outputs[0].token_ids):
+        return "fail", f"generated token ids outside the vocabulary of 2048 ({attention}; {settings})", figures
+    return "pass", (f"{len(SEQLENS)} prompts ({TOKENS} prompt tokens) → {new_tokens} tokens each in "
+                    f"{seconds:.1f} s; {attention}; {settings}"), figures
