@@ -26,13 +26,14 @@ export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 setup() {
-  local wheels=(.device/build-deps/*.whl .device/vllm-deps/batch-*/*.whl)
-  local present=()
-  for w in "${wheels[@]}"; do [ -e "$w" ] && present+=("$w"); done
-  if [ ${#present[@]} -gt 0 ]; then
+  # One pip call per directory: the same wheel may be staged in two of them, and pip refuses a
+  # requirement given twice from different paths.
+  for dir in .device/build-deps .device/vllm-deps/batch-*; do
+    local present=("$dir"/*.whl)
+    [ -e "${present[0]}" ] || continue
     python3 -m pip install -q --no-deps --upgrade --target "$G/site" "${present[@]}"
-    echo "installed ${#present[@]} wheels into $G/site"
-  fi
+    echo "installed ${#present[@]} wheels from $dir into $G/site"
+  done
   for part in .device/sources/*.tar.zst; do
     [ -e "$part" ] || continue
     local mark="$G/cache/.unpacked-$(basename "$part")"
