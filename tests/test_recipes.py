@@ -125,26 +125,44 @@ def test_every_problem_is_listed_at_once(gpuwheel, write_recipe):
     assert len(err.strip().splitlines()) == 1  # one line, every problem on it
 
 
-def test_arch_family_suffix_needs_cuda_129(write_recipe):
+@pytest.mark.parametrize("base, arch_list, expected", [
+    ("rtx6000pro", "12.0f", "arch 12.0f needs CUDA ≥ 12.9"),
+    ("rtx6000pro", "8.8", "arch 8.8 needs CUDA ≥ 13.0 (recipe has 12.8.1)"),
+    ("h100", "7.0;9.0a", "CUDA 13 cannot build arch 7.0"),
+    ("b200", "10.0;10.1", "CUDA 13 cannot build arch 10.1"),  # CUDA 13 renamed sm_101 to sm_110
+])
+def test_archs_the_toolkit_cannot_build(write_recipe, base, arch_list, expected):
+    path = write_recipe(f"""
+        extends = "{base}"
+        [target]
+        torch_cuda_arch_list = "{arch_list}"
+    """)
+    with pytest.raises(Exception) as raised:
+        make_plan(load_recipe(path))
+    assert expected in str(raised.value)
+
+
+def test_cuda13_builds_sm_88(write_recipe):
+    path = write_recipe("""
+        extends = "rtx6000pro-cu13"
+        [target]
+        compute_capability = "8.8"
+        torch_cuda_arch_list = "8.8"
+    """)
+    plan = make_plan(load_recipe(path), only=("flash-attn",))
+    assert plan.package("flash-attn").env_dict["FLASH_ATTN_CUDA_ARCHS"] == "80"
+
+
+def test_vllm_0251_is_in_the_pin_table(gpuwheel, write_recipe):
     path = write_recipe("""
         extends = "rtx6000pro"
-        [target]
-        torch_cuda_arch_list = "12.0f"
+        [[package]]
+        name = "vllm"
+        version = "0.25.1"
     """)
-    with pytest.raises(Exception) as raised:
-        make_plan(load_recipe(path))
-    assert "arch 12.0f needs CUDA ≥ 12.9" in str(raised.value)
-
-
-def test_cuda13_cannot_build_volta(write_recipe):
-    path = write_recipe("""
-        extends = "h100"
-        [target]
-        torch_cuda_arch_list = "7.0;9.0a"
-    """)
-    with pytest.raises(Exception) as raised:
-        make_plan(load_recipe(path))
-    assert "CUDA 13 cannot build arch 7.0" in str(raised.value)
+    result = gpuwheel("plan", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert not [note for note in result.json()["notes"] if "0.25.1" in note]
 
 
 # ---- bad input: one line, file:line, the nearest valid name, its own exit code ---------------
