@@ -107,6 +107,48 @@ def test_cuda_129_with_570_driver_is_refused_with_the_driver_it_needs(gpuwheel, 
     assert "use CUDA ≤ 12.8" in result.stderr
 
 
+def test_vllm_027_on_cuda_128_is_refused_because_torch_213_has_no_cu128_build(gpuwheel, write_recipe):
+    # A 570-driver fleet wanting vLLM 0.27.0: its torch pin 2.13.0 is CUDA 13.0 on PyPI and has no
+    # cu128 build on PyTorch's index either (cu128 ends with 2.11): refused before any download.
+    path = write_recipe("""
+        extends = "rtx6000pro"
+        [toolchain]
+        torch = "2.13.0"
+        [[package]]
+        name = "vllm"
+        version = "0.27.0"
+    """)
+    result = gpuwheel("plan", path)
+    assert result.exit_code == 3
+    assert result.stderr.strip().splitlines() == [
+        "gpuwheel: error: recipe.toml: 1 problem(s): torch 2.13.0 has no CUDA 12.8 build: PyTorch's cu128 wheels "
+        "end with torch 2.11 (torch 2.13 has 12.6, 13.0, 13.2): use torch ≤ 2.11 with CUDA 12.8, or a toolkit this "
+        "torch is built for"]
+
+
+@pytest.mark.parametrize("torch", ["2.12.0", "2.14.1", "2.15.0"])
+def test_cuda_128_with_any_torch_after_211_is_refused(gpuwheel, write_recipe, torch):
+    path = write_recipe(f"""
+        extends = "rtx6000pro"
+        [toolchain]
+        torch = "{torch}"
+    """)
+    result = gpuwheel("plan", path, "--only", "flash-attn")  # no vLLM pin in the way
+    assert result.exit_code == 3
+    assert f"torch {torch} has no CUDA 12.8 build: PyTorch's cu128 wheels end with torch 2.11" in result.stderr
+
+
+def test_cuda_128_with_torch_211_plans_and_cuda_13_with_213_too(gpuwheel, write_recipe):
+    assert gpuwheel("plan", "rtx6000pro").exit_code == 0  # _base/cuda-12.8: torch 2.11.0
+    path = write_recipe("""
+        extends = "rtx6000pro-cu13"
+        [toolchain]
+        torch = "2.13.0"
+    """)
+    result = gpuwheel("plan", path, "--only", "flash-attn")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_every_problem_is_listed_at_once(gpuwheel, write_recipe):
     path = write_recipe("""
         extends = "rtx6000pro"

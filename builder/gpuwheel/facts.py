@@ -81,6 +81,10 @@ TORCH_CUDA_BUILDS: dict[str, tuple[str, ...]] = {
     "2.13": ("12.6", "13.0", "13.2"),
     "2.14": ("12.6", "13.0", "13.2"),
 }
+# CUDA build → the last torch release (major.minor) PyTorch published it for, where that has ended.
+# cu128: wheels counted on download.pytorch.org, none for 2.12 or 2.13, 2.11 the last (pytorch/FBGEMM
+# PR 5976; PyTorch removed cu128 from 2.12 on, googlecolab/colabtools issue 5982).
+CUDA_LAST_TORCH: dict[str, str] = {"12.8": "2.11"}
 
 # CUDA toolkit (major.minor) → the PyPI wheels that make a complete nvcc toolchain, every part
 # pinned (else pip mixes in newer ones), and the directory under site-packages they fill
@@ -187,6 +191,12 @@ def driver_max_ptx_isa(driver: str) -> str | None:
 def torch_cuda_builds(torch: str) -> tuple[str, ...] | None:
     """CUDA versions PyTorch publishes wheels of this torch for, or None if unknown."""
     return TORCH_CUDA_BUILDS.get(major_minor(torch))
+
+
+def cuda_last_torch(cuda: str, torch: str) -> str | None:
+    """The last torch (major.minor) with a build for this CUDA, when `torch` comes after it."""
+    last = CUDA_LAST_TORCH.get(major_minor(cuda))
+    return last if last is not None and Version(major_minor(torch)) > Version(last) else None
 
 
 def cuda_tag(cuda: str) -> str:
