@@ -107,6 +107,48 @@ def test_cuda_129_with_570_driver_is_refused_with_the_driver_it_needs(gpuwheel, 
     assert "use CUDA ≤ 12.8" in result.stderr
 
 
+def test_vllm_027_on_cuda_128_is_refused_because_torch_213_has_no_cu128_build(gpuwheel, write_recipe):
+    # A 570-driver fleet wanting vLLM 0.27.0: its torch pin 2.13.0 is CUDA 13.0 on PyPI and has no
+    # cu128 build on PyTorch's index either (cu128 ends with 2.11): refused before any download.
+    path = write_recipe("""
+        extends = "rtx6000pro"
+        [toolchain]
+        torch = "2.13.0"
+        [[package]]
+        name = "vllm"
+        version = "0.27.0"
+    """)
+    result = gpuwheel("plan", path)
+    assert result.exit_code == 3
+    assert result.stderr.strip().splitlines() == [
+        "gpuwheel: error: recipe.toml: 1 problem(s): torch 2.13.0 has no CUDA 12.8 build: PyTorch's cu128 wheels "
+        "end with torch 2.11 (torch 2.13 has 12.6, 13.0, 13.2): use torch ≤ 2.11 with CUDA 12.8, or a toolkit this "
+        "torch is built for"]
+
+
+@pytest.mark.parametrize("torch", ["2.12.0", "2.14.1", "2.15.0"])
+def test_cuda_128_with_any_torch_after_211_is_refused(gpuwheel, write_recipe, torch):
+    path = write_recipe(f"""
+        extends = "rtx6000pro"
+        [toolchain]
+        torch = "{torch}"
+    """)
+    result = gpuwheel("plan", path, "--only", "flash-attn")  # no vLLM pin in the way
+    assert result.exit_code == 3
+    assert f"torch {torch} has no CUDA 12.8 build: PyTorch's cu128 wheels end with torch 2.11" in result.stderr
+
+
+def test_cuda_128_with_torch_211_plans_and_cuda_13_with_213_too(gpuwheel, write_recipe):
+    assert gpuwheel("plan", "rtx6000pro").exit_code == 0  # _base/cuda-12.8: torch 2.11.0
+    path = write_recipe("""
+        extends = "rtx6000pro-cu13"
+        [toolchain]
+        torch = "2.13.0"
+    """)
+    result = gpuwheel("plan", path, "--only", "flash-attn")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_every_problem_is_listed_at_once(gpuwheel, write_recipe):
     path = write_recipe("""
         extends = "rtx6000pro"
@@ -125,26 +167,44 @@ def test_every_problem_is_listed_at_once(gpuwheel, write_recipe):
     assert len(err.strip().splitlines()) == 1  # one line, every problem on it
 
 
-def test_arch_family_suffix_needs_cuda_129(write_recipe):
+@pytest.mark.parametrize("base, arch_list, expected", [
+    ("rtx6000pro", "12.0f", "arch 12.0f needs CUDA ≥ 12.9"),
+    ("rtx6000pro", "8.8", "arch 8.8 needs CUDA ≥ 13.0 (recipe has 12.8.1)"),
+    ("h100", "7.0;9.0a", "CUDA 13 cannot build arch 7.0"),
+    ("b200", "10.0;10.1", "CUDA 13 cannot build arch 10.1"),  # CUDA 13 renamed sm_101 to sm_110
+])
+def test_archs_the_toolkit_cannot_build(write_recipe, base, arch_list, expected):
+    path = write_recipe(f"""
+        extends = "{base}"
+        [target]
+        torch_cuda_arch_list = "{arch_list}"
+    """)
+    with pytest.raises(Exception) as raised:
+        make_plan(load_recipe(path))
+    assert expected in str(raised.value)
+
+
+def test_cuda13_builds_sm_88(write_recipe):
+    path = write_recipe("""
+        extends = "rtx6000pro-cu13"
+        [target]
+        compute_capability = "8.8"
+        torch_cuda_arch_list = "8.8"
+    """)
+    plan = make_plan(load_recipe(path), only=("flash-attn",))
+    assert plan.package("flash-attn").env_dict["FLASH_ATTN_CUDA_ARCHS"] == "80"
+
+
+def test_vllm_0251_is_in_the_pin_table(gpuwheel, write_recipe):
     path = write_recipe("""
         extends = "rtx6000pro"
-        [target]
-        torch_cuda_arch_list = "12.0f"
+        [[package]]
+        name = "vllm"
+        version = "0.25.1"
     """)
-    with pytest.raises(Exception) as raised:
-        make_plan(load_recipe(path))
-    assert "arch 12.0f needs CUDA ≥ 12.9" in str(raised.value)
-
-
-def test_cuda13_cannot_build_volta(write_recipe):
-    path = write_recipe("""
-        extends = "h100"
-        [target]
-        torch_cuda_arch_list = "7.0;9.0a"
-    """)
-    with pytest.raises(Exception) as raised:
-        make_plan(load_recipe(path))
-    assert "CUDA 13 cannot build arch 7.0" in str(raised.value)
+    result = gpuwheel("plan", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert not [note for note in result.json()["notes"] if "0.25.1" in note]
 
 
 # ---- bad input: one line, file:line, the nearest valid name, its own exit code ---------------

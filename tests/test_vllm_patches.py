@@ -1,19 +1,23 @@
 """The shipped vLLM patch sets, against the real sdists of the versions the recipes pin.
 
 - every vLLM-tree patch applies with --fuzz=0 and leaves the lines it promises;
-- patch 0001 (moe_permute, vllm issue 43396): the real upstream `moe_permute` from the sdist, run on
-  CPU torch at the crashing 8192-token shape (8 x 1001 + 184): pristine reads out of bounds when row
-  counts disagree, patched raises a clear ValueError and gives the same results as a plain torch
-  reference when they agree;
-- patch 0002 (fused MoE): the real `invoke_fused_moe_triton_kernel` refuses tensors shorter than
-  its kernel reads; the pinned kernels already use int64 token offsets;
+- patch 0001 (moe_permute, hardening for vllm issue 43396): the real upstream `moe_permute` from the
+  sdist, run on CPU torch at the 8192-token shape (8 x 1001 + 184): with routing or per-token
+  scales shorter than hidden_states pristine reads out of bounds and patched raises a clear
+  ValueError; longer scales (and, where the op reads input's rows, longer routing) pass and give
+  upstream's result; with rows that agree both equal a plain torch reference;
+- patch 0002 (fused MoE, hardening): the real `invoke_fused_moe_triton_kernel` refuses tensors
+  shorter than its kernel reads and launches longer ones exactly as upstream; the real
+  `fused_experts_impl` refuses shorter routing and takes longer; the pinned kernels already use
+  int64 token offsets;
 - patch 0003 (vllm-flash-attn FA2 archs): applies to its pre-image and, through the sdist's own
   `cuda_archs_loose_intersection` run by real cmake, gives sm_120 native SASS where "8.0+PTX" gave
   only compute_80 PTX.
 
-The CUDA op behind `torch.ops._moe_C.moe_permute` cannot run here; a CPU implementation of its
-contract (sort routed rows by expert, fill permuted_idx for local experts, leave the caller's
-sentinel elsewhere) is registered under the sdist's own schema. The GPU runs of the real ops are in
+The CUDA op behind `torch.ops._moe_C.moe_permute` cannot run here; a CPU implementation that follows
+its source (sort the routing rows of the tensor the sdist's op takes them from, fill permuted_idx for
+local experts, leave the caller's sentinel elsewhere, every buffer indexed with bounds checks) is
+registered under the sdist's own schema. The GPU runs of the real ops are in
 tests/gpu/test_vllm_patch_kernels.py.
 """
 
@@ -30,7 +34,7 @@ import pytest
 from gpuwheel.patches import read_series
 from vllm_patches_helpers import (
     MOE_DIR, PATCHES, apply_patch, extract, hunk_preimage, load_functions, op_schema, patch_files,
-    pinned_vllm_versions, vllm_sdist,
+    pinned_vllm_versions, sorted_rows_of, vllm_sdist,
 )
 
 PINS = pinned_vllm_versions()
@@ -87,58 +91,81 @@ def test_patches_apply_exactly_to_the_pinned_sdist(version, trees):
         assert "fuzz" not in result.stdout and "FAILED" not in result.stdout
 
 
+def op_source(tree: Path, version: str) -> str:
+    return (tree / OP_SOURCES.get(version, "csrc/moe/moe_permute_unpermute_op.cu")).read_text()
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_patched_lines(version, trees):
-    _, patched = trees(version)
+    pristine, patched = trees(version)
     python = (patched / MOE_DIR / "moe_permute_unpermute.py").read_text()
-    assert "permuted_idx.clamp(max=scale_rows * topk - 1) // topk" in python
-    assert "permuted_idx.clamp(max=n_token * topk - 1)" not in python
-    op = (patched / OP_SOURCES.get(version, "csrc/moe/moe_permute_unpermute_op.cu")).read_text()
+    # upstream's gather stays: the checks before it keep every index below the scale's rows
+    assert "a1q_scale = a1q_scale[permuted_idx.clamp(max=n_token * topk - 1) // topk]" in python
+    assert "a1q_scale.size(0) < n_token" in python and "a1q_scale.size(0) != n_token" not in python
+    op = op_source(patched, version)
     impl = op[op.index("void moe_permute_impl("):]
     checks = impl.index('"moe_permute: topk_ids has "')
     first_launch = min(impl.index(word) for word in ("moe_sort_routing(", "sortAndScanExpert(") if word in impl)
     assert checks < first_launch, "the row checks must run before the op touches memory"
+    # refused are the row counts the op reads out of bounds: fewer where it sorts input's rows,
+    # any other where it sorts topk_ids' own rows into buffers sized from input's
+    if sorted_rows_of(op_source(pristine, version)) == "input":
+        assert "topk_ids.size(0) < n_token" in python and "topk_ids.size(0) >= input.size(0)" in impl
+    else:
+        assert "topk_ids.size(0) != n_token" in python and "topk_ids.size(0) == input.size(0)" in impl
     fused = (patched / MOE_DIR / "fused_moe.py").read_text()
-    assert "fused_experts: topk_ids has" in fused and "fused_moe: per-token A_scale" in fused
+    assert "if topk_ids.size(0) < num_tokens:" in fused and "fused_moe: per-token A_scale" in fused
 
 
 # ------------------------------------------------------- 0001 moe_permute on CPU
 
 
 class MoePermuteOp:
-    """`_moe_C::moe_permute`'s contract on CPU, registered under the sdist's schema.
+    """`_moe_C::moe_permute` on CPU, registered under the sdist's schema, following its CUDA source.
 
-    Routed rows (token * topk + k) are stably sorted by local expert (non-local experts go last);
-    permuted_idx gets the source row of each of the first `valid` permuted rows, the rest keep the
-    caller's sentinel; the number of routing rows is topk_ids' own, as in the CUDA op's sort.
+    The routing sort walks `sorted_rows * topk` entries of topk_ids, where `sorted_rows` are the
+    rows of the tensor the sdist's op reads them from (input in 0.26.0, topk_ids in 0.33.0), and
+    stably sorts them by local expert (non-local go last), writing into a buffer sized like
+    inv_permuted_idx; the expand step then walks `input rows * topk` destination rows, filling
+    permuted_idx for local experts only (the rest keep the caller's sentinel). Every buffer is
+    indexed explicitly, so what the CUDA op would read or write out of bounds raises IndexError.
     """
 
     library = None
     schema = None
+    sorted_rows = "input"
 
     @classmethod
-    def register(cls, torch, schema: str) -> None:
+    def register(cls, torch, schema: str, sorted_rows: str) -> None:
         if cls.library is None:
             cls.library = torch.library.Library("_moe_C", "DEF")
             cls.library.define(schema)
             cls.library.impl("moe_permute", cls.run, "CPU")
             cls.schema = schema
         assert cls.schema == schema, "pinned versions disagree on the moe_permute schema"
+        cls.sorted_rows = sorted_rows
 
     @staticmethod
     def run(input, topk_ids, token_expert_indices, expert_map, n_expert, n_local_expert, topk,
             permuted_input, expert_first_token_offset, inv_permuted_idx, permuted_idx):
         import torch
-        experts = topk_ids.flatten().long()
+        sorted_rows = {"input": input, "topk_ids": topk_ids}[MoePermuteOp.sorted_rows].size(0)
+        routes = torch.arange(sorted_rows * topk)
+        experts = topk_ids.reshape(-1)[routes].long()
         local = experts if expert_map is None else expert_map[experts].long()
         local = torch.where(local < 0, n_local_expert, local)
         order = torch.sort(local, stable=True).indices
-        valid = int((local < n_local_expert).sum())
+        never_written = 2**31 - 1  # what the expand step would read from an unwritten sort slot
+        sorted_row_idx = torch.full((inv_permuted_idx.numel(),), never_written, dtype=torch.int64)
+        sorted_row_idx[routes] = token_expert_indices.reshape(-1)[order].long()
         counts = torch.bincount(local[local < n_local_expert], minlength=n_local_expert)
         expert_first_token_offset.copy_(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
-        inv_permuted_idx.view(-1)[order] = torch.arange(order.numel(), dtype=torch.int32)
-        permuted_idx[:valid] = order[:valid].to(torch.int32)
-        permuted_input[:valid] = input[order[:valid] // topk]
+        valid = int(counts.sum())
+        dest = torch.arange(input.size(0) * topk)
+        source = sorted_row_idx[dest]
+        inv_permuted_idx.view(-1)[source] = dest.to(torch.int32)
+        permuted_idx[dest[:valid]] = source[:valid].to(torch.int32)
+        permuted_input[dest[:valid]] = input[source[:valid] // topk]
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +179,7 @@ def moe_permute(torch, trees):
     def get(version: str):
         pristine, patched = trees(version)
         MoePermuteOp.register(torch, op_schema(pristine / BINDINGS.get(version, "csrc/moe/torch_bindings.cpp"),
-                                               "moe_permute"))
+                                               "moe_permute"), sorted_rows_of(op_source(pristine, version)))
         return tuple(load_functions(tree / MOE_DIR / "moe_permute_unpermute.py", ("moe_permute",),
                                     {"torch": torch})["moe_permute"] for tree in (pristine, patched))
     return get
@@ -180,6 +207,15 @@ def reference_permute(torch, topk_ids, expert_map, n_local: int):
     return torch.cat([(local == e).nonzero().flatten() // topk for e in range(n_local)])
 
 
+def assert_permuted_like_reference(torch, result, hidden_states, tokens, topk: int):
+    permuted, permuted_scale, offsets, _, _ = result
+    valid = tokens.numel()
+    assert permuted_scale.shape == (hidden_states.size(0) * topk, 1)
+    assert torch.equal(permuted_scale[:valid, 0].long(), tokens)
+    assert torch.equal(permuted[:valid].view(torch.uint8), hidden_states[tokens].view(torch.uint8))
+    assert int(offsets[-1]) == valid
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["all-experts", "half-local"])
 def test_moe_permute_rows_agree_at_8192(version, expert_parallel, torch, moe_permute):
@@ -193,16 +229,11 @@ def test_moe_permute_rows_agree_at_8192(version, expert_parallel, torch, moe_per
         expert_map = torch.full((n_expert,), -1, dtype=torch.int32)
         expert_map[n_local:] = torch.arange(n_local, dtype=torch.int32)
     tokens = reference_permute(torch, topk_ids, expert_map, n_local)
-    valid = tokens.numel()
     for moe in (pristine, patched):
-        permuted, permuted_scale, offsets, _, permuted_idx = moe(
-            hidden_states, scale, topk_ids, n_expert, n_local, expert_map)
-        assert permuted_scale.shape == (TOKENS * topk, 1)
-        assert torch.equal(permuted_scale[:valid, 0].long(), tokens)
-        assert torch.equal(permuted[:valid].view(torch.uint8), hidden_states[tokens].view(torch.uint8))
-        assert int(offsets[-1]) == valid
+        result = moe(hidden_states, scale, topk_ids, n_expert, n_local, expert_map)
+        assert_permuted_like_reference(torch, result, hidden_states, tokens, topk)
         if expert_parallel:
-            assert valid < TOKENS * topk and bool((permuted_idx[valid:] == TOKENS * topk).all())
+            assert tokens.numel() < TOKENS * topk and bool((result[4][tokens.numel():] == TOKENS * topk).all())
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -219,20 +250,55 @@ def test_moe_permute_short_scale(version, scale_rows, torch, moe_permute):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_moe_permute_longer_scale_passes_as_upstream(version, torch, moe_permute):
+    """A per-token scale padded past the batch (8704 rows for 8192 tokens): the gather reads rows up to
+    8191 only, so upstream is right and the patched wrapper gives the same result."""
+    pristine, patched = moe_permute(version)
+    topk_ids = routing(torch, TOKENS)
+    hidden_states, _ = fp8_inputs(torch, TOKENS)
+    _, longer = fp8_inputs(torch, TOKENS + 512)
+    tokens = reference_permute(torch, topk_ids, None, 128)
+    results = [moe(hidden_states, longer, topk_ids, 128) for moe in (pristine, patched)]
+    for result in results:
+        assert_permuted_like_reference(torch, result, hidden_states, tokens, 8)
+    assert all(torch.equal(p, q) for p, q in zip(results[0][1:], results[1][1:]))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_moe_permute_short_routing(version, torch, moe_permute):
-    """topk_ids (and its scale) cover 4096 tokens, hidden_states 8192: unfilled permuted_idx entries
-    hold the sentinel 8192 * topk, which the clamp turns into row 8191 of a 4096-row scale."""
+    """topk_ids (and its scale) cover 4096 tokens, hidden_states 8192: the op reads routing rows that
+    do not exist (on the H100 with 0.20.0's op the sentinel it left made the scale gather read row
+    8191 of a 4096-row scale)."""
     pristine, patched = moe_permute(version)
     hidden_states, scale = fp8_inputs(torch, TOKENS)
     topk_ids = routing(torch, 4096)
-    with pytest.raises(IndexError, match="index 8191 is out of bounds"):
+    with pytest.raises(IndexError, match="out of bounds"):
         pristine(hidden_states, scale[:4096], topk_ids, 128)
     message = (rf"topk_ids has 4096 rows but hidden_states has {TOKENS}: topk_ids \(4096, 8\), "
                rf"hidden_states \({TOKENS}, 128\)")
     with pytest.raises(ValueError, match=message):
         patched(hidden_states, scale[:4096], topk_ids, 128)
-    with pytest.raises(ValueError, match=f"topk_ids has {TOKENS + 8} rows"):
-        patched(hidden_states, scale, routing(torch, TOKENS + 8), 128)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_moe_permute_longer_routing(version, torch, trees, moe_permute):
+    """topk_ids padded past the batch (8704 routing rows for 8192 tokens). 0.26.0's op sorts and
+    expands input's rows: the extra rows are not read, upstream is right and the patch lets it pass.
+    0.33.0's op sorts topk_ids' own rows into buffers sized from input's: out of bounds, refused."""
+    pristine, patched = moe_permute(version)
+    hidden_states, scale = fp8_inputs(torch, TOKENS)
+    topk_ids = routing(torch, TOKENS + 512)
+    if sorted_rows_of(op_source(trees(version)[0], version)) == "input":
+        tokens = reference_permute(torch, topk_ids[:TOKENS], None, 128)
+        results = [moe(hidden_states, scale, topk_ids, 128) for moe in (pristine, patched)]
+        for result in results:
+            assert_permuted_like_reference(torch, result, hidden_states, tokens, 8)
+        assert all(torch.equal(p, q) for p, q in zip(results[0][1:], results[1][1:]))
+    else:
+        with pytest.raises(IndexError, match="out of bounds"):
+            pristine(hidden_states, scale, topk_ids, 128)
+        with pytest.raises(ValueError, match=f"topk_ids has {TOKENS + 512} rows but hidden_states has {TOKENS}"):
+            patched(hidden_states, scale, topk_ids, 128)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -300,6 +366,55 @@ def test_fused_moe_refuses_short_topk_weights_and_scales(version, torch, trees):
     with pytest.raises(ValueError, match=r"per-token A_scale \(4096, 1\) has fewer rows than A \(65536, 128\)"):
         patched(*short_scale, **kwargs)
     assert len(patched_launch.calls) == 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fused_moe_launches_longer_topk_weights_and_scales_as_upstream(version, torch, trees):
+    """Weights and scales with rows past the batch: the kernel reads ids below A rows * top_k only."""
+    args, kwargs = fp8_launch_args(torch, TOKENS, 8, weight_rows=TOKENS + 512, scale_rows=(TOKENS + 512) * 8)
+    launches = []
+    for tree in trees(version):
+        invoke, launch = invoke_kernel(torch, tree)
+        invoke(*args, **kwargs)
+        assert len(launch.calls) == 1
+        launches.append(launch.calls[0][1:])
+    (pristine_args, pristine_kwargs), (patched_args, patched_kwargs) = launches
+    assert pristine_kwargs == patched_kwargs
+    assert all(p is q if torch.is_tensor(p) else p == q for p, q in zip(pristine_args, patched_args))
+
+
+class ReachedConfig(Exception):
+    """fused_experts_impl got past its argument checks (to the config lookup)."""
+
+
+def fused_experts_impl(torch, tree: Path):
+    """The real upstream fused_experts_impl, stopped at the config lookup that follows its checks."""
+    def reached(**kwargs):
+        raise ReachedConfig
+    namespace = {"torch": torch, "MoEActivation": SimpleNamespace(from_str=lambda name: name),
+                 "_get_config_dtype_str": reached}
+    load_functions(tree / MOE_DIR / "fused_moe.py", ("fused_experts_impl",), namespace)
+    return namespace["fused_experts_impl"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fused_experts_refuses_short_routing_and_takes_longer(version, torch, trees):
+    pristine, patched = (fused_experts_impl(torch, tree) for tree in trees(version))
+    hidden_states = torch.zeros(TOKENS, 128, dtype=torch.bfloat16)
+    w1, w2 = torch.zeros(16, 512, 128), torch.zeros(16, 128, 256)
+
+    def call(impl, rows: int):
+        topk_ids = routing(torch, rows, n_expert=16)
+        return impl(hidden_states, w1, w2, torch.ones(rows, 8), topk_ids)
+
+    for impl in (pristine, patched):
+        for rows in (TOKENS, TOKENS + 512):  # longer routing: the kernels mask ids past TOKENS * top_k
+            with pytest.raises(ReachedConfig):
+                call(impl, rows)
+    with pytest.raises(ReachedConfig):
+        call(pristine, 4096)  # unpatched: on to the kernels, whose padding ids now count as tokens
+    with pytest.raises(ValueError, match=rf"fused_experts: topk_ids has 4096 rows but hidden_states has {TOKENS}"):
+        call(patched, 4096)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -140,6 +140,14 @@ def op_schema(bindings: Path, op: str) -> str:
     return "".join(re.findall(r'"([^"]*)"', text[start:end]))
 
 
+def sorted_rows_of(op_text: str) -> str:
+    """Whose rows the moe_permute op's routing sort walks: the tensor the `n_token` before its
+    sortAndScanExpert call is read from ("input" in 0.26.0's moe_permute_impl, "topk_ids" in
+    0.33.0's moe_sort_routing, whose buffers the wrapper sizes from input's rows)."""
+    before_sort = op_text[:op_text.index("sortAndScanExpert(")]
+    return re.findall(r"auto n_token = (\w+)\.sizes\(\)\[0\];", before_sort)[-1]
+
+
 # Files the GPU tests read from each pinned vLLM (the GPU machine has no network: carry these).
 GPU_TEST_FILES = {
     "0.26.0": [f"{MOE_DIR}/moe_permute_unpermute.py", f"{MOE_DIR}/fused_moe.py", f"{MOE_DIR}/utils.py",

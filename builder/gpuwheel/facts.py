@@ -11,20 +11,23 @@ from dataclasses import dataclass
 
 from packaging.version import Version
 
-# Minimum CUDA toolkit that can emit SASS for a plain arch (NVIDIA CUDA release notes).
+# Minimum CUDA toolkit that can emit SASS for a plain arch (NVIDIA CUDA release notes; LLVM's
+# clang/lib/Basic/Cuda.cpp MinVersionForOffloadArch for 7.2 → 9.1, 8.8 → 13.0; 5.2 came with CUDA 6.5's
+# GTX 9xx release). `nvcc --list-gpu-arch` of CUDA 13.0 lists sm_75 … sm_121 with sm_88, no sm_101.
 ARCH_MIN_CUDA: dict[str, str] = {
-    "5.0": "6.0", "5.2": "7.0", "5.3": "7.0", "6.0": "8.0", "6.1": "8.0", "6.2": "8.0",
-    "7.0": "9.0", "7.2": "10.0", "7.5": "10.0",
-    "8.0": "11.0", "8.6": "11.1", "8.7": "11.4", "8.9": "11.8",
+    "5.0": "6.0", "5.2": "6.5", "5.3": "7.0", "6.0": "8.0", "6.1": "8.0", "6.2": "8.0",
+    "7.0": "9.0", "7.2": "9.1", "7.5": "10.0",
+    "8.0": "11.0", "8.6": "11.1", "8.7": "11.4", "8.8": "13.0", "8.9": "11.8",
     "9.0": "11.8",
     "10.0": "12.8", "10.1": "12.8", "10.3": "12.9", "11.0": "13.0",
     "12.0": "12.8", "12.1": "12.9",
 }
 # Arch-specific ("a") and family ("f") variants need newer toolkits than the plain arch.
 SUFFIX_MIN_CUDA: dict[str, str] = {"a": "12.0", "f": "12.9"}
-# CUDA 13 removed SASS/PTX generation for Maxwell, Pascal and Volta (sm_50 … sm_72).
+# CUDA 13 removed SASS/PTX generation for Maxwell, Pascal and Volta (sm_50 … sm_72), and renamed
+# sm_101 to sm_110 (nvcc 13.0: "Unsupported gpu architecture 'sm_101'").
 ARCH_MAX_CUDA_MAJOR: dict[str, int] = {
-    arch: 12 for arch in ("5.0", "5.2", "5.3", "6.0", "6.1", "6.2", "7.0", "7.2")
+    arch: 12 for arch in ("5.0", "5.2", "5.3", "6.0", "6.1", "6.2", "7.0", "7.2", "10.1")
 }
 
 # PTX ISA version → the CUDA release that introduced it (PTX ISA docs, "Release notes").
@@ -46,41 +49,42 @@ CUDA_MIN_DRIVER: dict[str, str] = {
     "13.0": "580.65.06", "13.1": "590.44.01",
 }
 
-# vLLM release → torch it pins in requirements/cuda.txt, and the CUDA of vLLM's own wheels.
+# vLLM release → torch it pins in requirements/cuda.txt, as its PyPI wheel's METADATA requires it
+# (0.14.1, 0.15.x, 0.17.0, 0.18.1, 0.20.1, 0.20.2, 0.22.1, 0.25.x, 0.26.0, 0.27.0, 0.32.0, 0.33.0 read from
+# PyPI 2026-11-30: docs/recipes.md, "Facts").
 VLLM_TORCH_PIN: dict[str, str] = {
     "0.10.1.1": "2.7.1", "0.10.2": "2.8.0", "0.11.0": "2.8.0",
     "0.11.1": "2.9.0", "0.11.2": "2.9.0", "0.12.0": "2.9.0", "0.13.0": "2.9.0",
-    "0.14.0": "2.9.1", "0.16.0": "2.9.1",
-    "0.17.1": "2.10.0", "0.18.0": "2.10.0", "0.19.0": "2.10.0", "0.19.1": "2.10.0",
-    "0.20.0": "2.11.0", "0.21.0": "2.11.0", "0.22.0": "2.11.0", "0.23.0": "2.11.0",
-    "0.24.0": "2.11.0", "0.25.0": "2.11.0", "0.26.0": "2.11.0",
+    "0.14.0": "2.9.1", "0.14.1": "2.9.1", "0.15.0": "2.9.1", "0.15.1": "2.9.1", "0.16.0": "2.9.1",
+    "0.17.0": "2.10.0", "0.17.1": "2.10.0", "0.18.0": "2.10.0", "0.18.1": "2.10.0", "0.19.0": "2.10.0",
+    "0.19.1": "2.10.0",
+    "0.20.0": "2.11.0", "0.20.1": "2.11.0", "0.20.2": "2.11.0", "0.21.0": "2.11.0", "0.22.0": "2.11.0",
+    "0.22.1": "2.11.0", "0.23.0": "2.11.0", "0.24.0": "2.11.0", "0.25.0": "2.11.0", "0.25.1": "2.11.0",
+    "0.26.0": "2.11.0",
     "0.27.0": "2.13.0", "0.27.1": "2.13.0", "0.28.0": "2.13.0", "0.29.0": "2.13.0",
     "0.30.0": "2.13.0", "0.31.0": "2.13.0", "0.32.0": "2.13.0",
     "0.33.0": "2.14.0",
 }
 
-# torch release (major.minor) → CUDA versions PyTorch publishes wheels for (pytorch.org
-# "previous versions" for 2.7–2.11; 2.13/2.14 cu128 builds are seen in third-party use only,
-# not confirmed on download.pytorch.org: docs/recipes.md, "Pins").
+# torch release (major.minor) → CUDA versions PyTorch publishes wheels of it for on its own index
+# (download.pytorch.org/whl/cuXYZ), stable and experimental: PyTorch's RELEASE.md "Release
+# Compatibility Matrix" (13.2 is experimental for 2.12/2.13, stable for 2.14). Not exhaustive:
+# builds off the matrix exist (cu129 for 2.10). PyPI's own wheels are one of these: 2.10 a CUDA 12.8
+# build, 2.11–2.14.1 CUDA 13.0 builds (their METADATA requires cuda-toolkit 13.0.x), 2.15 CUDA 13.2.
 TORCH_CUDA_BUILDS: dict[str, tuple[str, ...]] = {
     "2.7": ("11.8", "12.6", "12.8"),
     "2.8": ("12.6", "12.8", "12.9"),
     "2.9": ("12.6", "12.8", "13.0"),
     "2.10": ("12.6", "12.8", "13.0"),
     "2.11": ("12.6", "12.8", "13.0"),
-    "2.13": ("12.8", "13.0"),
-    "2.14": ("12.8", "13.0"),
+    "2.12": ("12.6", "13.0", "13.2"),
+    "2.13": ("12.6", "13.0", "13.2"),
+    "2.14": ("12.6", "13.0", "13.2"),
 }
-
-# vLLM FetchContent dependency → the environment variable that points vLLM at a local tree.
-VLLM_DEPENDENCY_SRC_ENV: dict[str, str] = {
-    "cutlass": "VLLM_CUTLASS_SRC_DIR",
-    "vllm-flash-attn": "VLLM_FLASH_ATTN_SRC_DIR",
-    "flashmla": "FLASH_MLA_SRC_DIR",
-    "qutlass": "QUTLASS_SRC_DIR",
-    "triton_kernels": "TRITON_KERNELS_SRC_DIR",
-    "deepgemm": "DEEPGEMM_SRC_DIR",
-}
+# CUDA build → the last torch release (major.minor) PyTorch published it for, where that has ended.
+# cu128: wheels counted on download.pytorch.org, none for 2.12 or 2.13, 2.11 the last (pytorch/FBGEMM
+# PR 5976; PyTorch removed cu128 from 2.12 on, googlecolab/colabtools issue 5982).
+CUDA_LAST_TORCH: dict[str, str] = {"12.8": "2.11"}
 
 # CUDA toolkit (major.minor) → the PyPI wheels that make a complete nvcc toolchain, every part
 # pinned (else pip mixes in newer ones), and the directory under site-packages they fill
@@ -187,6 +191,12 @@ def driver_max_ptx_isa(driver: str) -> str | None:
 def torch_cuda_builds(torch: str) -> tuple[str, ...] | None:
     """CUDA versions PyTorch publishes wheels of this torch for, or None if unknown."""
     return TORCH_CUDA_BUILDS.get(major_minor(torch))
+
+
+def cuda_last_torch(cuda: str, torch: str) -> str | None:
+    """The last torch (major.minor) with a build for this CUDA, when `torch` comes after it."""
+    last = CUDA_LAST_TORCH.get(major_minor(cuda))
+    return last if last is not None and Version(major_minor(torch)) > Version(last) else None
 
 
 def cuda_tag(cuda: str) -> str:

@@ -159,7 +159,14 @@ def check_compatibility(recipe: Recipe, packages: tuple[PackageRecipe, ...] | No
                         f"binaries from CUDA {cuda} need driver ≥ {need_driver} (fleet min_driver "
                         f"{t.min_driver})")
     builds = facts.torch_cuda_builds(tc.torch)
-    if builds is None:
+    last = facts.cuda_last_torch(tc.cuda, tc.torch)
+    if last is not None:
+        # An older same-major build (cu126) is no stand-in: PyPI's torch is CUDA 13, and cu126 lacks Blackwell.
+        has = f" (torch {facts.major_minor(tc.torch)} has {', '.join(builds)})" if builds else ""
+        problems.append(f"torch {tc.torch} has no CUDA {cuda} build: PyTorch's {facts.cuda_tag(cuda)} wheels end "
+                        f"with torch {last}{has}: use torch ≤ {last} with CUDA {cuda}, or a toolkit this torch "
+                        f"is built for")
+    elif builds is None:
         notes.append(f"torch {tc.torch} is not in gpuwheel's torch table: its CUDA builds are unchecked")
     elif not any(Version(b).major == Version(cuda).major for b in builds):
         problems.append(f"torch {tc.torch} has no CUDA {Version(cuda).major} build (it has "

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_patches_helpers import (
-    GPU_TEST_FILES, MOE_DIR, PATCHES, REPO, apply_patch, load_functions, op_schema, vllm_files,
+    GPU_TEST_FILES, MOE_DIR, PATCHES, REPO, apply_patch, load_functions, op_schema, sorted_rows_of, vllm_files,
 )
 
 torch = pytest.importorskip("torch", reason="needs torch with CUDA")
@@ -106,7 +106,7 @@ def moe_c(tmp_path_factory):
         build_directory=str(root), is_python_module=False, verbose=False)
     namespace = load_functions(patched / MOE_DIR / "moe_permute_unpermute.py", ("moe_permute",), {"torch": torch})
     return SimpleNamespace(version=version, library=library, pristine=pristine, patched=patched,
-                           moe_permute=namespace["moe_permute"])
+                           moe_permute=namespace["moe_permute"], sorted_rows=sorted_rows_of(op.read_text()))
 
 
 def fp8_batch(rows: int, n_expert: int = 128, topk: int = 8, hidden: int = 2048):
@@ -118,15 +118,22 @@ def fp8_batch(rows: int, n_expert: int = 128, topk: int = 8, hidden: int = 2048)
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["all-experts", "half-local"])
-def test_moe_permute_8192_matches_reference(moe_c, expert_parallel):
+@pytest.mark.parametrize("extra_rows", [0, 512], ids=["rows-agree", "longer-routing-and-scale"])
+def test_moe_permute_8192_matches_reference(moe_c, expert_parallel, extra_rows):
+    """Longer routing and scales (rows past the batch) are what upstream takes where its op sorts
+    input's rows (0.26.0): the extra rows are not read, and the patched op and wrapper let them pass."""
+    if extra_rows and moe_c.sorted_rows != "input":
+        pytest.skip(f"vLLM {moe_c.version}'s op sorts topk_ids' own rows: longer routing is out of bounds there")
     n_expert, topk = 128, 8
-    topk_ids, hidden_states, scale = fp8_batch(TOKENS, n_expert, topk)
+    topk_ids, _, scale = fp8_batch(TOKENS + extra_rows, n_expert, topk)
+    _, hidden_states, _ = fp8_batch(TOKENS, n_expert, topk)
     expert_map, n_local = None, n_expert
     if expert_parallel:
         n_local = n_expert // 2
         expert_map = torch.full((n_expert,), -1, dtype=torch.int32, device="cuda")
         expert_map[n_local:] = torch.arange(n_local, dtype=torch.int32, device="cuda")
-    local = topk_ids.flatten().long() if expert_map is None else expert_map[topk_ids.flatten().long()].long()
+    routed = topk_ids[:TOKENS].flatten().long()
+    local = routed if expert_map is None else expert_map[routed].long()
     tokens = torch.cat([(local == e).nonzero().flatten() // topk for e in range(n_local)])
     permuted, permuted_scale, offsets, _, _ = moe_c.moe_permute(
         hidden_states, scale, topk_ids, n_expert, n_local, expert_map)
@@ -228,7 +235,10 @@ def align_block_size(topk_ids, block: int, n_expert: int):
             torch.tensor([sorted_ids.numel()], dtype=torch.int32, device=flat.device))
 
 
-def test_fused_moe_glm46_8192_tokens(fused_moe):
+@pytest.mark.parametrize("extra_rows", [0, 512], ids=["rows-agree", "longer-routing"])
+def test_fused_moe_glm46_8192_tokens(fused_moe, extra_rows):
+    """Longer routing (rows past A's) sorts ids at or past A rows * top_k and pads with its own numel:
+    the kernel masks them all, upstream is right and the patch lets it through."""
     e, topk, k, n = GLM46["experts"], GLM46["topk"], GLM46["hidden"], 2 * GLM46["width"]
     assert (e - 1) * n * k > 2**31, "the w13 expert offset needs 64-bit arithmetic at this shape"
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -236,11 +246,12 @@ def test_fused_moe_glm46_8192_tokens(fused_moe):
     a_scale = torch.rand(TOKENS, 1, device="cuda", generator=generator) + 0.5
     w = (torch.randn(e, n, k, device="cuda", generator=generator) / 4).to(torch.float8_e4m3fn)
     w_scale = torch.rand(e, n, 1, device="cuda", generator=generator) / 100
-    topk_ids = torch.rand(TOKENS, e, device="cuda", generator=generator).topk(topk, dim=1).indices.to(torch.int32)
+    routing = torch.rand(TOKENS + extra_rows, e, device="cuda", generator=generator).topk(topk, dim=1).indices
+    topk_ids = routing.to(torch.int32)[:TOKENS]
     c = torch.zeros(TOKENS, topk, n, dtype=torch.bfloat16, device="cuda")
     config = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 32,
               "num_warps": 4, "num_stages": 3}
-    sorted_ids, expert_ids, post_padded = align_block_size(topk_ids, config["BLOCK_SIZE_M"], e)
+    sorted_ids, expert_ids, post_padded = align_block_size(routing.to(torch.int32), config["BLOCK_SIZE_M"], e)
     fused_moe.invoke(a, w, c, a_scale, w_scale, None, sorted_ids, expert_ids, post_padded, False, topk, config,
                      compute_type=fused_moe.tl.bfloat16, use_fp8_w8a8=True, use_int8_w8a8=False,
                      use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=True)

@@ -471,7 +471,7 @@ def run_boundary_checks(spec: dict, recorder) -> None:
                 return "fail", "accepted mismatched row counts without an error", {}
             if not outcome["alive"] or "CUDA" in message:
                 return "fail", (f"crashed on the GPU ({type(error).__name__}: {message}); this vLLM lacks the "
-                                "moe_permute row-count fix"), {}
+                                "moe_permute row-count check (patch 0001)"), {}
             return "pass", f"refused: {type(error).__name__}: {message}", {}
         recorder.check(name, case)
         alive = outcome.get("alive", False)
