@@ -85,6 +85,10 @@ TORCH_CUDA_BUILDS: dict[str, tuple[str, ...]] = {
 # cu128: wheels counted on download.pytorch.org, none for 2.12 or 2.13, 2.11 the last (pytorch/FBGEMM
 # PR 5976; PyTorch removed cu128 from 2.12 on, googlecolab/colabtools issue 5982).
 CUDA_LAST_TORCH: dict[str, str] = {"12.8": "2.11"}
+# torch release (major.minor) → the CUDA build PyPI serves as plain `torch` (the METADATA checks above).
+# Any other build is PyTorch's variant, named by its local version (2.11.0+cu128) on PyTorch's index.
+TORCH_PYPI_CUDA: dict[str, str] = {"2.10": "12.8", "2.11": "13.0", "2.12": "13.0", "2.13": "13.0",
+                                   "2.14": "13.0", "2.15": "13.2"}
 
 # CUDA toolkit (major.minor) → the PyPI wheels that make a complete nvcc toolchain, every part
 # pinned (else pip mixes in newer ones), and the directory under site-packages they fill
@@ -197,6 +201,15 @@ def cuda_last_torch(cuda: str, torch: str) -> str | None:
     """The last torch (major.minor) with a build for this CUDA, when `torch` comes after it."""
     last = CUDA_LAST_TORCH.get(major_minor(cuda))
     return last if last is not None and Version(major_minor(torch)) > Version(last) else None
+
+
+def torch_requirement(torch: str, cuda: str) -> str:
+    """The pip requirement for torch's build for this toolkit: PyPI's own wheel where that is the
+    build, else the variant's local version (torch==2.11.0+cu128), which pip finds on the indexes
+    it is configured with (PyTorch's cuXYZ index, or a mirror of it, as extra-index-url)."""
+    if "+" in torch or TORCH_PYPI_CUDA.get(major_minor(torch)) == major_minor(cuda):
+        return f"torch=={torch}"
+    return f"torch=={torch}+{cuda_tag(cuda)}"
 
 
 def cuda_tag(cuda: str) -> str:

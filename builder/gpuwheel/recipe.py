@@ -479,6 +479,10 @@ def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:  # no
         close = closest(profile, PROFILES)
         raise RecipeError(f"{where(prefix + '.profile')}: unknown profile '{profile}'",
                           hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(PROFILES)}")
+    if profile == "inference" and entry["name"] != "flash-attn" or profile == "serving" and entry["name"] != "vllm":
+        raise RecipeError(f"{where(prefix + '.profile')}: profile '{profile}' is for "
+                          f"{'flash-attn' if profile == 'inference' else 'vllm'}, not {entry['name']}",
+                          hint="use profile = \"full\" or drop it")
     inference = None
     if profile == "inference":
         spec = entry.get("inference", {})
@@ -498,10 +502,6 @@ def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:  # no
     elif "inference" in entry:
         raise RecipeError(f"{where(prefix + '.inference.head_dims')}: [package.inference] needs profile = \"inference\"")
     serving = _serving(entry, prefix, where)
-    if profile == "inference" and entry["name"] != "flash-attn" or profile == "serving" and entry["name"] != "vllm":
-        raise RecipeError(f"{where(prefix + '.profile')}: profile '{profile}' is for "
-                          f"{'flash-attn' if profile == 'inference' else 'vllm'}, not {entry['name']}",
-                          hint="use profile = \"full\" or drop it")
     dependencies = []
     for index, dep in enumerate(entry.get("dependency", [])):
         dep_prefix = f"{prefix}.dependency[{index}]"

@@ -176,7 +176,7 @@ def check_toolchain(observed: ToolchainInfo, wanted: Toolchain, *, recipe_name: 
                              f"{wanted.torch}", hint=fix_torch)
     try:
         have_torch = Version(observed.torch).public
-        if Version(have_torch) != Version(wanted.torch):
+        if Version(have_torch) != Version(Version(wanted.torch).public):
             raise ToolchainError(f"torch mismatch: the toolchain has torch {observed.torch}, {recipe_name} pins "
                                  f"[toolchain] torch = {wanted.torch}", hint=fix_torch)
     except InvalidVersion:

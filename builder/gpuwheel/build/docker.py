@@ -86,7 +86,7 @@ class _Template(string.Template):
 def render_dockerfile(toolchain: Toolchain, *, base_image: str, cuda_from_pypi: bool) -> str:
     python = facts.major_minor(toolchain.python)
     cuda = facts.major_minor(toolchain.cuda)
-    requirements = [f"torch=={toolchain.torch}", *BUILD_REQUIREMENTS]
+    requirements = [facts.torch_requirement(toolchain.torch, toolchain.cuda), *BUILD_REQUIREMENTS]
     if cuda_from_pypi:
         wheels, layout = facts.CUDA_PYPI_TOOLCHAIN[cuda]
         requirements.extend(wheels)

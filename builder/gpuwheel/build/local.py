@@ -78,12 +78,13 @@ class LocalBackend:
         cuda = facts.major_minor(toolchain.cuda)
         cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[cuda][0] if provision_cuda else ()
         base_version = (_probe(base) or {}).get("python", str(base))  # not its path: any 3.11.7 makes the same venv
-        venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *cuda_wheels)}"
+        torch = facts.torch_requirement(toolchain.torch, toolchain.cuda)
+        venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, torch, *cuda_wheels)}"
         python = venv / "bin" / "python"
         venv.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(venv) + ".lock"):
             if not (venv / ".complete").exists():
-                self._make_venv(venv, base, (f"torch=={toolchain.torch}", *BUILD_REQUIREMENTS, *cuda_wheels))
+                self._make_venv(venv, base, (torch, *BUILD_REQUIREMENTS, *cuda_wheels))
         return python
 
     def _make_venv(self, venv: Path, base: Path, requirements: tuple[str, ...]) -> None:
@@ -97,8 +98,14 @@ class LocalBackend:
             if not finished.ok:
                 shutil.rmtree(venv, ignore_errors=True)
                 last = next((line for line in reversed(finished.tail) if line.strip()), "")
+                variant = next((r for r in requirements if r.startswith("torch==") and "+cu" in r), None)
+                hint = f"full output in {log}"
+                if variant and "No matching distribution" in last:
+                    tag = variant.rsplit("+", 1)[1]
+                    hint = (f"torch's {tag} build is on PyTorch's own index, not PyPI: add it (or your mirror of "
+                            f"it) as pip's extra-index-url (pip.conf or PIP_EXTRA_INDEX_URL); {hint}")
                 raise ToolchainError(f"making the toolchain venv failed at `{' '.join(argv[:4])} …`: {last}",
-                                     hint=f"full output in {log}")
+                                     hint=hint)
         (venv / ".complete").write_text(json.dumps(requirements))
 
     def _observe(self, toolchain: Toolchain) -> ToolchainInfo:

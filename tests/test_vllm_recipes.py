@@ -1,0 +1,115 @@
+"""vLLM recipes as users write them: the serving profile, stand-ins, the Rust frontend, and what
+`gpuwheel plan` makes of them for the shipped 12.0 and 9.0a targets."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuwheel import facts
+
+VLLM = """
+extends = "rtx6000pro-torch211"
+[[package]]
+name = "vllm"
+"""
+
+
+def plan_json(gpuwheel, recipe) -> dict:
+    result = gpuwheel("plan", recipe, "--only", "vllm", "--json")
+    assert result.exit_code == 0, result.stderr
+    return result.json()["packages"][0]
+
+
+def test_the_12_0_serving_plan_builds_fa2_for_head_dim_128_and_stands_in_for_python_only_dependencies(gpuwheel):
+    package = plan_json(gpuwheel, "rtx6000pro-torch211")
+
+    assert package["serving"] == {"head_dims": [128], "dtypes": ["fp16", "bf16"], "omit": []}
+    assert package["stand_ins"] == ["flashmla", "fmha_sm100", "tml_fa4", "triton_kernels"]
+    env = package["env"]
+    assert (env["GPUWHEEL_VLLM_FA2_HEAD_DIMS"], env["GPUWHEEL_VLLM_OMIT"]) == ("128", "")
+    # triton_kernels.cmake wants the package directory itself, not the repository
+    assert env["TRITON_KERNELS_SRC_DIR"].endswith("/triton_kernels/python/triton_kernels/triton_kernels")
+    assert (env["CARGO"], env["CARGO_NET_OFFLINE"]) == ("false", "true")  # Rust frontend off, never online
+
+
+def test_the_hopper_plan_leaves_fa3_and_flashmla_out_and_needs_no_flashmla_sources(gpuwheel):
+    result = gpuwheel("plan", "h200-torch211", "--only", "vllm", "--json")
+    package = result.json()["packages"][0]
+
+    assert package["serving"]["omit"] == ["fa3", "flashmla"]
+    assert package["env"]["GPUWHEEL_VLLM_OMIT"] == "fa3;flashmla"
+    assert "flashmla" in package["stand_ins"]
+    assert not any("dependency flashmla" in step for step in result.json()["steps"])
+
+
+def test_a_blackwell_datacenter_plan_compiles_flashmla_from_its_sources(gpuwheel, write_recipe):
+    recipe = write_recipe("""
+        extends = "rtx6000pro-torch211"
+        [target]
+        name = "b200-vllm"
+        compute_capability = "10.0"
+        torch_cuda_arch_list = "10.0"
+        """)
+
+    package = plan_json(gpuwheel, recipe)
+
+    assert "flashmla" not in package["stand_ins"]  # flashmla.cmake builds 10.0f with CUDA 13
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[package.serving]\nhead_dims = [100]', "'100' is not one of vLLM's FA2 head dims (choose from 32, 64, 96, 128"),
+    ('[package.serving]\nomit = ["fa4"]', "'fa4' is no kernel family gpuwheel can leave out of vLLM (did you mean 'fa3'?)"),
+    ('[package.serving]\ndtypes = []\nhead_dims = []', "the serving profile builds no FA2 kernels"),
+    ('rust_frontend = "requried"', "unknown rust_frontend 'requried' (did you mean 'required'?)"),
+    ('[package.stand_in]\nwheel = "vllm-0.26.0.tar.gz"\nsha256 = "' + "0" * 64 + '"',
+     "'vllm-0.26.0.tar.gz' is not a wheel file name"),
+    ('[package.stand_in]\nsha256 = "abc"', "sha256 must be 64 lowercase hex digits"),
+])
+def test_bad_vllm_keys_get_one_line_naming_the_file_and_key(gpuwheel, write_recipe, body, message):
+    recipe = write_recipe(VLLM + body + "\n")
+
+    result = gpuwheel("plan", recipe)
+
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "recipe.toml:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_dependency_path_that_leaves_the_tree_is_refused(gpuwheel, write_recipe):
+    recipe = write_recipe(VLLM + """
+        [[package.dependency]]
+        name = "triton_kernels"
+        git = "https://github.com/triton-lang/triton.git"
+        rev = "v3.5.1"
+        src_dir_env = "TRITON_KERNELS_SRC_DIR"
+        subdir = "../../etc"
+        """)
+
+    result = gpuwheel("plan", recipe)
+
+    assert result.exit_code == 2
+    assert "subdir '../../etc' must be a relative path inside the tree" in result.stderr
+
+
+def test_the_serving_profile_is_vllms_and_the_inference_profile_flash_attns(gpuwheel, write_recipe):
+    recipe = write_recipe("""
+        extends = "rtx6000pro-torch211"
+        [[package]]
+        name = "flash-attn"
+        profile = "serving"
+        """)
+
+    result = gpuwheel("plan", recipe)
+
+    assert result.exit_code == 2
+    assert "profile 'serving' is for vllm, not flash-attn" in result.stderr
+
+
+@pytest.mark.parametrize("torch, cuda, requirement", [
+    ("2.11.0", "12.8.1", "torch==2.11.0+cu128"),  # PyPI's 2.11.0 is a CUDA 13.0 build
+    ("2.11.0", "13.0.2", "torch==2.11.0"),
+    ("2.10.0", "12.8.1", "torch==2.10.0"),  # PyPI's 2.10.0 is the CUDA 12.8 build
+    ("2.14.1", "13.0.2", "torch==2.14.1"),
+])
+def test_the_toolchain_asks_pip_for_the_torch_build_of_the_recipes_toolkit(torch, cuda, requirement):
+    assert facts.torch_requirement(torch, cuda) == requirement
