@@ -21,7 +21,7 @@ mkdir -p "$G/site" "$G/cache" "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$G/site:$PWD/builder" PATH="$G/site/bin:$PATH" GPUWHEEL_CACHE="$G/cache"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 # The image's CXX=/opt/gcc/bin/g++ builds extensions whose C++ exceptions crash (docs/gpu-runs.md).
-export CC=/usr/bin/gcc CXX=/usr/bin/g++
+export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 # NVLink multicast stays off on these machines (device README).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 

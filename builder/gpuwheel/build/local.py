@@ -142,6 +142,7 @@ class LocalBackend:
             places = dict(tree=str(work / "tree"), out=str(job.out_dir), deps=str(work / "deps"),
                           cache=str(job.cache_dir))
             env = {**os.environ, **substitute(job.env, **places),
+                   **_host_compiler_env(os.environ),
                    "CUDA_HOME": str(self._cuda_home),
                    "PATH": os.pathsep.join([str(self._interpreter.parent), str(self._cuda_home / "bin"),
                                             os.environ.get("PATH", "")])}
@@ -164,6 +165,14 @@ class LocalBackend:
                 capture([self._sccache, "--stop-server"], env=env)
             shutil.rmtree(work / "deps", ignore_errors=True)
         return BuildOutcome(finished.returncode, finished.seconds, finished.tail, stats)
+
+
+def _host_compiler_env(environ) -> dict[str, str]:
+    """nvcc's host compiler is the build's $CXX too: CMake otherwise lets nvcc take the first g++ on
+    PATH (on the GPU machine /opt/gcc's, while $CXX=/usr/bin/g++ compiled the .cpp files of the same
+    libraries: one library, two compilers; docs/gpu-runs.md has what that build did)."""
+    cxx = environ.get("CXX")
+    return {"CUDAHOSTCXX": cxx} if cxx and not environ.get("CUDAHOSTCXX") else {}
 
 
 def _is_cache_var(key: str, value: str) -> bool:
