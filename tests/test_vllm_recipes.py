@@ -113,3 +113,19 @@ def test_the_serving_profile_is_vllms_and_the_inference_profile_flash_attns(gpuw
 ])
 def test_the_toolchain_asks_pip_for_the_torch_build_of_the_recipes_toolkit(torch, cuda, requirement):
     assert facts.torch_requirement(torch, cuda) == requirement
+
+
+def test_plan_predicts_a_build_from_the_measured_build_of_the_same_profile(gpuwheel, write_recipe):
+    measured = plan_json(gpuwheel, "h200-torch211")["measured_build"]
+    text = gpuwheel("plan", "h200-torch211", "--only", "vllm").stderr
+
+    assert measured["cpu_s"] == 10643 and measured["longest_s"] == 369
+    assert "vllm 0.26.0: measured 10,643 CPU-s, longest step 369 s" in text.replace("\n", " ")
+    wider = write_recipe("""
+        extends = "h200-torch211"
+        [[package]]
+        name = "vllm"
+        [package.serving]
+        head_dims = [64, 128]
+        """)
+    assert plan_json(gpuwheel, wider)["measured_build"] is None  # no measured build of that profile

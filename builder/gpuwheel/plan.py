@@ -56,6 +56,13 @@ class PackagePlan:
         return dict(self.env)
 
     @property
+    def profile_key(self) -> str:
+        """How the vLLM kind's table of measured builds names this package's profile."""
+        if self.serving:
+            return vllm_kind.serving_key(self.serving.head_dims, self.serving.dtypes, self.serving.omit)
+        return self.profile
+
+    @property
     def fetched_dependencies(self) -> tuple[Dependency, ...]:
         """The dependencies whose own sources the build needs."""
         return tuple(d for d in self.dependencies if d.name not in self.stand_ins)
@@ -101,11 +108,18 @@ class Plan:
             "build_type": self.build_type,
             "notes": list(self.notes),
             "steps": list(self.steps),
-            "packages": [_package_json(p) for p in self.packages],
+            "packages": [_package_json(p, self.target.torch_cuda_arch_list) for p in self.packages],
         }
 
 
-def _package_json(p: PackagePlan) -> dict:
+def measured_build(package: PackagePlan, arch_list: str) -> vllm_kind.MeasuredBuild | None:
+    """The measured cost of a build like this one, where the vLLM kind has one (else None)."""
+    if package.name != "vllm":
+        return None
+    return vllm_kind.measured_build(package.version, arch_list, package.profile_key)
+
+
+def _package_json(p: PackagePlan, target_archs: str = "") -> dict:
     return {
         "name": p.name,
         "version": p.version,
@@ -123,6 +137,7 @@ def _package_json(p: PackagePlan) -> dict:
         "rust_frontend": p.rust_frontend,
         "audit_optional": list(p.audit_optional),
         "jobs": asdict(p.jobs),
+        "measured_build": asdict(m) if (m := measured_build(p, target_archs)) else None,
     }
 
 
@@ -331,7 +346,7 @@ def _content_hash(recipe: Recipe, packages: tuple[PackagePlan, ...]) -> str:
         "toolchain": asdict(recipe.toolchain),
         "build_type": recipe.build.build_type,
         "packages": [
-            {**{k: v for k, v in _package_json(p).items() if k not in ("jobs",)},
+            {**{k: v for k, v in _package_json(p).items() if k not in ("jobs", "measured_build")},
              "env": {k: v for k, v in p.env if k not in SCHEDULING_ENV}}
             for p in packages
         ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 from rich.table import Table
@@ -10,7 +11,7 @@ from rich.table import Table
 from gpuwheel.cli import main
 from gpuwheel.errors import GpuwheelError
 from gpuwheel.log import console
-from gpuwheel.plan import make_plan
+from gpuwheel.plan import make_plan, measured_build
 from gpuwheel.recipe import list_targets, load_recipe
 
 TARGET = click.argument("target", metavar="TARGET")
@@ -68,6 +69,11 @@ def plan(target: str, as_json: bool, jobs: int | None, only: tuple[str, ...]) ->
     for number, step in enumerate(resolved.steps, start=1):
         console.print(f"  {number:2}. {step}")
     for package in resolved.packages:
+        if measured := measured_build(package, t.torch_cuda_arch_list):
+            cores = os.cpu_count() or 1
+            console.print(f"{package.name} {package.version}: measured {measured.cpu_s:,.0f} CPU-s, longest step "
+                          f"{measured.longest_s:,.0f} s ({measured.source}): ~{measured.predicted_wall_s(cores) / 60:.0f} min "
+                          f"on this machine's {cores} cores, ~{measured.predicted_wall_s(32) / 60:.0f} min on 32")
         table = Table("variable", "value", title=f"{package.name} {package.version} — build environment "
                       f"({package.jobs.reason})", title_justify="left")
         for key, value in package.env:

@@ -140,3 +140,35 @@ def rust_env(mode: str, vendor_dir: str | None) -> dict[str, str]:
         env["CARGO_SOURCE_CRATES_IO_REPLACE_WITH"] = "vendored-sources"
         env["CARGO_SOURCE_VENDORED_SOURCES_DIRECTORY"] = vendor_dir
     return env
+
+
+# ---- what a build costs ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeasuredBuild:
+    """A vLLM build measured from its .ninja_log (benchmarks/build_vllm.py): the compile steps' CPU-s
+    and the longest step, which no number of cores or build servers goes below."""
+
+    cpu_s: float
+    longest_s: float
+    source: str  # where the figures come from
+
+    def predicted_wall_s(self, cores: int) -> float:
+        return max(self.cpu_s / max(cores, 1), self.longest_s)
+
+
+# (release, TORCH_CUDA_ARCH_LIST, profile) → the measured build. profile: "full", or
+# "serving:<head dims>:<dtypes>:<omitted families>" as serving_key() writes it.
+MEASURED_BUILDS: dict[tuple[str, str, str], MeasuredBuild] = {
+    ("0.26.0", "12.0", "full"): MeasuredBuild(
+        31924, 1041, "stock vLLM 0.26.0, 397 steps on nvidia-h200-x2 (shared/ENVIRONMENT.md, 2026-11-30)"),
+    ("0.26.0", "9.0a", "serving:128:fp16,bf16:fa3,flashmla"): MeasuredBuild(
+        10643, 369, "docs/runs/ninja-h200-torch211-serving.log (gpuwheel build on nvidia-h200-x2)"),
+}
+
+
+def serving_key(head_dims: tuple[int, ...], dtypes: tuple[str, ...], omit: tuple[str, ...]) -> str:
+    return f"serving:{','.join(map(str, head_dims))}:{','.join(dtypes)}:{','.join(omit)}"
+
+
+def measured_build(version: str, arch_list: str, profile: str) -> MeasuredBuild | None:
+    return MEASURED_BUILDS.get((version, arch_list, profile))
