@@ -79,7 +79,9 @@ class LocalBackend:
         cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[cuda][0] if provision_cuda else ()
         base_version = (_probe(base) or {}).get("python", str(base))  # not its path: any 3.11.7 makes the same venv
         torch = facts.torch_requirement(toolchain.torch, toolchain.cuda)
-        venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, torch, *cuda_wheels)}"
+        # A variant's requirement joins the key; a plain pin is in it already (existing venvs stay valid).
+        variant = (torch,) if torch != f"torch=={toolchain.torch}" else ()
+        venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels)}"
         python = venv / "bin" / "python"
         venv.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(venv) + ".lock"):
