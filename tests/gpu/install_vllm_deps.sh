@@ -7,9 +7,10 @@
 #   bash tests/gpu/install_vllm_deps.sh [GROUP...]; export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+site="${GPUWHEEL_DEVICE_SITE:-/tmp/site}"
 python3 tests/gpu/device_deps.py install "$@"
 status=$?
-export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 if [ $status -eq 0 ] && [ -d .device/vllm-deps ] && python3 -c "import vllm" 2>/dev/null; then
     python3 tests/gpu/vllm_imports.py >/tmp/vllm-imports.log 2>&1
     status=$?
