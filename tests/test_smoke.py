@@ -61,7 +61,7 @@ def test_skip_path_from_a_wheels_dir_reports_gpu_skip_and_never_a_pass(tmp_path,
     assert entry["sha256"] == hashlib.sha256(wheel.read_bytes()).hexdigest()
     checks = _rows(report, wheel.name)
     assert {name: c["status"] for name, c in checks.items()} == {
-        "native code for 9.0 (audit)": "pass", ".so load": "pass", "import": "pass"}
+        "code for 9.0 on driver 580.65.06 (audit)": "pass", ".so load": "pass", "import": "pass"}
     environment = _rows(report, "environment")
     assert environment["install"]["status"] == "pass" and environment["GPU"]["status"] == "skip"
     assert "GPU checks skipped" in result.stderr  # the printed table shows the reason
@@ -117,7 +117,7 @@ def test_a_so_with_an_undefined_symbol_fails_the_load_check(tmp_path):
     assert "undefined symbol: _ZN3c1019UndefinedTensorImpl10_singletonE" in checks[".so load"]["detail"]
     assert "built against another torch?" in checks[".so load"]["detail"]
     assert checks["import"]["status"] == "fail"
-    assert checks["native code for 9.0 (audit)"]["status"] == "skip"  # no GPU code in it
+    assert checks["code for 9.0 on driver 580.65.06 (audit)"]["status"] == "skip"  # no GPU code in it
 
 
 def test_with_python_holding_torch_the_wheels_go_beside_it_without_deps(tmp_path, cuda_so):

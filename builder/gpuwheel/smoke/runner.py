@@ -131,7 +131,8 @@ def _smoke(recipe, url: str, source: str, requirements: list[str], python: str |
                                   reason or f"{gpu.name}, compute capability {gpu.compute_capability} "
                                             f"(target {recipe.target.name}: {target_cc})"))
     optional = tuple(glob for package in recipe.packages for glob in package.audit_optional)
-    results = [_smoke_wheel(wheel, interpreter, work, target_cc, optional, reason) for wheel in wheels]
+    results = [_smoke_wheel(wheel, interpreter, work, target_cc, recipe.target.min_driver, optional, reason)
+               for wheel in wheels]
     return report(info, gpu, reason, results)
 
 
@@ -263,11 +264,11 @@ def _nvidia_smi_gpu() -> tuple[GpuInfo | None, str]:
 
 
 # ---- one wheel -----------------------------------------------------------------------------------
-def _smoke_wheel(wheel: WheelFile, interpreter: _Interpreter, work: Path, target_cc: str,
+def _smoke_wheel(wheel: WheelFile, interpreter: _Interpreter, work: Path, target_cc: str, driver: str,
                  optional: tuple[str, ...], gpu_skip: str | None) -> WheelSmoke:
     members = _members(wheel.path)
     shared_objects = [m for m in members if _is_shared_object(m)]
-    checks = [_native_check(wheel, target_cc, optional)]
+    checks = [_native_check(wheel, target_cc, driver, optional)]
     checks += _run_group(interpreter, "wheel", {"project": wheel.project, "modules": _top_level_modules(members),
                                                 "shared_objects": shared_objects}, work, wheel, timeout=600)
     for index, (group, spec, names) in enumerate(_package_groups(wheel, shared_objects, work)):
@@ -400,24 +401,25 @@ def _vllm_libraries_check(shared_objects: list[str], serving: Mapping[str, Any] 
     return CheckResult(name, PASS, detail)
 
 
-def _native_check(wheel: WheelFile, cc: str, optional: tuple[str, ...]) -> CheckResult:
-    """The audit's view: every (non-optional) .so with GPU code has SASS for the GPU, and no unit needs JIT."""
+def _native_check(wheel: WheelFile, cc: str, driver: str, optional: tuple[str, ...]) -> CheckResult:
+    """The audit's verdict for the target GPU and the fleet's driver: every (non-optional) .so with GPU
+    code has SASS for the GPU; units that run through PTX JIT must be PTX the driver reads (vLLM
+    builds its Marlin kernels 8.0+PTX for Hopper: JIT by design, and fine on a ≥ 580 driver)."""
     arch = facts.parse_arch(cc)
-    name = f"native code for {arch.plain} (audit)"
-    found = audit(wheel.path, AuditTarget(arch, None, optional))
+    name = f"code for {arch.plain} on driver {driver} (audit)"
+    found = audit(wheel.path, AuditTarget(arch, driver, optional))
     with_code = [so for so in found.sos if so.has_gpu_code]
     if not with_code:
         return CheckResult(name, SKIP, "the wheel carries no GPU code")
     judged = [so for so in with_code if not so.optional]
-    problems = [f"{so.path}: {so.count(JIT)} unit(s) need PTX JIT" for so in judged if so.count(JIT)]
-    problems += [f"{so.path}: no SASS for {arch.plain}" for so in judged if not so.count(NATIVE)]
-    problems += [p for so in judged for p in so.problems if not so.count(JIT) and so.count(NATIVE)]
-    native = sum(so.count(NATIVE) for so in judged)
-    figures = {"native_units": float(native), "shared_objects": float(len(judged))}
+    problems = [f"{so.path}: no SASS for {arch.plain}" for so in judged if not so.count(NATIVE)]
+    problems += [p for so in judged for p in so.problems]
+    native, jit = sum(so.count(NATIVE) for so in judged), sum(so.count(JIT) for so in judged)
+    figures = {"native_units": float(native), "jit_units": float(jit), "shared_objects": float(len(judged))}
     if problems:
         return CheckResult(name, FAIL, "; ".join(problems), figures=figures)
-    return CheckResult(name, PASS, f"{len(judged)} .so, {native} kernel unit(s) with SASS for {arch.plain}",
-                       figures=figures)
+    return CheckResult(name, PASS, f"{len(judged)} .so, {native} kernel unit(s) with SASS for {arch.plain}"
+                       + (f", {jit} through PTX JIT the driver reads" if jit else ""), figures=figures)
 
 
 def _members(wheel: Path) -> list[str]:

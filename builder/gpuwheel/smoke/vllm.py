@@ -529,6 +529,12 @@ def _generate(workdir: str, head_dim: int, dtype: str, eager: bool):
     # with a function needs no serialization then); a crash ends this check process, and the
     # runner reports its last line
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import importlib.util
+    # vLLM 0.26.0's sampler imports FlashInfer unless told not to, and FlashInfer is no dependency of
+    # the wheel gpuwheel builds (seen on the H200: "No module named 'flashinfer'").
+    no_flashinfer = importlib.util.find_spec("flashinfer") is None
+    if no_flashinfer:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     from vllm import LLM, SamplingParams
 
     model = os.path.join(workdir, f"tiny-llama-hdim{head_dim}-{dtype}")
@@ -557,7 +563,8 @@ def _generate(workdir: str, head_dim: int, dtype: str, eager: bool):
     except Exception:  # older vLLM has no ranges
         pass
     produced = [len(o.outputs[0].token_ids) for o in outputs]
-    attention = f"attention {chosen['backend']}" + (f" FA{chosen['fa_version']}" if chosen["fa_version"] else "")
+    attention = f"attention {chosen['backend']}" + (f" FA{chosen['fa_version']}" if chosen["fa_version"] else "") \
+        + ("; sampler without FlashInfer (not installed)" if no_flashinfer else "")
     figures = {"seconds": seconds, "tokens_per_s": (TOKENS + new_tokens * len(SEQLENS)) / seconds}
     if chosen["fa_version"]:
         figures["fa_version"] = chosen["fa_version"]
