@@ -189,8 +189,9 @@ def test_shipped_vllm_patches_apply_to_the_pinned_sdist(gpuwheel, real_cache, ta
     assert Path(package["tree"]).name == f"vllm-{version}"
     assert (Path(package["tree"]) / "cmake" / "external_projects").is_dir()
     # GitHub is out of reach here: every FetchContent dependency is pinned and reported, not fetched.
-    assert {d["status"] for d in package["dependencies"]} <= {"needs network", "cached", "imported"}
-    assert all(d["fetch_command"].startswith("git clone https://github.com/") for d in package["dependencies"])
+    assert {d["status"] for d in package["dependencies"]} <= {"needs network", "cached", "imported", "stand-in"}
+    assert all(d["fetch_command"].startswith("git clone https://github.com/") for d in package["dependencies"]
+               if d["status"] != "stand-in")
 
     result = gpuwheel("patches", "check", target, "--offline", "--only", "vllm", "--json")
     assert result.exit_code == 0, result.stderr

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import pytest
 
 from gpuwheel.patches import read_series
+from sources_helpers import real_cache  # noqa: F401 (fixture)
 from vllm_patches_helpers import (
     MOE_DIR, PATCHES, apply_patch, extract, hunk_preimage, load_functions, op_schema, patch_files,
     pinned_vllm_versions, sorted_rows_of, vllm_sdist,
@@ -73,13 +74,20 @@ def trees(tmp_path_factory):
 # ---------------------------------------------------------------- applying
 
 
+# The fixes every set carries, then (0.26.0) the build-time and serving-profile patches.
+SERIES = {"0.26.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn"), ("0004", "vllm-flash-attn"),
+                     ("0005", "vllm-flash-attn"), ("0006", ""), ("0007", "")],
+          "0.33.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn")]}
+
+
 @pytest.mark.parametrize("version", VERSIONS)
-def test_series_lists_the_three_patches(version):
+def test_series_lists_its_patches_each_saying_what_it_is_for(version):
     refs = read_series(PATCHES / version, ("vllm-flash-attn",))
-    assert [(r.name[:4], r.tree) for r in refs] == [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn")]
+    assert [(r.name[:4], r.tree) for r in refs] == SERIES[version]
     for ref in refs:
         header = ref.path.read_text().split("\n--- a/", 1)[0]
-        assert f"For: vLLM {version}" in header and "Fixes" in header, f"{ref.name}: header lacks what/for"
+        assert f"For: vLLM {version}" in header and ("Fixes" in header or "Why:" in header), \
+            f"{ref.name}: header lacks what/for"
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -453,6 +461,11 @@ def loose_intersection(utils: Path, src: str, targets: list[str], tmp_path: Path
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+# 0.26.0's 0003 was made against the pinned fork, whose own utils.cmake maps a requested 9.0a onto
+# 9.0 before FA2 is chosen: "9.0a" in the list keeps sm_90a (docs/patches.md).
+FA2_LIST = {"0.26.0": "8.0;8.6;8.9;9.0a;10.0;11.0;12.0+PTX", "0.33.0": "8.0;8.6;8.9;9.0;10.0;11.0;12.0+PTX"}
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_fa2_patch_applies_to_its_preimage(version, tmp_path):
     patch = PATCHES / version / "0003-vllm-flash-attn-fa2-native-sass.patch"
@@ -462,7 +475,7 @@ def test_fa2_patch_applies_to_its_preimage(version, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     after = (tmp_path / name).read_text()
     assert fa2_arch_list(before) == "8.0+PTX"
-    assert fa2_arch_list(after) == "8.0;8.6;8.9;9.0;10.0;11.0;12.0+PTX"
+    assert fa2_arch_list(after) == FA2_LIST[version]
 
 
 @pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake (apt-get install cmake)")
@@ -475,5 +488,26 @@ def test_fa2_archs_through_vllm_loose_intersection(version, trees, tmp_path):
     old_archs = loose_intersection(utils, "8.0+PTX", targets, tmp_path)
     new_archs = loose_intersection(utils, new, targets, tmp_path)
     assert old_archs["12.0"] == "8.0+PTX"  # failure 1: sm_120 runs compute_80 PTX through the driver's JIT
-    assert new_archs == {"12.0": "12.0+PTX", "9.0": "9.0", "9.0a": "9.0a", "10.3": "10.0", "12.1a": "12.0+PTX",
-                         "8.0;8.6;8.9;9.0;10.0;12.0": "8.0;8.6;8.9;9.0;10.0;12.0+PTX", "7.5": ""}
+    hopper = "9.0a" if version == "0.26.0" else "9.0"
+    assert new_archs == {"12.0": "12.0+PTX", "9.0": hopper, "9.0a": "9.0a", "10.3": "10.0", "12.1a": "12.0+PTX",
+                         "8.0;8.6;8.9;9.0;10.0;12.0": ("9.0a;8.0;8.6;8.9;10.0;12.0+PTX" if hopper == "9.0a" else
+                                                       "8.0;8.6;8.9;9.0;10.0;12.0+PTX"), "7.5": ""}
+
+
+FORK_0260 = "caaa4eb59845388a20b1f435ecaafb4bd9517ad8"  # vLLM 0.26.0's vllm-flash-attn pin
+FORK_SUPPORTED = "8.0;8.6;8.9;9.0;10.0;11.0;12.0"  # its CUDA_SUPPORTED_ARCHS with CUDA 13
+
+
+@pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake (apt-get install cmake)")
+def test_fa2_archs_through_the_forks_own_loose_intersection(real_cache, tmp_path):
+    """What the build really runs: the fork's utils.cmake, after its supported-arch filter."""
+    utils = real_cache / "sources" / "git" / FORK_0260 / "cmake" / "utils.cmake"
+    if not utils.is_file():
+        pytest.skip("the vllm-flash-attn tree at caaa4eb5 is not in the test cache: it comes from GitHub or a "
+                    "mirror (gpuwheel fetch rtx6000pro-torch211 --dependency-dir MIRRORS)")
+    targets = ["9.0a", "9.0", "12.0", "10.0a", "12.1"]
+    supported = loose_intersection(utils, FORK_SUPPORTED, targets, tmp_path)
+    assert supported["9.0a"] == "9.0"  # the filter drops the a: "9.0" in the FA2 list would give sm_90
+    fa2 = {target: loose_intersection(utils, FA2_LIST["0.26.0"], [supported[target]], tmp_path)[supported[target]]
+           for target in targets}
+    assert fa2 == {"9.0a": "9.0a", "9.0": "9.0a", "12.0": "12.0+PTX", "10.0a": "10.0", "12.1": "12.0+PTX"}

@@ -66,8 +66,10 @@ def vllm_sdist(version: str, sha256: str) -> Path:
 
 
 def patch_files(patch: Path) -> list[str]:
-    """Paths (relative, -p1) a unified diff changes."""
-    return [line[6:].split("\t")[0].strip() for line in patch.read_text().splitlines() if line.startswith("+++ b/")]
+    """Paths (relative, -p1) a unified diff changes; files it creates (--- /dev/null) are not among them."""
+    lines = patch.read_text().splitlines()
+    return [line[6:].split("\t")[0].strip() for before, line in zip(lines, lines[1:])
+            if line.startswith("+++ b/") and not before.startswith("--- /dev/null")]
 
 
 def extract(sdist: Path, names: list[str], dest: Path) -> Path:
