@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import pytest
 
 from gpuwheel import facts
+from gpuwheel.kinds import vllm as vllm_kind
 
 VLLM = """
 extends = "rtx6000pro-torch211"
@@ -129,3 +134,42 @@ def test_plan_predicts_a_build_from_the_measured_build_of_the_same_profile(gpuwh
         head_dims = [64, 128]
         """)
     assert plan_json(gpuwheel, wider)["measured_build"] is None  # no measured build of that profile
+
+
+def _vendored_crate(root):
+    """`cargo vendor`-shaped output holding one crate, and an app that depends on it from crates.io."""
+    import hashlib
+    import json
+    crate = root / "vendor" / "gwdep"
+    (crate / "src").mkdir(parents=True)
+    (crate / "Cargo.toml").write_text('[package]\nname = "gwdep"\nversion = "0.1.0"\nedition = "2021"\n')
+    (crate / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+    files = {p.relative_to(crate).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in crate.rglob("*") if p.is_file()}
+    (crate / ".cargo-checksum.json").write_text(json.dumps({"files": files, "package": None}))
+    app = root / "app"
+    (app / "src").mkdir(parents=True)
+    (app / "Cargo.toml").write_text('[package]\nname = "app"\nversion = "0.1.0"\nedition = "2021"\n'
+                                    '[dependencies]\ngwdep = "0.1"\n')
+    (app / "src" / "main.rs").write_text('fn main() { println!("{}", gwdep::answer()); }\n')
+    return root / "vendor", app
+
+
+@pytest.mark.skipif(not shutil.which("cargo"), reason="needs cargo (rustup or apt-get install cargo)")
+def test_vendored_crates_build_offline_with_gpuwheels_cargo_source_replacement(tmp_path, write_recipe, gpuwheel):
+    vendor, app = _vendored_crate(tmp_path)
+    recipe = write_recipe(VLLM + f'rust_frontend = "required"\ncargo_vendor = "{vendor}"\n')
+    env = plan_json(gpuwheel, recipe)["env"]
+    assert (env["VLLM_REQUIRE_RUST_FRONTEND"], env["GPUWHEEL_CARGO_VENDOR"]) == ("1", str(vendor))
+    (app / ".cargo").mkdir()
+    (app / ".cargo" / "config.toml").write_text(vllm_kind.cargo_config(env["GPUWHEEL_CARGO_VENDOR"]))
+    offline = {**os.environ, "CARGO_NET_OFFLINE": "true", "CARGO_HOME": str(tmp_path / "cargo-home")}
+
+    built = subprocess.run(["cargo", "run", "-q"], cwd=app, env=offline, capture_output=True, text=True, timeout=300)
+
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.strip() == "42"
+    (app / ".cargo" / "config.toml").unlink()  # without the replacement: a fast, offline refusal, no hang
+    refused = subprocess.run(["cargo", "build", "-q"], cwd=app, env=offline, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode != 0 and "offline" in refused.stderr

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpuwheel.errors import PatchError
+from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.run import capture
 
 if TYPE_CHECKING:  # plan imports this module (read_series): type names only, no cycle
@@ -136,6 +137,9 @@ def prepare_trees(plan: Plan, sources: Sources, workdir: Path) -> Trees:
         if root.exists():
             shutil.rmtree(root)
         outcomes = _patch_package(package, fetched, root, stop_on_failure=True)
+        if vendor := package.env_dict.get(vllm_kind.CARGO_VENDOR_ENV):
+            (root / "src" / ".cargo").mkdir(exist_ok=True)
+            (root / "src" / ".cargo" / "config.toml").write_text(vllm_kind.cargo_config(vendor), encoding="utf-8")
         prepared.append(PreparedTree(package.name, package.version, root / "src", root / "deps", outcomes))
     return Trees(tuple(prepared))
 

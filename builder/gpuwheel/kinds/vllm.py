@@ -14,6 +14,7 @@ few functions that turn a recipe into vLLM's build environment.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from packaging.version import Version
@@ -129,6 +130,11 @@ RUST_MODES = ("off", "optional", "required")
 RUST_MEMBERS = ("vllm/vllm-rs", "vllm/_rust_")
 
 
+# Set in the build environment when the recipe names vendored crates; the patch stage then writes
+# cargo's source replacement into the tree (cargo_config()), where cargo, run from the tree, reads it.
+CARGO_VENDOR_ENV = "GPUWHEEL_CARGO_VENDOR"
+
+
 def rust_env(mode: str, vendor_dir: str | None) -> dict[str, str]:
     env = {"CARGO_NET_OFFLINE": "true"}
     if mode == "off":
@@ -136,10 +142,16 @@ def rust_env(mode: str, vendor_dir: str | None) -> dict[str, str]:
     if mode == "required":
         env["VLLM_REQUIRE_RUST_FRONTEND"] = "1"
     if vendor_dir:
-        # Cargo's source replacement, as `cargo vendor` prints it, through its environment config.
-        env["CARGO_SOURCE_CRATES_IO_REPLACE_WITH"] = "vendored-sources"
-        env["CARGO_SOURCE_VENDORED_SOURCES_DIRECTORY"] = vendor_dir
+        env[CARGO_VENDOR_ENV] = vendor_dir
     return env
+
+
+def cargo_config(vendor_dir: str) -> str:
+    """`.cargo/config.toml` replacing crates.io with the vendored crates, as `cargo vendor` prints it.
+    (Cargo does not take a replacement source from environment variables alone: tried, 1.95.)"""
+    # A JSON string is a valid TOML basic string: quotes and backslashes in the path stay escaped.
+    return ('[source.crates-io]\nreplace-with = "vendored-sources"\n\n'
+            f'[source.vendored-sources]\ndirectory = {json.dumps(vendor_dir)}\n')
 
 
 # ---- what a build costs ----------------------------------------------------------------------------
