@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 from elftools.elf.elffile import ELFFile
 
-from audit_helpers import build_fixtures, cuobjdump_listing, make_wheel, our_listing
+from audit_helpers import (GOLDEN, build_fixtures, cuobjdump_listing, golden_fixture_wheels, golden_target, make_wheel,
+                           nvcc_version, our_listing, verdict_digests)
 from gpuwheel import facts
 from gpuwheel.audit.fatbin import PtxEntry, SassEntry, read_fatbin_units
 from gpuwheel.audit.report import AuditTarget, audit, ptx_jits_on, sass_runs_on
@@ -217,6 +218,16 @@ def test_target_recipe_and_its_optional_globs(sos, tmp_path):
     assert "optional" in result.stderr
     result = run_cli("audit", str(wheel), "--arch", "12.0")
     assert result.exit_code == AuditFailure.exit_code and "vllm/_flashmla_C.abi3.so: none of its" in result.stderr
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED], ids=["deflated", "stored"])
+def test_verdicts_are_the_ones_recorded_before_the_reader_was_rewritten(sos, tmp_path, compression):
+    recorded = json.loads(GOLDEN.read_text())["fixtures"]
+    if recorded["nvcc"] != nvcc_version():
+        pytest.skip(f"fixture digests were recorded under {recorded['nvcc']}; this nvcc is {nvcc_version()}")
+    wheels = golden_fixture_wheels(sos, tmp_path / "wheels", compression)
+    for name, digests in recorded["digests"].items():
+        assert verdict_digests(audit(wheels, golden_target(name))) == digests, name
 
 
 # ---- bad input ------------------------------------------------------------------------------------
