@@ -9,14 +9,17 @@ import struct
 import zipfile
 from pathlib import Path
 
+import lz4.block
 import pytest
 from click.testing import CliRunner
 from elftools.elf.elffile import ELFFile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from audit_helpers import (GOLDEN, build_fixtures, cuobjdump_listing, golden_fixture_wheels, golden_target, make_wheel,
                            nvcc_version, our_listing, verdict_digests)
 from gpuwheel import facts
-from gpuwheel.audit.fatbin import PtxEntry, SassEntry, read_fatbin_units
+from gpuwheel.audit.fatbin import PtxEntry, SassEntry, _lz4_prefix, read_fatbin_units
 from gpuwheel.audit.report import AuditTarget, audit, ptx_jits_on, sass_runs_on
 from gpuwheel.cli import main
 from gpuwheel.errors import AuditFailure, AuditInputError
@@ -67,6 +70,14 @@ def test_fatbin_found_through_nvfatbinsegment_when_the_section_is_renamed(sos):
     assert read_fatbin_units(sos["moved"])  # .nv_fatbin renamed: wrappers lead to the containers
     moved = [(u.sass, u.ptx) for u in read_fatbin_units(sos["moved"])]
     assert moved == [(u.sass, u.ptx) for u in read_fatbin_units(sos["compressed_zstd"])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.binary(max_size=20000) | st.text(alphabet=".version 9.0\n.target sm_80 {}[];%r", max_size=20000)
+       .map(str.encode), want=st.integers(min_value=1, max_value=30000))
+def test_lz4_prefix_is_the_start_of_what_the_lz4_library_decodes(text, want):
+    block = lz4.block.compress(text, store_size=False)
+    assert _lz4_prefix(memoryview(block), want) == lz4.block.decompress(block, uncompressed_size=len(text))[:want]
 
 
 # ---- verdicts ------------------------------------------------------------------------------------

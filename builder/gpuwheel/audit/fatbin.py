@@ -6,7 +6,8 @@ size` followed by entries, containers 8-byte aligned one after another. An entry
 `u16 kind (1 PTX, 2 ELF), u16, u32 header size, u64 payload size, u32 compressed size, u32,
 u16 minor, u16 major, u32 arch` with `u64 flags` at +40 and `u64 decompressed size` at +56.
 Only the section is read (seek, never the whole file); SASS needs no decompression at all,
-and of each PTX payload only the start that holds `.version` and `.target` is decompressed.
+and of each PTX payload only the start that holds `.version` and `.target` is decoded (zstd and
+LZ4 alike: a PTX text is MBs, its header lines come first).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import lz4.block
 import zstandard
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -34,7 +34,9 @@ FLAG_ARCH_SPECIFIC, FLAG_FAMILY = 0x100000, 0x200000
 # The wrapper struct __cudaFatBinWrapper in .nvFatBinSegment: u32 magic, u32 version, u64 data address, u64.
 _WRAPPER = struct.Struct("<IIQQ")
 WRAPPER_MAGIC = 0x466243B1
-_PTX_HEAD_LIMIT = 64 * 1024  # .version/.target come after a few comment lines; never read more
+_PTX_HEAD_STEPS = (1 << 10, 4 << 10, 16 << 10, 64 << 10)  # .version/.target come after a few comment lines
+# A zstd frame's first block holds at most 128 KiB; 64 KiB of LZ4 output needs less than 65 KiB of input.
+_PTX_STORED_READ = 256 << 10
 _VERSION_RE = re.compile(rb"^\s*\.version\s+(\d+\.\d+)", re.M)
 _TARGET_RE = re.compile(rb"^\s*\.target\s+(sm_\d+[af]?)", re.M)
 
@@ -200,7 +202,6 @@ def _parse_entries(data: bytes, at: int, end: int, base: int, name: str) -> tupl
                                   "the .nv_fatbin section is corrupt")
         kind, _, header_size, payload_size, compressed_size, _, _, _, arch = _ENTRY.unpack_from(data, at)
         flags = struct.unpack_from("<Q", data, at + 40)[0]
-        raw_size = struct.unpack_from("<Q", data, at + 56)[0]
         payload_start = at + header_size
         if header_size < _ENTRY_MIN_HEADER or payload_start + payload_size > end:
             raise AuditInputError(f"{name}: fatbin entry at offset {base + at:#x} (header {header_size} bytes, payload "
@@ -210,7 +211,7 @@ def _parse_entries(data: bytes, at: int, end: int, base: int, name: str) -> tupl
             sass.append(SassEntry(arch, variant))
         elif kind == KIND_PTX:
             stored = data[payload_start:payload_start + (compressed_size or payload_size)]
-            head = _ptx_head(stored, flags, raw_size, f"{name}: PTX entry at offset {base + at:#x}")
+            head = _ptx_head(stored, flags, f"{name}: PTX entry at offset {base + at:#x}")
             ptx.append(PtxEntry(arch, variant, _ptx_isa(head, f"{name}: PTX entry at offset {base + at:#x}")))
         else:
             raise AuditInputError(f"{name}: fatbin entry at offset {base + at:#x} has unknown kind {kind}; "
@@ -219,27 +220,71 @@ def _parse_entries(data: bytes, at: int, end: int, base: int, name: str) -> tupl
     return sass, ptx
 
 
-def _ptx_head(stored: bytes, flags: int, raw_size: int, where: str) -> bytes:
-    """Enough of the PTX text to hold `.version` and `.target`."""
-    try:
-        if flags & FLAG_ZSTD:
-            # Stream: stop decompressing once the header lines are in.
-            reader = zstandard.ZstdDecompressor().stream_reader(stored)
-            head = b""
-            while len(head) < _PTX_HEAD_LIMIT:
-                chunk = reader.read(4096)
-                if not chunk:
-                    break
-                head += chunk
-                if _TARGET_RE.search(head) and _VERSION_RE.search(head):
-                    break
-            return head
-        if flags & FLAG_LZ4:
-            # The lz4 binding has no partial block decompression; LZ4 blocks decode at GB/s anyway.
-            return lz4.block.decompress(stored, uncompressed_size=raw_size)
-    except (zstandard.ZstdError, lz4.block.LZ4BlockError) as error:
-        raise AuditInputError(f"{where}: compressed payload does not decompress ({error}); the fatbin is corrupt") from None
-    return stored[:_PTX_HEAD_LIMIT]
+def _ptx_head(stored: bytes, flags: int, where: str) -> bytes:
+    """Enough of the PTX text to hold `.version` and `.target`: its first KiB, else 4, 16, 64 KiB, decoded
+    from the first _PTX_STORED_READ bytes of the payload (a PTX text is MBs; its header lines come first)."""
+    stored = stored[:_PTX_STORED_READ]
+    head = b""
+    for want in _PTX_HEAD_STEPS:
+        try:
+            if flags & FLAG_ZSTD:
+                head = zstandard.ZstdDecompressor().stream_reader(stored).read(want)
+            elif flags & FLAG_LZ4:
+                head = _lz4_prefix(stored, want)
+            else:
+                head = bytes(stored[:want])
+        except (zstandard.ZstdError, ValueError) as error:
+            raise AuditInputError(f"{where}: compressed payload does not decompress ({error}); "
+                                  "the fatbin is corrupt") from None
+        if len(head) == want:  # cut off: a last line may be only half there
+            head = head[:head.rfind(b"\n") + 1]
+        if _VERSION_RE.search(head) and _TARGET_RE.search(head):
+            break
+    return head
+
+
+def _lz4_prefix(block: bytes, want: int) -> bytes:
+    """The first `want` bytes a raw LZ4 block decodes to (fewer if it is shorter), reading only the
+    sequences that produce them. Written out because the lz4 binding decodes only whole blocks (it has
+    no LZ4_decompress_safe_partial); the format is lz4_Block_format.md of the lz4 sources."""
+    out = bytearray()
+    at = 0
+    while len(out) < want and at < len(block):
+        token = block[at]
+        literals, at = _lz4_length(block, at + 1, token >> 4)
+        if at + literals > len(block):
+            raise ValueError(f"LZ4 literals run past the block's end at {at}")
+        out += block[at:at + literals]
+        at += literals
+        if len(out) >= want or at == len(block):  # the last sequence has literals only
+            break
+        if at + 2 > len(block):
+            raise ValueError(f"LZ4 match offset cut off at {at}")
+        offset = block[at] | block[at + 1] << 8
+        match, at = _lz4_length(block, at + 2, token & 15)
+        if not 0 < offset <= len(out):
+            raise ValueError(f"LZ4 match offset {offset} outside the {len(out)} bytes decoded")
+        start, left = len(out) - offset, match + 4
+        while left > 0:  # the match may overlap what it produces: copy at most `offset` bytes at a time
+            piece = out[start:start + min(left, offset)]
+            out += piece
+            start += len(piece)
+            left -= len(piece)
+    return bytes(out[:want])
+
+
+def _lz4_length(block: bytes, at: int, length: int) -> tuple[int, int]:
+    """A 4-bit length from a token, extended by bytes of 255 and one below when it is 15."""
+    if length == 15:
+        while True:
+            if at >= len(block):
+                raise ValueError("LZ4 length cut off by the block's end")
+            extra = block[at]
+            at += 1
+            length += extra
+            if extra != 255:
+                break
+    return length, at
 
 
 def _ptx_isa(head: bytes, where: str) -> str:
