@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from audit_helpers import (GOLDEN, build_fixtures, cuobjdump_listing, golden_fixture_wheels, golden_target, make_wheel,
                            nvcc_version, our_listing, verdict_digests)
 from gpuwheel import facts
+from gpuwheel.audit import fatbin
 from gpuwheel.audit.fatbin import PtxEntry, SassEntry, _lz4_prefix, read_fatbin_units
 from gpuwheel.audit.report import AuditTarget, audit, ptx_jits_on, sass_runs_on
 from gpuwheel.cli import main
@@ -239,6 +240,43 @@ def test_verdicts_are_the_ones_recorded_before_the_reader_was_rewritten(sos, tmp
     wheels = golden_fixture_wheels(sos, tmp_path / "wheels", compression)
     for name, digests in recorded["digests"].items():
         assert verdict_digests(audit(wheels, golden_target(name))) == digests, name
+
+
+def test_a_container_magic_outside_the_fatbin_changes_nothing(sos, tmp_path, monkeypatch):
+    # A container-like record planted in .dynstr, its "cubin" over the name libcudart.so.13: a reader that
+    # left out what looks like a cubin before knowing where .nv_fatbin is would lose the linked runtime.
+    # The first search step keeps the whole of a small file; a 64-byte step stands in for a large library,
+    # whose .dynamic and section headers lie hundreds of MB past it.
+    monkeypatch.setattr(fatbin, "_SCAN_STEP", 64)
+    data = bytearray(sos["sm120_shared_cudart"].read_bytes())
+    name = data.index(b"libcudart.so.13\0")
+    start = (name - 80) & ~7
+    cubin = name + 16 - (start + 80)
+    struct.pack_into("<IHHQ", data, start, 0xBA55ED50, 1, 16, 64 + cubin)
+    struct.pack_into("<HHIQ48x", data, start + 16, 2, 0, 64, cubin)
+    planted = tmp_path / "planted.so"
+    planted.write_bytes(bytes(data))
+    on_disk = audit(planted, target("12.0", R580)).sos[0]
+    for compression in (zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED):
+        wheel = make_wheel(tmp_path, f"planted{compression}", "1.0", {"planted/_C.so": planted}, compression=compression)
+        in_wheel = audit(wheel, target("12.0", R580)).sos[0]
+        assert in_wheel.cuda_runtime == 13
+        assert in_wheel.units == on_disk.units
+
+
+def test_the_first_bad_member_in_wheel_order_is_named(sos, tmp_path):
+    # Members are read in parallel, the largest first; the error is still the one a reader in order meets.
+    broken = {}
+    for name in ("sm120", "mixed"):
+        data = bytearray(sos[name].read_bytes())
+        offset, _ = _fatbin_section(sos[name])
+        struct.pack_into("<I", data, offset, 0xDEADBEEF)
+        broken[name] = data
+    assert len(broken["sm120"]) < len(broken["mixed"])
+    wheel = make_wheel(tmp_path, "two", "1.0", {"two/a_small.so": bytes(broken["sm120"]),
+                                                "two/b_large.so": bytes(broken["mixed"])})
+    _one_line_error(run_cli("audit", str(wheel), "--arch", "12.0"), AuditInputError.exit_code,
+                    "two/a_small.so", "no fatbin container at offset")
 
 
 # ---- bad input ------------------------------------------------------------------------------------
