@@ -32,7 +32,11 @@ from gpuwheel.errors import AuditInputError
 
 ELF_MAGIC = b"\x7fELF"
 MEMORY_BUDGET = 1 << 30  # member sizes inflated at once; a larger member is read alone
-_CHUNK = 4 << 20  # compressed bytes read, and inflated bytes produced, per step
+# Compressed bytes read, and inflated bytes produced, per step: small buffers are reused from malloc's
+# heap and stay in cache; 1 MiB / 256 KiB ones cost a page fault every 4 KiB and copies of the input
+# left over, 0.84 instead of 0.69 CPU-s for the 470 MB of vLLM 0.14.0's _C.abi3.so (measured).
+_READ = 64 << 10
+_PIECE = 32 << 10
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
 
 SoCode = tuple[tuple[FatbinUnit, ...], int | None]  # fatbin units, N of the libcudart.so.N it links
@@ -186,21 +190,21 @@ def _inflate(file, start: int, member: zipfile.ZipInfo, *, skip_unread: bool
 
 
 def _inflated_pieces(file, start: int, member: zipfile.ZipInfo) -> Iterator[bytes]:
-    """The member's bytes, at most _CHUNK at a time (a deflate stream may inflate 1000-fold)."""
+    """The member's bytes, _PIECE at a time at most (a deflate stream may inflate 1000-fold)."""
     if member.compress_type != zipfile.ZIP_DEFLATED:  # bzip2, lzma: zipfile's reader (wheels hardly use them)
         with zipfile.ZipFile(file) as archive, archive.open(member) as source:
-            yield from iter(lambda: source.read(_CHUNK), b"")
+            yield from iter(lambda: source.read(_PIECE), b"")
         return
     inflater = isal_zlib.decompressobj(-15)  # raw deflate, as zip stores it
     file.seek(start)
     left = member.compress_size
     while left:
-        data = file.read(min(left, _CHUNK))
+        data = file.read(min(left, _READ))
         if not data:
             raise EOFError(f"the wheel ends inside {member.filename!r}")
         left -= len(data)
         while data:
-            yield inflater.decompress(data, _CHUNK)
+            yield inflater.decompress(data, _PIECE)
             data = inflater.unconsumed_tail
     yield inflater.flush()
     if not inflater.eof:
