@@ -20,7 +20,7 @@ from audit_helpers import (GOLDEN, build_fixtures, cuobjdump_listing, golden_fix
                            nvcc_version, our_listing, verdict_digests)
 from gpuwheel import facts
 from gpuwheel.audit import fatbin
-from gpuwheel.audit.fatbin import PtxEntry, SassEntry, _lz4_prefix, read_fatbin_units
+from gpuwheel.audit.fatbin import LeftOut, PtxEntry, SassEntry, _lz4_prefix, read_fatbin, read_fatbin_units
 from gpuwheel.audit.report import AuditTarget, audit, ptx_jits_on, sass_runs_on
 from gpuwheel.cli import main
 from gpuwheel.errors import AuditFailure, AuditInputError
@@ -262,6 +262,17 @@ def test_a_container_magic_outside_the_fatbin_changes_nothing(sos, tmp_path, mon
         in_wheel = audit(wheel, target("12.0", R580)).sos[0]
         assert in_wheel.cuda_runtime == 13
         assert in_wheel.units == on_disk.units
+
+
+def test_the_parse_refuses_an_image_missing_bytes_it_reads(sos):
+    data = sos["compressed_zstd"].read_bytes()
+    units = read_fatbin(data, "zstd.so")
+    cubins = sorted(entry.payload for unit in units for entry in unit.sass)
+    assert read_fatbin(data, "zstd.so", cubins) == units  # the parse steps over every cubin
+    offset, _ = _fatbin_section(sos["compressed_zstd"])
+    for missing in [(offset, offset + 16), (0, 64)]:  # a container header, the ELF header
+        with pytest.raises(LeftOut):
+            read_fatbin(data, "zstd.so", [missing])
 
 
 def test_the_first_bad_member_in_wheel_order_is_named(sos, tmp_path):

@@ -9,18 +9,19 @@ The ELF image is a buffer (a mapped file, a mapped wheel member, an inflated mem
 its headers through a stream over it, and the fatbin bytes are parsed in place, never copied. SASS
 needs no decompression at all, and of each PTX payload only the start that holds `.version` and
 `.target` is decoded (zstd and LZ4 alike: a PTX text is MBs, its header lines come first).
-What the parse never reads (unread_spans) an inflating reader need not even write (skip_plan).
+What the parse never reads an inflating reader need not even write (skip_plan; LeftOut when it did).
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import mmap
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import zstandard
 from elftools.common.exceptions import ELFError
@@ -110,13 +111,24 @@ def map_file(file) -> mmap.mmap:
     return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+class LeftOut(Exception):
+    """The parse needed bytes that an inflating reader left out of the image (see skip_plan)."""
+
+
+def _overlaps(spans: Sequence[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether [start, end) meets one of the sorted, disjoint spans."""
+    index = bisect.bisect_left(spans, (end,)) - 1  # the last span starting before `end`
+    return index >= 0 and spans[index][1] > start
+
+
 class _BufferStream(io.RawIOBase):
     """The seekable stream pyelftools wants, over a buffer: a read copies only the bytes asked for
-    (io.BytesIO would copy the whole buffer first)."""
+    (io.BytesIO would copy the whole buffer first), and fails if it needs a span left out."""
 
-    def __init__(self, view: memoryview):
+    def __init__(self, view: memoryview, left_out: Sequence[tuple[int, int]]):
         super().__init__()
         self._view = view
+        self._left_out = left_out
         self._at = 0
 
     def readable(self) -> bool:
@@ -137,19 +149,22 @@ class _BufferStream(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         chunk = self._view[self._at:self._at + len(buffer)]
+        if _overlaps(self._left_out, self._at, self._at + len(chunk)):
+            raise LeftOut(f"pyelftools reads bytes {self._at}-{self._at + len(chunk)}")
         buffer[:len(chunk)] = chunk
         self._at += len(chunk)
         return len(chunk)
 
 
-def linked_cuda_runtime(data, name: str) -> int | None:
+def linked_cuda_runtime(data, name: str, left_out: Sequence[tuple[int, int]] = ()) -> int | None:
     """The CUDA major of the libcudart.so.N an ELF image (a buffer) links (its DT_NEEDED), or None.
+    `left_out`: sorted [start, end) spans of the image never written (LeftOut if it needs them).
 
     The runtime, not only the kernels, has a driver floor: libcudart.so.13 fails to initialise
     on a driver older than CUDA 13.0's even when every kernel is native SASS.
     """
     try:
-        dynamic = ELFFile(_BufferStream(memoryview(data))).get_section_by_name(".dynamic")
+        dynamic = ELFFile(_BufferStream(memoryview(data), left_out)).get_section_by_name(".dynamic")
     except ELFError as error:
         raise AuditInputError(f"{name}: not a readable ELF file ({error}); is it truncated?") from None
     if dynamic is None:
@@ -161,12 +176,14 @@ def linked_cuda_runtime(data, name: str) -> int | None:
     return None
 
 
-def read_fatbin(data, name: str) -> tuple[FatbinUnit, ...]:
+def read_fatbin(data, name: str, left_out: Sequence[tuple[int, int]] = ()) -> tuple[FatbinUnit, ...]:
     """The fatbin units of an ELF image held in a buffer (bytes, mmap, memoryview); `name` goes into
-    error messages."""
+    error messages. `left_out`: sorted [start, end) spans of the image never written; LeftOut if the
+    parse read any byte of them (a span inside a fatbin region must lie in a cubin or PTX tail the
+    parse stepped over)."""
     view = memoryview(data)
     try:
-        regions = _fatbin_regions(ELFFile(_BufferStream(view)), name)
+        regions = _fatbin_regions(ELFFile(_BufferStream(view, left_out)), name)
     except ELFError as error:
         raise AuditInputError(f"{name}: not a readable ELF file ({error}); is it truncated?") from None
     units: list[FatbinUnit] = []
@@ -175,28 +192,37 @@ def read_fatbin(data, name: str) -> tuple[FatbinUnit, ...]:
         if len(region) != size:
             raise AuditInputError(f"{name}: file ends inside .nv_fatbin at offset {file_offset + len(region)}; "
                                   "the file is truncated")
-        units.extend(_parse_containers(region, file_offset, name, first_index=len(units)))
+        found = _parse_containers(region, file_offset, name, first_index=len(units))
+        _check_left_out(left_out, file_offset, file_offset + size, found)
+        units.extend(found)
     return tuple(units)
 
 
-def unread_spans(units: tuple[FatbinUnit, ...]) -> list[tuple[int, int]]:
-    """The [start, end) file offsets the parse of these units never read: every cubin, and each stored
-    PTX past its first _PTX_STORED_READ bytes; in file order."""
-    spans = [entry.payload for unit in units for entry in unit.sass]
-    spans += [(entry.payload[0] + _PTX_STORED_READ, entry.payload[1]) for unit in units for entry in unit.ptx
-              if entry.payload[1] > entry.payload[0] + _PTX_STORED_READ]
-    return sorted(spans)
+def _check_left_out(left_out: Sequence[tuple[int, int]], start: int, end: int, units: list[FatbinUnit]) -> None:
+    """LeftOut unless every span left out that meets the region [start, end) lies in one the parse of
+    its units never read: a cubin, or a stored PTX past its first _PTX_STORED_READ bytes."""
+    unread = sorted([entry.payload for unit in units for entry in unit.sass]
+                    + [(entry.payload[0] + _PTX_STORED_READ, entry.payload[1]) for unit in units
+                       for entry in unit.ptx if entry.payload[1] > entry.payload[0] + _PTX_STORED_READ])
+    first = bisect.bisect_left(left_out, (start,))
+    if first and left_out[first - 1][1] > start:  # a span from before the region reaching into it
+        first -= 1
+    for begin, stop in left_out[first:]:
+        if begin >= end:
+            break
+        index = bisect.bisect_right(unread, (begin, float("inf"))) - 1
+        if index < 0 or stop > unread[index][1]:
+            raise LeftOut(f"the fatbin parse reads bytes left out at {begin}-{stop}")
 
 
 def skip_plan(image) -> Iterator[tuple[int, int]]:
     """What an ELF image being filled front to back may leave unwritten: yields (keep, drop), meaning
     "fill the image up to offset `keep`, leave [keep, drop) out, then ask again", so that what the parse
-    never reads (see unread_spans: cubins, the tails of PTX texts, most of a CUDA library) is never
-    written.
+    never reads (cubins and the tails of PTX texts, most of a CUDA library) is never written.
 
     A guess, made before the section headers at the end of the file say where `.nv_fatbin` lies:
-    containers are recognised by their magic at 8-byte aligned offsets. Whoever follows the plan
-    checks afterwards that every span left out is one of unread_spans of the parse.
+    containers are recognised by their magic at 8-byte aligned offsets, wherever they are. Hand the
+    spans left out to read_fatbin and linked_cuda_runtime: they raise LeftOut if the parse needed any.
     """
     size = len(image)
     at = 0

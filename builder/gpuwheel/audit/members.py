@@ -14,7 +14,6 @@ held at once (an upper bound of what they write) stay within a memory budget.
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import os
 import struct
@@ -27,7 +26,7 @@ from typing import Iterator, Mapping, Sequence
 
 from isal import isal_zlib
 
-from gpuwheel.audit.fatbin import FatbinUnit, linked_cuda_runtime, map_file, read_fatbin, skip_plan, unread_spans
+from gpuwheel.audit.fatbin import FatbinUnit, LeftOut, linked_cuda_runtime, map_file, read_fatbin, skip_plan
 from gpuwheel.errors import AuditInputError
 
 ELF_MAGIC = b"\x7fELF"
@@ -103,33 +102,21 @@ def _read_member(wheel: Path, member: zipfile.ZipInfo, gate: _MemoryGate) -> SoC
 
 def _read_inflated(file, start: int, member: zipfile.ZipInfo, name: str) -> SoCode | None:
     """Inflate leaving out what looks like cubins and PTX tails; if the parse needed any of it after all
-    (a magic by chance, a container outside .nv_fatbin), inflate again, whole."""
+    (a magic by chance), inflate again, whole."""
     inflated = _inflate(file, start, member, skip_unread=True)
     if inflated is None:
         return None
     image, left_out = inflated
-    if not left_out:
-        return _read_image(image, name)
     try:
-        units = read_fatbin(image, name)
-        if _all_stepped_over(left_out, units):
-            return units, linked_cuda_runtime(image, name)
+        return read_fatbin(image, name, left_out), linked_cuda_runtime(image, name, left_out)
+    except LeftOut:
+        pass
     except AuditInputError:
-        pass  # maybe only the zeros where the left-out bytes belong: the whole image decides
+        if not left_out:
+            raise
+        # Maybe only the zeros where left-out bytes belong: the whole image decides.
     image, _ = _inflate(file, start, member, skip_unread=False)
     return _read_image(image, name)
-
-
-def _all_stepped_over(left_out: list[tuple[int, int]], units: tuple[FatbinUnit, ...]) -> bool:
-    """Whether each span left out lies inside one the parse never read: then no byte it read (headers,
-    PTX heads, padding, and pyelftools' sections, which lie outside .nv_fatbin) was left out."""
-    unread = unread_spans(units)
-    starts = [begin for begin, _ in unread]
-    for begin, end in left_out:
-        index = bisect.bisect_right(starts, begin) - 1
-        if index < 0 or end > unread[index][1]:
-            return False
-    return True
 
 
 def _read_image(image, name: str) -> SoCode:
