@@ -8,19 +8,19 @@ front to back: once, by ISA-L (4x zlib's speed here), into an anonymous mapping 
 only what the parse will read is written — ELF headers and sections, fatbin headers, PTX heads — and
 the cubins and PTX tails, 80-95% of a CUDA library, are never written, so never allocated.
 
-Members are read on threads (ISA-L releases the GIL), the largest first, as long as the member sizes
-held at once (an upper bound of what they write) stay within a memory budget.
+Members are read by worker processes, one per core, the largest first, as long as the sizes of the
+members being inflated (an upper bound of what they write) stay within a memory budget.
 """
 
 from __future__ import annotations
 
 import mmap
+import multiprocessing
 import os
 import struct
-import threading
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -30,7 +30,7 @@ from gpuwheel.audit.fatbin import FatbinUnit, LeftOut, linked_cuda_runtime, map_
 from gpuwheel.errors import AuditInputError
 
 ELF_MAGIC = b"\x7fELF"
-MEMORY_BUDGET = 1 << 30  # member sizes inflated at once; a larger member is read alone
+MEMORY_BUDGET = 1 << 30  # sizes of the members inflated at once; a larger member is read alone
 # Compressed bytes read, and inflated bytes produced, per step: small buffers are reused from malloc's
 # heap and stay in cache; 1 MiB / 256 KiB ones cost a page fault every 4 KiB and copies of the input
 # left over, 0.84 instead of 0.69 CPU-s for the 470 MB of vLLM 0.14.0's _C.abi3.so (measured).
@@ -48,15 +48,37 @@ def read_so_members(wheels: Mapping[Path, Sequence[zipfile.ZipInfo]], *, workers
     Raises the error of the first bad member in the order given, as reading them one by one would.
     """
     jobs = [(wheel, member) for wheel, members in wheels.items() for member in members]
-    gate = _MemoryGate(memory_budget)
-    pool = ThreadPoolExecutor(workers or _cores())
     # Largest first: the long inflations start at once, the small members fill in beside them.
-    futures = {index: pool.submit(_read_member, *jobs[index], gate)
-               for index in sorted(range(len(jobs)), key=lambda index: -jobs[index][1].file_size)}
-    try:
-        return {(wheel, member.filename): futures[index].result() for index, (wheel, member) in enumerate(jobs)}
-    finally:
-        pool.shutdown(cancel_futures=True)  # after an error, start nothing more
+    pending = deque(sorted(range(len(jobs)), key=lambda index: -jobs[index][1].file_size))
+    slots = max(1, min(workers or _cores(), len(jobs)))
+    finished: dict[int, Future] = {}
+    running: dict[Future, int] = {}
+    held = 0
+    first_failure = len(jobs)
+    # Processes, not threads: the Python between two ISA-L calls holds the GIL, and on a busy machine the
+    # threads wait on each other more than they run. Forked, they start with what is already imported.
+    with ProcessPoolExecutor(slots, mp_context=multiprocessing.get_context("fork")) as pool:
+        while pending or running:
+            while pending and len(running) < slots and (
+                    not running or held + _inflated_size(jobs[pending[0]][1]) <= memory_budget):
+                index = pending.popleft()
+                if index < first_failure:  # after a failure only members before it still matter
+                    running[pool.submit(_read_member, *jobs[index])] = index
+                    held += _inflated_size(jobs[index][1])
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                index = running.pop(future)
+                held -= _inflated_size(jobs[index][1])
+                finished[index] = future
+                if future.exception() is not None:
+                    first_failure = min(first_failure, index)
+    if first_failure < len(jobs):
+        raise finished[first_failure].exception()
+    return {(wheel, member.filename): finished[index].result() for index, (wheel, member) in enumerate(jobs)}
+
+
+def _inflated_size(member: zipfile.ZipInfo) -> int:
+    """What reading a member may hold in memory: its size when inflated (a stored one is read in place)."""
+    return 0 if member.compress_type == zipfile.ZIP_STORED else member.file_size
 
 
 def _cores() -> int:
@@ -64,29 +86,7 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class _MemoryGate:
-    """Lets a member hold its inflated size while the total held stays within the budget; a member
-    larger than the budget waits until it is alone."""
-
-    def __init__(self, budget: int):
-        self._budget = budget
-        self._held = 0
-        self._changed = threading.Condition()
-
-    @contextmanager
-    def hold(self, size: int) -> Iterator[None]:
-        with self._changed:
-            self._changed.wait_for(lambda: self._held == 0 or self._held + size <= self._budget)
-            self._held += size
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._held -= size
-                self._changed.notify_all()
-
-
-def _read_member(wheel: Path, member: zipfile.ZipInfo, gate: _MemoryGate) -> SoCode | None:
+def _read_member(wheel: Path, member: zipfile.ZipInfo) -> SoCode | None:
     name = f"{wheel.name}:{member.filename}"
     try:
         with open(wheel, "rb") as file:
@@ -94,8 +94,7 @@ def _read_member(wheel: Path, member: zipfile.ZipInfo, gate: _MemoryGate) -> SoC
             if member.compress_type == zipfile.ZIP_STORED:
                 image = memoryview(map_file(file))[start:start + member.file_size]
                 return _read_image(image, name) if image[:len(ELF_MAGIC)] == ELF_MAGIC else None
-            with gate.hold(member.file_size):
-                return _read_inflated(file, start, member, name)
+            return _read_inflated(file, start, member, name)
     except (zipfile.BadZipFile, isal_zlib.error, EOFError, OSError) as error:
         raise AuditInputError(f"{name}: cannot read this member ({error}); the wheel is corrupt") from None
 
