@@ -51,11 +51,14 @@ def test_wheel_matches_cuobjdump_for_every_so(tmp_path, wheel_path, gpu_sos):
 
 
 @_needs(TORCH_WHEEL)
-def test_torch_cuda_on_a_570_driver_still_runs_natively():
-    # No PTX in torch's cu130 build: a 570 driver never has to JIT anything on sm_120.
+def test_torch_cuda_on_a_570_driver_runs_natively_but_its_cuda_13_runtime_does_not_load():
+    # No PTX in torch's cu130 build: a 570 driver never has to JIT anything on sm_120. What fails is the
+    # CUDA 13 runtime the library links: libcudart.so.13 needs driver ≥ 580.
     report = audit(TORCH_WHEEL, AuditTarget(facts.parse_arch("12.0"), "570.195.03"))
     cuda = next(so for so in report.sos if so.path == "torch/lib/libtorch_cuda.so")
-    assert cuda.count("native") == len(cuda.units) and cuda.count("jit") == 0 and report.passed
+    assert cuda.count("native") == len(cuda.units) and cuda.count("jit") == 0
+    assert cuda.cuda_runtime == 13 and len(cuda.problems) == 1
+    assert "links libcudart.so.13, which needs driver ≥ 580.65.06" in cuda.problems[0]
 
 
 def _golden_wheel(name: str) -> Path:
