@@ -41,8 +41,7 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, e
 SoCode = tuple[tuple[FatbinUnit, ...], int | None]  # fatbin units, N of the libcudart.so.N it links
 
 
-def read_so_members(wheels: Mapping[Path, Sequence[zipfile.ZipInfo]], *, workers: int | None = None,
-                    memory_budget: int = MEMORY_BUDGET) -> dict[tuple[Path, str], SoCode | None]:
+def read_so_members(wheels: Mapping[Path, Sequence[zipfile.ZipInfo]]) -> dict[tuple[Path, str], SoCode | None]:
     """(wheel, member name) → the member's fatbin units and linked CUDA runtime, or None when it is no ELF.
 
     Raises the error of the first bad member in the order given, as reading them one by one would.
@@ -50,7 +49,7 @@ def read_so_members(wheels: Mapping[Path, Sequence[zipfile.ZipInfo]], *, workers
     jobs = [(wheel, member) for wheel, members in wheels.items() for member in members]
     # Largest first: the long inflations start at once, the small members fill in beside them.
     pending = deque(sorted(range(len(jobs)), key=lambda index: -jobs[index][1].file_size))
-    slots = max(1, min(workers or _cores(), len(jobs)))
+    slots = max(1, min(_cores(), len(jobs)))
     finished: dict[int, Future] = {}
     running: dict[Future, int] = {}
     held = 0
@@ -60,7 +59,7 @@ def read_so_members(wheels: Mapping[Path, Sequence[zipfile.ZipInfo]], *, workers
     with ProcessPoolExecutor(slots, mp_context=multiprocessing.get_context("fork")) as pool:
         while pending or running:
             while pending and len(running) < slots and (
-                    not running or held + _inflated_size(jobs[pending[0]][1]) <= memory_budget):
+                    not running or held + _inflated_size(jobs[pending[0]][1]) <= MEMORY_BUDGET):
                 index = pending.popleft()
                 if index < first_failure:  # after a failure only members before it still matter
                     running[pool.submit(_read_member, *jobs[index])] = index
