@@ -1,14 +1,24 @@
-"""gpuwheel's audit vs the cuobjdump way to the same answer, on the same .so files in one run.
+"""`gpuwheel audit` of a whole wheel vs the cuobjdump way to the same facts, in one run, interleaved.
 
-The cuobjdump way: `--list-elf` and `--list-ptx` for the SASS/PTX lists, then `-ptx` to read each PTX's
-`.version` (the ISA a driver must JIT). gpuwheel: read the `.nv_fatbin` section and judge every unit.
+The cuobjdump way: `unzip` the wheel's .so files, then per .so `cuobjdump --list-elf` (the SASS) and
+`cuobjdump -ptx | grep` (each PTX's arch and `.version`, the ISA a driver must JIT) — what a person
+scripts. gpuwheel: `gpuwheel audit WHEEL --target rtx6000pro --json`, the whole process, and `audit()`
+in this process (no interpreter start). Both ways start from a warm page cache. The facts must be
+equal, .so by .so, and the verdicts those recorded before issue 17 (tests/fixtures/audit_golden.json).
 
-    python benchmarks/audit.py [WHEEL_OR_SO ...]     (default: the torch 2.14.1 CUDA wheel's .so files)
+    python benchmarks/audit.py [--runs N] [WHEEL ...]
+    (default: vLLM 0.14.0's own wheel, 495 MB, downloaded once from PyPI into the test cache)
 """
 
 from __future__ import annotations
 
-import shutil
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -17,75 +27,136 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from audit_helpers import cuobjdump_path  # noqa: E402
+from audit_helpers import GOLDEN, cuobjdump_path, golden_target, verdict_digests  # noqa: E402
+from vllm_patches_helpers import vllm_dist  # noqa: E402
 
-from gpuwheel import facts  # noqa: E402
-from gpuwheel.audit.report import AuditTarget, audit  # noqa: E402
-from gpuwheel.run import capture  # noqa: E402
+from gpuwheel.audit.report import AuditReport, audit  # noqa: E402
 
-TORCH_WHEEL = Path("/opt/pypi-more/files/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl")
-TARGET = AuditTarget(facts.parse_arch("12.0"), "570.195.03")
+VLLM_WHEEL = "vllm-0.14.0-cp38-abi3-manylinux_2_31_x86_64.whl"
+TARGET = "rtx6000pro"  # 12.0 + driver 570.195.03, as recorded in the golden file
+_LISTED_ELF = re.compile(r"^ELF file\s+\d+: .*\.(sm_\d+[af]?)\.cubin$", re.M)
+_DUMPED = re.compile(r"^(?:Fatbin (?P<kind>elf|ptx) code:|arch = (?P<arch>sm_\d+[af]?)|\.version (?P<isa>\d+\.\d+))")
 
 
-def extract_elf_members(wheel: Path, into: Path) -> list[Path]:
-    """Every ELF .so of the wheel, on disk, so both ways read the same files."""
-    out = []
-    with zipfile.ZipFile(wheel) as archive:
-        for member in archive.infolist():
-            base = Path(member.filename).name
-            if not (base.endswith(".so") or ".so." in base):
-                continue
-            with archive.open(member) as source:
-                if source.read(4) != b"\x7fELF":
+def cuobjdump_way(wheel: Path, names: list[str], cuobjdump: str) -> dict[str, dict]:
+    """Per ELF .so of the wheel: its SASS list and its PTX (arch, ISA) list, as cuobjdump prints them."""
+    facts = {}
+    with tempfile.TemporaryDirectory(prefix="gpuwheel-bench-") as scratch:
+        subprocess.run(["unzip", "-q", "-o", str(wheel), *names, "-d", scratch], check=True)
+        for so in (Path(scratch) / name for name in names):
+            with open(so, "rb") as file:
+                if file.read(4) != b"\x7fELF":
                     continue
-            out.append(into / member.filename.replace("/", "__"))
-            with archive.open(member) as source, open(out[-1], "wb") as target:
-                shutil.copyfileobj(source, target, 4 * 1024 * 1024)
-    return out
+            listed = subprocess.run([cuobjdump, "--list-elf", str(so)], capture_output=True, text=True)
+            # -ptx prints every PTX text (1 GB for vLLM 0.14.0), and a header for each cubin too; grep
+            # keeps the lines that say which entry is PTX, for which arch, and its `.version`.
+            dump = subprocess.Popen([cuobjdump, "-ptx", str(so)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            lines = subprocess.run(["grep", "-E", r"^(Fatbin (elf|ptx) code:|arch = |\.version )"], stdin=dump.stdout,
+                                   capture_output=True, text=True).stdout.splitlines()
+            dump.stdout.close()
+            dump.wait()
+            facts[str(so.relative_to(scratch))] = {"ELF": _LISTED_ELF.findall(listed.stdout), "PTX": _ptx_facts(lines)}
+    return facts
 
 
-def time_gpuwheel(files: list[Path]) -> float:
-    start = time.perf_counter()
-    for path in files:
-        try:
-            audit(path, TARGET)
-        except Exception as error:  # noqa: BLE001 — a benchmark reports, it does not judge
-            print(f"  gpuwheel failed on {path.name}: {error}")
-    return time.perf_counter() - start
+def _ptx_facts(lines: list[str]) -> list[tuple[str, str]]:
+    """(arch, ISA) of each PTX in cuobjdump -ptx's order: the arch from its header, the ISA from its text."""
+    ptx, kind = [], None
+    for line in lines:
+        match = _DUMPED.match(line)
+        if match is None:
+            continue
+        if match["kind"]:
+            kind = match["kind"]
+        elif match["arch"] and kind == "ptx":
+            ptx.append([match["arch"], None])
+        elif match["isa"] and kind == "ptx" and ptx and ptx[-1][1] is None:
+            ptx[-1][1] = match["isa"]
+    return [tuple(entry) for entry in ptx]
 
 
-def time_cuobjdump(files: list[Path], cuobjdump: str) -> float:
-    start = time.perf_counter()
-    for path in files:
-        for flag in ("--list-elf", "--list-ptx", "-ptx"):
-            capture([cuobjdump, flag, path], timeout=600)
-    return time.perf_counter() - start
+def our_facts(report: AuditReport) -> dict[str, dict]:
+    """The same facts from the audit's report, in cuobjdump's naming: sm_ for PTX too, and no `f` on
+    family cubins (cuobjdump --list-elf drops it; -ptx keeps it)."""
+    return {so.path: {"ELF": [re.sub(r"f$", "", name) for unit in so.units for name in unit.sass],
+                      "PTX": [("sm_" + name.removeprefix("compute_"), isa) for unit in so.units
+                              for name, isa in zip(unit.ptx, unit.ptx_isas)]}
+            for so in report.sos}
+
+
+def children_cpu() -> float:
+    """CPU seconds of the child processes that have ended (commands run, the audit's worker processes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def all_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime + children_cpu()
+
+
+def measure(wheel: Path, runs: int, cuobjdump: str) -> None:
+    target = golden_target(TARGET)
+    members = [m for m in zipfile.ZipFile(wheel).infolist() if Path(m.filename).name.endswith(".so")
+               or ".so." in Path(m.filename).name]
+    names = [member.filename for member in members]
+    print(f"{wheel.name}: {wheel.stat().st_size / 1e6:.0f} MB, {len(members)} .so members "
+          f"({sum(m.file_size for m in members) / 1e6:.0f} MB inflated); target {TARGET} = "
+          f"{target.arch.plain} + driver {target.min_driver}; {len(os.sched_getaffinity(0))} cores, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    wheel.read_bytes()  # warm the page cache for both ways
+    times: dict[str, list[float]] = {"cli": [], "audit()": [], "cuobjdump": []}
+    cpu: dict[str, list[float]] = {key: [] for key in times}
+    for run in range(1, runs + 1):  # interleaved, so a busier moment of the shared machine hits all ways
+        before, start = children_cpu(), time.perf_counter()
+        cli = subprocess.run([sys.executable, "-m", "gpuwheel", "audit", str(wheel), "--target", TARGET, "--json"],
+                             capture_output=True)
+        times["cli"].append(time.perf_counter() - start)
+        cpu["cli"].append(children_cpu() - before)
+        before, start = all_cpu(), time.perf_counter()
+        report = audit(wheel, target)
+        times["audit()"].append(time.perf_counter() - start)
+        cpu["audit()"].append(all_cpu() - before)
+        before, start = children_cpu(), time.perf_counter()
+        theirs = cuobjdump_way(wheel, names, cuobjdump)
+        times["cuobjdump"].append(time.perf_counter() - start)
+        cpu["cuobjdump"].append(children_cpu() - before)
+        print(f"  run {run}: gpuwheel audit {times['cli'][-1]:6.2f} s (exit {cli.returncode}), audit() "
+              f"{times['audit()'][-1]:6.2f} s, cuobjdump way {times['cuobjdump'][-1]:6.2f} s")
+    median = {key: statistics.median(values) for key, values in times.items()}
+    labels = {"cli": "gpuwheel audit WHEEL --target rtx6000pro --json",
+              "audit()": "audit() in this process",
+              "cuobjdump": "unzip + cuobjdump --list-elf, -ptx | grep"}
+    for key, label in labels.items():
+        print(f"median {label:48s} {median[key]:6.2f} s   ({statistics.median(cpu[key]):5.2f} CPU-s)")
+    ratio = median["cuobjdump"] / median["cli"]
+    print(f"ratio cuobjdump way / gpuwheel audit (medians): {ratio:.1f}x   "
+          f"[issue 17 asks ≤ 2 s: {'yes' if median['cli'] <= 2 else 'NO'}; ≥ 5x: {'yes' if ratio >= 5 else 'NO'}]")
+    ours = our_facts(report)
+    print(f"same SASS, PTX and PTX ISA per .so as cuobjdump: {'yes' if ours == theirs else 'NO'}")
+    if ours != theirs:
+        for path in sorted(set(ours) | set(theirs)):
+            if ours.get(path) != theirs.get(path):
+                print(f"  differs: {path}")
+    recorded = json.loads(GOLDEN.read_text())["wheels"].get(wheel.name)
+    if recorded is None:
+        print("verdicts: no digest recorded for this wheel")
+    else:
+        same = verdict_digests(report) == recorded["digests"][TARGET]
+        print(f"same verdicts as recorded before issue 17: {'yes' if same else 'NO'}")
 
 
 def main(argv: list[str]) -> None:
-    inputs = [Path(a) for a in argv] or [TORCH_WHEEL]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("wheels", nargs="*", type=Path)
+    args = parser.parse_args(argv)
+    golden = json.loads(GOLDEN.read_text())["wheels"]
+    wheels = args.wheels or [vllm_dist(VLLM_WHEEL, golden[VLLM_WHEEL]["sha256"])]
     cuobjdump = cuobjdump_path()
-    version = capture([cuobjdump, "--version"]).stdout.strip().splitlines()[-1]
-    with tempfile.TemporaryDirectory(prefix="gpuwheel-bench-") as scratch:
-        files: list[Path] = []
-        for path in inputs:
-            files += extract_elf_members(path, Path(scratch)) if path.suffix == ".whl" else [path]
-        size = sum(f.stat().st_size for f in files)
-        for path in files:  # warm the page cache, so neither side pays for the first read
-            path.read_bytes()
-        print(f"{len(files)} ELF files, {size / 2**20:.0f} MiB; target {TARGET.arch.plain} + driver {TARGET.min_driver}")
-        print(f"cuobjdump: {version}")
-        ours = min(time_gpuwheel(files) for _ in range(3))
-        theirs = time_cuobjdump(files, cuobjdump)
-        print(f"gpuwheel audit (best of 3):            {ours:8.3f} s")
-        print(f"cuobjdump --list-elf/--list-ptx/-ptx:   {theirs:8.3f} s")
-        print(f"ratio cuobjdump / gpuwheel:             {theirs / ours:8.1f}x")
-        for path in inputs:
-            if path.suffix == ".whl":
-                start = time.perf_counter()
-                audit(path, TARGET)
-                print(f"gpuwheel audit of the whole wheel {path.name} (inflating every .so): "
-                      f"{time.perf_counter() - start:.2f} s")
+    print(subprocess.run([cuobjdump, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    for wheel in wheels:
+        measure(wheel, args.runs, cuobjdump)
 
 
 if __name__ == "__main__":

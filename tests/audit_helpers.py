@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -12,6 +13,8 @@ import zipfile
 from pathlib import Path
 
 NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+# Digests of the audit's JSON recorded before the reader was rewritten (issue 17): its verdicts must not move.
+GOLDEN = Path(__file__).parent / "fixtures" / "audit_golden.json"
 
 KERNEL = """
 __global__ void {name}(float* a, const float* b, int n) {{
@@ -109,8 +112,9 @@ def our_listing(units) -> dict[str, list[str]]:
 
 
 def make_wheel(directory: Path, name: str, version: str, files: dict[str, bytes | Path],
-               extra_members: dict[str, bytes] | None = None) -> Path:
-    """A real wheel (dist-info with METADATA, WHEEL, RECORD) holding `files` at their paths."""
+               extra_members: dict[str, bytes] | None = None, compression: int = zipfile.ZIP_DEFLATED) -> Path:
+    """A real wheel (dist-info with METADATA, WHEEL, RECORD) holding `files` at their paths; members
+    deflated as pip's wheels are, or stored (`zipfile.ZIP_STORED`), which the zip format allows too."""
     dist_info = f"{name}-{version}.dist-info"
     contents: dict[str, bytes] = {
         path: (data.read_bytes() if isinstance(data, Path) else data) for path, data in files.items()
@@ -126,7 +130,44 @@ def make_wheel(directory: Path, name: str, version: str, files: dict[str, bytes 
     record.append(f"{dist_info}/RECORD,,")
     contents[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
     wheel = directory / f"{name}-{version}-cp311-cp311-linux_x86_64.whl"
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(wheel, "w", compression) as archive:
         for path, data in contents.items():
             archive.writestr(path, data)
     return wheel
+
+
+def verdict_digests(report) -> dict:
+    """sha256 of the report's JSON (as `gpuwheel audit --json` prints it) and of each .so's, the input's
+    location cut to its file name: what the audit found, not where the file lay."""
+    data = report.to_json()
+    data["path"] = Path(data["path"]).name
+    for wheel in data["wheels"]:
+        wheel["path"] = Path(wheel["path"]).name
+
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, indent=2).encode()).hexdigest()
+    return {"report": digest(data), "sos": {so["path"]: digest(so) for so in data["sos"]}}
+
+
+def golden_target(name: str):
+    """One of the targets the golden digests were recorded for, as recorded (recipes may move on)."""
+    from gpuwheel import facts
+    from gpuwheel.audit.report import AuditTarget
+
+    recorded = json.loads(GOLDEN.read_text())["targets"][name]
+    return AuditTarget(facts.parse_arch(recorded["arch"]), recorded["min_driver"], tuple(recorded["optional_globs"]))
+
+
+def golden_fixture_wheels(sos: dict[str, Path], directory: Path, compression: int = zipfile.ZIP_DEFLATED) -> Path:
+    """The directory of wheels the fixture digests are recorded for: every fixture .so in one wheel, and
+    the FA2-style PTX-only .so in another."""
+    directory.mkdir()
+    make_wheel(directory, "fixtures", "1.0", {f"fixtures/{name}.so": path for name, path in sos.items()},
+               compression=compression)
+    make_wheel(directory, "fa2", "1.0", {"fa2/_fa2_C.abi3.so": sos["ptx80"]}, compression=compression)
+    return directory
+
+
+def nvcc_version() -> str:
+    """The last line of `nvcc --version` (its build): fixture offsets are only comparable under one nvcc."""
+    return subprocess.run([NVCC, "--version"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]

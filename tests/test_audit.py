@@ -9,13 +9,18 @@ import struct
 import zipfile
 from pathlib import Path
 
+import lz4.block
 import pytest
 from click.testing import CliRunner
 from elftools.elf.elffile import ELFFile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from audit_helpers import build_fixtures, cuobjdump_listing, make_wheel, our_listing
+from audit_helpers import (GOLDEN, build_fixtures, cuobjdump_listing, golden_fixture_wheels, golden_target, make_wheel,
+                           nvcc_version, our_listing, verdict_digests)
 from gpuwheel import facts
-from gpuwheel.audit.fatbin import PtxEntry, SassEntry, read_fatbin_units
+from gpuwheel.audit import fatbin
+from gpuwheel.audit.fatbin import LeftOut, PtxEntry, SassEntry, _lz4_prefix, read_fatbin, read_fatbin_units
 from gpuwheel.audit.report import AuditTarget, audit, ptx_jits_on, sass_runs_on
 from gpuwheel.cli import main
 from gpuwheel.errors import AuditFailure, AuditInputError
@@ -66,6 +71,14 @@ def test_fatbin_found_through_nvfatbinsegment_when_the_section_is_renamed(sos):
     assert read_fatbin_units(sos["moved"])  # .nv_fatbin renamed: wrappers lead to the containers
     moved = [(u.sass, u.ptx) for u in read_fatbin_units(sos["moved"])]
     assert moved == [(u.sass, u.ptx) for u in read_fatbin_units(sos["compressed_zstd"])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.binary(max_size=20000) | st.text(alphabet=".version 9.0\n.target sm_80 {}[];%r", max_size=20000)
+       .map(str.encode), want=st.integers(min_value=1, max_value=30000))
+def test_lz4_prefix_is_the_start_of_what_the_lz4_library_decodes(text, want):
+    block = lz4.block.compress(text, store_size=False)
+    assert _lz4_prefix(memoryview(block), want) == lz4.block.decompress(block, uncompressed_size=len(text))[:want]
 
 
 # ---- verdicts ------------------------------------------------------------------------------------
@@ -217,6 +230,64 @@ def test_target_recipe_and_its_optional_globs(sos, tmp_path):
     assert "optional" in result.stderr
     result = run_cli("audit", str(wheel), "--arch", "12.0")
     assert result.exit_code == AuditFailure.exit_code and "vllm/_flashmla_C.abi3.so: none of its" in result.stderr
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED], ids=["deflated", "stored"])
+def test_verdicts_are_the_ones_recorded_before_the_reader_was_rewritten(sos, tmp_path, compression):
+    recorded = json.loads(GOLDEN.read_text())["fixtures"]
+    if recorded["nvcc"] != nvcc_version():
+        pytest.skip(f"fixture digests were recorded under {recorded['nvcc']}; this nvcc is {nvcc_version()}")
+    wheels = golden_fixture_wheels(sos, tmp_path / "wheels", compression)
+    for name, digests in recorded["digests"].items():
+        assert verdict_digests(audit(wheels, golden_target(name))) == digests, name
+
+
+def test_a_container_magic_outside_the_fatbin_changes_nothing(sos, tmp_path, monkeypatch):
+    # A container-like record planted in .dynstr, its "cubin" over the name libcudart.so.13: a reader that
+    # left out what looks like a cubin before knowing where .nv_fatbin is would lose the linked runtime.
+    # The first search step keeps the whole of a small file; a 64-byte step stands in for a large library,
+    # whose .dynamic and section headers lie hundreds of MB past it.
+    monkeypatch.setattr(fatbin, "_SCAN_STEP", 64)
+    data = bytearray(sos["sm120_shared_cudart"].read_bytes())
+    name = data.index(b"libcudart.so.13\0")
+    start = (name - 80) & ~7
+    cubin = name + 16 - (start + 80)
+    struct.pack_into("<IHHQ", data, start, 0xBA55ED50, 1, 16, 64 + cubin)
+    struct.pack_into("<HHIQ48x", data, start + 16, 2, 0, 64, cubin)
+    planted = tmp_path / "planted.so"
+    planted.write_bytes(bytes(data))
+    on_disk = audit(planted, target("12.0", R580)).sos[0]
+    for compression in (zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED):
+        wheel = make_wheel(tmp_path, f"planted{compression}", "1.0", {"planted/_C.so": planted}, compression=compression)
+        in_wheel = audit(wheel, target("12.0", R580)).sos[0]
+        assert in_wheel.cuda_runtime == 13
+        assert in_wheel.units == on_disk.units
+
+
+def test_the_parse_refuses_an_image_missing_bytes_it_reads(sos):
+    data = sos["compressed_zstd"].read_bytes()
+    units = read_fatbin(data, "zstd.so")
+    cubins = sorted(entry.payload for unit in units for entry in unit.sass)
+    assert read_fatbin(data, "zstd.so", cubins) == units  # the parse steps over every cubin
+    offset, _ = _fatbin_section(sos["compressed_zstd"])
+    for missing in [(offset, offset + 16), (0, 64)]:  # a container header, the ELF header
+        with pytest.raises(LeftOut):
+            read_fatbin(data, "zstd.so", [missing])
+
+
+def test_the_first_bad_member_in_wheel_order_is_named(sos, tmp_path):
+    # Members are read in parallel, the largest first; the error is still the one a reader in order meets.
+    broken = {}
+    for name in ("sm120", "mixed"):
+        data = bytearray(sos[name].read_bytes())
+        offset, _ = _fatbin_section(sos[name])
+        struct.pack_into("<I", data, offset, 0xDEADBEEF)
+        broken[name] = data
+    assert len(broken["sm120"]) < len(broken["mixed"])
+    wheel = make_wheel(tmp_path, "two", "1.0", {"two/a_small.so": bytes(broken["sm120"]),
+                                                "two/b_large.so": bytes(broken["mixed"])})
+    _one_line_error(run_cli("audit", str(wheel), "--arch", "12.0"), AuditInputError.exit_code,
+                    "two/a_small.so", "no fatbin container at offset")
 
 
 # ---- bad input ------------------------------------------------------------------------------------

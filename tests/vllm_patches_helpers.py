@@ -21,6 +21,8 @@ from pathlib import Path
 
 import requests
 
+from gpuwheel.cache import sha256_file
+
 REPO = Path(__file__).resolve().parents[1]
 PATCHES = REPO / "patches" / "vllm"
 SIMPLE_INDEX = "https://pypi.org/simple/vllm/"
@@ -45,8 +47,13 @@ def cache_dir() -> Path:
 
 def vllm_sdist(version: str, sha256: str) -> Path:
     """The vLLM sdist from PyPI, verified; downloaded once into the cache (atomic rename)."""
-    path = cache_dir() / f"vllm-{version}.tar.gz"
-    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+    return vllm_dist(f"vllm-{version}.tar.gz", sha256)
+
+
+def vllm_dist(filename: str, sha256: str) -> Path:
+    """One file of vLLM's PyPI project (sdist or wheel), verified; downloaded once into the cache."""
+    path = cache_dir() / filename
+    if path.exists() and sha256_file(path) == sha256:  # streamed: wheels are hundreds of MB
         return path
     index = requests.get(SIMPLE_INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"}, timeout=60)
     index.raise_for_status()

@@ -9,10 +9,7 @@ target (unless the recipe declares it arch-specific). A wheel fails when any of 
 from __future__ import annotations
 
 import fnmatch
-import shutil
-import tempfile
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -20,15 +17,14 @@ from typing import TYPE_CHECKING
 from packaging.version import Version
 
 from gpuwheel import facts
-from gpuwheel.audit.fatbin import FatbinUnit, PtxEntry, SassEntry, linked_cuda_runtime, read_fatbin_stream
+from gpuwheel.audit.fatbin import FatbinUnit, PtxEntry, SassEntry, linked_cuda_runtime, map_file, read_fatbin
+from gpuwheel.audit.members import ELF_MAGIC, read_so_members
 from gpuwheel.errors import AuditInputError
 
 if TYPE_CHECKING:
     from gpuwheel.recipe import Recipe
 
 NATIVE, JIT, NONE = "native", "jit", "none"
-_ELF_MAGIC = b"\x7fELF"
-_SPOOL_IN_MEMORY = 64 * 1024 * 1024  # smaller .so members are read from memory, larger ones from a temp file
 
 
 @dataclass(frozen=True)
@@ -186,7 +182,7 @@ def audit(path: Path | str, target: AuditTarget) -> AuditReport:
         wheel_paths = sorted(path.glob("*.whl"))
         if not wheel_paths:
             raise AuditInputError(f"{path}: no *.whl files in this directory; give a wheel, a directory of wheels or a .so")
-        wheels = tuple(_audit_wheel(wheel, target) for wheel in wheel_paths)
+        wheels = _audit_wheels(wheel_paths, target)
         sos = tuple(so for wheel in wheels for so in wheel.sos)
         problems = tuple(problem for wheel in wheels for problem in wheel.problems)
         return AuditReport(str(path), target, wheels, sos, problems)
@@ -195,43 +191,49 @@ def audit(path: Path | str, target: AuditTarget) -> AuditReport:
     if zipfile.is_zipfile(path):
         if path.suffix != ".whl":
             raise AuditInputError(f"{path}: a zip file but not a wheel (*.whl); give a wheel, a directory of wheels or a .so")
-        wheel = _audit_wheel(path, target)
+        (wheel,) = _audit_wheels([path], target)
         return AuditReport(str(path), target, (wheel,), wheel.sos, wheel.problems)
-    with open(path, "rb") as stream:
-        if stream.read(4) != _ELF_MAGIC:
+    with open(path, "rb") as file:
+        if file.read(4) != ELF_MAGIC:
             raise AuditInputError(f"{path}: neither a wheel nor an ELF shared object; "
                                   "give a wheel, a directory of wheels or a .so")
-        stream.seek(0)
-        units = read_fatbin_stream(stream, str(path))
-        cuda_runtime = linked_cuda_runtime(stream, str(path))
-    so = _judge_so(str(path), None, units, cuda_runtime, target=target)
+        image = map_file(file)
+    units = read_fatbin(image, str(path))
+    so = _judge_so(str(path), None, units, linked_cuda_runtime(image, str(path)), target=target)
     problems = so.problems if so.has_gpu_code else (f"{path}: carries no GPU code (no fatbin); "
                                                     f"nothing in it runs on {target.arch.plain}",)
     return AuditReport(str(path), target, (), (so,), problems)
 
 
-def _audit_wheel(path: Path, target: AuditTarget) -> WheelReport:
+def _audit_wheels(paths: list[Path], target: AuditTarget) -> tuple[WheelReport, ...]:
+    """Every wheel's names are checked before any member is read; then all their .so members are read at once."""
+    candidates = {path: _so_candidates(path) for path in paths}
+    code = read_so_members(candidates)
+    reports = []
+    for path, members in candidates.items():
+        sos = [_judge_so(member.filename, path.name, *read, target=target) for member in members
+               if (read := code[path, member.filename]) is not None]
+        problems = tuple(f"{path.name}: {problem}" for so in sos for problem in so.problems)
+        if not any(so.has_gpu_code for so in sos):
+            problems += (f"{path.name}: carries no GPU code (no .so with a fatbin among {len(sos)} ELF files); "
+                         f"nothing in it runs on {target.arch.plain}",)
+        reports.append(WheelReport(str(path), tuple(sos), problems))
+    return tuple(reports)
+
+
+def _so_candidates(path: Path) -> list[zipfile.ZipInfo]:
+    """The members named like shared objects, once the wheel's names are known to be safe and its
+    dist-info is there."""
     try:
-        archive = zipfile.ZipFile(path)
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
     except (zipfile.BadZipFile, OSError) as error:
         raise AuditInputError(f"{path}: not a readable wheel ({error})") from None
-    with archive:
-        members = archive.infolist()
-        for member in members:
-            _refuse_unsafe_name(path, member.filename)
-        if not any(_is_dist_info_metadata(member.filename) for member in members):
-            raise AuditInputError(f"{path}: no *.dist-info/WHEEL in the archive; not a wheel")
-        sos = []
-        for member in members:
-            if _looks_like_shared_object(member.filename):
-                read = _read_member_units(archive, member, path)
-                if read is not None:
-                    sos.append(_judge_so(member.filename, path.name, *read, target=target))
-    problems = tuple(f"{path.name}: {problem}" for so in sos for problem in so.problems)
-    if not any(so.has_gpu_code for so in sos):
-        problems += (f"{path.name}: carries no GPU code (no .so with a fatbin among {len(sos)} ELF files); "
-                     f"nothing in it runs on {target.arch.plain}",)
-    return WheelReport(str(path), tuple(sos), problems)
+    for member in members:
+        _refuse_unsafe_name(path, member.filename)
+    if not any(_is_dist_info_metadata(member.filename) for member in members):
+        raise AuditInputError(f"{path}: no *.dist-info/WHEEL in the archive; not a wheel")
+    return [member for member in members if _looks_like_shared_object(member.filename)]
 
 
 def escapes_root(name: str) -> bool:
@@ -254,24 +256,6 @@ def _is_dist_info_metadata(name: str) -> bool:
 def _looks_like_shared_object(name: str) -> bool:
     base = PurePosixPath(name).name
     return base.endswith(".so") or ".so." in base
-
-
-def _read_member_units(archive: zipfile.ZipFile, member: zipfile.ZipInfo, wheel: Path
-                       ) -> tuple[tuple[FatbinUnit, ...], int | None] | None:
-    """The fatbin units and linked CUDA runtime of one .so member (None when it is no ELF), one
-    member in a temp file at a time."""
-    name = f"{wheel.name}:{member.filename}"
-    try:
-        with archive.open(member) as source:
-            if source.read(4) != _ELF_MAGIC:
-                return None
-        with archive.open(member) as source, tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as copy:
-            shutil.copyfileobj(source, copy, 4 * 1024 * 1024)
-            copy.seek(0)
-            units = read_fatbin_stream(copy, name)
-            return units, linked_cuda_runtime(copy, name)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
-        raise AuditInputError(f"{name}: cannot read this member ({error}); the wheel is corrupt") from None
 
 
 def _judge_so(path: str, wheel: str | None, units: tuple[FatbinUnit, ...], cuda_runtime: int | None = None, *,
