@@ -161,3 +161,77 @@ def test_a_cache_entry_linked_elsewhere_is_unlinked_not_followed(gpuwheel, write
     assert "cached demo-1.0.tar.gz was altered" in result.stderr
     assert _snapshot(theirs) == before
     assert not linked.is_symlink()
+
+
+# ---- secrets --------------------------------------------------------------------------------------
+SECRET_RECIPE = """
+[[package]]
+name = "demo"
+version = "1.0"
+source = {{ path = "src" }}
+[package.env]
+HF_TOKEN = "hf_sEcReT1"
+PIP_INDEX_URL = "https://alice:sEcReT2@pypi.example.com/simple/"
+CMAKE_BUILD_PARALLEL_LEVEL = "2"
+[[package.dependency]]
+name = "lib"
+git = "https://oauth2:sEcReT3@git.example.com/lib.git"
+rev = "v1.0"
+src_dir_env = "LIB_SRC_DIR"
+"""
+
+
+def test_secrets_in_a_recipe_are_masked_in_plans_but_reach_the_build(gpuwheel, write_recipe, tmp_path):
+    from gpuwheel.plan import make_plan
+    from gpuwheel.recipe import load_recipe
+    recipe = write_recipe(recipe_text(SECRET_RECIPE.format()))
+    for args in (("--json",), ()):
+        result = gpuwheel("plan", recipe, *args)
+        assert result.exit_code == 0, result.stderr
+        shown = result.stdout + result.stderr
+        assert "sEcReT" not in shown
+    plan = gpuwheel("plan", recipe, "--json").json()
+    env = plan["packages"][0]["env"]
+    assert env["HF_TOKEN"] == "****" and env["CMAKE_BUILD_PARALLEL_LEVEL"] == "2"
+    assert env["PIP_INDEX_URL"] == "https://alice:****@pypi.example.com/simple/"
+    assert plan["packages"][0]["dependencies"][0]["git"] == "https://oauth2:****@git.example.com/lib.git"
+    # The build itself gets the real values, and the hash depends on them.
+    real = make_plan(load_recipe(recipe))
+    assert real.packages[0].env_dict["HF_TOKEN"] == "hf_sEcReT1"
+    other = write_recipe(recipe_text(SECRET_RECIPE.format()).replace("hf_sEcReT1", "hf_other"), name="other.toml")
+    assert make_plan(load_recipe(other)).hash != real.hash
+
+
+def test_an_index_password_never_appears_in_an_error(gpuwheel, write_recipe, cache):
+    recipe = write_recipe(_package(f'source = {{ sdist = "demo-1.0.tar.gz", sha256 = "{"0" * 64}", '
+                                   f'index = "http://bob:sEcReT4@127.0.0.1:9/simple/" }}'))
+    result = gpuwheel("fetch", recipe)
+    assert result.exit_code == 4, result.stderr
+    assert "cannot read index http://bob:****@127.0.0.1:9/simple/" in result.stderr
+    assert "sEcReT" not in result.stderr
+
+
+def test_a_password_in_the_repository_url_is_refused_with_where_it_belongs(gpuwheel, tmp_path):
+    result = gpuwheel("publish", "--wheels", tmp_path, "--repository", "https://me:sEcReT5@pypi.example.com/legacy/")
+    assert result.exit_code == 13, result.stderr
+    assert "sEcReT" not in result.stderr
+    assert "--repository https://me:****@pypi.example.com/legacy/ carries a password" in result.stderr
+    assert "TWINE_USERNAME" in result.stderr and "keyring" in result.stderr
+
+
+def test_a_wheels_provenance_records_no_secret(write_recipe, tmp_path):
+    from packaging.version import Version
+
+    from gpuwheel.audit.report import AuditReport, AuditTarget
+    from gpuwheel.plan import make_plan
+    from gpuwheel.recipe import load_recipe
+    from gpuwheel.wheels import _provenance
+    recipe = load_recipe(write_recipe(recipe_text(SECRET_RECIPE.format())))
+    plan = make_plan(recipe)
+    report = AuditReport(path="demo.whl", target=AuditTarget.from_recipe(recipe), wheels=(), sos=())
+    provenance = _provenance(plan, plan.packages[0], {}, "test", Version("1.0+test"), "demo.whl", "raw.whl",
+                             ("linux_x86_64",), (), 0, report, False, frozenset())
+    text = json.dumps(provenance)
+    assert "sEcReT" not in text
+    assert provenance["build"]["env"]["HF_TOKEN"] == "****"
+    assert "https://oauth2:****@git.example.com/lib.git" in text

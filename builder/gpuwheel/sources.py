@@ -46,6 +46,7 @@ from gpuwheel.errors import OfflineError, SourceError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.log import console, logger
 from gpuwheel.plan import PackagePlan, Plan
+from gpuwheel.redact import safe_text, safe_tree
 from gpuwheel.recipe import Dependency, Source, recipes_dir
 from gpuwheel.run import capture
 
@@ -113,10 +114,10 @@ class Sources:
         def dep(d: FetchedDependency) -> dict:
             return {"name": d.name, "git": d.git, "rev": d.rev, "commit": d.commit, "status": d.status,
                     "tree": str(d.tree) if d.tree else None, "fetch_command": d.fetch_command}
-        return {"target": self.target, "cache": str(self.cache), "packages": [
+        return safe_tree({"target": self.target, "cache": str(self.cache), "packages": [
             {"name": p.name, "version": p.version, "kind": p.kind, "status": p.status, "tree": str(p.tree),
              "archive": str(p.archive) if p.archive else None, "sha256": p.sha256, "commit": p.commit,
-             "dependencies": [dep(d) for d in p.dependencies]} for p in self.packages]}
+             "dependencies": [dep(d) for d in p.dependencies]} for p in self.packages]})
 
 
 def fetch_sources(plan: Plan, *, offline: bool = False, cache: Path | None = None, progress: bool = True,
@@ -628,9 +629,10 @@ def _checkout(work: Path, url: str, rev: str, submodules: bool, label: str) -> s
 
 
 def _clone_command(dep: Dependency) -> str:
-    """What to run on a connected machine; every recipe value quoted, as it is pasted into a shell."""
+    """What to run on a connected machine; every recipe value quoted, as it is pasted into a shell.
+    Credentials in the URL are masked: that machine brings its own."""
     where = shlex.quote(f"deps/{dep.name}")
-    steps = [f"git clone {shlex.quote(dep.git)} {where}", f"git -C {where} checkout {shlex.quote(dep.commit or dep.rev)}"]
+    steps = [f"git clone {shlex.quote(safe_text(dep.git))} {where}", f"git -C {where} checkout {shlex.quote(dep.commit or dep.rev)}"]
     if dep.submodules:
         steps.append(f"git -C {where} submodule update --init --recursive")
     return " && ".join(steps)
