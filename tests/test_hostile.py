@@ -235,3 +235,50 @@ def test_a_wheels_provenance_records_no_secret(write_recipe, tmp_path):
     assert "sEcReT" not in text
     assert provenance["build"]["env"]["HF_TOKEN"] == "****"
     assert "https://oauth2:****@git.example.com/lib.git" in text
+
+
+# ---- interrupted runs -----------------------------------------------------------------------------
+STOPPED_RUN = """
+import sys
+from pathlib import Path
+from gpuwheel.run import stop_on_signals, run
+stop_on_signals()
+pidfile = Path(sys.argv[1])
+try:
+    # A build's compiler: a grandchild in the command's process group, as nvcc under ninja is.
+    run(["bash", "-c", f"sleep 300 & echo $! > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; wait"])
+finally:
+    Path(sys.argv[2]).write_text("cleaned up")
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_a_signal_to_gpuwheel_stops_the_compilers_it_started_and_runs_its_cleanup(tmp_path, signal_name):
+    import os
+    import signal
+    import sys
+    import time
+    pidfile, cleaned = tmp_path / "compiler.pid", tmp_path / "cleaned"
+    gpuwheel = subprocess.Popen([sys.executable, "-c", STOPPED_RUN, str(pidfile), str(cleaned)])
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    compiler = int(pidfile.read_text())
+    gpuwheel.send_signal(getattr(signal, signal_name))
+    assert gpuwheel.wait(timeout=30) == 128 + getattr(signal, signal_name)
+    assert cleaned.read_text() == "cleaned up"
+    assert not _running(compiler)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for a reaper that a container may lack)."""
+    import time
+    for _ in range(50):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state in ("Z", "X"):
+            return False
+        time.sleep(0.1)
+    return True
