@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import platformdirs
@@ -24,3 +25,22 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_inside(root: Path, path: Path) -> None:
+    """Delete path (a tree, a file or a link), which must lie inside root: a link is removed, never
+    what it points at.
+
+    Names from recipes end up in cache paths and a cache can be tampered with: whatever a check
+    upstream missed, a cleanup deletes nothing outside gpuwheel's own directories. A path outside
+    root is a bug in gpuwheel, raised as such.
+    """
+    real_root = Path(os.path.realpath(root))
+    parent = Path(os.path.realpath(Path(os.path.abspath(path)).parent))
+    if parent != real_root and real_root not in parent.parents or Path(path).name in ("", ".", ".."):
+        raise RuntimeError(f"refusing to delete {path}: it is not inside {root}")
+    target = parent / Path(path).name
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.is_dir():
+        shutil.rmtree(target, ignore_errors=True)

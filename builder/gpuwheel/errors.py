@@ -7,6 +7,8 @@ Exit codes are documented in docs/errors.md; keep the two in step.
 
 from __future__ import annotations
 
+from gpuwheel.redact import safe_text
+
 
 class GpuwheelError(Exception):
     """Base of all user-facing errors."""
@@ -14,6 +16,8 @@ class GpuwheelError(Exception):
     exit_code = 1
 
     def __init__(self, message: str, *, hint: str | None = None):
+        # Messages are shown and logged: credentials in the URLs they name are masked here, once.
+        message, hint = safe_text(message), safe_text(hint) if hint else hint
         super().__init__(message)
         self.message = message
         self.hint = hint

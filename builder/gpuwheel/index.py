@@ -43,6 +43,7 @@ from gpuwheel.cache import sha256_file
 from gpuwheel.errors import PublishError, WheelError
 from gpuwheel.gate import PublishGate, check_gate
 from gpuwheel.log import logger
+from gpuwheel.redact import has_password, safe_text
 
 # PEP 629/700: 1.1 adds versions and size to the JSON pages.
 API_VERSION = "1.1"
@@ -202,6 +203,11 @@ def publish_target(target: str | None, *, wheels_dir: Path | None = None, reposi
     """
     from gpuwheel.recipe import load_recipe
 
+    if repository and has_password(repository):
+        # A password on the command line is visible in ps and kept in shell history.
+        raise PublishError(f"--repository {safe_text(repository)} carries a password; refused",
+                           hint="give the URL without it and set TWINE_USERNAME / TWINE_PASSWORD, or store "
+                                "the credentials in .pypirc or keyring")
     if target is None and wheels_dir is None:
         raise PublishError("nothing to publish: name a TARGET or pass --wheels DIR")
     if target is None:

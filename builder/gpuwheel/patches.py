@@ -66,6 +66,9 @@ def read_series(directory: Path, dependencies: tuple[str, ...] = ()) -> tuple[Pa
                                      f"(dependencies: {known})")
             else:
                 raise PatchError(f"{series}:{number}: unknown option '{option}'", hint="use -pN or tree=NAME")
+        if "/" in match["name"] or "\\" in match["name"] or match["name"].startswith((".", "-")):
+            raise PatchError(f"{series}:{number}: '{match['name']}' must be a file name in the patch set",
+                             hint=f"put the patch in {directory} and name it there without a path")
         path = directory / match["name"]
         if not path.is_file():
             raise PatchError(f"{series}:{number}: {match['name']} does not exist in {directory}")

@@ -19,6 +19,7 @@ from gpuwheel import facts
 from gpuwheel.build.jobs import Jobs, choose_jobs
 from gpuwheel.errors import IncompatibleRecipeError, RecipeError
 from gpuwheel.patches import PatchRef, read_series
+from gpuwheel.redact import safe_text, safe_tree
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.recipe import (Dependency, InferenceProfile, PackageRecipe, Recipe, ServingProfile, Source, Target,
                              Toolchain, closest)
@@ -96,10 +97,11 @@ class Plan:
             out.append(f"build {p.name}: {' '.join(p.command)}")
             out.append(f"finish, audit {p.name} for {self.target.compute_capability} / driver "
                        f"{self.target.min_driver}")
-        return tuple(out)
+        return tuple(safe_text(step) for step in out)
 
     def to_json(self) -> dict:
-        return {
+        """The plan as shown and recorded: secrets masked (the build gets the real env from the Plan)."""
+        return safe_tree({
             "schema": PLAN_SCHEMA,
             "hash": self.hash,
             "recipe": str(self.recipe),
@@ -109,7 +111,7 @@ class Plan:
             "notes": list(self.notes),
             "steps": list(self.steps),
             "packages": [_package_json(p, self.target.torch_cuda_arch_list) for p in self.packages],
-        }
+        })
 
 
 def measured_build(package: PackagePlan, arch_list: str) -> vllm_kind.MeasuredBuild | None:

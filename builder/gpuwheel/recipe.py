@@ -13,8 +13,9 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
@@ -120,6 +121,11 @@ class Source:
     commit: str | None = None
     index: str | None = None  # sdist only; None = pip's configured index
     submodules: bool = True
+
+    @property
+    def filename(self) -> str:
+        """The file an sdist or url source is stored as in the cache (a bare name, checked at load)."""
+        return self.location if self.kind == "sdist" else url_filename(self.location)
 
 
 @dataclass(frozen=True)
@@ -342,6 +348,9 @@ def _leaf_lines(data: dict, lines: dict[str, int], prefix: str = "") -> dict[str
             continue
         if isinstance(value, dict):
             out.update(_leaf_lines(value, lines, path))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for index, entry in enumerate(value):  # [[package.dependency]]: each entry's own lines
+                out.update(_leaf_lines(entry, lines, f"{path}[{index}]"))
         else:
             out[path] = lines.get(path, lines.get(prefix, 1))
     return out
@@ -382,6 +391,7 @@ def _check_table(table: dict, schema_name: str, line_path: str, path: Path, line
 
 def _check_env(env: dict, where: str) -> None:
     for name, value in env.items():
+        _check_name(name, "env name", where, _ENV_NAME)
         if not isinstance(value, str):
             raise RecipeError(f"{where}: env {name} must be a string, got {_kind(value)}",
                               hint=f'write {name} = "{value}"')
@@ -449,6 +459,7 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
         facts.driver_tuple(t["min_driver"])
     except ValueError as error:
         raise RecipeError(f"{where('target.min_driver')}: {error}") from None
+    _check_name(t["name"], "target name", where("target.name"), _TARGET_NAME)
     target = Target(name=t["name"], description=t.get("description", ""),
                     gpu=t.get("gpu", t.get("description", t["name"])),
                     compute_capability=t["compute_capability"],
@@ -464,6 +475,7 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
     for entry in data.get("package", []):
         prefix = f"package[{entry.get('name', '?')}]"
         require(entry, "package", prefix)
+        _check_name(entry["name"], "package name", where(f"{prefix}.name"), _PACKAGE_NAME)
         version(entry["version"], f"{prefix}.version", "2.8.3")
         packages.append(_package(entry, prefix, where, origin_of))
     if not packages:
@@ -512,6 +524,7 @@ def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:  # no
         if not dep.get("src_dir_env") and not dep.get("fetchcontent_name"):
             raise RecipeError(f"{where(dep_prefix + '.name')}: dependency {dep['name']} needs src_dir_env or "
                               f"fetchcontent_name", hint="say how vLLM is pointed at the pre-fetched tree")
+        _check_dependency(dep, dep_prefix, where)
         for key in ("subdir", "exclude", "submodules"):
             values = dep.get(key, ())
             for value in [values] if isinstance(values, str) else values if isinstance(values, list) else ():
@@ -527,6 +540,7 @@ def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:  # no
         if "wheel" not in spec or "sha256" not in spec:
             raise RecipeError(f"{where(prefix + '.stand_in')}: [package.stand_in] needs wheel and sha256",
                               hint="the file name of the package's published wheel and its sha256")
+        _check_name(spec["wheel"], "stand_in wheel", where(prefix + ".stand_in.wheel"), _FILE_NAME)
         try:
             parse_wheel_filename(spec["wheel"])
         except InvalidWheelFilename:
@@ -582,6 +596,74 @@ def _serving(entry: dict, prefix: str, where) -> ServingProfile | None:
     return ServingProfile(head_dims=head_dims, dtypes=dtypes, omit=tuple(sorted(set(spec.get("omit", ())))))
 
 
+# ---- names that become paths or command arguments -------------------------------------------------
+# Recipes are shared and pulled from repositories (docs/security.md): each of these names ends up
+# as a path segment under gpuwheel's roots or as an argument to git, so it is checked here, once.
+_PACKAGE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")  # PEP 508
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # also dependency names
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+!-]{0,254}")  # a bare file name: no '/', no leading '.' or '-'
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REV = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,199}")  # a tag or branch; git itself refuses '..' in refs
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_FIXES = {
+    "sdist": 'write just the file name, e.g. flash_attn-2.8.3.tar.gz; set the index with index = "URL"',
+    "stand_in wheel": "write just the wheel's file name, e.g. vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl",
+    "url": "the last part of the URL's path names the downloaded file",
+    "target name": "letters, digits, '.', '_' and '-', starting with a letter or digit",
+    "dependency name": "letters, digits, '.', '_' and '-', starting with a letter or digit",
+    "package name": "a PEP 508 name, e.g. flash-attn",
+    "env name": "letters, digits and '_', not starting with a digit",
+    "src_dir_env": "letters, digits and '_', not starting with a digit",
+    "fetchcontent_name": "letters, digits and '_', not starting with a digit",
+}
+_WHAT = {_PACKAGE_NAME: "is not a valid package name", _TARGET_NAME: "must be a plain name",
+         _FILE_NAME: "must be a bare file name", _ENV_NAME: "must be an environment variable name"}
+
+
+def _check_name(value: str, what: str, where: str, pattern: re.Pattern, shown: str | None = None) -> None:
+    if not pattern.fullmatch(value):
+        ending = " must end in a bare file name" if what == "url" else f" {_WHAT[pattern]}"
+        raise RecipeError(f"{where}: {what} {_quoted(shown or value)}{ending}", hint=_FIXES.get(what))
+
+
+def _quoted(value: str) -> str:
+    """A recipe value in a message: control characters escaped, so a message stays one line."""
+    return repr(value) if not value.isprintable() else f"'{value}'"
+
+
+def _check_git_url(url: str, where: str) -> None:
+    # '-' would make git read the URL as an option; '<transport>::' (ext::, fd::) runs commands.
+    if url.startswith("-") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*::", url) or not url.isprintable():
+        raise RecipeError(f"{where}: git {_quoted(url)} must be a repository URL",
+                          hint="https://, ssh://, git://, file:// or a path; not an option or a transport::")
+
+
+def _check_index_url(url: str, where: str) -> None:
+    if not re.match(r"(https?|file)://", url) or not url.isprintable():
+        raise RecipeError(f"{where}: index {_quoted(url)} must be an http(s):// or file:// URL",
+                          hint="the simple index, e.g. https://pypi.org/simple/")
+
+
+def _check_dependency(dep: dict, prefix: str, where) -> None:
+    _check_name(dep["name"], "dependency name", where(prefix + ".name"), _TARGET_NAME)
+    _check_git_url(dep["git"], where(prefix + ".git"))
+    if not _REV.fullmatch(dep["rev"]) or ".." in dep["rev"] or dep["rev"].endswith((".lock", "/")):
+        raise RecipeError(f"{where(prefix + '.rev')}: rev {_quoted(dep['rev'])} must be a tag or a commit",
+                          hint="the GIT_TAG the release pins, e.g. v4.0.0 or a 40-hex commit")
+    if "commit" in dep and not _COMMIT.fullmatch(dep["commit"]):
+        raise RecipeError(f"{where(prefix + '.commit')}: commit {_quoted(dep['commit'])} must be the full 40-hex "
+                          f"commit", hint="git rev-parse TAG^{commit} gives it")
+    for key in ("src_dir_env", "fetchcontent_name"):
+        if key in dep:
+            _check_name(dep[key], key, where(f"{prefix}.{key}"), _ENV_NAME)
+
+
+def url_filename(url: str) -> str:
+    """The file a URL downloads to: the last part of its path ("download" when it has none)."""
+    name = PurePosixPath(unquote(urlparse(url).path)).name
+    return name or "download"
+
+
 def _relative_path(value: str) -> bool:
     parts = Path(value).parts
     return bool(value) and not Path(value).is_absolute() and ".." not in parts and "\\" not in value
@@ -593,6 +675,15 @@ def _source(spec: dict, prefix: str, where) -> Source:
         raise RecipeError(f"{where(prefix + '.' + (kinds[1] if len(kinds) > 1 else 'sha256'))}: source needs "
                           f"exactly one of sdist, git, url, path (has {', '.join(kinds) or 'none'})")
     kind = kinds[0]
+    at = where(f"{prefix}.{kind}")
+    if kind == "sdist":
+        _check_name(spec[kind], "sdist", at, _FILE_NAME)
+    elif kind == "url":
+        _check_name(url_filename(spec[kind]), "url", at, _FILE_NAME, shown=spec[kind])
+    elif kind == "git":
+        _check_git_url(spec[kind], at)
+    if spec.get("index") is not None:
+        _check_index_url(spec["index"], where(f"{prefix}.index"))
     sha256 = spec.get("sha256")
     if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise RecipeError(f"{where(prefix + '.sha256')}: sha256 must be 64 lowercase hex digits")

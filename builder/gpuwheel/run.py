@@ -101,6 +101,16 @@ def run(
     return Finished(args, returncode, time.monotonic() - start, tuple(tail), log_path)
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end gpuwheel as Ctrl-C does: by an exception, so run() takes the command's
+    whole process group down (compilers included) and every `finally` removes its temporary state.
+    (Python's default for SIGTERM ends the process at once, leaving the compilers running.)"""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 def _kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)

@@ -41,11 +41,12 @@ from pypi_simple import PYPI_SIMPLE_ENDPOINT, NoSuchProjectError, PyPISimple
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from gpuwheel.cache import cache_root, sha256_file
+from gpuwheel.cache import cache_root, remove_inside, sha256_file
 from gpuwheel.errors import OfflineError, SourceError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.log import console, logger
 from gpuwheel.plan import PackagePlan, Plan
+from gpuwheel.redact import safe_text, safe_tree
 from gpuwheel.recipe import Dependency, Source, recipes_dir
 from gpuwheel.run import capture
 
@@ -113,10 +114,10 @@ class Sources:
         def dep(d: FetchedDependency) -> dict:
             return {"name": d.name, "git": d.git, "rev": d.rev, "commit": d.commit, "status": d.status,
                     "tree": str(d.tree) if d.tree else None, "fetch_command": d.fetch_command}
-        return {"target": self.target, "cache": str(self.cache), "packages": [
+        return safe_tree({"target": self.target, "cache": str(self.cache), "packages": [
             {"name": p.name, "version": p.version, "kind": p.kind, "status": p.status, "tree": str(p.tree),
              "archive": str(p.archive) if p.archive else None, "sha256": p.sha256, "commit": p.commit,
-             "dependencies": [dep(d) for d in p.dependencies]} for p in self.packages]}
+             "dependencies": [dep(d) for d in p.dependencies]} for p in self.packages]})
 
 
 def fetch_sources(plan: Plan, *, offline: bool = False, cache: Path | None = None, progress: bool = True,
@@ -174,13 +175,13 @@ class _Store:
                 tree, status = self._git_tree(source.location, source.commit, source.commit,
                                               source.submodules, label)
             return {**common, "tree": tree, "archive": None, "status": status}
-        filename = source.location if source.kind == "sdist" else _url_filename(source.location)
+        filename = source.filename
         with self._locked(source.sha256):
             archive = self.root / "archives" / source.sha256 / filename
             tree_root = self.root / "trees" / source.sha256
             status = CACHED
             if archive.is_file():
-                _verify_cached(archive, tree_root, source.sha256, label)
+                _verify_cached(self.root, archive, tree_root, source.sha256, label)
             if not (archive.is_file() and tree_root.is_dir()):
                 if not archive.is_file() and self.offline:
                     raise OfflineError(f"{label}: {filename} (sha256 {source.sha256[:12]}…) is not in the cache "
@@ -314,14 +315,14 @@ class _Store:
             raise SourceError(f"{label}: {source} is not a git checkout, so its commit cannot be verified",
                               hint=f"bring it as: {_clone_command(dep)}")
         head = _git(["rev-parse", "HEAD"], source, label).stdout.strip()
-        pinned = _git(["rev-parse", "--verify", "--quiet", f"{dep.commit or dep.rev}^{{commit}}"], source, label,
-                      check=False).stdout.strip()
+        pinned = _git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{dep.commit or dep.rev}^{{commit}}"],
+                      source, label, check=False).stdout.strip()
         if not pinned:
             raise SourceError(f"{label}: {source} has no {dep.commit or dep.rev}; refused",
                               hint=f"bring it as: {_clone_command(dep)}")
         if head != pinned:
             raise SourceError(f"{label}: {source} is at {head[:12]}, {dep.rev} is {pinned[:12]}; refused",
-                              hint=f"git -C {shlex.quote(str(source))} checkout {dep.rev}")
+                              hint=f"git -C {shlex.quote(str(source))} checkout {shlex.quote(dep.rev)}")
         changes = _git(["status", "--porcelain", "--ignore-submodules=none"], source, label).stdout.strip()
         if changes:
             first = changes.splitlines()[0].strip()
@@ -492,19 +493,14 @@ def _verify_file(path: Path, sha256: str, label: str) -> None:
                           hint="check which one is right before changing the pin")
 
 
-def _verify_cached(archive: Path, tree_root: Path, sha256: str, label: str) -> None:
+def _verify_cached(root: Path, archive: Path, tree_root: Path, sha256: str, label: str) -> None:
     """A cached archive is hashed again on each use: one altered in the cache is removed, tree and all."""
     actual = sha256_file(archive)
     if actual != sha256:
-        shutil.rmtree(archive.parent)
-        shutil.rmtree(tree_root, ignore_errors=True)
+        remove_inside(root / "archives", archive.parent)
+        remove_inside(root / "trees", tree_root)
         raise SourceError(f"{label}: cached {archive.name} was altered (sha256 {actual[:12]}…, pinned "
                           f"{sha256[:12]}…); removed it and its tree", hint="run the fetch again")
-
-
-def _url_filename(url: str) -> str:
-    name = PurePosixPath(unquote(urlparse(url).path)).name
-    return name or "download"
 
 
 def _reason(error: BaseException) -> str:
@@ -605,9 +601,12 @@ def _checkout(work: Path, url: str, rev: str, submodules: bool, label: str) -> s
     """Check url at rev out into work (with submodules at their recorded commits); returns HEAD."""
     local = urlparse(url).scheme in ("", "file")
     _git(["init", "-q"], work, label)
-    _git(["remote", "add", "origin", url], work, label)
+    # The recipe refuses revs and URLs that look like options; `--`/--end-of-options make sure of it
+    # (a rev of `--upload-pack=CMD` would otherwise run CMD).
+    _git(["remote", "add", "--", "origin", url], work, label)
     # A shallow fetch of just the pinned rev; servers that refuse a bare commit get a full fetch.
-    shallow = _git(["fetch", "-q", "--depth", "1", "origin", rev], work, label, check=False, allow_file=local)
+    shallow = _git(["fetch", "-q", "--depth", "1", "--end-of-options", "origin", rev], work, label, check=False,
+                   allow_file=local)
     if shallow.returncode == 0:
         _git(["checkout", "-q", "--detach", "FETCH_HEAD"], work, label)
     else:
@@ -615,7 +614,8 @@ def _checkout(work: Path, url: str, rev: str, submodules: bool, label: str) -> s
             raise _Unreachable(f"{label}: {url} cannot be reached: {shallow.stderr.strip().splitlines()[-1]}")
         _git(["fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"], work, label,
              allow_file=local)
-        found = _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], work, label, check=False)
+        found = _git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"], work, label,
+                     check=False)
         if found.returncode != 0:
             raise SourceError(f"{label}: {url} has no commit or tag {rev}",
                               hint="check the pin against the repository")
@@ -629,8 +629,10 @@ def _checkout(work: Path, url: str, rev: str, submodules: bool, label: str) -> s
 
 
 def _clone_command(dep: Dependency) -> str:
-    where = f"deps/{dep.name}"
-    steps = [f"git clone {shlex.quote(dep.git)} {where}", f"git -C {where} checkout {dep.commit or dep.rev}"]
+    """What to run on a connected machine; every recipe value quoted, as it is pasted into a shell.
+    Credentials in the URL are masked: that machine brings its own."""
+    where = shlex.quote(f"deps/{dep.name}")
+    steps = [f"git clone {shlex.quote(safe_text(dep.git))} {where}", f"git -C {where} checkout {shlex.quote(dep.commit or dep.rev)}"]
     if dep.submodules:
         steps.append(f"git -C {where} submodule update --init --recursive")
     return " && ".join(steps)
@@ -678,13 +680,14 @@ def _checkout_mirror(mirror: Path, dest: Path, rev: str, exclude: tuple[str, ...
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         dest.rmdir()  # a submodule's empty placeholder directory
-    _git(["clone", "-q", "--no-checkout", str(mirror), str(dest)], dest.parent, label)
+    _git(["clone", "-q", "--no-checkout", "--", str(mirror), str(dest)], dest.parent, label)
     if exclude:
         _git(["config", "core.sparseCheckout", "true"], dest, label)
         (dest / ".git" / "info").mkdir(exist_ok=True)
         (dest / ".git" / "info" / "sparse-checkout").write_text(
             "/*\n" + "".join(f"!{path}\n" for path in exclude), encoding="utf-8")
-    commit = _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], dest, label, check=False).stdout.strip()
+    commit = _git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"], dest, label,
+                  check=False).stdout.strip()
     if not commit:
         raise SourceError(f"{label}: the mirror {mirror} has no {rev}; refused",
                           hint="update the mirror (git fetch) on a connected machine")

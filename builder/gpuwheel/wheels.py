@@ -44,6 +44,7 @@ from gpuwheel.index import PROVENANCE_FILE, read_wheel, version_or_none
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.log import console, logger
 from gpuwheel.plan import SCHEDULING_ENV, PackagePlan, Plan
+from gpuwheel.redact import safe_env, safe_tree
 from gpuwheel.run import run
 
 PROVENANCE_SCHEMA = 1
@@ -490,7 +491,7 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
                                   "base_image": toolchain.base_image,
                                   "base_image_digest": toolchain.base_image_digest},
                       "observed": observed or None},
-        "sources": [
+        "sources": safe_tree([  # what a wheel records of a source or env never holds a secret
             {"name": package.name, "role": "package", "kind": source.kind, "location": source.location,
              "sha256": source.sha256, "commit": source.commit, "index": source.index},
             *({"name": dep.name, "role": "dependency", "kind": "git", "location": dep.git, "rev": dep.rev,
@@ -501,7 +502,7 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
             *([{"name": package.stand_in.location, "role": "stand-in", "kind": "wheel",
                 "sha256": package.stand_in.sha256, "index": package.stand_in.index,
                 "stands_in_for": list(package.stand_ins)}] if package.stand_ins else []),
-        ],
+        ]),
         "patches": [{"name": ref.name, "sha256": ref.sha256, "strip": ref.strip, "tree": ref.tree or None}
                     for ref in package.patches],
         "build": {"build_type": plan.build_type, "profile": package.profile,
@@ -509,7 +510,7 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
                   "serving": dataclasses.asdict(package.serving) if package.serving else None,
                   "components": _components(package, members),
                   "command": list(package.command),
-                  "env": {key: value for key, value in package.env if key not in SCHEDULING_ENV},
+                  "env": safe_env((key, value) for key, value in package.env if key not in SCHEDULING_ENV),
                   "env_excluded": [key for key in SCHEDULING_ENV if key in package.env_dict]},
         "wheel": {"raw_filename": raw_filename, "platform_tags": list(platform_tags),
                   "graft_excluded": list(GRAFT_EXCLUDE), "grafted": list(grafted),

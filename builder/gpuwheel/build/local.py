@@ -23,7 +23,7 @@ from gpuwheel import facts
 from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, CacheStats, PackageBuild,
                                  ToolchainInfo, check_toolchain, parse_cache_stats, parse_nvcc_version,
                                  substitute, toolchain_key)
-from gpuwheel.cache import cache_root
+from gpuwheel.cache import cache_root, remove_inside
 from gpuwheel.errors import ToolchainError
 from gpuwheel.log import logger
 from gpuwheel.recipe import Toolchain
@@ -137,7 +137,7 @@ class LocalBackend:
         work = cache_root() / "work" / job.name
         work.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(work) + ".lock"):
-            shutil.rmtree(work, ignore_errors=True)
+            remove_inside(work.parent, work)
             shutil.copytree(job.tree, work / "tree", symlinks=True)
             shutil.copytree(job.deps_dir, work / "deps", symlinks=True) if job.deps_dir.is_dir() else \
                 (work / "deps").mkdir(parents=True)

@@ -11,6 +11,7 @@ import sys
 import click
 
 from gpuwheel.errors import GpuwheelError
+from gpuwheel.run import stop_on_signals
 
 
 class _Group(click.Group):
@@ -26,6 +27,7 @@ class _Group(click.Group):
 @click.version_option(package_name="gpuwheel")
 def main() -> None:
     """Build vLLM and flash-attn wheels for exactly your GPUs."""
+    stop_on_signals()
 
 
 def _register() -> None:

@@ -6,6 +6,7 @@ import json
 import os
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from gpuwheel.cli import main
@@ -13,6 +14,7 @@ from gpuwheel.errors import GpuwheelError
 from gpuwheel.log import console
 from gpuwheel.plan import make_plan, measured_build
 from gpuwheel.recipe import list_targets, load_recipe
+from gpuwheel.redact import safe_value
 
 TARGET = click.argument("target", metavar="TARGET")
 
@@ -42,7 +44,7 @@ def show(target: str) -> None:
     recipe = load_recipe(target)
     table = Table("key", "value", "from", title=f"{recipe.name} ({' → '.join(f.name for f in recipe.files)})")
     for key, origin in sorted(recipe.origins.items(), key=_show_order):
-        table.add_row(key, _value_at(recipe, key), str(origin))
+        table.add_row(key, escape(safe_value(key.rpartition(".")[2], _value_at(recipe, key))), escape(str(origin)))
     console.print(table)
 
 
@@ -67,7 +69,7 @@ def plan(target: str, as_json: bool, jobs: int | None, only: tuple[str, ...]) ->
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print("\n[bold]steps[/bold]")
     for number, step in enumerate(resolved.steps, start=1):
-        console.print(f"  {number:2}. {step}")
+        console.print(f"  {number:2}. {escape(step)}")
     for package in resolved.packages:
         if measured := measured_build(package, t.torch_cuda_arch_list):
             cores = os.cpu_count() or 1
@@ -77,7 +79,7 @@ def plan(target: str, as_json: bool, jobs: int | None, only: tuple[str, ...]) ->
         table = Table("variable", "value", title=f"{package.name} {package.version} — build environment "
                       f"({package.jobs.reason})", title_justify="left")
         for key, value in package.env:
-            table.add_row(key, value)
+            table.add_row(key, escape(safe_value(key, value)))
         console.print(table)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from gpuwheel.cli import main
@@ -56,14 +58,15 @@ def _render_sources(sources: Sources) -> None:
                       title_justify="left", title="build-time dependencies")
         for package, d in deps:
             style = "yellow" if d.status == NEEDS_NETWORK else ""
-            table.add_row(package, d.name, d.rev[:16], f"[{style}]{d.status}[/{style}]" if style else d.status,
-                          d.fetch_command if d.tree is None else str(d.tree))
+            # Recipe values are shown as text, never read as rich markup (a URL may hold '[/x]').
+            table.add_row(package, d.name, escape(d.rev[:16]), f"[{style}]{d.status}[/{style}]" if style else d.status,
+                          escape(d.fetch_command if d.tree is None else str(d.tree)))
         console.print(table)
     missing = sources.needs_network
     if missing:
         console.print(f"[yellow]{len(missing)} dependencies need network[/yellow]: run the commands above on a "
-                      f"connected machine, copy deps/ here, then `gpuwheel fetch {sources.target} "
-                      f"--dependency-dir deps` (or copy that machine's {sources.cache})")
+                      f"connected machine, copy deps/ here, then `gpuwheel fetch {escape(shlex.quote(sources.target))} "
+                      f"--dependency-dir deps` (or copy that machine's {escape(str(sources.cache))})")
     else:
         console.print("every source is in the cache")
 
