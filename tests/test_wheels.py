@@ -219,7 +219,16 @@ def test_vllm_dependencies_are_sources_with_their_revs(plan_570, built, tmp_path
     cutlass = next(d for d in plan.package("vllm").dependencies if d.name == "cutlass")
     assert sources["vllm"]["sha256"] == plan.package("vllm").source.sha256
     assert sources["cutlass"] == {"name": "cutlass", "role": "dependency", "kind": "git", "location": cutlass.git,
-                                  "rev": cutlass.rev, "commit": cutlass.commit}
+                                  "rev": cutlass.rev, "commit": cutlass.commit, "submodules": True,
+                                  "provided_by": "source"}
+    # 12.0 compiles nothing of these: their files came from vLLM's own wheel, and the wheel says so
+    standing = plan.package("vllm").stand_ins
+    assert {name for name, s in sources.items() if s.get("provided_by") == "stand-in"} == set(standing)
+    published = sources[plan.package("vllm").stand_in.location]
+    assert (published["role"], published["sha256"], published["stands_in_for"]) == (
+        "stand-in", plan.package("vllm").stand_in.sha256, list(standing))
+    assert wheel.provenance["build"]["components"] == {
+        "rust_frontend": {"mode": "off", "in_wheel": False, "members": []}}
     assert wheel.provenance["audit"]["optional_globs"] == list(plan.package("vllm").audit_optional)
 
 
