@@ -194,6 +194,12 @@ def test_cuda13_cannot_build_volta(write_recipe):
     ('extends = "h100"\n[toolchain]\ncuda_version = "13.0"\n',
      "recipe.toml:3: unknown key [toolchain] 'cuda_version' (did you mean 'cuda'?)"),
     ('extends = "h100"\n[targte]\nname = "x"\n', "recipe.toml:2: unknown key 'targte' (did you mean 'target'?)"),
+    # A typo in a dotted key is reported where it is, not at line 1.
+    ('extends = "h100"\n\n[[package]]\nname = "flash-attn"\nversion = "2.8.3"\n\n\n\nsource.shaa256 = "0"\n',
+     "recipe.toml:9: unknown key [package.source] 'shaa256' (did you mean 'sha256'?)"),
+    # A key after a multi-line string is on its own line, not inside the string.
+    ('extends = "h100"\n[target]\ndescription = """\nracks in hall B, where\ngpux = "H100" was a typo\n"""\ngpux = "H100"\n',
+     "recipe.toml:7: unknown key [target] 'gpux' (did you mean 'gpu'?)"),
     ('extends = "h10"\n', "unknown target 'h10' (did you mean 'h100'?)"),
     ('extends = "h100"\n[toolchain]\ncuda = 13.0\n', "recipe.toml:3: [toolchain] 'cuda' must be a string, got a number"),
     ('extends = "h100"\n[toolchain]\ntorch = "two.nine"\n', "toolchain.torch 'two.nine' is not a version"),

@@ -293,19 +293,27 @@ def _merge_packages(base: list[dict], over: list[dict]) -> list[dict]:
 
 # ---- schema checks --------------------------------------------------------------------------
 _HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
-_KEY_RE = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
+# A key, bare or quoted, dotted or not (`source.sha256 = `, `"name" = `), at the start of a line.
+_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*')(?:\s*\.\s*(?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*'))*)\s*=""")
 _INLINE_KEY_RE = re.compile(r"([A-Za-z0-9_\-]+)\s*=")
 
 
 def _key_lines(text: str) -> dict[str, int]:
     """Map 'table.key' and 'package[N].key' paths to the line that sets them (for messages).
 
-    tomllib gives no positions, so this reads the header/key lines; values are never parsed here.
+    tomllib gives no positions, so this reads the header/key lines; values are never parsed here,
+    but the lines inside a multi-line string are skipped (they hold no keys), and a dotted key
+    (`source.sha256 = ...`) is placed under its tables.
     """
     lines: dict[str, int] = {}
     table = ""
     array_counts: dict[str, int] = {}
+    in_string: str | None = None  # the delimiter of the multi-line string being read
     for number, line in enumerate(text.splitlines(), start=1):
+        if in_string:
+            if _closes(line, in_string):
+                in_string = None
+            continue
         header = _HEADER_RE.match(line)
         if header:
             name = header[2].replace(" ", "").replace('"', "").replace("'", "")
@@ -323,13 +331,33 @@ def _key_lines(text: str) -> dict[str, int]:
             continue
         key = _KEY_RE.match(line)
         if key:
-            path = f"{table}.{key[1]}" if table else key[1]
-            lines.setdefault(path, number)
+            path = table
+            for part in re.findall(r"""[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*'""", key[1]):
+                path = f"{path}.{part.strip(chr(34) + chr(39))}" if path else part.strip(chr(34) + chr(39))
+                lines.setdefault(path, number)
             inline = line[key.end():]
             if "{" in inline:
                 for sub in _INLINE_KEY_RE.findall(inline):
                     lines.setdefault(f"{path}.{sub}", number)
+            in_string = _opens(inline)
     return lines
+
+
+def _opens(value: str) -> str | None:
+    """The delimiter of a multi-line string this value opens and does not close on its line."""
+    stripped = value.lstrip()
+    for delimiter in ('"""', "'''"):
+        if stripped.startswith(delimiter) and not _closes(stripped[3:], delimiter):
+            return delimiter
+    return None
+
+
+def _closes(line: str, delimiter: str) -> bool:
+    # An escaped quote (\") does not end a basic string; literal strings have no escapes.
+    text = line.replace('\\\\', "") if delimiter == '"""' else line
+    if delimiter == '"""':
+        text = text.replace('\\"', "")
+    return delimiter in text
 
 
 def _array_path(name: str, counts: dict[str, int]) -> str:
