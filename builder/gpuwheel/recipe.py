@@ -12,6 +12,7 @@ Every leaf value remembers the file and line it came from (`gpuwheel show`).
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import sys
@@ -590,8 +591,14 @@ def _patch_dir(value: str, origin: Origin) -> Path:
 def _display(path: Path | None) -> str:
     if path is None:
         return ""
+    return _display_from(Path(path), os.getcwd())
+
+
+@functools.lru_cache(maxsize=256)
+def _display_from(path: Path, cwd: str) -> str:
+    # Cached: schema checks format a location for every key they read (`gpuwheel targets` loads them all).
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
+        return str(Path(path).resolve().relative_to(Path(cwd)))
     except ValueError:
         if from_checkout():
             try:
