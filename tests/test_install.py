@@ -174,3 +174,21 @@ def test_sdists_unpack_safely_on_old_pythons(name, dist, tmp_path):
         assert line.startswith("gpuwheel: error: demo 1.0: demo-1.0.tar.gz holds an unsafe member")
         assert "refused, nothing extracted" in line
     assert not list(tmp_path.rglob("escaped.txt"))
+
+
+@pytest.mark.slow
+def test_installed_gpuwheel_builds_the_flash_attn_profile(installed, tmp_path):
+    """The README's main job, from the wheel alone: fetch, patch, compile, finish and audit flash-attn
+    for rtx6000pro-cu13 (sm_120) with the local toolkit (~7 min on 2 cores once, the compile cache after)."""
+    from build_helpers import SHARED_CACHE
+
+    env = _user_env(tmp_path, GPUWHEEL_CACHE=str(SHARED_CACHE))
+    built = _run([installed / "gpuwheel", "build", "rtx6000pro-cu13", "--only", "flash-attn", "--backend", "local",
+                  "--json"], cwd=tmp_path, env=env)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = json.loads(built.stdout)["finished"]["wheels"]
+    assert wheel["audit_passed"] and wheel["filename"].startswith("flash_attn-2.8.3+cu130.sm120.torch214-")
+    assert Path(wheel["path"]).parent == tmp_path / "wheels" / "rtx6000pro-cu13" / "staging"
+    shown = _run([installed / "gpuwheel", "show-wheel", wheel["path"], "--json"], cwd=tmp_path, env=env)
+    patches = [p["name"] for p in json.loads(shown.stdout)["provenance"]["patches"]]
+    assert patches == ["0001-build-with-cxx20-for-torch-2.14.patch", "0002-inference-profile.patch"]
