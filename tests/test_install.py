@@ -20,10 +20,12 @@ from sources_helpers import RECIPE_HEAD, file_member, link_member, sha256, tarba
 
 SHIPPED_FOLDERS = ("recipes", "patches", "dockerfiles")
 # Interpreters the extraction must be safe on, besides the one running the tests. Debian 12's own
-# python3.11 is 3.11.2 (`apt-get install python3.11-venv`); pyenv's 3.10 is the oldest supported.
-OLD_PYTHONS = {
+# python3.11 is 3.11.2 (`apt-get install python3.11-venv`), with no tarfile filters; pyenv has the rest.
+PYTHONS = {
     "3.11.2 (Debian 12)": "/usr/bin/python3.11",
     "3.10": "/root/.pyenv/versions/3.10.13/bin/python3.10",
+    "3.12": "/root/.pyenv/versions/3.12.1/bin/python3.12",
+    "3.13": "/root/.pyenv/versions/3.13.0/bin/python3.13",
 }
 
 
@@ -130,11 +132,11 @@ def test_uv_tool_install_gives_a_working_gpuwheel(dist, tmp_path):
     assert _run([tmp_path / "bin" / "gpuwheel", "--version"], env=env).stdout.startswith("gpuwheel, version ")
 
 
-# ---- extraction on old interpreters -----------------------------------------------------------------
+# ---- extraction on every supported interpreter -----------------------------------------------------------------
 def _interpreter_venv(name: str, dist, tmp_path: Path) -> Path:
-    python = OLD_PYTHONS[name]
+    python = PYTHONS[name]
     if not Path(python).exists():
-        pytest.skip(f"no {name} interpreter at {python} (.ci/run installs Debian's python3.11-venv)")
+        pytest.skip(f"no {name} interpreter at {python} (Debian 12: apt-get install python3.11-venv; others: pyenv)")
     uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
     venv = tmp_path / "venv"
     _checked([uv, "venv", "--quiet", "--python", python, venv])
@@ -151,8 +153,8 @@ def _archive_recipe(folder: Path, archive: bytes) -> Path:
     return recipe
 
 
-@pytest.mark.parametrize("name", list(OLD_PYTHONS))
-def test_sdists_unpack_safely_on_old_pythons(name, dist, tmp_path):
+@pytest.mark.parametrize("name", list(PYTHONS))
+def test_sdists_unpack_safely_on_every_supported_python(name, dist, tmp_path):
     bin_dir = _interpreter_venv(name, dist, tmp_path)
     version = _checked([bin_dir / "python", "-c", "import platform; print(platform.python_version())"]).stdout
     assert version.startswith(name.split()[0])
