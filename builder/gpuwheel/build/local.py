@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Callable
@@ -147,7 +148,9 @@ class LocalBackend:
                 env = {k: v for k, v in env.items() if not _is_cache_var(k, v)}
                 finished = run(argv, env=env, cwd=work / "tree", log_path=job.log_path, on_line=on_line)
                 return BuildOutcome(finished.returncode, finished.seconds, finished.tail, CacheStats(0, 0))
-            capture([self._sccache, "--stop-server"], env=env)  # a server from elsewhere has other settings
+            # A server of its own: on sccache's default port another build's server (another
+            # checkout's tests, another user) would compile with that build's environment.
+            env["SCCACHE_SERVER_PORT"] = str(_free_port())
             started = capture([self._sccache, "--start-server"], env=env)
             if started.returncode != 0:
                 raise ToolchainError(f"sccache did not start: {(started.stderr or started.stdout).strip()}")
@@ -159,6 +162,12 @@ class LocalBackend:
                 capture([self._sccache, "--stop-server"], env=env)
             shutil.rmtree(work / "deps", ignore_errors=True)
         return BuildOutcome(finished.returncode, finished.seconds, finished.tail, stats)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _is_cache_var(key: str, value: str) -> bool:
