@@ -52,7 +52,7 @@ def installed(dist, tmp_path_factory) -> Path:
 def _user_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a user outside the checkout: no GPUWHEEL_* of the test run, own cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUWHEEL_", "PYTHON", "VIRTUAL_ENV"))}
-    env.update(GPUWHEEL_CACHE=str(tmp_path / "cache"), COLUMNS="200", **extra)
+    env.update({"GPUWHEEL_CACHE": str(tmp_path / "cache"), "COLUMNS": "200", **extra})
     return env
 
 
@@ -190,7 +190,7 @@ def test_installed_gpuwheel_builds_the_flash_attn_profile(installed, tmp_path):
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = json.loads(built.stdout)["finished"]["wheels"]
     assert wheel["audit_passed"] and wheel["filename"].startswith("flash_attn-2.8.3+cu130.sm120.torch214-")
-    assert Path(wheel["path"]).parent == tmp_path / "wheels" / "rtx6000pro-cu13" / "staging"
+    assert Path(tmp_path, wheel["path"]).parent == tmp_path / "wheels" / "rtx6000pro-cu13" / "staging"  # under cwd
     shown = _run([installed / "gpuwheel", "show-wheel", wheel["path"], "--json"], cwd=tmp_path, env=env)
     patches = [p["name"] for p in json.loads(shown.stdout)["provenance"]["patches"]]
     assert patches == ["0001-build-with-cxx20-for-torch-2.14.patch", "0002-inference-profile.patch"]
