@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -10,6 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from gpuwheel.cli import main
+from gpuwheel.shipped import CHECKOUT
+
+# subprocess_report: a fixture's failing command shows its stderr; pytester: tests of that plugin.
+pytest_plugins = ["subprocess_report", "pytester"]
 
 
 class CliResult:
@@ -42,3 +48,14 @@ def write_recipe(tmp_path: Path):
         path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
         return path
     return write
+
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory) -> dict[str, Path]:
+    """gpuwheel's sdist, and its wheel built from that sdist, as `python -m build` makes them."""
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(CHECKOUT)], check=True,
+                   capture_output=True, text=True, timeout=900)
+    (wheel,) = out.glob("gpuwheel-*.whl")
+    (sdist,) = out.glob("gpuwheel-*.tar.gz")
+    return {"wheel": wheel, "sdist": sdist}

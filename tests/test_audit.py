@@ -207,7 +207,7 @@ def test_cli_fails_the_fa2_style_wheel_with_the_reason(wheels):
 def test_cli_table_and_json(wheels):
     result = run_cli("audit", str(wheels["good"]), "--arch", "12.0", "--driver", R580, "--details")
     assert result.exit_code == 0, result.output
-    assert "kernels/_mixed.so" in result.stderr and "every GPU .so runs on GPU 12.0 + driver 580.65.06" in result.stderr
+    assert "kernels/_mixed.so" in result.stdout and "every GPU .so runs on GPU 12.0 + driver 580.65.06" in result.stdout
     result = run_cli("audit", str(wheels["good"]), "--arch", "12.0", "--json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
@@ -227,7 +227,7 @@ def test_target_recipe_and_its_optional_globs(sos, tmp_path):
                                                    "vllm/_flashmla_C.abi3.so": sos["sm90a"]})
     result = run_cli("audit", str(wheel), "--target", "rtx6000pro")
     assert result.exit_code == 0, result.output  # FlashMLA declared audit.optional in the recipe
-    assert "optional" in result.stderr
+    assert "optional" in result.stdout
     result = run_cli("audit", str(wheel), "--arch", "12.0")
     assert result.exit_code == AuditFailure.exit_code and "vllm/_flashmla_C.abi3.so: none of its" in result.stderr
 

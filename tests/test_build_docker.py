@@ -3,8 +3,10 @@ with a base image made locally (debootstrap + docker import) and the CUDA 13.0 t
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from docker.errors import DockerException, ImageNotFound
 
 from build_helpers import SHARED_CACHE, files_under, fixture_recipe, sass_archs
+from gpuwheel.shipped import CHECKOUT
 
 pytestmark = pytest.mark.docker
 BASE_IMAGE = "gpuwheel-base:bookworm"
@@ -139,3 +142,29 @@ def test_a_compiler_killed_in_the_container_is_reported_as_out_of_memory(gpuwhee
             in result.stderr)
     assert "(lower the jobs: --jobs 1, or [build] jobs = 1 in fixture.toml)" in result.stderr
     assert files_under(out) == []
+
+
+@pytest.mark.slow
+def test_the_gpuwheel_image_installs_the_wheel_and_lists_the_shipped_targets(engine_env, base_image, dist, tmp_path):
+    """dockerfiles/gpuwheel.Dockerfile: gpuwheel in a container for CI, from its wheel alone."""
+    context = tmp_path / "context"
+    context.mkdir()
+    shutil.copy2(dist["wheel"], context)
+    shutil.copy2(CHECKOUT / "dockerfiles" / "gpuwheel.Dockerfile", context / "Dockerfile")
+    # The image's pip runs offline from these wheels: the host's index and TLS settings stay out of it.
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.11",
+                    "-d", str(context), str(dist["wheel"])], check=True, capture_output=True, text=True, timeout=600)
+    client = docker.DockerClient(base_url=engine_env, timeout=900)
+    tag = "gpuwheel-test:latest"
+    errors = [chunk["error"] for chunk in client.api.build(
+        path=str(context), tag=tag, rm=True, forcerm=True, decode=True, network_mode="host",
+        buildargs={"BASE": base_image, "PIP_ARGS": "--no-index"}) if "error" in chunk]
+    assert errors == []
+    try:
+        listed = client.containers.run(tag, ["targets", "--json"], network_mode="none", remove=True)
+        names = sorted(t["name"] for t in json.loads(listed)["targets"])
+        assert names == sorted(p.stem for p in (CHECKOUT / "recipes").glob("*.toml"))
+        helped = client.containers.run(tag, network_mode="none", remove=True).decode()
+        assert helped.startswith("Usage: gpuwheel")
+    finally:
+        client.images.remove(tag, force=True)

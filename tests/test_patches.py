@@ -80,7 +80,7 @@ def test_patches_check_reports_applied_upstream_and_failed_with_file_and_hunk(
 
 def test_prepare_trees_applies_the_series_to_fresh_copies(write_recipe, tmp_path, flash_attn_tree):
     recipe = _flash_attn_recipe(write_recipe, tmp_path, {"0001-version-suffix.patch": _version_patch(flash_attn_tree)})
-    plan = make_plan(load_recipe(recipe))
+    plan = make_plan(load_recipe(recipe), only=("flash-attn",))  # h100 also holds vLLM, not fetched here
     sources = fetch_sources(plan, offline=True, progress=False)
     work = tmp_path / "work"
     (work / "flash-attn" / "src").mkdir(parents=True)
@@ -101,7 +101,7 @@ def test_a_patch_that_does_not_apply_stops_the_build_naming_package_patch_file_a
         "0001-version-suffix.patch": _version_patch(flash_attn_tree),
         "0002-cxx20.patch": _stale_patch(flash_attn_tree),
     })
-    plan = make_plan(load_recipe(recipe))
+    plan = make_plan(load_recipe(recipe), only=("flash-attn",))  # h100 also holds vLLM, not fetched here
     sources = fetch_sources(plan, offline=True, progress=False)
     with pytest.raises(PatchError) as raised:
         prepare_trees(plan, sources, tmp_path / "work")

@@ -12,7 +12,7 @@ from gpuwheel.errors import PublishError
 from gpuwheel.gate import PublishGate, check_gate
 from gpuwheel.index import read_wheel
 from publish_helpers import (TARGET, TARGET_CC, audit_record, gpuwheel_env, make_wheel, passing_wheel,
-                             run_gpuwheel, write_recipes, write_smoke_report)
+                             run_gpuwheel, sha256, write_recipes, write_smoke_report)
 
 
 @pytest.fixture
@@ -81,6 +81,22 @@ def test_failed_smoke_is_refused(tmp_path: Path, recipes: Path):
     assert "failed smoke" in refused_line(publish(tmp_path, recipes, tmp_path / "in"))
 
 
+def test_smoke_without_the_target_gpu_is_not_smoke_tested_rather_than_failed(tmp_path: Path, recipes: Path):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record())
+    report = {"target": TARGET, "gpu": None, "gpu_checks": "skipped",
+              "gpu_skip_reason": "GPU checks skipped: no GPU visible (nvidia-smi not found)", "passed": False,
+              "wheels": [{"filename": wheel.name, "sha256": sha256(wheel), "passed": False,
+                          "checks": [{"name": "import", "status": "pass"}, {"name": "kernels", "status": "skip"}]}]}
+    (tmp_path / "in" / "smoke.json").write_text(json.dumps(report))
+    line = refused_line(publish(tmp_path, recipes, tmp_path / "in"))
+    assert "not smoke-tested on the target GPU (GPU checks skipped: no GPU visible (nvidia-smi not found)" in line
+    assert "failed smoke" not in line and "unknown GPU" not in line
+
+    report["wheels"][0]["checks"][0]["status"] = "fail"  # a check that ran and failed is a failure still
+    (tmp_path / "in" / "smoke.json").write_text(json.dumps(report))
+    assert "failed smoke: import" in refused_line(publish(tmp_path, recipes, tmp_path / "in"))
+
+
 def test_smoke_report_of_another_build_is_refused(tmp_path: Path, recipes: Path):
     wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record(), value="tested")
     write_smoke_report(tmp_path / "in", [wheel])
@@ -106,8 +122,8 @@ def test_force_publishes_with_a_loud_warning_per_wheel(tmp_path: Path, recipes: 
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
     assert len(warnings) == 2
-    assert "--force: published gw_alpha-1.0-py3-none-any.whl without the audit and smoke checks; it would " \
-           "have been refused: not audited" in warnings[0]
+    assert "--force: published gw_alpha-1.0-py3-none-any.whl, which the gate would have refused: not audited" \
+        in warnings[0]
     assert "gw_beta-1.0-py3-none-any.whl" in warnings[1] and "no smoke report" in warnings[1]
     report = json.loads(result.stdout)
     assert [w["action"] for w in report["wheels"]] == ["published", "published"]

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,13 +35,19 @@ def test_published_target_installs_from_file_url(tmp_path: Path, recipes: Path):
     result = run_gpuwheel(["publish", TARGET], gpuwheel_env(recipes), cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
-    assert "published" in result.stderr
+    assert "published" in result.stdout
     index_dir = tmp_path / "wheels" / TARGET
     listed = index_listing(index_dir)
     assert sorted(listed) == ["gw_alpha-1.0-py3-none-any.whl", "gw_beta-1.0-py3-none-any.whl"]
     assert leftovers(index_dir) == []
+    # The serving host runs the pip command the hint printed: this index beside PyPI, exact pins.
+    [hint] = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("pip install")]
+    assert hint == (f"pip install --extra-index-url {(index_dir / 'simple').absolute().as_uri()} "
+                    "'gw-alpha==1.0' 'gw-beta==1.0'")
     python = fresh_venv(tmp_path / "venv")
-    installed = pip_install(python, (index_dir / "simple").absolute().as_uri(), "gw-alpha", "gw-beta")
+    pip, install, *arguments = shlex.split(hint)
+    installed = subprocess.run([sys.executable, "-m", pip, "--python", str(python), install, "--no-cache-dir",
+                                *arguments], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr
     assert import_value(python, "gw_alpha") == "alpha"
     assert import_value(python, "gw_beta") == "beta"

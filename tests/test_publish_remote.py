@@ -62,7 +62,7 @@ def test_same_wheel_again_is_skipped(tmp_path: Path, server: PypiServer, recipes
     again = upload(server, recipes, tmp_path / "in")
 
     assert again.returncode == 0, again.stderr
-    assert "skipped: already there with the same sha256" in again.stderr
+    assert "skipped: already there with the same sha256" in again.stdout
     assert (server.packages / wheel.name).read_bytes() == wheel.read_bytes()
 
 
@@ -173,5 +173,5 @@ def test_open_index_listing_only_md5(tmp_path: Path, recipes: Path):
         changed = run_gpuwheel([*args, str(tmp_path / "b")], env)
     finally:
         server.stop()
-    assert again.returncode == 0 and "skipped" in again.stderr, again.stderr
+    assert again.returncode == 0 and "skipped" in again.stdout, again.stderr
     assert changed.returncode == 13 and "is already on" in changed.stderr

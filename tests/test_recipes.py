@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 import string
+import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,11 @@ from gpuwheel import facts
 from gpuwheel.errors import RecipeError
 from gpuwheel.plan import make_plan
 from gpuwheel.recipe import PROJECT_ROOT, list_targets, load_recipe
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 SHIPPED = ["rtx6000pro", "rtx6000pro-cu13", "h100", "h200", "b200", "l40s", "a100"]
 
@@ -54,7 +61,7 @@ def test_vllm_plan_points_every_pinned_dependency_at_a_prefetched_tree(gpuwheel)
 def test_plan_text_shows_steps_env_and_hash(gpuwheel):
     result = gpuwheel("plan", "rtx6000pro")
     assert result.exit_code == 0
-    out = result.stderr
+    out = result.stdout  # the result, on stdout: `gpuwheel plan rtx6000pro > plan.txt` keeps it
     assert "plan hash:" in out and "FLASH_ATTN_CUDA_ARCHS" in out and "VLLM_CUTLASS_SRC_DIR" in out
     assert "build flash-attn" in out and "build vllm" in out
 
@@ -63,8 +70,19 @@ def test_targets_table_lists_gpu_arch_cuda_torch_and_versions(gpuwheel):
     result = gpuwheel("targets")
     assert result.exit_code == 0
     for name in SHIPPED:
-        assert name in result.stderr
-    assert "12.0" in result.stderr and "9.0a" in result.stderr
+        assert name in result.stdout
+    assert "12.0" in result.stdout and "9.0a" in result.stdout
+    assert result.stderr == ""
+
+
+def test_targets_json_lists_each_target_with_its_file_and_pins(gpuwheel):
+    result = gpuwheel("targets", "--json")
+    assert result.exit_code == 0, result.stderr
+    targets = {t["name"]: t for t in result.json()["targets"]}
+    assert sorted(targets) == sorted(SHIPPED)
+    h100 = targets["h100"]
+    assert h100["file"].endswith("recipes/h100.toml") and h100["compute_capability"] == "9.0"
+    assert h100["packages"]["flash-attn"] == {"version": "2.8.3", "profile": "inference"}
 
 
 def test_show_names_the_file_each_value_came_from(gpuwheel, write_recipe):
@@ -75,11 +93,35 @@ def test_show_names_the_file_each_value_came_from(gpuwheel, write_recipe):
     """)
     result = gpuwheel("show", path)
     assert result.exit_code == 0, result.stderr
-    lines = result.stderr.splitlines()
+    lines = result.stdout.splitlines()
     python_line = next(line for line in lines if "toolchain.python" in line)
-    assert "3.11" in python_line and "recipe.toml:3" in python_line
+    assert '"3.11"' in python_line and "recipe.toml:3" in python_line
     cuda_line = next(line for line in lines if "toolchain.cuda" in line)
     assert "cuda-13" in cuda_line  # inherited from recipes/_base/
+
+
+def test_show_prints_keys_and_values_as_written_not_as_markup_or_reprs(gpuwheel, write_recipe):
+    path = write_recipe("""
+        extends = "h100"
+        [[package]]
+        name = "flash-attn"
+        profile = "inference"
+        inference = { head_dims = [64, 128], disable = ["dropout"] }
+        env = { NOTE = "[bold]kept[/bold]" }
+    """)
+    result = gpuwheel("show", path)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    head_dims = next(line for line in lines if "package[flash-attn].inference.head_dims" in line)
+    assert "[64, 128]" in head_dims  # a TOML list, not a Python tuple
+    note = next(line for line in lines if "package[flash-attn].env.NOTE" in line)
+    assert '"[bold]kept[/bold]"' in note  # rich markup printed, not interpreted
+
+    shown = gpuwheel("show", path, "--json").json()
+    values = {v["key"]: v for v in shown["values"]}
+    assert values["package[flash-attn].inference.head_dims"]["value"] == [64, 128]
+    assert values["toolchain.cuda"] == {"key": "toolchain.cuda", "value": "13.0.2",
+                                        "from": "recipes/_base/cuda-13.0.toml:5"}
 
 
 # ---- impossible recipes: refused with every problem and the right numbers --------------------
@@ -212,6 +254,12 @@ def test_vllm_0251_is_in_the_pin_table(gpuwheel, write_recipe):
     ('extends = "h100"\n[toolchain]\ncuda_version = "13.0"\n',
      "recipe.toml:3: unknown key [toolchain] 'cuda_version' (did you mean 'cuda'?)"),
     ('extends = "h100"\n[targte]\nname = "x"\n', "recipe.toml:2: unknown key 'targte' (did you mean 'target'?)"),
+    # A typo in a dotted key is reported where it is, not at line 1.
+    ('extends = "h100"\n\n[[package]]\nname = "flash-attn"\nversion = "2.8.3"\n\n\n\nsource.shaa256 = "0"\n',
+     "recipe.toml:9: unknown key [package.source] 'shaa256' (did you mean 'sha256'?)"),
+    # A key after a multi-line string is on its own line, not inside the string.
+    ('extends = "h100"\n[target]\ndescription = """\nracks in hall B, where\ngpux = "H100" was a typo\n"""\ngpux = "H100"\n',
+     "recipe.toml:7: unknown key [target] 'gpux' (did you mean 'gpu'?)"),
     ('extends = "h10"\n', "unknown target 'h10' (did you mean 'h100'?)"),
     ('extends = "h100"\n[toolchain]\ncuda = 13.0\n', "recipe.toml:3: [toolchain] 'cuda' must be a string, got a number"),
     ('extends = "h100"\n[toolchain]\ntorch = "two.nine"\n', "toolchain.torch 'two.nine' is not a version"),
@@ -360,3 +408,17 @@ def test_only_plans_and_checks_just_the_chosen_package(gpuwheel, write_recipe):
     assert result.json()["packages"][0]["env"]["FLASH_ATTN_CUDA_ARCHS"] == "90"
     wrong = gpuwheel("plan", path, "--only", "flash_attn")
     assert wrong.exit_code == 2 and "did you mean 'flash-attn'?" in wrong.stderr
+
+
+# ---- the JSON Schema editors read ------------------------------------------------------------------
+def test_the_json_schema_accepts_every_shipped_recipe_and_rejects_a_typo(gpuwheel):
+    printed = gpuwheel("schema")
+    assert printed.exit_code == 0, printed.stderr
+    validator = jsonschema.Draft7Validator(printed.json())
+    shipped = sorted((PROJECT_ROOT / "recipes").rglob("*.toml"))
+    assert shipped
+    for path in shipped:
+        assert list(validator.iter_errors(tomllib.loads(path.read_text()))) == [], path
+    typo = tomllib.loads('[[package]]\nname = "vllm"\nsource = { sdist = "x.tar.gz", shaa256 = "0" }\n')
+    [error] = validator.iter_errors(typo)
+    assert "'shaa256' was unexpected" in error.message and list(error.path) == ["package", 0, "source"]

@@ -185,7 +185,7 @@ def test_without_an_observed_toolchain_the_label_uses_the_plans_pins(gpuwheel, b
     assert written["filename"].startswith("flash_attn-2.8.3+cu128.sm120.torch211-")  # recipe: CUDA 12.8.1, torch 2.11.0
     assert show_wheel(written["path"])["provenance"]["toolchain"]["observed"] is None
     shown = gpuwheel("show-wheel", written["path"])
-    assert "not observed; planned: " in shown.stderr and "cuda 12.8.1" in shown.stderr
+    assert "not observed; planned: " in shown.stdout and "cuda 12.8.1" in shown.stdout
 
 
 # ---- provenance ---------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_show_wheel_prints_the_provenance(gpuwheel, plan, finished):
     for expected in ("rtx6000pro-cu13", plan.hash, "passed for arch 12.0, driver 580.65.06", "flash_attn-2.8.3.tar.gz",
                      plan.package("flash-attn").source.sha256, "0001-build-with-cxx20-for-torch-2.14.patch",
                      "FLASH_ATTN_CUDA_ARCHS", "release 13.0"):
-        assert expected in result.stderr, expected
+        assert expected in result.stdout, expected
     as_json = gpuwheel("show-wheel", finished.path, "--json")
     assert as_json.exit_code == 0 and as_json.json() == json.loads(json.dumps(show_wheel(finished.path)))
 

@@ -51,8 +51,10 @@ def check_gate(wheels: Sequence[WheelFile], gate: PublishGate) -> dict[str, tupl
 
 
 def _forced_warning(filename: str, problems: tuple[str, ...]) -> str:
-    found = f"; it would have been refused: {'; '.join(problems)}" if problems else ""
-    return f"--force: published {filename} without the audit and smoke checks{found}"
+    """Exactly what --force let through for this wheel (or that it let nothing through)."""
+    if not problems:
+        return f"--force: {filename} passed the audit and the smoke checks; --force skipped nothing for it"
+    return f"--force: published {filename}, which the gate would have refused: {'; '.join(problems)}"
 
 
 def _same_arch(a: str, b: str) -> bool:
@@ -106,7 +108,12 @@ def _smoke_problems(wheel: WheelFile, gate: PublishGate, report: dict[str, Any] 
         problems.append(f"smoke report {path} is for target {report.get('target')!r}")
     gpu = report.get("gpu") if isinstance(report.get("gpu"), dict) else {}
     ran_on = str(gpu.get("compute_capability", ""))
-    if not _same_arch(ran_on, gate.compute_capability):
+    # A smoke run without the target GPU skipped the GPU checks: untested there, which is not "failed".
+    skipped = report.get("gpu_checks") == "skipped"
+    if skipped:
+        problems.append(f"not smoke-tested on the target GPU ({report.get('gpu_skip_reason') or 'GPU checks skipped'}; "
+                        f"{path})")
+    elif not _same_arch(ran_on, gate.compute_capability):
         problems.append(f"smoke ran on {gpu.get('name', 'an unknown GPU')} (compute capability "
                         f"{ran_on or '?'}), target is {gate.compute_capability} ({path})")
     entries = [e for e in report["wheels"] if isinstance(e, dict) and e.get("filename") == wheel.filename]
@@ -114,6 +121,10 @@ def _smoke_problems(wheel: WheelFile, gate: PublishGate, report: dict[str, Any] 
         return (*problems, f"not in smoke report {path}")
     if not any(e.get("sha256") == wheel.sha256 for e in entries):
         return (*problems, f"smoke report {path} tested another file of that name (sha256 differs)")
-    if not any(e.get("sha256") == wheel.sha256 and e.get("passed") is True for e in entries):
-        problems.append(f"failed smoke ({path})")
+    tested = [e for e in entries if e.get("sha256") == wheel.sha256]
+    if not any(e.get("passed") is True for e in tested):
+        failed = sorted({str(c.get("name")) for e in tested for c in e.get("checks") or ()
+                         if isinstance(c, dict) and c.get("status") == "fail"})
+        if failed or not skipped:
+            problems.append(f"failed smoke{': ' + ', '.join(failed) if failed else ''} ({path})")
     return tuple(problems)

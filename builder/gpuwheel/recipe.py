@@ -1,7 +1,10 @@
 """TOML recipe → Recipe: `extends` inheritance, schema, and "did you mean" on typos.
 
 A recipe is named by target (`rtx6000pro` → recipes/rtx6000pro.toml) or given as a path.
-`extends` names a shipped recipe (`_base/cuda-12.8`, `h100`) or a path relative to the file.
+Targets are looked up along a search path: `--recipes DIR`s (else $GPUWHEEL_RECIPES), then the
+shipped recipes/. `extends` names a target or base along that path (`_base/cuda-12.8`, `h100`;
+a file never extends itself, so a user's h100.toml can extend the shipped h100) or a path
+relative to the file.
 Tables merge key by key; `[[package]]` entries merge with the base's entry of the same name.
 Every leaf value remembers the file and line it came from (`gpuwheel show`).
 """
@@ -9,6 +12,7 @@ Every leaf value remembers the file and line it came from (`gpuwheel show`).
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import sys
@@ -24,18 +28,44 @@ from gpuwheel import facts
 from gpuwheel.errors import RecipeError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.kinds.vllm import RUST_MODES
+from gpuwheel.shipped import CHECKOUT, from_checkout, shipped
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = CHECKOUT  # the repository, for code that works in a checkout (tests, benchmarks)
+
+_cli_paths: tuple[Path, ...] | None = None  # the CLI's --recipes, which replace $GPUWHEEL_RECIPES
 
 
-def recipes_dir() -> Path:
-    """Where named targets live: $GPUWHEEL_RECIPES, else the checkout's recipes/."""
-    return Path(os.environ.get("GPUWHEEL_RECIPES", PROJECT_ROOT / "recipes"))
+def set_recipe_paths(paths: tuple[Path, ...] | None) -> None:
+    """The CLI's `--recipes DIR`s (None: read $GPUWHEEL_RECIPES again)."""
+    global _cli_paths
+    _cli_paths = tuple(paths) if paths is not None else None
+
+
+def recipe_paths() -> tuple[Path, ...]:
+    """Where named targets are looked up, first match first: the user's folders, then the shipped one.
+
+    The user's folders come from `--recipes DIR` (repeatable), else $GPUWHEEL_RECIPES (folders
+    separated by os.pathsep). They add targets in front of the shipped ones; they never hide them.
+    """
+    if _cli_paths is not None:
+        extra = _cli_paths
+    else:
+        extra = tuple(Path(p).expanduser() for p in os.environ.get("GPUWHEEL_RECIPES", "").split(os.pathsep) if p)
+        for folder in extra:
+            if not folder.is_dir():
+                raise RecipeError(f"GPUWHEEL_RECIPES names {folder}, which is not a folder",
+                                  hint="point it at folders of recipes, separated by ':'")
+    paths: list[Path] = []
+    for folder in (*extra, shipped("recipes")):
+        folder = folder.resolve()
+        if folder not in paths:
+            paths.append(folder)
+    return tuple(paths)
 
 
 # ---- schema: table → key → (type, description); used for checks and docs ------------------
@@ -205,8 +235,13 @@ def closest(word: str, choices) -> str | None:
 
 # ---- loading ------------------------------------------------------------------------------
 def list_targets() -> list[str]:
-    """Names of the shipped targets (bases under _base/ are not targets)."""
-    return sorted(p.stem for p in recipes_dir().glob("*.toml"))
+    """Names of the targets along the search path (bases under _base/ are not targets)."""
+    return sorted({p.stem for folder in recipe_paths() for p in folder.glob("*.toml")})
+
+
+def target_file(name: str) -> Path | None:
+    """The file a target name loads (the first along the search path), if any."""
+    return next((path.resolve() for folder in recipe_paths() if (path := folder / f"{name}.toml").is_file()), None)
 
 
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
@@ -216,7 +251,7 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     return _build(path, data, origins, files)
 
 
-def _locate(ref: str, relative_to: Path | None) -> Path:
+def _locate(ref: str, relative_to: Path | None, extending: Path | None = None) -> Path:
     looks_like_path = ref.endswith(".toml") or ref.startswith((".", "/")) or os.sep in ref \
         and not ref.startswith("_base/")
     if looks_like_path:
@@ -224,10 +259,12 @@ def _locate(ref: str, relative_to: Path | None) -> Path:
         if not path.is_file():
             raise RecipeError(f"recipe file {ref} does not exist", hint="check the path")
         return path.resolve()
-    path = recipes_dir() / f"{ref}.toml"
-    if path.is_file():
-        return path.resolve()
-    known = list_targets() + sorted(f"_base/{p.stem}" for p in (recipes_dir() / "_base").glob("*.toml"))
+    for folder in recipe_paths():
+        path = (folder / f"{ref}.toml").resolve()
+        if path.is_file() and path != extending:
+            return path
+    known = list_targets() + sorted({f"_base/{p.stem}" for folder in recipe_paths()
+                                     for p in (folder / "_base").glob("*.toml")})
     close = closest(ref, known)
     where = f"{_display(relative_to)}: " if relative_to else ""
     hint = f"did you mean '{close}'?" if close else f"known targets: {', '.join(list_targets())}"
@@ -252,7 +289,7 @@ def _load_merged(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, O
     base_ref = data.pop("extends", None)
     if base_ref is None:
         return data, origins, (path,)
-    base_path = _locate(base_ref, relative_to=path.parent)
+    base_path = _locate(base_ref, relative_to=path.parent, extending=path)
     base, base_origins, base_files = _load_merged(base_path, (*chain, path))
     return _merge(base, data), {**base_origins, **origins}, (path, *base_files)
 
@@ -286,19 +323,27 @@ def _merge_packages(base: list[dict], over: list[dict]) -> list[dict]:
 
 # ---- schema checks --------------------------------------------------------------------------
 _HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
-_KEY_RE = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
+# A key, bare or quoted, dotted or not (`source.sha256 = `, `"name" = `), at the start of a line.
+_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*')(?:\s*\.\s*(?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*'))*)\s*=""")
 _INLINE_KEY_RE = re.compile(r"([A-Za-z0-9_\-]+)\s*=")
 
 
 def _key_lines(text: str) -> dict[str, int]:
     """Map 'table.key' and 'package[N].key' paths to the line that sets them (for messages).
 
-    tomllib gives no positions, so this reads the header/key lines; values are never parsed here.
+    tomllib gives no positions, so this reads the header/key lines; values are never parsed here,
+    but the lines inside a multi-line string are skipped (they hold no keys), and a dotted key
+    (`source.sha256 = ...`) is placed under its tables.
     """
     lines: dict[str, int] = {}
     table = ""
     array_counts: dict[str, int] = {}
+    in_string: str | None = None  # the delimiter of the multi-line string being read
     for number, line in enumerate(text.splitlines(), start=1):
+        if in_string:
+            if _closes(line, in_string):
+                in_string = None
+            continue
         header = _HEADER_RE.match(line)
         if header:
             name = header[2].replace(" ", "").replace('"', "").replace("'", "")
@@ -316,13 +361,33 @@ def _key_lines(text: str) -> dict[str, int]:
             continue
         key = _KEY_RE.match(line)
         if key:
-            path = f"{table}.{key[1]}" if table else key[1]
-            lines.setdefault(path, number)
+            path = table
+            for part in re.findall(r"""[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*'""", key[1]):
+                path = f"{path}.{part.strip(chr(34) + chr(39))}" if path else part.strip(chr(34) + chr(39))
+                lines.setdefault(path, number)
             inline = line[key.end():]
             if "{" in inline:
                 for sub in _INLINE_KEY_RE.findall(inline):
                     lines.setdefault(f"{path}.{sub}", number)
+            in_string = _opens(inline)
     return lines
+
+
+def _opens(value: str) -> str | None:
+    """The delimiter of a multi-line string this value opens and does not close on its line."""
+    stripped = value.lstrip()
+    for delimiter in ('"""', "'''"):
+        if stripped.startswith(delimiter) and not _closes(stripped[3:], delimiter):
+            return delimiter
+    return None
+
+
+def _closes(line: str, delimiter: str) -> bool:
+    # An escaped quote (\") does not end a basic string; literal strings have no escapes.
+    text = line.replace('\\\\', "") if delimiter == '"""' else line
+    if delimiter == '"""':
+        text = text.replace('\\"', "")
+    return delimiter in text
 
 
 def _array_path(name: str, counts: dict[str, int]) -> str:
@@ -699,8 +764,9 @@ def _source(spec: dict, prefix: str, where) -> Source:
 
 
 def _patch_dir(value: str, origin: Origin) -> Path:
-    """A patch set is looked up beside the recipe file that names it, then beside the recipes."""
-    candidates = [origin.file.parent / value, recipes_dir().parent / value]
+    """A patch set is looked up beside the recipe file that names it, then beside each recipes folder
+    of the search path (patches/ next to recipes/, as shipped)."""
+    candidates = [origin.file.parent / value, *(folder.parent / value for folder in recipe_paths())]
     for candidate in candidates:
         if (candidate / "series").is_file():
             return candidate.resolve()
@@ -711,10 +777,18 @@ def _patch_dir(value: str, origin: Origin) -> Path:
 def _display(path: Path | None) -> str:
     if path is None:
         return ""
+    return _display_from(Path(path), os.getcwd())
+
+
+@functools.lru_cache(maxsize=256)
+def _display_from(path: Path, cwd: str) -> str:
+    # Cached: schema checks format a location for every key they read (`gpuwheel targets` loads them all).
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
+        return str(Path(path).resolve().relative_to(Path(cwd)))
     except ValueError:
-        try:
-            return str(Path(path).resolve().relative_to(PROJECT_ROOT))
-        except ValueError:
-            return str(path)
+        if from_checkout():
+            try:
+                return str(Path(path).resolve().relative_to(CHECKOUT))
+            except ValueError:
+                pass
+        return str(path)  # an installed gpuwheel: the full path, a file the user can open

@@ -23,7 +23,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import zipfile
@@ -46,9 +45,14 @@ from gpuwheel.errors import OfflineError, SourceError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.log import console, logger
 from gpuwheel.plan import PackagePlan, Plan
+from gpuwheel.recipe import Dependency, Source, target_file
 from gpuwheel.redact import safe_text, safe_tree
-from gpuwheel.recipe import Dependency, Source, recipes_dir
 from gpuwheel.run import capture
+
+if sys.version_info >= (3, 12):
+    import tarfile
+else:  # extraction filters (data_filter, FilterError) came in 3.11.4 / 3.12; Debian 12's 3.11.2 lacks them
+    from backports import tarfile
 
 # Statuses of a fetched dependency tree.
 CACHED, FETCHED, IMPORTED, NEEDS_NETWORK = "cached", "fetched", "imported", "needs network"
@@ -145,8 +149,8 @@ def fetch_sources(plan: Plan, *, offline: bool = False, cache: Path | None = Non
 
 
 def _target_ref(plan: Plan) -> str:
-    shipped = recipes_dir().resolve() / f"{plan.recipe.stem}.toml"
-    return plan.recipe.stem if shipped == plan.recipe.resolve() else str(plan.recipe)
+    # The name when the name loads this very recipe (`gpuwheel fetch h100`), else its path.
+    return plan.recipe.stem if target_file(plan.recipe.stem) == plan.recipe.resolve() else str(plan.recipe)
 
 
 class _Store:

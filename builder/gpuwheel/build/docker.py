@@ -27,9 +27,10 @@ from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome,
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import ToolchainError
 from gpuwheel.log import logger
-from gpuwheel.recipe import PROJECT_ROOT, Toolchain
+from gpuwheel.recipe import Toolchain
+from gpuwheel.shipped import shipped
 
-TEMPLATE = PROJECT_ROOT / "dockerfiles" / "toolchain.Dockerfile"
+TEMPLATE = shipped("dockerfiles") / "toolchain.Dockerfile"
 IMAGE_REPOSITORY = "gpuwheel-toolchain"
 # Paths inside the build container.
 SRC, DEPS_SRC, WORK, OUT, CACHE, META = ("/gpuwheel/src", "/gpuwheel/deps-src", "/gpuwheel/work", "/gpuwheel/out",

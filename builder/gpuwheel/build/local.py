@@ -25,7 +25,7 @@ from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome,
                                  substitute, toolchain_key)
 from gpuwheel.cache import cache_root, remove_inside
 from gpuwheel.errors import ToolchainError
-from gpuwheel.log import logger
+from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.recipe import Toolchain
 from gpuwheel.run import capture, run
 
@@ -91,13 +91,15 @@ class LocalBackend:
         return python
 
     def _make_venv(self, venv: Path, base: Path, requirements: tuple[str, ...]) -> None:
-        logger.warning("making toolchain venv %s (torch and build requirements: a few minutes, once)", venv)
-        shutil.rmtree(venv, ignore_errors=True)
         log = venv.parent / f"{venv.name}.log"
+        # Progress, not a warning: it takes minutes once, and says what it is doing meanwhile.
+        say(f"making the toolchain venv {venv} (torch {requirements[0].split('==')[-1]} and the build requirements: "
+            f"a few minutes, once; log {log})")
+        shutil.rmtree(venv, ignore_errors=True)
         steps = ((str(base), "-m", "venv", str(venv)),
                  (str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input", *requirements))
         for argv in steps:
-            finished = run(argv, log_path=log)
+            finished = run(argv, log_path=log, on_line=pip_milestones("toolchain venv"))
             if not finished.ok:
                 shutil.rmtree(venv, ignore_errors=True)
                 last = next((line for line in reversed(finished.tail) if line.strip()), "")

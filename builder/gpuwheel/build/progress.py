@@ -16,6 +16,20 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 from gpuwheel.log import console
 
 _NINJA_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]")  # pip -v indents the build's output
+# What a build does before its first ninja step (minutes for vLLM's cmake), as pip -v shows it.
+_PHASES = (("Getting requirements to build wheel", "reading build requirements"),
+           ("Preparing metadata", "preparing metadata"),
+           ("Building wheel for", "starting the build"),
+           ("running build_ext", "building extensions"),
+           ("-- The CXX compiler identification", "cmake: configuring"),
+           ("-- Configuring done", "cmake: generating the build files"),
+           ("Emitting ninja build file", "ninja: first compile starting"),
+           ("Created wheel for", "packing the wheel"))
+
+
+def _phase(line: str) -> str | None:
+    text = line.strip()
+    return next((phase for marker, phase in _PHASES if text.startswith(marker)), None)
 
 
 class BuildProgress:
@@ -38,13 +52,20 @@ class BuildProgress:
 
                 def advance(line: str) -> None:
                     if step := _NINJA_STEP.match(line):
-                        bar.update(task, completed=int(step[1]), total=int(step[2]))
+                        bar.update(task, completed=int(step[1]), total=int(step[2]), description=name)
+                    elif phase := _phase(line):
+                        bar.update(task, description=f"{name}: {phase}")
                 yield advance
             return
-        start, shown = time.monotonic(), [-1]
+        start, shown, phases = time.monotonic(), [-1], set()
 
         def plain(line: str) -> None:
-            if self.quiet or not (step := _NINJA_STEP.match(line)):
+            if self.quiet:
+                return
+            if (phase := _phase(line)) and phase not in phases:
+                phases.add(phase)
+                console.print(f"{name}: {phase} ({time.monotonic() - start:.0f}s)", markup=False, highlight=False)
+            if not (step := _NINJA_STEP.match(line)):
                 return
             done, total = int(step[1]), int(step[2])
             tenth = done * 10 // total

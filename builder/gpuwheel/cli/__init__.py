@@ -1,12 +1,23 @@
 """The `gpuwheel` command: one click group; each command group lives in its own module.
 
-Commands parse their options, call one stage function and render its result. Errors are
-mapped here, in one place: a GpuwheelError prints one line and exits with its own code.
+Commands parse their options, call one stage function and render its result: results on stdout
+(`--json` for scripts), diagnostics on stderr. Errors are mapped here, in one place: a
+GpuwheelError prints one line and exits with its own code.
+
+Every option can also be set from the environment: GPUWHEEL_<OPTION> for the global ones
+(GPUWHEEL_RECIPES, GPUWHEEL_VERBOSE), GPUWHEEL_<COMMAND>_<OPTION> for a command's
+(GPUWHEEL_BUILD_JOBS=4, GPUWHEEL_PLAN_JSON=1), named after the long option as typed (click's own
+auto_envvar_prefix would name them after the Python parameter: GPUWHEEL_PLAN_AS_JSON); `--help`
+shows each one. docs/cli.md lists them.
+
+Start-up matters (`gpuwheel --help`, shell completion, CI loops): the command modules import
+only click at the top and their stages inside the command, so a command pays for what it uses.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -23,11 +34,58 @@ class _Group(click.Group):
             sys.exit(error.exit_code)
 
 
+def complete_target(ctx: click.Context, param: click.Parameter, incomplete: str):
+    """Shell completion of TARGET: the target names along the search path, or a recipe file."""
+    from click.shell_completion import CompletionItem
+
+    if "/" in incomplete or incomplete.startswith(".") or incomplete.endswith(".toml"):
+        return [CompletionItem(incomplete, type="file")]
+    from gpuwheel.recipe import list_targets, set_recipe_paths
+
+    dirs = ctx.find_root().params.get("recipe_dirs")
+    set_recipe_paths(tuple(dirs) if dirs else None)
+    try:
+        return [CompletionItem(name) for name in list_targets() if name.startswith(incomplete)]
+    except GpuwheelError:
+        return []
+
+
+TARGET = click.argument("target", metavar="TARGET", shell_complete=complete_target)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gpuwheel")
-def main() -> None:
-    """Build vLLM and flash-attn wheels for exactly your GPUs."""
-    stop_on_signals()
+@click.option("-v", "--verbose", is_flag=True, help="Log what gpuwheel does (each command it runs) on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors; results still go to stdout.")
+@click.option("--recipes", "recipe_dirs", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Look for targets in DIR before the shipped recipes (repeatable; "
+                   "GPUWHEEL_RECIPES=DIR:DIR does the same). Its recipes can extend shipped targets.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, quiet: bool, recipe_dirs: tuple[Path, ...]) -> None:
+    """Build vLLM and flash-attn wheels for exactly your GPUs.
+
+    Results go to stdout (--json on every command that reports), diagnostics to stderr.
+    Shell completion: eval "$(_GPUWHEEL_COMPLETE=bash_source gpuwheel)" (zsh_source, fish_source).
+    """
+    from gpuwheel import log
+    from gpuwheel.recipe import set_recipe_paths
+
+    stop_on_signals()  # SIGTERM/SIGHUP stop a build the way Ctrl-C does: compilers and all
+    log.configure(verbose=verbose, quiet=quiet)
+    set_recipe_paths(recipe_dirs or None)
+    ctx.call_on_close(lambda: set_recipe_paths(None))
+
+
+def _name_envvars(command: click.Command, prefix: str = "GPUWHEEL") -> None:
+    """Give every option without a variable of its own GPUWHEEL_[<COMMAND>_]<LONG OPTION>."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.envvar is None and param.expose_value:
+            long = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+            param.envvar = f"{prefix}_{long}"
+            param.show_envvar = True
+    for name, sub in getattr(command, "commands", {}).items():
+        _name_envvars(sub, f"{prefix}_{name.replace('-', '_').upper()}")
 
 
 def _register() -> None:
@@ -39,6 +97,9 @@ def _register() -> None:
     from gpuwheel.cli import wheels  # noqa: F401
     from gpuwheel.cli import build  # noqa: F401
     from gpuwheel.cli import smoke  # noqa: F401
+    from gpuwheel.cli import cache  # noqa: F401
+
+    _name_envvars(main)
 
 
 _register()

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
-from gpuwheel import facts
-from gpuwheel.audit.report import AuditReport, AuditTarget, audit
-from gpuwheel.cli import main
-from gpuwheel.errors import AuditFailure
-from gpuwheel.log import console
+from gpuwheel.cli import complete_target, main
+
+if TYPE_CHECKING:
+    from gpuwheel import facts
+    from gpuwheel.audit.report import AuditReport
 
 
 def _arch(ctx: click.Context, param: click.Parameter, value: str | None) -> facts.Arch | None:
     if value is None:
         return None
+    from gpuwheel import facts
+
     try:
         arch = facts.parse_arch(value)
     except ValueError as error:
@@ -28,6 +30,8 @@ def _arch(ctx: click.Context, param: click.Parameter, value: str | None) -> fact
 
 def _driver(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
+        from gpuwheel import facts
+
         try:
             facts.driver_tuple(value)
         except ValueError as error:
@@ -37,7 +41,7 @@ def _driver(ctx: click.Context, param: click.Parameter, value: str | None) -> st
 
 @main.command("audit")
 @click.argument("path", type=click.Path(exists=True, dir_okay=True))
-@click.option("--target", "target_name", metavar="TARGET", help="Recipe (name or path): its GPU, min driver and audit.optional globs.")
+@click.option("--target", "target_name", metavar="TARGET", shell_complete=complete_target, help="Recipe (name or path): its GPU, min driver and audit.optional globs.")
 @click.option("--arch", callback=_arch, metavar="X.Y", help="The target GPU's compute capability, e.g. 12.0.")
 @click.option("--driver", callback=_driver, metavar="VERSION", help="Oldest driver of the fleet, e.g. 570.195.03 (overrides the target's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
@@ -47,6 +51,9 @@ def audit_command(path: str, target_name: str | None, arch: facts.Arch | None, d
     """Check the SASS/PTX of a wheel, a directory of wheels or a .so against the target GPU and driver."""
     if (target_name is None) == (arch is None):
         raise click.UsageError("give exactly one of --target TARGET or --arch X.Y")
+    from gpuwheel.audit.report import AuditTarget, audit
+    from gpuwheel.errors import AuditFailure
+
     if target_name is not None:
         from gpuwheel.recipe import load_recipe  # only --target needs the recipe machinery
 
@@ -69,6 +76,11 @@ def _target_words(report: AuditReport) -> str:
 
 
 def _render(report: AuditReport, details: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from gpuwheel.log import console, out
+
     with_code = [so for so in report.sos if so.has_gpu_code]
     if not with_code:
         return  # nothing to tabulate: the error line says the input carries no GPU code
@@ -80,27 +92,27 @@ def _render(report: AuditReport, details: bool) -> None:
         table.add_row(*([so.wheel or ""] if several_wheels else []), so.path, str(so.count("native")),
                       str(so.count("jit")), str(so.count("none")), so.ptx_isa_range or "—",
                       f"[{style}]{so.verdict}[/{style}]")
-    console.print(table)
+    out.print(table)
     without = [so.path for so in report.sos if not so.has_gpu_code]
     if without:
-        console.print(f"{len(without)} ELF file(s) without GPU code" + (": " + ", ".join(without) if details else ""))
+        out.print(f"{len(without)} ELF file(s) without GPU code" + (": " + ", ".join(without) if details else ""))
     if not report.driver_checked:
         console.print("[yellow]no driver given: PTX that needs JIT was not checked against any driver "
                       "(pass --driver or --target)[/yellow]")
     for so in with_code:
         if so.none_archs:
-            console.print(f"{so.path}: {so.count('none')} unit(s) with no code for {report.target.arch.plain} "
+            out.print(f"{so.path}: {so.count('none')} unit(s) with no code for {report.target.arch.plain} "
                           f"(carry {', '.join(so.none_archs)}); the library must not dispatch to them there")
         for waived in so.waived:
-            console.print(f"[yellow]waived (audit.optional): {waived}[/yellow]")
+            out.print(f"[yellow]waived (audit.optional): {escape(waived)}[/yellow]")
     if details:
         for so in with_code:
             units = Table("unit", "offset", "verdict", "runs as", "SASS", "PTX", "problem", title=so.path)
             for unit in so.units:
                 units.add_row(str(unit.index), f"{unit.offset:#x}", unit.verdict, unit.runs_as or "—",
                               " ".join(unit.sass) or "—", ", ".join(f"{name} ({isa})" for name, isa in zip(unit.ptx, unit.ptx_isas)) or "—", unit.problem or "")
-            console.print(units)
+            out.print(units)
     for problem in report.problems:
-        console.print(f"[red]✗ {problem}[/red]")
+        out.print(f"[red]✗ {escape(problem)}[/red]")
     if report.passed:
-        console.print(f"[green]✓ every GPU .so runs on {_target_words(report)}[/green]")
+        out.print(f"[green]✓ every GPU .so runs on {_target_words(report)}[/green]")

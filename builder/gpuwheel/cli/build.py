@@ -7,24 +7,12 @@ import time
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from gpuwheel import log
-from gpuwheel.build.packages import build_packages, select_backend
-from gpuwheel.cache import cache_root
-from gpuwheel.cli import main
-from gpuwheel.errors import BuildError
-from gpuwheel.index import target_paths
-from gpuwheel.log import console
-from gpuwheel.patches import prepare_trees
-from gpuwheel.plan import make_plan
-from gpuwheel.recipe import load_recipe
-from gpuwheel.sources import fetch_sources
-from gpuwheel.wheels import finish_wheels
+from gpuwheel.cli import TARGET, main
 
 
 @main.command()
-@click.argument("target", metavar="TARGET")
+@TARGET
 @click.option("--backend", type=click.Choice(["auto", "local", "docker"]), default="auto", show_default=True,
               help="auto: docker where an engine answers, else local.")
 @click.option("--only", multiple=True, metavar="PACKAGE", help="Build just this package (repeatable).")
@@ -36,12 +24,26 @@ from gpuwheel.wheels import finish_wheels
 @click.option("--allow-audit-failure", is_flag=True, help="Finish wheels whose kernels fail the audit (marked failed).")
 @click.option("--out", "out", type=click.Path(path_type=Path), metavar="DIR",
               help="Where finished wheels go (default: wheels/<target>/staging).")
-@click.option("--quiet", "-q", is_flag=True, help="Only errors.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and the result (as gpuwheel -q build).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON on stdout.")
 def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, offline: bool, python: str | None,
           base_image: str | None, allow_audit_failure: bool, out: Path | None, quiet: bool, as_json: bool) -> None:
     """Build TARGET's wheels: fetch, patch, compile (local or docker), finish and audit."""
-    log.configure(quiet=quiet)
+    from gpuwheel import log
+    from gpuwheel.build.packages import build_packages, select_backend
+    from gpuwheel.cache import cache_root
+    from gpuwheel.errors import BuildError
+    from gpuwheel.index import target_paths
+    from gpuwheel.log import console
+    from gpuwheel.patches import prepare_trees
+    from gpuwheel.plan import make_plan
+    from gpuwheel.recipe import load_recipe
+    from gpuwheel.sources import fetch_sources
+    from gpuwheel.wheels import finish_wheels
+
+    quiet = quiet or log._quiet  # the global -q counts too
+    if quiet:
+        log.configure(quiet=True)
     timings: list[tuple[str, float]] = []
     start = time.monotonic()
     plan = make_plan(load_recipe(target), jobs=jobs, only=only)
@@ -60,7 +62,7 @@ def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, of
                              out_dir=cache_root() / "raw" / plan.hash[:16], quiet=quiet)
     except BuildError as error:
         for line in getattr(error, "tail", ()):
-            console.print(f"  {line}", markup=False, highlight=False)
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         raise
     timings.extend((f"build {w.package}", w.seconds) for w in raw.wheels)
     mark = time.monotonic()
@@ -69,20 +71,28 @@ def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, of
     timings.append(("finish + audit", time.monotonic() - mark))
     if as_json:
         click.echo(json.dumps({"raw": raw.to_json(), "finished": finished.to_json()}, indent=2))
-    if quiet:
         return
-    table = Table("stage", "seconds", title=f"{plan.target.name}: {chosen.name} backend, "
-                  f"{time.monotonic() - start:.0f}s in all", title_justify="left")
-    for stage, seconds in timings:
-        table.add_row(stage, f"{seconds:.1f}")
-    console.print(table)
-    wheels = Table("package", "wheel", "compile cache", "audit", "log", title="wheels", title_justify="left")
+    from rich.markup import escape
+    from rich.table import Table
+
+    from gpuwheel.log import out
+
+    if not quiet:  # timings are diagnostics; the wheels below are the result
+        table = Table("stage", "seconds", title=f"{plan.target.name}: {chosen.name} backend, "
+                      f"{time.monotonic() - start:.0f}s in all", title_justify="left")
+        for stage, seconds in timings:
+            table.add_row(stage, f"{seconds:.1f}")
+        console.print(table)
     logs = {w.package: w for w in raw.wheels}
     for wheel in finished.wheels:
         built = logs.get(wheel.package)
-        wheels.add_row(wheel.package, str(wheel.path), str(built.cache) if built else "",
-                       "passed" if wheel.audit_passed else "[red]FAILED[/red]", str(built.log_path) if built else "")
-    console.print(wheels)
+        # One block per wheel, the path on a line of its own: never cut, ready to copy.
+        verdict = "audit passed" if wheel.audit_passed else "[red]audit FAILED[/red]"
+        out.print(f"[bold]{escape(wheel.package)}[/bold]: {verdict}"
+                  + (f", compile cache {escape(str(built.cache))}" if built else ""))
+        out.print(f"  wheel: {escape(str(wheel.path))}", soft_wrap=True)
+        if built:
+            out.print(f"  log:   {escape(str(built.log_path))}", soft_wrap=True)
 
 
 @main.group()
@@ -97,7 +107,10 @@ def toolchain() -> None:
 def base_image(tag: str, suite: str, mirror: str | None) -> None:
     """Make a base image without a registry: debootstrap a minimal Debian and import it."""
     from gpuwheel.build.base_image import make_base_image
+    from gpuwheel.cache import cache_root
+    from gpuwheel.log import out
 
     made = make_base_image(tag=tag, suite=suite, mirror=mirror,
                            log_path=cache_root() / "logs" / "images" / f"base-{suite}.log")
-    console.print(f"made {made.tag} ({made.id}) from Debian {made.suite}; use it with --base-image {made.tag}")
+    out.print(f"made {made.tag} ({made.id}) from Debian {made.suite}; use it with --base-image {made.tag}",
+              markup=False, soft_wrap=True)

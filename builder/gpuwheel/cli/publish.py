@@ -6,15 +6,12 @@ import json
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from gpuwheel.cli import main
-from gpuwheel.index import publish_target
-from gpuwheel.log import console
+from gpuwheel.cli import complete_target, main
 
 
 @main.command()
-@click.argument("target", metavar="[TARGET]", required=False)
+@click.argument("target", metavar="[TARGET]", required=False, shell_complete=complete_target)
 @click.option("--wheels", "wheels_dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Publish the wheels in DIR (default: wheels/<target>/staging/).")
 @click.option("--repository", "-r", metavar="URL|NAME",
@@ -38,6 +35,9 @@ def publish(target: str | None, wheels_dir: Path | None, repository: str | None,
     Credentials for --repository come from TWINE_USERNAME / TWINE_PASSWORD, the .pypirc section or
     keyring; they are never printed.
     """
+    from gpuwheel.index import publish_target
+    from gpuwheel.log import console
+
     report = publish_target(target, wheels_dir=wheels_dir, repository=repository, index_dir=index_dir,
                             smoke_report=smoke_report, force=force, simple_url=simple_url,
                             config_file=config_file)
@@ -47,10 +47,44 @@ def publish(target: str | None, wheels_dir: Path | None, repository: str | None,
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
-    table = Table("wheel", "sha256", "result", title=f"published to {report.destination}", title_justify="left")
+    from rich.markup import escape
+    from rich.table import Table
+
+    from gpuwheel.log import out
+
+    table = Table("wheel", "sha256", "result", title=escape(f"published to {report.destination}"),
+                  title_justify="left")
     for wheel in report.wheels:
         result = ("[green]published[/green]" if wheel.action == "published"
                   else "[dim]skipped: already there with the same sha256[/dim]")
-        table.add_row(wheel.filename, wheel.sha256[:16], result)
-    console.print(table)
-    console.print(f"install with: pip install --index-url {report.index_url} <package>", soft_wrap=True)
+        table.add_row(escape(wheel.filename), wheel.sha256[:16], result)
+    out.print(table)
+    for line in install_hint(report.index_url, [w.filename for w in report.wheels]):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def install_hint(index_url: str, filenames: list[str]) -> list[str]:
+    """How a serving host installs these wheels, with pip and with uv.
+
+    The index holds only gpuwheel's wheels, not torch or their other dependencies: pip takes it as an
+    extra index beside PyPI (or PyTorch's variant index for cu128 torch) and the exact pins with
+    their local labels select gpuwheel's builds; uv pins those packages to an explicit index.
+    """
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+    pins: dict[str, str] = {}
+    for filename in filenames:
+        try:
+            name, version, _, _ = parse_wheel_filename(filename)
+        except InvalidWheelFilename:
+            continue
+        pins[str(name)] = str(version)
+    requirements = " ".join(f"'{name}=={version}'" for name, version in sorted(pins.items())) or "PACKAGE"
+    sources = ", ".join(f'{name} = {{ index = "gpuwheel" }}' for name in sorted(pins)) or 'PACKAGE = { index = "gpuwheel" }'
+    return [
+        "install on a serving host (torch from PyPI; add --extra-index-url https://download.pytorch.org/whl/cuXYZ "
+        "for a variant build):",
+        f"  pip install --extra-index-url {index_url} {requirements}",
+        "  uv, in pyproject.toml: [[tool.uv.index]] name = \"gpuwheel\", url = "
+        f"\"{index_url}\", explicit = true; [tool.uv.sources] {sources}",
+    ]

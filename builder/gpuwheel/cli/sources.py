@@ -5,20 +5,14 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
-from gpuwheel.cli import main
-from gpuwheel.errors import PatchError
-from gpuwheel.log import console
-from gpuwheel.patches import APPLIED, FAILED, SKIPPED, UPSTREAM, check_patches
-from gpuwheel.plan import make_plan
-from gpuwheel.recipe import load_recipe
-from gpuwheel.sources import NEEDS_NETWORK, Sources, fetch_sources
+from gpuwheel.cli import TARGET, main
 
-TARGET = click.argument("target", metavar="TARGET")
+if TYPE_CHECKING:
+    from gpuwheel.sources import Sources
 OFFLINE = click.option("--offline", is_flag=True,
                        help="Use only the cache (also GPUWHEEL_OFFLINE=1); never touch the network.")
 ONLY = click.option("--only", "only", multiple=True, metavar="PKG", help="Only this package (repeatable).")
@@ -36,8 +30,13 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as
 def fetch(target: str, offline: bool, only: tuple[str, ...], dependency_dir: Path | None, strict: bool,
           as_json: bool) -> None:
     """Fetch and verify every source of TARGET, and its packages' build-time dependencies, into the cache."""
+    from gpuwheel.plan import make_plan
+    from gpuwheel.recipe import load_recipe
+    from gpuwheel.sources import fetch_sources
+
+    # Download progress goes to stderr, so it stays on beside --json (which is on stdout).
     sources = fetch_sources(make_plan(load_recipe(target), only=only), offline=offline,
-                            dependency_dir=dependency_dir, progress=not as_json)
+                            dependency_dir=dependency_dir, progress=True)
     if as_json:
         click.echo(json.dumps(sources.to_json(), indent=2))
     else:
@@ -47,11 +46,17 @@ def fetch(target: str, offline: bool, only: tuple[str, ...], dependency_dir: Pat
 
 
 def _render_sources(sources: Sources) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from gpuwheel.log import console, out
+    from gpuwheel.sources import NEEDS_NETWORK
+
     table = Table("package", "version", "source", "status", "pin", "tree", title=f"sources ({sources.cache})",
                   title_justify="left")
     for p in sources.packages:
-        table.add_row(p.name, p.version, p.kind, p.status, (p.sha256 or p.commit or "")[:16], str(p.tree))
-    console.print(table)
+        table.add_row(p.name, p.version, p.kind, p.status, (p.sha256 or p.commit or "")[:16], escape(str(p.tree)))
+    out.print(table)
     deps = [(p.name, d) for p in sources.packages for d in p.dependencies]
     if deps:
         table = Table("package", "dependency", "rev", "status", "tree / command on a connected machine",
@@ -61,14 +66,14 @@ def _render_sources(sources: Sources) -> None:
             # Recipe values are shown as text, never read as rich markup (a URL may hold '[/x]').
             table.add_row(package, d.name, escape(d.rev[:16]), f"[{style}]{d.status}[/{style}]" if style else d.status,
                           escape(d.fetch_command if d.tree is None else str(d.tree)))
-        console.print(table)
+        out.print(table)
     missing = sources.needs_network
     if missing:
         console.print(f"[yellow]{len(missing)} dependencies need network[/yellow]: run the commands above on a "
                       f"connected machine, copy deps/ here, then `gpuwheel fetch {escape(shlex.quote(sources.target))} "
                       f"--dependency-dir deps` (or copy that machine's {escape(str(sources.cache))})")
     else:
-        console.print("every source is in the cache")
+        out.print("every source is in the cache")
 
 
 @main.group("patches")
@@ -83,17 +88,28 @@ def patches_group() -> None:
 @JSON
 def check(target: str, offline: bool, only: tuple[str, ...], as_json: bool) -> None:
     """Apply every patch of TARGET to fresh trees: applied / already upstream / failed (exit 6)."""
+    from gpuwheel.errors import PatchError
+    from gpuwheel.patches import APPLIED, FAILED, SKIPPED, UPSTREAM, check_patches
+    from gpuwheel.plan import make_plan
+    from gpuwheel.recipe import load_recipe
+    from gpuwheel.sources import fetch_sources
+
     plan = make_plan(load_recipe(target), only=only)
-    report = check_patches(plan, fetch_sources(plan, offline=offline, progress=not as_json))
+    report = check_patches(plan, fetch_sources(plan, offline=offline, progress=True))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
+        from rich.markup import escape
+        from rich.table import Table
+
+        from gpuwheel.log import console, out
+
         colours = {APPLIED: "green", UPSTREAM: "cyan", FAILED: "red"}
         table = Table("package", "patch", "tree", "status", "detail")
         for o in report.outcomes:
             colour = colours.get(o.status, "yellow")
-            table.add_row(o.package, o.patch, o.where, f"[{colour}]{o.status}[/{colour}]", o.detail)
-        console.print(table if report.outcomes else "the plan carries no patches")
+            table.add_row(o.package, o.patch, o.where, f"[{colour}]{o.status}[/{colour}]", escape(o.detail))
+        out.print(table if report.outcomes else "the plan carries no patches")
         skipped = [o for o in report.outcomes if o.status == SKIPPED]
         if skipped:
             console.print(f"[yellow]{len(skipped)} patches not checked[/yellow]: their dependency trees need "

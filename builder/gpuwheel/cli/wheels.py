@@ -7,12 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
-from gpuwheel.cli import main
-from gpuwheel.index import target_paths
-from gpuwheel.log import console
-from gpuwheel.wheels import finish_wheels, show_wheel
+from gpuwheel.cli import TARGET, main
 
 
 def _toolchain(ctx: click.Context, param: click.Parameter, value: Path | None) -> dict[str, Any] | None:
@@ -28,7 +24,7 @@ def _toolchain(ctx: click.Context, param: click.Parameter, value: Path | None) -
 
 
 @main.command("finish")
-@click.argument("target")
+@TARGET
 @click.argument("raw_wheels", metavar="RAW_WHEEL...", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--package", metavar="NAME", help="The plan's package these raw wheels are (default: each file's name).")
@@ -47,8 +43,10 @@ def finish(target: str, raw_wheels: tuple[Path, ...], package: str | None, out_d
            toolchain: dict[str, Any] | None, source_date_epoch: int | None, allow_audit_failure: bool,
            as_json: bool) -> None:
     """Finish RAW_WHEEL(s) built elsewhere for TARGET: label, platform tag, audit, provenance."""
-    from gpuwheel.plan import make_plan  # only this command needs the recipe machinery
+    from gpuwheel.index import target_paths
+    from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
+    from gpuwheel.wheels import finish_wheels
 
     plan = make_plan(load_recipe(target))
     raw = [(package, path) for path in raw_wheels] if package else list(raw_wheels)
@@ -57,12 +55,17 @@ def finish(target: str, raw_wheels: tuple[Path, ...], package: str | None, out_d
     if as_json:
         click.echo(json.dumps(wheels.to_json(), indent=2))
         return
-    table = Table("wheel", "platform", "grafted", "audit", title=f"finished for {wheels.target} in {wheels.out_dir}",
+    from rich.markup import escape
+    from rich.table import Table
+
+    from gpuwheel.log import out
+
+    table = Table("wheel", "platform", "grafted", "audit", title=escape(f"finished for {wheels.target} in {wheels.out_dir}"),
                   title_justify="left")
     for wheel in wheels.wheels:
         verdict = "[green]passed[/green]" if wheel.audit_passed else "[bold red]FAILED (allowed)[/bold red]"
-        table.add_row(wheel.filename, ", ".join(wheel.platform_tags), str(len(wheel.grafted)), verdict)
-    console.print(table)
+        table.add_row(escape(wheel.filename), ", ".join(wheel.platform_tags), str(len(wheel.grafted)), verdict)
+    out.print(table)
 
 
 @main.command("show-wheel")
@@ -70,6 +73,8 @@ def finish(target: str, raw_wheels: tuple[Path, ...], package: str | None, out_d
 @click.option("--json", "as_json", is_flag=True, help="Print the wheel's identity and gpuwheel.json on stdout.")
 def show_wheel_command(wheel: Path, as_json: bool) -> None:
     """Print what a finished WHEEL says about itself: target, toolchain, sources, patches, audit."""
+    from gpuwheel.wheels import show_wheel
+
     shown = show_wheel(wheel)
     if as_json:
         click.echo(json.dumps(shown, indent=2, sort_keys=True))
@@ -78,6 +83,12 @@ def show_wheel_command(wheel: Path, as_json: bool) -> None:
 
 
 def _render(shown: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from gpuwheel.log import out
+
+    shown = _escaped(shown, escape)
     record = shown["provenance"]
     spec, audit, wheel = record.get("target_spec", {}), record.get("audit", {}), record.get("wheel", {})
     toolchain = record.get("toolchain", {})
@@ -104,19 +115,30 @@ def _render(shown: dict[str, Any]) -> None:
             f"{key} {value}" for key, value in toolchain.get("planned", {}).items() if value))
     table.add_row("grafted", ", ".join(wheel.get("grafted", [])) or "nothing")
     table.add_row("SOURCE_DATE_EPOCH", str(wheel.get("source_date_epoch")))
-    console.print(table)
+    out.print(table)
     sources = Table("source", "role", "kind", "location", "sha256 / commit / rev", title="sources", title_justify="left")
     for source in record.get("sources", []):
         pin = source.get("sha256") or source.get("commit") or source.get("rev") or "—"
         sources.add_row(source.get("name"), source.get("role"), source.get("kind"), source.get("location"), pin)
-    console.print(sources)
+    out.print(sources)
     patches = Table("patch", "tree", "sha256", title="patches", title_justify="left")
     for patch in record.get("patches", []):
         patches.add_row(patch.get("name"), patch.get("tree") or "package", patch.get("sha256"))
-    console.print(patches if record.get("patches") else "patches: none")
+    out.print(patches if record.get("patches") else "patches: none")
     build = record.get("build", {})
     env = Table("variable", "value", title=f"build env (without {', '.join(build.get('env_excluded', [])) or '—'})",
                 title_justify="left")
     for key, value in build.get("env", {}).items():
         env.add_row(key, value)
-    console.print(env)
+    out.print(env)
+
+
+def _escaped(value: Any, escape) -> Any:
+    """Every string of the provenance with rich markup escaped: `[flash-attn]` is text, not a style."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {key: _escaped(item, escape) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escaped(item, escape) for item in value]
+    return value

@@ -35,7 +35,7 @@ from gpuwheel import facts
 from gpuwheel.audit.report import JIT, NATIVE, AuditTarget, audit
 from gpuwheel.errors import SmokeFailure
 from gpuwheel.index import WheelFile, publish_local, read_wheel, target_paths
-from gpuwheel.log import logger
+from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.run import Finished, capture, run
 from gpuwheel.smoke import vllm as vllm_checks
 from gpuwheel.smoke.report import FAIL, PASS, SKIP, CheckResult, GpuInfo, SmokeReport, WheelSmoke, write_json, write_junit
@@ -210,8 +210,10 @@ def _install(interpreter: _Interpreter, wheels: list[WheelFile], torch_pin: str,
         constraints = work / "constraints.txt"
         constraints.write_text(f"torch=={torch_pin}\n", encoding="utf-8")
         command += ["--constraint", str(constraints)]
+    say(f"smoke: installing {len(wheels)} wheel(s)" + ("" if "--no-deps" in command else
+        f" and their dependencies (torch {torch_pin}: a minute or more)") + f" into {interpreter.described}")
     finished = run([*command, *(str(w.path) for w in wheels)], env=interpreter.env, timeout=PIP_TIMEOUT,
-                   log_path=work / "pip-install.log")
+                   log_path=work / "pip-install.log", on_line=pip_milestones("smoke install"))
     names = ", ".join(w.filename for w in wheels)
     if not finished.ok:
         return CheckResult("install", FAIL, f"pip install {names}: {_last_line(finished)}", finished.seconds)
