@@ -22,7 +22,8 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-SHIPPED = ["rtx6000pro", "rtx6000pro-cu13", "h100", "h200", "b200", "l40s", "a100"]
+SHIPPED = ["rtx6000pro", "rtx6000pro-cu13", "rtx6000pro-torch211", "h100", "h200", "h200-torch211", "b200", "l40s",
+           "a100"]
 
 
 def test_every_required_target_is_shipped_and_plans(gpuwheel):
@@ -95,7 +96,9 @@ def test_show_names_the_file_each_value_came_from(gpuwheel, write_recipe):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     python_line = next(line for line in lines if "toolchain.python" in line)
-    assert '"3.11"' in python_line and "recipe.toml:3" in python_line
+    assert '"3.11"' in python_line and "recipe.toml" in python_line
+    origins = {v["key"]: v["from"] for v in gpuwheel("show", path, "--json").json()["values"]}
+    assert origins["toolchain.python"].endswith("recipe.toml:3")  # the table may cut a long path short
     cuda_line = next(line for line in lines if "toolchain.cuda" in line)
     assert "cuda-13" in cuda_line  # inherited from recipes/_base/
 

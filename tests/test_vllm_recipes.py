@@ -122,7 +122,7 @@ def test_the_toolchain_asks_pip_for_the_torch_build_of_the_recipes_toolkit(torch
 
 def test_plan_predicts_a_build_from_the_measured_build_of_the_same_profile(gpuwheel, write_recipe):
     measured = plan_json(gpuwheel, "h200-torch211")["measured_build"]
-    text = gpuwheel("plan", "h200-torch211", "--only", "vllm").stderr
+    text = gpuwheel("plan", "h200-torch211", "--only", "vllm").stdout
 
     assert measured["cpu_s"] == 10643 and measured["longest_s"] == 369
     assert "vllm 0.26.0: measured 10,643 CPU-s, longest step 369 s" in text.replace("\n", " ")

@@ -14,7 +14,9 @@ from gpuwheel.recipe import SCHEMA
 
 _SCALARS = {"string": {"type": "string"}, "integer": {"type": "integer"}, "boolean": {"type": "boolean"},
             "list of strings": {"type": "array", "items": {"type": "string"}},
-            "list of integers": {"type": "array", "items": {"type": "integer"}}}
+            "list of integers": {"type": "array", "items": {"type": "integer"}},
+            "boolean or list of strings": {"oneOf": [{"type": "boolean"},
+                                                     {"type": "array", "items": {"type": "string"}}]}}
 
 
 def recipe_json_schema() -> dict[str, Any]:

@@ -46,7 +46,7 @@ def targets(as_json: bool) -> None:
         if "error" in row:
             table.add_row(row["name"], f"[red]broken recipe: {escape(row['error'])}[/red]", *[""] * 6)
             continue
-        versions = {name: p["version"] + (" (inference)" if p["profile"] == "inference" else "")
+        versions = {name: p["version"] + (f" ({p['profile']})" if p["profile"] != "full" else "")
                     for name, p in row["packages"].items()}
         table.add_row(*(escape(str(v)) for v in (
             row["name"], row["gpu"], row["torch_cuda_arch_list"], row["cuda"], row["min_driver"], row["torch"],
