@@ -68,7 +68,7 @@ def test_shell_completion_offers_the_target_names(tmp_path):
     completed = _run(env=env)
     assert completed.returncode == 0, completed.stderr
     offered = [line.split(",", 1)[1] for line in completed.stdout.splitlines()]
-    assert offered == ["rtx-lab", "rtx6000pro", "rtx6000pro-cu13"]
+    assert offered == ["rtx-lab", "rtx6000pro", "rtx6000pro-cu13", "rtx6000pro-torch211"]
 
 
 def test_help_and_targets_start_without_the_stage_libraries(tmp_path):
