@@ -741,11 +741,11 @@ def _write_stand_in(wheel: Path, layout: vllm_kind.StandIn, dest: Path, label: s
     """Write the wheel's files under layout.wheel_dir to dest/layout.tree_dir, undoing the text
     rewrite vLLM's CMake applies on install (and checking that redoing it gives the wheel's bytes)."""
     written = 0
+    single = not layout.wheel_dir.endswith("/")  # one file, not a directory of them
     try:
         with zipfile.ZipFile(wheel) as archive:
             for info in archive.infolist():
                 name = info.filename
-                single = not layout.wheel_dir.endswith("/")
                 if info.is_dir() or not (name == layout.wheel_dir if single else name.startswith(layout.wheel_dir)):
                     continue
                 if layout.suffixes and not name.endswith(layout.suffixes):
