@@ -13,9 +13,10 @@ from rich.console import Console
 
 logger = logging.getLogger("gpuwheel")
 
-# stderr, so that `--json` output on stdout stays machine-readable. Off a terminal (CI logs,
-# pipes) rich would wrap at 80 columns; tables of env vars and paths read better unwrapped.
-console = Console(stderr=True, highlight=False,
+# stderr, so that `--json` output on stdout stays machine-readable. Off a terminal (CI logs, pipes)
+# rich would wrap at 80 columns; tables of env vars and paths read better unwrapped. No emoji codes:
+# an image tag such as "base:x:1" is text.
+console = Console(stderr=True, highlight=False, emoji=False,
                   width=None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", 200)))
 
 
