@@ -1,10 +1,11 @@
-"""The docker backend: a toolchain image rendered from the recipe's pins, one container per package.
+"""The container backend: a toolchain image rendered from the recipe's pins, one container per package,
+on docker or podman alike (build/engine.py is the one interface to both).
 
-dockerfiles/toolchain.Dockerfile is rendered with the base image, Python, torch and (where the
-base image has no CUDA toolkit) the pinned PyPI CUDA wheels, and tagged by the hash of the text
-and the base image id: the same pins reuse the same image. Each package builds in a container
-with its sources mounted read-only (copied inside to a stable writable path, which sccache keys
-on), the network off, the output and compile-cache directories mounted, and the plan's env.
+dockerfiles/toolchain.Dockerfile is rendered with the base image's ID, Python, torch and (where the
+base image has no CUDA toolkit) the pinned PyPI CUDA wheels, and tagged by the hash of the text: the
+same pins on the same base image reuse the same image. Each package builds in a container with its
+sources mounted read-only (copied inside to a stable writable path, which sccache keys on), the
+network off, the output and compile-cache directories mounted, and the plan's env.
 """
 
 from __future__ import annotations
@@ -12,21 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import string
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable
-
-import docker
-from docker.errors import APIError, DockerException, ImageNotFound
 
 from gpuwheel import facts
 from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, PackageBuild, ToolchainInfo,
                                  check_toolchain, parse_cache_stats, parse_nvcc_version, substitute)
+from gpuwheel.build.engine import ContainerEngine, Image, Mount
+from gpuwheel.build.progress import BuildProgress
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import ToolchainError
-from gpuwheel.log import logger
 from gpuwheel.recipe import PROJECT_ROOT, Toolchain
 
 TEMPLATE = PROJECT_ROOT / "dockerfiles" / "toolchain.Dockerfile"
@@ -35,13 +36,16 @@ IMAGE_REPOSITORY = "gpuwheel-toolchain"
 SRC, DEPS_SRC, WORK, OUT, CACHE, META = ("/gpuwheel/src", "/gpuwheel/deps-src", "/gpuwheel/work", "/gpuwheel/out",
                                          "/gpuwheel/cache", "/gpuwheel/meta")
 # Runs in the container: copy the read-only tree to a writable stable path, build through sccache,
-# save its stats, hand the outputs to the calling user. "$@" is the plan's command.
+# save its stats, hand the outputs to the calling user. "$@" is the plan's command. The "gpuwheel:"
+# lines say what the container is doing before the first compile step (progress shows them).
 BUILD_SCRIPT = """set -e
+echo "gpuwheel: copying the source tree to {work}/$GPUWHEEL_PACKAGE"
 mkdir -p {work}
 cp -a {src} {work}/$GPUWHEEL_PACKAGE
 cp -a {deps_src} {work}/deps
 cd {work}/$GPUWHEEL_PACKAGE
 if [ -n "$SCCACHE_DIR" ]; then sccache --start-server >/dev/null; fi
+echo "gpuwheel: running the build command (pip reads the build's metadata before the first compile step)"
 set +e
 "$@"
 status=$?
@@ -54,29 +58,9 @@ chown -R "$GPUWHEEL_OWNER" {out} {meta}
 exit $status
 """.format(work=WORK, src=SRC, deps_src=DEPS_SRC, meta=META, out=OUT)
 PROBE_COMMAND = ("python -c \"$0\"; nvcc --version; c++ --version | head -n1; sccache --version")
-
-
-def _docker_host() -> str:
-    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-
-
-def engine() -> docker.DockerClient:
-    """A client of an engine that answers; ToolchainError (one line) when none does."""
-    try:
-        client = docker.from_env(timeout=600)
-        client.ping()
-        return client
-    except DockerException as error:
-        raise ToolchainError(f"no Docker engine at {_docker_host()} ({_short(error)})",
-                             hint="start dockerd or use --backend local") from None
-
-
-def engine_answers() -> bool:
-    try:
-        docker.from_env(timeout=5).ping()
-        return True
-    except DockerException:
-        return False
+# The lines of an image build worth a line of their own off a terminal: docker's and podman's steps, and
+# pip's two in the long one (its downloads take minutes before it installs).
+_IMAGE_STEP = re.compile(r"^(Step|STEP) \d+/\d+|^Installing collected packages|^Successfully installed")
 
 
 class _Template(string.Template):
@@ -102,164 +86,122 @@ def render_dockerfile(toolchain: Toolchain, *, base_image: str, cuda_from_pypi: 
     return text.replace("@KEY", key)
 
 
-class DockerBackend:
-    name = "docker"
+class ContainerBackend:
+    name = "container"
 
-    def __init__(self, base_image: str | None = None):
+    def __init__(self, engine: ContainerEngine, *, base_image: str | None = None):
+        self.engine = engine  # open: the caller holds it for as long as this backend builds
         self.base_image = base_image  # overrides the recipe's [toolchain] base_image
-        self._client: docker.DockerClient | None = None
-        self._image: str | None = None
+        self._image: Image | None = None
         self._sccache = False
 
     # ---- toolchain image ----------------------------------------------------------------------
     def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
-        self._client = engine()
         base_name = self.base_image or toolchain.base_image
         if not base_name:
             raise ToolchainError(f"{recipe_name} names no [toolchain] base_image",
                                  hint="set one, or pass --base-image (e.g. one made by `gpuwheel toolchain base-image`)")
-        base = self._base_image(base_name)
+        base = self.engine.find_image(base_name) or self._pull(base_name)
         if toolchain.base_image_digest and not self.base_image and not _matches_digest(base, toolchain.base_image_digest):
             raise ToolchainError(f"base image {base_name} is {base.id}, {recipe_name} pins base_image_digest = "
                                  f"{toolchain.base_image_digest}", hint="pull the pinned image, or update the digest")
         cuda = facts.major_minor(toolchain.cuda)
-        image_has_cuda = any(e.startswith("CUDA_VERSION=") for e in base.attrs["Config"].get("Env") or ())
+        image_has_cuda = any(e.startswith("CUDA_VERSION=") for e in base.env)
         if not image_has_cuda and cuda not in facts.CUDA_PYPI_TOOLCHAIN:
             raise ToolchainError(f"base image {base_name} has no CUDA toolkit and CUDA {cuda} has no complete toolkit "
                                  f"on PyPI", hint=f"use a nvidia/cuda:{toolchain.cuda}-devel base image (--base-image)")
         dockerfile = render_dockerfile(toolchain, base_image=base.id, cuda_from_pypi=not image_has_cuda)
-        key = hashlib.sha256(dockerfile.encode()).hexdigest()[:16]
-        self._image = f"{IMAGE_REPOSITORY}:{key}"
-        try:
-            image = self._client.images.get(self._image)
-        except ImageNotFound:
-            image = self._build_image(dockerfile, self._image)
-        info = self._observe(image, base_name, base)
+        tag = f"{IMAGE_REPOSITORY}:{hashlib.sha256(dockerfile.encode()).hexdigest()[:16]}"
+        image = self.engine.find_image(tag) or self._build_image(dockerfile, tag)
+        info = self._observe(image, base)
         check_toolchain(info, toolchain, recipe_name=recipe_name,
                         fix_cuda=f"use a base image with CUDA {cuda} (--base-image), or one without a toolkit "
                                  f"(the CUDA 13 toolkit then comes from PyPI)",
-                        fix_torch=f"remove image {self._image} so gpuwheel rebuilds it")
-        self._sccache = info.sccache is not None
+                        fix_torch=f"remove image {tag} so gpuwheel rebuilds it")
+        self._image, self._sccache = image, info.sccache is not None
         return info
 
-    def _base_image(self, name: str):
-        assert self._client
-        try:
-            return self._client.images.get(name)
-        except ImageNotFound:
-            pass
-        logger.warning("base image %s is not in the engine: pulling it", name)
-        try:
-            self._client.images.pull(name)
-            return self._client.images.get(name)
-        except (APIError, ImageNotFound) as error:
-            raise ToolchainError(f"base image {name} is not in the engine at {_docker_host()} and cannot be pulled "
-                                 f"({_short(error)})",
-                                 hint="make one with `gpuwheel toolchain base-image`, then pass --base-image "
-                                      "gpuwheel-base:bookworm") from None
+    def _pull(self, name: str) -> Image:
+        BuildProgress().say(f"base image {name} is not in {self.engine.description}: pulling it")
+        return self.engine.pull(name, hint="where no registry is reachable, make a base image with `gpuwheel toolchain "
+                                           "base-image` and pass --base-image gpuwheel-base:bookworm")
 
-    def _build_image(self, dockerfile: str, tag: str):
-        assert self._client
+    def _build_image(self, dockerfile: str, tag: str) -> Image:
         log_path = cache_root() / "logs" / "images" / f"{tag.replace(':', '-')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        logger.warning("building toolchain image %s (torch and the toolkit: a few minutes, once); log: %s",
-                       tag, log_path)
-        error = None
         with tempfile.TemporaryDirectory(prefix="gpuwheel-image-") as context, \
-                open(log_path, "w", encoding="utf-8") as log:
+                open(log_path, "w", encoding="utf-8") as log, \
+                BuildProgress().activity(f"toolchain image {tag}", milestones=_IMAGE_STEP,
+                                         note=f"torch and the build tools from PyPI, on {self.engine.description}: "
+                                              f"minutes, once; log: {log_path}") as show:
             (Path(context) / "Dockerfile").write_text(dockerfile, encoding="utf-8")
             _pip_settings(Path(context))
-            try:
-                # pip in the build needs the network; the package builds later run without it.
-                for chunk in self._client.api.build(path=context, tag=tag, network_mode="host", rm=True,
-                                                    forcerm=True, decode=True):
-                    text = chunk.get("stream") or chunk.get("status") or ""
-                    if text:
-                        log.write(text)
-                        log.flush()  # followed with tail -f during a long image build
-                    if "error" in chunk:
-                        error = chunk["error"].strip()
-            except APIError as api_error:
-                error = _short(api_error)
-        if error:
-            raise ToolchainError(f"building toolchain image {tag} failed: {error.splitlines()[-1]}",
-                                 hint=f"full output in {log_path}")
-        return self._client.images.get(tag)
 
-    def _observe(self, image, base_name: str, base) -> ToolchainInfo:
-        """Run the probe once per image and keep its answer next to the cache."""
-        assert self._client
-        record = cache_root() / "toolchains" / f"docker-{image.id.split(':')[-1][:16]}.json"
+            def on_line(line: str) -> None:
+                log.write(line + "\n")
+                log.flush()  # followed with tail -f during a long image build
+                show(line)
+            return self.engine.build_image(Path(context), tag, on_line=on_line, hint=f"full output in {log_path}")
+
+    def _observe(self, image: Image, base: Image) -> ToolchainInfo:
+        """Run the probe once per image ID and keep its answer next to the cache."""
+        record = cache_root() / "toolchains" / f"image-{image.id.split(':')[-1][:16]}.json"
         if record.is_file():
-            return ToolchainInfo(**json.loads(record.read_text()))
-        output = self._client.containers.run(image.id, ["/bin/sh", "-c", PROBE_COMMAND, PROBE_SCRIPT],
-                                             network_mode="none", remove=True, stderr=True).decode()
-        lines = output.splitlines()
-        probe = next((json.loads(line) for line in lines if line.startswith("{")), {})
-        cc = next((line for line in lines if line.startswith(("c++", "g++", "gcc"))), "")
-        sccache = next((line.strip() for line in lines if line.startswith("sccache")), None)
-        info = ToolchainInfo(backend=self.name, python=probe.get("python", ""), torch=probe.get("torch") or "",
-                             torch_cuda=probe.get("torch_cuda") or "", nvcc=parse_nvcc_version(output) or "",
-                             cc=cc, base_image=base_name, base_image_digest=(base.attrs.get("RepoDigests") or
-                                                                              [base.id])[0],
-                             image=self._image, location=image.id, sccache=sccache)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(info.to_json()))
-        return info
+            probe = json.loads(record.read_text())
+        else:
+            lines: list[str] = []
+            probed = self.engine.run(image, ["/bin/sh", "-c", PROBE_COMMAND, PROBE_SCRIPT], on_line=lines.append)
+            if probed.code != 0:
+                raise ToolchainError(f"the toolchain in image {image.ref} does not run (exit {probed.code}): "
+                                     f"{lines[-1] if lines else 'no output'}",
+                                     hint=f"remove image {image.ref} so gpuwheel rebuilds it")
+            probe = _parse_probe(lines)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(probe))
+        return ToolchainInfo(backend=self.name, engine=self.engine.description, base_image=base.ref,
+                             base_image_digest=base.digest, base_image_id=base.id, image=image.ref, image_id=image.id,
+                             location=f"{self.engine.kind} at {self.engine.address}", **probe)
 
     # ---- one package ----------------------------------------------------------------------------
     def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
-        assert self._client and self._image, "prepare() first"
+        assert self._image, "prepare() first"
         job.cache_dir.mkdir(parents=True, exist_ok=True)
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="gpuwheel-meta-") as meta, \
-                tempfile.TemporaryDirectory(prefix="gpuwheel-nodeps-") as no_deps:
+                tempfile.TemporaryDirectory(prefix="gpuwheel-nodeps-") as no_deps, \
+                open(job.log_path, "w", encoding="utf-8", errors="replace") as log:
             deps = job.deps_dir if job.deps_dir.is_dir() else Path(no_deps)
             places = dict(tree=f"{WORK}/{job.name}", out=OUT, deps=f"{WORK}/deps", cache=CACHE)
             env = {k: v for k, v in substitute(job.env, **places).items()
                    if self._sccache or not (k.startswith("SCCACHE_") or v.startswith("sccache"))}
             env.update(GPUWHEEL_PACKAGE=job.name, GPUWHEEL_OWNER=f"{os.getuid()}:{os.getgid()}")
-            volumes = {str(job.tree.resolve()): {"bind": SRC, "mode": "ro"},
-                       str(deps.resolve()): {"bind": DEPS_SRC, "mode": "ro"},
-                       str(job.out_dir.resolve()): {"bind": OUT, "mode": "rw"},
-                       str(job.cache_dir.resolve()): {"bind": CACHE, "mode": "rw"},
-                       meta: {"bind": META, "mode": "rw"}}
+            mounts = (Mount(job.tree, SRC, read_only=True), Mount(deps, DEPS_SRC, read_only=True),
+                      Mount(job.out_dir, OUT, read_only=False), Mount(job.cache_dir, CACHE, read_only=False),
+                      Mount(Path(meta), META, read_only=False))
+            tail: deque[str] = deque(maxlen=40)
+
+            def line(text: str) -> None:
+                log.write(text + "\n")
+                tail.append(text)
+                on_line(text)
             start = time.monotonic()
-            try:
-                container = self._client.containers.run(
-                    self._image, ["/bin/sh", "-c", BUILD_SCRIPT, "gpuwheel-build", *substitute(job.command, **places)],
-                    environment=env, volumes=volumes, network_mode="none", detach=True,
-                    labels={"gpuwheel.package": job.name})
-            except APIError as error:
-                raise ToolchainError(f"the engine refused to start the {job.name} build: {_short(error)}") from None
-            try:
-                tail = _stream_logs(container, job.log_path, on_line)
-                status = container.wait()["StatusCode"]
-                container.reload()
-                oom = bool(container.attrs["State"].get("OOMKilled"))
-            finally:
-                container.remove(force=True)
+            line(f"gpuwheel: starting a {self.engine.kind} container of {self._image.ref}")
+            finished = self.engine.run(self._image, ["/bin/sh", "-c", BUILD_SCRIPT, "gpuwheel-build",
+                                                 *substitute(job.command, **places)],
+                                   env=env, mounts=mounts, labels={"gpuwheel.package": job.name}, on_line=line)
+            seconds = time.monotonic() - start
             stats_file = Path(meta) / "sccache.json"
             stats = parse_cache_stats(stats_file.read_text() if stats_file.is_file() else "")
-        return BuildOutcome(status, time.monotonic() - start, tail, stats, oom_killed=oom)
+        return BuildOutcome(finished.code, seconds, tuple(tail), stats, oom_killed=finished.oom_killed)
 
 
-def _stream_logs(container, log_path: Path, on_line: Callable[[str], None]) -> tuple[str, ...]:
-    """Write the container's output to the log file line by line; return the last lines."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    tail: list[str] = []
-    pending = ""
-    with open(log_path, "w", encoding="utf-8", errors="replace") as log:
-        for chunk in container.logs(stream=True, follow=True):
-            pending += chunk.decode("utf-8", errors="replace")
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                log.write(line + "\n")
-                on_line(line)
-                tail = (tail + [line])[-40:]
-        if pending:
-            log.write(pending + "\n")
-            tail = (tail + [pending])[-40:]
-    return tuple(tail)
+def _parse_probe(lines: list[str]) -> dict:
+    """The probe's output: one JSON line from the interpreter, then nvcc, the C++ compiler and sccache."""
+    probe = next((json.loads(line) for line in lines if line.startswith("{")), {})
+    return {"python": probe.get("python", ""), "torch": probe.get("torch") or "",
+            "torch_cuda": probe.get("torch_cuda") or "", "nvcc": parse_nvcc_version("\n".join(lines)) or "",
+            "cc": next((line for line in lines if line.startswith(("c++", "g++", "gcc"))), ""),
+            "sccache": next((line.strip() for line in lines if line.startswith("sccache")), None)}
 
 
 def _pip_settings(context: Path) -> None:
@@ -270,10 +212,5 @@ def _pip_settings(context: Path) -> None:
     (context / "pip.conf").write_text("[global]\n" + ("cert = /opt/gpuwheel/ca.crt\n" if bundle else ""))
 
 
-def _matches_digest(image, digest: str) -> bool:
-    return image.id == digest or any(d.endswith(digest) for d in image.attrs.get("RepoDigests") or ())
-
-
-def _short(error: Exception) -> str:
-    text = getattr(error, "explanation", None) or str(error)
-    return " ".join(str(text).split())[:300]
+def _matches_digest(image: Image, digest: str) -> bool:
+    return image.id == digest or any(d.endswith(digest) for d in image.repo_digests)
