@@ -153,9 +153,9 @@ def test_container_backend_without_a_docker_engine_is_one_line(gpuwheel, tmp_pat
 
     assert result.exit_code == 7
     line = error_line(result)
-    assert line.startswith(f"gpuwheel: error: no docker engine at unix://{tmp_path}/no-docker.sock (")
-    assert line.endswith("; the default engine) (start that engine, see docs/build.md 'Container engines', "
-                         "or use --backend local)")
+    assert line == (f"gpuwheel: error: no docker engine at unix://{tmp_path}/no-docker.sock (No such file or "
+                    f"directory; the default engine) (start that engine, see docs/build.md 'Container engines', "
+                    f"or use --backend local)")
 
 
 def test_podman_that_is_not_installed_is_one_line(gpuwheel, tmp_path, monkeypatch):
@@ -257,6 +257,17 @@ def test_making_a_base_image_without_an_engine_says_how_to_start_one(gpuwheel, t
     assert result.exit_code == 7
     line = error_line(result)
     assert line.endswith("(start that engine, see docs/build.md 'Container engines')")  # no --backend: it has none
+
+
+def test_a_base_image_tag_that_cannot_name_an_image_is_refused_before_any_engine_is_asked(gpuwheel, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+
+    result = gpuwheel("toolchain", "base-image", "--tag", "Base:Bookworm")
+
+    assert result.exit_code == 7
+    assert error_line(result) == ("gpuwheel: error: --tag 'Base:Bookworm' cannot name the new image: repository "
+                                  "names are lowercase (e.g. --tag gpuwheel-base:bookworm)")
 
 
 def test_auto_picks_local_when_no_engine_answers(monkeypatch, tmp_path):

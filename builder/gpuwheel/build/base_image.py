@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuwheel.build.engine import ContainerEngine
+from gpuwheel.build.engine import ContainerEngine, EngineChoice
 from gpuwheel.build.progress import BuildProgress
 from gpuwheel.errors import ToolchainError
 from gpuwheel.imageref import image_reference_problem
@@ -33,10 +33,11 @@ class BaseImage:
     tag: str
     id: str
     suite: str
+    engine: str  # e.g. "podman 4.3.1"
     log_path: Path
 
 
-def make_base_image(engine: ContainerEngine, *, tag: str = DEFAULT_TAG, suite: str = "bookworm",
+def make_base_image(engine: EngineChoice, *, tag: str = DEFAULT_TAG, suite: str = "bookworm",
                     mirror: str | None = None, log_path: Path) -> BaseImage:
     """debootstrap --variant=minbase SUITE with PACKAGES, imported into the engine as TAG."""
     problem = image_reference_problem(tag) or ("it holds a digest; give a NAME[:TAG]" if "@" in tag or
@@ -47,7 +48,8 @@ def make_base_image(engine: ContainerEngine, *, tag: str = DEFAULT_TAG, suite: s
     if debootstrap is None:
         raise ToolchainError("debootstrap is not installed", hint="apt-get install -y debootstrap")
     progress = BuildProgress()
-    with tempfile.TemporaryDirectory(prefix="gpuwheel-rootfs-") as work:
+    # The engine first: no one waits minutes for debootstrap to hear that it is not running.
+    with ContainerEngine(engine) as connected, tempfile.TemporaryDirectory(prefix="gpuwheel-rootfs-") as work:
         root = Path(work) / "root"
         argv = [debootstrap, "--variant=minbase", f"--include={','.join(PACKAGES)}", suite, str(root)]
         with progress.activity(f"debootstrap {suite}", milestones=_STAGES,
@@ -59,9 +61,9 @@ def make_base_image(engine: ContainerEngine, *, tag: str = DEFAULT_TAG, suite: s
         (root / "var" / "cache" / "apt" / "archives").mkdir(parents=True, exist_ok=True)
         for deb in (root / "var" / "cache" / "apt" / "archives").glob("*.deb"):
             deb.unlink()  # downloaded packages: 100 MB the image does not need
-        with progress.activity(f"importing into {engine.description} as {tag}", milestones=_STAGES):
+        with progress.activity(f"importing into {connected.description} as {tag}", milestones=_STAGES):
             archive = Path(work) / "rootfs.tar"
             with tarfile.open(archive, "w") as tar:
                 tar.add(root, arcname=".")
-            image = engine.import_rootfs(archive, tag, changes=["ENV LANG=C.UTF-8", 'CMD ["/bin/bash"]'])
-    return BaseImage(tag=tag, id=image.id, suite=suite, log_path=log_path)
+            image = connected.import_rootfs(archive, tag, changes=["ENV LANG=C.UTF-8", 'CMD ["/bin/bash"]'])
+    return BaseImage(tag=tag, id=image.id, suite=suite, engine=connected.description, log_path=log_path)

@@ -324,5 +324,21 @@ def _image(ref: str, model) -> Image:
 
 
 def _short(error: Exception) -> str:
-    text = getattr(error, "explanation", None) or str(error)
+    """The engine's own explanation, else the system's reason a connection failed ("Connection refused")."""
+    text = getattr(error, "explanation", None) or _os_reason(error) or str(error)
     return " ".join(str(text).split())[:300]
+
+
+def _os_reason(error: BaseException) -> str | None:
+    """The strerror of the OSError under the SDK's and requests' wrappers (in causes and arguments)."""
+    stack: list[object] = [error]
+    seen: set[int] = set()
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.strerror:
+            return item.strerror
+        stack.extend((item.__cause__, item.__context__, *item.args))
+    return None

@@ -107,10 +107,8 @@ def toolchain() -> None:
 def base_image(tag: str, suite: str, mirror: str | None, engine: str | None) -> None:
     """Make a base image without a registry: debootstrap a minimal Debian and import it."""
     from gpuwheel.build.base_image import make_base_image
-    from gpuwheel.build.engine import ContainerEngine
 
-    with ContainerEngine(choose_engine(engine, None)) as connected:
-        made = make_base_image(connected, tag=tag, suite=suite, mirror=mirror,
-                               log_path=cache_root() / "logs" / "images" / f"base-{suite}.log")
-    console.print(f"made {made.tag} ({made.id}) from Debian {made.suite} in {connected.description}; "
+    made = make_base_image(choose_engine(engine, None), tag=tag, suite=suite, mirror=mirror,
+                           log_path=cache_root() / "logs" / "images" / f"base-{suite}.log")
+    console.print(f"made {made.tag} ({made.id}) from Debian {made.suite} in {made.engine}; "
                   f"use it with --base-image {made.tag}", markup=False)
