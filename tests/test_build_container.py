@@ -15,7 +15,8 @@ import docker
 import pytest
 from docker.errors import DockerException, ImageNotFound
 
-from build_helpers import SHARED_CACHE, files_under, fixture_recipe, sass_archs
+from build_helpers import SHARED_CACHE, files_under, fixture_recipe, fixture_wheel
+from gpuwheel.run import background
 
 pytestmark = pytest.mark.docker
 BASE_IMAGE = "gpuwheel-base:bookworm"
@@ -32,32 +33,25 @@ def docker_host():
     run_dir = Path(tempfile.mkdtemp(prefix="gwd-", dir="/tmp"))
     host = f"unix://{run_dir}/docker.sock"
     log_path = run_dir / "dockerd.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [binary, "--storage-driver=vfs", "--iptables=false", "--ip6tables=false", "--bridge=none",
-             f"--data-root={SHARED_CACHE / 'docker'}", f"--exec-root={run_dir / 'exec'}",
-             f"--pidfile={run_dir / 'docker.pid'}", "-H", host], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.skip(f"dockerd could not start (exit {process.returncode}): "
-                            f"{log_path.read_text()[-300:].strip()}")
-            try:
-                docker.DockerClient(base_url=host, timeout=5).ping()
-                break
-            except DockerException:
-                if time.monotonic() > deadline:
-                    pytest.skip(f"dockerd did not answer within 60 s: {log_path.read_text()[-300:].strip()}")
-                time.sleep(0.5)
-        yield host
+        with background([binary, "--storage-driver=vfs", "--iptables=false", "--ip6tables=false", "--bridge=none",
+                         f"--data-root={SHARED_CACHE / 'docker'}", f"--exec-root={run_dir / 'exec'}",
+                         f"--pidfile={run_dir / 'docker.pid'}", "-H", host],
+                        log_path=log_path, stop_seconds=60) as process:
+            deadline = time.monotonic() + 60
+            while True:
+                if process.poll() is not None:
+                    pytest.skip(f"dockerd could not start (exit {process.returncode}): "
+                                f"{log_path.read_text()[-300:].strip()}")
+                try:
+                    docker.DockerClient(base_url=host, timeout=5).ping()
+                    break
+                except DockerException:
+                    if time.monotonic() > deadline:
+                        pytest.skip(f"dockerd did not answer within 60 s: {log_path.read_text()[-300:].strip()}")
+                    time.sleep(0.5)
+            yield host
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         netns = run_dir / "exec" / "netns" / "default"  # dockerd leaves its network namespace mounted
         if netns.is_mount():
             subprocess.run(["umount", str(netns)], check=False)
@@ -129,9 +123,7 @@ def test_a_container_build_gives_a_wheel_with_sm90a_and_sm120_sass_pinned_to_its
     first = gpuwheel("build", recipe, "--backend", "container", "--out", out, "--json")
 
     assert first.exit_code == 0, first.stderr
-    [wheel] = out.glob("*.whl")
-    assert wheel.name.startswith("gwfixture-0.1.0+cu130.sm90a.sm120.torch214-cp311-cp311-")
-    assert set(sass_archs(wheel)) == {"sm_90a", "sm_120"}
+    wheel = fixture_wheel(out)
     built = first.json()["raw"]
     toolchain = built["toolchain"]
     assert toolchain["backend"] == "container" and toolchain["engine"].startswith(f"{engine} ")

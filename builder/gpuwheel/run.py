@@ -115,8 +115,10 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def background(argv: Sequence[str | os.PathLike], *, log_path: Path) -> Iterator[subprocess.Popen]:
-    """Run a service (argv) for the length of a block, its output in log_path; stop it by its PID after.
+def background(argv: Sequence[str | os.PathLike], *, log_path: Path,
+               stop_seconds: float = 30) -> Iterator[subprocess.Popen]:
+    """Run a service (argv) for the length of a block, its output in log_path; stop it by its PID after
+    (SIGTERM, SIGKILL after stop_seconds).
 
     The service sits in its own session, so that Ctrl-C reaches gpuwheel alone, which then still has the
     service to clean up through; and it is sent SIGTERM should gpuwheel die without cleaning up.
@@ -132,7 +134,7 @@ def background(argv: Sequence[str | os.PathLike], *, log_path: Path) -> Iterator
         finally:
             process.terminate()
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=stop_seconds)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
