@@ -149,11 +149,13 @@ class ContainerBackend:
         if record.is_file():
             probe = json.loads(record.read_text())
         else:
+            BuildProgress().say(f"asking image {image.ref} what toolchain it holds (once per image; on vfs storage "
+                                f"a container takes a minute or more to start and to remove)")
             lines: list[str] = []
             probed = self.engine.run(image, ["/bin/sh", "-c", PROBE_COMMAND, PROBE_SCRIPT], on_line=lines.append)
             if probed.code != 0:
-                raise ToolchainError(f"the toolchain in image {image.ref} does not run (exit {probed.code}): "
-                                     f"{lines[-1] if lines else 'no output'}",
+                said = next((line for line in reversed(lines) if not line.startswith("gpuwheel: ")), "no output")
+                raise ToolchainError(f"the toolchain in image {image.ref} does not run (exit {probed.code}): {said}",
                                      hint=f"remove image {image.ref} so gpuwheel rebuilds it")
             probe = _parse_probe(lines)
             record.parent.mkdir(parents=True, exist_ok=True)

@@ -301,6 +301,7 @@ class ContainerEngine:
                 state = container.attrs["State"]
                 return Exit(int(state.get("ExitCode", -1)), bool(state.get("OOMKilled")))
             finally:
+                on_line("gpuwheel: removing the container")  # minutes on vfs storage, which deletes a full copy
                 with suppress(*_ENGINE_ERRORS):  # an engine that went away has taken the container with it
                     container.remove(force=True)
 
