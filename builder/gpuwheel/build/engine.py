@@ -240,7 +240,10 @@ class ContainerEngine:
         except _ENGINE_ERRORS as error:
             failure = _short(error)
         if failure:
-            raise ToolchainError(f"building image {tag} failed: {failure.splitlines()[-1]}", hint=hint)
+            # podman's one line repeats the whole Dockerfile step before its reason, which comes last.
+            last = " ".join(failure.splitlines()[-1].split())
+            raise ToolchainError(f"building image {tag} failed: {last if len(last) <= 300 else '…' + last[-299:]}",
+                                 hint=hint)
         return self._get(tag)
 
     def import_rootfs(self, archive: Path, tag: str, *, changes: Iterable[str]) -> Image:
