@@ -41,6 +41,14 @@ def fixture_recipe(directory: Path, *, cuda: str = "13.0.2", torch: str = "2.14.
     return path
 
 
+def fixture_wheel(out: Path) -> Path:
+    """The one wheel a fixture build left in out, checked: its label, and SASS for both archs."""
+    [wheel] = out.glob("*.whl")
+    assert wheel.name.startswith("gwfixture-0.1.0+cu130.sm90a.sm120.torch214-cp311-cp311-")
+    assert set(sass_archs(wheel)) == {"sm_90a", "sm_120"}
+    return wheel
+
+
 def sass_archs(wheel: Path) -> tuple[str, ...]:
     report = audit(wheel, AuditTarget(facts.parse_arch("12.0"), None))
     return tuple(arch for so in report.sos for arch in so.sass_archs)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from build_helpers import SHARED_CACHE, files_under, fixture_recipe, sass_archs
+from build_helpers import SHARED_CACHE, files_under, fixture_recipe, fixture_wheel
 from gpuwheel.build.local import LocalBackend
 from gpuwheel.recipe import Toolchain
 
@@ -39,9 +39,7 @@ def test_local_build_gives_a_wheel_with_sm90a_and_sm120_sass_and_a_rebuild_hits_
     first = gpuwheel("build", recipe, "--backend", "local", "--out", out, "--json")
 
     assert first.exit_code == 0, first.stderr
-    [wheel] = out.glob("*.whl")
-    assert wheel.name.startswith("gwfixture-0.1.0+cu130.sm90a.sm120.torch214-cp311-cp311-")
-    assert set(sass_archs(wheel)) == {"sm_90a", "sm_120"}
+    wheel = fixture_wheel(out)
     with zipfile.ZipFile(wheel) as archive:
         assert "gwfixture/__init__.py" in archive.namelist()
     built = first.json()["raw"]
@@ -69,7 +67,7 @@ def test_toolkit_mismatch_stops_before_compiling(gpuwheel, tmp_path):
     assert result.exit_code == 7
     [line] = [l for l in result.stderr.splitlines() if l.startswith("gpuwheel: error:")]
     assert "toolkit mismatch:" in line and "is CUDA 13.0" in line and "cuda = 12.8.1" in line
-    assert "set CUDA_HOME to a CUDA 12.8 toolkit, or use --backend docker" in line
+    assert "set CUDA_HOME to a CUDA 12.8 toolkit, or use --backend container" in line
     assert files_under(out) == []
 
 
@@ -95,7 +93,7 @@ def test_missing_nvcc_for_a_toolkit_pypi_does_not_ship(gpuwheel, tmp_path, monke
 
     assert result.exit_code == 7
     assert ("no nvcc: CUDA_HOME is unset and none is on PATH, and CUDA 12.8 has no complete toolkit on PyPI "
-            "(set CUDA_HOME to a CUDA 12.8 toolkit, or use --backend docker)") in result.stderr
+            "(set CUDA_HOME to a CUDA 12.8 toolkit, or use --backend container)") in result.stderr
 
 
 def test_cuda_home_without_nvcc_is_named(gpuwheel, tmp_path, monkeypatch):
@@ -139,22 +137,145 @@ def test_a_failed_compile_shows_the_last_lines_and_the_log(gpuwheel, tmp_path, f
     assert files_under(out) == []
 
 
-def test_docker_backend_without_an_engine_is_one_line(gpuwheel, tmp_path, monkeypatch):
-    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+def error_line(result) -> str:
+    [line] = [l for l in result.stderr.splitlines() if l.startswith("gpuwheel: error:")]
+    assert "Traceback" not in result.stderr
+    return line
 
-    result = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "docker", "--out", tmp_path / "staging")
+
+def test_container_backend_without_a_docker_engine_is_one_line(gpuwheel, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    monkeypatch.delenv("GPUWHEEL_ENGINE", raising=False)
+
+    result = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "container", "--out", tmp_path / "staging")
 
     assert result.exit_code == 7
-    [line] = [l for l in result.stderr.splitlines() if l.startswith("gpuwheel: error:")]
-    assert line.startswith(f"gpuwheel: error: no Docker engine at unix://{tmp_path}/no-docker.sock (")
-    assert line.endswith("(start dockerd or use --backend local)")
+    line = error_line(result)
+    assert line == (f"gpuwheel: error: no docker engine at unix://{tmp_path}/no-docker.sock (No such file or "
+                    f"directory; the default engine) (start that engine, see docs/build.md 'Container engines', "
+                    f"or use --backend local)")
+
+
+def test_podman_that_is_not_installed_is_one_line(gpuwheel, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a host without podman
+    monkeypatch.delenv("CONTAINER_HOST", raising=False)
+
+    result = gpuwheel("build", fixture_recipe(tmp_path), "--engine", "podman", "--out", tmp_path / "staging")
+
+    assert result.exit_code == 7
+    assert error_line(result) == ("gpuwheel: error: podman is not installed (engine chosen by --engine) "
+                                  "(apt-get install -y podman, or choose docker with --engine docker, "
+                                  "or use --backend local)")
+
+
+@pytest.mark.parametrize("flag, variable, recipe_engine, chosen, chosen_by", [
+    ((), None, "podman", "podman", "fixture.toml [build] engine"),
+    ((), "docker", "podman", "docker", "GPUWHEEL_ENGINE"),
+    (("--engine", "podman"), "docker", "docker", "podman", "--engine"),
+])
+def test_the_engine_comes_from_the_flag_then_the_environment_then_the_recipe(
+        gpuwheel, tmp_path, monkeypatch, flag, variable, recipe_engine, chosen, chosen_by):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    monkeypatch.setenv("CONTAINER_HOST", f"unix://{tmp_path}/no-podman.sock")
+    if variable:
+        monkeypatch.setenv("GPUWHEEL_ENGINE", variable)
+    else:
+        monkeypatch.delenv("GPUWHEEL_ENGINE", raising=False)
+    recipe = fixture_recipe(tmp_path, base_image="gpuwheel-base:bookworm")
+    recipe.write_text(recipe.read_text() + f'\n[build]\nengine = "{recipe_engine}"\n')
+
+    result = gpuwheel("build", recipe, "--backend", "container", *flag, "--out", tmp_path / "staging")
+
+    assert result.exit_code == 7
+    line = error_line(result)
+    assert line.startswith(f"gpuwheel: error: no {chosen} {'engine' if chosen == 'docker' else 'service'} at ")
+    assert f"; engine chosen by {chosen_by})" in line
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("Bad_Image!:x", "it is not NAME[:TAG][@DIGEST]"),
+    ("", "it is empty"),
+    ("Gpuwheel-Base:bookworm", "repository names are lowercase"),
+])
+def test_a_malformed_base_image_is_one_line_before_any_engine_is_asked(gpuwheel, tmp_path, monkeypatch, value, problem):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")  # never reached
+
+    result = gpuwheel("build", fixture_recipe(tmp_path), "--base-image", value, "--out", tmp_path / "staging")
+
+    assert result.exit_code == 7
+    line = error_line(result)
+    assert line.startswith(f"gpuwheel: error: --base-image {value!r} names no image: {problem}")
+    assert line.endswith("(e.g. --base-image gpuwheel-base:bookworm; leave it out for the recipe's base_image)")
+
+
+def test_a_recipe_with_a_malformed_base_image_or_an_unknown_engine_names_the_line(gpuwheel, tmp_path):
+    recipe = fixture_recipe(tmp_path, base_image="nvidia/CUDA:13.0.2")
+
+    result = gpuwheel("build", recipe, "--out", tmp_path / "staging")
+
+    assert result.exit_code == 2
+    assert error_line(result).endswith("fixture.toml:11: base_image 'nvidia/CUDA:13.0.2' names no image: "
+                                       "repository names are lowercase")
+
+    recipe = fixture_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + '\n[build]\nengine = "podmn"\n')
+
+    result = gpuwheel("build", recipe, "--out", tmp_path / "staging")
+
+    assert result.exit_code == 2
+    assert error_line(result).endswith("unknown engine 'podmn' (did you mean 'podman'?)")
+
+
+@pytest.mark.parametrize("value, hint", [("dokcer", "did you mean docker? "), ("", "")])
+def test_an_unknown_or_empty_engine_variable_is_one_line(gpuwheel, tmp_path, monkeypatch, value, hint):
+    monkeypatch.setenv("GPUWHEEL_ENGINE", value)
+
+    result = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "container", "--out", tmp_path / "staging")
+
+    assert result.exit_code == 7
+    assert error_line(result) == (f"gpuwheel: error: GPUWHEEL_ENGINE={value!r} names no container engine "
+                                  f"({hint}set it to docker or podman, or unset it)")
+
+
+def test_container_options_with_the_local_backend_are_refused(gpuwheel, tmp_path):
+    result = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "local", "--engine", "podman",
+                      "--out", tmp_path / "staging")
+
+    assert result.exit_code == 7
+    assert error_line(result) == ("gpuwheel: error: --engine applies to --backend container only "
+                                  "(drop --engine or use --backend container)")
+
+
+def test_making_a_base_image_without_an_engine_says_how_to_start_one(gpuwheel, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    monkeypatch.delenv("GPUWHEEL_ENGINE", raising=False)
+
+    result = gpuwheel("toolchain", "base-image")
+
+    assert result.exit_code == 7
+    line = error_line(result)
+    assert line.endswith("(start that engine, see docs/build.md 'Container engines')")  # no --backend: it has none
+
+
+def test_a_base_image_tag_that_cannot_name_an_image_is_refused_before_any_engine_is_asked(gpuwheel, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+
+    result = gpuwheel("toolchain", "base-image", "--tag", "Base:Bookworm")
+
+    assert result.exit_code == 7
+    assert error_line(result) == ("gpuwheel: error: --tag 'Base:Bookworm' cannot name the new image: repository "
+                                  "names are lowercase (e.g. --tag gpuwheel-base:bookworm)")
 
 
 def test_auto_picks_local_when_no_engine_answers(monkeypatch, tmp_path):
-    from gpuwheel.build.packages import select_backend
+    from gpuwheel.build.engine import choose_engine
+    from gpuwheel.build.packages import open_backend
 
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
-    assert select_backend("auto").name == "local"
+    monkeypatch.delenv("GPUWHEEL_ENGINE", raising=False)
+    with open_backend("auto", engine=choose_engine(None, None)) as backend:
+        assert backend.name == "local"
 
 
 def test_plain_progress_lines_follow_ninja_steps(capsys):

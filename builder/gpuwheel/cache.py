@@ -1,7 +1,10 @@
 """Where gpuwheel keeps what it downloads and builds between runs: one root, one layout.
 
-$GPUWHEEL_CACHE, else the user cache dir. Under it: sources/ (content-addressed downloads and
-checkouts), toolchains/ (venvs per toolchain), compile/ (sccache/ccache), images/ (docker).
+$GPUWHEEL_CACHE, else the user cache dir (~/.cache/gpuwheel). Under it: sources/ (content-addressed
+downloads and checkouts), trees/ (patched trees per plan), work/ (the local backend's build
+directories), toolchains/ (venvs, and what each container image was found to hold), compile/
+(sccache), raw/ (wheels before finishing), logs/ (per plan and package, images/ for image builds,
+the podman service's). Container images live in the engine's own storage.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ def _make(stderr: bool) -> "Console":
     # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables of env vars and paths
     # read better unwrapped.
     width = None if stream.isatty() else int(os.environ.get("COLUMNS", 200))
-    made = Console(stderr=stderr, highlight=False, width=width)
+    # No emoji codes: an image tag such as "base:x:1" is text.
+    made = Console(stderr=stderr, highlight=False, emoji=False, width=width)
     if stderr:
         made.quiet = _quiet
     return made

@@ -29,6 +29,7 @@ from gpuwheel.errors import RecipeError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.kinds.vllm import RUST_MODES
 from gpuwheel.shipped import CHECKOUT, from_checkout, shipped
+from gpuwheel.imageref import image_reference_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,7 +81,7 @@ SCHEMA: dict[str, dict[str, str]] = {
                "torch_cuda_arch_list": _STR, "min_driver": _STR},
     "toolchain": {"cuda": _STR, "python": _STR, "torch": _STR, "base_image": _STR,
                   "base_image_digest": _STR},
-    "build": {"jobs": _INT, "nvcc_threads": _INT, "build_type": _STR},
+    "build": {"jobs": _INT, "nvcc_threads": _INT, "build_type": _STR, "engine": _STR},
     "package": {"name": _STR, "version": _STR, "source": _TABLE, "patches": _STR,
                 "env": _TABLE, "profile": _STR, "inference": _TABLE, "serving": _TABLE,
                 "dependency": "array of tables", "audit": _TABLE, "stand_in": _TABLE, "rust_frontend": _STR,
@@ -102,6 +103,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "package.dependency": ("name", "git", "rev"),
 }
 PROFILES = ("full", "inference", "serving")  # inference: flash-attn's; serving: vLLM's
+ENGINES = ("docker", "podman")  # container engines of the container backend
+ENGINE_VARIABLE = "GPUWHEEL_ENGINE"  # the environment's choice of engine, before the recipe's
 # Features the flash-attn inference profile may switch off (FLASHATTENTION_DISABLE_<NAME>).
 FLASH_ATTN_FEATURES = ("dropout", "alibi", "softcap", "local", "uneven_k")
 FLASH_ATTN_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -141,6 +144,7 @@ class BuildOptions:
     jobs: int | None = None  # None: chosen from cores and available memory
     nvcc_threads: int | None = None
     build_type: str = "Release"
+    engine: str | None = None  # the container backend's engine; --engine and $GPUWHEEL_ENGINE win over it
 
 
 @dataclass(frozen=True)
@@ -534,8 +538,14 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
     for key in ("jobs", "nvcc_threads"):
         if key in b and b[key] < 1:
             raise RecipeError(f"{where('build.' + key)}: build.{key} must be ≥ 1, got {b[key]}")
+    if "engine" in b and b["engine"] not in ENGINES:
+        close = closest(b["engine"], ENGINES) if b["engine"] else None
+        raise RecipeError(f"{where('build.engine')}: unknown engine '{b['engine']}'",
+                          hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(ENGINES)}")
+    if "base_image" in tc and (problem := image_reference_problem(tc["base_image"])):
+        raise RecipeError(f"{where('toolchain.base_image')}: base_image '{tc['base_image']}' names no image: {problem}")
     build = BuildOptions(jobs=b.get("jobs"), nvcc_threads=b.get("nvcc_threads"),
-                         build_type=b.get("build_type", "Release"))
+                         build_type=b.get("build_type", "Release"), engine=b.get("engine"))
     packages = []
     for entry in data.get("package", []):
         prefix = f"package[{entry.get('name', '?')}]"

@@ -1,19 +1,24 @@
 """The one place gpuwheel starts subprocesses: argument lists only, explicit env, a log file,
-timing, line callbacks (progress), and cancellation that takes the whole process group down.
+timing, line callbacks (progress), and cancellation that takes the whole process group down;
+and services that live for the length of a block (the podman API service).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from gpuwheel.log import logger
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,37 @@ def _kill_group(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     process.wait()
+
+
+@contextmanager
+def background(argv: Sequence[str | os.PathLike], *, log_path: Path,
+               stop_seconds: float = 30) -> Iterator[subprocess.Popen]:
+    """Run a service (argv) for the length of a block, its output in log_path; stop it by its PID after
+    (SIGTERM, SIGKILL after stop_seconds).
+
+    The service sits in its own session, so that Ctrl-C reaches gpuwheel alone, which then still has the
+    service to clean up through; and it is sent SIGTERM should gpuwheel die without cleaning up.
+    """
+    args = tuple(str(a) for a in argv)
+    logger.debug("background: %s", " ".join(args))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8", errors="replace") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=stop_seconds)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, however it dies (Linux's PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def capture(argv: Sequence[str | os.PathLike], *, env: Mapping[str, str] | None = None,

@@ -37,11 +37,15 @@ class ToolchainInfo:
     torch_cuda: str  # torch.version.cuda, e.g. 13.0
     nvcc: str  # e.g. 13.0.88
     cc: str  # first line of `c++ --version`
-    base_image: str | None = None  # docker only
-    base_image_digest: str | None = None  # the base image's id / repo digest
-    image: str | None = None  # docker only: the toolchain image tag
-    location: str = ""  # venv path, interpreter, or image id
+    base_image: str | None = None  # container only: the base image as named
+    base_image_digest: str | None = None  # its repo digest where the engine has one (podman gives local images one), else its ID
+    image: str | None = None  # container only: the toolchain image's tag (a hash of its Dockerfile)
+    location: str = ""  # venv path, interpreter, or engine address
     sccache: str | None = None  # `sccache --version`; None: built without a compile cache
+    # Container only: the engine, and the images by ID — two hosts may hold different images under one tag.
+    engine: str | None = None  # e.g. "podman 4.3.1"
+    base_image_id: str | None = None
+    image_id: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -42,7 +42,7 @@ class LocalBackend:
     # ---- toolchain ----------------------------------------------------------------------------
     def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
         cuda = facts.major_minor(toolchain.cuda)
-        fix_cuda = (f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend docker"
+        fix_cuda = (f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend container"
                     + (f" (base image {toolchain.base_image})" if toolchain.base_image else ""))
         nvcc = _find_nvcc()
         if nvcc is not None:

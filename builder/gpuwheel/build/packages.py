@@ -11,16 +11,19 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from gpuwheel.build.base import CACHE_DIR, Backend, CacheStats, PackageBuild, ToolchainInfo, compile_cache_env
 from gpuwheel.build.progress import BuildProgress
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import BuildError, OutOfMemoryError, ToolchainError
+from gpuwheel.imageref import image_reference_problem
 
 if TYPE_CHECKING:
+    from gpuwheel.build.engine import EngineChoice
     from gpuwheel.plan import PackagePlan, Plan
 
 # What a compiler killed by SIGKILL leaves in a build log (gcc, nvcc, a shell, ninja).
@@ -51,18 +54,33 @@ class RawWheels:
                             "cache_misses": w.cache.misses} for w in self.wheels]}
 
 
-def select_backend(name: str, *, python: str | None = None, base_image: str | None = None) -> Backend:
-    """`auto` is docker where an engine answers, else local."""
-    from gpuwheel.build.docker import DockerBackend, engine_answers
+@contextmanager
+def open_backend(name: str, *, engine: EngineChoice, python: str | None = None,
+                 base_image: str | None = None) -> Iterator[Backend]:
+    """The backend for a command, held open while it builds. `auto` is a container where one was asked
+    for (--base-image, --engine) or the chosen engine can be had (docker answers; podman is installed),
+    else local."""
+    from gpuwheel.build.container import ContainerBackend
+    from gpuwheel.build.engine import ContainerEngine, engine_available
     from gpuwheel.build.local import LocalBackend
 
+    asked_for_containers = base_image is not None or engine.chosen_by == "--engine"
     if name == "auto":
-        name = "docker" if engine_answers() else "local"
-    if name == "docker":
-        if python:
-            raise ToolchainError("--python applies to --backend local only", hint="drop --python or use --backend local")
-        return DockerBackend(base_image=base_image)
-    return LocalBackend(python=python)
+        name = "container" if asked_for_containers or (not python and engine_available(engine.name)) else "local"
+    if name == "local":
+        if asked_for_containers:
+            flag = "--base-image" if base_image is not None else "--engine"
+            raise ToolchainError(f"{flag} applies to --backend container only",
+                                 hint=f"drop {flag} or use --backend container")
+        yield LocalBackend(python=python)
+        return
+    if python:
+        raise ToolchainError("--python applies to --backend local only", hint="drop --python or use --backend local")
+    if base_image is not None and (problem := image_reference_problem(base_image)):
+        raise ToolchainError(f"--base-image {base_image!r} names no image: {problem}",
+                             hint="e.g. --base-image gpuwheel-base:bookworm; leave it out for the recipe's base_image")
+    with ContainerEngine(engine, instead=", or use --backend local") as connected:
+        yield ContainerBackend(connected, base_image=base_image)
 
 
 def build_packages(plan: Plan, trees, *, backend: Backend, toolchain: ToolchainInfo, out_dir: Path,
@@ -77,7 +95,7 @@ def build_packages(plan: Plan, trees, *, backend: Backend, toolchain: ToolchainI
     prepared = {t.name: t for t in trees.packages}
     progress.say(f"toolchain ({backend.name}): nvcc {toolchain.nvcc}, torch {toolchain.torch} "
                  f"(CUDA {toolchain.torch_cuda}), Python {toolchain.python}, {toolchain.cc}"
-                 + (f", image {toolchain.image}" if toolchain.image else ""))
+                 + (f", image {toolchain.image} ({toolchain.image_id}) on {toolchain.engine}" if toolchain.image else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = cache_root() / "logs" / plan.hash[:16]
     built = []

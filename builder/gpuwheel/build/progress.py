@@ -1,6 +1,9 @@
-"""Build progress: a rich bar per package fed by ninja's `[N/M]` lines, with elapsed time and ETA.
+"""Build progress: a rich bar per package fed by ninja's `[N/M]` lines, with elapsed time and ETA, and
+what the build is doing before its first compile step; a spinner for slow steps without a count
+(image builds, debootstrap).
 
-Off a terminal (CI logs) the bar becomes a plain line per tenth of the steps; `quiet` shows nothing.
+Off a terminal (CI logs) the bar becomes a plain line per tenth of the steps and one per phase;
+`quiet` shows nothing.
 """
 
 from __future__ import annotations
@@ -16,20 +19,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 from gpuwheel.log import console
 
 _NINJA_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]")  # pip -v indents the build's output
-# What a build does before its first ninja step (minutes for vLLM's cmake), as pip -v shows it.
-_PHASES = (("Getting requirements to build wheel", "reading build requirements"),
-           ("Preparing metadata", "preparing metadata"),
-           ("Building wheel for", "starting the build"),
-           ("running build_ext", "building extensions"),
-           ("-- The CXX compiler identification", "cmake: configuring"),
-           ("-- Configuring done", "cmake: generating the build files"),
-           ("Emitting ninja build file", "ninja: first compile starting"),
-           ("Created wheel for", "packing the wheel"))
-
-
-def _phase(line: str) -> str | None:
-    text = line.strip()
-    return next((phase for marker, phase in _PHASES if text.startswith(marker)), None)
+# Before the first compile step (up to a minute: a container, the tree copy, pip reading setup.py):
+# the backend's own "gpuwheel:" lines and pip's.
+_PHASE = re.compile(r"^\s*(?:gpuwheel: (.+)|((?:Preparing metadata|Building wheel for) .*: started))$")
 
 
 class BuildProgress:
@@ -39,32 +31,31 @@ class BuildProgress:
 
     def say(self, text: str) -> None:
         if not self.quiet:
-            console.print(text)
+            console.print(text, markup=False)
 
     @contextmanager
     def package(self, name: str) -> Iterator[Callable[[str], None]]:
-        """Yields the on_line callback that advances this package's bar."""
+        """Yields the on_line callback that advances this package's bar and shows its phase."""
         if self.interactive:
             with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                          transient=True) as bar:
-                task = bar.add_task(name, total=None)
+                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                          TextColumn("{task.fields[phase]}", markup=False), console=console, transient=True) as bar:
+                task = bar.add_task(name, total=None, phase="")
 
                 def advance(line: str) -> None:
                     if step := _NINJA_STEP.match(line):
-                        bar.update(task, completed=int(step[1]), total=int(step[2]), description=name)
-                    elif phase := _phase(line):
-                        bar.update(task, description=f"{name}: {phase}")
+                        bar.update(task, completed=int(step[1]), total=int(step[2]), phase="")
+                    elif phase := _PHASE.match(line):
+                        bar.update(task, phase=_clip(phase[1] or phase[2]))
                 yield advance
             return
-        start, shown, phases = time.monotonic(), [-1], set()
+        start, shown = time.monotonic(), [-1]
 
         def plain(line: str) -> None:
             if self.quiet:
                 return
-            if (phase := _phase(line)) and phase not in phases:
-                phases.add(phase)
-                console.print(f"{name}: {phase} ({time.monotonic() - start:.0f}s)", markup=False, highlight=False)
+            if phase := _PHASE.match(line):
+                console.print(f"{name}: {phase[1] or phase[2]} ({time.monotonic() - start:.0f}s)", markup=False)
             if not (step := _NINJA_STEP.match(line)):
                 return
             done, total = int(step[1]), int(step[2])
@@ -73,3 +64,30 @@ class BuildProgress:
                 shown[0] = tenth
                 console.print(f"{name}: {done}/{total} build steps ({time.monotonic() - start:.0f}s)")
         yield plain
+
+    @contextmanager
+    def activity(self, name: str, *, milestones: re.Pattern, note: str = "") -> Iterator[Callable[[str], None]]:
+        """A slow step without a step count: its name and note first (where its log is); then on a terminal
+        a spinner with the latest line and the time so far, off one each milestone line with its seconds."""
+        self.say(f"{name}: {note}" if note else name)
+        start = time.monotonic()
+        if self.interactive:
+            with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
+                          TextColumn("{task.fields[line]}", markup=False), console=console, transient=True) as spinner:
+                task = spinner.add_task(name, total=None, line="")
+
+                def show(line: str) -> None:
+                    if line.strip():
+                        spinner.update(task, line=_clip(line))
+                yield show
+        else:
+            def print_milestone(line: str) -> None:
+                if not self.quiet and milestones.match(line):
+                    console.print(f"{name}: {_clip(line)} ({time.monotonic() - start:.0f}s)", markup=False)
+            yield print_milestone
+        self.say(f"{name}: done in {time.monotonic() - start:.0f}s")
+
+
+def _clip(line: str, width: int = 100) -> str:
+    line = " ".join(line.split())
+    return line if len(line) <= width else line[:width - 1] + "…"

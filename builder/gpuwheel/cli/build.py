@@ -9,28 +9,33 @@ from pathlib import Path
 import click
 
 from gpuwheel.cli import TARGET, main
+from gpuwheel.recipe import ENGINE_VARIABLE, ENGINES  # light: `gpuwheel --help` imports no stage
 
 
 @main.command()
 @TARGET
-@click.option("--backend", type=click.Choice(["auto", "local", "docker"]), default="auto", show_default=True,
-              help="auto: docker where an engine answers, else local.")
+@click.option("--backend", type=click.Choice(["auto", "local", "container"]), default="auto", show_default=True,
+              help="auto: container where the engine can be had, else local.")
+@click.option("--engine", type=click.Choice(ENGINES), help=f"container: the engine (default: ${ENGINE_VARIABLE}, "
+              "else the recipe's [build] engine, else docker).")
 @click.option("--only", multiple=True, metavar="PACKAGE", help="Build just this package (repeatable).")
 @click.option("--jobs", type=click.IntRange(min=1), help="Compiler jobs (default: from cores and available memory).")
 @click.option("--offline", is_flag=True, help="Use only cached sources.")
 @click.option("--python", "python", metavar="PY",
               help="local: an interpreter holding the pinned torch (used as is), or to make the venv from.")
-@click.option("--base-image", metavar="IMAGE", help="docker: base image instead of the recipe's base_image.")
+@click.option("--base-image", metavar="IMAGE", help="container: base image instead of the recipe's base_image.")
 @click.option("--allow-audit-failure", is_flag=True, help="Finish wheels whose kernels fail the audit (marked failed).")
 @click.option("--out", "out", type=click.Path(path_type=Path), metavar="DIR",
               help="Where finished wheels go (default: wheels/<target>/staging).")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the result (as gpuwheel -q build).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON on stdout.")
-def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, offline: bool, python: str | None,
-          base_image: str | None, allow_audit_failure: bool, out: Path | None, quiet: bool, as_json: bool) -> None:
-    """Build TARGET's wheels: fetch, patch, compile (local or docker), finish and audit."""
+def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], jobs: int | None, offline: bool,
+          python: str | None, base_image: str | None, allow_audit_failure: bool, out: Path | None, quiet: bool,
+          as_json: bool) -> None:
+    """Build TARGET's wheels: fetch, patch, compile (local, or in docker or podman containers), finish and audit."""
     from gpuwheel import log
-    from gpuwheel.build.packages import build_packages, select_backend
+    from gpuwheel.build.engine import choose_engine
+    from gpuwheel.build.packages import build_packages, open_backend
     from gpuwheel.cache import cache_root
     from gpuwheel.errors import BuildError
     from gpuwheel.index import target_paths
@@ -46,8 +51,12 @@ def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, of
         log.configure(quiet=True)
     timings: list[tuple[str, float]] = []
     start = time.monotonic()
-    plan = make_plan(load_recipe(target), jobs=jobs, only=only)
-    chosen = select_backend(backend, python=python, base_image=base_image)
+    recipe = load_recipe(target)
+    plan = make_plan(recipe, jobs=jobs, only=only)
+    # Held until the command ends: a podman service gpuwheel starts lives exactly as long.
+    chosen = click.get_current_context().with_resource(open_backend(
+        backend, engine=choose_engine(engine, recipe.build.engine, recipe_name=plan.recipe.name), python=python,
+        base_image=base_image))
     # A toolkit or torch that differs from the recipe stops the build before any download.
     toolchain = chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
     timings.append(("toolchain", time.monotonic() - start))
@@ -97,20 +106,23 @@ def build(target: str, backend: str, only: tuple[str, ...], jobs: int | None, of
 
 @main.group()
 def toolchain() -> None:
-    """Toolchain images for the docker backend."""
+    """Images for the container backend."""
 
 
 @toolchain.command("base-image")
 @click.option("--tag", default="gpuwheel-base:bookworm", show_default=True, help="Image name to import as.")
 @click.option("--suite", default="bookworm", show_default=True, help="Debian release to debootstrap.")
 @click.option("--mirror", metavar="URL", help="Debian mirror (default: debootstrap's).")
-def base_image(tag: str, suite: str, mirror: str | None) -> None:
+@click.option("--engine", type=click.Choice(ENGINES), help=f"The engine to import into (default: ${ENGINE_VARIABLE}, "
+              "else docker).")
+def base_image(tag: str, suite: str, mirror: str | None, engine: str | None) -> None:
     """Make a base image without a registry: debootstrap a minimal Debian and import it."""
     from gpuwheel.build.base_image import make_base_image
+    from gpuwheel.build.engine import choose_engine
     from gpuwheel.cache import cache_root
     from gpuwheel.log import out
 
-    made = make_base_image(tag=tag, suite=suite, mirror=mirror,
+    made = make_base_image(choose_engine(engine, None), tag=tag, suite=suite, mirror=mirror,
                            log_path=cache_root() / "logs" / "images" / f"base-{suite}.log")
-    out.print(f"made {made.tag} ({made.id}) from Debian {made.suite}; use it with --base-image {made.tag}",
-              markup=False, soft_wrap=True)
+    out.print(f"made {made.tag} ({made.id}) from Debian {made.suite} in {made.engine}; "
+              f"use it with --base-image {made.tag}", markup=False, soft_wrap=True)

@@ -1,0 +1,219 @@
+"""The container backend: a toolchain image rendered from the recipe's pins, one container per package,
+on docker or podman alike (build/engine.py is the one interface to both).
+
+dockerfiles/toolchain.Dockerfile is rendered with the base image's ID, Python, torch and (where the
+base image has no CUDA toolkit) the pinned PyPI CUDA wheels, and tagged by the hash of the text: the
+same pins on the same base image reuse the same image. Each package builds in a container with its
+sources mounted read-only (copied inside to a stable writable path, which sccache keys on), the
+network off, the output and compile-cache directories mounted, and the plan's env.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from gpuwheel import facts
+from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, PackageBuild, ToolchainInfo,
+                                 check_toolchain, parse_cache_stats, parse_nvcc_version, substitute)
+from gpuwheel.build.engine import ContainerEngine, Image, Mount
+from gpuwheel.build.progress import BuildProgress
+from gpuwheel.cache import cache_root
+from gpuwheel.errors import ToolchainError
+from gpuwheel.recipe import Toolchain
+from gpuwheel.shipped import shipped
+
+TEMPLATE = shipped("dockerfiles") / "toolchain.Dockerfile"
+IMAGE_REPOSITORY = "gpuwheel-toolchain"
+# Paths inside the build container.
+SRC, DEPS_SRC, WORK, OUT, CACHE, META = ("/gpuwheel/src", "/gpuwheel/deps-src", "/gpuwheel/work", "/gpuwheel/out",
+                                         "/gpuwheel/cache", "/gpuwheel/meta")
+# Runs in the container: copy the read-only tree to a writable stable path, build through sccache,
+# save its stats, hand the outputs to the calling user. "$@" is the plan's command. The "gpuwheel:"
+# lines say what the container is doing before the first compile step (progress shows them).
+BUILD_SCRIPT = """set -e
+echo "gpuwheel: copying the source tree to {work}/$GPUWHEEL_PACKAGE"
+mkdir -p {work}
+cp -a {src} {work}/$GPUWHEEL_PACKAGE
+cp -a {deps_src} {work}/deps
+cd {work}/$GPUWHEEL_PACKAGE
+if [ -n "$SCCACHE_DIR" ]; then sccache --start-server >/dev/null; fi
+echo "gpuwheel: running the build command (pip reads the build's metadata before the first compile step)"
+set +e
+"$@"
+status=$?
+if [ -n "$SCCACHE_DIR" ]; then
+  sccache --show-stats --stats-format=json > {meta}/sccache.json
+  sccache --stop-server >/dev/null
+  chown -R "$GPUWHEEL_OWNER" "$SCCACHE_DIR"
+fi
+chown -R "$GPUWHEEL_OWNER" {out} {meta}
+exit $status
+""".format(work=WORK, src=SRC, deps_src=DEPS_SRC, meta=META, out=OUT)
+PROBE_COMMAND = ("python -c \"$0\"; nvcc --version; c++ --version | head -n1; sccache --version")
+# The lines of an image build worth a line of their own off a terminal: docker's and podman's steps, and
+# pip's two in the long one (its downloads take minutes before it installs).
+_IMAGE_STEP = re.compile(r"^(Step|STEP) \d+/\d+|^Installing collected packages|^Successfully installed")
+
+
+class _Template(string.Template):
+    delimiter = "@"  # the Dockerfile's own $VARIABLES stay as they are
+
+
+def render_dockerfile(toolchain: Toolchain, *, base_image: str, cuda_from_pypi: bool) -> str:
+    python = facts.major_minor(toolchain.python)
+    cuda = facts.major_minor(toolchain.cuda)
+    requirements = [facts.torch_requirement(toolchain.torch, toolchain.cuda), *BUILD_REQUIREMENTS]
+    if cuda_from_pypi:
+        wheels, layout = facts.CUDA_PYPI_TOOLCHAIN[cuda]
+        requirements.extend(wheels)
+        cuda_home = f"/opt/toolchain/lib/python{python}/site-packages/{layout}"
+        link = (f"cd {cuda_home}/lib && ln -sf $(ls libcudart.so.* | head -n1) libcudart.so "
+                f"&& ln -sfn lib {cuda_home}/lib64")
+    else:
+        cuda_home, link = "/usr/local/cuda", "true"
+    text = _Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
+        BASE_IMAGE=base_image, PYTHON=python, REQUIREMENTS=" ".join(f"'{r}'" for r in requirements),
+        CUDA_HOME=cuda_home, LINK_CUDA=link, KEY="@KEY")
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return text.replace("@KEY", key)
+
+
+class ContainerBackend:
+    name = "container"
+
+    def __init__(self, engine: ContainerEngine, *, base_image: str | None = None):
+        self.engine = engine  # open: the caller holds it for as long as this backend builds
+        self.base_image = base_image  # overrides the recipe's [toolchain] base_image
+        self._image: Image | None = None
+        self._sccache = False
+
+    # ---- toolchain image ----------------------------------------------------------------------
+    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
+        base_name = self.base_image or toolchain.base_image
+        if not base_name:
+            raise ToolchainError(f"{recipe_name} names no [toolchain] base_image",
+                                 hint="set one, or pass --base-image (e.g. one made by `gpuwheel toolchain base-image`)")
+        base = self.engine.find_image(base_name) or self._pull(base_name)
+        if toolchain.base_image_digest and not self.base_image and not _matches_digest(base, toolchain.base_image_digest):
+            raise ToolchainError(f"base image {base_name} is {base.id}, {recipe_name} pins base_image_digest = "
+                                 f"{toolchain.base_image_digest}", hint="pull the pinned image, or update the digest")
+        cuda = facts.major_minor(toolchain.cuda)
+        image_has_cuda = any(e.startswith("CUDA_VERSION=") for e in base.env)
+        if not image_has_cuda and cuda not in facts.CUDA_PYPI_TOOLCHAIN:
+            raise ToolchainError(f"base image {base_name} has no CUDA toolkit and CUDA {cuda} has no complete toolkit "
+                                 f"on PyPI", hint=f"use a nvidia/cuda:{toolchain.cuda}-devel base image (--base-image)")
+        dockerfile = render_dockerfile(toolchain, base_image=base.id, cuda_from_pypi=not image_has_cuda)
+        tag = f"{IMAGE_REPOSITORY}:{hashlib.sha256(dockerfile.encode()).hexdigest()[:16]}"
+        image = self.engine.find_image(tag) or self._build_image(dockerfile, tag)
+        info = self._observe(image, base)
+        check_toolchain(info, toolchain, recipe_name=recipe_name,
+                        fix_cuda=f"use a base image with CUDA {cuda} (--base-image), or one without a toolkit "
+                                 f"(the CUDA 13 toolkit then comes from PyPI)",
+                        fix_torch=f"remove image {tag} so gpuwheel rebuilds it")
+        self._image, self._sccache = image, info.sccache is not None
+        return info
+
+    def _pull(self, name: str) -> Image:
+        BuildProgress().say(f"base image {name} is not in {self.engine.description}: pulling it")
+        return self.engine.pull(name, hint="where no registry is reachable, make a base image with `gpuwheel toolchain "
+                                           "base-image` and pass --base-image gpuwheel-base:bookworm")
+
+    def _build_image(self, dockerfile: str, tag: str) -> Image:
+        log_path = cache_root() / "logs" / "images" / f"{tag.replace(':', '-')}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="gpuwheel-image-") as context, \
+                open(log_path, "w", encoding="utf-8") as log, \
+                BuildProgress().activity(f"toolchain image {tag}", milestones=_IMAGE_STEP,
+                                         note=f"torch and the build tools from PyPI, on {self.engine.description}: "
+                                              f"minutes, once; log: {log_path}") as show:
+            (Path(context) / "Dockerfile").write_text(dockerfile, encoding="utf-8")
+            _pip_settings(Path(context))
+
+            def on_line(line: str) -> None:
+                log.write(line + "\n")
+                log.flush()  # followed with tail -f during a long image build
+                show(line)
+            return self.engine.build_image(Path(context), tag, on_line=on_line, hint=f"full output in {log_path}")
+
+    def _observe(self, image: Image, base: Image) -> ToolchainInfo:
+        """Run the probe once per image ID and keep its answer next to the cache."""
+        record = cache_root() / "toolchains" / f"image-{image.id.split(':')[-1][:16]}.json"
+        if record.is_file():
+            probe = json.loads(record.read_text())
+        else:
+            BuildProgress().say(f"asking image {image.ref} what toolchain it holds (once per image; on vfs storage "
+                                f"a container takes a minute or more to start and to remove)")
+            lines: list[str] = []
+            probed = self.engine.run(image, ["/bin/sh", "-c", PROBE_COMMAND, PROBE_SCRIPT], on_line=lines.append)
+            if probed.code != 0:
+                said = next((line for line in reversed(lines) if not line.startswith("gpuwheel: ")), "no output")
+                raise ToolchainError(f"the toolchain in image {image.ref} does not run (exit {probed.code}): {said}",
+                                     hint=f"remove image {image.ref} so gpuwheel rebuilds it")
+            probe = _parse_probe(lines)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(probe))
+        return ToolchainInfo(backend=self.name, engine=self.engine.description, base_image=base.ref,
+                             base_image_digest=base.digest, base_image_id=base.id, image=image.ref, image_id=image.id,
+                             location=f"{self.engine.kind} at {self.engine.address}", **probe)
+
+    # ---- one package ----------------------------------------------------------------------------
+    def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
+        assert self._image, "prepare() first"
+        job.cache_dir.mkdir(parents=True, exist_ok=True)
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="gpuwheel-meta-") as meta, \
+                tempfile.TemporaryDirectory(prefix="gpuwheel-nodeps-") as no_deps, \
+                open(job.log_path, "w", encoding="utf-8", errors="replace") as log:
+            deps = job.deps_dir if job.deps_dir.is_dir() else Path(no_deps)
+            places = dict(tree=f"{WORK}/{job.name}", out=OUT, deps=f"{WORK}/deps", cache=CACHE)
+            env = {k: v for k, v in substitute(job.env, **places).items()
+                   if self._sccache or not (k.startswith("SCCACHE_") or v.startswith("sccache"))}
+            env.update(GPUWHEEL_PACKAGE=job.name, GPUWHEEL_OWNER=f"{os.getuid()}:{os.getgid()}")
+            mounts = (Mount(job.tree, SRC, read_only=True), Mount(deps, DEPS_SRC, read_only=True),
+                      Mount(job.out_dir, OUT, read_only=False), Mount(job.cache_dir, CACHE, read_only=False),
+                      Mount(Path(meta), META, read_only=False))
+            tail: deque[str] = deque(maxlen=40)
+
+            def line(text: str) -> None:
+                log.write(text + "\n")
+                tail.append(text)
+                on_line(text)
+            start = time.monotonic()
+            line(f"gpuwheel: starting a {self.engine.kind} container of {self._image.ref}")
+            finished = self.engine.run(self._image, ["/bin/sh", "-c", BUILD_SCRIPT, "gpuwheel-build",
+                                                 *substitute(job.command, **places)],
+                                   env=env, mounts=mounts, labels={"gpuwheel.package": job.name}, on_line=line)
+            seconds = time.monotonic() - start
+            stats_file = Path(meta) / "sccache.json"
+            stats = parse_cache_stats(stats_file.read_text() if stats_file.is_file() else "")
+        return BuildOutcome(finished.code, seconds, tuple(tail), stats, oom_killed=finished.oom_killed)
+
+
+def _parse_probe(lines: list[str]) -> dict:
+    """The probe's output: one JSON line from the interpreter, then nvcc, the C++ compiler and sccache."""
+    probe = next((json.loads(line) for line in lines if line.startswith("{")), {})
+    return {"python": probe.get("python", ""), "torch": probe.get("torch") or "",
+            "torch_cuda": probe.get("torch_cuda") or "", "nvcc": parse_nvcc_version("\n".join(lines)) or "",
+            "cc": next((line for line in lines if line.startswith(("c++", "g++", "gcc"))), ""),
+            "sccache": next((line.strip() for line in lines if line.startswith("sccache")), None)}
+
+
+def _pip_settings(context: Path) -> None:
+    """pip.conf and ca.crt for the image build: the host's CA bundle (TLS-intercepting proxies) if set."""
+    bundle = next((Path(v) for k in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+                   if (v := os.environ.get(k)) and Path(v).is_file()), None)
+    (context / "ca.crt").write_bytes(bundle.read_bytes() if bundle else b"")
+    (context / "pip.conf").write_text("[global]\n" + ("cert = /opt/gpuwheel/ca.crt\n" if bundle else ""))
+
+
+def _matches_digest(image: Image, digest: str) -> bool:
+    return image.id == digest or any(d.endswith(digest) for d in image.repo_digests)
