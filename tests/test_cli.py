@@ -131,3 +131,10 @@ def test_a_fixture_whose_command_fails_shows_that_commands_stderr(pytester):
     result = pytester.runpytest("-p", "subprocess_report", "-p", "no:randomly")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*stderr of `*` (exit 1)*", "*error: invalid command bdist_wheel*"])
+
+
+def test_the_build_commands_engine_choices_are_the_recipes():
+    from gpuwheel import recipe
+    from gpuwheel.cli import build
+
+    assert (build.ENGINES, build.ENGINE_VARIABLE) == (recipe.ENGINES, recipe.ENGINE_VARIABLE)

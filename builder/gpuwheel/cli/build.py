@@ -9,7 +9,11 @@ from pathlib import Path
 import click
 
 from gpuwheel.cli import TARGET, main
-from gpuwheel.recipe import ENGINE_VARIABLE, ENGINES  # light: `gpuwheel --help` imports no stage
+
+# Written out, not imported from gpuwheel.recipe: `gpuwheel --help` imports no stage (docs/cli.md,
+# start-up). tests/test_cli.py checks they are the recipe's.
+ENGINES = ("docker", "podman")
+ENGINE_VARIABLE = "GPUWHEEL_ENGINE"
 
 
 @main.command()
