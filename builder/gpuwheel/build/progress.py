@@ -21,7 +21,24 @@ from gpuwheel.log import console
 _NINJA_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]")  # pip -v indents the build's output
 # Before the first compile step (up to a minute: a container, the tree copy, pip reading setup.py):
 # the backend's own "gpuwheel:" lines and pip's.
-_PHASE = re.compile(r"^\s*(?:gpuwheel: (.+)|((?:Preparing metadata|Building wheel for) .*: started))$")
+# What a build does before its first ninja step (a container starting, the tree copy, then minutes of
+# vLLM's cmake): the backend's own "gpuwheel: …" lines, and pip -v's and cmake's markers.
+_BACKEND_LINE = re.compile(r"^\s*gpuwheel: (.+)$")
+_PHASES = (("Getting requirements to build wheel", "reading build requirements"),
+           ("Preparing metadata", "preparing metadata"),
+           ("Building wheel for", "starting the build"),
+           ("running build_ext", "building extensions"),
+           ("-- The CXX compiler identification", "cmake: configuring"),
+           ("-- Configuring done", "cmake: generating the build files"),
+           ("Emitting ninja build file", "ninja: first compile starting"),
+           ("Created wheel for", "packing the wheel"))
+
+
+def _phase(line: str) -> str | None:
+    if backend := _BACKEND_LINE.match(line):
+        return backend[1]
+    text = line.strip()
+    return next((phase for marker, phase in _PHASES if text.startswith(marker)), None)
 
 
 class BuildProgress:
@@ -45,17 +62,18 @@ class BuildProgress:
                 def advance(line: str) -> None:
                     if step := _NINJA_STEP.match(line):
                         bar.update(task, completed=int(step[1]), total=int(step[2]), phase="")
-                    elif phase := _PHASE.match(line):
-                        bar.update(task, phase=_clip(phase[1] or phase[2]))
+                    elif phase := _phase(line):
+                        bar.update(task, phase=_clip(phase))
                 yield advance
             return
-        start, shown = time.monotonic(), [-1]
+        start, shown, phases = time.monotonic(), [-1], set()
 
         def plain(line: str) -> None:
             if self.quiet:
                 return
-            if phase := _PHASE.match(line):
-                console.print(f"{name}: {phase[1] or phase[2]} ({time.monotonic() - start:.0f}s)", markup=False)
+            if (phase := _phase(line)) and phase not in phases:  # "started" and "finished" lines say it once
+                phases.add(phase)
+                console.print(f"{name}: {phase} ({time.monotonic() - start:.0f}s)", markup=False)
             if not (step := _NINJA_STEP.match(line)):
                 return
             done, total = int(step[1]), int(step[2])
