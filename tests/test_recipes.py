@@ -162,6 +162,7 @@ def test_vllm_027_on_cuda_128_is_refused_because_torch_213_has_no_cu128_build(gp
         [[package]]
         name = "vllm"
         version = "0.27.0"
+        profile = "full"
     """)
     result = gpuwheel("plan", path)
     assert result.exit_code == 3
@@ -246,6 +247,7 @@ def test_vllm_0251_is_in_the_pin_table(gpuwheel, write_recipe):
         [[package]]
         name = "vllm"
         version = "0.25.1"
+        profile = "full"  # the serving profile's patches are 0.26.0's
     """)
     result = gpuwheel("plan", path, "--json")
     assert result.exit_code == 0, result.stderr

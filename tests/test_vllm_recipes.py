@@ -173,3 +173,17 @@ def test_vendored_crates_build_offline_with_gpuwheels_cargo_source_replacement(t
     refused = subprocess.run(["cargo", "build", "-q"], cwd=app, env=offline, capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode != 0 and "offline" in refused.stderr
+
+
+def test_the_serving_profile_is_refused_for_a_release_whose_patch_set_lacks_it(gpuwheel, write_recipe):
+    recipe = write_recipe("""
+        extends = "rtx6000pro-cu13"
+        [[package]]
+        name = "vllm"
+        profile = "serving"
+        """)
+
+    result = gpuwheel("plan", recipe, "--only", "vllm")
+
+    assert result.exit_code == 3
+    assert "vLLM 0.33.0: gpuwheel's serving profile exists for vLLM 0.26.0 only" in result.stderr.replace("\n", " ")

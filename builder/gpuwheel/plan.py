@@ -208,6 +208,10 @@ def _package_problems(package: PackageRecipe, recipe: Recipe, archs, notes: list
                             f"torch = \"{pin}\" or pick the vLLM release that pins {torch}")
         elif pin != torch:
             notes.append(f"vLLM {package.version} pins torch {pin}; recipe has {torch} (same ABI series)")
+        if package.serving and package.version not in vllm_kind.SERVING_PROFILE_VERSIONS:
+            problems.append(f"vLLM {package.version}: gpuwheel's serving profile exists for vLLM "
+                            f"{', '.join(vllm_kind.SERVING_PROFILE_VERSIONS)} only (its patches): set "
+                            f"profile = \"full\" or build one of those")
         if package.version not in vllm_kind.DEPENDENCY_ARCHS:
             notes.append(f"vLLM {package.version}: gpuwheel does not know which archs compile which of its "
                          f"dependencies: every dependency is fetched from its sources")

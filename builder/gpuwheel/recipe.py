@@ -552,14 +552,14 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
         require(entry, "package", prefix)
         _check_name(entry["name"], "package name", where(f"{prefix}.name"), _PACKAGE_NAME)
         version(entry["version"], f"{prefix}.version", "2.8.3")
-        packages.append(_package(entry, prefix, where, origin_of))
+        packages.append(_package(entry, prefix, where, origin_of, origins))
     if not packages:
         raise RecipeError(f"{_display(path)}: the recipe builds no package", hint="add a [[package]] table")
     return Recipe(path=path, target=target, toolchain=toolchain, build=build,
                   packages=tuple(packages), files=files, origins=origins)
 
 
-def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:  # noqa: C901 - one check per key
+def _package(entry: dict, prefix: str, where, origin_of, origins: dict[str, Origin]) -> PackageRecipe:  # noqa: C901 - one check per key
     source = _source(entry["source"], f"{prefix}.source", where)
     profile = entry.get("profile", "full")
     if profile not in PROFILES:
@@ -586,9 +586,9 @@ def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:  # no
                                   hint=f"did you mean '{close}'?" if close else
                                   f"choose from {', '.join(FLASH_ATTN_FEATURES)}")
         inference = InferenceProfile(head_dims=tuple(sorted(set(head_dims))), disable=tuple(sorted(set(disable))))
-    elif "inference" in entry:
+    elif "inference" in entry and _set_beside_profile("inference", prefix, origins):
         raise RecipeError(f"{where(prefix + '.inference.head_dims')}: [package.inference] needs profile = \"inference\"")
-    serving = _serving(entry, prefix, where)
+    serving = _serving(entry, prefix, where, origins)
     dependencies = []
     for index, dep in enumerate(entry.get("dependency", [])):
         dep_prefix = f"{prefix}.dependency[{index}]"
@@ -645,9 +645,17 @@ def _package(entry: dict, prefix: str, where, origin_of) -> PackageRecipe:  # no
         stand_in=stand_in, rust_frontend=rust_frontend, cargo_vendor=cargo_vendor)
 
 
-def _serving(entry: dict, prefix: str, where) -> ServingProfile | None:
+def _set_beside_profile(table: str, prefix: str, origins: dict[str, Origin]) -> bool:
+    """Whether the profile's table was written in the file that chose the profile; one inherited
+    from a base is moot once a recipe picks another profile (profile = "full" turns it off)."""
+    chooser = origins.get(prefix + ".profile")
+    own = [origin for key, origin in origins.items() if key.startswith(f"{prefix}.{table}.")]
+    return chooser is None or not own or any(origin.file == chooser.file for origin in own)
+
+
+def _serving(entry: dict, prefix: str, where, origins: dict[str, Origin]) -> ServingProfile | None:
     if entry.get("profile") != "serving":
-        if "serving" in entry:
+        if "serving" in entry and _set_beside_profile("serving", prefix, origins):
             raise RecipeError(f"{where(prefix + '.serving')}: [package.serving] needs profile = \"serving\"")
         return None
     spec = entry.get("serving", {})

@@ -106,6 +106,9 @@ OMITTABLE: dict[str, tuple[str, str | None]] = {
     "flashmla": ("FlashMLA (MLA attention of DeepSeek-class models on Hopper/Blackwell)", "flashmla"),
 }
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # FA2's kernel buckets in vllm-flash-attn
+# The releases whose shipped patch set carries the profile patches (0004-0007 of 0.26.0): for
+# another, the variables would be read by nothing and the build would silently be the full one.
+SERVING_PROFILE_VERSIONS = ("0.26.0",)
 DTYPES = ("fp16", "bf16")
 
 
