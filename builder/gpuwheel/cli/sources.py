@@ -24,7 +24,8 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as
 @OFFLINE
 @ONLY
 @click.option("--dependency-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="DIR/<name>/ git checkouts of dependencies brought from a connected machine.")
+              help="DIR/<name>/: each dependency as a git checkout at its pin, or a git mirror (bare "
+                   "repository) it is checked out of, its submodules from the mirrors DIR/<repository name>.")
 @click.option("--strict", is_flag=True, help="Fail (exit 4) while any dependency still needs network.")
 @JSON
 def fetch(target: str, offline: bool, only: tuple[str, ...], dependency_dir: Path | None, strict: bool,
