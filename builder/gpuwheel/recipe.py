@@ -176,6 +176,11 @@ class Dependency:
     subdir: str = ""  # the directory inside the tree that src_dir_env must name
     exclude: tuple[str, ...] = ()  # paths no build reads, left out of the checkout (and of a mirror)
 
+    @property
+    def pinned_commit(self) -> str | None:
+        """The full commit the recipe pins: `commit`, or `rev` when that is one (else a tag to resolve)."""
+        return self.commit or (self.rev if re.fullmatch(r"[0-9a-f]{40}", self.rev) else None)
+
 
 @dataclass(frozen=True)
 class ServingProfile:

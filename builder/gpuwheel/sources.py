@@ -290,7 +290,7 @@ class _Store:
     def dependency(self, package: PackagePlan, dep: Dependency, dependency_dir: Path | None) -> FetchedDependency:
         label = f"{package.name} {package.version} dependency {dep.name}"
         refs = self.root / "git-refs" / f"{hashlib.sha256(f'{dep.git}@{dep.rev}'.encode()).hexdigest()[:24]}.json"
-        known = dep.commit or (dep.rev if _HEX40.fullmatch(dep.rev) else None) or _read_ref(refs)
+        known = dep.pinned_commit or _read_ref(refs)
         command = _clone_command(dep)
         found = {"name": dep.name, "git": dep.git, "rev": dep.rev, "fetch_command": command}
         with self._locked(f"{dep.name}-{hashlib.sha256(dep.git.encode()).hexdigest()[:12]}"):

@@ -495,7 +495,7 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
             {"name": package.name, "role": "package", "kind": source.kind, "location": source.location,
              "sha256": source.sha256, "commit": source.commit, "index": source.index},
             *({"name": dep.name, "role": "dependency", "kind": "git", "location": dep.git, "rev": dep.rev,
-               "commit": dep.commit or (dep.rev if re.fullmatch(r"[0-9a-f]{40}", dep.rev) else None),
+               "commit": dep.pinned_commit,
                "submodules": list(dep.submodules) if isinstance(dep.submodules, tuple) else dep.submodules,
                "provided_by": "stand-in" if dep.name in package.stand_ins else "source"}
               for dep in package.dependencies),
