@@ -3,11 +3,13 @@
 #
 #   bash tests/gpu/device.sh setup                 # install carried wheels, unpack carried sources
 #   bash tests/gpu/device.sh build RECIPE [JOBS]   # gpuwheel build --only vllm; ninja log + reports to $OUT
+#   bash tests/gpu/device.sh start RECIPE [JOBS]   # the same in the background (it outlives the call)
+#   bash tests/gpu/device.sh wait_build NAME [S]   # wait up to S seconds for it; its reports to $OUT
 #   bash tests/gpu/device.sh smoke RECIPE          # publish the staged wheels to a local index, smoke them
 #
 # What travels (git-ignored, named in the device call's `carry`; each call ≤ 64 MiB):
-#   .device/build-deps/*.whl     gpuwheel's own dependencies + vLLM's build requirements the image lacks
-#                                (tests/gpu/stage_device.sh makes them)
+#   .device/build-deps/batch-N/  gpuwheel's own dependencies + vLLM's build requirements the image lacks
+#                                (tests/gpu/stage_vllm_deps.sh makes both groups)
 #   .device/sources/*.tar.zst    parts of a gpuwheel source cache (GPUWHEEL_CACHE/sources): the vLLM
 #                                sdist archive, the dependency trees and stand-ins gpuwheel fetched here
 #   .device/vllm-deps/batch-N/   vLLM's runtime dependencies the image lacks, for the smoke test
@@ -26,14 +28,8 @@ export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 setup() {
-  # One pip call per directory: the same wheel may be staged in two of them, and pip refuses a
-  # requirement given twice from different paths.
-  for dir in .device/build-deps .device/vllm-deps/batch-*; do
-    local present=("$dir"/*.whl)
-    [ -e "${present[0]}" ] || continue
-    python3 -m pip install -q --no-deps --upgrade --target "$G/site" "${present[@]}"
-    echo "installed ${#present[@]} wheels from $dir into $G/site"
-  done
+  # the carried wheel batches (.device/GROUP/batch-N), each installed once into $G/site
+  GPUWHEEL_DEVICE_SITE="$G/site" python3 tests/gpu/device_deps.py install
   for part in .device/sources/*.tar.zst; do
     [ -e "$part" ] || continue
     local mark="$G/cache/.unpacked-$(basename "$part")"
@@ -63,6 +59,28 @@ build() {
     python3 -m gpuwheel audit "wheels/$name/staging" --target "$recipe" --json > "$OUT/audit-$name.json" || true
   fi
   return "$status"
+}
+
+# A build outlives one call (10 minutes at most): start it in the background, then `wait` for it in
+# the following calls; it stays alive while the machine is warm.
+start() {
+  local name
+  name=$(basename "$1" .toml)
+  rm -f "$G/$name.status"
+  (OUT=$G/out; build "$@" > "$G/$name.build.log" 2>&1; echo $? > "$G/$name.status") </dev/null &
+  echo "build of $1 started in the background: $G/$name.build.log"
+}
+
+wait_build() {
+  local name=$1 limit=${2:-560} start=$SECONDS
+  while [ ! -e "$G/$name.status" ] && [ $((SECONDS - start)) -lt "$limit" ]; do
+    sleep 10
+    [ $(( (SECONDS - start) % 60 )) -lt 10 ] && tail -n 1 "$G/$name.build.log" | cut -c1-160
+  done
+  tail -n 5 "$G/$name.build.log"
+  cp "$G"/out/*"$name"* "$OUT"/ 2>/dev/null || true
+  [ -e "$G/$name.status" ] || { echo "still building after ${limit} s"; return 75; }
+  return "$(cat "$G/$name.status")"
 }
 
 smoke() {
