@@ -67,8 +67,16 @@ start() {
   local name
   name=$(basename "$1" .toml)
   rm -f "$G/$name.status"
-  (OUT=$G/out; build "$@" > "$G/$name.build.log" 2>&1; echo $? > "$G/$name.status") </dev/null &
+  # its own process session: the device tool ends a call's other processes when the call returns
+  setsid bash "$0" _background "$@" </dev/null >"$G/$name.build.log" 2>&1 &
   echo "build of $1 started in the background: $G/$name.build.log"
+}
+
+_background() {
+  local name status=0
+  name=$(basename "$1" .toml)
+  OUT=$G/out build "$@" || status=$?
+  echo "$status" > "$G/$name.status"
 }
 
 wait_build() {
