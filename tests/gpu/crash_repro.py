@@ -13,7 +13,7 @@ compile ranges the 8192-token step falls into.
 Standalone: needs torch, safetensors, transformers and vLLM (all on the GPU machine's PYTHONPATH);
 no gpuwheel import. `--cpu-check` needs no GPU (vLLM's quantization parser is used when it imports).
 
-  python tests/gpu/crash_repro.py --out /tmp/crash --parallel 7          # the whole matrix
+  python tests/gpu/crash_repro.py --out /tmp/crash                       # the whole matrix
   python tests/gpu/crash_repro.py --list                                 # what would run
   python tests/gpu/crash_repro.py --out /tmp/crash --only qwen3moe-base --sanitize
   python tests/gpu/crash_repro.py --cpu-check --out /tmp/crash-cpu       # write + validate models
@@ -440,6 +440,9 @@ def launch(run: dict, out: str, timeout: float, sanitizer: str | None = None) ->
     # a cache per run: parallel runs of one config would otherwise race on the same compile cache,
     # and a run must not reuse another's compiled artifacts (the crash may live in them)
     env["VLLM_CACHE_ROOT"] = os.path.join(run_dir, "vllm-cache")
+    # Inductor compiles in a pool of one worker per core by default: 14 runs at once on 16 cores
+    # would start hundreds of workers. One thread per run compiles the same code.
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     command = [sys.executable, os.path.abspath(__file__), "--child", spec_path]
     if sanitizer:
         env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # memcheck sees torch's tensors, not one pool
@@ -636,10 +639,12 @@ def _check_against_vllm(spec: dict, directory: str, written: set[str]) -> list[s
     weights, inputs = scheme["weights"], scheme["input_activations"]
     # what CompressedTensorsW8A8Fp8MoEMethod needs for its per-channel path: channel weights,
     # dynamic token activations (else it asserts block strategy or raises for static inputs)
-    if (str(weights.strategy.value), weights.dynamic, weights.num_bits, str(weights.type.value)) != \
+    def value(field):  # compressed-tensors stores enums as their values (use_enum_values)
+        return str(getattr(field, "value", field))
+    if (value(weights.strategy), weights.dynamic, weights.num_bits, value(weights.type)) != \
             ("channel", False, 8, "float"):
         problems.append(f"weights scheme {weights}")
-    if (str(inputs.strategy.value), inputs.dynamic, inputs.num_bits) != ("token", True, 8):
+    if (value(inputs.strategy), inputs.dynamic, inputs.num_bits) != ("token", True, 8):
         problems.append(f"input activation scheme {inputs}")
     if not config._is_fp8_w8a8(weights, inputs):
         problems.append("vLLM does not classify the scheme as FP8 W8A8")
@@ -659,6 +664,26 @@ def _check_against_vllm(spec: dict, directory: str, written: set[str]) -> list[s
             except Exception:  # find_matched_target's signature differs between releases: not essential
                 pass
     problems += _check_expert_mapping(spec, written)
+    problems += _check_vllm_model_config(spec, directory)
+    return problems
+
+
+def _check_vllm_model_config(spec: dict, directory: str) -> list[str]:
+    """vLLM's ModelConfig (no GPU needed): resolves the architecture in its registry, detects and
+    verifies the quantization method, reads the head size the attention backend will get."""
+    try:
+        from vllm.config import ModelConfig
+
+        config = ModelConfig(model=directory, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=MAX_MODEL_LEN)
+    except Exception as error:
+        return [f"vLLM's ModelConfig refuses the model: {type(error).__name__}: {error}"[:500]]
+    problems = []
+    if list(config.architectures) != [spec["architecture"]]:
+        problems.append(f"vLLM resolves architectures {config.architectures}")
+    if config.quantization != "compressed-tensors":
+        problems.append(f"vLLM detects quantization {config.quantization!r}")
+    if config.get_head_size() != HEAD_DIM:
+        problems.append(f"vLLM reads head size {config.get_head_size()}")
     return problems
 
 
@@ -671,21 +696,28 @@ def _check_expert_mapping(spec: dict, written: set[str]) -> list[str]:
         print(f"note: vLLM's RoutedExperts not importable ({type(error).__name__}); expert mapping not "
               "checked", file=sys.stderr)
         return []
-    import inspect
+    import torch
 
     try:
-        signature = inspect.signature(RoutedExperts.make_expert_params_mapping)
-        args = ["gate_proj", "down_proj", "up_proj", spec["experts"]]
-        if "model" in signature.parameters:
-            args = [None] + args
-        mapping = RoutedExperts.make_expert_params_mapping(*args)
+        if hasattr(RoutedExperts, "build_expert_params_mapping"):  # 0.26.0: no model needed
+            mapping = RoutedExperts.build_expert_params_mapping("gate_proj", "down_proj", "up_proj", spec["experts"])
+        else:  # the legacy entry point scans a model for LoRA prefixes: an empty module has none
+            mapping = RoutedExperts.make_expert_params_mapping(torch.nn.Module(), "gate_proj", "down_proj",
+                                                               "up_proj", spec["experts"])
     except Exception as error:
         return [f"could not build vLLM's expert mapping: {type(error).__name__}: {error}"]
-    names = [weight_name for _, weight_name, _, _ in mapping]
     problems = []
+    experts_seen = set()
     for name in sorted(n for n in written if ".experts." in n):
-        if not any(weight_name in name for weight_name in names):
-            problems.append(f"{name} matches none of vLLM's expert mapping names")
+        expert = int(re.search(r"\.experts\.(\d+)\.", name).group(1))
+        matches = [(param, expert_id, shard) for param, weight_name, expert_id, shard in mapping
+                   if weight_name in name]
+        if len(matches) != 1 or matches[0][1] != expert:
+            problems.append(f"{name}: vLLM's expert mapping gives {matches}, expected one entry for expert {expert}")
+        else:
+            experts_seen.add(expert)
+    if experts_seen != set(range(spec["experts"])):
+        problems.append(f"experts loaded by the mapping: {len(experts_seen)} of {spec['experts']}")
     return problems
 
 
@@ -695,11 +727,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="crash-repro-out", help="directory for models, logs, results.json")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run names (see --list), or a model or "
                         "variant name to take all its runs")
-    parser.add_argument("--parallel", type=int, default=7, help="runs at once on the one GPU")
+    parser.add_argument("--parallel", type=int, default=len(matrix()),
+                        help="runs at once on the one GPU (default: the whole matrix; each run takes ~3 GB)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     parser.add_argument("--sanitize", action="store_true", help="re-run each faulted run under "
                         "compute-sanitizer memcheck, its report kept in runs/NAME-sanitize/memcheck.txt")
-    parser.add_argument("--sanitize-timeout", type=float, default=1200)
+    parser.add_argument("--sanitize-timeout", type=float, default=540,
+                        help="seconds per sanitized run (memcheck is 10-100x slower)")
     parser.add_argument("--list", action="store_true", help="print the matrix and exit")
     parser.add_argument("--cpu-check", action="store_true", help="write both models and validate them on CPU")
     parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
