@@ -135,3 +135,31 @@ def test_checks_catch_a_wrong_layout(repro, written_models):
     assert any("mlp.gate" in p for p in repro._check_against_vllm(spec, directory, quantized_router))
     out_of_range = names | {"model.layers.0.mlp.experts.128.up_proj.weight"}
     assert repro._check_expert_mapping(spec, out_of_range)
+
+
+def test_moe_in_use_names_the_selected_kernel(repro):
+    """What the worker reports for a layer holding vLLM's FP8 MoE method with its CUTLASS kernel
+    (classes named as vLLM 0.26.0 names them; the GPU run reads the real ones)."""
+    torch = pytest.importorskip("torch", reason="the MoE layer walk iterates torch modules (pip install torch)")
+    import enum
+    import types
+
+    backend = enum.Enum("Fp8MoeBackend", {"VLLM_CUTLASS": "VLLM_CUTLASS"}).VLLM_CUTLASS
+    wrapper_cls = type("TritonOrCutlassExperts", (), {})
+    wrapper = wrapper_cls()
+    wrapper.experts, wrapper.fallback_experts = type("CutlassExpertsFp8", (), {})(), type("TritonExperts", (), {})()
+    method = type("CompressedTensorsW8A8Fp8MoEMethod", (), {})()
+    method.fp8_backend, method.experts_cls = backend, wrapper_cls
+    method.moe_kernel = types.SimpleNamespace(fused_experts=wrapper,
+                                              prepare_finalize=type("MoEPrepareAndFinalizeNoDPEPModular", (), {})())
+    model = torch.nn.Module()
+    model.experts = type("RoutedExperts", (torch.nn.Module,), {})()
+    model.experts.quant_method = method
+    model.linear = torch.nn.Module()
+    model.linear.quant_method = type("CompressedTensorsLinearMethod", (), {})()  # not a MoE layer
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(get_model=lambda: model))
+    assert repro._moe_in_use(worker) == [{
+        "layer": "experts", "layer_class": "RoutedExperts", "quant_method": "CompressedTensorsW8A8Fp8MoEMethod",
+        "fp8_backend": "VLLM_CUTLASS", "experts_cls": "TritonOrCutlassExperts",
+        "kernel_experts": "TritonOrCutlassExperts", "kernel_prepare_finalize": "MoEPrepareAndFinalizeNoDPEPModular",
+        "wrapped_experts": "CutlassExpertsFp8", "wrapped_fallback_experts": "TritonExperts"}]

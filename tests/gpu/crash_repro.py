@@ -286,7 +286,7 @@ def _moe_in_use(worker) -> list[dict]:
             # TritonOrCutlassExperts wraps CUTLASS with a Triton fallback (used only for M <= 8 on sm_100)
             for part in ("experts", "fallback_experts"):
                 if hasattr(experts, part):
-                    entry[f"kernel_{part}"] = type(getattr(experts, part)).__name__
+                    entry[f"wrapped_{part}"] = type(getattr(experts, part)).__name__
         layers.append(entry)
     return layers
 
