@@ -111,3 +111,10 @@ class PublishError(GpuwheelError):
     """The index refused an upload, or a wheel may not be published."""
 
     exit_code = 13
+
+
+class StorageError(GpuwheelError):
+    """A folder gpuwheel writes (its cache, a wheels or output folder) cannot be written: a file
+    stands where a folder belongs, it is read-only or not ours, or the disk is full."""
+
+    exit_code = 15

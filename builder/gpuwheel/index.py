@@ -42,6 +42,7 @@ from packaging.version import InvalidVersion, Version
 from gpuwheel.cache import sha256_file
 from gpuwheel.errors import PublishError, WheelError
 from gpuwheel.gate import PublishGate, check_gate
+from gpuwheel.limits import irregular_file
 from gpuwheel.log import logger
 from gpuwheel.redact import has_password, safe_text
 
@@ -107,6 +108,7 @@ def read_wheel(path: Path) -> WheelFile:
         name, version, _, _ = parse_wheel_filename(path.name)
     except InvalidWheelFilename as error:
         raise WheelError(f"{path}: not a wheel file name ({error})") from None
+    _require_regular(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
@@ -173,7 +175,14 @@ def wheels_in(directory: Path) -> list[Path]:
     found = sorted(p for p in Path(directory).glob("*.whl") if not p.name.startswith("."))
     if not found:
         raise PublishError(f"no wheels in {directory}", hint="build the target first, or pass --wheels DIR")
+    for path in found:
+        _require_regular(path)
     return found
+
+
+def _require_regular(path: Path) -> None:
+    if why := irregular_file(path):
+        raise WheelError(f"{path}: {why}; refused", hint="remove it from the wheels folder")
 
 
 def _read_all(paths: Iterable[Path]) -> list[WheelFile]:

@@ -16,22 +16,43 @@ only click at the top and their stages inside the command, so a command pays for
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
 import click
 
-from gpuwheel.errors import GpuwheelError
+from gpuwheel.errors import GpuwheelError, StorageError
 from gpuwheel.run import stop_on_signals
+
+
+# The machine refused a write: nothing gpuwheel or the user's input did wrong, and wherever it
+# happens (cache, trees, staging, logs) the user's fix is the same, so it is answered here once.
+_STORAGE_ERRNOS = frozenset({errno.ENOTDIR, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except OSError as error:
+                if error.errno not in _STORAGE_ERRNOS or not error.filename:
+                    raise
+                raise _storage_error(error) from None
         except GpuwheelError as error:
             click.echo(f"gpuwheel: error: {error}", err=True)
             sys.exit(error.exit_code)
+
+
+def _storage_error(error: OSError) -> StorageError:
+    from gpuwheel.cache import cache_root
+
+    path, root = Path(error.filename), cache_root()
+    hint = (f"the cache {root} (GPUWHEEL_CACHE) must be a folder you can write, on a disk with room"
+            if path == root or root in path.parents
+            else "check that folder: free space, permissions, a file where a folder belongs")
+    return StorageError(f"cannot write {path}: {error.strerror}", hint=hint)
 
 
 def complete_target(ctx: click.Context, param: click.Parameter, incomplete: str):

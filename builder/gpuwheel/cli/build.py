@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from gpuwheel.cli import TARGET, main
+from gpuwheel.limits import MAX_JOBS
 
 # Written out, not imported from gpuwheel.recipe: `gpuwheel --help` imports no stage (docs/cli.md,
 # start-up). tests/test_cli.py checks they are the recipe's.
@@ -23,7 +24,7 @@ ENGINE_VARIABLE = "GPUWHEEL_ENGINE"
 @click.option("--engine", type=click.Choice(ENGINES), help=f"container: the engine (default: ${ENGINE_VARIABLE}, "
               "else the recipe's [build] engine, else docker).")
 @click.option("--only", multiple=True, metavar="PACKAGE", help="Build just this package (repeatable).")
-@click.option("--jobs", type=click.IntRange(min=1), help="Compiler jobs (default: from cores and available memory).")
+@click.option("--jobs", type=click.IntRange(min=1, max=MAX_JOBS), help="Compiler jobs (default: from cores and available memory).")
 @click.option("--offline", is_flag=True, help="Use only cached sources.")
 @click.option("--python", "python", metavar="PY",
               help="local: an interpreter holding the pinned torch (used as is), or to make the venv from.")
