@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -38,7 +39,7 @@ from packaging.version import Version
 
 from gpuwheel import facts
 from gpuwheel.audit.report import AuditReport, AuditTarget, audit, escapes_root
-from gpuwheel.cache import sha256_file
+from gpuwheel.cache import remove_inside, sha256_file
 from gpuwheel.errors import AuditFailure, WheelError
 from gpuwheel.index import PROVENANCE_FILE, read_wheel, version_or_none
 from gpuwheel.kinds import vllm as vllm_kind
@@ -153,7 +154,14 @@ def finish_wheels(plan: Plan, raw_wheels: Any, *, toolchain: Any, out_dir: Path 
     out_dir = Path(out_dir)
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first: removed on failure
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".gpuwheel-finish-", dir=out_dir))  # same filesystem: rename is atomic
+    # Same filesystem: rename is atomic. Named after the target: a finish killed half-way left one, and
+    # the next finish of the target (the CLI holds the target's lock) removes it; another target's
+    # finish into the same folder may be running and is left alone.
+    prefix = f".gpuwheel-finish-{plan.target.name}-"
+    for leftover in out_dir.glob(f"{glob.escape(prefix)}*"):
+        logger.info("removing %s, left by an interrupted finish", leftover)
+        remove_inside(out_dir, leftover)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
     try:
         finished = [_finish_one(plan, package, raw, label, observed, work / str(number), source_date_epoch,
                                 allow_audit_failure) for number, (package, raw) in enumerate(items)]

@@ -41,7 +41,7 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     from gpuwheel import log
     from gpuwheel.build.engine import choose_engine
     from gpuwheel.build.packages import build_packages, open_backend
-    from gpuwheel.cache import cache_root
+    from gpuwheel.cache import cache_root, target_lock
     from gpuwheel.errors import BuildError
     from gpuwheel.index import target_paths
     from gpuwheel.log import console
@@ -58,6 +58,7 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     start = time.monotonic()
     recipe = load_recipe(target)
     plan = make_plan(recipe, jobs=jobs, only=only)
+    click.get_current_context().with_resource(target_lock(plan.target.name))
     # Held until the command ends: a podman service gpuwheel starts lives exactly as long.
     chosen = click.get_current_context().with_resource(open_backend(
         backend, engine=choose_engine(engine, recipe.build.engine, recipe_name=plan.recipe.name), python=python,
