@@ -81,6 +81,7 @@ APPLIED, UPSTREAM, FAILED, SKIPPED = "applied", "already upstream", "failed", "s
 _PATCH_OPTIONS = ("--batch", "--forward", "--fuzz=0", "--no-backup-if-mismatch", "--reject-file=-",
                   "--quoting-style=literal")
 _FILE_LINE = re.compile(r"^(?:checking|patching) file (?P<file>.+)$")
+_NOT_REGULAR = re.compile(r"^File (?P<file>.+) is not a regular file -- refusing to patch$")
 _HUNK_FAILED = re.compile(r"^Hunk #(?P<hunk>\d+) FAILED at (?P<line>\d+)")
 _HEADER_FILE = re.compile(r"^\|(?:---|\+\+\+) (?P<file>\S+)")
 
@@ -183,9 +184,12 @@ def _patch_package(package: PackagePlan, fetched: FetchedPackage, root: Path, *,
         dest.mkdir(parents=True, exist_ok=True)
         for ref in (r for r in package.patches if r.tree == tree):
             for name in _named_files(ref):
-                if (source / name).is_file() and not (dest / name).exists():
+                found = source / name
+                if (found.is_file() or found.is_symlink()) and not (dest / name).exists():
                     (dest / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(source / name, dest / name)
+                    # A link stays a link, as in the build's copy: GNU patch refuses to patch through
+                    # one there, and the check must say so too, not patch the file it points at.
+                    shutil.copy2(found, dest / name, follow_symlinks=False)
     outcomes = []
     for ref in package.patches:
         directory = root / "deps" / ref.tree if ref.tree else root / "src"
@@ -258,6 +262,9 @@ def _failure(output: str, strip: int) -> str:
                      and m["file"] != "/dev/null"]
             missing = "/".join(names[0].split("/")[strip:]) if names else "?"
             return f"{missing} does not exist in the tree"
+        elif match := _NOT_REGULAR.match(line):
+            return (f"{match['file']} is not a regular file (a symlink in the tree?): GNU patch refuses to patch "
+                    "through it; patch the file it points to")
         elif line.startswith("Reversed (or previously applied) patch detected"):
             return f"{current} already holds part of this patch"
         elif "malformed patch" in line or "Only garbage" in line:

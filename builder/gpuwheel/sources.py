@@ -515,7 +515,7 @@ def _meter(name: str, total: int | None, enabled: bool) -> Iterator[Callable[[in
     if enabled:
         seconds = max(time.monotonic() - start, 1e-6)
         console.print(f"downloaded {name}: {count[0] / 1e6:.1f} MB in {seconds:.1f} s "
-                      f"({count[0] / 1e6 / seconds:.1f} MB/s)")
+                      f"({count[0] / 1e6 / seconds:.1f} MB/s)", markup=False, highlight=False)
 
 
 def _verify_file(path: Path, sha256: str, label: str) -> None:

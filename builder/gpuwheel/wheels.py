@@ -36,6 +36,7 @@ from packaging.metadata import parse_email
 from packaging.tags import parse_tag
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
+from rich.markup import escape
 
 from gpuwheel import facts
 from gpuwheel.audit.report import AuditReport, AuditTarget, audit, escapes_root
@@ -297,8 +298,8 @@ def _refuse_or_warn(report: AuditReport, filename: str, plan: Plan, allow: bool)
                            hint="rebuild with native SASS for the target, or pass --allow-audit-failure "
                                 "to finish it marked failed (the publish gate refuses it)")
     for problem in problems:
-        console.print(f"[bold red]gpuwheel: warning: finishing {filename} although its audit failed for "
-                      f"{target}: {problem}[/bold red]", soft_wrap=True)
+        console.print("[bold red]" + escape(f"gpuwheel: warning: finishing {filename} although its audit failed for "
+                                            f"{target}: {problem}") + "[/bold red]", soft_wrap=True)
     logger.warning("--allow-audit-failure: %s finished with a failed audit; gpuwheel.json says passed: false",
                    filename)
 

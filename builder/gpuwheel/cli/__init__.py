@@ -28,7 +28,8 @@ from gpuwheel.run import stop_on_signals
 
 # The machine refused a write: nothing gpuwheel or the user's input did wrong, and wherever it
 # happens (cache, trees, staging, logs) the user's fix is the same, so it is answered here once.
-_STORAGE_ERRNOS = frozenset({errno.ENOTDIR, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_STORAGE_ERRNOS = frozenset({errno.ENOTDIR, errno.EROFS, errno.EACCES, errno.EPERM}) | _FULL
 
 
 class _Group(click.Group):
@@ -37,7 +38,8 @@ class _Group(click.Group):
             try:
                 return super().invoke(ctx)
             except OSError as error:
-                if error.errno not in _STORAGE_ERRNOS or not error.filename:
+                # Without a file name only a full disk says where the fix lies; others stay bugs.
+                if error.errno not in _STORAGE_ERRNOS or not (error.filename or error.errno in _FULL):
                     raise
                 raise _storage_error(error) from None
         except GpuwheelError as error:
@@ -46,9 +48,16 @@ class _Group(click.Group):
 
 
 def _storage_error(error: OSError) -> StorageError:
+    import tempfile
+
     from gpuwheel.cache import cache_root
 
-    path, root = Path(error.filename), cache_root()
+    root = cache_root()
+    if not error.filename:  # a write() on an open file: which disk is not known here
+        return StorageError(f"a write failed: {error.strerror}",
+                            hint=f"free space in the cache {root}, the output folder and the temp folder "
+                                 f"{tempfile.gettempdir()} (TMPDIR)")
+    path = Path(error.filename)
     hint = (f"the cache {root} (GPUWHEEL_CACHE) must be a folder you can write, on a disk with room"
             if path == root or root in path.parents
             else "check that folder: free space, permissions, a file where a folder belongs")

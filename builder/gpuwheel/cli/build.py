@@ -93,10 +93,10 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     from gpuwheel.log import out
 
     if not quiet:  # timings are diagnostics; the wheels below are the result
-        table = Table("stage", "seconds", title=f"{plan.target.name}: {chosen.name} backend, "
-                      f"{time.monotonic() - start:.0f}s in all", title_justify="left")
+        table = Table("stage", "seconds", title=escape(f"{plan.target.name}: {chosen.name} backend, "
+                      f"{time.monotonic() - start:.0f}s in all"), title_justify="left")
         for stage, seconds in timings:
-            table.add_row(stage, f"{seconds:.1f}")
+            table.add_row(escape(stage), f"{seconds:.1f}")
         console.print(table)
     logs = {w.package: w for w in raw.wheels}
     for wheel in finished.wheels:

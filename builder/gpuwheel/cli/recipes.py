@@ -45,7 +45,7 @@ def targets(as_json: bool) -> None:
     table = Table("target", "GPU", "arch list", "CUDA", "min driver", "torch", "vLLM", "flash-attn")
     for row in rows:
         if "error" in row:
-            table.add_row(row["name"], f"[red]broken recipe: {escape(row['error'])}[/red]", *[""] * 6)
+            table.add_row(escape(row["name"]), f"[red]broken recipe: {escape(row['error'])}[/red]", *[""] * 6)
             continue
         versions = {name: p["version"] + (f" ({p['profile']})" if p["profile"] != "full" else "")
                     for name, p in row["packages"].items()}

@@ -1,0 +1,128 @@
+"""Hostile inputs, part three (issue 11): the tracebacks and misleading messages. Names and paths
+holding rich markup are printed as written; a full disk says so; a refused read of an index says it
+was refused; `patches check` and `build` agree about a patch through a symlink; no wheel with a
+member outside its root is published, --force or not."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from publish_helpers import make_wheel
+from sources_helpers import cache, recipe_text  # noqa: F401
+
+
+def _flat(text: str) -> str:
+    """Text without its white space: rich wraps long titles and cells at the table's width."""
+    return "".join(text.split())
+
+
+def _one_line(result, code: int, text: str) -> None:
+    assert result.exit_code == code, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert text in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("markup", ["[/x]", "[old]", "[bold]"])
+def test_markup_in_paths_is_printed_as_written(gpuwheel, write_recipe, tmp_path, monkeypatch, markup):
+    cache, wheels, index = tmp_path / f"cache{markup}", tmp_path / f"wheels{markup}", tmp_path / f"index{markup}"
+    monkeypatch.setenv("GPUWHEEL_CACHE", str(cache))
+    make_wheel(wheels, "demo")
+    result = gpuwheel("publish", "h100", "--wheels", wheels, "--index-dir", index, "--force")
+    assert result.exit_code == 0, result.stderr  # '[/x]' crashed here after the wheel was published
+    assert _flat(f"published to {index}") in _flat(result.stdout)
+    assert _flat(f"no smoke report ({wheels}/smoke.json does not exist)") in _flat(result.stderr)  # '[old]' vanished here
+
+    (tmp_path / "src").mkdir()
+    recipe = write_recipe(recipe_text('[[package]]\nname = "demo"\nversion = "1.0"\nsource = { path = "src" }\n'))
+    result = gpuwheel("fetch", recipe)
+    assert result.exit_code == 0, result.stderr
+    assert _flat(f"sources ({cache}/sources)") in _flat(result.stdout)
+
+    result = gpuwheel("cache", "list")
+    assert result.exit_code == 0, result.stderr
+    assert _flat(f"cache {cache}") in _flat(result.stdout)
+
+
+def test_a_wheel_with_a_member_outside_its_root_is_never_published_even_forced(gpuwheel, cache, tmp_path):
+    wheels, index = tmp_path / "wheels", tmp_path / "index"
+    wheel = make_wheel(wheels, "demo")
+    with zipfile.ZipFile(wheel, "a") as archive:
+        archive.writestr("../../evil.py", "print('outside site-packages')\n")
+    result = gpuwheel("publish", "h100", "--wheels", wheels, "--index-dir", index, "--force")
+    _one_line(result, 10, f"{wheel}: member '../../evil.py' would land outside the install root (path traversal); "
+                          "refused")
+    assert not index.exists()
+
+
+def test_a_full_disk_while_publishing_says_so_and_leaves_no_partial_wheel(gpuwheel, cache, tmp_path, monkeypatch):
+    from gpuwheel import index as index_module
+
+    wheels, index = tmp_path / "wheels", tmp_path / "index"
+    make_wheel(wheels, "demo")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(index_module.os, "fsync", full)
+    result = gpuwheel("publish", "h100", "--wheels", wheels, "--index-dir", index, "--force")
+    _one_line(result, 15, "a write failed: No space left on device (free space in the cache")
+    assert "TMPDIR" in result.stderr
+    assert [p.name for p in (index / "files").iterdir()] == []  # nor a half-written .part
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    """A private index that refuses every read without the right login."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(403, "Forbidden")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_refused_read_of_a_private_index_says_refused_not_no_index(gpuwheel, cache, tmp_path, monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wheels = tmp_path / "wheels"
+        make_wheel(wheels, "demo")
+        monkeypatch.setenv("TWINE_USERNAME", "me")
+        monkeypatch.setenv("TWINE_PASSWORD", "wrong")
+        url = f"http://127.0.0.1:{server.server_port}/"
+        result = gpuwheel("publish", "h100", "--wheels", wheels, "--repository", url, "--force")
+    finally:
+        server.shutdown()
+        server.server_close()
+    _one_line(result, 13, f"cannot read {url}simple/demo/: 403 Forbidden (check the username and password")
+    assert "found no simple index" not in result.stderr
+
+
+def test_patches_check_and_build_agree_on_a_patch_through_a_symlink(gpuwheel, write_recipe, cache, tmp_path):
+    outside = tmp_path / "real.txt"
+    outside.write_text("a\nb\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "link.txt").symlink_to(outside)
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "0001-link.patch").write_text("--- a/link.txt\n+++ b/link.txt\n@@ -1,2 +1,2 @@\n a\n-b\n+c\n")
+    (patches / "series").write_text("0001-link.patch\n")
+    recipe = write_recipe(recipe_text("""
+        [[package]]
+        name = "demo"
+        version = "1.0"
+        source = { path = "src" }
+        patches = "patches"
+        """))
+    result = gpuwheel("patches", "check", recipe)
+    assert result.exit_code == 6, result.stderr  # it said "applied", and the build then failed on it
+    assert ("demo 0001-link.patch: link.txt is not a regular file (a symlink in the tree?): GNU patch refuses to "
+            "patch through it" in result.stderr)
+    assert outside.read_text() == "a\nb\n"
