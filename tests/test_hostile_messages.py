@@ -126,3 +126,49 @@ def test_patches_check_and_build_agree_on_a_patch_through_a_symlink(gpuwheel, wr
     assert ("demo 0001-link.patch: link.txt is not a regular file (a symlink in the tree?): GNU patch refuses to "
             "patch through it" in result.stderr)
     assert outside.read_text() == "a\nb\n"
+
+
+def test_a_binary_series_file_is_named_not_a_traceback(gpuwheel, write_recipe, tmp_path):
+    (tmp_path / "src").mkdir()
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "series").write_bytes(b"\xa6\x00\xff binary")
+    recipe = write_recipe(recipe_text("""
+        [[package]]
+        name = "demo"
+        version = "1.0"
+        source = { path = "src" }
+        patches = "patches"
+        """))
+    _one_line(gpuwheel("plan", recipe), 6, f"{patches / 'series'}: not a text file (byte 0 is not UTF-8)")
+
+
+def test_a_full_disk_while_copying_a_tree_is_one_line(gpuwheel, write_recipe, cache, tmp_path, monkeypatch):
+    import shutil
+
+    from sources_helpers import git, make_repos
+
+    repos = make_repos(tmp_path / "repos")
+    (tmp_path / "src").mkdir()
+    recipe = write_recipe(recipe_text(f"""
+        [[package]]
+        name = "demo"
+        version = "1.0"
+        source = {{ path = "src" }}
+        [[package.dependency]]
+        name = "lib"
+        git = "https://gpuwheel-test.invalid/lib.git"
+        rev = "{repos['lib_v1']}"
+        src_dir_env = "LIB_SRC_DIR"
+        """))
+    deps = tmp_path / "deps"
+    git("clone", "-q", repos["lib"], str(deps / "lib"), cwd=tmp_path)
+    git("checkout", "-q", repos["lib_v1"], cwd=deps / "lib")
+
+    def full(source, dest, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dest)
+    monkeypatch.setattr(shutil, "copyfile", full)  # under copytree's copy2: every file fails, as on a full disk
+    result = gpuwheel("fetch", recipe, "--offline", "--dependency-dir", deps)
+    _one_line(result, 15, f"copying {deps / 'lib'} to ")
+    assert "failed: [Errno 28] No space left on device" in result.stderr and "more files)" in result.stderr
+    assert not list((cache / "sources" / "git").iterdir())  # the half copy went with its temp dir

@@ -19,6 +19,8 @@ from typing import Iterator
 import platformdirs
 from filelock import FileLock, Timeout
 
+from gpuwheel.errors import StorageError
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("GPUWHEEL_CACHE") or platformdirs.user_cache_dir("gpuwheel"))
@@ -50,6 +52,22 @@ def remove_inside(root: Path, path: Path) -> None:
         target.unlink()
     elif target.is_dir():
         shutil.rmtree(target, ignore_errors=True)
+
+
+def copy_tree(source: Path, dest: Path, *, ignore=None) -> None:
+    """shutil.copytree, links kept as links; a failure is one line, not shutil.Error's list.
+
+    copytree goes on past a file it cannot copy and raises at the end with every failure: on a
+    full disk, thousands of them, and a traceback. The first says why.
+    """
+    try:
+        shutil.copytree(source, dest, symlinks=True, ignore=ignore)
+    except shutil.Error as error:
+        failures = error.args[0] if error.args and isinstance(error.args[0], list) else []
+        why = failures[0][2] if failures else str(error)
+        more = f" (+{len(failures) - 1} more files)" if len(failures) > 1 else ""
+        raise StorageError(f"copying {source} to {dest} failed: {why}{more}",
+                           hint="free space there, or set GPUWHEEL_CACHE to a disk with room") from None
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpuwheel.cache import copy_tree
 from gpuwheel.errors import PatchError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.run import capture
@@ -46,8 +47,15 @@ _SERIES_LINE = re.compile(r"^(?P<name>\S+\.(?:patch|diff))(?P<opts>(?:\s+\S+)*)\
 def read_series(directory: Path, dependencies: tuple[str, ...] = ()) -> tuple[PatchRef, ...]:
     """The patches of a set, in series order, each hashed; raises PatchError on a bad series."""
     series = directory / "series"
+    try:
+        text = series.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PatchError(f"{series}: not a text file (byte {error.start} is not UTF-8)",
+                         hint="a series lists one patch file name a line") from None
+    except OSError as error:
+        raise PatchError(f"{series}: cannot read: {error.strerror}") from None
     refs = []
-    for number, raw in enumerate(series.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -223,7 +231,7 @@ def _named_files(ref: PatchRef) -> set[str]:
 def _copy_tree(source: Path, dest: Path) -> None:
     # .git stays behind: builds get SETUPTOOLS_SCM_PRETEND_VERSION, and histories are large.
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+    copy_tree(source, dest, ignore=shutil.ignore_patterns(".git"))
 
 
 def _patch(ref: PatchRef, directory: Path, *extra: str):

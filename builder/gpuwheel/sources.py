@@ -42,7 +42,7 @@ from pypi_simple import PYPI_SIMPLE_ENDPOINT, NoSuchProjectError, PyPISimple
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from gpuwheel.cache import cache_root, remove_inside, sha256_file
+from gpuwheel.cache import cache_root, copy_tree, remove_inside, sha256_file
 from gpuwheel.errors import OfflineError, SourceError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.limits import ExtractLimits, extract_limits
@@ -366,7 +366,7 @@ class _Store:
         if not final.is_dir():
             work = self._temp_dir("git")
             try:
-                shutil.copytree(source, work / "tree", symlinks=True)
+                copy_tree(source, work / "tree")
                 os.replace(work / "tree", final)
             finally:
                 shutil.rmtree(work)
