@@ -93,6 +93,16 @@ def test_a_full_disk_while_extracting_says_so_not_damaged_archive(gpuwheel, writ
     assert stored(cache) == [] and leftovers(cache) == []
 
 
+@pytest.mark.parametrize("kept", [20, 50])
+def test_a_gzip_cut_short_in_its_first_block_is_a_damaged_archive_not_aborted(gpuwheel, write_recipe, cache,
+                                                                             tmp_path, kept):
+    whole = tarball([file_member("demo-1.0/setup.py", os.urandom(4096))])
+    recipe = _local_archive(tmp_path, write_recipe, whole[:kept])
+    result = gpuwheel("fetch", recipe)  # click printed "Aborted!" for the EOFError of tarfile.is_tarfile
+    _one_line(result, 4, "demo 1.0: demo-1.0.tar.gz is a damaged archive (EOFError: Compressed file ended")
+    assert stored(cache) == [] and leftovers(cache) == []
+
+
 # ---- binaries and wheel folders ------------------------------------------------------------------
 def _elf_claiming(tmp_path: Path, section: str, size: int) -> Path:
     """A real shared object whose `section` header claims `size` bytes."""

@@ -561,7 +561,11 @@ def _extract(archive: Path, dest: Path, label: str, name: str | None = None) -> 
         raise SourceError(f"{label}: {error}", hint="unset it to use the default") from None
     work = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest.name), dir=dest.parent))
     try:
-        if tarfile.is_tarfile(archive):
+        try:
+            is_tar = tarfile.is_tarfile(archive)  # reads the first block: a gzip cut short raises EOFError
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise _extraction_failed(error, name, work, label) from None
+        if is_tar:
             _extract_tar(archive, name, work, label, limits)
         elif zipfile.is_zipfile(archive):
             _extract_zip(archive, name, work, label, limits)
