@@ -172,3 +172,21 @@ def test_a_full_disk_while_copying_a_tree_is_one_line(gpuwheel, write_recipe, ca
     _one_line(result, 15, f"copying {deps / 'lib'} to ")
     assert "failed: [Errno 28] No space left on device" in result.stderr and "more files)" in result.stderr
     assert not list((cache / "sources" / "git").iterdir())  # the half copy went with its temp dir
+
+
+def test_a_full_temp_dir_while_auditing_is_not_a_corrupt_wheel(gpuwheel, tmp_path, monkeypatch):
+    import subprocess
+
+    from audit_helpers import make_wheel as make_binary_wheel
+    from gpuwheel.audit import members
+
+    (tmp_path / "f.c").write_text("int f(void) { return 1; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libf.so"), str(tmp_path / "f.c")], check=True)
+    wheel = make_binary_wheel(tmp_path, "demo", "1.0", {"demo/libf.so": tmp_path / "libf.so"})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(members, "_inflate", full)  # the audit's readers are forked: they inherit it
+    result = gpuwheel("audit", wheel, "--arch", "9.0")
+    _one_line(result, 15, "a write failed: No space left on device")
+    assert "corrupt" not in result.stderr

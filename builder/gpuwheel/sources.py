@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import errno
 import glob
 import hashlib
 import json
@@ -43,7 +42,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 
 from gpuwheel.cache import cache_root, copy_tree, remove_inside, sha256_file
-from gpuwheel.errors import OfflineError, SourceError
+from gpuwheel.errors import REFUSED_WRITE, OfflineError, SourceError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.limits import ExtractLimits, extract_limits
 from gpuwheel.log import console, logger
@@ -547,10 +546,6 @@ def _reason(error: BaseException) -> str:
 
 
 # ---- safe extraction --------------------------------------------------------------------------
-# A write the machine refused (disk or quota full, read-only or not ours): the archive is fine.
-_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
-
-
 def _extract(archive: Path, dest: Path, label: str, name: str | None = None) -> None:
     """Extract into a temp dir beside dest, refusing any unsafe member (and an archive over the
     extraction limits) before writing anything."""
@@ -578,7 +573,7 @@ def _extract(archive: Path, dest: Path, label: str, name: str | None = None) -> 
 
 
 def _extraction_failed(error: BaseException, name: str, dest: Path, label: str) -> SourceError:
-    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+    if isinstance(error, OSError) and error.errno in REFUSED_WRITE:
         return SourceError(f"{label}: extracting {name} into {dest.parent} failed: {error.strerror}; kept nothing",
                            hint="free space there, or set GPUWHEEL_CACHE to a writable disk with room")
     return SourceError(f"{label}: {name} is a damaged archive ({_reason(error)})")

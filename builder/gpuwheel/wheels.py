@@ -41,7 +41,7 @@ from rich.markup import escape
 from gpuwheel import facts
 from gpuwheel.audit.report import AuditReport, AuditTarget, audit, escapes_root
 from gpuwheel.cache import remove_inside, sha256_file
-from gpuwheel.errors import AuditFailure, WheelError
+from gpuwheel.errors import AuditFailure, WheelError, raise_if_refused
 from gpuwheel.index import PROVENANCE_FILE, read_wheel, version_or_none
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.log import console, logger
@@ -376,6 +376,7 @@ def _read(archive: zipfile.ZipFile, path: Path, member: str) -> bytes:
     try:
         return archive.read(member)
     except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise_if_refused(error)
         raise WheelError(f"{path}: cannot read {member} ({error}); the wheel is corrupt") from None
 
 
@@ -423,6 +424,7 @@ def _hash_member(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo, al
                 digest.update(chunk)
                 size += len(chunk)
     except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise_if_refused(error)
         raise WheelError(f"{path}: cannot read {info.filename} ({error}); the wheel is corrupt") from None
     return _record_digest(digest), size
 

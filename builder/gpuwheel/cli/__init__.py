@@ -16,20 +16,17 @@ only click at the top and their stages inside the command, so a command pays for
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
 import click
 
-from gpuwheel.errors import GpuwheelError, StorageError
+from gpuwheel.errors import DISK_FULL, REFUSED_WRITE, GpuwheelError, StorageError
 from gpuwheel.run import stop_on_signals
 
 
 # The machine refused a write: nothing gpuwheel or the user's input did wrong, and wherever it
 # happens (cache, trees, staging, logs) the user's fix is the same, so it is answered here once.
-_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-_STORAGE_ERRNOS = frozenset({errno.ENOTDIR, errno.EROFS, errno.EACCES, errno.EPERM}) | _FULL
 
 
 class _Group(click.Group):
@@ -39,7 +36,7 @@ class _Group(click.Group):
                 return super().invoke(ctx)
             except OSError as error:
                 # Without a file name only a full disk says where the fix lies; others stay bugs.
-                if error.errno not in _STORAGE_ERRNOS or not (error.filename or error.errno in _FULL):
+                if error.errno not in REFUSED_WRITE or not (error.filename or error.errno in DISK_FULL):
                     raise
                 raise _storage_error(error) from None
         except GpuwheelError as error:
