@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,13 @@ from sources_helpers import cache, recipe_text  # noqa: F401
 def _flat(text: str) -> str:
     """Text without its white space: rich wraps long titles and cells at the table's width."""
     return "".join(text.split())
+
+
+def _demo_recipe(write_recipe, tmp_path: Path, more: str = "") -> Path:
+    """A recipe building the local folder src/ (made empty if missing), plus `more` TOML for the package."""
+    (tmp_path / "src").mkdir(exist_ok=True)
+    return write_recipe(recipe_text('[[package]]\nname = "demo"\nversion = "1.0"\nsource = { path = "src" }\n'
+                                    + more))
 
 
 def _one_line(result, code: int, text: str) -> None:
@@ -39,9 +47,7 @@ def test_markup_in_paths_is_printed_as_written(gpuwheel, write_recipe, tmp_path,
     assert _flat(f"published to {index}") in _flat(result.stdout)
     assert _flat(f"no smoke report ({wheels}/smoke.json does not exist)") in _flat(result.stderr)  # '[old]' vanished here
 
-    (tmp_path / "src").mkdir()
-    recipe = write_recipe(recipe_text('[[package]]\nname = "demo"\nversion = "1.0"\nsource = { path = "src" }\n'))
-    result = gpuwheel("fetch", recipe)
+    result = gpuwheel("fetch", _demo_recipe(write_recipe, tmp_path))
     assert result.exit_code == 0, result.stderr
     assert _flat(f"sources ({cache}/sources)") in _flat(result.stdout)
 
@@ -114,32 +120,29 @@ def test_patches_check_and_build_agree_on_a_patch_through_a_symlink(gpuwheel, wr
     patches.mkdir()
     (patches / "0001-link.patch").write_text("--- a/link.txt\n+++ b/link.txt\n@@ -1,2 +1,2 @@\n a\n-b\n+c\n")
     (patches / "series").write_text("0001-link.patch\n")
-    recipe = write_recipe(recipe_text("""
-        [[package]]
-        name = "demo"
-        version = "1.0"
-        source = { path = "src" }
-        patches = "patches"
-        """))
+    recipe = _demo_recipe(write_recipe, tmp_path, 'patches = "patches"\n')
     result = gpuwheel("patches", "check", recipe)
     assert result.exit_code == 6, result.stderr  # it said "applied", and the build then failed on it
-    assert ("demo 0001-link.patch: link.txt is not a regular file (a symlink in the tree?): GNU patch refuses to "
-            "patch through it" in result.stderr)
+    refused = "link.txt is not a regular file (a symlink in the tree?): GNU patch refuses to patch through it"
+    assert f"demo 0001-link.patch: {refused}" in result.stderr
+    # The build's own step (it runs after the toolchain check, which this machine need not pass).
+    from gpuwheel.errors import PatchError
+    from gpuwheel.patches import prepare_trees
+    from gpuwheel.plan import make_plan
+    from gpuwheel.recipe import load_recipe
+    from gpuwheel.sources import fetch_sources
+
+    plan = make_plan(load_recipe(recipe))
+    with pytest.raises(PatchError, match=re.escape(refused)):
+        prepare_trees(plan, fetch_sources(plan, progress=False), cache / "trees")
     assert outside.read_text() == "a\nb\n"
 
 
 def test_a_binary_series_file_is_named_not_a_traceback(gpuwheel, write_recipe, tmp_path):
-    (tmp_path / "src").mkdir()
     patches = tmp_path / "patches"
     patches.mkdir()
     (patches / "series").write_bytes(b"\xa6\x00\xff binary")
-    recipe = write_recipe(recipe_text("""
-        [[package]]
-        name = "demo"
-        version = "1.0"
-        source = { path = "src" }
-        patches = "patches"
-        """))
+    recipe = _demo_recipe(write_recipe, tmp_path, 'patches = "patches"\n')
     _one_line(gpuwheel("plan", recipe), 6, f"{patches / 'series'}: not a text file (byte 0 is not UTF-8)")
 
 
@@ -149,18 +152,9 @@ def test_a_full_disk_while_copying_a_tree_is_one_line(gpuwheel, write_recipe, ca
     from sources_helpers import git, make_repos
 
     repos = make_repos(tmp_path / "repos")
-    (tmp_path / "src").mkdir()
-    recipe = write_recipe(recipe_text(f"""
-        [[package]]
-        name = "demo"
-        version = "1.0"
-        source = {{ path = "src" }}
-        [[package.dependency]]
-        name = "lib"
-        git = "https://gpuwheel-test.invalid/lib.git"
-        rev = "{repos['lib_v1']}"
-        src_dir_env = "LIB_SRC_DIR"
-        """))
+    recipe = _demo_recipe(write_recipe, tmp_path, f'[[package.dependency]]\nname = "lib"\n'
+                          f'git = "https://gpuwheel-test.invalid/lib.git"\nrev = "{repos["lib_v1"]}"\n'
+                          'src_dir_env = "LIB_SRC_DIR"\n')
     deps = tmp_path / "deps"
     git("clone", "-q", repos["lib"], str(deps / "lib"), cwd=tmp_path)
     git("checkout", "-q", repos["lib_v1"], cwd=deps / "lib")
