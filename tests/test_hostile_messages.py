@@ -56,6 +56,16 @@ def test_markup_in_paths_is_printed_as_written(gpuwheel, write_recipe, tmp_path,
     assert _flat(f"cache {cache}") in _flat(result.stdout)
 
 
+def test_markup_in_a_wheels_own_record_is_shown_as_written(gpuwheel, tmp_path):
+    # gpuwheel.json comes with the wheel, from whoever made it: its keys are text too.
+    wheel = make_wheel(tmp_path, "demo", provenance={"target": "h100[/x]", "build": {"env": {"A[/x]": "[old]"}},
+                                                     "toolchain": {"observed": {"nvcc[/x]": "12.8"}}})
+    result = gpuwheel("show-wheel", wheel)
+    assert result.exit_code == 0, result.stderr
+    for text in ("h100[/x]", "A[/x]", "[old]", "toolchain nvcc[/x]"):
+        assert text in result.stdout
+
+
 def test_a_wheel_with_a_member_outside_its_root_is_never_published_even_forced(gpuwheel, cache, tmp_path):
     wheels, index = tmp_path / "wheels", tmp_path / "index"
     wheel = make_wheel(wheels, "demo")

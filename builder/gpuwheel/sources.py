@@ -173,7 +173,9 @@ class _Store:
         run's work.
         """
         with FileLock(str(self.root / "locks" / f"{key}.lock")):
-            leftovers = [*self.root.glob(f"*/{glob.escape(_temp_prefix(key))}*"),
+            prefix = _temp_prefix(key)
+            # mkdtemp's random tail holds no '-': a longer key sharing this prefix is another lock's.
+            leftovers = [*(p for p in self.root.glob(f"*/{glob.escape(prefix)}*") if "-" not in p.name[len(prefix):]),
                          *(self.root / "archives" / key).glob(".tmp-*")]  # downloads: a folder per sha256
             for leftover in leftovers:
                 logger.info("removing %s, left by an interrupted run", leftover)

@@ -111,7 +111,8 @@ def _render(report: AuditReport, details: bool) -> None:
             units = Table("unit", "offset", "verdict", "runs as", "SASS", "PTX", "problem", title=escape(so.path))
             for unit in so.units:
                 units.add_row(str(unit.index), f"{unit.offset:#x}", unit.verdict, unit.runs_as or "—",
-                              " ".join(unit.sass) or "—", escape(", ".join(f"{name} ({isa})" for name, isa in zip(unit.ptx, unit.ptx_isas)) or "—"),
+                              " ".join(unit.sass) or "—",
+                              escape(", ".join(f"{name} ({isa})" for name, isa in zip(unit.ptx, unit.ptx_isas)) or "—"),
                               escape(unit.problem or ""))
             out.print(units)
     for problem in report.problems:

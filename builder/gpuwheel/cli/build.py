@@ -24,7 +24,8 @@ ENGINE_VARIABLE = "GPUWHEEL_ENGINE"
 @click.option("--engine", type=click.Choice(ENGINES), help=f"container: the engine (default: ${ENGINE_VARIABLE}, "
               "else the recipe's [build] engine, else docker).")
 @click.option("--only", multiple=True, metavar="PACKAGE", help="Build just this package (repeatable).")
-@click.option("--jobs", type=click.IntRange(min=1, max=MAX_JOBS), help="Compiler jobs (default: from cores and available memory).")
+@click.option("--jobs", type=click.IntRange(min=1, max=MAX_JOBS),
+              help="Compiler jobs (default: from cores and available memory).")
 @click.option("--offline", is_flag=True, help="Use only cached sources.")
 @click.option("--python", "python", metavar="PY",
               help="local: an interpreter holding the pinned torch (used as is), or to make the venv from.")

@@ -56,7 +56,8 @@ def _render_sources(sources: Sources) -> None:
     table = Table("package", "version", "source", "status", "pin", "tree", title=escape(f"sources ({sources.cache})"),
                   title_justify="left")
     for p in sources.packages:
-        table.add_row(escape(p.name), escape(p.version), p.kind, p.status, (p.sha256 or p.commit or "")[:16], escape(str(p.tree)))
+        table.add_row(escape(p.name), escape(p.version), p.kind, p.status, (p.sha256 or p.commit or "")[:16],
+                      escape(str(p.tree)))
     out.print(table)
     deps = [(p.name, d) for p in sources.packages for d in p.dependencies]
     if deps:
@@ -109,7 +110,8 @@ def check(target: str, offline: bool, only: tuple[str, ...], as_json: bool) -> N
         table = Table("package", "patch", "tree", "status", "detail")
         for o in report.outcomes:
             colour = colours.get(o.status, "yellow")
-            table.add_row(escape(o.package), escape(o.patch), escape(o.where), f"[{colour}]{o.status}[/{colour}]", escape(o.detail))
+            table.add_row(escape(o.package), escape(o.patch), escape(o.where), f"[{colour}]{o.status}[/{colour}]",
+                          escape(o.detail))
         out.print(table if report.outcomes else "the plan carries no patches")
         skipped = [o for o in report.outcomes if o.status == SKIPPED]
         if skipped:
