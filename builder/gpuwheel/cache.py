@@ -3,8 +3,9 @@
 $GPUWHEEL_CACHE, else the user cache dir (~/.cache/gpuwheel). Under it: sources/ (content-addressed
 downloads and checkouts), trees/ (patched trees per plan), work/ (the local backend's build
 directories), toolchains/ (venvs, and what each container image was found to hold), compile/
-(sccache), raw/ (wheels before finishing), logs/ (per plan and package, images/ for image builds,
-the podman service's). Container images live in the engine's own storage.
+(sccache), raw/ (wheels before finishing), locks/ (one per target being built), logs/ (per plan
+and package, images/ for image builds, the podman service's). Container images live in the
+engine's own storage.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import platformdirs
+from filelock import FileLock, Timeout
+
+from gpuwheel.errors import StorageError
 
 
 def cache_root() -> Path:
@@ -47,3 +53,50 @@ def remove_inside(root: Path, path: Path) -> None:
         target.unlink()
     elif target.is_dir():
         shutil.rmtree(target, ignore_errors=True)
+
+
+def copy_tree(source: Path, dest: Path, *, ignore=None) -> None:
+    """shutil.copytree, links kept as links; a failure is one line, not shutil.Error's list.
+
+    copytree goes on past a file it cannot copy and raises at the end with every failure: on a
+    full disk, thousands of them, and a traceback. The first says why.
+    """
+    try:
+        shutil.copytree(source, dest, symlinks=True, ignore=ignore)
+    except shutil.Error as error:
+        failures = error.args[0] if error.args and isinstance(error.args[0], list) else []
+        why = failures[0][2] if failures else str(error)
+        more = f" (+{len(failures) - 1} more files)" if len(failures) > 1 else ""
+        raise StorageError(f"copying {source} to {dest} failed: {why}{more}",
+                           hint="free space there, or set GPUWHEEL_CACHE to a disk with room") from None
+
+
+@contextmanager
+def target_lock(target: str) -> Iterator[None]:
+    """Hold the target's lock: one build or finish of a target at a time on this machine.
+
+    Two builds of one target share its patched trees, work dirs and staging folder; the second
+    waits, saying for whom, rather than racing the first and dying half-way. The lock is flock's:
+    a killed holder releases it, and the next holder cleans what it left (each stage sweeps its
+    own temp names). `target` is a recipe's target name, checked at load to be a bare name.
+    """
+    from gpuwheel.log import say
+
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock, holder = FileLock(str(locks / f"target-{target}.lock")), locks / f"target-{target}.pid"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            pid = holder.read_text().strip() or "?"
+        except OSError:
+            pid = "?"
+        say(f"waiting for the other build of {target} on this machine (pid {pid}) to finish; "
+            f"lock {lock.lock_file}")
+        lock.acquire()
+    try:
+        holder.write_text(str(os.getpid()))
+        yield
+    finally:
+        lock.release()

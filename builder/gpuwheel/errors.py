@@ -7,7 +7,21 @@ Exit codes are documented in docs/errors.md; keep the two in step.
 
 from __future__ import annotations
 
+import errno
+
 from gpuwheel.redact import safe_text
+
+# OSErrors that are the machine refusing a write (a full disk or quota, a read-only or foreign
+# folder, a file where a folder belongs), whatever gpuwheel was reading: never "a corrupt input".
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+REFUSED_WRITE = DISK_FULL | {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def raise_if_refused(error: BaseException) -> None:
+    """Re-raise the machine's refusal (a full temp dir or disk) where a handler would otherwise call
+    the input corrupt; the CLI words it (StorageError)."""
+    if isinstance(error, OSError) and error.errno in REFUSED_WRITE:
+        raise error
 
 
 class GpuwheelError(Exception):
@@ -111,3 +125,10 @@ class PublishError(GpuwheelError):
     """The index refused an upload, or a wheel may not be published."""
 
     exit_code = 13
+
+
+class StorageError(GpuwheelError):
+    """A folder gpuwheel writes (its cache, a wheels or output folder) cannot be written: a file
+    stands where a folder belongs, it is read-only or not ours, or the disk is full."""
+
+    exit_code = 15

@@ -30,7 +30,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
@@ -39,9 +39,11 @@ from packaging.metadata import parse_email
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from gpuwheel.audit.report import escapes_root
 from gpuwheel.cache import sha256_file
 from gpuwheel.errors import PublishError, WheelError
 from gpuwheel.gate import PublishGate, check_gate
+from gpuwheel.limits import irregular_file
 from gpuwheel.log import logger
 from gpuwheel.redact import has_password, safe_text
 
@@ -107,9 +109,14 @@ def read_wheel(path: Path) -> WheelFile:
         name, version, _, _ = parse_wheel_filename(path.name)
     except InvalidWheelFilename as error:
         raise WheelError(f"{path}: not a wheel file name ({error})") from None
+    _require_regular(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
+            # pip refuses such a wheel on install; an index must not serve it, --force or not.
+            if unsafe := sorted(n for n in names if escapes_root(n)):
+                raise WheelError(f"{path}: member {unsafe[0]!r} would land outside the install root (path "
+                                 "traversal); refused", hint="rebuild the wheel; no wheel may hold such a member")
             dist_infos = sorted({n.split("/", 1)[0] for n in names
                                  if n.split("/", 1)[0].endswith(".dist-info") and n.endswith("/METADATA")
                                  and n.count("/") == 1})
@@ -173,7 +180,14 @@ def wheels_in(directory: Path) -> list[Path]:
     found = sorted(p for p in Path(directory).glob("*.whl") if not p.name.startswith("."))
     if not found:
         raise PublishError(f"no wheels in {directory}", hint="build the target first, or pass --wheels DIR")
+    for path in found:
+        _require_regular(path)
     return found
+
+
+def _require_regular(path: Path) -> None:
+    if why := irregular_file(path):
+        raise WheelError(f"{path}: {why}; refused", hint="remove it from the wheels folder")
 
 
 def _read_all(paths: Iterable[Path]) -> list[WheelFile]:
@@ -357,29 +371,43 @@ def _hash_of(path: Path, known: Mapping[str, tuple[str, int]]) -> str:
     return sha256_file(path)
 
 
+def _part_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
+@contextlib.contextmanager
+def _part_file(path: Path) -> Iterator[BinaryIO]:
+    """A temp file beside path (the caller renames it into place), synced to disk when the block
+    ends; removed if writing fails (a full disk, a signal), so no partial file stays behind."""
+    tmp = _part_name(path)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(tmp, "wb") as handle:
+    with _part_file(path) as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    os.replace(_part_name(path), path)
 
 
 def _copy_verified(wheel: WheelFile, files_dir: Path) -> None:
     """Copy under a temp name, hashing what is written, then rename: no partial wheel is ever visible."""
-    tmp = files_dir / f".{wheel.filename}.{os.getpid()}.part"
+    final = files_dir / wheel.filename
     digest = hashlib.sha256()
-    with open(wheel.path, "rb") as source, open(tmp, "wb") as handle:
+    with open(wheel.path, "rb") as source, _part_file(final) as handle:
         while chunk := source.read(_CHUNK):
             digest.update(chunk)
             handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
     if digest.hexdigest() != wheel.sha256:
-        tmp.unlink()
+        _part_name(final).unlink()
         raise PublishError(f"{wheel.path} changed while it was being published; nothing was published from it")
-    os.replace(tmp, files_dir / wheel.filename)
+    os.replace(_part_name(final), final)
     _fsync_dir(files_dir)
 
 
@@ -733,8 +761,12 @@ class _SimpleLookup:
         root = self.upload_url.rstrip("/") + "/"
         for base in (root + "simple/", root + "+simple/"):
             page = self._get(f"{base}{project}/")
-            if page.status_code == 200 or (page.status_code == 404 and self._get(base).status_code == 200):
+            listing = self._get(base) if page.status_code == 404 else page  # a new project: is the index there?
+            if listing.status_code == 200:
                 return base, page
+            if listing.status_code in (401, 403):  # an index is there, and refuses us: say so, not "no index"
+                raise PublishError(self.scrub(f"cannot read {listing.url}: {listing.status_code} {listing.reason}"),
+                                   hint=_refusal_hint(listing.status_code))
         raise PublishError(f"found no simple index at {root}simple/ or {root}+simple/ to check for "
                            "files already there", hint="pass --simple-url with the index's simple URL")
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpuwheel.cache import copy_tree
 from gpuwheel.errors import PatchError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.run import capture
@@ -46,8 +47,15 @@ _SERIES_LINE = re.compile(r"^(?P<name>\S+\.(?:patch|diff))(?P<opts>(?:\s+\S+)*)\
 def read_series(directory: Path, dependencies: tuple[str, ...] = ()) -> tuple[PatchRef, ...]:
     """The patches of a set, in series order, each hashed; raises PatchError on a bad series."""
     series = directory / "series"
+    try:
+        text = series.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PatchError(f"{series}: not a text file (byte {error.start} is not UTF-8)",
+                         hint="a series lists one patch file name a line") from None
+    except OSError as error:
+        raise PatchError(f"{series}: cannot read: {error.strerror}") from None
     refs = []
-    for number, raw in enumerate(series.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -81,6 +89,7 @@ APPLIED, UPSTREAM, FAILED, SKIPPED = "applied", "already upstream", "failed", "s
 _PATCH_OPTIONS = ("--batch", "--forward", "--fuzz=0", "--no-backup-if-mismatch", "--reject-file=-",
                   "--quoting-style=literal")
 _FILE_LINE = re.compile(r"^(?:checking|patching) file (?P<file>.+)$")
+_NOT_REGULAR = re.compile(r"^File (?P<file>.+) is not a regular file -- refusing to patch$")
 _HUNK_FAILED = re.compile(r"^Hunk #(?P<hunk>\d+) FAILED at (?P<line>\d+)")
 _HEADER_FILE = re.compile(r"^\|(?:---|\+\+\+) (?P<file>\S+)")
 
@@ -183,9 +192,12 @@ def _patch_package(package: PackagePlan, fetched: FetchedPackage, root: Path, *,
         dest.mkdir(parents=True, exist_ok=True)
         for ref in (r for r in package.patches if r.tree == tree):
             for name in _named_files(ref):
-                if (source / name).is_file() and not (dest / name).exists():
+                found = source / name
+                if (found.is_file() or found.is_symlink()) and not (dest / name).exists():
                     (dest / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(source / name, dest / name)
+                    # A link stays a link, as in the build's copy: GNU patch refuses to patch through
+                    # one there, and the check must say so too, not patch the file it points at.
+                    shutil.copy2(found, dest / name, follow_symlinks=False)
     outcomes = []
     for ref in package.patches:
         directory = root / "deps" / ref.tree if ref.tree else root / "src"
@@ -219,7 +231,7 @@ def _named_files(ref: PatchRef) -> set[str]:
 def _copy_tree(source: Path, dest: Path) -> None:
     # .git stays behind: builds get SETUPTOOLS_SCM_PRETEND_VERSION, and histories are large.
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+    copy_tree(source, dest, ignore=shutil.ignore_patterns(".git"))
 
 
 def _patch(ref: PatchRef, directory: Path, *extra: str):
@@ -258,6 +270,9 @@ def _failure(output: str, strip: int) -> str:
                      and m["file"] != "/dev/null"]
             missing = "/".join(names[0].split("/")[strip:]) if names else "?"
             return f"{missing} does not exist in the tree"
+        elif match := _NOT_REGULAR.match(line):
+            return (f"{match['file']} is not a regular file (a symlink in the tree?): GNU patch refuses to patch "
+                    "through it; patch the file it points to")
         elif line.startswith("Reversed (or previously applied) patch detected"):
             return f"{current} already holds part of this patch"
         elif "malformed patch" in line or "Only garbage" in line:

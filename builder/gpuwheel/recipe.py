@@ -28,6 +28,7 @@ from gpuwheel import facts
 from gpuwheel.errors import RecipeError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.kinds.vllm import RUST_MODES
+from gpuwheel.limits import MAX_JOBS
 from gpuwheel.shipped import CHECKOUT, from_checkout, shipped
 from gpuwheel.imageref import image_reference_problem
 
@@ -290,6 +291,9 @@ def _load_merged(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, O
     except tomllib.TOMLDecodeError as error:
         raise RecipeError(f"{_display(path)}: not valid TOML: {error}",
                           hint="fix the syntax at that line") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise RecipeError(f"{_display(path)}: arrays or inline tables nested too deeply to read",
+                          hint="no recipe key takes more than a list of strings or a table") from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"{_display(path)}: cannot read: {error}") from None
     lines = _key_lines(text)
@@ -541,8 +545,8 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
     toolchain = Toolchain(**{k: tc.get(k) for k in SCHEMA["toolchain"]})
     b = data.get("build", {})
     for key in ("jobs", "nvcc_threads"):
-        if key in b and b[key] < 1:
-            raise RecipeError(f"{where('build.' + key)}: build.{key} must be ≥ 1, got {b[key]}")
+        if key in b and not 1 <= b[key] <= MAX_JOBS:
+            raise RecipeError(f"{where('build.' + key)}: build.{key} must be from 1 to {MAX_JOBS}, got {b[key]}")
     if "engine" in b and b["engine"] not in ENGINES:
         close = closest(b["engine"], ENGINES) if b["engine"] else None
         raise RecipeError(f"{where('build.engine')}: unknown engine '{b['engine']}'",

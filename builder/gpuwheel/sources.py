@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -40,9 +41,10 @@ from pypi_simple import PYPI_SIMPLE_ENDPOINT, NoSuchProjectError, PyPISimple
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from gpuwheel.cache import cache_root, remove_inside, sha256_file
-from gpuwheel.errors import OfflineError, SourceError
+from gpuwheel.cache import cache_root, copy_tree, remove_inside, sha256_file
+from gpuwheel.errors import REFUSED_WRITE, OfflineError, SourceError
 from gpuwheel.kinds import vllm as vllm_kind
+from gpuwheel.limits import ExtractLimits, extract_limits
 from gpuwheel.log import console, logger
 from gpuwheel.plan import PackagePlan, Plan
 from gpuwheel.recipe import Dependency, Source, target_file
@@ -158,13 +160,35 @@ class _Store:
 
     def __init__(self, root: Path, target: str, offline: bool, progress: bool):
         self.root, self.target, self.offline, self.progress = root, target, offline, progress
+        self._held: list[str] = []  # the lock keys this store holds, innermost last
         for sub in ("archives", "trees", "git", "git-refs", "locks", "stand-ins"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     @contextmanager
     def _locked(self, key: str) -> Iterator[None]:
+        """Hold the source's lock; what a killed run left under its temp names goes first.
+
+        Temp names carry the key (_temp_prefix), and only the lock's holder writes under them: any
+        found while holding it are leftovers of a run that died (SIGKILL, power loss), never a live
+        run's work.
+        """
         with FileLock(str(self.root / "locks" / f"{key}.lock")):
-            yield
+            prefix = _temp_prefix(key)
+            # mkdtemp's random tail holds no '-': a longer key sharing this prefix is another lock's.
+            leftovers = [*(p for p in self.root.glob(f"*/{glob.escape(prefix)}*") if "-" not in p.name[len(prefix):]),
+                         *(self.root / "archives" / key).glob(".tmp-*")]  # downloads: a folder per sha256
+            for leftover in leftovers:
+                logger.info("removing %s, left by an interrupted run", leftover)
+                remove_inside(self.root, leftover)
+            self._held.append(key)
+            try:
+                yield
+            finally:
+                self._held.pop()
+
+    def _temp_dir(self, sub: str) -> Path:
+        """A temp dir in sub/ named after the innermost lock held (see _locked)."""
+        return Path(tempfile.mkdtemp(prefix=_temp_prefix(self._held[-1]), dir=self.root / sub))
 
     # ---- packages ----------------------------------------------------------------------
     def package(self, package: PackagePlan, recipe_dir: Path) -> dict:
@@ -271,7 +295,7 @@ class _Store:
             raise OfflineError(f"{label}: git {url} @ {rev} is not in the cache {self.root}",
                                hint=f"run `gpuwheel fetch {self.target}` on a connected machine and copy its "
                                     f"{self.root} here")
-        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "git"))
+        work = self._temp_dir("git")
         try:
             head = _checkout(work, url, rev, submodules, label)
             if commit and head != commit:
@@ -298,7 +322,7 @@ class _Store:
                 return FetchedDependency(**found, tree=self.root / "git" / known, commit=known, status=CACHED)
             if dependency_dir is not None and (dependency_dir / dep.name).is_dir():
                 tree = self._import(dependency_dir / dep.name, dep, label, dependency_dir)
-                _write_ref(refs, dep, tree.name)
+                _write_ref(refs, dep, tree.name, self._held[-1])
                 return FetchedDependency(**found, tree=tree, commit=tree.name, status=IMPORTED)
             if self.offline:
                 return FetchedDependency(**found, tree=None, commit=known, status=NEEDS_NETWORK)
@@ -307,7 +331,7 @@ class _Store:
             except _Unreachable as error:
                 logger.info("%s: %s", label, error)
                 return FetchedDependency(**found, tree=None, commit=known, status=NEEDS_NETWORK)
-        _write_ref(refs, dep, tree.name)
+            _write_ref(refs, dep, tree.name, self._held[-1])
         return FetchedDependency(**found, tree=tree, commit=tree.name, status=status)
 
     def _import(self, source: Path, dep: Dependency, label: str, mirrors: Path) -> Path:
@@ -341,9 +365,9 @@ class _Store:
                                   hint=f"git -C {shlex.quote(str(source))} submodule update --init --recursive")
         final = self.root / "git" / head
         if not final.is_dir():
-            work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "git"))
+            work = self._temp_dir("git")
             try:
-                shutil.copytree(source, work / "tree", symlinks=True)
+                copy_tree(source, work / "tree")
                 os.replace(work / "tree", final)
             finally:
                 shutil.rmtree(work)
@@ -351,7 +375,7 @@ class _Store:
 
     def _import_mirror(self, mirror: Path, dep: Dependency, label: str, mirrors: Path) -> Path:
         """Check the pinned commit (and the submodules the recipe names) out of git mirrors."""
-        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "git"))
+        work = self._temp_dir("git")
         try:
             tree = work / "tree"
             head = _checkout_mirror(mirror, tree, dep.commit or dep.rev, dep.exclude, label)
@@ -387,7 +411,7 @@ class _Store:
             if final.is_dir():
                 return FetchedDependency(**found, tree=final, status=STAND_IN)
             archive = self._wheel(wheel, package.name, label)
-            work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root / "stand-ins"))
+            work = self._temp_dir("stand-ins")
             try:
                 _write_stand_in(archive, layout, work / "tree", label)
                 os.replace(work / "tree", final)
@@ -396,6 +420,11 @@ class _Store:
         return FetchedDependency(**found, tree=final, status=STAND_IN)
 
     def _wheel(self, source: Source, package_name: str, label: str) -> Path:
+        """The published wheel, verified, in archives/ (downloaded once, under its sha256's lock)."""
+        with self._locked(source.sha256):
+            return self._wheel_locked(source, package_name, label)
+
+    def _wheel_locked(self, source: Source, package_name: str, label: str) -> Path:
         """The published wheel, verified, in archives/ (downloaded once)."""
         archive = self.root / "archives" / source.sha256 / source.location
         if archive.is_file():
@@ -487,7 +516,7 @@ def _meter(name: str, total: int | None, enabled: bool) -> Iterator[Callable[[in
     if enabled:
         seconds = max(time.monotonic() - start, 1e-6)
         console.print(f"downloaded {name}: {count[0] / 1e6:.1f} MB in {seconds:.1f} s "
-                      f"({count[0] / 1e6 / seconds:.1f} MB/s)")
+                      f"({count[0] / 1e6 / seconds:.1f} MB/s)", markup=False, highlight=False)
 
 
 def _verify_file(path: Path, sha256: str, label: str) -> None:
@@ -507,6 +536,12 @@ def _verify_cached(root: Path, archive: Path, tree_root: Path, sha256: str, labe
                           f"{sha256[:12]}…); removed it and its tree", hint="run the fetch again")
 
 
+def _temp_prefix(key: str) -> str:
+    """The name of a temp file or dir written under the lock `key`: the next holder of that lock
+    knows it as a leftover (see _Store._locked)."""
+    return f".tmp-{key}-"
+
+
 def _reason(error: BaseException) -> str:
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__
@@ -514,14 +549,23 @@ def _reason(error: BaseException) -> str:
 
 # ---- safe extraction --------------------------------------------------------------------------
 def _extract(archive: Path, dest: Path, label: str, name: str | None = None) -> None:
-    """Extract into a temp dir beside dest, refusing any unsafe member before writing anything."""
-    work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    """Extract into a temp dir beside dest, refusing any unsafe member (and an archive over the
+    extraction limits) before writing anything."""
     name = name or archive.name
     try:
-        if tarfile.is_tarfile(archive):
-            _extract_tar(archive, name, work, label)
+        limits = extract_limits()
+    except ValueError as error:
+        raise SourceError(f"{label}: {error}", hint="unset it to use the default") from None
+    work = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest.name), dir=dest.parent))
+    try:
+        try:
+            is_tar = tarfile.is_tarfile(archive)  # reads the first block: a gzip cut short raises EOFError
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise _extraction_failed(error, name, work, label) from None
+        if is_tar:
+            _extract_tar(archive, name, work, label, limits)
         elif zipfile.is_zipfile(archive):
-            _extract_zip(archive, name, work, label)
+            _extract_zip(archive, name, work, label, limits)
         else:
             raise SourceError(f"{label}: {name} is neither a tar nor a zip archive")
         os.replace(work, dest)
@@ -530,11 +574,31 @@ def _extract(archive: Path, dest: Path, label: str, name: str | None = None) -> 
             shutil.rmtree(work)
 
 
-def _extract_tar(archive: Path, name: str, dest: Path, label: str) -> None:
+def _extraction_failed(error: BaseException, name: str, dest: Path, label: str) -> SourceError:
+    if isinstance(error, OSError) and error.errno in REFUSED_WRITE:
+        return SourceError(f"{label}: extracting {name} into {dest.parent} failed: {error.strerror}; kept nothing",
+                           hint="free space there, or set GPUWHEEL_CACHE to a writable disk with room")
+    return SourceError(f"{label}: {name} is a damaged archive ({_reason(error)})")
+
+
+def _check_size(members: int, total: int, name: str, label: str, limits: ExtractLimits) -> None:
+    """Refuse what would expand past the limits (a sparse or bomb archive), before writing a byte."""
+    if members > limits.members:
+        raise SourceError(f"{label}: {name} holds more than {limits.members:,} members; refused, nothing extracted",
+                          hint=f"if the archive is trusted, raise {limits.members_variable}")
+    if total > limits.bytes:
+        raise SourceError(f"{label}: {name} expands to {total:,} bytes, over the limit of {limits.bytes:,}; "
+                          f"refused, nothing extracted", hint=f"if the archive is trusted, raise {limits.bytes_variable}")
+
+
+def _extract_tar(archive: Path, name: str, dest: Path, label: str, limits: ExtractLimits) -> None:
     try:
         with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            for member in members:
+            members, total = [], 0
+            for member in tar:  # read one at a time: a bomb of headers is refused before all are listed
+                members.append(member)
+                total += member.size if member.isreg() else 0
+                _check_size(len(members), total, name, label, limits)
                 # The `data` filter would strip a leading "/" and extract anyway: refuse instead.
                 for path in (member.name, member.linkname if member.islnk() else ""):
                     if path.startswith(("/", "\\")) or PureWindowsPath(path).drive:
@@ -548,13 +612,16 @@ def _extract_tar(archive: Path, name: str, dest: Path, label: str) -> None:
                                       f"nothing extracted") from None
             tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise SourceError(f"{label}: {name} is a damaged archive ({_reason(error)})") from None
+        raise _extraction_failed(error, name, dest, label) from None
 
 
-def _extract_zip(archive: Path, archive_name: str, dest: Path, label: str) -> None:
+def _extract_zip(archive: Path, archive_name: str, dest: Path, label: str, limits: ExtractLimits) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
+            infos = zf.infolist()
+            # zipfile never writes more than a member's recorded size (and checks its CRC).
+            _check_size(len(infos), sum(info.file_size for info in infos), archive_name, label, limits)
+            for info in infos:
                 name, mode = info.filename, info.external_attr >> 16
                 parts = PurePosixPath(name).parts
                 why = ("is an absolute path" if name.startswith(("/", "\\")) or PureWindowsPath(name).drive else
@@ -566,8 +633,8 @@ def _extract_zip(archive: Path, archive_name: str, dest: Path, label: str) -> No
                     raise SourceError(f"{label}: {archive_name} holds an unsafe member: {name!r} {why}; refused, "
                                       f"nothing extracted")
             zf.extractall(dest)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise SourceError(f"{label}: {archive_name} is a damaged archive ({_reason(error)})") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise _extraction_failed(error, archive_name, dest, label) from None
 
 
 def _single_top(root: Path) -> Path:
@@ -649,8 +716,8 @@ def _read_ref(path: Path) -> str | None:
         return None
 
 
-def _write_ref(path: Path, dep: Dependency, commit: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+def _write_ref(path: Path, dep: Dependency, commit: str, key: str) -> None:
+    fd, temp = tempfile.mkstemp(prefix=_temp_prefix(key), dir=path.parent)
     with os.fdopen(fd, "w") as out:
         json.dump({"git": dep.git, "rev": dep.rev, "commit": commit}, out)
     os.replace(temp, path)

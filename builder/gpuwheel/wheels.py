@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -35,11 +36,12 @@ from packaging.metadata import parse_email
 from packaging.tags import parse_tag
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
+from rich.markup import escape
 
 from gpuwheel import facts
 from gpuwheel.audit.report import AuditReport, AuditTarget, audit, escapes_root
-from gpuwheel.cache import sha256_file
-from gpuwheel.errors import AuditFailure, WheelError
+from gpuwheel.cache import remove_inside, sha256_file
+from gpuwheel.errors import AuditFailure, WheelError, raise_if_refused
 from gpuwheel.index import PROVENANCE_FILE, read_wheel, version_or_none
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.log import console, logger
@@ -153,7 +155,14 @@ def finish_wheels(plan: Plan, raw_wheels: Any, *, toolchain: Any, out_dir: Path 
     out_dir = Path(out_dir)
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first: removed on failure
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".gpuwheel-finish-", dir=out_dir))  # same filesystem: rename is atomic
+    # Same filesystem: rename is atomic. Named after the target: a finish killed half-way left one, and
+    # the next finish of the target (the CLI holds the target's lock) removes it; another target's
+    # finish into the same folder may be running and is left alone.
+    prefix = f".gpuwheel-finish-{plan.target.name}-"
+    for leftover in out_dir.glob(f"{glob.escape(prefix)}*"):
+        logger.info("removing %s, left by an interrupted finish", leftover)
+        remove_inside(out_dir, leftover)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
     try:
         finished = [_finish_one(plan, package, raw, label, observed, work / str(number), source_date_epoch,
                                 allow_audit_failure) for number, (package, raw) in enumerate(items)]
@@ -289,8 +298,8 @@ def _refuse_or_warn(report: AuditReport, filename: str, plan: Plan, allow: bool)
                            hint="rebuild with native SASS for the target, or pass --allow-audit-failure "
                                 "to finish it marked failed (the publish gate refuses it)")
     for problem in problems:
-        console.print(f"[bold red]gpuwheel: warning: finishing {filename} although its audit failed for "
-                      f"{target}: {problem}[/bold red]", soft_wrap=True)
+        console.print("[bold red]" + escape(f"gpuwheel: warning: finishing {filename} although its audit failed for "
+                                            f"{target}: {problem}") + "[/bold red]", soft_wrap=True)
     logger.warning("--allow-audit-failure: %s finished with a failed audit; gpuwheel.json says passed: false",
                    filename)
 
@@ -367,6 +376,7 @@ def _read(archive: zipfile.ZipFile, path: Path, member: str) -> bytes:
     try:
         return archive.read(member)
     except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise_if_refused(error)
         raise WheelError(f"{path}: cannot read {member} ({error}); the wheel is corrupt") from None
 
 
@@ -414,6 +424,7 @@ def _hash_member(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo, al
                 digest.update(chunk)
                 size += len(chunk)
     except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise_if_refused(error)
         raise WheelError(f"{path}: cannot read {info.filename} ({error}); the wheel is corrupt") from None
     return _record_digest(digest), size
 

@@ -163,10 +163,7 @@ def linked_cuda_runtime(data, name: str, left_out: Sequence[tuple[int, int]] = (
     The runtime, not only the kernels, has a driver floor: libcudart.so.13 fails to initialise
     on a driver older than CUDA 13.0's even when every kernel is native SASS.
     """
-    try:
-        dynamic = ELFFile(_BufferStream(memoryview(data), left_out)).get_section_by_name(".dynamic")
-    except ELFError as error:
-        raise AuditInputError(f"{name}: not a readable ELF file ({error}); is it truncated?") from None
+    dynamic = _open_elf(memoryview(data), left_out, name).get_section_by_name(".dynamic")
     if dynamic is None:
         return None
     for tag in dynamic.iter_tags("DT_NEEDED"):
@@ -182,8 +179,9 @@ def read_fatbin(data, name: str, left_out: Sequence[tuple[int, int]] = ()) -> tu
     parse read any byte of them (a span inside a fatbin region must lie in a cubin or PTX tail the
     parse stepped over)."""
     view = memoryview(data)
+    elf = _open_elf(view, left_out, name)
     try:
-        regions = _fatbin_regions(ELFFile(_BufferStream(view, left_out)), name)
+        regions = _fatbin_regions(elf, name)
     except ELFError as error:
         raise AuditInputError(f"{name}: not a readable ELF file ({error}); is it truncated?") from None
     units: list[FatbinUnit] = []
@@ -271,6 +269,25 @@ def _container_plan(image, start: int, size: int) -> Iterator[tuple[int, int]]:
             yield payload + _PTX_STORED_READ, payload + payload_size
         entry = payload + payload_size
     return (end + 7) & ~7
+
+
+def _open_elf(view: memoryview, left_out: Sequence[tuple[int, int]], name: str) -> ELFFile:
+    """The ELF file in view, its section headers checked against its size.
+
+    pyelftools reads a section's data as one `read(sh_size)`: a header claiming 1 TiB would ask for
+    1 TiB of memory (MemoryError) before any check of ours ran.
+    """
+    try:
+        elf = ELFFile(_BufferStream(view, left_out))
+        for section in elf.iter_sections():
+            start, size = section["sh_offset"], section["sh_size"]
+            if section["sh_type"] != "SHT_NOBITS" and start + size > len(view):
+                raise AuditInputError(f"{name}: section {section.name or '#' + str(section['sh_name'])} claims "
+                                      f"{size:,} bytes at offset {start:,}, past the file's end ({len(view):,} "
+                                      "bytes); the file is truncated or forged")
+    except ELFError as error:
+        raise AuditInputError(f"{name}: not a readable ELF file ({error}); is it truncated?") from None
+    return elf
 
 
 def _fatbin_regions(elf: ELFFile, name: str) -> list[tuple[int, int]]:

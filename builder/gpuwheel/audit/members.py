@@ -27,7 +27,7 @@ from typing import Iterator, Mapping, Sequence
 from isal import isal_zlib
 
 from gpuwheel.audit.fatbin import FatbinUnit, LeftOut, linked_cuda_runtime, map_file, read_fatbin, skip_plan
-from gpuwheel.errors import AuditInputError
+from gpuwheel.errors import AuditInputError, raise_if_refused
 
 ELF_MAGIC = b"\x7fELF"
 MEMORY_BUDGET = 1 << 30  # sizes of the members inflated at once; a larger member is read alone
@@ -95,6 +95,7 @@ def _read_member(wheel: Path, member: zipfile.ZipInfo) -> SoCode | None:
                 return _read_image(image, name) if image[:len(ELF_MAGIC)] == ELF_MAGIC else None
             return _read_inflated(file, start, member, name)
     except (zipfile.BadZipFile, isal_zlib.error, EOFError, OSError) as error:
+        raise_if_refused(error)
         raise AuditInputError(f"{name}: cannot read this member ({error}); the wheel is corrupt") from None
 
 

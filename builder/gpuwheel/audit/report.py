@@ -20,6 +20,7 @@ from gpuwheel import facts
 from gpuwheel.audit.fatbin import FatbinUnit, PtxEntry, SassEntry, linked_cuda_runtime, map_file, read_fatbin
 from gpuwheel.audit.members import ELF_MAGIC, read_so_members
 from gpuwheel.errors import AuditInputError
+from gpuwheel.limits import irregular_file
 
 if TYPE_CHECKING:
     from gpuwheel.recipe import Recipe
@@ -180,14 +181,15 @@ def audit(path: Path | str, target: AuditTarget) -> AuditReport:
             raise AuditInputError(f"driver {error}") from None
     if path.is_dir():
         wheel_paths = sorted(path.glob("*.whl"))
+        for wheel_path in wheel_paths:
+            _require_regular(wheel_path)
         if not wheel_paths:
             raise AuditInputError(f"{path}: no *.whl files in this directory; give a wheel, a directory of wheels or a .so")
         wheels = _audit_wheels(wheel_paths, target)
         sos = tuple(so for wheel in wheels for so in wheel.sos)
         problems = tuple(problem for wheel in wheels for problem in wheel.problems)
         return AuditReport(str(path), target, wheels, sos, problems)
-    if not path.is_file():
-        raise AuditInputError(f"{path}: no such file or directory")
+    _require_regular(path)
     if zipfile.is_zipfile(path):
         if path.suffix != ".whl":
             raise AuditInputError(f"{path}: a zip file but not a wheel (*.whl); give a wheel, a directory of wheels or a .so")
@@ -234,6 +236,11 @@ def _so_candidates(path: Path) -> list[zipfile.ZipInfo]:
     if not any(_is_dist_info_metadata(member.filename) for member in members):
         raise AuditInputError(f"{path}: no *.dist-info/WHEEL in the archive; not a wheel")
     return [member for member in members if _looks_like_shared_object(member.filename)]
+
+
+def _require_regular(path: Path) -> None:
+    if why := irregular_file(path):
+        raise AuditInputError(f"{path}: {why}; give a wheel, a directory of wheels or a .so")
 
 
 def escapes_root(name: str) -> bool:

@@ -23,7 +23,7 @@ from gpuwheel import facts
 from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, CacheStats, PackageBuild,
                                  ToolchainInfo, check_toolchain, parse_cache_stats, parse_nvcc_version,
                                  substitute, toolchain_key)
-from gpuwheel.cache import cache_root, remove_inside
+from gpuwheel.cache import cache_root, copy_tree, remove_inside
 from gpuwheel.errors import ToolchainError
 from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.recipe import Toolchain
@@ -140,9 +140,8 @@ class LocalBackend:
         work.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(work) + ".lock"):
             remove_inside(work.parent, work)
-            shutil.copytree(job.tree, work / "tree", symlinks=True)
-            shutil.copytree(job.deps_dir, work / "deps", symlinks=True) if job.deps_dir.is_dir() else \
-                (work / "deps").mkdir(parents=True)
+            copy_tree(job.tree, work / "tree")
+            copy_tree(job.deps_dir, work / "deps") if job.deps_dir.is_dir() else (work / "deps").mkdir(parents=True)
             job.cache_dir.mkdir(parents=True, exist_ok=True)
             places = dict(tree=str(work / "tree"), out=str(job.out_dir), deps=str(work / "deps"),
                           cache=str(job.cache_dir))

@@ -80,7 +80,7 @@ class BuildProgress:
             tenth = done * 10 // total
             if tenth != shown[0]:
                 shown[0] = tenth
-                console.print(f"{name}: {done}/{total} build steps ({time.monotonic() - start:.0f}s)")
+                console.print(f"{name}: {done}/{total} build steps ({time.monotonic() - start:.0f}s)", markup=False)
         yield plain
 
     @contextmanager

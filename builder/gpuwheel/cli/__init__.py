@@ -21,17 +21,44 @@ from pathlib import Path
 
 import click
 
-from gpuwheel.errors import GpuwheelError
+from gpuwheel.errors import DISK_FULL, REFUSED_WRITE, GpuwheelError, StorageError
 from gpuwheel.run import stop_on_signals
+
+
+# The machine refused a write: nothing gpuwheel or the user's input did wrong, and wherever it
+# happens (cache, trees, staging, logs) the user's fix is the same, so it is answered here once.
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except OSError as error:
+                # Without a file name only a full disk says where the fix lies; others stay bugs.
+                if error.errno not in REFUSED_WRITE or not (error.filename or error.errno in DISK_FULL):
+                    raise
+                raise _storage_error(error) from None
         except GpuwheelError as error:
             click.echo(f"gpuwheel: error: {error}", err=True)
             sys.exit(error.exit_code)
+
+
+def _storage_error(error: OSError) -> StorageError:
+    import tempfile
+
+    from gpuwheel.cache import cache_root
+
+    root = cache_root()
+    if not error.filename:  # a write() on an open file: which disk is not known here
+        return StorageError(f"a write failed: {error.strerror}",
+                            hint=f"free space in the cache {root}, the output folder and the temp folder "
+                                 f"{tempfile.gettempdir()} (TMPDIR)")
+    path = Path(error.filename)
+    hint = (f"the cache {root} (GPUWHEEL_CACHE) must be a folder you can write, on a disk with room"
+            if path == root or root in path.parents
+            else "check that folder: free space, permissions, a file where a folder belongs")
+    return StorageError(f"cannot write {path}: {error.strerror}", hint=hint)
 
 
 def complete_target(ctx: click.Context, param: click.Parameter, incomplete: str):

@@ -86,33 +86,36 @@ def _render(report: AuditReport, details: bool) -> None:
         return  # nothing to tabulate: the error line says the input carries no GPU code
     several_wheels = len(report.wheels) > 1
     table = Table(*(["wheel"] if several_wheels else []), ".so", "native", "JIT", "none", "PTX ISA", "verdict",
-                  title=f"audit of {report.path} for {_target_words(report)}")
+                  title=escape(f"audit of {report.path} for {_target_words(report)}"))
     for so in with_code:
         style = {"fail": "red", "optional": "yellow"}.get(so.verdict, "green")
-        table.add_row(*([so.wheel or ""] if several_wheels else []), so.path, str(so.count("native")),
+        table.add_row(*([escape(so.wheel or "")] if several_wheels else []), escape(so.path), str(so.count("native")),
                       str(so.count("jit")), str(so.count("none")), so.ptx_isa_range or "—",
                       f"[{style}]{so.verdict}[/{style}]")
     out.print(table)
     without = [so.path for so in report.sos if not so.has_gpu_code]
     if without:
-        out.print(f"{len(without)} ELF file(s) without GPU code" + (": " + ", ".join(without) if details else ""))
+        out.print(f"{len(without)} ELF file(s) without GPU code" + (": " + ", ".join(without) if details else ""),
+                  markup=False)
     if not report.driver_checked:
         console.print("[yellow]no driver given: PTX that needs JIT was not checked against any driver "
                       "(pass --driver or --target)[/yellow]")
     for so in with_code:
         if so.none_archs:
             out.print(f"{so.path}: {so.count('none')} unit(s) with no code for {report.target.arch.plain} "
-                          f"(carry {', '.join(so.none_archs)}); the library must not dispatch to them there")
+                      f"(carry {', '.join(so.none_archs)}); the library must not dispatch to them there", markup=False)
         for waived in so.waived:
             out.print(f"[yellow]waived (audit.optional): {escape(waived)}[/yellow]")
     if details:
         for so in with_code:
-            units = Table("unit", "offset", "verdict", "runs as", "SASS", "PTX", "problem", title=so.path)
+            units = Table("unit", "offset", "verdict", "runs as", "SASS", "PTX", "problem", title=escape(so.path))
             for unit in so.units:
                 units.add_row(str(unit.index), f"{unit.offset:#x}", unit.verdict, unit.runs_as or "—",
-                              " ".join(unit.sass) or "—", ", ".join(f"{name} ({isa})" for name, isa in zip(unit.ptx, unit.ptx_isas)) or "—", unit.problem or "")
+                              " ".join(unit.sass) or "—",
+                              escape(", ".join(f"{name} ({isa})" for name, isa in zip(unit.ptx, unit.ptx_isas)) or "—"),
+                              escape(unit.problem or ""))
             out.print(units)
     for problem in report.problems:
         out.print(f"[red]✗ {escape(problem)}[/red]")
     if report.passed:
-        out.print(f"[green]✓ every GPU .so runs on {_target_words(report)}[/green]")
+        out.print(f"[green]✓ every GPU .so runs on {escape(_target_words(report))}[/green]")

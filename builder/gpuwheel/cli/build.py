@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from gpuwheel.cli import TARGET, main
+from gpuwheel.limits import MAX_JOBS
 
 # Written out, not imported from gpuwheel.recipe: `gpuwheel --help` imports no stage (docs/cli.md,
 # start-up). tests/test_cli.py checks they are the recipe's.
@@ -23,7 +24,8 @@ ENGINE_VARIABLE = "GPUWHEEL_ENGINE"
 @click.option("--engine", type=click.Choice(ENGINES), help=f"container: the engine (default: ${ENGINE_VARIABLE}, "
               "else the recipe's [build] engine, else docker).")
 @click.option("--only", multiple=True, metavar="PACKAGE", help="Build just this package (repeatable).")
-@click.option("--jobs", type=click.IntRange(min=1), help="Compiler jobs (default: from cores and available memory).")
+@click.option("--jobs", type=click.IntRange(min=1, max=MAX_JOBS),
+              help="Compiler jobs (default: from cores and available memory).")
 @click.option("--offline", is_flag=True, help="Use only cached sources.")
 @click.option("--python", "python", metavar="PY",
               help="local: an interpreter holding the pinned torch (used as is), or to make the venv from.")
@@ -40,7 +42,7 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     from gpuwheel import log
     from gpuwheel.build.engine import choose_engine
     from gpuwheel.build.packages import build_packages, open_backend
-    from gpuwheel.cache import cache_root
+    from gpuwheel.cache import cache_root, target_lock
     from gpuwheel.errors import BuildError
     from gpuwheel.index import target_paths
     from gpuwheel.log import console
@@ -57,6 +59,7 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     start = time.monotonic()
     recipe = load_recipe(target)
     plan = make_plan(recipe, jobs=jobs, only=only)
+    click.get_current_context().with_resource(target_lock(plan.target.name))
     # Held until the command ends: a podman service gpuwheel starts lives exactly as long.
     chosen = click.get_current_context().with_resource(open_backend(
         backend, engine=choose_engine(engine, recipe.build.engine, recipe_name=plan.recipe.name), python=python,
@@ -91,10 +94,10 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     from gpuwheel.log import out
 
     if not quiet:  # timings are diagnostics; the wheels below are the result
-        table = Table("stage", "seconds", title=f"{plan.target.name}: {chosen.name} backend, "
-                      f"{time.monotonic() - start:.0f}s in all", title_justify="left")
+        table = Table("stage", "seconds", title=escape(f"{plan.target.name}: {chosen.name} backend, "
+                      f"{time.monotonic() - start:.0f}s in all"), title_justify="left")
         for stage, seconds in timings:
-            table.add_row(stage, f"{seconds:.1f}")
+            table.add_row(escape(stage), f"{seconds:.1f}")
         console.print(table)
     logs = {w.package: w for w in raw.wheels}
     for wheel in finished.wheels:

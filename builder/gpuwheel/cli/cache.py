@@ -45,11 +45,12 @@ def cache_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"cache": str(root), "parts": parts}, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     from gpuwheel.log import out
 
-    table = Table("part", "size", "holds", title=f"cache {root}", title_justify="left")
+    table = Table("part", "size", "holds", title=escape(f"cache {root}"), title_justify="left")
     for part in parts:
         table.add_row(part["name"], _human(part["bytes"]), part["holds"])
     table.add_row("all", _human(sum(p["bytes"] for p in parts)), "")

@@ -35,6 +35,8 @@ def publish(target: str | None, wheels_dir: Path | None, repository: str | None,
     Credentials for --repository come from TWINE_USERNAME / TWINE_PASSWORD, the .pypirc section or
     keyring; they are never printed.
     """
+    from rich.markup import escape
+
     from gpuwheel.index import publish_target
     from gpuwheel.log import console
 
@@ -43,11 +45,10 @@ def publish(target: str | None, wheels_dir: Path | None, repository: str | None,
                             config_file=config_file)
     for wheel in report.wheels:
         for warning in wheel.warnings:
-            console.print(f"[bold yellow]gpuwheel: warning:[/bold yellow] {warning}", soft_wrap=True)
+            console.print(f"[bold yellow]gpuwheel: warning:[/bold yellow] {escape(warning)}", soft_wrap=True)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
-    from rich.markup import escape
     from rich.table import Table
 
     from gpuwheel.log import out

@@ -8,6 +8,7 @@ import os
 import click
 
 from gpuwheel.cli import TARGET, main
+from gpuwheel.limits import MAX_JOBS
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 
@@ -44,7 +45,7 @@ def targets(as_json: bool) -> None:
     table = Table("target", "GPU", "arch list", "CUDA", "min driver", "torch", "vLLM", "flash-attn")
     for row in rows:
         if "error" in row:
-            table.add_row(row["name"], f"[red]broken recipe: {escape(row['error'])}[/red]", *[""] * 6)
+            table.add_row(escape(row["name"]), f"[red]broken recipe: {escape(row['error'])}[/red]", *[""] * 6)
             continue
         versions = {name: p["version"] + (f" ({p['profile']})" if p["profile"] != "full" else "")
                     for name, p in row["packages"].items()}
@@ -87,7 +88,7 @@ def show(target: str, as_json: bool) -> None:
 @main.command()
 @TARGET
 @JSON
-@click.option("--jobs", type=click.IntRange(min=1), help="Compiler jobs (default: from cores and memory).")
+@click.option("--jobs", type=click.IntRange(min=1, max=MAX_JOBS), help="Compiler jobs (default: from cores and memory).")
 @click.option("--only", multiple=True, metavar="PACKAGE", help="Plan just this package (repeatable).")
 def plan(target: str, as_json: bool, jobs: int | None, only: tuple[str, ...]) -> None:
     """Resolve TARGET into the exact build: steps, env per package, content hash."""

@@ -69,8 +69,8 @@ def _render(report: SmokeReport) -> None:
 
     gpu = f"{report.gpu.name} ({report.gpu.compute_capability})" if report.gpu else "no GPU"
     table = Table("wheel", "check", "result", "s", "detail", title_justify="left",
-                  title=f"smoke of {report.target} (compute capability {report.compute_capability}) on {gpu}, "
-                        f"python {report.python}, torch {report.torch or '-'}")
+                  title=escape(f"smoke of {report.target} (compute capability {report.compute_capability}) on {gpu}, "
+                               f"python {report.python}, torch {report.torch or '-'}"))
     for suite, check in _rows(report):
         style = _STYLE[check.status]
         table.add_row(escape(suite), escape(check.name), f"[{style}]{check.status}[/{style}]", f"{check.seconds:.1f}",

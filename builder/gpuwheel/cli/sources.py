@@ -53,10 +53,11 @@ def _render_sources(sources: Sources) -> None:
     from gpuwheel.log import console, out
     from gpuwheel.sources import NEEDS_NETWORK
 
-    table = Table("package", "version", "source", "status", "pin", "tree", title=f"sources ({sources.cache})",
+    table = Table("package", "version", "source", "status", "pin", "tree", title=escape(f"sources ({sources.cache})"),
                   title_justify="left")
     for p in sources.packages:
-        table.add_row(p.name, p.version, p.kind, p.status, (p.sha256 or p.commit or "")[:16], escape(str(p.tree)))
+        table.add_row(escape(p.name), escape(p.version), p.kind, p.status, (p.sha256 or p.commit or "")[:16],
+                      escape(str(p.tree)))
     out.print(table)
     deps = [(p.name, d) for p in sources.packages for d in p.dependencies]
     if deps:
@@ -65,7 +66,7 @@ def _render_sources(sources: Sources) -> None:
         for package, d in deps:
             style = "yellow" if d.status == NEEDS_NETWORK else ""
             # Recipe values are shown as text, never read as rich markup (a URL may hold '[/x]').
-            table.add_row(package, d.name, escape(d.rev[:16]), f"[{style}]{d.status}[/{style}]" if style else d.status,
+            table.add_row(escape(package), escape(d.name), escape(d.rev[:16]), f"[{style}]{d.status}[/{style}]" if style else d.status,
                           escape(d.fetch_command if d.tree is None else str(d.tree)))
         out.print(table)
     missing = sources.needs_network
@@ -109,12 +110,13 @@ def check(target: str, offline: bool, only: tuple[str, ...], as_json: bool) -> N
         table = Table("package", "patch", "tree", "status", "detail")
         for o in report.outcomes:
             colour = colours.get(o.status, "yellow")
-            table.add_row(o.package, o.patch, o.where, f"[{colour}]{o.status}[/{colour}]", escape(o.detail))
+            table.add_row(escape(o.package), escape(o.patch), escape(o.where), f"[{colour}]{o.status}[/{colour}]",
+                          escape(o.detail))
         out.print(table if report.outcomes else "the plan carries no patches")
         skipped = [o for o in report.outcomes if o.status == SKIPPED]
         if skipped:
             console.print(f"[yellow]{len(skipped)} patches not checked[/yellow]: their dependency trees need "
-                          f"network (`gpuwheel fetch {target}` lists how to bring them)")
+                          f"network (`gpuwheel fetch {escape(target)}` lists how to bring them)")
     if report.failed:
         first = report.failed[0]
         raise PatchError(f"{len(report.failed)} of {len(report.outcomes)} patches do not apply; first: "

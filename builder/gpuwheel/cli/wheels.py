@@ -43,6 +43,7 @@ def finish(target: str, raw_wheels: tuple[Path, ...], package: str | None, out_d
            toolchain: dict[str, Any] | None, source_date_epoch: int | None, allow_audit_failure: bool,
            as_json: bool) -> None:
     """Finish RAW_WHEEL(s) built elsewhere for TARGET: label, platform tag, audit, provenance."""
+    from gpuwheel.cache import target_lock
     from gpuwheel.index import target_paths
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
@@ -50,8 +51,10 @@ def finish(target: str, raw_wheels: tuple[Path, ...], package: str | None, out_d
 
     plan = make_plan(load_recipe(target))
     raw = [(package, path) for path in raw_wheels] if package else list(raw_wheels)
-    wheels = finish_wheels(plan, raw, toolchain=toolchain, out_dir=out_dir or target_paths(plan.target.name).staging_dir,
-                           source_date_epoch=source_date_epoch, allow_audit_failure=allow_audit_failure)
+    with target_lock(plan.target.name):  # a build of the target writes the same staging folder
+        wheels = finish_wheels(plan, raw, toolchain=toolchain,
+                               out_dir=out_dir or target_paths(plan.target.name).staging_dir,
+                               source_date_epoch=source_date_epoch, allow_audit_failure=allow_audit_failure)
     if as_json:
         click.echo(json.dumps(wheels.to_json(), indent=2))
         return
@@ -138,7 +141,7 @@ def _escaped(value: Any, escape) -> Any:
     if isinstance(value, str):
         return escape(value)
     if isinstance(value, dict):
-        return {key: _escaped(item, escape) for key, item in value.items()}
+        return {_escaped(key, escape): _escaped(item, escape) for key, item in value.items()}
     if isinstance(value, list):
         return [_escaped(item, escape) for item in value]
     return value
