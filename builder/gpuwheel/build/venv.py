@@ -19,7 +19,6 @@ from typing import Iterable, Sequence
 
 from gpuwheel.run import capture
 
-INSTALLERS = ("uv", "pip")
 # uv's own index settings: any of these set means the user configured uv, and pip's config stays out.
 UV_INDEX_VARIABLES = ("UV_INDEX", "UV_DEFAULT_INDEX", "UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS",
                       "UV_NO_INDEX")
