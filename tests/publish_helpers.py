@@ -229,6 +229,12 @@ def index_listing(index_dir: Path) -> dict[str, str]:
             with zipfile.ZipFile(wheel) as archive:
                 member = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
                 assert archive.read(member) == metadata
+                record = [n for n in archive.namelist() if n.endswith(".dist-info/gpuwheel.json")]
+                publish = json.loads(archive.read(record[0])).get("publish") if record else None
+            # A force-published wheel's mark: the same on both pages as in the wheel's own gpuwheel.json.
+            assert entry.get("_gpuwheel") == ({"publish": publish} if publish else None)
+            assert anchor.get("data-gpuwheel-gpu-tested") == \
+                (str(publish["gpu_tested"]).lower() if publish else None)
             assert entry["filename"] not in listed, f"{entry['filename']} listed twice"
             listed[entry["filename"]] = entry["hashes"]["sha256"]
     on_disk = {p.name for p in (index_dir / "files").glob("*.whl") if not p.name.startswith(".")}

@@ -130,6 +130,14 @@ def test_uv_tool_install_gives_a_working_gpuwheel(dist, tmp_path):
     assert listed.returncode == 0, listed.stderr
     assert "rtx6000pro-cu13" in listed.stdout and "H100" in listed.stdout
     assert _run([tmp_path / "bin" / "gpuwheel", "--version"], env=env).stdout.startswith("gpuwheel, version ")
+    # The tool's own environment, not the checkout, supplies the recipes and patch sets it plans with.
+    files = [t["file"] for t in json.loads(_checked([tmp_path / "bin" / "gpuwheel", "targets", "--json"],
+                                                    cwd=tmp_path, env=env).stdout)["targets"]]
+    assert files and all(f.startswith(str(tmp_path / "tools")) for f in files)
+    planned = _run([tmp_path / "bin" / "gpuwheel", "plan", "rtx6000pro-cu13", "--json"], cwd=tmp_path, env=env)
+    assert planned.returncode == 0, planned.stderr
+    from_checkout = _checked([sys.executable, "-m", "gpuwheel", "plan", "rtx6000pro-cu13", "--json"], cwd=CHECKOUT)
+    assert json.loads(planned.stdout)["hash"] == json.loads(from_checkout.stdout)["hash"]
 
 
 # ---- extraction on every supported interpreter -----------------------------------------------------------------

@@ -11,8 +11,8 @@ import pytest
 from gpuwheel.errors import PublishError
 from gpuwheel.gate import PublishGate, check_gate
 from gpuwheel.index import read_wheel
-from publish_helpers import (TARGET, TARGET_CC, audit_record, gpuwheel_env, make_wheel, passing_wheel,
-                             run_gpuwheel, sha256, write_recipes, write_smoke_report)
+from publish_helpers import (TARGET, TARGET_CC, audit_record, gpuwheel_env, index_listing, make_wheel,
+                             passing_wheel, run_gpuwheel, sha256, write_recipes, write_smoke_report)
 
 
 @pytest.fixture
@@ -92,6 +92,13 @@ def test_smoke_without_the_target_gpu_is_not_smoke_tested_rather_than_failed(tmp
     assert "not smoke-tested on the target GPU (GPU checks skipped: no GPU visible (nvidia-smi not found)" in line
     assert "failed smoke" not in line and "unknown GPU" not in line
 
+    forced = publish(tmp_path, recipes, tmp_path / "in", "--force")
+    [warning] = [line for line in forced.stderr.splitlines() if "warning:" in line]
+    assert "not smoke-tested on the target GPU" in warning and "failed smoke" not in warning
+    assert "marked not GPU-tested" in warning
+    (name,) = index_listing(tmp_path / "index")
+    assert read_wheel(tmp_path / "index" / "files" / name).provenance["publish"]["gpu_tested"] is False
+
     report["wheels"][0]["checks"][0]["status"] = "fail"  # a check that ran and failed is a failure still
     (tmp_path / "in" / "smoke.json").write_text(json.dumps(report))
     assert "failed smoke: import" in refused_line(publish(tmp_path, recipes, tmp_path / "in"))
@@ -128,6 +135,32 @@ def test_force_publishes_with_a_loud_warning_per_wheel(tmp_path: Path, recipes: 
     report = json.loads(result.stdout)
     assert [w["action"] for w in report["wheels"]] == ["published", "published"]
     assert all(w["warnings"] for w in report["wheels"])
+    assert "(marked not GPU-tested in its gpuwheel.json and the index)" in warnings[1]
+
+    # What was let through travels with each file: its gpuwheel.json, and the index pages (index_listing
+    # checks that they agree with it). The staged wheels stay as they were built.
+    listed = index_listing(tmp_path / "index")
+    alpha, beta = (read_wheel(tmp_path / "index" / "files" / name) for name in sorted(listed))
+    no_report = f"no smoke report ({tmp_path / 'in' / 'smoke.json'} does not exist)"
+    assert alpha.provenance == {"publish": {"forced": True, "gpu_tested": False, "skipped": {
+        "audit": ["not audited (no gw_alpha-1.0.dist-info/gpuwheel.json)"], "smoke": [no_report]}}}
+    assert beta.provenance["publish"]["skipped"] == {"audit": [], "smoke": [no_report]}
+    assert beta.provenance["audit"] == audit_record()["audit"]  # the build's record is kept beside the mark
+    assert read_wheel(tmp_path / "in" / beta.filename).provenance == audit_record()
+    assert [w["sha256"] for w in report["wheels"]] == [alpha.sha256, beta.sha256]
+
+    again = publish(tmp_path, recipes, tmp_path / "in", "--force", "--json")  # the mark is reproducible
+    assert [w["action"] for w in json.loads(again.stdout)["wheels"]] == ["skipped", "skipped"], again.stderr
+
+
+def test_force_marks_only_what_it_let_through(tmp_path: Path, recipes: Path):
+    passing_wheel(tmp_path / "in", "gw-alpha")
+    result = publish(tmp_path, recipes, tmp_path / "in", "--force")
+    assert result.returncode == 0, result.stderr
+    assert "--force skipped nothing for it" in result.stderr
+    (name,) = index_listing(tmp_path / "index")
+    assert "publish" not in read_wheel(tmp_path / "index" / "files" / name).provenance
+    assert sha256(tmp_path / "index" / "files" / name) == sha256(tmp_path / "in" / name)
 
 
 def test_target_is_read_from_the_wheels_when_not_named(tmp_path: Path, recipes: Path):

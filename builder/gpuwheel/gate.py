@@ -28,33 +28,51 @@ class PublishGate:
     target: str
     compute_capability: str  # the target GPU's, e.g. "9.0"
     smoke_report: Path | None  # None: no report exists, so nothing passed smoke
-    force: bool = False  # publish anyway, with a warning per wheel naming what was not checked
+    force: bool = False  # publish anyway: a warning per wheel naming what was not checked, and a mark on it
 
 
-def check_gate(wheels: Sequence[WheelFile], gate: PublishGate) -> dict[str, tuple[str, ...]]:
-    """Return the warnings per wheel filename (non-empty only under force).
+@dataclass(frozen=True)
+class Waiver:
+    """What --force let through for one wheel: the gate's findings it published anyway."""
+
+    audit: tuple[str, ...]  # why the audit check would refuse it
+    smoke: tuple[str, ...]  # why the smoke check would: untested on the target GPU, or failed there
+
+    @property
+    def waived(self) -> bool:
+        return bool(self.audit or self.smoke)
+
+    def record(self) -> dict[str, Any]:
+        """The `publish` entry of a force-published wheel's gpuwheel.json, repeated on the index pages."""
+        return {"forced": True, "gpu_tested": not self.smoke,
+                "skipped": {"audit": list(self.audit), "smoke": list(self.smoke)}}
+
+    def warning(self, filename: str) -> str:
+        """Exactly what --force let through for this wheel (or that it let nothing through)."""
+        if not self.waived:
+            return f"--force: {filename} passed the audit and the smoke checks; --force skipped nothing for it"
+        marked = "not GPU-tested" if self.smoke else "force-published"
+        return (f"--force: published {filename}, which the gate would have refused: "
+                f"{'; '.join(self.audit + self.smoke)} (marked {marked} in its gpuwheel.json and the index)")
+
+
+def check_gate(wheels: Sequence[WheelFile], gate: PublishGate) -> dict[str, Waiver]:
+    """Under force, what it waives per wheel filename; without, {} once every wheel passed.
 
     Raises PublishError naming every wheel that fails and why, unless gate.force.
     """
     smoke = _read_smoke_report(gate)
-    problems = {w.filename: _audit_problems(w, gate) + _smoke_problems(w, gate, smoke) for w in wheels}
+    found = {w.filename: Waiver(_audit_problems(w, gate), _smoke_problems(w, gate, smoke)) for w in wheels}
     if gate.force:
-        return {name: (_forced_warning(name, found),) for name, found in problems.items()}
-    refused = {name: found for name, found in problems.items() if found}
+        return found
+    refused = {name: waiver.audit + waiver.smoke for name, waiver in found.items() if waiver.waived}
     if refused:
-        listed = " | ".join(f"{name}: {'; '.join(found)}" for name, found in refused.items())
+        listed = " | ".join(f"{name}: {'; '.join(problems)}" for name, problems in refused.items())
         raise PublishError(
             f"refusing to publish {len(refused)} wheel(s) for target {gate.target}: {listed}",
             hint="run `gpuwheel audit` and `gpuwheel smoke` for the target, or pass --force",
         )
-    return {name: () for name in problems}
-
-
-def _forced_warning(filename: str, problems: tuple[str, ...]) -> str:
-    """Exactly what --force let through for this wheel (or that it let nothing through)."""
-    if not problems:
-        return f"--force: {filename} passed the audit and the smoke checks; --force skipped nothing for it"
-    return f"--force: published {filename}, which the gate would have refused: {'; '.join(problems)}"
+    return {}
 
 
 def _same_arch(a: str, b: str) -> bool:

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
 from html.parser import HTMLParser
@@ -202,8 +203,22 @@ def _read_all(paths: Iterable[Path]) -> list[WheelFile]:
     return list(by_name.values())
 
 
-def _gate(wheels: list[WheelFile], gate: PublishGate | None) -> dict[str, tuple[str, ...]]:
-    return check_gate(wheels, gate) if gate is not None else {}
+def _gate(wheels: list[WheelFile], gate: PublishGate | None,
+          scratch: Path) -> tuple[list[WheelFile], dict[str, tuple[str, ...]]]:
+    """The wheels to publish and the warnings per filename. A wheel --force lets through is published
+    as a copy (written in scratch) whose gpuwheel.json says what was skipped and whether it was tested on
+    the target GPU; the index pages repeat that mark."""
+    waivers = check_gate(wheels, gate) if gate is not None else {}
+    if not waivers:
+        return wheels, {}
+    from gpuwheel.wheels import mark_forced
+
+    published = []
+    for wheel in wheels:
+        waiver = waivers[wheel.filename]
+        published.append(read_wheel(mark_forced(wheel.path, wheel.dist_info, wheel.provenance, waiver.record(),
+                                                scratch)) if waiver.waived else wheel)
+    return published, {name: (waiver.warning(name),) for name, waiver in waivers.items()}
 
 
 def publish_target(target: str | None, *, wheels_dir: Path | None = None, repository: str | None = None,
@@ -238,17 +253,23 @@ def publish_target(target: str | None, *, wheels_dir: Path | None = None, reposi
     return publish_local(wheels, Path(index_dir) if index_dir else paths.index_dir, gate=gate)
 
 
+def _provenance_of(path: Path) -> dict[str, Any] | None:
+    """A wheel's gpuwheel.json, read without hashing the wheel; None when it has none readable."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = [n for n in archive.namelist()
+                       if n.count("/") == 1 and n.endswith(f".dist-info/{PROVENANCE_FILE}")]
+            provenance = json.loads(archive.read(records[0])) if records else None
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    return provenance if isinstance(provenance, dict) else None
+
+
 def _target_named_by(wheels: Sequence[Path]) -> str:
     """The one target the wheels' gpuwheel.json records name (read without hashing the wheels)."""
     named: dict[str, list[str]] = {}
     for path in wheels:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                records = [n for n in archive.namelist()
-                           if n.count("/") == 1 and n.endswith(f".dist-info/{PROVENANCE_FILE}")]
-                target = json.loads(archive.read(records[0])).get("target") if records else None
-        except (zipfile.BadZipFile, OSError, ValueError, AttributeError):
-            target = None
+        target = (_provenance_of(path) or {}).get("target")
         named.setdefault(str(target) if target else "", []).append(path.name)
     if "" in named:
         raise PublishError(f"{named[''][0]} names no target (no readable gpuwheel.json)",
@@ -270,8 +291,13 @@ def publish_local(wheels: Sequence[Path], index_dir: Path, *, gate: PublishGate 
     different sha256 refuses the whole publish before anything is copied.
     """
     found = _read_all(wheels)
-    warnings = _gate(found, gate)
-    index_dir = Path(index_dir)
+    # Outside the index: a scratch folder inside it would be another publish's leftover to remove.
+    with tempfile.TemporaryDirectory(prefix="gpuwheel-forced-") as scratch:
+        found, warnings = _gate(found, gate, Path(scratch))
+        return _publish_local(found, warnings, Path(index_dir))
+
+
+def _publish_local(found: list[WheelFile], warnings: Mapping[str, tuple[str, ...]], index_dir: Path) -> PublishReport:
     files_dir = index_dir / "files"
     files_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -429,6 +455,7 @@ class _IndexedFile:
     size: int
     metadata_sha256: str
     requires_python: str | None
+    forced: Mapping[str, Any] | None = None  # gpuwheel.json's `publish` record of a force-published wheel
 
 
 def _indexed_file(path: Path, known: Mapping[str, tuple[str, int]]) -> _IndexedFile:
@@ -441,7 +468,13 @@ def _indexed_file(path: Path, known: Mapping[str, tuple[str, int]]) -> _IndexedF
     return _IndexedFile(filename=path.name, project=name, display_name=raw.get("name", name),
                         version=str(version), sha256=_hash_of(path, known), size=path.stat().st_size,
                         metadata_sha256=hashlib.sha256(metadata).hexdigest(),
-                        requires_python=raw.get("requires_python"))
+                        requires_python=raw.get("requires_python"),
+                        forced=_forced_record(path))
+
+
+def _forced_record(path: Path) -> Mapping[str, Any] | None:
+    publish = (_provenance_of(path) or {}).get("publish")
+    return publish if isinstance(publish, dict) and publish.get("forced") else None
 
 
 def _regenerate(index_dir: Path, known: Mapping[str, tuple[str, int]]) -> None:
@@ -521,6 +554,8 @@ def _project_html(display_name: str, items: Sequence[_IndexedFile]) -> str:
         # PEP 714 names the attribute data-core-metadata; older pips read data-dist-info-metadata
         metadata = f"sha256={item.metadata_sha256}"
         attributes += f' data-core-metadata="{metadata}" data-dist-info-metadata="{metadata}"'
+        if item.forced:  # installers ignore unknown data- attributes; people and scripts can read it
+            attributes += f' data-gpuwheel-forced="true" data-gpuwheel-gpu-tested="{_flag(item.forced)}"'
         lines.append(f"    <a {attributes}>{html.escape(item.filename)}</a><br>")
     return _html_document(f"Links for {display_name}", "\n".join(lines))
 
@@ -534,10 +569,16 @@ def _project_json(display_name: str, items: Sequence[_IndexedFile]) -> str:
             entry["requires-python"] = item.requires_python
         metadata = {"sha256": item.metadata_sha256}
         entry.update({"core-metadata": metadata, "dist-info-metadata": metadata, "size": item.size})
+        if item.forced:  # PEP 691 keeps keys with a leading underscore for the index's own use
+            entry["_gpuwheel"] = {"publish": dict(item.forced)}
         files.append(entry)
     versions = sorted({i.version for i in items}, key=Version)
     return _dumps({"meta": {"api-version": API_VERSION}, "name": canonicalize_name(display_name),
                    "versions": versions, "files": files})
+
+
+def _flag(forced: Mapping[str, Any]) -> str:
+    return "true" if forced.get("gpu_tested") is True else "false"
 
 
 def _dumps(value: Any) -> str:
@@ -556,13 +597,18 @@ def publish_remote(wheels: Sequence[Path], repository: str, *, gate: PublishGate
     prompted for, never printed. Each wheel is first looked up on the index's simple page
     (simple_url, or found next to the upload URL): same sha256 → skipped, different → refused.
     """
+    with tempfile.TemporaryDirectory(prefix="gpuwheel-forced-") as scratch:
+        return _publish_remote(_read_all(wheels), repository, gate, simple_url, config_file, Path(scratch))
+
+
+def _publish_remote(found: list[WheelFile], repository: str, gate: PublishGate | None, simple_url: str | None,
+                    config_file: Path | None, scratch: Path) -> PublishReport:
     from twine.exceptions import TwineException
     from twine.package import PackageFile
     from twine.settings import Settings
     from twine.utils import DEFAULT_CONFIG_FILE
 
-    found = _read_all(wheels)
-    warnings = _gate(found, gate)
+    found, warnings = _gate(found, gate, scratch)
     is_url = "://" in repository
     try:
         settings = Settings(

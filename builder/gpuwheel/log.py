@@ -60,11 +60,14 @@ def configure(verbose: bool = False, quiet: bool = False) -> None:
         globals()["console"].quiet = quiet
 
 
-_PIP_MILESTONES = ("Collecting ", "Downloading ", "Installing collected packages", "Successfully installed")
+# pip's lines, then uv's (which prints no per-package lines until it has resolved them all).
+_PIP_MILESTONES = ("Collecting ", "Downloading ", "Installing collected packages", "Successfully installed",
+                   "Using CPython", "Creating virtual environment", "Resolved ", "Downloaded ", "Prepared ",
+                   "Installed ")
 
 
 def pip_milestones(prefix: str):
-    """An on_line callback for a long `pip install`: its milestones on stderr, so that minutes of
+    """An on_line callback for a long `pip install` or `uv pip install`: its milestones on stderr, so that minutes of
     downloading torch are not minutes of silence (the full output still goes to the log file)."""
     def show(line: str) -> None:
         text = line.strip()

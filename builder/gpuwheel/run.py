@@ -54,10 +54,12 @@ def run(
     on_line: Callable[[str], None] | None = None,
     tail_lines: int = 40,
     timeout: float | None = None,
+    append: bool = False,
 ) -> Finished:
     """Run argv to completion, streaming its merged output to log_path and on_line.
 
     env replaces the environment when given (callers build it from os.environ on purpose).
+    append adds to log_path (one log for several steps) instead of starting it afresh.
     Never raises for a non-zero exit: callers turn a Finished into their own error.
     """
     args = tuple(str(a) for a in argv)
@@ -67,7 +69,7 @@ def run(
     log_file = None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "w", encoding="utf-8", errors="replace")
+        log_file = open(log_path, "a" if append else "w", encoding="utf-8", errors="replace")
     try:
         process = subprocess.Popen(
             args,

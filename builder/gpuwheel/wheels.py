@@ -14,6 +14,7 @@ Formats and every choice are in docs/wheels.md.
 from __future__ import annotations
 
 import base64
+import calendar
 import csv
 import dataclasses
 import glob
@@ -589,6 +590,20 @@ def _repack(source: Path, target: Path, renames: Mapping[str, str], version: Ver
             text = io.StringIO()
             csv.writer(text, lineterminator="\n").writerows(rows)
             out.writestr(_entry(record_name, date_time, 0o644, len(text.getvalue())), text.getvalue().encode("utf-8"))
+
+
+def mark_forced(path: Path, dist_info: str, provenance: Mapping[str, Any] | None, publish: Mapping[str, Any],
+                out_dir: Path) -> Path:
+    """A copy of the wheel at `path`, in out_dir under the same name, whose gpuwheel.json carries
+    `publish` (what --force let through): the mark travels with the file to every host that installs
+    it. The same wheel and record give the same bytes, so forcing it again finds it already published."""
+    _, version, _, tags = parse_wheel_filename(path.name)
+    with zipfile.ZipFile(path) as archive:
+        first = archive.infolist()[0].date_time  # the wheel's own timestamp (gpuwheel writes one for all)
+    target = Path(out_dir) / path.name
+    _repack(path, target, {dist_info: dist_info}, version, set(tags), {**(provenance or {}), "publish": dict(publish)},
+            calendar.timegm((*first, 0, 0, 0)))
+    return target
 
 
 def _renamed(name: str, renames: Mapping[str, str]) -> str:

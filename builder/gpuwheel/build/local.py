@@ -23,6 +23,7 @@ from gpuwheel import facts
 from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, CacheStats, PackageBuild,
                                  ToolchainInfo, check_toolchain, parse_cache_stats, parse_nvcc_version,
                                  substitute, toolchain_key)
+from gpuwheel.build.venv import find_uv, venv_steps
 from gpuwheel.cache import cache_root, copy_tree, remove_inside
 from gpuwheel.errors import ToolchainError
 from gpuwheel.log import logger, pip_milestones, say
@@ -33,8 +34,9 @@ from gpuwheel.run import capture, run
 class LocalBackend:
     name = "local"
 
-    def __init__(self, python: str | None = None):
+    def __init__(self, python: str | None = None, installer: str | None = None):
         self.python = python  # an interpreter to use (or to make the venv from)
+        self.installer = installer  # "uv", "pip", or None: uv where it is installed, else pip
         self._interpreter: Path | None = None
         self._cuda_home: Path | None = None
         self._sccache: str | None = None
@@ -76,41 +78,34 @@ class LocalBackend:
             base = Path(given)
         else:
             base = _find_python(toolchain.python)
-        cuda = facts.major_minor(toolchain.cuda)
-        cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[cuda][0] if provision_cuda else ()
-        base_version = (_probe(base) or {}).get("python", str(base))  # not its path: any 3.11.7 makes the same venv
-        torch = facts.torch_requirement(toolchain.torch, toolchain.cuda)
-        # A variant's requirement joins the key; a plain pin is in it already (existing venvs stay valid).
-        variant = (torch,) if torch != f"torch=={toolchain.torch}" else ()
-        venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels)}"
-        python = venv / "bin" / "python"
+        venv, requirements = toolchain_venv(toolchain, base, provision_cuda=provision_cuda)
         venv.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(venv) + ".lock"):
             if not (venv / ".complete").exists():
-                self._make_venv(venv, base, (torch, *BUILD_REQUIREMENTS, *cuda_wheels))
-        return python
+                self._make_venv(venv, base, requirements)
+        return venv / "bin" / "python"
 
     def _make_venv(self, venv: Path, base: Path, requirements: tuple[str, ...]) -> None:
         log = venv.parent / f"{venv.name}.log"
-        # Progress, not a warning: it takes minutes once, and says what it is doing meanwhile.
-        say(f"making the toolchain venv {venv} (torch {requirements[0].split('==')[-1]} and the build requirements: "
-            f"a few minutes, once; log {log})")
+        uv = find_uv() if self.installer in (None, "uv") else None
+        if self.installer == "uv" and uv is None:
+            raise ToolchainError("the uv installer was asked for, and no uv is on PATH or beside gpuwheel",
+                                 hint="pip install uv (or uv tool install gpuwheel), or let gpuwheel use pip")
+        installer = "uv" if uv else "pip"
+        # Progress, not a warning: it takes minutes once (seconds with uv), and says what it does meanwhile.
+        say(f"making the toolchain venv {venv} with {installer} (torch {requirements[0].split('==')[-1]} and the "
+            f"build requirements: {'a minute' if uv else 'a few minutes'}, once; log {log})")
         shutil.rmtree(venv, ignore_errors=True)
-        steps = ((str(base), "-m", "venv", str(venv)),
-                 (str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input", *requirements))
-        for argv in steps:
-            finished = run(argv, log_path=log, on_line=pip_milestones("toolchain venv"))
+        with open(log, "w", encoding="utf-8"):
+            pass  # each step appends: the venv step's output stays beside the install's
+        for argv, env in venv_steps(installer, uv=uv, base=base, venv=venv, requirements=requirements,
+                                    environ=dict(os.environ)):
+            finished = run(argv, env=env, log_path=log, append=True, on_line=pip_milestones("toolchain venv"))
             if not finished.ok:
                 shutil.rmtree(venv, ignore_errors=True)
-                last = next((line for line in reversed(finished.tail) if line.strip()), "")
-                variant = next((r for r in requirements if r.startswith("torch==") and "+cu" in r), None)
-                hint = f"full output in {log}"
-                if variant and "No matching distribution" in last:
-                    tag = variant.rsplit("+", 1)[1]
-                    hint = (f"torch's {tag} build is on PyTorch's own index, not PyPI: add it (or your mirror of "
-                            f"it) as pip's extra-index-url (pip.conf or PIP_EXTRA_INDEX_URL); {hint}")
-                raise ToolchainError(f"making the toolchain venv failed at `{' '.join(argv[:4])} …`: {last}",
-                                     hint=hint)
+                raise ToolchainError(f"making the toolchain venv failed at `{' '.join(argv[:4])} …`: "
+                                     f"{_last_line(finished.tail)}",
+                                     hint=_venv_failure_hint(installer, requirements, finished.tail, log))
         (venv / ".complete").write_text(json.dumps(requirements))
 
     def _observe(self, toolchain: Toolchain) -> ToolchainInfo:
@@ -171,6 +166,38 @@ class LocalBackend:
                 capture([self._sccache, "--stop-server"], env=env)
             shutil.rmtree(work / "deps", ignore_errors=True)
         return BuildOutcome(finished.returncode, finished.seconds, finished.tail, stats)
+
+
+def toolchain_venv(toolchain: Toolchain, base: Path, *, provision_cuda: bool) -> tuple[Path, tuple[str, ...]]:
+    """Where the venv of these pins lives and what it holds. The key is the pins' alone: uv and pip make
+    the same venv, so either finds the other's."""
+    cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[facts.major_minor(toolchain.cuda)][0] if provision_cuda else ()
+    base_version = (_probe(base) or {}).get("python", str(base))  # not its path: any 3.11.7 makes the same venv
+    torch = facts.torch_requirement(toolchain.torch, toolchain.cuda)
+    # A variant's requirement joins the key; a plain pin is in it already (existing venvs stay valid).
+    variant = (torch,) if torch != f"torch=={toolchain.torch}" else ()
+    venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels)}"
+    return venv, (torch, *BUILD_REQUIREMENTS, *cuda_wheels)
+
+
+def _last_line(tail) -> str:
+    return next((line for line in reversed(tail) if line.strip()), "")
+
+
+def _venv_failure_hint(installer: str, requirements: tuple[str, ...], tail, log: Path) -> str:
+    hint = f"full output in {log}"
+    variant = next((r for r in requirements if r.startswith("torch==") and "+cu" in r), None)
+    text = "\n".join(tail)
+    # pip: "No matching distribution found for torch==2.11.0+cu128" (or, under a constraint on torch,
+    # "Cannot install torch==2.11.0+cu128 … ResolutionImpossible"); uv: "torch was not found in the
+    # package registry and you require torch==2.11.0+cu128" or "there is no version of torch==…".
+    not_found = ("No matching distribution", "ResolutionImpossible", "was not found", "no version of")
+    if variant and variant in text and any(words in text for words in not_found):
+        tag = variant.rsplit("+", 1)[1]
+        where = ("as pip's extra-index-url (pip.conf or PIP_EXTRA_INDEX_URL), which gpuwheel hands to uv, or "
+                 "as UV_INDEX" if installer == "uv" else "as pip's extra-index-url (pip.conf or PIP_EXTRA_INDEX_URL)")
+        hint = f"torch's {tag} build is on PyTorch's own index, not PyPI: add it (or your mirror of it) {where}; {hint}"
+    return hint
 
 
 def _free_port() -> int:

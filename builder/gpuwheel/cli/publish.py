@@ -25,7 +25,12 @@ from gpuwheel.cli import complete_target, main
               help="The local static index (default: wheels/<target>/).")
 @click.option("--smoke-report", type=click.Path(dir_okay=False, path_type=Path),
               help="The smoke report to gate on (default: smoke.json beside the wheels).")
-@click.option("--force", is_flag=True, help="Publish without the audit and smoke checks (warns per wheel).")
+@click.option("--force", is_flag=True,
+              help="Publish wheels the gate would refuse: skips the audit check (passed, for the target and its "
+                   "arch) and the smoke check (passed on a GPU of the target's compute capability). Each wheel "
+                   "let through gets a warning naming what it skipped, and is published marked (gpuwheel.json "
+                   "`publish`, the index's `_gpuwheel`) as force-published and, without a passing smoke, "
+                   "not GPU-tested.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def publish(target: str | None, wheels_dir: Path | None, repository: str | None, simple_url: str | None,
             config_file: Path | None, index_dir: Path | None, smoke_report: Path | None, force: bool,
