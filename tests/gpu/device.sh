@@ -75,6 +75,7 @@ start() {
 _background() {
   local name status=0
   name=$(basename "$1" .toml)
+  mkdir -p "$G/out"
   OUT=$G/out build "$@" || status=$?
   echo "$status" > "$G/$name.status"
 }
