@@ -298,3 +298,34 @@ def test_the_recorded_compiler_is_the_one_the_build_uses(tmp_path, monkeypatch, 
     monkeypatch.setenv("CXX", str(wrapper))
     info = LocalBackend(python=fixture_toolchain.location).prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml")
     assert info.cc.startswith(f"{wrapper}: g++")
+
+
+def test_a_toolkit_without_what_vllm_links_is_refused_before_the_build(tmp_path):
+    """vLLM's CMake needs nvrtc, the driver's link stub and cuBLAS's headers; a toolkit lacking them
+    failed half a minute into configure. The local backend names what is missing before it starts."""
+    from gpuwheel.build.base import PackageBuild
+    from gpuwheel.build.local import _toolkit_has
+    from gpuwheel.errors import ToolchainError
+    from gpuwheel.kinds.vllm import TOOLKIT_FILES
+
+    complete, partial = tmp_path / "complete", tmp_path / "partial"
+    (complete / "lib64").mkdir(parents=True)
+    (complete / "lib64" / "libnvrtc.so").touch()
+    target = complete / "targets" / "x86_64-linux"
+    (target / "lib" / "stubs").mkdir(parents=True)
+    (target / "lib" / "stubs" / "libcuda.so").touch()
+    (target / "include").mkdir()
+    (target / "include" / "cublas_v2.h").touch()
+    (partial / "lib").mkdir(parents=True)
+    (partial / "lib" / "libnvrtc.so").touch()
+    assert all(_toolkit_has(complete, name) for name in TOOLKIT_FILES)
+    assert [name for name in TOOLKIT_FILES if not _toolkit_has(partial, name)] == ["stubs/libcuda.so", "cublas_v2.h"]
+
+    backend = LocalBackend()
+    backend._interpreter, backend._cuda_home = Path(shutil.which("python3")), partial  # as prepare() leaves them
+    job = PackageBuild(name="vllm", tree=tmp_path, deps_dir=tmp_path, command=("python", "-c", "pass"), env={},
+                       out_dir=tmp_path / "out", log_path=tmp_path / "log", cache_dir=tmp_path / "cache",
+                       toolkit_files=TOOLKIT_FILES)
+    with pytest.raises(ToolchainError, match=r"lacks stubs/libcuda\.so, cublas_v2\.h, which vllm's build links"):
+        backend.build(job, lambda line: None)
+    assert not (tmp_path / "out").exists()

@@ -63,6 +63,7 @@ class PackageBuild:
     out_dir: Path  # empty directory the wheel must land in
     log_path: Path
     cache_dir: Path  # sccache's directory
+    toolkit_files: tuple[str, ...] = ()  # what the build needs from CUDA_HOME beyond nvcc (lib/ or include/)
 
 
 @dataclass(frozen=True)

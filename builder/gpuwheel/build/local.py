@@ -130,6 +130,12 @@ class LocalBackend:
     # ---- one package ----------------------------------------------------------------------------
     def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
         assert self._interpreter and self._cuda_home, "prepare() first"
+        missing = [name for name in job.toolkit_files if not _toolkit_has(self._cuda_home, name)]
+        if missing:
+            raise ToolchainError(f"{job.name}: the CUDA toolkit at {self._cuda_home} lacks {', '.join(missing)}, "
+                                 f"which {job.name}'s build links or includes",
+                                 hint="point CUDA_HOME at a complete toolkit (NVIDIA's installer or a cuda "
+                                      "devel image), or use --backend container")
         # A stable path per package: compiler command lines embed it, and sccache keys on them.
         work = cache_root() / "work" / job.name
         work.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +218,15 @@ def _host_compiler_env(environ) -> dict[str, str]:
     libraries: one library, two compilers; docs/gpu-runs.md has what that build did)."""
     cxx = environ.get("CXX")
     return {"CUDAHOSTCXX": cxx} if cxx and not environ.get("CUDAHOSTCXX") else {}
+
+
+def _toolkit_has(cuda_home: Path, name: str) -> bool:
+    """Whether a library ("libnvrtc.so", "stubs/libcuda.so") or header ("cublas_v2.h") is where
+    CMake's FindCUDAToolkit looks: the toolkit's lib64/lib and include, plain or under targets/."""
+    kind = "include" if name.endswith(".h") else "lib"
+    roots = [cuda_home, *sorted((cuda_home / "targets").glob("*"))]
+    places = [root / d for root in roots for d in ((kind,) if kind == "include" else ("lib64", "lib"))]
+    return any((place / name).exists() for place in places)
 
 
 def _is_cache_var(key: str, value: str) -> bool:

@@ -21,6 +21,14 @@ from packaging.version import Version
 
 from gpuwheel import facts
 
+# ---- what the CUDA toolkit must hold ---------------------------------------------------------------
+# vLLM's CMake links CUDA::nvrtc and CUDA::cuda_driver (the driver's link stub) and includes cuBLAS's
+# headers, beyond nvcc and the runtime. A toolkit without them (the nvcc-only PyPI wheels, a trimmed
+# install) fails half a minute into configure with "CUDA_nvrtc_LIBRARY … NOTFOUND" or "cublas_v2.h:
+# No such file" (seen here, 2026-12-06).
+TOOLKIT_FILES = ("libnvrtc.so", "stubs/libcuda.so", "cublas_v2.h")
+
+
 # ---- which archs compile which dependency -------------------------------------------------------
 # Per vLLM release, dependency → rows of (oldest CUDA, arch entries of its CMake list). The row of
 # the newest CUDA ≤ the recipe's applies. ALWAYS: compiled (or its headers used) for any CUDA arch;
