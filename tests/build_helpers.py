@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
 from gpuwheel import facts
 from gpuwheel.audit.report import AuditTarget, audit
-from gpuwheel.recipe import PROJECT_ROOT
+from gpuwheel.recipe import PROJECT_ROOT, Toolchain
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cuda_ext"
 # Toolchain venvs (5.5 GB, ~2 min to make) and docker images outlive one test run here.
 SHARED_CACHE = Path(os.environ.get("GPUWHEEL_TEST_CACHE", PROJECT_ROOT / ".cache" / "tests"))
+
+
+FIXTURE_TOOLCHAIN = Toolchain(cuda="13.0.2", python="3.11", torch="2.14.1")
+
+
+def prepare_fixture_toolchain():
+    """The pinned torch 2.14.1 (CUDA 13.0) venv, made once and kept in the shared test cache (skips
+    without nvcc): for module-scoped fixtures of the build tests."""
+    import pytest
+
+    from gpuwheel.build.local import LocalBackend
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH: the local build tests need the CUDA 13.0 toolkit")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
+        return LocalBackend().prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml")
 
 
 def fixture_recipe(directory: Path, *, cuda: str = "13.0.2", torch: str = "2.14.1", archs: str = "9.0a;12.0",

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from build_helpers import SHARED_CACHE, files_under, fixture_recipe, fixture_wheel
+from build_helpers import FIXTURE_TOOLCHAIN, SHARED_CACHE, files_under, fixture_recipe, fixture_wheel, \
+    prepare_fixture_toolchain
 from gpuwheel.build.local import LocalBackend
-from gpuwheel.recipe import Toolchain
-
-FIXTURE_TOOLCHAIN = Toolchain(cuda="13.0.2", python="3.11", torch="2.14.1")
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +21,7 @@ def shared_cache(monkeypatch):
 
 @pytest.fixture(scope="module")
 def fixture_toolchain():
-    """The pinned torch 2.14.1 (CUDA 13.0) venv, made once and kept in the shared test cache."""
-    if shutil.which("nvcc") is None:
-        pytest.skip("no nvcc on PATH: the local build tests need the CUDA 13.0 toolkit")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
-        return LocalBackend().prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml")
+    return prepare_fixture_toolchain()
 
 
 def test_local_build_gives_a_wheel_with_sm90a_and_sm120_sass_and_a_rebuild_hits_the_compile_cache(

@@ -132,3 +132,33 @@ class StorageError(GpuwheelError):
     stands where a folder belongs, it is read-only or not ours, or the disk is full."""
 
     exit_code = 15
+
+
+class DistConfigError(GpuwheelError):
+    """--dist / $GPUWHEEL_DIST names no usable scheduler URL, or the client token is missing."""
+
+    exit_code = 16
+
+
+class DistUnreachable(DistConfigError):
+    """The sccache-dist scheduler does not answer, or answers as no scheduler."""
+
+    exit_code = 17
+
+
+class DistAuthRefused(DistConfigError):
+    """The scheduler refused the client token."""
+
+    exit_code = 18
+
+
+class DistNoServers(DistConfigError):
+    """The scheduler answers and takes the token, but has no build servers."""
+
+    exit_code = 19
+
+
+class DistToolchainMismatch(DistConfigError):
+    """A trial compile did not run on the cluster: the servers cannot run this machine's packaged compiler."""
+
+    exit_code = 20

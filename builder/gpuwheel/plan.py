@@ -306,8 +306,12 @@ def _package_env(package: PackageRecipe, recipe: Recipe, jobs: Jobs) -> dict[str
 
 
 # ---- the plan -------------------------------------------------------------------------------
-def make_plan(recipe: Recipe, *, jobs: int | None = None, only: tuple[str, ...] = ()) -> Plan:
+def make_plan(recipe: Recipe, *, jobs: int | None = None, only: tuple[str, ...] = (),
+              cluster_cpus: int | None = None) -> Plan:
     """Check the recipe and resolve it into a Plan; raises IncompatibleRecipeError with every problem.
+
+    `cluster_cpus`: the cores of the sccache-dist cluster the compiles go to (build --dist); they size
+    MAX_JOBS, which the plan hash leaves out, so a distributed build has the local build's plan.
 
     `only` plans (and checks) just the named packages: a flash-attn-only build is not refused
     for a vLLM pin it will not build.
@@ -320,7 +324,7 @@ def make_plan(recipe: Recipe, *, jobs: int | None = None, only: tuple[str, ...] 
     packages = []
     for package in selected:
         chosen = choose_jobs(package.name, archs, jobs=jobs or recipe.build.jobs,
-                             nvcc_threads=recipe.build.nvcc_threads)
+                             nvcc_threads=recipe.build.nvcc_threads, cluster_cpus=cluster_cpus)
         patches = read_series(package.patches, tuple(d.name for d in package.dependencies)) \
             if package.patches else ()
         packages.append(PackagePlan(

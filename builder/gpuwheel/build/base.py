@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
+from gpuwheel.build.dist import DistStats
 from gpuwheel.errors import ToolchainError
 from gpuwheel.recipe import Toolchain
 
@@ -93,6 +94,7 @@ class BuildOutcome:
     tail: tuple[str, ...]
     cache: CacheStats
     oom_killed: bool = False  # the engine says the container hit its memory limit
+    dist: DistStats | None = None  # built with --dist: what ran on the cluster, what fell back to local
 
 
 class Backend(Protocol):

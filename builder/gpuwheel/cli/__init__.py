@@ -125,6 +125,7 @@ def _register() -> None:
     from gpuwheel.cli import build  # noqa: F401
     from gpuwheel.cli import smoke  # noqa: F401
     from gpuwheel.cli import cache  # noqa: F401
+    from gpuwheel.cli import dist  # noqa: F401
 
     _name_envvars(main)
 

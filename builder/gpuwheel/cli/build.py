@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from gpuwheel.cli import TARGET, main
+from gpuwheel.cli.dist import DIST_VARIABLE
 from gpuwheel.limits import MAX_JOBS
 
 # Written out, not imported from gpuwheel.recipe: `gpuwheel --help` imports no stage (docs/cli.md,
@@ -33,13 +34,18 @@ ENGINE_VARIABLE = "GPUWHEEL_ENGINE"
 @click.option("--allow-audit-failure", is_flag=True, help="Finish wheels whose kernels fail the audit (marked failed).")
 @click.option("--out", "out", type=click.Path(path_type=Path), metavar="DIR",
               help="Where finished wheels go (default: wheels/<target>/staging).")
+@click.option("--dist", "dist_url", metavar="URL", envvar=DIST_VARIABLE, show_envvar=True,
+              help="Send compiles to this sccache-dist scheduler (local backend); token from $GPUWHEEL_DIST_TOKEN.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the result (as gpuwheel -q build).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON on stdout.")
 def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], jobs: int | None, offline: bool,
-          python: str | None, base_image: str | None, allow_audit_failure: bool, out: Path | None, quiet: bool,
-          as_json: bool) -> None:
+          python: str | None, base_image: str | None, allow_audit_failure: bool, out: Path | None,
+          dist_url: str | None, quiet: bool, as_json: bool) -> None:
     """Build TARGET's wheels: fetch, patch, compile (local, or in docker or podman containers), finish and audit."""
+    import os
+
     from gpuwheel import log
+    from gpuwheel.build.dist import check_cluster, cluster_from
     from gpuwheel.build.engine import choose_engine
     from gpuwheel.build.packages import build_packages, open_backend
     from gpuwheel.cache import cache_root, target_lock
@@ -58,12 +64,17 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     timings: list[tuple[str, float]] = []
     start = time.monotonic()
     recipe = load_recipe(target)
-    plan = make_plan(recipe, jobs=jobs, only=only)
+    # A cluster that cannot take compiles stops the build before anything is fetched or made.
+    cluster = cluster_from(dist_url, os.environ)
+    status = check_cluster(cluster) if cluster else None
+    if status and not quiet:
+        console.print(f"distributing compiles to {status}", markup=False, highlight=False, soft_wrap=True)
+    plan = make_plan(recipe, jobs=jobs, only=only, cluster_cpus=status.cpus if status else None)
     click.get_current_context().with_resource(target_lock(plan.target.name))
     # Held until the command ends: a podman service gpuwheel starts lives exactly as long.
     chosen = click.get_current_context().with_resource(open_backend(
         backend, engine=choose_engine(engine, recipe.build.engine, recipe_name=plan.recipe.name), python=python,
-        base_image=base_image))
+        base_image=base_image, cluster=cluster))
     # A toolkit or torch that differs from the recipe stops the build before any download.
     toolchain = chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
     timings.append(("toolchain", time.monotonic() - start))
@@ -105,7 +116,8 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
         # One block per wheel, the path on a line of its own: never cut, ready to copy.
         verdict = "audit passed" if wheel.audit_passed else "[red]audit FAILED[/red]"
         out.print(f"[bold]{escape(wheel.package)}[/bold]: {verdict}"
-                  + (f", compile cache {escape(str(built.cache))}" if built else ""))
+                  + (f", compile cache {escape(str(built.cache))}" if built else "")
+                  + (f", {escape(str(built.dist))}" if built and built.dist else ""))
         out.print(f"  wheel: {escape(str(wheel.path))}", soft_wrap=True)
         if built:
             out.print(f"  log:   {escape(str(built.log_path))}", soft_wrap=True)

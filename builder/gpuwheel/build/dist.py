@@ -1,0 +1,238 @@
+"""Distributed compilation on an existing sccache-dist cluster: where it is, whether it can work, and the
+client configuration sccache reads.
+
+gpuwheel schedules nothing itself. The sccache that already fronts every compiler (build/base.py)
+sends each compile it can to the cluster's scheduler, which picks a build server; sccache packages
+the compiler (on Linux x86_64 it packs gcc with cc1plus/as/objcopy, and nvcc's own stages — cicc,
+ptxas, cudafe++ — itself), ships it once per server and runs anything that fails remotely again
+on this machine. What gpuwheel adds: the configuration (scheduler URL from --dist or $GPUWHEEL_DIST,
+the client token from $GPUWHEEL_DIST_TOKEN only), a check that says in one line what is wrong, the
+job count sized to the cluster, and what really ran where, read back from sccache's stats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+from urllib.parse import urlsplit
+
+from gpuwheel.errors import DistAuthRefused, DistConfigError, DistNoServers, DistToolchainMismatch, DistUnreachable
+from gpuwheel.redact import has_password
+
+DIST_VARIABLE = "GPUWHEEL_DIST"
+TOKEN_VARIABLE = "GPUWHEEL_DIST_TOKEN"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    url: str  # the scheduler, http(s)://host:port, without credentials
+    token: str = field(repr=False)  # the scheduler's client token: never shown, logged or put in a plan
+
+    def __str__(self) -> str:
+        return self.url
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    url: str
+    servers: int
+    cpus: int
+    in_progress: int
+
+    def __str__(self) -> str:
+        return (f"{self.url}: {self.servers} build server{'s' if self.servers != 1 else ''}, {self.cpus} cores, "
+                f"{self.in_progress} job{'s' if self.in_progress != 1 else ''} in progress")
+
+
+@dataclass(frozen=True)
+class DistStats:
+    """What sccache's client says ran where: compiles per build server, and those that failed there
+    and ran again on this machine."""
+
+    remote: tuple[tuple[str, int], ...]  # (server address, compiles), sorted
+    fallbacks: int
+
+    @property
+    def remote_total(self) -> int:
+        return sum(count for _, count in self.remote)
+
+    def __str__(self) -> str:
+        where = ", ".join(f"{server} {count}" for server, count in self.remote) or "none"
+        text = f"{self.remote_total} compiles on the cluster ({where})"
+        if self.fallbacks:
+            text += f"; {self.fallbacks} failed there and ran locally instead (sccache's fallback)"
+        return text
+
+    def to_json(self) -> dict:
+        return {"remote": dict(self.remote), "fallbacks": self.fallbacks}
+
+
+def cluster_from(url: str | None, environ: Mapping[str, str]) -> Cluster | None:
+    """The cluster --dist or $GPUWHEEL_DIST names, with its token from $GPUWHEEL_DIST_TOKEN; None when neither
+    names one. DistConfigError names what is wrong and the fix."""
+    url = (url or environ.get(DIST_VARIABLE) or "").strip()
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if has_password(url) or parts.username:
+        raise DistConfigError(f"--dist {parts.scheme}://{parts.hostname or ''}…: the URL carries credentials",
+                              hint=f"put the scheduler's client token in ${TOKEN_VARIABLE}, not in the URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+        raise DistConfigError(f"--dist {url!r} is no scheduler URL",
+                              hint="give http(s)://HOST:PORT of the sccache-dist scheduler, e.g. http://10.0.0.5:10600")
+    token = environ.get(TOKEN_VARIABLE, "")
+    if not token.strip():
+        raise DistConfigError(f"--dist {url}: no client token",
+                              hint=f"set ${TOKEN_VARIABLE} to the token of the scheduler's [client_auth]")
+    return Cluster(url.rstrip("/"), token.strip())
+
+
+def check_cluster(cluster: Cluster, *, timeout: float = 10) -> ClusterStatus:
+    """Ask the scheduler for its status and whether it takes our token; one error per kind of failure."""
+    import requests
+
+    fix = f"check --dist / ${DIST_VARIABLE} and that the scheduler runs and is reachable from here"
+    try:
+        answer = requests.get(f"{cluster.url}/api/v1/scheduler/status", headers={"Accept": "application/json"},
+                              timeout=timeout)
+    except requests.RequestException as error:
+        raise DistUnreachable(f"the scheduler {cluster.url} is unreachable: {_first_line(error)}", hint=fix) from None
+    try:
+        status = answer.json() if answer.status_code == 200 else None
+        status = ClusterStatus(cluster.url, int(status["num_servers"]), int(status["num_cpus"]),
+                               int(status["in_progress"]))
+    except (ValueError, KeyError, TypeError):
+        raise DistUnreachable(f"{cluster.url} answered HTTP {answer.status_code} with no scheduler status: "
+                              f"not an sccache-dist scheduler", hint=fix) from None
+    # The status is open to anyone; allocating a job needs the token. An empty request body is refused
+    # after the token was checked (400) and before any job exists, so nothing is allocated here.
+    try:
+        probe = requests.post(f"{cluster.url}/api/v1/scheduler/alloc_job",
+                              headers={"Authorization": f"Bearer {cluster.token}"}, data=b"", timeout=timeout)
+    except requests.RequestException as error:
+        raise DistUnreachable(f"the scheduler {cluster.url} stopped answering: {_first_line(error)}", hint=fix) from None
+    if probe.status_code == 401:
+        raise DistAuthRefused(f"the scheduler {cluster.url} refused the client token in ${TOKEN_VARIABLE}",
+                              hint="set it to the token of the scheduler's [client_auth]")
+    if probe.status_code != 400:
+        raise DistUnreachable(f"the scheduler {cluster.url} answered HTTP {probe.status_code} to a job request "
+                              f"without one: not the sccache-dist protocol gpuwheel knows", hint=fix)
+    if status.servers == 0:
+        raise DistNoServers(f"the scheduler {cluster.url} has no build servers",
+                            hint="start sccache-dist servers with this scheduler_url (they need bubblewrap and root)")
+    return status
+
+
+@contextmanager
+def client_config(cluster: Cluster, cache_dir: Path) -> Iterator[Path]:
+    """sccache's client configuration for the cluster, in a private file (it holds the token) that exists
+    only while the block runs. The packaged toolchains stay in cache_dir: sccache packs a compiler once
+    (seconds to a minute for nvcc's stages) and reuses the archive while the compiler is unchanged."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="gpuwheel-dist-"))  # mode 0700
+    try:
+        path = folder / "sccache.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            # rewrite_includes_only: sccache ships gcc's `-fdirectives-only` output, macros unexpanded. Fully
+            # preprocessed source (the default) compiles to other DWARF columns than the source does, and
+            # the wheel then differs from a local build's (seen: .debug_line of the fixture's module.cpp).
+            out.write(f"[dist]\nscheduler_url = {json.dumps(cluster.url)}\ncache_dir = {json.dumps(str(cache_dir))}\n"
+                      f"toolchains = []\nrewrite_includes_only = true\n[dist.auth]\ntype = \"token\"\ntoken = {json.dumps(cluster.token)}\n")
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def parse_dist_stats(text: str) -> DistStats:
+    """Compiles per server and fallbacks from `sccache --show-stats --stats-format=json`."""
+    try:
+        stats = json.loads(text)["stats"]
+    except (ValueError, KeyError, TypeError):
+        return DistStats((), 0)
+    remote = stats.get("dist_compiles") or {}
+    return DistStats(tuple(sorted((str(k), int(v)) for k, v in remote.items())), int(stats.get("dist_errors") or 0))
+
+
+def require_remote(stats: DistStats, what: str, cluster: Cluster, log: Path) -> None:
+    """A trial compile that did not run on the cluster, whole: the servers cannot run our packaged compiler."""
+    if stats.remote_total == 0 or stats.fallbacks:
+        reason = _dist_reason(log)
+        raise DistToolchainMismatch(f"{what} did not run on the cluster {cluster.url}: {stats.remote_total} stages "
+                                    f"ran there, {stats.fallbacks} failed there and ran locally"
+                                    + (f"; sccache said: {reason}" if reason else ""),
+                                    hint="the build servers must run Linux on this machine's architecture: sccache "
+                                         "packs this machine's compiler for them")
+
+
+# The smallest sources each compiler must build on the cluster: a C++ TU, and a kernel for nvcc,
+# whose cicc, ptxas, cudafe++ and host-compiler stages sccache sends out one by one.
+_TRIALS = {"cpp": "int twice(int x) { return 2 * x; }\n",
+           "cu": "__global__ void twice(float *x) { x[threadIdx.x] *= 2; }\n"}
+
+
+def trial_compiles(cluster: Cluster, sccache: str, compilers: Mapping[str, list[str]], cache_dir: Path) -> dict[str, DistStats]:
+    """Compile a trial source per compiler (name → argv before the source, suffix by name: `nvcc` gets .cu)
+    through a private sccache server on this cluster, bypassing its cache: where did each one run?
+    DistToolchainMismatch when one did not run on the cluster."""
+    from gpuwheel.build.local import _free_port  # one free-port helper for every private sccache server
+    from gpuwheel.run import capture
+
+    results: dict[str, DistStats] = {}
+    with tempfile.TemporaryDirectory(prefix="gpuwheel-dist-check-") as work, client_config(cluster, cache_dir) as conf:
+        log = Path(work) / "sccache.log"
+        env = {**os.environ, "SCCACHE_CONF": str(conf), "SCCACHE_DIR": str(Path(work) / "cache"),
+               "SCCACHE_SERVER_PORT": str(_free_port()), "SCCACHE_IDLE_TIMEOUT": "0", "SCCACHE_RECACHE": "1",
+               "SCCACHE_ERROR_LOG": str(log), "SCCACHE_LOG": "info"}
+        started = capture([sccache, "--start-server"], env=env)
+        if started.returncode != 0:
+            raise DistConfigError(f"sccache did not start: {(started.stderr or started.stdout).strip()[:200]}")
+        try:
+            for name, argv in compilers.items():
+                suffix = "cu" if Path(argv[0]).name == "nvcc" else "cpp"
+                source = Path(work) / f"{name}.{suffix}"
+                source.write_text(_TRIALS[suffix], encoding="utf-8")
+                before = parse_dist_stats(capture([sccache, "--show-stats", "--stats-format=json"], env=env).stdout)
+                done = capture([sccache, *argv, "-c", str(source), "-o", str(source.with_suffix(".o"))], env=env)
+                if done.returncode != 0:
+                    raise DistToolchainMismatch(f"{name} ({argv[0]}) did not compile a trial source even locally: "
+                                                f"{(done.stderr or done.stdout).strip()[:200]}",
+                                                hint="check the compiler on this machine first")
+                after = parse_dist_stats(capture([sccache, "--show-stats", "--stats-format=json"], env=env).stdout)
+                results[name] = _difference(after, before)
+                require_remote(results[name], f"{name} ({argv[0]})", cluster, log)
+        finally:
+            capture([sccache, "--stop-server"], env=env)
+    return results
+
+
+def _difference(after: DistStats, before: DistStats) -> DistStats:
+    earlier = dict(before.remote)
+    return DistStats(tuple((s, n - earlier.get(s, 0)) for s, n in after.remote if n > earlier.get(s, 0)),
+                     after.fallbacks - before.fallbacks)
+
+
+def _dist_reason(log: Path) -> str:
+    """The last line of sccache's own log that says why a compile was not distributed."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    said = [line for line in lines if "dist" in line.lower() and any(w in line.lower() for w in ("error", "fail"))]
+    return said[-1].split("] ", 1)[-1][:300] if said else ""
+
+
+def _first_line(error: BaseException) -> str:
+    """requests' message nests urllib3's: name the cause a user can act on, where it is one we know."""
+    text = str(error)
+    for cause in ("Connection refused", "timed out", "Name or service not known", "No route to host",
+                  "Network is unreachable", "certificate verify failed", "Temporary failure in name resolution"):
+        if cause.lower() in text.lower():
+            return cause
+    return f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:160]}"
