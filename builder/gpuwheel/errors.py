@@ -111,3 +111,9 @@ class PublishError(GpuwheelError):
     """The index refused an upload, or a wheel may not be published."""
 
     exit_code = 13
+
+
+class LockError(GpuwheelError):
+    """A lock is missing, unreadable or stale: the recipe, a source or the toolchain differs from it."""
+
+    exit_code = 15

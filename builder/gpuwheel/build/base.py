@@ -193,6 +193,13 @@ def check_toolchain(observed: ToolchainInfo, wanted: Toolchain, *, recipe_name: 
                              f"toolkit is CUDA {wanted.cuda}: extensions would not load", hint=fix_torch)
 
 
+def toolchain_requirements(toolchain: Toolchain, *, cuda_from_pypi: bool) -> tuple[str, ...]:
+    """What every backend installs into a toolchain: torch (its variant for the toolkit), the build
+    requirements, and the pinned PyPI toolkit wheels where the toolkit comes from PyPI."""
+    cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[facts.major_minor(toolchain.cuda)][0] if cuda_from_pypi else ()
+    return (facts.torch_requirement(toolchain.torch, toolchain.cuda), *BUILD_REQUIREMENTS, *cuda_wheels)
+
+
 def toolchain_key(toolchain: Toolchain, *extra: str) -> str:
     """Content hash of what goes into a toolchain: the same pins give the same venv or image."""
     text = json.dumps([toolchain.python, toolchain.torch, toolchain.cuda, BUILD_REQUIREMENTS, *extra])

@@ -14,27 +14,43 @@ import re
 import shutil
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from filelock import FileLock
 
 from gpuwheel import facts
-from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, CacheStats, PackageBuild,
-                                 ToolchainInfo, check_toolchain, parse_cache_stats, parse_nvcc_version,
-                                 substitute, toolchain_key)
+from gpuwheel.build.base import (PROBE_SCRIPT, BuildOutcome, CacheStats, PackageBuild, ToolchainInfo,
+                                 check_toolchain, parse_cache_stats, parse_nvcc_version, substitute, toolchain_key,
+                                 toolchain_requirements)
 from gpuwheel.cache import cache_root, remove_inside
 from gpuwheel.errors import ToolchainError
 from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.recipe import Toolchain
 from gpuwheel.run import capture, run
 
+if TYPE_CHECKING:
+    from gpuwheel.lock import Lock
+
+
+@dataclass(frozen=True)
+class ResolutionInputs:
+    """The interpreter the venv is made from, the requirements installed into it, and the host
+    toolkit's nvcc version (None: the toolkit comes from the PyPI wheels among the requirements)."""
+
+    python: Path
+    python_version: str  # x.y.z
+    requirements: tuple[str, ...]
+    nvcc: str | None
+
 
 class LocalBackend:
     name = "local"
 
-    def __init__(self, python: str | None = None):
+    def __init__(self, python: str | None = None, lock: Lock | None = None):
         self.python = python  # an interpreter to use (or to make the venv from)
+        self.lock = lock  # `build --locked`: the venv is installed from its hashes, never used as found
         self._interpreter: Path | None = None
         self._cuda_home: Path | None = None
         self._sccache: str | None = None
@@ -64,40 +80,63 @@ class LocalBackend:
         check_toolchain(info, toolchain, recipe_name=recipe_name, fix_cuda=fix_cuda, fix_torch=fix_torch)
         return info
 
+    def resolution_inputs(self, toolchain: Toolchain) -> ResolutionInputs:
+        """What `gpuwheel lock` resolves, as this backend would make the venv."""
+        nvcc = _find_nvcc()
+        base = self._base_interpreter(toolchain)[0]
+        return ResolutionInputs(base, (_probe(base) or {}).get("python", ""),
+                                toolchain_requirements(toolchain, cuda_from_pypi=nvcc is None),
+                                _nvcc_version(nvcc) if nvcc else None)
+
+    def _base_interpreter(self, toolchain: Toolchain) -> tuple[Path, bool]:
+        """The interpreter the venv is made from, and whether it holds torch already."""
+        if not self.python:
+            return _find_python(toolchain.python), False
+        given = shutil.which(self.python) or self.python
+        probe = _probe(Path(given))
+        if probe is None:
+            raise ToolchainError(f"--python {self.python}: not a working Python interpreter",
+                                 hint="pass the path of one, e.g. --python /usr/bin/python3")
+        return Path(given), bool(probe["torch"])
+
     def _toolchain_interpreter(self, toolchain: Toolchain, *, provision_cuda: bool) -> Path:
-        if self.python:
-            given = shutil.which(self.python) or self.python
-            probe = _probe(Path(given))
-            if probe is None:
-                raise ToolchainError(f"--python {self.python}: not a working Python interpreter",
-                                     hint="pass the path of one, e.g. --python /usr/bin/python3")
-            if probe["torch"] and not provision_cuda:
-                return Path(given)  # holds torch already: use it as it is (checked below)
-            base = Path(given)
-        else:
-            base = _find_python(toolchain.python)
+        base, holds_torch = self._base_interpreter(toolchain)
+        if holds_torch and not provision_cuda and self.lock is None:
+            return base  # holds torch already: use it as it is (checked below)
         cuda = facts.major_minor(toolchain.cuda)
         cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[cuda][0] if provision_cuda else ()
         base_version = (_probe(base) or {}).get("python", str(base))  # not its path: any 3.11.7 makes the same venv
-        torch = facts.torch_requirement(toolchain.torch, toolchain.cuda)
+        requirements = toolchain_requirements(toolchain, cuda_from_pypi=provision_cuda)
+        torch = requirements[0]
         # A variant's requirement joins the key; a plain pin is in it already (existing venvs stay valid).
         variant = (torch,) if torch != f"torch=={toolchain.torch}" else ()
-        venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels)}"
+        locked = ()
+        if self.lock is not None:
+            self.lock.check_requirements(requirements)
+            locked = (f"lock-{self.lock.environment_key}",)  # a venv per locked environment
+        venv = cache_root() / "toolchains" / \
+            f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels, *locked)}"
         python = venv / "bin" / "python"
         venv.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(venv) + ".lock"):
             if not (venv / ".complete").exists():
-                self._make_venv(venv, base, (torch, *BUILD_REQUIREMENTS, *cuda_wheels))
+                self._make_venv(venv, base, requirements)
         return python
 
     def _make_venv(self, venv: Path, base: Path, requirements: tuple[str, ...]) -> None:
         log = venv.parent / f"{venv.name}.log"
         # Progress, not a warning: it takes minutes once, and says what it is doing meanwhile.
-        say(f"making the toolchain venv {venv} (torch {requirements[0].split('==')[-1]} and the build requirements: "
-            f"a few minutes, once; log {log})")
+        say(f"making the toolchain venv {venv} (torch {requirements[0].split('==')[-1]} and the build requirements"
+            f"{' from ' + str(self.lock.path) if self.lock else ''}: a few minutes, once; log {log})")
         shutil.rmtree(venv, ignore_errors=True)
+        install = requirements
+        if self.lock is not None:
+            # Every distribution pinned with its hash, none resolved anew: pip refuses any other file.
+            hashed = venv.parent / f"{venv.name}.requirements.txt"
+            hashed.write_text(self.lock.requirements_text, encoding="utf-8")
+            install = ("--require-hashes", "--no-deps", "-r", str(hashed))
         steps = ((str(base), "-m", "venv", str(venv)),
-                 (str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input", *requirements))
+                 (str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input", *install))
         for argv in steps:
             finished = run(argv, log_path=log, on_line=pip_milestones("toolchain venv"))
             if not finished.ok:

@@ -98,6 +98,7 @@ def _register() -> None:
     from gpuwheel.cli import build  # noqa: F401
     from gpuwheel.cli import smoke  # noqa: F401
     from gpuwheel.cli import cache  # noqa: F401
+    from gpuwheel.cli import lock  # noqa: F401
 
     _name_envvars(main)
 
