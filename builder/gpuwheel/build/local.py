@@ -60,7 +60,15 @@ class LocalBackend:
         cuda = facts.major_minor(toolchain.cuda)
         fix_cuda = (f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend container"
                     + (f" (base image {toolchain.base_image})" if toolchain.base_image else ""))
-        nvcc = _find_nvcc()
+        # A lock decides where the toolkit comes from (the host's nvcc, or the PyPI wheels it pins),
+        # so that a lock made for CI runners without CUDA builds the same on a host that has one.
+        from_pypi = self.lock is not None and self.lock.cuda_toolkit is None
+        nvcc = None if from_pypi else _find_nvcc()
+        if self.lock is not None and not from_pypi and nvcc is None:
+            raise ToolchainError(f"no nvcc: {self.lock.path.name} was made with the host's CUDA toolkit "
+                                 f"(nvcc {self.lock.cuda_toolkit}), and CUDA_HOME is unset and none is on PATH",
+                                 hint=f"set CUDA_HOME to that toolkit, or lock with `gpuwheel lock "
+                                      f"{self.lock.target} --cuda-from pypi`")
         if nvcc is not None:
             version = _nvcc_version(nvcc)
             if facts.major_minor(version) != cuda:  # before any venv is made: fail in seconds
@@ -80,9 +88,17 @@ class LocalBackend:
         check_toolchain(info, toolchain, recipe_name=recipe_name, fix_cuda=fix_cuda, fix_torch=fix_torch)
         return info
 
-    def resolution_inputs(self, toolchain: Toolchain) -> ResolutionInputs:
-        """What `gpuwheel lock` resolves, as this backend would make the venv."""
-        nvcc = _find_nvcc()
+    def resolution_inputs(self, toolchain: Toolchain, *, cuda_from_pypi: bool | None = None) -> ResolutionInputs:
+        """What `gpuwheel lock` resolves, as this backend would make the venv; cuda_from_pypi None: the
+        host's nvcc where there is one, else the PyPI toolkit wheels."""
+        cuda = facts.major_minor(toolchain.cuda)
+        if cuda_from_pypi and cuda not in facts.CUDA_PYPI_TOOLCHAIN:
+            raise ToolchainError(f"CUDA {cuda} has no complete toolkit on PyPI (gpuwheel knows "
+                                 f"{', '.join(facts.CUDA_PYPI_TOOLCHAIN)})", hint="lock with --cuda-from host")
+        nvcc = None if cuda_from_pypi else _find_nvcc()
+        if cuda_from_pypi is False and nvcc is None:
+            raise ToolchainError("--cuda-from host: CUDA_HOME is unset and no nvcc is on PATH",
+                                 hint=f"set CUDA_HOME to a CUDA {cuda} toolkit, or lock with --cuda-from pypi")
         base = self._base_interpreter(toolchain)[0]
         return ResolutionInputs(base, (_probe(base) or {}).get("python", ""),
                                 toolchain_requirements(toolchain, cuda_from_pypi=nvcc is None),

@@ -17,9 +17,13 @@ from gpuwheel.cli import TARGET, main
               "Needs no network: compares the recipe's inputs and the toolchain requirements.")
 @click.option("--python", "python", metavar="PY", help="The interpreter the toolchain venv is made from "
               "(default: python<x.y> of the recipe on PATH), which pip resolves for.")
+@click.option("--cuda-from", type=click.Choice(["auto", "host", "pypi"]), default="auto", show_default=True,
+              help="Where the locked build's CUDA toolkit comes from: the host's nvcc, or the pinned PyPI wheels "
+                   "(CUDA 13.0; for CI runners without CUDA); auto: the host's where there is one.")
 @click.option("--offline", is_flag=True, help="Use only cached sources.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lock as JSON on stdout.")
-def lock(target: str, only: tuple[str, ...], check: bool, python: str | None, offline: bool, as_json: bool) -> None:
+def lock(target: str, only: tuple[str, ...], check: bool, python: str | None, cuda_from: str, offline: bool,
+         as_json: bool) -> None:
     """Pin every input of TARGET's build — sources, toolchain packages with hashes, nvcc — in a lock file."""
     from gpuwheel.build.base import toolchain_requirements
     from gpuwheel.build.local import LocalBackend
@@ -48,7 +52,8 @@ def lock(target: str, only: tuple[str, ...], check: bool, python: str | None, of
             out.print(f"{path}: up to date (plan {existing.plan_hash[:16]})", markup=False, soft_wrap=True)
         return
     sources = fetch_sources(plan, offline=offline, progress=not as_json)
-    inputs = LocalBackend(python=python).resolution_inputs(plan.toolchain)
+    inputs = LocalBackend(python=python).resolution_inputs(
+        plan.toolchain, cuda_from_pypi={"auto": None, "host": False, "pypi": True}[cuda_from])
     log_path = cache_root() / "logs" / plan.hash[:16] / "lock-resolve.log"
     say(f"resolving the toolchain environment ({len(inputs.requirements)} requirements) with {inputs.python} -m pip; "
         f"log {log_path}")
