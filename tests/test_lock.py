@@ -139,3 +139,43 @@ def test_a_locked_build_installs_the_toolchain_from_the_locks_hashes(gpuwheel, l
                                                for w in lock["toolchain"]["environment"]]
     if "making the toolchain venv" in built.stderr:  # made by this build (else by an earlier run, the same way)
         assert f"(from -r {hashed} (line" in (venv.parent / f"{venv.name}.log").read_text()
+
+
+def test_a_lock_for_runners_without_cuda_pins_the_pypi_toolkit_and_checks_the_same_anywhere(gpuwheel, tmp_path):
+    recipe = fixture_recipe(tmp_path)
+
+    made = gpuwheel("lock", recipe, "--cuda-from", "pypi")
+
+    assert made.exit_code == 0, made.stderr
+    assert made.stdout.strip().endswith(f"nvcc from PyPI; plan {gpuwheel('plan', recipe, '--json').json()['hash'][:16]}")
+    lock = tomllib.loads((tmp_path / "fixture.lock").read_text())
+    assert "cuda_toolkit" not in lock["toolchain"]
+    assert "nvidia-cuda-nvcc==13.0.88" in lock["toolchain"]["requirements"]
+    environment = {w["name"]: w["version"] for w in lock["toolchain"]["environment"]}
+    assert environment["nvidia-cuda-nvcc"] == "13.0.88" and environment["nvidia-cuda-runtime"] == "13.0.96"
+    # Checked with the lock's toolkit choice, whether or not this machine has an nvcc.
+    checked = gpuwheel("lock", recipe, "--check")
+    assert checked.exit_code == 0, checked.stderr
+
+
+def test_a_locked_container_toolchain_installs_the_locks_files_by_hash(locked):
+    from gpuwheel.build.container import LOCKED_REQUIREMENTS, render_dockerfile
+    from gpuwheel.errors import LockError
+    from gpuwheel.lock import read_lock
+    from gpuwheel.recipe import Toolchain
+
+    lock = read_lock(locked[1])
+    if lock.cuda_toolkit is None:
+        pytest.skip("no nvcc on PATH: the module's lock pins the PyPI toolkit")
+    toolchain = Toolchain(cuda="13.0.2", python="3.11", torch="2.14.1")
+    plain = render_dockerfile(toolchain, base_image="sha256:base", cuda_from_pypi=False)
+
+    pinned = render_dockerfile(toolchain, base_image="sha256:base", cuda_from_pypi=False, lock=lock)
+
+    assert f"COPY pip.conf ca.crt {LOCKED_REQUIREMENTS} /opt/gpuwheel/" in pinned
+    assert f"--require-hashes --no-deps -r /opt/gpuwheel/{LOCKED_REQUIREMENTS}" in pinned
+    assert "'torch==2.14.1'" in plain and "'torch==2.14.1'" not in pinned
+    assert f"LABEL gpuwheel.lock={lock.environment_key}" in pinned  # the tag (a hash of the text) follows the lock
+    # A base image without a toolkit needs the PyPI wheels, which a lock made with the host's nvcc lacks.
+    with pytest.raises(LockError, match=r"toolchain requirements changed \(\+nvidia-cuda-nvcc==13.0.88"):
+        render_dockerfile(toolchain, base_image="sha256:base", cuda_from_pypi=True, lock=lock)
