@@ -179,3 +179,19 @@ def test_a_locked_container_toolchain_installs_the_locks_files_by_hash(locked):
     # A base image without a toolkit needs the PyPI wheels, which a lock made with the host's nvcc lacks.
     with pytest.raises(LockError, match=r"toolchain requirements changed \(\+nvidia-cuda-nvcc==13.0.88"):
         render_dockerfile(toolchain, base_image="sha256:base", cuda_from_pypi=True, lock=lock)
+
+
+def test_a_locked_build_whose_fetched_source_differs_from_the_lock_names_it(gpuwheel, tmp_path, locked):
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH: the module's lock pins the host toolkit")
+    recipe = fixture_recipe(tmp_path)
+    lock = locked[1].read_text()
+    # The lock says the path source was an sdist of a known hash; the fetch finds a directory.
+    (tmp_path / "fixture.lock").write_text(lock.replace('kind = "path"\n', f'kind = "path"\nsha256 = "{"0" * 64}"\n', 1))
+
+    result = gpuwheel("build", recipe, "--backend", "local", "--locked", "--out", tmp_path / "staging")
+
+    assert result.exit_code == 15
+    assert (f"the lock is stale: source gwfixture/gwfixture is unpinned now, sha256 {'0' * 64} in the lock"
+            in _error_line(result))
+    assert files_under(tmp_path / "staging") == []

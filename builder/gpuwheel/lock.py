@@ -101,7 +101,7 @@ class Lock:
     # ---- drift: each check raises LockError naming the first difference ---------------------------
     def check_plan(self, plan: Plan) -> None:
         """The recipe still gives the locked plan (no network: pins, patches, env, command)."""
-        changed = _differences(self.inputs, flatten(plan_inputs(plan)))
+        changed = _differences(self.inputs, locked_inputs(plan))
         if changed:
             self._stale(changed)
         if plan.hash != self.plan_hash:  # the inputs cover the hash: only a hand-edited lock gets here
@@ -191,7 +191,7 @@ def make_lock(plan: Plan, sources: Any, *, python: str, requirements: tuple[str,
             locked.append(LockedSource(package.name, dep.name, "dependency", kind, planned[dep.name].git,
                                        None, dep.commit))
     return Lock(path=path or lock_path(plan), target=plan.target.name, plan_hash=plan.hash,
-                packages=tuple(p.name for p in plan.packages), inputs=flatten(plan_inputs(plan)), python=python,
+                packages=tuple(p.name for p in plan.packages), inputs=locked_inputs(plan), python=python,
                 requirements=requirements, environment=environment, cuda_toolkit=cuda_toolkit,
                 base_image=plan.toolchain.base_image, base_image_digest=plan.toolchain.base_image_digest,
                 sources=tuple(locked))
@@ -271,6 +271,11 @@ def _locked_wheel(item: Mapping[str, Any]) -> LockedWheel:
 
 
 # ---- flattening the plan's inputs ---------------------------------------------------------------
+def locked_inputs(plan: Plan) -> dict[str, Any]:
+    """The plan's hashed inputs as the hash sees them (JSON: tuples are lists), one key per value."""
+    return flatten(json.loads(json.dumps(plan_inputs(plan))))
+
+
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """{'toolchain': {'torch': '2.14.1'}} → {'toolchain.torch': '2.14.1'}; lists of named tables are keyed
     by name (`packages.flash-attn.env.MAX_JOBS`), other lists of tables by position, lists of scalars
@@ -302,7 +307,7 @@ def _differences(locked: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]
 
 
 def _pin(sha256: str | None, commit: str | None) -> str:
-    return f"sha256 {sha256[:12]}…" if sha256 else f"commit {commit[:12]}…" if commit else "unpinned"
+    return f"sha256 {sha256}" if sha256 else f"commit {commit}" if commit else "unpinned"
 
 
 def _without_none(table: Mapping[str, Any]) -> dict[str, Any]:
