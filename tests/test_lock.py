@@ -195,3 +195,21 @@ def test_a_locked_build_whose_fetched_source_differs_from_the_lock_names_it(gpuw
     assert (f"the lock is stale: source gwfixture/gwfixture is unpinned now, sha256 {'0' * 64} in the lock"
             in _error_line(result))
     assert files_under(tmp_path / "staging") == []
+
+
+def test_a_locked_file_whose_hash_the_index_does_not_serve_is_refused_by_pip_and_named(gpuwheel, tmp_path, locked):
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH: the module's lock pins the host toolkit")
+    recipe = fixture_recipe(tmp_path)
+    text = locked[1].read_text()
+    at = text.index('sha256 = "', text.index('name = "einops"'))
+    (tmp_path / "fixture.lock").write_text(text[:at] + f'sha256 = "{"0" * 64}"' + text[at + len('sha256 = "') + 65:])
+
+    result = gpuwheel("build", recipe, "--backend", "local", "--locked", "--out", tmp_path / "staging")
+
+    assert result.exit_code == 15
+    line = _error_line(result)
+    version = tomllib.loads(text)["toolchain"]["environment"]
+    [einops] = [w["version"] for w in version if w["name"] == "einops"]
+    assert f"einops=={einops}: the index serves a file of sha256 " in line and f"the lock has {'0' * 64}" in line
+    assert files_under(tmp_path / "staging") == []

@@ -145,6 +145,20 @@ class Lock:
         if changed:
             self._stale(changed)
 
+    def check_hash_failure(self, pip_output: Iterable[str], log: Path) -> None:
+        """pip refused a file of the locked environment: the index serves other bytes than were locked."""
+        lines = [line.strip() for line in pip_output]
+        refused = [(lines[i].split(" from ", 1)[0], lines[i + 1].split()[-1], lines[i + 2].split()[-1])
+                   for i in range(len(lines) - 2)
+                   if lines[i + 1].startswith("Expected sha256") and lines[i + 2].startswith("Got")]
+        if refused:
+            changed = [f"{name}: the index serves a file of sha256 {got}, the lock has {expected}"
+                       for name, expected, got in refused]
+            more = f" (+{len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise LockError(f"{self.path}: {changed[0]}{more}",
+                            hint=f"the file changed on the index, or the lock was edited: compare before you run "
+                                 f"`gpuwheel lock {self.target}` again; pip's output in {log}")
+
     def _stale(self, changed: list[str]) -> None:
         more = f" (+{len(changed) - 1} more)" if len(changed) > 1 else ""
         raise LockError(f"{self.path}: the lock is stale: {changed[0]}{more}",

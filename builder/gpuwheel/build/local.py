@@ -157,6 +157,8 @@ class LocalBackend:
             finished = run(argv, log_path=log, on_line=pip_milestones("toolchain venv"))
             if not finished.ok:
                 shutil.rmtree(venv, ignore_errors=True)
+                if self.lock is not None:
+                    self.lock.check_hash_failure(finished.tail, log)
                 last = next((line for line in reversed(finished.tail) if line.strip()), "")
                 variant = next((r for r in requirements if r.startswith("torch==") and "+cu" in r), None)
                 hint = f"full output in {log}"
