@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 from packaging.version import InvalidVersion, Version
 
@@ -139,6 +140,36 @@ def compile_cache_env(cache_dir: str) -> dict[str, str]:
         # nvcc's -MD dependency output makes sccache refuse to cache the compile.
         "TORCH_EXTENSION_SKIP_NVCC_GEN_DEPENDENCIES": "1",
     }
+
+
+# The paths a container build compiles at; a local build's paths are mapped onto them in the compiled
+# files, so that a wheel's bytes depend on neither the cache's location nor the backend.
+CANONICAL_WORK = "/gpuwheel/work"  # + /<package>: the tree; + /deps: the dependency trees
+CANONICAL_TOOLCHAIN = "/opt/toolchain"  # the toolchain venv (torch's headers)
+CANONICAL_CUDA_HOME = "/usr/local/cuda"
+
+
+def reproducible_env(environ: Mapping[str, str], path_map: Sequence[tuple[str, str]],
+                     source_date_epoch: str) -> dict[str, str]:
+    """Variables that keep build paths and the time out of the compiled files.
+
+    path_map: (path on this machine, the path the files name instead); the host compiler takes it as
+    -ffile-prefix-map (debug info, DW_AT_comp_dir, __FILE__) through CFLAGS/CXXFLAGS, which setuptools
+    and CMake both read, and nvcc hands it to its host compiler (-Xcompiler) through
+    NVCC_APPEND_FLAGS; SOURCE_DATE_EPOCH fixes __DATE__/__TIME__. A recipe's own values of these
+    variables come first: the maps are appended.
+    """
+    maps = [f"-ffile-prefix-map={os.path.realpath(real)}={canonical}" for real, canonical in path_map
+            if os.path.realpath(real) != canonical]
+    maps += [f"-ffile-prefix-map={real}={canonical}" for real, canonical in path_map
+             if real != os.path.realpath(real) and real != canonical]  # the path as given, where a link leads there
+    env = {"SOURCE_DATE_EPOCH": environ.get("SOURCE_DATE_EPOCH") or source_date_epoch}
+    if maps:
+        for name in ("CFLAGS", "CXXFLAGS"):
+            env[name] = " ".join(filter(None, (environ.get(name), *maps)))
+        env["NVCC_APPEND_FLAGS"] = " ".join(filter(None, (environ.get("NVCC_APPEND_FLAGS"),
+                                                          *(f"-Xcompiler={flag}" for flag in maps))))
+    return env
 
 
 def parse_cache_stats(text: str) -> CacheStats:

@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Callable
 
 from gpuwheel import facts
 from gpuwheel.build.base import (PROBE_SCRIPT, BuildOutcome, PackageBuild, ToolchainInfo,
-                                 check_toolchain, parse_cache_stats, parse_nvcc_version, substitute,
-                                 toolchain_requirements)
+                                 check_toolchain, parse_cache_stats, parse_nvcc_version, reproducible_env,
+                                 substitute, toolchain_requirements)
 from gpuwheel.build.engine import ContainerEngine, Image, Mount
 from gpuwheel.build.progress import BuildProgress
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import ToolchainError
 from gpuwheel.recipe import Toolchain
 from gpuwheel.shipped import shipped
+from gpuwheel.wheels import DEFAULT_SOURCE_DATE_EPOCH
 
 if TYPE_CHECKING:
     from gpuwheel.lock import Lock
@@ -197,6 +198,8 @@ class ContainerBackend:
             env = {k: v for k, v in substitute(job.env, **places).items()
                    if self._sccache or not (k.startswith("SCCACHE_") or v.startswith("sccache"))}
             env.update(GPUWHEEL_PACKAGE=job.name, GPUWHEEL_OWNER=f"{os.getuid()}:{os.getgid()}")
+            # The container's paths are the canonical ones already (no map); the time is fixed as locally.
+            env.update(reproducible_env(env, (), str(DEFAULT_SOURCE_DATE_EPOCH)))
             mounts = (Mount(job.tree, SRC, read_only=True), Mount(deps, DEPS_SRC, read_only=True),
                       Mount(job.out_dir, OUT, read_only=False), Mount(job.cache_dir, CACHE, read_only=False),
                       Mount(Path(meta), META, read_only=False))

@@ -21,14 +21,16 @@ from typing import TYPE_CHECKING, Callable
 from filelock import FileLock
 
 from gpuwheel import facts
-from gpuwheel.build.base import (PROBE_SCRIPT, BuildOutcome, CacheStats, PackageBuild, ToolchainInfo,
-                                 check_toolchain, parse_cache_stats, parse_nvcc_version, substitute, toolchain_key,
+from gpuwheel.build.base import (CANONICAL_CUDA_HOME, CANONICAL_TOOLCHAIN, CANONICAL_WORK, PROBE_SCRIPT,
+                                 BuildOutcome, CacheStats, PackageBuild, ToolchainInfo, check_toolchain,
+                                 parse_cache_stats, parse_nvcc_version, reproducible_env, substitute, toolchain_key,
                                  toolchain_requirements)
 from gpuwheel.cache import cache_root, remove_inside
 from gpuwheel.errors import ToolchainError
 from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.recipe import Toolchain
 from gpuwheel.run import capture, run
+from gpuwheel.wheels import DEFAULT_SOURCE_DATE_EPOCH
 
 if TYPE_CHECKING:
     from gpuwheel.lock import Lock
@@ -208,6 +210,15 @@ class LocalBackend:
                    "CUDA_HOME": str(self._cuda_home),
                    "PATH": os.pathsep.join([str(self._interpreter.parent), str(self._cuda_home / "bin"),
                                             os.environ.get("PATH", "")])}
+            env.update(reproducible_env(env, (
+                (str(work / "tree"), f"{CANONICAL_WORK}/{job.name}"), (str(work / "deps"), f"{CANONICAL_WORK}/deps"),
+                (str(self._interpreter.parent.parent), CANONICAL_TOOLCHAIN),
+                # A host toolkit; the PyPI one lies inside the venv, mapped with it as the container's is.
+                *([] if self._cuda_home.is_relative_to(self._interpreter.parent.parent) else
+                  [(str(self._cuda_home), CANONICAL_CUDA_HOME)]),
+                # Python's own headers: /usr/include/python3.x, as a distribution's Python (the container's) has them.
+                (capture([self._interpreter, "-c", "import sys; print(sys.base_prefix)"]).stdout.strip() or "/usr",
+                 "/usr")), str(DEFAULT_SOURCE_DATE_EPOCH)))
             argv = list(substitute(job.command, **places))
             if argv[0] == "python":
                 argv[0] = str(self._interpreter)
