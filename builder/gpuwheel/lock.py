@@ -197,8 +197,8 @@ def make_lock(plan: Plan, sources: Any, *, python: str, requirements: tuple[str,
     """The lock of a plan, its fetched Sources and the environment resolved for its toolchain."""
     locked = []
     for package in sources.packages:
-        locked.append(LockedSource(package.name, package.name, "package", package.kind, _location(plan, package.name),
-                                   package.sha256, package.commit))
+        locked.append(LockedSource(package.name, package.name, "package", package.kind,
+                                   plan.package(package.name).source.location, package.sha256, package.commit))
         planned = {d.name: d for d in plan.package(package.name).dependencies}
         for dep in package.dependencies:
             kind = "stand-in" if dep.name in plan.package(package.name).stand_ins else "git"
@@ -209,10 +209,6 @@ def make_lock(plan: Plan, sources: Any, *, python: str, requirements: tuple[str,
                 requirements=requirements, environment=environment, cuda_toolkit=cuda_toolkit,
                 base_image=plan.toolchain.base_image, base_image_digest=plan.toolchain.base_image_digest,
                 sources=tuple(locked))
-
-
-def _location(plan: Plan, name: str) -> str:
-    return plan.package(name).source.location
 
 
 def write_lock(lock: Lock) -> None:
