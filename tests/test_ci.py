@@ -113,14 +113,17 @@ def test_an_unknown_target_is_one_line(gpuwheel, tmp_path):
     assert "unknown target 'h1000'" in result.stderr and not (tmp_path / "wf.yml").exists()
 
 
-def test_the_summary_renders_audit_and_smoke_reports_and_names_a_missing_one(gpuwheel, tmp_path):
-    result = gpuwheel("ci", "summary", RUNS / "audit-h200-torch211.json", RUNS / "smoke-h200-torch211.json",
-                      tmp_path / "build-missing.json")
+def test_the_summary_renders_build_audit_and_smoke_reports_and_names_a_missing_one(gpuwheel, tmp_path):
+    result = gpuwheel("ci", "summary", RUNS / "build-h200-torch211.json", RUNS / "audit-h200-torch211.json",
+                      RUNS / "smoke-h200-torch211.json", tmp_path / "build-missing.json")
 
     assert result.exit_code == 0, result.stderr
     audit = json.loads((RUNS / "audit-h200-torch211.json").read_text())
     smoke = json.loads((RUNS / "smoke-h200-torch211.json").read_text())
+    built = json.loads((RUNS / "build-h200-torch211.json").read_text())
     text = result.stdout
+    assert f"### {built['finished']['target']}: wheels built" in text
+    assert all(f"| `{w['filename']}` | {w['label']} |" in text for w in built["finished"]["wheels"])
     assert f"### audit {'passed' if audit['passed'] else '**FAILED**'}: GPU {audit['target']['arch']}" in text
     assert all(f"| `{so['path']}` | {so['verdict']} |" in text for so in audit["sos"])
     assert f"### smoke {smoke['target']} " in text
