@@ -52,6 +52,8 @@ def test_the_fixture_built_in_two_directories_is_the_same_bytes(gpuwheel, monkey
 
     [a], [b] = first["finished"]["wheels"], second["finished"]["wheels"]
     assert a["filename"] == b["filename"]
+    with zipfile.ZipFile(a["path"]) as archive:  # the fixture has what nvcc names after the source's path
+        assert any(b"_INTERNAL_" in archive.read(n) for n in archive.namelist() if n.endswith(".so"))
     assert _embedded_paths(Path(a["path"]), tmp_path) == []
     assert a["sha256"] == b["sha256"]
 

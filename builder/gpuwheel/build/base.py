@@ -172,6 +172,19 @@ def reproducible_env(environ: Mapping[str, str], path_map: Sequence[tuple[str, s
     return env
 
 
+NVCC_CANONICAL = Path(__file__).with_name("nvcc_canonical.py")
+
+
+def canonical_nvcc_env(environ: Mapping[str, str], python: str, path_map: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Put nvcc_canonical.py in front of every nvcc the build runs (torch's PYTORCH_NVCC, CMake's CUDA
+    launcher, sccache kept behind it), with the path map it reads: see that file for why."""
+    wrapper = [python, str(NVCC_CANONICAL)]
+    launcher = environ.get("CMAKE_CUDA_COMPILER_LAUNCHER")
+    return {"GPUWHEEL_PATH_MAP": "\n".join(f"{real}={canonical}" for real, canonical in path_map),
+            "PYTORCH_NVCC": " ".join([*wrapper, environ.get("PYTORCH_NVCC") or "nvcc"]),
+            "CMAKE_CUDA_COMPILER_LAUNCHER": ";".join([*wrapper, *([launcher] if launcher else [])])}
+
+
 def parse_cache_stats(text: str) -> CacheStats:
     """Hits and misses from `sccache --show-stats --stats-format=json`."""
     try:

@@ -23,7 +23,8 @@ from filelock import FileLock
 from gpuwheel import facts
 from gpuwheel.build.base import (CANONICAL_CUDA_HOME, CANONICAL_TOOLCHAIN, CANONICAL_WORK, PROBE_SCRIPT,
                                  BuildOutcome, CacheStats, PackageBuild, ToolchainInfo, check_toolchain,
-                                 parse_cache_stats, parse_nvcc_version, reproducible_env, substitute, toolchain_key,
+                                 canonical_nvcc_env, parse_cache_stats, parse_nvcc_version, reproducible_env, substitute,
+                                 toolchain_key,
                                  toolchain_requirements)
 from gpuwheel.cache import cache_root, remove_inside
 from gpuwheel.errors import ToolchainError
@@ -210,7 +211,7 @@ class LocalBackend:
                    "CUDA_HOME": str(self._cuda_home),
                    "PATH": os.pathsep.join([str(self._interpreter.parent), str(self._cuda_home / "bin"),
                                             os.environ.get("PATH", "")])}
-            env.update(reproducible_env(env, (
+            path_map = (
                 (str(work / "tree"), f"{CANONICAL_WORK}/{job.name}"), (str(work / "deps"), f"{CANONICAL_WORK}/deps"),
                 (str(self._interpreter.parent.parent), CANONICAL_TOOLCHAIN),
                 # A host toolkit; the PyPI one lies inside the venv, mapped with it as the container's is.
@@ -218,12 +219,15 @@ class LocalBackend:
                   [(str(self._cuda_home), CANONICAL_CUDA_HOME)]),
                 # Python's own headers: /usr/include/python3.x, as a distribution's Python (the container's) has them.
                 (capture([self._interpreter, "-c", "import sys; print(sys.base_prefix)"]).stdout.strip() or "/usr",
-                 "/usr")), str(DEFAULT_SOURCE_DATE_EPOCH)))
+                 "/usr"))
+            env.update(reproducible_env(env, path_map, str(DEFAULT_SOURCE_DATE_EPOCH)))
             argv = list(substitute(job.command, **places))
             if argv[0] == "python":
                 argv[0] = str(self._interpreter)
             if not self._sccache:
                 env = {k: v for k, v in env.items() if not _is_cache_var(k, v)}
+            env.update(canonical_nvcc_env(env, str(self._interpreter), path_map))
+            if not self._sccache:
                 finished = run(argv, env=env, cwd=work / "tree", log_path=job.log_path, on_line=on_line)
                 return BuildOutcome(finished.returncode, finished.seconds, finished.tail, CacheStats(0, 0))
             # A server of its own, on a free port: stopping the default port's server would stop every
