@@ -59,9 +59,6 @@ def test_the_fixture_built_in_two_directories_is_the_same_bytes(gpuwheel, monkey
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="nvcc names internal-linkage entities _INTERNAL_<hash of the .cu's absolute "
-                   "path>_…_<per-compile number>: the local backend's build path still reaches the .so "
-                   "(docs/build.md, 'The same bytes wherever it builds'); strict: passing means it is fixed")
 def test_the_flash_attn_profile_built_in_two_directories_is_the_same_bytes(gpuwheel, monkeypatch, tmp_path):
     first, second = _build_twice(gpuwheel, monkeypatch, tmp_path, "rtx6000pro-cu13", "--only", "flash-attn")
 
