@@ -41,12 +41,46 @@ def test_local_build_gives_a_wheel_with_sm90a_and_sm120_sass_and_a_rebuild_hits_
     assert Path(built["wheels"][0]["log"]).read_text().count("sccache nvcc") >= 1
     assert "gwfixture: built" in first.stderr and "compile-cache hits" in first.stderr
 
-    again = gpuwheel("build", recipe, "--backend", "local", "--out", out, "--json")
+    again = gpuwheel("build", recipe, "--backend", "local", "--out", out, "--json", "--rebuild")
 
     assert again.exit_code == 0, again.stderr
     rebuilt = again.json()["raw"]["wheels"][0]
     assert rebuilt["cache_hits"] > 0 and rebuilt["cache_misses"] == 0
     assert "(100%)" in again.stderr
+
+
+def test_a_build_of_an_unchanged_plan_reuses_its_finished_wheel_and_a_changed_input_rebuilds(
+        gpuwheel, tmp_path, fixture_toolchain, caplog):
+    recipe = fixture_recipe(tmp_path)
+    out = tmp_path / "staging"
+    first = gpuwheel("build", recipe, "--backend", "local", "--out", out, "--json")
+    assert first.exit_code == 0, first.stderr
+    [built] = first.json()["finished"]["wheels"]
+    assert first.json()["reused"] is False
+
+    noop = gpuwheel("build", recipe, "--backend", "local", "--out", out, "--json")
+
+    assert noop.exit_code == 0, noop.stderr
+    assert noop.json()["reused"] is True and noop.json()["raw"] is None
+    assert noop.json()["finished"]["wheels"] == [built]  # same path, sha256, label, audit verdict
+    plan_hash = gpuwheel("plan", recipe, "--json").json()["hash"]
+    assert f"gwfixture: reusing {built['path']}, finished for plan {plan_hash[:16]}" in noop.stderr
+    assert "compile-cache" not in noop.stderr  # nothing was built
+
+    # A wheel whose bytes no longer match its RECORD is rebuilt, not reused.
+    with zipfile.ZipFile(built["path"], "a") as archive:
+        archive.writestr("gwfixture/added.py", "print('not in RECORD')\n")
+    tampered = gpuwheel("build", recipe, "--backend", "local", "--out", out, "--json")
+    assert tampered.exit_code == 0, tampered.stderr
+    assert tampered.json()["reused"] is False
+    assert any("not reusing" in r.getMessage() and "RECORD mismatch: gwfixture/added.py" in r.getMessage()
+               for r in caplog.records)
+
+    # A changed input is a new plan: built, and the old wheel is not taken for it.
+    changed = fixture_recipe(tmp_path, env={"GWFIXTURE_NOTE": "changed"})
+    rebuilt = gpuwheel("build", changed, "--backend", "local", "--out", out, "--json")
+    assert rebuilt.exit_code == 0, rebuilt.stderr
+    assert rebuilt.json()["reused"] is False and rebuilt.json()["raw"]["plan_hash"] != plan_hash
 
 
 def test_toolkit_mismatch_stops_before_compiling(gpuwheel, tmp_path):

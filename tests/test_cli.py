@@ -17,7 +17,7 @@ from gpuwheel.cli import main
 GPUWHEEL = Path(sys.executable).with_name("gpuwheel")
 # Every command that reports something (issue 14): each takes --json and prints JSON on stdout.
 REPORTING = ("targets", "show", "plan", "fetch", "patches check", "audit", "smoke", "publish", "show-wheel",
-             "build", "finish", "cache list")
+             "build", "finish", "cache list", "lock", "ci github")
 
 
 def _command(path: str) -> click.Command:

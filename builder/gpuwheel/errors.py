@@ -162,3 +162,9 @@ class DistToolchainMismatch(DistConfigError):
     """A trial compile did not run on the cluster: the servers cannot run this machine's packaged compiler."""
 
     exit_code = 20
+
+
+class LockError(GpuwheelError):
+    """A lock is missing, unreadable or stale: the recipe, a source or the toolchain differs from it."""
+
+    exit_code = 21

@@ -349,17 +349,26 @@ def _select(recipe: Recipe, only: tuple[str, ...]) -> tuple[PackageRecipe, ...]:
     return tuple(p for p in recipe.packages if not only or p.name in only)
 
 
-def _content_hash(recipe: Recipe, packages: tuple[PackagePlan, ...]) -> str:
-    hashed = {
+def plan_inputs(plan: Plan) -> dict:
+    """Exactly what the plan hash covers, as JSON data: a lock records it to name what changed."""
+    return _hashed_inputs(plan.target, plan.toolchain, plan.build_type, plan.packages)
+
+
+def _hashed_inputs(target: Target, toolchain: Toolchain, build_type: str, packages: tuple[PackagePlan, ...]) -> dict:
+    return {
         "schema": PLAN_SCHEMA,
-        "target": asdict(recipe.target),
-        "toolchain": asdict(recipe.toolchain),
-        "build_type": recipe.build.build_type,
+        "target": asdict(target),
+        "toolchain": asdict(toolchain),
+        "build_type": build_type,
         "packages": [
             {**{k: v for k, v in _package_json(p).items() if k not in ("jobs", "measured_build")},
              "env": {k: v for k, v in p.env if k not in SCHEDULING_ENV}}
             for p in packages
         ],
     }
+
+
+def _content_hash(recipe: Recipe, packages: tuple[PackagePlan, ...]) -> str:
+    hashed = _hashed_inputs(recipe.target, recipe.toolchain, recipe.build.build_type, packages)
     canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

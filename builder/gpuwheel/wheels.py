@@ -645,6 +645,45 @@ def _check_wheel_tags(wheel_file: bytes, tags: set, source: Path) -> None:
 
 
 # ---- reading a finished wheel ------------------------------------------------------------------
+def reuse_finished(plan: Plan, out_dir: Path | str, *, allow_audit_failure: bool = False) -> Wheels | None:
+    """The finished wheels of exactly this plan already in out_dir, one per package, or None.
+
+    A wheel counts when its gpuwheel.json records this plan's hash and package, its RECORD still
+    matches every member (a truncated or edited file is rebuilt, not reused), and its audit passed
+    (or failed and allow_audit_failure, as when it was made). All packages or none: the plan hash
+    covers every package, so a partial set cannot be topped up without building the plan.
+    """
+    found: dict[str, FinishedWheel] = {}
+    for path in sorted(Path(out_dir).glob("*.whl")):
+        wheel = _finished_of_plan(plan, path)
+        if wheel is not None and (wheel.audit_passed or allow_audit_failure):
+            found.setdefault(wheel.package, wheel)
+    if any(package.name not in found for package in plan.packages):
+        return None
+    return Wheels(plan.target.name, Path(out_dir), tuple(found[package.name] for package in plan.packages))
+
+
+def _finished_of_plan(plan: Plan, path: Path) -> FinishedWheel | None:
+    try:
+        wheel = read_wheel(path)
+    except WheelError as error:
+        logger.info("not reusing %s: %s", path, error)
+        return None
+    provenance = wheel.provenance or {}
+    package = plan.package(str((provenance.get("package") or {}).get("name", "")))
+    if provenance.get("plan_hash") != plan.hash or package is None:
+        return None
+    try:
+        _check_raw_wheel(path, package)  # the name, metadata and every RECORD hash, as for a raw wheel
+    except WheelError as error:
+        logger.warning("not reusing %s although it records this plan: %s", path.name, error)
+        return None
+    recorded = provenance.get("wheel", {})
+    return FinishedWheel(package.name, path, wheel.version, provenance["package"].get("label", ""),
+                         tuple(recorded.get("platform_tags", ())), tuple(recorded.get("grafted", ())), wheel.sha256,
+                         bool(provenance.get("audit", {}).get("passed")), provenance)
+
+
 def show_wheel(path: Path | str) -> dict[str, Any]:
     """A finished wheel's identity and its gpuwheel.json (WheelError when it has none)."""
     wheel = read_wheel(Path(path))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 from packaging.version import InvalidVersion, Version
 
@@ -144,6 +145,49 @@ def compile_cache_env(cache_dir: str) -> dict[str, str]:
     }
 
 
+# The paths a container build compiles at; a local build's paths are mapped onto them in the compiled
+# files, so that a wheel's bytes depend on neither the cache's location nor the backend.
+CANONICAL_WORK = "/gpuwheel/work"  # + /<package>: the tree; + /deps: the dependency trees
+CANONICAL_TOOLCHAIN = "/opt/toolchain"  # the toolchain venv (torch's headers)
+CANONICAL_CUDA_HOME = "/usr/local/cuda"
+
+
+def reproducible_env(environ: Mapping[str, str], path_map: Sequence[tuple[str, str]],
+                     source_date_epoch: str) -> dict[str, str]:
+    """Variables that keep build paths and the time out of the compiled files.
+
+    path_map: (path on this machine, the path the files name instead); the host compiler takes it as
+    -ffile-prefix-map (debug info, DW_AT_comp_dir, __FILE__) through CFLAGS/CXXFLAGS, which setuptools
+    and CMake both read, and nvcc hands it to its host compiler (-Xcompiler) through
+    NVCC_APPEND_FLAGS; SOURCE_DATE_EPOCH fixes __DATE__/__TIME__. A recipe's own values of these
+    variables come first: the maps are appended.
+    """
+    maps = [f"-ffile-prefix-map={os.path.realpath(real)}={canonical}" for real, canonical in path_map
+            if os.path.realpath(real) != canonical]
+    maps += [f"-ffile-prefix-map={real}={canonical}" for real, canonical in path_map
+             if real != os.path.realpath(real) and real != canonical]  # the path as given, where a link leads there
+    env = {"SOURCE_DATE_EPOCH": environ.get("SOURCE_DATE_EPOCH") or source_date_epoch}
+    if maps:
+        for name in ("CFLAGS", "CXXFLAGS"):
+            env[name] = " ".join(filter(None, (environ.get(name), *maps)))
+        env["NVCC_APPEND_FLAGS"] = " ".join(filter(None, (environ.get("NVCC_APPEND_FLAGS"),
+                                                          *(f"-Xcompiler={flag}" for flag in maps))))
+    return env
+
+
+NVCC_CANONICAL = Path(__file__).with_name("nvcc_canonical.py")
+
+
+def canonical_nvcc_env(environ: Mapping[str, str], python: str, path_map: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Put nvcc_canonical.py in front of every nvcc the build runs (torch's PYTORCH_NVCC, CMake's CUDA
+    launcher, sccache kept behind it), with the path map it reads: see that file for why."""
+    wrapper = [python, str(NVCC_CANONICAL)]
+    launcher = environ.get("CMAKE_CUDA_COMPILER_LAUNCHER")
+    return {"GPUWHEEL_PATH_MAP": "\n".join(f"{real}={canonical}" for real, canonical in path_map),
+            "PYTORCH_NVCC": " ".join([*wrapper, environ.get("PYTORCH_NVCC") or "nvcc"]),
+            "CMAKE_CUDA_COMPILER_LAUNCHER": ";".join([*wrapper, *([launcher] if launcher else [])])}
+
+
 def parse_cache_stats(text: str) -> CacheStats:
     """Hits and misses from `sccache --show-stats --stats-format=json`."""
     try:
@@ -194,6 +238,13 @@ def check_toolchain(observed: ToolchainInfo, wanted: Toolchain, *, recipe_name: 
     if Version(observed.torch_cuda).major != Version(want_cuda).major:
         raise ToolchainError(f"torch {observed.torch} is built for CUDA {observed.torch_cuda}, the recipe's "
                              f"toolkit is CUDA {wanted.cuda}: extensions would not load", hint=fix_torch)
+
+
+def toolchain_requirements(toolchain: Toolchain, *, cuda_from_pypi: bool) -> tuple[str, ...]:
+    """What every backend installs into a toolchain: torch (its variant for the toolkit), the build
+    requirements, and the pinned PyPI toolkit wheels where the toolkit comes from PyPI."""
+    cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[facts.major_minor(toolchain.cuda)][0] if cuda_from_pypi else ()
+    return (facts.torch_requirement(toolchain.torch, toolchain.cuda), *BUILD_REQUIREMENTS, *cuda_wheels)
 
 
 def toolchain_key(toolchain: Toolchain, *extra: str) -> str:

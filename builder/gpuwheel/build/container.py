@@ -19,17 +19,22 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from gpuwheel import facts
-from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, PackageBuild, ToolchainInfo,
-                                 check_toolchain, parse_cache_stats, parse_nvcc_version, substitute)
+from gpuwheel.build.base import (PROBE_SCRIPT, BuildOutcome, PackageBuild, ToolchainInfo,
+                                 check_toolchain, parse_cache_stats, parse_nvcc_version, reproducible_env,
+                                 substitute, toolchain_requirements)
 from gpuwheel.build.engine import ContainerEngine, Image, Mount
 from gpuwheel.build.progress import BuildProgress
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import ToolchainError
 from gpuwheel.recipe import Toolchain
 from gpuwheel.shipped import shipped
+from gpuwheel.wheels import DEFAULT_SOURCE_DATE_EPOCH
+
+if TYPE_CHECKING:
+    from gpuwheel.lock import Lock
 
 TEMPLATE = shipped("dockerfiles") / "toolchain.Dockerfile"
 IMAGE_REPOSITORY = "gpuwheel-toolchain"
@@ -68,21 +73,33 @@ class _Template(string.Template):
     delimiter = "@"  # the Dockerfile's own $VARIABLES stay as they are
 
 
-def render_dockerfile(toolchain: Toolchain, *, base_image: str, cuda_from_pypi: bool) -> str:
+# Where a locked build's hash-checking requirements file sits in the image (beside pip.conf).
+LOCKED_REQUIREMENTS = "requirements.txt"
+
+
+def render_dockerfile(toolchain: Toolchain, *, base_image: str, cuda_from_pypi: bool, lock: Lock | None = None) -> str:
+    """The toolchain image's Dockerfile; with a lock, pip installs the locked files by hash and nothing else."""
     python = facts.major_minor(toolchain.python)
     cuda = facts.major_minor(toolchain.cuda)
-    requirements = [facts.torch_requirement(toolchain.torch, toolchain.cuda), *BUILD_REQUIREMENTS]
+    requirements = toolchain_requirements(toolchain, cuda_from_pypi=cuda_from_pypi)
     if cuda_from_pypi:
-        wheels, layout = facts.CUDA_PYPI_TOOLCHAIN[cuda]
-        requirements.extend(wheels)
+        layout = facts.CUDA_PYPI_TOOLCHAIN[cuda][1]
         cuda_home = f"/opt/toolchain/lib/python{python}/site-packages/{layout}"
         link = (f"cd {cuda_home}/lib && ln -sf $(ls libcudart.so.* | head -n1) libcudart.so "
                 f"&& ln -sfn lib {cuda_home}/lib64")
     else:
         cuda_home, link = "/usr/local/cuda", "true"
-    text = _Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
-        BASE_IMAGE=base_image, PYTHON=python, REQUIREMENTS=" ".join(f"'{r}'" for r in requirements),
-        CUDA_HOME=cuda_home, LINK_CUDA=link, KEY="@KEY")
+    template = TEMPLATE.read_text(encoding="utf-8")
+    install = " ".join(f"'{r}'" for r in requirements)
+    if lock is not None:
+        lock.check_requirements(requirements)
+        # The file's digest is in the text, so the image tag (a hash of the text) follows the lock.
+        template = template.replace("COPY pip.conf ca.crt /opt/gpuwheel/",
+                                    f"COPY pip.conf ca.crt {LOCKED_REQUIREMENTS} /opt/gpuwheel/\n"
+                                    f"LABEL gpuwheel.lock={lock.environment_key}")
+        install = f"--require-hashes --no-deps -r /opt/gpuwheel/{LOCKED_REQUIREMENTS}"
+    text = _Template(template).substitute(BASE_IMAGE=base_image, PYTHON=python, REQUIREMENTS=install,
+                                          CUDA_HOME=cuda_home, LINK_CUDA=link, KEY="@KEY")
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     return text.replace("@KEY", key)
 
@@ -90,9 +107,10 @@ def render_dockerfile(toolchain: Toolchain, *, base_image: str, cuda_from_pypi: 
 class ContainerBackend:
     name = "container"
 
-    def __init__(self, engine: ContainerEngine, *, base_image: str | None = None):
+    def __init__(self, engine: ContainerEngine, *, base_image: str | None = None, lock: Lock | None = None):
         self.engine = engine  # open: the caller holds it for as long as this backend builds
         self.base_image = base_image  # overrides the recipe's [toolchain] base_image
+        self.lock = lock  # `build --locked`: the image's venv is installed from the lock's hashes
         self._image: Image | None = None
         self._sccache = False
 
@@ -111,7 +129,7 @@ class ContainerBackend:
         if not image_has_cuda and cuda not in facts.CUDA_PYPI_TOOLCHAIN:
             raise ToolchainError(f"base image {base_name} has no CUDA toolkit and CUDA {cuda} has no complete toolkit "
                                  f"on PyPI", hint=f"use a nvidia/cuda:{toolchain.cuda}-devel base image (--base-image)")
-        dockerfile = render_dockerfile(toolchain, base_image=base.id, cuda_from_pypi=not image_has_cuda)
+        dockerfile = render_dockerfile(toolchain, base_image=base.id, cuda_from_pypi=not image_has_cuda, lock=self.lock)
         tag = f"{IMAGE_REPOSITORY}:{hashlib.sha256(dockerfile.encode()).hexdigest()[:16]}"
         image = self.engine.find_image(tag) or self._build_image(dockerfile, tag)
         info = self._observe(image, base)
@@ -137,6 +155,8 @@ class ContainerBackend:
                                               f"minutes, once; log: {log_path}") as show:
             (Path(context) / "Dockerfile").write_text(dockerfile, encoding="utf-8")
             _pip_settings(Path(context))
+            if self.lock is not None:
+                (Path(context) / LOCKED_REQUIREMENTS).write_text(self.lock.requirements_text, encoding="utf-8")
 
             def on_line(line: str) -> None:
                 log.write(line + "\n")
@@ -178,6 +198,8 @@ class ContainerBackend:
             env = {k: v for k, v in substitute(job.env, **places).items()
                    if self._sccache or not (k.startswith("SCCACHE_") or v.startswith("sccache"))}
             env.update(GPUWHEEL_PACKAGE=job.name, GPUWHEEL_OWNER=f"{os.getuid()}:{os.getgid()}")
+            # The container's paths are the canonical ones already (no map); the time is fixed as locally.
+            env.update(reproducible_env(env, (), str(DEFAULT_SOURCE_DATE_EPOCH)))
             mounts = (Mount(job.tree, SRC, read_only=True), Mount(deps, DEPS_SRC, read_only=True),
                       Mount(job.out_dir, OUT, read_only=False), Mount(job.cache_dir, CACHE, read_only=False),
                       Mount(Path(meta), META, read_only=False))

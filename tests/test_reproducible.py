@@ -1,0 +1,67 @@
+"""Byte-identical wheels: the same plan built in two different directories (cache roots of different
+lengths, so every embedded build path differs) gives wheels of the same sha256, compiled .so included."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from build_helpers import SHARED_CACHE, fixture_recipe
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH: these build CUDA code")
+
+
+def _cache_root(directory: Path) -> Path:
+    """A fresh cache (compile cache, trees, work, raw wheels) sharing the test cache's toolchain venvs
+    and downloads: those are made once per machine, and hold no build path."""
+    root = directory / "cache"
+    root.mkdir(parents=True)
+    for part in ("toolchains", "sources"):
+        (SHARED_CACHE / part).mkdir(parents=True, exist_ok=True)
+        (root / part).symlink_to(SHARED_CACHE / part)
+    return root
+
+
+def _build_twice(gpuwheel, monkeypatch, tmp_path: Path, *args: str) -> list[dict]:
+    built = []
+    for place in (tmp_path / "a", tmp_path / "somewhere" / "much" / "deeper"):
+        monkeypatch.setenv("GPUWHEEL_CACHE", str(_cache_root(place)))
+        result = gpuwheel("build", *args, "--backend", "local", "--out", place / "out", "--json")
+        assert result.exit_code == 0, result.stderr
+        assert result.json()["reused"] is False
+        built.append(result.json())
+    return built
+
+
+def _embedded_paths(wheel: Path, *roots: Path) -> list[str]:
+    """The build directories named anywhere in the wheel's members."""
+    needles = [re.escape(str(root).encode()) for root in roots]
+    with zipfile.ZipFile(wheel) as archive:
+        return [name for name in archive.namelist()
+                if any(re.search(needle, archive.read(name)) for needle in needles)]
+
+
+def test_the_fixture_built_in_two_directories_is_the_same_bytes(gpuwheel, monkeypatch, tmp_path):
+    recipe = fixture_recipe(tmp_path)
+
+    first, second = _build_twice(gpuwheel, monkeypatch, tmp_path, str(recipe))
+
+    [a], [b] = first["finished"]["wheels"], second["finished"]["wheels"]
+    assert a["filename"] == b["filename"]
+    with zipfile.ZipFile(a["path"]) as archive:  # the fixture has what nvcc names after the source's path
+        assert any(b"_INTERNAL_" in archive.read(n) for n in archive.namelist() if n.endswith(".so"))
+    assert _embedded_paths(Path(a["path"]), tmp_path) == []
+    assert a["sha256"] == b["sha256"]
+
+
+@pytest.mark.slow
+def test_the_flash_attn_profile_built_in_two_directories_is_the_same_bytes(gpuwheel, monkeypatch, tmp_path):
+    first, second = _build_twice(gpuwheel, monkeypatch, tmp_path, "rtx6000pro-cu13", "--only", "flash-attn")
+
+    [a], [b] = first["finished"]["wheels"], second["finished"]["wheels"]
+    assert _embedded_paths(Path(a["path"]), tmp_path) == []
+    assert a["sha256"] == b["sha256"], (a["path"], b["path"])
