@@ -10,8 +10,8 @@ context, and the next run must not inherit it). It records what vLLM really chos
 backend and experts class, the attention backend, the compilation mode, CUDA graph mode and the
 compile ranges the 8192-token step falls into.
 
-Standalone: needs torch, safetensors, transformers and vLLM (all on the GPU machine's PYTHONPATH);
-no gpuwheel import. `--cpu-check` needs no GPU (vLLM's quantization parser is used when it imports).
+Standalone: needs torch, safetensors, transformers and vLLM (all on the GPU machine's PYTHONPATH),
+and gpuwheel's smoke module from this checkout (imported by path). `--cpu-check` needs no GPU (vLLM's quantization parser is used when it imports).
 
   python tests/gpu/crash_repro.py --out /tmp/crash                       # the whole matrix
   python tests/gpu/crash_repro.py --list                                 # what would run
@@ -30,6 +30,10 @@ import signal
 import subprocess
 import sys
 import time
+
+# gpuwheel's smoke check reads the attention backend the same way (its module imports only the stdlib)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "builder"))
+from gpuwheel.smoke.vllm import attention_in_use  # noqa: E402
 import traceback
 
 # ---- the reporters' workload -----------------------------------------------------------------------
@@ -291,16 +295,6 @@ def _moe_in_use(worker) -> list[dict]:
     return layers
 
 
-def _attention_in_use(worker) -> dict:
-    context = worker.vllm_config.compilation_config.static_forward_context
-    for layer in context.values():
-        backend = getattr(layer, "attn_backend", None)
-        if backend is not None:
-            impl = getattr(layer, "impl", None)
-            return {"backend": backend.get_name(), "fa_version": getattr(impl, "vllm_flash_attn_version", None)}
-    return {"backend": None, "fa_version": None}
-
-
 def _engine_choices(llm) -> dict:
     """What vLLM chose: MoE backend per layer (summarized), attention, compilation settings."""
     choices: dict = {}
@@ -312,7 +306,7 @@ def _engine_choices(llm) -> dict:
     except Exception as error:  # a record, not the check
         choices["moe"] = {"unknown": f"{type(error).__name__}: {error}"[:300]}
     try:
-        choices["attention"] = llm.collective_rpc(_attention_in_use)[0]
+        choices["attention"] = llm.collective_rpc(attention_in_use)[0]
     except Exception as error:
         choices["attention"] = {"unknown": f"{type(error).__name__}: {error}"[:300]}
     config = llm.llm_engine.vllm_config

@@ -513,7 +513,7 @@ def _write_tiny_model(directory: str, head_dim: int, dtype: str) -> None:
     LlamaForCausalLM(config).to(torch_dtype).save_pretrained(directory, safe_serialization=True)
 
 
-def _attention_in_use(worker) -> dict:
+def attention_in_use(worker) -> dict:
     """Run inside the engine's worker (collective_rpc): the backend and FA version of its attention layers."""
     context = worker.vllm_config.compilation_config.static_forward_context
     for layer in context.values():
@@ -551,7 +551,7 @@ def _generate(workdir: str, head_dim: int, dtype: str, eager: bool):
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     try:
-        chosen = llm.collective_rpc(_attention_in_use)[0]
+        chosen = llm.collective_rpc(attention_in_use)[0]
     except Exception as error:  # what vLLM chose is a record, not the check
         chosen = {"backend": f"unknown ({type(error).__name__}: {' '.join(str(error).split())[:80]})",
                   "fa_version": None}
