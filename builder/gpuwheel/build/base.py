@@ -166,12 +166,14 @@ def reproducible_env(environ: Mapping[str, str], path_map: Sequence[tuple[str, s
             if os.path.realpath(real) != canonical]
     maps += [f"-ffile-prefix-map={real}={canonical}" for real, canonical in path_map
              if real != os.path.realpath(real) and real != canonical]  # the path as given, where a link leads there
+    # gcc writes its switches into the debug info (DW_AT_producer), and those differ where nothing else
+    # does: sccache-dist adds -fdirectives-only to a compile it sends to a build server (tests/test_dist.py).
+    flags = [*maps, "-gno-record-gcc-switches"]
     env = {"SOURCE_DATE_EPOCH": environ.get("SOURCE_DATE_EPOCH") or source_date_epoch}
-    if maps:
-        for name in ("CFLAGS", "CXXFLAGS"):
-            env[name] = " ".join(filter(None, (environ.get(name), *maps)))
-        env["NVCC_APPEND_FLAGS"] = " ".join(filter(None, (environ.get("NVCC_APPEND_FLAGS"),
-                                                          *(f"-Xcompiler={flag}" for flag in maps))))
+    for name in ("CFLAGS", "CXXFLAGS"):
+        env[name] = " ".join(filter(None, (environ.get(name), *flags)))
+    env["NVCC_APPEND_FLAGS"] = " ".join(filter(None, (environ.get("NVCC_APPEND_FLAGS"),
+                                                      *(f"-Xcompiler={flag}" for flag in flags))))
     return env
 
 
