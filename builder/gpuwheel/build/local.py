@@ -305,12 +305,22 @@ def _host_compiler_env(environ) -> dict[str, str]:
     return {"CUDAHOSTCXX": cxx} if cxx and not environ.get("CUDAHOSTCXX") else {}
 
 
+# Where CMake's FindCUDAToolkit looks besides the toolkit: a GPU host's driver package puts the real
+# libcuda.so in the system's library folder, where no link stub is needed.
+_SYSTEM_LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                        "/lib/x86_64-linux-gnu", "/lib64")
+
+
 def _toolkit_has(cuda_home: Path, name: str) -> bool:
-    """Whether a library ("libnvrtc.so", "stubs/libcuda.so") or header ("cublas_v2.h") is where
-    CMake's FindCUDAToolkit looks: the toolkit's lib64/lib and include, plain or under targets/."""
-    kind = "include" if name.endswith(".h") else "lib"
+    """Whether a library ("libnvrtc.so", "libcuda.so") or header ("cublas_v2.h") is where CMake's
+    FindCUDAToolkit finds it: the toolkit's include, lib64 and lib (and their stubs/), plain or under
+    targets/, and, for libraries, the system's library folders."""
     roots = [cuda_home, *sorted((cuda_home / "targets").glob("*"))]
-    places = [root / d for root in roots for d in ((kind,) if kind == "include" else ("lib64", "lib"))]
+    if name.endswith(".h"):
+        places = [root / "include" for root in roots]
+    else:
+        places = [root / d / sub for root in roots for d in ("lib64", "lib") for sub in ("", "stubs")]
+        places += [Path(d) for d in _SYSTEM_LIBRARY_DIRS]
     return any((place / name).exists() for place in places)
 
 

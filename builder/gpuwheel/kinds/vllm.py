@@ -26,7 +26,7 @@ from gpuwheel import facts
 # headers, beyond nvcc and the runtime. A toolkit without them (the nvcc-only PyPI wheels, a trimmed
 # install) fails half a minute into configure with "CUDA_nvrtc_LIBRARY … NOTFOUND" or "cublas_v2.h:
 # No such file" (seen here, 2026-12-06).
-TOOLKIT_FILES = ("libnvrtc.so", "stubs/libcuda.so", "cublas_v2.h")
+TOOLKIT_FILES = ("libnvrtc.so", "libcuda.so", "cublas_v2.h")
 
 
 # ---- which archs compile which dependency -------------------------------------------------------
