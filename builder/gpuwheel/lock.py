@@ -30,7 +30,7 @@ from packaging.utils import canonicalize_name
 
 from gpuwheel.errors import LockError
 from gpuwheel.plan import Plan, plan_inputs
-from gpuwheel.run import run
+from gpuwheel.run import last_line, run
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -262,7 +262,7 @@ def resolve_environment(python: Path, requirements: tuple[str, ...], *, log_path
                 "--disable-pip-version-check", "--report", str(report_path), *requirements)
         done = run(argv, log_path=log_path)
         if not done.ok or not report_path.is_file():
-            last = next((line for line in reversed(done.tail) if line.strip()), f"exit status {done.returncode}")
+            last = last_line(done.tail, f"exit status {done.returncode}")
             raise LockError(f"resolving the toolchain environment failed: {last.strip()}",
                             hint=f"pip needs a version with --report (≥ 22.2) and the index it is configured with; "
                                  f"full output in {log_path}")

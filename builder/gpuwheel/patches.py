@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from gpuwheel.cache import copy_tree
 from gpuwheel.errors import PatchError
 from gpuwheel.kinds import vllm as vllm_kind
-from gpuwheel.run import capture
+from gpuwheel.run import capture, last_line
 
 if TYPE_CHECKING:  # plan imports this module (read_series): type names only, no cycle
     from gpuwheel.plan import PackagePlan, Plan
@@ -277,8 +277,7 @@ def _failure(output: str, strip: int) -> str:
             return f"{current} already holds part of this patch"
         elif "malformed patch" in line or "Only garbage" in line:
             return line.removeprefix("patch: ").strip("* ")
-    last = next((line for line in reversed(lines) if line.strip()), "no output")
-    return f"{current}: {last}"
+    return f"{current}: {last_line(lines, 'no output')}"
 
 
 def _offsets(output: str) -> list[str]:

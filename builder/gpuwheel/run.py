@@ -14,7 +14,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from gpuwheel.log import logger
 
@@ -106,6 +106,11 @@ def run(
         if log_file:
             log_file.close()
     return Finished(args, returncode, time.monotonic() - start, tuple(tail), log_path)
+
+
+def last_line(lines: Iterable[str], default: str = "") -> str:
+    """The last non-blank line of a command's output: what an error message quotes."""
+    return next((line for line in reversed(list(lines)) if line.strip()), default)
 
 
 def stop_on_signals() -> None:

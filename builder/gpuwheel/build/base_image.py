@@ -18,7 +18,7 @@ from gpuwheel.build.engine import ContainerEngine, EngineChoice
 from gpuwheel.build.progress import BuildProgress
 from gpuwheel.errors import ToolchainError
 from gpuwheel.imageref import image_reference_problem
-from gpuwheel.run import run
+from gpuwheel.run import last_line, run
 
 DEFAULT_TAG = "gpuwheel-base:bookworm"
 # Python (with venv) and g++: what the toolchain image needs from the distribution.
@@ -56,8 +56,7 @@ def make_base_image(engine: EngineChoice, *, tag: str = DEFAULT_TAG, suite: str 
                                note=f"a minimal Debian with {', '.join(PACKAGES)} (a few minutes); log: {log_path}") as show:
             finished = run([*argv, *([mirror] if mirror else [])], log_path=log_path, on_line=show)
         if not finished.ok:
-            last = next((line for line in reversed(finished.tail) if line.strip()), "")
-            raise ToolchainError(f"debootstrap {suite} failed: {last}", hint=f"full output in {log_path}")
+            raise ToolchainError(f"debootstrap {suite} failed: {last_line(finished.tail)}", hint=f"full output in {log_path}")
         (root / "var" / "cache" / "apt" / "archives").mkdir(parents=True, exist_ok=True)
         for deb in (root / "var" / "cache" / "apt" / "archives").glob("*.deb"):
             deb.unlink()  # downloaded packages: 100 MB the image does not need

@@ -35,7 +35,7 @@ from requests import RequestException
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import ToolchainError
 from gpuwheel.recipe import ENGINE_VARIABLE, ENGINES, closest
-from gpuwheel.run import background
+from gpuwheel.run import background, last_line
 
 DOCKER_SOCKET = "unix:///var/run/docker.sock"
 ROOTFUL_PODMAN_ULIMITS = (Ulimit(name="nofile", soft=1024, hard=1024), Ulimit(name="nproc", soft=1024, hard=1024))
@@ -201,8 +201,7 @@ class ContainerEngine:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-        last = next((line for line in reversed(log_path.read_text(errors="replace").splitlines()) if line.strip()),
-                    "no output")
+        last = last_line(log_path.read_text(errors="replace").splitlines(), "no output")
         raise ToolchainError(f"`podman system service` did not start: {last}", hint=f"log: {log_path}")
 
     # ---- images ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from gpuwheel.cache import cache_root, copy_tree, remove_inside
 from gpuwheel.errors import DistConfigError, ToolchainError
 from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.recipe import Toolchain
-from gpuwheel.run import capture, run
+from gpuwheel.run import capture, last_line, run
 from gpuwheel.wheels import DEFAULT_SOURCE_DATE_EPOCH
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class LocalBackend:
                 if self.lock is not None:
                     self.lock.check_hash_failure(finished.tail, log)
                 raise ToolchainError(f"making the toolchain venv failed at `{' '.join(argv[:4])} …`: "
-                                     f"{_last_line(finished.tail)}",
+                                     f"{last_line(finished.tail)}",
                                      hint=_venv_failure_hint(installer, requirements, finished.tail, log))
         (venv / ".complete").write_text(json.dumps(requirements))
 
@@ -269,10 +269,6 @@ def toolchain_venv(toolchain: Toolchain, base: Path, *, provision_cuda: bool,
         locked = (f"lock-{lock.environment_key}",)
     venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels, *locked)}"
     return venv, requirements
-
-
-def _last_line(tail) -> str:
-    return next((line for line in reversed(tail) if line.strip()), "")
 
 
 def _venv_failure_hint(installer: str, requirements: tuple[str, ...], tail, log: Path) -> str:
