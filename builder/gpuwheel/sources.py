@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Iterator
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import requests
 import urllib3
