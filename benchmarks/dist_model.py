@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "builder"))
 from build_vllm import Step, read_log, summarize  # noqa: E402  the one ninja-log parser
 from gpuwheel.build.jobs import JOB_MEMORY_GB  # noqa: E402
 
-ATTENTION = ("fa2", "fa3")  # build_vllm's families of vllm-flash-attn's kernel TUs
+FIRST = ("fa2", "fa3", "qutlass")  # build_vllm's families of the subdirectory targets patch 0008 starts first
 
 
 def makespan(steps: list[Step], *, servers: int, cores: int, server_memory_gb: float, job_gb: float,
@@ -42,9 +42,9 @@ def makespan(steps: list[Step], *, servers: int, cores: int, server_memory_gb: f
     free = [package_s] * slots  # when each slot is next free
     heapq.heapify(free)
     target_done: dict[str, float] = defaultdict(float)
-    # attention_first: the order patch 0008 gives ninja (FA2/FA3 objects before the rest, each group
-    # in the logged order)
-    order = (lambda s: (s.family not in ATTENTION, s.start)) if attention_first else (lambda s: s.start)
+    # attention_first: the order patch 0008 gives ninja (the FA2/FA3/qutlass objects before the rest,
+    # each group in the logged order)
+    order = (lambda s: (s.family not in FIRST, s.start)) if attention_first else (lambda s: s.start)
     for step in sorted((s for s in steps if s.is_compile), key=order):
         start = heapq.heappop(free)
         end = start + step.seconds + job_overhead_s
@@ -80,7 +80,7 @@ def main() -> None:
                         help="toolchain packaging, once (measured cold here: gcc 7.6 s, nvcc's stages 21 s)")
     parser.add_argument("--local-cores", type=int, default=16, help="cores of the machine that links")
     parser.add_argument("--attention-first", action="store_true",
-                        help="also model each log with the attention TUs started first (vLLM patch 0008)")
+                        help="also model each log with the attention and qutlass TUs started first (vLLM patch 0008)")
     args = parser.parse_args()
     sizes = [int(n) for n in args.servers.split(",")]
     print(f"servers of {args.cores} cores, {args.server_memory_gb:.0f} GB ({args.job_gb:.1f} GB a job); "

@@ -100,7 +100,9 @@ smoke() {
   echo "gpuwheel smoke $recipe: exit $status"
   [ "$status" = 0 ] || return "$status"
   python3 -m gpuwheel publish "$recipe" --wheels "wheels/$name/staging"
-  python3 -m pip install -q --no-deps --target "$G/from-index" --index-url "file://$PWD/wheels/$name/simple" vllm
+  # PIP_NO_INDEX (set above for the carried wheels) would make pip ignore the index under test
+  env -u PIP_NO_INDEX python3 -m pip install -q --no-deps --target "$G/from-index" \
+    --index-url "file://$PWD/wheels/$name/simple" vllm
   echo "pip installed $(ls "$G/from-index" | grep -m1 'vllm-.*dist-info') from the published index"
 }
 
