@@ -186,6 +186,9 @@ MEASURED_BUILDS: dict[tuple[str, str, str], MeasuredBuild] = {
         31924, 1041, "stock vLLM 0.26.0, 397 steps on nvidia-h200-x2 (shared/ENVIRONMENT.md, 2026-11-30)"),
     ("0.26.0", "9.0a", "serving:128:fp16,bf16:fa3,flashmla"): MeasuredBuild(
         10643, 369, "docs/runs/ninja-h200-torch211-serving.log (gpuwheel build on nvidia-h200-x2)"),
+    # An H100 host whose CPU took 0.70x the H200 host's CPU-s for the same 9.0a profile (docs/benchmarks.md)
+    ("0.26.0", "12.0", "serving:128:fp16,bf16:"): MeasuredBuild(
+        4973, 183, "docs/runs/ninja-rtx6000pro-torch211-serving-h100x16.log (gpuwheel build on nvidia-h100-x1)"),
 }
 
 
