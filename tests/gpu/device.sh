@@ -6,6 +6,7 @@
 #   bash tests/gpu/device.sh start RECIPE [JOBS]   # the same in the background (it outlives the call)
 #   bash tests/gpu/device.sh wait_build NAME [S]   # wait up to S seconds for it; its reports to $OUT
 #   bash tests/gpu/device.sh smoke RECIPE          # publish the staged wheels to a local index, smoke them
+#   bash tests/gpu/device.sh twice RECIPE PKG [JOBS] # build PKG in two directories at once, compare sha256
 #
 # What travels (git-ignored, named in the device call's `carry`; each call ≤ 64 MiB):
 #   .device/build-deps/batch-N/  gpuwheel's own dependencies + vLLM's build requirements the image lacks
@@ -104,6 +105,31 @@ smoke() {
   env -u PIP_NO_INDEX python3 -m pip install -q --no-deps --target "$G/from-index" \
     --index-url "file://$PWD/wheels/$name/simple" vllm
   echo "pip installed $(ls "$G/from-index" | grep -m1 'vllm-.*dist-info') from the published index"
+}
+
+# Issue 13's byte-identity check on the GPU host: the same plan built in two directories (cache roots
+# of different lengths: every embedded build path differs), side by side, each with its own compile
+# cache; the sources (downloads only, no build path) are shared. The verdict goes to $OUT/twice-*.json.
+twice() {
+  local recipe=$1 package=$2 jobs=${3:-$(( $(nproc) / 2 ))} name place pids=()
+  name=$(basename "$recipe" .toml)
+  for place in "$G/twice/a" "$G/twice/somewhere/much/deeper"; do
+    rm -rf "$place" && mkdir -p "$place/cache"
+    ln -s "$G/cache/sources" "$place/cache/sources"
+    GPUWHEEL_CACHE="$place/cache" python3 -m gpuwheel build "$recipe" --only "$package" --backend local \
+      --python python3 --offline --jobs "$jobs" --out "$place/out" --json > "$place/build.json" 2> "$place/build.log" &
+    pids+=($!)
+  done
+  local status=0
+  for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+  tail -n 3 "$G/twice/a/build.log" "$G/twice/somewhere/much/deeper/build.log"
+  python3 - "$G/twice/a/build.json" "$G/twice/somewhere/much/deeper/build.json" > "$OUT/twice-$name-$package.json" <<'PY'
+import json, sys
+wheels = [json.load(open(p))["finished"]["wheels"][0] for p in sys.argv[1:]]
+print(json.dumps({"wheels": wheels, "same_sha256": wheels[0]["sha256"] == wheels[1]["sha256"]}, indent=1))
+PY
+  grep -E '"(filename|sha256|same_sha256)"' "$OUT/twice-$name-$package.json"
+  return "$status"
 }
 
 "$@"
