@@ -78,7 +78,7 @@ def test_a_wheel_with_a_member_outside_its_root_is_never_published_even_forced(g
 
 
 def test_a_full_disk_while_publishing_says_so_and_leaves_no_partial_wheel(gpuwheel, cache, tmp_path, monkeypatch):
-    from gpuwheel import index as index_module
+    from gpuwheel import static_index as index_module
 
     wheels, index = tmp_path / "wheels", tmp_path / "index"
     make_wheel(wheels, "demo")
