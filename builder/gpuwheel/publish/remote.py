@@ -17,6 +17,8 @@ from typing import Sequence
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from pypi_simple import (IndexPage, NoSuchProjectError, ProjectPage, PyPISimple, UnsupportedContentTypeError,
+                         UnsupportedRepoVersionError)
 
 from gpuwheel.errors import PublishError
 from gpuwheel.log import logger
@@ -24,8 +26,8 @@ from gpuwheel.publish.gate import PublishGate, admit, read_all
 from gpuwheel.publish.report import PublishedWheel, PublishReport
 from gpuwheel.wheelfile import WheelFile
 
-JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 _CHUNK = 1 << 20
+_UNREADABLE = (UnsupportedContentTypeError, UnsupportedRepoVersionError)  # an answer that is no simple page
 
 
 def publish_remote(wheels: Sequence[Path], repository: str, *, gate: PublishGate | None = None,
@@ -187,71 +189,77 @@ def _server_reason(response: requests.Response) -> str:
     return f": {_one_line(first)}" if first and first != response.reason else ""
 
 
-class _Anchors(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.links: list[tuple[str, str]] = []  # (href, text)
-        self._href: str | None = None
-        self._text: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "a":
-            self._href = dict(attrs).get("href") or ""
-            self._text = []
-
-    def handle_data(self, data):
-        if self._href is not None:
-            self._text.append(data)
-
-    def handle_endtag(self, tag):
-        if tag == "a" and self._href is not None:
-            self.links.append((self._href, "".join(self._text).strip()))
-            self._href = None
+def _stay_on_index(response: requests.Response, **_: object) -> requests.Response:
+    """A redirect off the index means "not on this index": pypiserver redirects unknown projects to pypi.org."""
+    if response.is_redirect:
+        target = urljoin(response.url, response.headers["Location"])
+        if urlsplit(target)[:2] != urlsplit(response.url)[:2]:
+            response.status_code = 404
+            del response.headers["Location"]
+    return response
 
 
 class _SimpleLookup:
-    """Finds a file on a remote index's simple API: PEP 691 JSON if offered, else PEP 503 HTML."""
+    """Finds a file on a remote index's simple pages (PEP 691 JSON or PEP 503 HTML, read by pypi-simple)."""
 
     def __init__(self, session: requests.Session, upload_url: str, simple_url: str | None, scrub: _Scrubber):
-        self.session = session
         self.upload_url = upload_url
         self.scrub = scrub
         self.base = simple_url.rstrip("/") + "/" if simple_url else None
+        self.authenticated = requests.Session()
+        self.authenticated.auth = session.auth  # twine's credentials, for the upload host only
         self.anonymous = requests.Session()
+        for own in (self.authenticated, self.anonymous):
+            own.hooks["response"].append(_stay_on_index)
 
     def _session_for(self, url: str) -> requests.Session:
         # the credentials go to the upload host only
-        return self.session if urlsplit(url)[:2] == urlsplit(self.upload_url)[:2] else self.anonymous
+        return self.authenticated if urlsplit(url)[:2] == urlsplit(self.upload_url)[:2] else self.anonymous
 
-    def _get(self, url: str) -> requests.Response:
-        """GET without leaving the index: pypiserver redirects unknown projects to pypi.org."""
-        origin = urlsplit(url)[:2]
-        headers = {"Accept": f"{JSON_TYPE}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.1"}
-        for _ in range(5):
-            try:
-                response = self._session_for(url).get(url, headers=headers, allow_redirects=False, timeout=60)
-            except requests.RequestException as error:
-                raise PublishError(self.scrub(f"cannot read {url}: {_request_failure(error)}")) from None
-            if not response.is_redirect:
-                return response
-            url = urljoin(url, response.headers["Location"])
-            if urlsplit(url)[:2] != origin:
-                response.status_code = 404  # a redirect elsewhere means: not on this index
-                return response
-        return response
+    def _fetch(self, base: str, project: str | None) -> ProjectPage | IndexPage | None:
+        """The project's page (the index's root page for None); None when the index answers 404."""
+        client = PyPISimple(endpoint=base, session=self._session_for(base))
+        try:
+            return client.get_project_page(project, timeout=60) if project else client.get_index_page(timeout=60)
+        except NoSuchProjectError:
+            return None
+        except requests.HTTPError as error:
+            if error.response is not None and error.response.status_code == 404:
+                return None
+            raise
 
-    def _find_base(self, project: str) -> tuple[str, requests.Response]:
+    def _read(self, base: str, project: str) -> ProjectPage | None:
+        url = f"{base}{project}/"
+        try:
+            page = self._fetch(base, project)
+        except requests.HTTPError as error:
+            status, reason = error.response.status_code, error.response.reason
+            raise PublishError(self.scrub(f"cannot read {url}: {status} {reason}"), hint=_refusal_hint(status)) from None
+        except requests.RequestException as error:
+            raise PublishError(self.scrub(f"cannot read {url}: {_request_failure(error)}")) from None
+        except _UNREADABLE as error:
+            raise PublishError(self.scrub(f"cannot read {url}: {error}")) from None
+        assert page is None or isinstance(page, ProjectPage)
+        return page
+
+    def _find_base(self, project: str) -> tuple[str, ProjectPage | None]:
         """The simple root next to the upload URL: <url>/simple/ (pypiserver, Nexus, Artifactory)
-        or <url>/+simple/ (devpi); the project page's response comes along."""
+        or <url>/+simple/ (devpi); the project's page comes along."""
         root = self.upload_url.rstrip("/") + "/"
         for base in (root + "simple/", root + "+simple/"):
-            page = self._get(f"{base}{project}/")
-            listing = self._get(base) if page.status_code == 404 else page  # a new project: is the index there?
-            if listing.status_code == 200:
-                return base, page
-            if listing.status_code in (401, 403):  # an index is there, and refuses us: say so, not "no index"
-                raise PublishError(self.scrub(f"cannot read {listing.url}: {listing.status_code} {listing.reason}"),
-                                   hint=_refusal_hint(listing.status_code))
+            try:
+                page = self._fetch(base, project)
+                if page is not None or self._fetch(base, None) is not None:  # a new project: is the index there?
+                    return base, page  # type: ignore[return-value]
+            except requests.HTTPError as error:
+                status = error.response.status_code
+                if status in (401, 403):  # an index is there, and refuses us: say so, not "no index"
+                    raise PublishError(self.scrub(f"cannot read {error.response.url}: {status} "
+                                                  f"{error.response.reason}"), hint=_refusal_hint(status)) from None
+            except requests.RequestException as error:
+                raise PublishError(self.scrub(f"cannot read {base}: {_request_failure(error)}")) from None
+            except _UNREADABLE:
+                continue  # something else answers there: no index
         raise PublishError(f"found no simple index at {root}simple/ or {root}+simple/ to check for "
                            "files already there", hint="pass --simple-url with the index's simple URL")
 
@@ -260,30 +268,11 @@ class _SimpleLookup:
         if self.base is None:
             self.base, page = self._find_base(wheel.project)
         else:
-            page = self._get(f"{self.base}{wheel.project}/")
-        if page.status_code == 404:
-            return None
-        if page.status_code != 200:
-            raise PublishError(self.scrub(f"cannot read {page.url}: {page.status_code} {page.reason}"),
-                               hint=_refusal_hint(page.status_code))
-        for filename, url, hashes in self._files(page):
-            if filename == wheel.filename:
-                return hashes.get("sha256") or self._download_sha256(url)
+            page = self._read(self.base, wheel.project)
+        for package in page.packages if page else ():
+            if package.filename == wheel.filename:
+                return package.digests.get("sha256") or self._download_sha256(package.url)
         return None
-
-    def _files(self, page: requests.Response) -> list[tuple[str, str, dict[str, str]]]:
-        if page.headers.get("Content-Type", "").startswith(JSON_TYPE):
-            return [(f["filename"], urljoin(page.url, f["url"]), f.get("hashes", {}))
-                    for f in page.json().get("files", [])]
-        parser = _Anchors()
-        parser.feed(page.text)
-        files = []
-        for href, text in parser.links:
-            url, _, fragment = href.partition("#")
-            name, _, value = fragment.partition("=")
-            filename = text or url.rsplit("/", 1)[-1]
-            files.append((filename, urljoin(page.url, url), {name: value} if value else {}))
-        return files
 
     def _download_sha256(self, url: str) -> str:
         """An index that lists no sha256 (md5 only): hash the file itself."""
