@@ -231,9 +231,9 @@ def test_a_wheels_provenance_records_no_secret(write_recipe, tmp_path):
     report = AuditReport(path="demo.whl", target=AuditTarget.from_recipe(recipe), wheels=(), sos=())
     provenance = _provenance(plan, plan.packages[0], {}, "test", Version("1.0+test"), "demo.whl", "raw.whl",
                              ("linux_x86_64",), (), 0, report, False, frozenset())
-    text = json.dumps(provenance)
+    text = json.dumps(provenance.to_json())
     assert "sEcReT" not in text
-    assert provenance["build"]["env"]["HF_TOKEN"] == "****"
+    assert provenance.build.env["HF_TOKEN"] == "****"
     assert "https://oauth2:****@git.example.com/lib.git" in text
 
 

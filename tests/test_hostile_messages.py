@@ -78,7 +78,7 @@ def test_a_wheel_with_a_member_outside_its_root_is_never_published_even_forced(g
 
 
 def test_a_full_disk_while_publishing_says_so_and_leaves_no_partial_wheel(gpuwheel, cache, tmp_path, monkeypatch):
-    from gpuwheel import index as index_module
+    from gpuwheel import static_index as index_module
 
     wheels, index = tmp_path / "wheels", tmp_path / "index"
     make_wheel(wheels, "demo")
@@ -194,3 +194,27 @@ def test_a_full_temp_dir_while_auditing_is_not_a_corrupt_wheel(gpuwheel, tmp_pat
     result = gpuwheel("audit", wheel, "--arch", "9.0")
     _one_line(result, 15, "a write failed: No space left on device")
     assert "corrupt" not in result.stderr
+
+
+def test_contradictory_publish_options_are_a_usage_error(gpuwheel, tmp_path):
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, "demo")
+    result = gpuwheel("publish", "h100", "--wheels", wheels, "--repository", "http://127.0.0.1:9/",
+                      "--index-dir", tmp_path / "index")
+    _one_line(result, 2, "give --repository or --index-dir, not both")
+    _one_line(gpuwheel("publish", "h100", "--wheels", wheels, "--simple-url", "http://127.0.0.1:9/simple/"), 2,
+              "--simple-url is for --repository")
+    assert not (tmp_path / "index").exists()
+
+
+def test_a_bug_says_so_and_exits_70(gpuwheel, tmp_path, monkeypatch):
+    from gpuwheel import publish as publish_module
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+    monkeypatch.setattr(publish_module, "wheels_in", broken)
+    result = gpuwheel("publish", "h100", "--wheels", tmp_path)
+    assert result.exit_code == 70
+    assert "Traceback" in result.stderr and "KeyError: 'a bug'" in result.stderr
+    assert result.stderr.rstrip().endswith("gpuwheel: internal error: this is a bug in gpuwheel, not in your input; "
+                                           "please report it with the traceback above")

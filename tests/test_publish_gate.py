@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from gpuwheel.errors import PublishError
-from gpuwheel.gate import PublishGate, check_gate
-from gpuwheel.index import read_wheel
+from gpuwheel.publish.gate import PublishGate, check_gate
+from gpuwheel.provenance import Provenance, PublishMark
+from gpuwheel.wheelfile import read_wheel
 from publish_helpers import (TARGET, TARGET_CC, audit_record, gpuwheel_env, index_listing, make_wheel,
                              passing_wheel, run_gpuwheel, sha256, write_recipes, write_smoke_report)
 
@@ -97,7 +98,7 @@ def test_smoke_without_the_target_gpu_is_not_smoke_tested_rather_than_failed(tmp
     assert "not smoke-tested on the target GPU" in warning and "failed smoke" not in warning
     assert "marked not GPU-tested" in warning
     (name,) = index_listing(tmp_path / "index")
-    assert read_wheel(tmp_path / "index" / "files" / name).provenance["publish"]["gpu_tested"] is False
+    assert read_wheel(tmp_path / "index" / "files" / name).provenance.to_json()["publish"]["gpu_tested"] is False
 
     report["wheels"][0]["checks"][0]["status"] = "fail"  # a check that ran and failed is a failure still
     (tmp_path / "in" / "smoke.json").write_text(json.dumps(report))
@@ -142,11 +143,12 @@ def test_force_publishes_with_a_loud_warning_per_wheel(tmp_path: Path, recipes: 
     listed = index_listing(tmp_path / "index")
     alpha, beta = (read_wheel(tmp_path / "index" / "files" / name) for name in sorted(listed))
     no_report = f"no smoke report ({tmp_path / 'in' / 'smoke.json'} does not exist)"
-    assert alpha.provenance == {"publish": {"forced": True, "gpu_tested": False, "skipped": {
-        "audit": ["not audited (no gw_alpha-1.0.dist-info/gpuwheel.json)"], "smoke": [no_report]}}}
-    assert beta.provenance["publish"]["skipped"] == {"audit": [], "smoke": [no_report]}
-    assert beta.provenance["audit"] == audit_record()["audit"]  # the build's record is kept beside the mark
-    assert read_wheel(tmp_path / "in" / beta.filename).provenance == audit_record()
+    assert alpha.provenance == Provenance(publish=PublishMark(
+        gpu_tested=False, skipped_audit=("not audited (no gw_alpha-1.0.dist-info/gpuwheel.json)",),
+        skipped_smoke=(no_report,)))
+    assert beta.provenance.to_json()["publish"]["skipped"] == {"audit": [], "smoke": [no_report]}
+    assert beta.provenance.audit == Provenance.from_json(audit_record()).audit  # the build's record is kept beside the mark
+    assert read_wheel(tmp_path / "in" / beta.filename).provenance == Provenance.from_json(audit_record())
     assert [w["sha256"] for w in report["wheels"]] == [alpha.sha256, beta.sha256]
 
     again = publish(tmp_path, recipes, tmp_path / "in", "--force", "--json")  # the mark is reproducible
@@ -159,7 +161,7 @@ def test_force_marks_only_what_it_let_through(tmp_path: Path, recipes: Path):
     assert result.returncode == 0, result.stderr
     assert "--force skipped nothing for it" in result.stderr
     (name,) = index_listing(tmp_path / "index")
-    assert "publish" not in read_wheel(tmp_path / "index" / "files" / name).provenance
+    assert read_wheel(tmp_path / "index" / "files" / name).provenance.publish is None
     assert sha256(tmp_path / "index" / "files" / name) == sha256(tmp_path / "in" / name)
 
 

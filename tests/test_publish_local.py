@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from gpuwheel.errors import PublishError
-from gpuwheel.index import publish_local, target_paths, write_static_index
+from gpuwheel.layout import target_paths
+from gpuwheel.publish.local import publish_local
+from gpuwheel.static_index import write_static_index
 from publish_helpers import (TARGET, StaticIndexServer, audit_record, fresh_venv, gpuwheel_env, import_value,
                              index_listing, leftovers, make_wheel, passing_wheel, pip_install, run_gpuwheel,
                              sha256, start_gpuwheel, write_recipes)

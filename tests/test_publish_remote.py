@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from gpuwheel.errors import PublishError
-from gpuwheel.index import publish_local, publish_remote
+from gpuwheel.publish.local import publish_local
+from gpuwheel.publish.remote import publish_remote
 from publish_helpers import (TARGET, PypiServer, StaticIndexServer, fresh_venv, gpuwheel_env, import_value, make_wheel,
                              passing_wheel, pip_install, run_gpuwheel, sha256, write_recipes)
 

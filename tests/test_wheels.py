@@ -21,8 +21,8 @@ from wheels_helpers import (PTX80, SM120, TORCH_WHEEL, compile_plain_library, co
 from gpuwheel.build.base import CacheStats, ToolchainInfo
 from gpuwheel.build.packages import RawWheel, RawWheels
 from gpuwheel.errors import AuditFailure, WheelError
-from gpuwheel.gate import PublishGate, check_gate
-from gpuwheel.index import read_wheel
+from gpuwheel.publish.gate import PublishGate, check_gate
+from gpuwheel.wheelfile import read_wheel
 from gpuwheel.plan import make_plan
 from gpuwheel.recipe import load_recipe
 from gpuwheel.wheels import finish_wheels, show_wheel
@@ -138,7 +138,7 @@ def test_source_date_epoch_sets_every_timestamp(plan, built, finished, tmp_path)
                           source_date_epoch=1700000000).wheels[0]
     with zipfile.ZipFile(later.path) as wheel:
         assert {info.date_time for info in wheel.infolist()} == {(2023, 11, 14, 22, 13, 20)}
-    assert later.sha256 != finished.sha256 and later.provenance["wheel"]["source_date_epoch"] == 1700000000
+    assert later.sha256 != finished.sha256 and later.provenance.to_json()["wheel"]["source_date_epoch"] == 1700000000
 
 
 def test_pip_installs_the_finished_wheel_and_reports_the_labelled_version(built, finished, tmp_path):
@@ -169,9 +169,9 @@ def test_the_build_stages_raw_wheels_and_toolchain_info_are_finished(plan, built
     (wheel,) = finish_wheels(plan, raw, toolchain=info, out_dir=tmp_path / "out").wheels
     assert wheel.filename == finished.filename
     # Where and how fast it built is not what built it: kept out, so machines agree on the bytes.
-    assert "location" not in wheel.provenance["toolchain"]["observed"]
-    assert "sccache" not in wheel.provenance["toolchain"]["observed"]
-    assert wheel.provenance["toolchain"]["observed"]["torch_cuda"] == "13.0"
+    assert "location" not in wheel.provenance.to_json()["toolchain"]["observed"]
+    assert "sccache" not in wheel.provenance.to_json()["toolchain"]["observed"]
+    assert wheel.provenance.to_json()["toolchain"]["observed"]["torch_cuda"] == "13.0"
     stale = RawWheels("0" * 64, info, raw.wheels)
     with pytest.raises(WheelError, match="built for plan 000000000000, not for this plan"):
         finish_wheels(plan, stale, toolchain=info, out_dir=tmp_path / "stale")
@@ -191,7 +191,7 @@ def test_without_an_observed_toolchain_the_label_uses_the_plans_pins(gpuwheel, b
 # ---- provenance ---------------------------------------------------------------------------------
 def test_provenance_states_target_toolchain_sources_patches_env_and_audit(plan, finished):
     record = show_wheel(finished.path)["provenance"]
-    assert record == finished.provenance
+    assert record == finished.provenance.to_json()
     package = plan.package("flash-attn")
     assert record["target"] == "rtx6000pro-cu13" and record["plan_hash"] == plan.hash
     assert record["target_spec"]["compute_capability"] == "12.0" and record["target_spec"]["arch_list"] == ["12.0"]
@@ -215,7 +215,7 @@ def test_vllm_dependencies_are_sources_with_their_revs(plan_570, built, tmp_path
     # The PTX-only build fails the audit; finished anyway to read what it records about vLLM's sources.
     wheel = finish_wheels(plan, [("vllm", built["vllm"])], toolchain=toolchain(), out_dir=tmp_path,
                           allow_audit_failure=True).wheels[0]
-    sources = {source["name"]: source for source in wheel.provenance["sources"]}
+    sources = {source["name"]: source for source in wheel.provenance.to_json()["sources"]}
     cutlass = next(d for d in plan.package("vllm").dependencies if d.name == "cutlass")
     assert sources["vllm"]["sha256"] == plan.package("vllm").source.sha256
     assert sources["cutlass"] == {"name": "cutlass", "role": "dependency", "kind": "git", "location": cutlass.git,
@@ -227,9 +227,9 @@ def test_vllm_dependencies_are_sources_with_their_revs(plan_570, built, tmp_path
     published = sources[plan.package("vllm").stand_in.location]
     assert (published["role"], published["sha256"], published["stands_in_for"]) == (
         "stand-in", plan.package("vllm").stand_in.sha256, list(standing))
-    assert wheel.provenance["build"]["components"] == {
+    assert wheel.provenance.to_json()["build"]["components"] == {
         "rust_frontend": {"mode": "off", "in_wheel": False, "members": []}}
-    assert wheel.provenance["audit"]["optional_globs"] == list(plan.package("vllm").audit_optional)
+    assert wheel.provenance.to_json()["audit"]["optional_globs"] == list(plan.package("vllm").audit_optional)
 
 
 def test_the_publish_gate_accepts_the_finished_wheel(finished, tmp_path):
@@ -336,7 +336,7 @@ def test_a_grafted_library_is_recorded_and_the_bytes_stay_identical(plan, needs_
                                    out_dir=tmp_path / name).wheels[0] for name in ("a", "b"))
     assert first.path.read_bytes() == second.path.read_bytes()
     (grafted,) = first.grafted
-    assert grafted.startswith("flash_attn.libs/libgwextra-") and first.provenance["wheel"]["grafted"] == [grafted]
+    assert grafted.startswith("flash_attn.libs/libgwextra-") and first.provenance.to_json()["wheel"]["grafted"] == [grafted]
     with zipfile.ZipFile(first.path) as wheel:
         assert stat.S_IMODE(wheel.getinfo(grafted).external_attr >> 16) == 0o755
 

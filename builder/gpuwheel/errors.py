@@ -1,7 +1,8 @@
 """Every error a user can meet, each with its own exit code and a one-line message.
 
 The CLI prints `gpuwheel: error: <message>` and exits with `exit_code`; no traceback is
-shown for these. Anything else escaping is a bug in gpuwheel (exit 70, traceback kept).
+shown for these. Anything else escaping is a bug in gpuwheel: the CLI prints the traceback and a
+line that says so, and exits 70 (EX_SOFTWARE).
 Exit codes are documented in docs/errors.md; keep the two in step.
 """
 
@@ -15,6 +16,7 @@ from gpuwheel.redact import safe_text
 # folder, a file where a folder belongs), whatever gpuwheel was reading: never "a corrupt input".
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 REFUSED_WRITE = DISK_FULL | {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+BUG_EXIT_CODE = 70  # EX_SOFTWARE (sysexits.h): an exception no GpuwheelError describes
 
 
 def raise_if_refused(error: BaseException) -> None:
@@ -38,6 +40,12 @@ class GpuwheelError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(GpuwheelError):
+    """The command line asks for something contradictory or incomplete (options that exclude each other)."""
+
+    exit_code = 2
 
 
 class RecipeError(GpuwheelError):
@@ -85,6 +93,10 @@ class BuildError(GpuwheelError):
     """A package's build failed (log path and last lines shown)."""
 
     exit_code = 8
+
+    def __init__(self, message: str, *, hint: str | None = None, tail: tuple[str, ...] = ()):
+        super().__init__(message, hint=hint)
+        self.tail = tail  # the build log's last lines; the CLI shows them above the one-line message
 
 
 class OutOfMemoryError(BuildError):

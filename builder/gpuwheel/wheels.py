@@ -13,47 +13,38 @@ Formats and every choice are in docs/wheels.md.
 
 from __future__ import annotations
 
-import base64
-import calendar
-import csv
 import dataclasses
 import glob
-import hashlib
-import io
 import json
 import os
 import re
 import shutil
-import stat
 import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
-from packaging.metadata import parse_email
-from packaging.tags import parse_tag
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 from rich.markup import escape
 
 from gpuwheel import facts
-from gpuwheel.audit.report import AuditReport, AuditTarget, audit, escapes_root
+from gpuwheel.audit.report import AuditReport, AuditTarget, audit
+from gpuwheel.build.base import ToolchainInfo
+from gpuwheel.build.packages import RawWheel, RawWheels
 from gpuwheel.cache import remove_inside, sha256_file
-from gpuwheel.errors import AuditFailure, WheelError, raise_if_refused
-from gpuwheel.index import PROVENANCE_FILE, read_wheel, version_or_none
+from gpuwheel.errors import AuditFailure, WheelError
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.log import console, logger
 from gpuwheel.plan import SCHEDULING_ENV, PackagePlan, Plan
+from gpuwheel.provenance import AuditRecord, BuildRecord, PackageRecord, Provenance, WheelRecord
 from gpuwheel.redact import safe_env, safe_tree
 from gpuwheel.run import run
+from gpuwheel.wheelfile import (DEFAULT_SOURCE_DATE_EPOCH, PROVENANCE_FILE, WheelLayout, check_wheel,
+                                provenance_text, read_wheel, repack)
 
-PROVENANCE_SCHEMA = 1
-# 1980-01-01 00:00:00 UTC, the earliest time a zip entry can hold: the timestamp of every entry
-# unless SOURCE_DATE_EPOCH says otherwise (argument, then the package's plan env).
-DEFAULT_SOURCE_DATE_EPOCH = 315532800
 _LATEST_ZIP_EPOCH = 4354819199  # 2107-12-31 23:59:59 UTC, the last time a zip entry can hold
 # Never grafted into a wheel (auditwheel --exclude; matched against the soname and the resolved path):
 # the driver is the host's, torch's libraries are the installed torch's, and the CUDA runtime
@@ -69,9 +60,6 @@ GRAFT_EXCLUDE: tuple[str, ...] = (
 # ToolchainInfo fields that say where or how fast it built, not what built it: kept out of gpuwheel.json,
 # so that the same plan and sources give the same bytes on every machine (like MAX_JOBS in the plan hash).
 TOOLCHAIN_NOT_RECORDED = ("location", "sccache")
-_COMPRESS_LEVEL = 6  # zlib's Z_DEFAULT_COMPRESSION, which zipfile uses for an entry given as a ZipInfo
-_CHUNK = 1 << 20
-_HASHES = ("sha256", "sha384", "sha512")  # what a RECORD may use (PEP 376/427 forbid md5 and sha1)
 
 
 @dataclass(frozen=True)
@@ -86,7 +74,7 @@ class FinishedWheel:
     grafted: tuple[str, ...]  # libraries auditwheel copied in (paths inside the wheel)
     sha256: str
     audit_passed: bool
-    provenance: Mapping[str, Any] = field(repr=False)  # the gpuwheel.json written into it
+    provenance: Provenance = field(repr=False)  # the gpuwheel.json written into it
 
     @property
     def filename(self) -> str:
@@ -133,24 +121,30 @@ def _version_in(value: Any) -> str | None:
 
 
 # ---- the stage --------------------------------------------------------------------------------
-def finish_wheels(plan: Plan, raw_wheels: Any, *, toolchain: Any, out_dir: Path | str,
+# A raw wheel built elsewhere (`gpuwheel finish`): its path (the package from the file name), or (package, path).
+RawInput = RawWheel | tuple[str, Path] | Path
+
+
+def finish_wheels(plan: Plan, raw_wheels: RawWheels | Sequence[RawInput], *,
+                  toolchain: ToolchainInfo | Mapping[str, Any] | None, out_dir: Path | str,
                   source_date_epoch: int | None = None, allow_audit_failure: bool = False) -> Wheels:
     """Finish every raw wheel of `plan` into out_dir (wheels/<target>/staging/): all of them or none.
 
-    raw_wheels: the build stage's RawWheels (its plan_hash must be this plan's; `.wheels` of items with
-    `.package` and `.path`), or an iterable of such items, of (package, path) pairs, or of bare paths
-    (package from the file name).
-    toolchain: the observed ToolchainInfo (a dataclass, an object with to_json(), or a mapping); None:
-    raw_wheels.toolchain if it has one, else not observed (the label then uses the plan's pins).
+    raw_wheels: the build stage's RawWheels (its plan_hash must be this plan's), or raw wheels built
+    elsewhere.
+    toolchain: the observed ToolchainInfo, or what is known of it as a JSON object (`finish --toolchain`);
+    None: the RawWheels' own, else not observed (the label then uses the plan's pins).
     Raises WheelError for a malformed raw wheel or one auditwheel cannot repair, AuditFailure when
     a wheel's kernels cannot run on the target (unless allow_audit_failure: finished, marked failed).
     """
-    items = _raw_items(plan, raw_wheels)
-    built_for = getattr(raw_wheels, "plan_hash", plan.hash)
-    if built_for != plan.hash:
-        raise WheelError(f"the raw wheels were built for plan {built_for[:12]}, not for this plan {plan.hash[:12]} "
-                         f"({plan.target.name})", hint="finish them with the plan that built them, or rebuild")
-    observed = _toolchain_json(toolchain if toolchain is not None else getattr(raw_wheels, "toolchain", None))
+    if isinstance(raw_wheels, RawWheels):
+        if raw_wheels.plan_hash != plan.hash:
+            raise WheelError(f"the raw wheels were built for plan {raw_wheels.plan_hash[:12]}, not for this plan "
+                             f"{plan.hash[:12]} ({plan.target.name})",
+                             hint="finish them with the plan that built them, or rebuild")
+        toolchain = toolchain if toolchain is not None else raw_wheels.toolchain
+    items = _raw_items(plan, raw_wheels.wheels if isinstance(raw_wheels, RawWheels) else raw_wheels)
+    observed = _toolchain_json(toolchain)
     _warn_toolchain_drift(plan, observed)
     label = local_label(plan, observed)
     out_dir = Path(out_dir)
@@ -189,18 +183,16 @@ def finish_wheels(plan: Plan, raw_wheels: Any, *, toolchain: Any, out_dir: Path 
     return Wheels(plan.target.name, out_dir, tuple(placed))
 
 
-def _raw_items(plan: Plan, raw_wheels: Any) -> list[tuple[PackagePlan, Path]]:
-    entries = getattr(raw_wheels, "wheels", raw_wheels)
-    if isinstance(entries, (str, os.PathLike)):
-        entries = [entries]
+def _raw_items(plan: Plan, entries: Sequence[RawInput]) -> list[tuple[PackagePlan, Path]]:
     items = []
     for entry in entries:
-        if hasattr(entry, "package") and hasattr(entry, "path"):
-            name, path = entry.package, Path(entry.path)
-        elif isinstance(entry, (str, os.PathLike)):
-            name, path = None, Path(entry)
-        else:
+        name: str | None
+        if isinstance(entry, RawWheel):
+            name, path = entry.package, entry.path
+        elif isinstance(entry, tuple):
             name, path = entry[0], Path(entry[1])
+        else:
+            name, path = None, Path(entry)
         items.append((_package_for(plan, name, path), path))
     if not items:
         raise WheelError("no raw wheels given to finish")
@@ -221,17 +213,10 @@ def _package_for(plan: Plan, name: str | None, path: Path) -> PackagePlan:
     return package
 
 
-def _toolchain_json(toolchain: Any) -> dict[str, Any]:
+def _toolchain_json(toolchain: ToolchainInfo | Mapping[str, Any] | None) -> dict[str, Any]:
     if toolchain is None:
         return {}
-    if dataclasses.is_dataclass(toolchain) and not isinstance(toolchain, type):
-        raw = dataclasses.asdict(toolchain)
-    elif hasattr(toolchain, "to_json"):
-        raw = toolchain.to_json()
-    elif isinstance(toolchain, Mapping):
-        raw = dict(toolchain)
-    else:
-        raise WheelError(f"the toolchain must be a ToolchainInfo or a mapping, not {type(toolchain).__name__}")
+    raw = dataclasses.asdict(toolchain) if isinstance(toolchain, ToolchainInfo) else dict(toolchain)
     recorded = {key: value for key, value in raw.items() if key not in TOOLCHAIN_NOT_RECORDED}
     return json.loads(json.dumps(recorded, sort_keys=True, default=str))  # Paths and the like as text
 
@@ -266,12 +251,13 @@ def _finish_one(plan: Plan, package: PackagePlan, raw: Path, label: str, observe
         _refuse_or_warn(report, filename, plan, allow_audit_failure)
     platform_tags = tuple(sorted({tag.platform for tag in tags}))
     grafted = _grafted(audited, layout)
-    provenance = json.loads(_provenance_text(_provenance(plan, package, observed, label, version, filename,
-                                                         raw.name, platform_tags, grafted, epoch, report,
-                                                         allow_audit_failure, layout.members)))
+    # Through JSON and back: what the stage returns is what any reader of the wheel gets.
+    provenance = Provenance.from_json(json.loads(provenance_text(_provenance(
+        plan, package, observed, label, version, filename, raw.name, platform_tags, grafted, epoch, report,
+        allow_audit_failure, layout.members).to_json())))
     finished = work / filename
     renames = {layout.dist_info: f"{stem}.dist-info", layout.data_dir: f"{stem}.data"}
-    _repack(audited, finished, renames, version, set(tags), provenance, epoch)
+    repack(audited, finished, renames, version, set(tags), provenance.to_json(), epoch)
     sha256 = sha256_file(finished)
     return FinishedWheel(package.name, finished, str(version), label, platform_tags, grafted, sha256,
                          report.passed, provenance)
@@ -306,132 +292,19 @@ def _refuse_or_warn(report: AuditReport, filename: str, plan: Plan, allow: bool)
 
 
 # ---- checking a raw wheel ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Layout:
-    name: str  # canonical
-    version: Version
-    dist_info: str  # "<name>-<version>.dist-info"
-    data_dir: str  # "<name>-<version>.data" (need not exist)
-    members: frozenset[str]
-
-
-def _check_raw_wheel(path: Path, package: PackagePlan) -> _Layout:
-    """Refuse anything pip would refuse, or that could write outside the wheel's root."""
-    if not path.is_file():
-        raise WheelError(f"{path}: no such file")
-    try:
-        name, version, _, _ = parse_wheel_filename(path.name)
-    except InvalidWheelFilename as error:
-        raise WheelError(f"{path}: not a wheel file name ({error})") from None
-    if name != canonicalize_name(package.name):
-        raise WheelError(f"{path.name}: a wheel of {name}, not of package {package.name}",
-                         hint="name the right package with --package")
-    if version.public != Version(package.version).public:
-        raise WheelError(f"{path.name}: version {version}, the plan builds {package.name} {package.version}")
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise WheelError(f"{path}: not a wheel: not a readable zip archive ({error})") from None
-    with archive:
-        infos = [info for info in archive.infolist() if not info.is_dir()]
-        names = [info.filename for info in infos]
-        for member in names:
-            _refuse_unsafe_name(path, member)
-        if len(set(names)) != len(names):
-            duplicate = next(n for n in names if names.count(n) > 1)
-            raise WheelError(f"{path}: member {duplicate!r} appears twice; refusing this wheel")
-        dist_info = _single_dist_info(path, names, name, version)
-        metadata = _read(archive, path, f"{dist_info}/METADATA")
-        raw, _ = parse_email(metadata)
-        if canonicalize_name(raw.get("name", "")) != name or version_or_none(raw.get("version")) != version:
-            raise WheelError(f"{path}: {dist_info}/METADATA says {raw.get('name')} {raw.get('version')}, "
-                             f"the file name says {name} {version}")
-        _check_record(archive, path, dist_info, infos)
-    stem = dist_info[:-len(".dist-info")]
-    return _Layout(name, version, dist_info, f"{stem}.data", frozenset(names))
-
-
-def _refuse_unsafe_name(wheel: Path, name: str) -> None:
-    if escapes_root(name):
-        raise WheelError(f"{wheel}: member {name!r} would land outside the install root (path traversal); "
-                         "refusing this wheel")
-
-
-def _single_dist_info(path: Path, names: list[str], name: str, version: Version) -> str:
-    found = sorted({member.split("/", 1)[0] for member in names
-                    if "/" in member and member.split("/", 1)[0].endswith(".dist-info")})
-    if len(found) != 1:
-        raise WheelError(f"{path}: expected one top-level .dist-info directory, found {len(found)}"
-                         + (f" ({', '.join(found)})" if found else "; not a wheel"))
-    dist_info = found[0]
-    dist_name, _, dist_version = dist_info[:-len(".dist-info")].partition("-")
-    if canonicalize_name(dist_name) != name or version_or_none(dist_version) != version:
-        raise WheelError(f"{path}: its directory {dist_info} disagrees with the file name ({name} {version})")
-    for required in ("METADATA", "WHEEL", "RECORD"):
-        if f"{dist_info}/{required}" not in names:
-            raise WheelError(f"{path}: {dist_info}/{required} is missing; not a wheel")
-    return dist_info
-
-
-def _read(archive: zipfile.ZipFile, path: Path, member: str) -> bytes:
-    try:
-        return archive.read(member)
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise_if_refused(error)
-        raise WheelError(f"{path}: cannot read {member} ({error}); the wheel is corrupt") from None
-
-
-def _check_record(archive: zipfile.ZipFile, path: Path, dist_info: str, infos: list[zipfile.ZipInfo]) -> None:
-    """Every member is in RECORD with its hash and size, and RECORD lists nothing else."""
-    record_name = f"{dist_info}/RECORD"
-    unhashed = {record_name, f"{dist_info}/RECORD.jws", f"{dist_info}/RECORD.p7s"}
-    try:
-        rows = list(csv.reader(io.StringIO(_read(archive, path, record_name).decode("utf-8"))))
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise WheelError(f"{path}: {record_name} is not a readable CSV file ({error})") from None
-    recorded: dict[str, tuple[str, str]] = {}
-    for number, row in enumerate(rows, start=1):
-        if not row:
-            continue
-        if len(row) != 3:
-            raise WheelError(f"{path}: {record_name}:{number} has {len(row)} fields, not path,hash,size")
-        recorded[row[0]] = (row[1], row[2])
-    for info in infos:
-        if info.filename in unhashed:
-            continue
-        if info.filename not in recorded:
-            raise WheelError(f"{path}: RECORD mismatch: {info.filename} is not listed in {record_name}")
-        hash_text, size = recorded.pop(info.filename)
-        algorithm, _, expected = hash_text.partition("=")
-        if algorithm not in _HASHES:
-            raise WheelError(f"{path}: RECORD mismatch: {info.filename} has hash {hash_text!r}; "
-                             f"RECORD must use one of {', '.join(_HASHES)}")
-        digest, actual_size = _hash_member(archive, path, info, algorithm)
-        if digest != expected or (size and int(size) != actual_size):
-            raise WheelError(f"{path}: RECORD mismatch: {info.filename} has {algorithm}={digest} "
-                             f"({actual_size} bytes), {record_name} says {hash_text} ({size or '?'} bytes)")
-    missing = sorted(name for name in recorded if name not in unhashed)
-    if missing:
-        raise WheelError(f"{path}: RECORD mismatch: {record_name} lists {missing[0]}, which the wheel does not hold"
-                         + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
-
-
-def _hash_member(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo, algorithm: str) -> tuple[str, int]:
-    digest = hashlib.new(algorithm)
-    size = 0
-    try:
-        with archive.open(info) as stream:
-            while chunk := stream.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise_if_refused(error)
-        raise WheelError(f"{path}: cannot read {info.filename} ({error}); the wheel is corrupt") from None
-    return _record_digest(digest), size
-
-
-def _record_digest(digest) -> str:
-    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
+def _check_raw_wheel(path: Path, package: PackagePlan) -> WheelLayout:
+    """A wheel pip would take (check_wheel), and one of this package at the plan's version."""
+    if path.is_file():
+        try:
+            name, version, _, _ = parse_wheel_filename(path.name)
+        except InvalidWheelFilename as error:
+            raise WheelError(f"{path}: not a wheel file name ({error})") from None
+        if name != canonicalize_name(package.name):
+            raise WheelError(f"{path.name}: a wheel of {name}, not of package {package.name}",
+                             hint="name the right package with --package")
+        if version.public != Version(package.version).public:
+            raise WheelError(f"{path.name}: version {version}, the plan builds {package.name} {package.version}")
+    return check_wheel(path)
 
 
 # ---- auditwheel ---------------------------------------------------------------------------------
@@ -472,7 +345,7 @@ def _repair_hint(reason: str) -> str:
     return "see docs/wheels.md, \"Platform tag\""
 
 
-def _grafted(repaired: Path, layout: _Layout) -> tuple[str, ...]:
+def _grafted(repaired: Path, layout: WheelLayout) -> tuple[str, ...]:
     with zipfile.ZipFile(repaired) as archive:
         return tuple(sorted(name for name in archive.namelist()
                             if not name.endswith("/") and name not in layout.members
@@ -482,28 +355,26 @@ def _grafted(repaired: Path, layout: _Layout) -> tuple[str, ...]:
 # ---- provenance -------------------------------------------------------------------------------
 def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], label: str, version: Version,
                 filename: str, raw_filename: str, platform_tags: tuple[str, ...], grafted: tuple[str, ...],
-                epoch: int, report: AuditReport, allowed_failure: bool, members: frozenset[str]) -> dict[str, Any]:
+                epoch: int, report: AuditReport, allowed_failure: bool, members: frozenset[str]) -> Provenance:
     target, toolchain = plan.target, plan.toolchain
-    sos = [{"path": so.path, "verdict": so.verdict, "native": so.count("native"), "jit": so.count("jit"),
-            "none": so.count("none"), "sass_archs": list(so.sass_archs), "ptx_archs": list(so.ptx_archs),
-            "ptx_isa_range": so.ptx_isa_range} for so in report.sos if so.has_gpu_code]
+    sos = tuple({"path": so.path, "verdict": so.verdict, "native": so.count("native"), "jit": so.count("jit"),
+                 "none": so.count("none"), "sass_archs": list(so.sass_archs), "ptx_archs": list(so.ptx_archs),
+                 "ptx_isa_range": so.ptx_isa_range} for so in report.sos if so.has_gpu_code)
     source = package.source
-    return {
-        "schema": PROVENANCE_SCHEMA,
-        "target": target.name,
-        "plan_hash": plan.hash,
-        "package": {"name": package.name, "version": package.version, "wheel_version": str(version),
-                    "label": label, "filename": filename},
-        "target_spec": {"name": target.name, "gpu": target.gpu, "description": target.description,
-                        "compute_capability": target.compute_capability,
-                        "torch_cuda_arch_list": target.torch_cuda_arch_list,
-                        "arch_list": [str(a) for a in facts.parse_arch_list(target.torch_cuda_arch_list)],
-                        "min_driver": target.min_driver},
-        "toolchain": {"planned": {"cuda": toolchain.cuda, "python": toolchain.python, "torch": toolchain.torch,
-                                  "base_image": toolchain.base_image,
-                                  "base_image_digest": toolchain.base_image_digest},
-                      "observed": observed or None},
-        "sources": safe_tree([  # what a wheel records of a source or env never holds a secret
+    return Provenance(
+        target=target.name,
+        plan_hash=plan.hash,
+        package=PackageRecord(name=package.name, version=package.version, wheel_version=str(version),
+                              label=label, filename=filename),
+        target_spec={"name": target.name, "gpu": target.gpu, "description": target.description,
+                     "compute_capability": target.compute_capability,
+                     "torch_cuda_arch_list": target.torch_cuda_arch_list,
+                     "arch_list": [str(a) for a in facts.parse_arch_list(target.torch_cuda_arch_list)],
+                     "min_driver": target.min_driver},
+        toolchain={"planned": {"cuda": toolchain.cuda, "python": toolchain.python, "torch": toolchain.torch,
+                               "base_image": toolchain.base_image, "base_image_digest": toolchain.base_image_digest},
+                   "observed": observed or None},
+        sources=tuple(safe_tree([  # what a wheel records of a source or env never holds a secret
             {"name": package.name, "role": "package", "kind": source.kind, "location": source.location,
              "sha256": source.sha256, "commit": source.commit, "index": source.index},
             *({"name": dep.name, "role": "dependency", "kind": "git", "location": dep.git, "rev": dep.rev,
@@ -514,24 +385,23 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
             *([{"name": package.stand_in.location, "role": "stand-in", "kind": "wheel",
                 "sha256": package.stand_in.sha256, "index": package.stand_in.index,
                 "stands_in_for": list(package.stand_ins)}] if package.stand_ins else []),
-        ]),
-        "patches": [{"name": ref.name, "sha256": ref.sha256, "strip": ref.strip, "tree": ref.tree or None}
-                    for ref in package.patches],
-        "build": {"build_type": plan.build_type, "profile": package.profile,
-                  "inference": dataclasses.asdict(package.inference) if package.inference else None,
-                  "serving": dataclasses.asdict(package.serving) if package.serving else None,
-                  "components": _components(package, members),
-                  "command": list(package.command),
-                  "env": safe_env((key, value) for key, value in package.env if key not in SCHEDULING_ENV),
-                  "env_excluded": [key for key in SCHEDULING_ENV if key in package.env_dict]},
-        "wheel": {"raw_filename": raw_filename, "platform_tags": list(platform_tags),
-                  "graft_excluded": list(GRAFT_EXCLUDE), "grafted": list(grafted),
-                  "source_date_epoch": epoch},
-        "audit": {"passed": report.passed, "arch": target.compute_capability, "driver": target.min_driver,
-                  "optional_globs": list(package.audit_optional), "allowed_failure": allowed_failure and not report.passed,
-                  "problems": [p.split(": ", 1)[1] if p.startswith(filename) else p for p in report.problems],
-                  "sos": sos},
-    }
+        ])),
+        patches=tuple({"name": ref.name, "sha256": ref.sha256, "strip": ref.strip, "tree": ref.tree or None}
+                      for ref in package.patches),
+        build=BuildRecord(build_type=plan.build_type, profile=package.profile,
+                          inference=dataclasses.asdict(package.inference) if package.inference else None,
+                          serving=dataclasses.asdict(package.serving) if package.serving else None,
+                          components=_components(package, members), command=tuple(package.command),
+                          env=safe_env((key, value) for key, value in package.env if key not in SCHEDULING_ENV),
+                          env_excluded=tuple(key for key in SCHEDULING_ENV if key in package.env_dict)),
+        wheel=WheelRecord(raw_filename=raw_filename, platform_tags=platform_tags, graft_excluded=GRAFT_EXCLUDE,
+                          grafted=grafted, source_date_epoch=epoch),
+        audit=AuditRecord(passed=report.passed, arch=target.compute_capability, driver=target.min_driver,
+                          optional_globs=tuple(package.audit_optional),
+                          allowed_failure=allowed_failure and not report.passed,
+                          problems=tuple(p.split(": ", 1)[1] if p.startswith(filename) else p for p in report.problems),
+                          sos=sos),
+    )
 
 
 def _components(package: PackagePlan, members: frozenset[str]) -> dict[str, Any]:
@@ -540,108 +410,6 @@ def _components(package: PackagePlan, members: frozenset[str]) -> dict[str, Any]
         return {}
     rust = sorted(m for m in members if m.startswith(vllm_kind.RUST_MEMBERS))
     return {"rust_frontend": {"mode": package.rust_frontend, "in_wheel": bool(rust), "members": rust}}
-
-
-def _provenance_text(provenance: Mapping[str, Any]) -> str:
-    return json.dumps(provenance, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-# ---- the deterministic repack -------------------------------------------------------------------
-def _repack(source: Path, target: Path, renames: Mapping[str, str], version: Version, tags: set,
-            provenance: Mapping[str, Any], epoch: int) -> None:
-    """Write `source` as `target`: renamed dist-info/.data, labelled METADATA, provenance, new RECORD.
-
-    Entries sorted (the .dist-info last, RECORD at the very end), one timestamp, modes 0644/0755,
-    ZIP_DEFLATED at level 6: the same input gives the same bytes.
-    """
-    date_time = time.gmtime(epoch)[:6]
-    old_dist_info = next(old for old in renames if old.endswith(".dist-info"))
-    new_dist_info = renames[old_dist_info]
-    dropped = {f"{old_dist_info}/{name}" for name in ("RECORD", "RECORD.jws", "RECORD.p7s", PROVENANCE_FILE)}
-    with zipfile.ZipFile(source) as archive:
-        members = {_renamed(info.filename, renames): info for info in archive.infolist()
-                   if not info.is_dir() and info.filename not in dropped}
-        replaced = {
-            f"{new_dist_info}/METADATA": _labelled_metadata(archive.read(f"{old_dist_info}/METADATA"), version, source),
-            f"{new_dist_info}/{PROVENANCE_FILE}": _provenance_text(provenance).encode("utf-8"),
-        }
-        _check_wheel_tags(archive.read(f"{old_dist_info}/WHEEL"), tags, source)
-        record_name = f"{new_dist_info}/RECORD"
-        names = sorted(set(members) | set(replaced))
-        order = [n for n in names if not n.startswith(f"{new_dist_info}/")] + \
-                [n for n in names if n.startswith(f"{new_dist_info}/")]
-        rows = []
-        with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_COMPRESS_LEVEL) as out:
-            for name in order:
-                if name in replaced:
-                    data = replaced[name]
-                    out.writestr(_entry(name, date_time, 0o644, len(data)), data)
-                    rows.append((name, f"sha256={_record_digest(hashlib.sha256(data))}", str(len(data))))
-                    continue
-                info = members[name]
-                mode = 0o755 if _executable(name, info) else 0o644
-                digest = hashlib.sha256()
-                with archive.open(info) as stream, out.open(_entry(name, date_time, mode, info.file_size), "w") as sink:
-                    while chunk := stream.read(_CHUNK):
-                        digest.update(chunk)
-                        sink.write(chunk)
-                rows.append((name, f"sha256={_record_digest(digest)}", str(info.file_size)))
-            rows.append((record_name, "", ""))
-            text = io.StringIO()
-            csv.writer(text, lineterminator="\n").writerows(rows)
-            out.writestr(_entry(record_name, date_time, 0o644, len(text.getvalue())), text.getvalue().encode("utf-8"))
-
-
-def mark_forced(path: Path, dist_info: str, provenance: Mapping[str, Any] | None, publish: Mapping[str, Any],
-                out_dir: Path) -> Path:
-    """A copy of the wheel at `path`, in out_dir under the same name, whose gpuwheel.json carries
-    `publish` (what --force let through): the mark travels with the file to every host that installs
-    it. The same wheel and record give the same bytes, so forcing it again finds it already published."""
-    _, version, _, tags = parse_wheel_filename(path.name)
-    with zipfile.ZipFile(path) as archive:
-        first = archive.infolist()[0].date_time  # the wheel's own timestamp (gpuwheel writes one for all)
-    target = Path(out_dir) / path.name
-    _repack(path, target, {dist_info: dist_info}, version, set(tags), {**(provenance or {}), "publish": dict(publish)},
-            calendar.timegm((*first, 0, 0, 0)))
-    return target
-
-
-def _renamed(name: str, renames: Mapping[str, str]) -> str:
-    top, _, rest = name.partition("/")
-    return f"{renames[top]}/{rest}" if top in renames and rest else name
-
-
-def _entry(name: str, date_time: tuple[int, ...], mode: int, size: int) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name, date_time=date_time)
-    info.compress_type = zipfile.ZIP_DEFLATED
-    info.create_system = 3  # Unix, so that the mode bits below mean what they say
-    info.external_attr = (stat.S_IFREG | mode) << 16
-    info.file_size = size  # lets zipfile decide ZIP64 up front, the same way every time
-    return info
-
-
-def _executable(name: str, info: zipfile.ZipInfo) -> bool:
-    base = PurePosixPath(name).name
-    script = name.split("/", 1)[0].endswith(".data") and "/scripts/" in name
-    return bool((info.external_attr >> 16) & 0o111) or base.endswith(".so") or ".so." in base or script
-
-
-def _labelled_metadata(metadata: bytes, version: Version, wheel: Path) -> bytes:
-    """METADATA with its Version header replaced, every other byte kept."""
-    head, separator, body = metadata.partition(b"\n\n")
-    new_head, count = re.subn(rb"(?m)^Version:[^\r\n]*", f"Version: {version}".encode("ascii"), head)
-    if count != 1:
-        raise WheelError(f"{wheel.name}: METADATA has {count} Version headers, expected one")
-    return new_head + separator + body
-
-
-def _check_wheel_tags(wheel_file: bytes, tags: set, source: Path) -> None:
-    """The WHEEL file's Tag lines (auditwheel rewrote them) must be the file name's tags."""
-    listed = {tag for line in wheel_file.decode("utf-8").splitlines() if line.startswith("Tag:")
-              for tag in parse_tag(line.split(":", 1)[1].strip())}
-    if listed != tags:
-        raise WheelError(f"{source.name}: its WHEEL file lists tags {sorted(map(str, listed))}, its file name "
-                         f"{sorted(map(str, tags))}")
 
 
 # ---- reading a finished wheel ------------------------------------------------------------------
@@ -669,19 +437,19 @@ def _finished_of_plan(plan: Plan, path: Path) -> FinishedWheel | None:
     except WheelError as error:
         logger.info("not reusing %s: %s", path, error)
         return None
-    provenance = wheel.provenance or {}
-    package = plan.package(str((provenance.get("package") or {}).get("name", "")))
-    if provenance.get("plan_hash") != plan.hash or package is None:
+    provenance = wheel.provenance
+    package = plan.package(provenance.package.name) if provenance and provenance.package else None
+    if provenance is None or provenance.plan_hash != plan.hash or package is None:
         return None
     try:
         _check_raw_wheel(path, package)  # the name, metadata and every RECORD hash, as for a raw wheel
     except WheelError as error:
         logger.warning("not reusing %s although it records this plan: %s", path.name, error)
         return None
-    recorded = provenance.get("wheel", {})
-    return FinishedWheel(package.name, path, wheel.version, provenance["package"].get("label", ""),
-                         tuple(recorded.get("platform_tags", ())), tuple(recorded.get("grafted", ())), wheel.sha256,
-                         bool(provenance.get("audit", {}).get("passed")), provenance)
+    recorded = provenance.wheel or WheelRecord()
+    return FinishedWheel(package.name, path, wheel.version, provenance.package.label if provenance.package else "",
+                         recorded.platform_tags, recorded.grafted, wheel.sha256,
+                         provenance.audit is not None and provenance.audit.passed, provenance)
 
 
 def show_wheel(path: Path | str) -> dict[str, Any]:
@@ -693,4 +461,4 @@ def show_wheel(path: Path | str) -> dict[str, Any]:
     _, _, _, tags = parse_wheel_filename(wheel.filename)
     return {"filename": wheel.filename, "name": wheel.display_name, "version": wheel.version,
             "tags": sorted(str(tag) for tag in tags), "sha256": wheel.sha256, "size": wheel.size,
-            "provenance": dict(wheel.provenance)}
+            "provenance": wheel.provenance.to_json()}

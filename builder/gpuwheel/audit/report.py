@@ -21,6 +21,7 @@ from gpuwheel.audit.fatbin import FatbinUnit, PtxEntry, SassEntry, linked_cuda_r
 from gpuwheel.audit.members import ELF_MAGIC, read_so_members
 from gpuwheel.errors import AuditInputError
 from gpuwheel.limits import irregular_file
+from gpuwheel.wheelfile import escapes_root
 
 if TYPE_CHECKING:
     from gpuwheel.recipe import Recipe
@@ -241,12 +242,6 @@ def _so_candidates(path: Path) -> list[zipfile.ZipInfo]:
 def _require_regular(path: Path) -> None:
     if why := irregular_file(path):
         raise AuditInputError(f"{path}: {why}; give a wheel, a directory of wheels or a .so")
-
-
-def escapes_root(name: str) -> bool:
-    """Whether a zip member name would land outside the directory it is extracted to."""
-    pure = PurePosixPath(name.replace("\\", "/"))
-    return pure.is_absolute() or ".." in pure.parts or bool(pure.parts and ":" in pure.parts[0])
 
 
 def _refuse_unsafe_name(wheel: Path, name: str) -> None:

@@ -31,7 +31,7 @@ from gpuwheel.cache import cache_root
 from gpuwheel.errors import ToolchainError
 from gpuwheel.recipe import Toolchain
 from gpuwheel.shipped import shipped
-from gpuwheel.wheels import DEFAULT_SOURCE_DATE_EPOCH
+from gpuwheel.wheelfile import DEFAULT_SOURCE_DATE_EPOCH
 
 if TYPE_CHECKING:
     from gpuwheel.lock import Lock

@@ -33,7 +33,7 @@ from gpuwheel.errors import DistConfigError, ToolchainError
 from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.recipe import Toolchain
 from gpuwheel.run import capture, last_line, run
-from gpuwheel.wheels import DEFAULT_SOURCE_DATE_EPOCH
+from gpuwheel.wheelfile import DEFAULT_SOURCE_DATE_EPOCH
 
 if TYPE_CHECKING:
     from gpuwheel.lock import Lock

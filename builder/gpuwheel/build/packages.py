@@ -156,11 +156,10 @@ def _raise_failure(package: PackagePlan, outcome, log_path: Path, *, recipe: str
         error: BuildError = OutOfMemoryError(
             f"{package.name}: a compiler was killed by SIGKILL (out of memory) at MAX_JOBS={jobs} × "
             f"NVCC_THREADS={threads}; log: {log_path}",
-            hint=f"lower the jobs: --jobs {lower}, or [build] jobs = {lower} in {recipe}")
+            hint=f"lower the jobs: --jobs {lower}, or [build] jobs = {lower} in {recipe}", tail=tail)
     else:
         error = BuildError(f"{package.name}: build failed (exit {outcome.returncode}) after "
-                           f"{_duration(outcome.seconds)}; log: {log_path}")
-    error.tail = tail  # the CLI shows these above the one-line message
+                           f"{_duration(outcome.seconds)}; log: {log_path}", tail=tail)
     raise error
 
 

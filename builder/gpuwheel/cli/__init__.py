@@ -2,7 +2,8 @@
 
 Commands parse their options, call one stage function and render its result: results on stdout
 (`--json` for scripts), diagnostics on stderr. Errors are mapped here, in one place: a
-GpuwheelError prints one line and exits with its own code.
+GpuwheelError prints one line and exits with its own code; anything else is a bug in gpuwheel:
+its traceback, a line saying so, exit 70.
 
 Every option can also be set from the environment: GPUWHEEL_<OPTION> for the global ones
 (GPUWHEEL_RECIPES, GPUWHEEL_VERBOSE), GPUWHEEL_<COMMAND>_<OPTION> for a command's
@@ -17,11 +18,12 @@ only click at the top and their stages inside the command, so a command pays for
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
-from gpuwheel.errors import DISK_FULL, REFUSED_WRITE, GpuwheelError, StorageError
+from gpuwheel.errors import BUG_EXIT_CODE, DISK_FULL, REFUSED_WRITE, GpuwheelError, StorageError
 from gpuwheel.run import stop_on_signals
 
 
@@ -42,6 +44,15 @@ class _Group(click.Group):
         except GpuwheelError as error:
             click.echo(f"gpuwheel: error: {error}", err=True)
             sys.exit(error.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # click's own ways out (--help, usage errors, an abort) keep their codes
+        except Exception:
+            # Not a user mistake: the traceback is what a bug report needs, and 70 (EX_SOFTWARE) tells
+            # scripts that gpuwheel itself failed, not their input.
+            traceback.print_exc()
+            click.echo("gpuwheel: internal error: this is a bug in gpuwheel, not in your input; please report "
+                       "it with the traceback above", err=True)
+            sys.exit(BUG_EXIT_CODE)
 
 
 def _storage_error(error: OSError) -> StorageError:

@@ -51,7 +51,7 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     from gpuwheel import log
     from gpuwheel.build.dist import check_cluster, cluster_from
     from gpuwheel.cache import target_lock
-    from gpuwheel.index import target_paths
+    from gpuwheel.layout import target_paths
     from gpuwheel.log import console, say
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
@@ -137,7 +137,7 @@ def _build(plan, lock, cluster, *, backend: str, engine: str | None, recipe_engi
         raw = build_packages(plan, trees, backend=chosen, toolchain=toolchain,
                              out_dir=cache_root() / "raw" / plan.hash[:16], quiet=quiet)
     except BuildError as error:
-        for line in getattr(error, "tail", ()):
+        for line in error.tail:
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         raise
     timings.extend((f"build {w.package}", w.seconds) for w in raw.wheels)

@@ -42,10 +42,10 @@ def publish(target: str | None, wheels_dir: Path | None, repository: str | None,
     """
     from rich.markup import escape
 
-    from gpuwheel.index import publish_target
     from gpuwheel.log import console
+    from gpuwheel.publish import publish as publish_stage
 
-    report = publish_target(target, wheels_dir=wheels_dir, repository=repository, index_dir=index_dir,
+    report = publish_stage(target, wheels_dir=wheels_dir, repository=repository, index_dir=index_dir,
                             smoke_report=smoke_report, force=force, simple_url=simple_url,
                             config_file=config_file)
     for wheel in report.wheels:

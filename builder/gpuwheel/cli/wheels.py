@@ -44,7 +44,7 @@ def finish(target: str, raw_wheels: tuple[Path, ...], package: str | None, out_d
            as_json: bool) -> None:
     """Finish RAW_WHEEL(s) built elsewhere for TARGET: label, platform tag, audit, provenance."""
     from gpuwheel.cache import target_lock
-    from gpuwheel.index import target_paths
+    from gpuwheel.layout import target_paths
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
     from gpuwheel.wheels import finish_wheels

@@ -1,7 +1,7 @@
 """The smoke stage: install a target's wheels from an index into a smoke interpreter and run the checks
 there, on the target GPU when there is one.
 
-1. The index: `index_url`, or a throwaway static index made (gpuwheel.index) from the wheels of
+1. The index: `index_url`, or a throwaway static index made (gpuwheel.static_index) from the wheels of
    `wheels_dir` (default: the target's staging/).
 2. The interpreter: a fresh venv, or `python` (one that already holds the pinned torch, as on a GPU
    machine without network; the wheels then go into a private --target directory, --no-deps).
@@ -33,12 +33,15 @@ from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
 from gpuwheel.audit.report import JIT, NATIVE, AuditTarget, audit
-from gpuwheel.errors import SmokeFailure
-from gpuwheel.index import WheelFile, publish_local, read_wheel, target_paths
+from gpuwheel.errors import SmokeFailure, UsageError
+from gpuwheel.layout import simple_url, target_paths
 from gpuwheel.log import logger, pip_milestones, say
+from gpuwheel.provenance import Provenance
 from gpuwheel.run import Finished, capture, run
 from gpuwheel.smoke import vllm as vllm_checks
 from gpuwheel.smoke.report import FAIL, PASS, SKIP, CheckResult, GpuInfo, SmokeReport, WheelSmoke, write_json, write_junit
+from gpuwheel.static_index import add_wheels
+from gpuwheel.wheelfile import WheelFile, read_wheel
 
 PROBE = Path(__file__).with_name("probe.py")
 # Ways pip is pointed at other indexes; set aside while the target's wheels are downloaded.
@@ -64,7 +67,7 @@ def run_smoke(target_or_recipe: str | os.PathLike, *, index_url: str | None = No
     from gpuwheel.recipe import load_recipe
 
     if index_url is not None and wheels_dir is not None:
-        raise SmokeFailure("give an index URL or a wheels directory, not both")
+        raise UsageError("give an index URL or a wheels directory, not both")
     recipe = load_recipe(target_or_recipe)
     paths = target_paths(recipe.target.name)
     if index_url is None:
@@ -95,9 +98,10 @@ def _throwaway_index(wheels_dir: Path, index_dir: Path) -> tuple[str, list[str]]
     found = sorted(p for p in Path(wheels_dir).glob("*.whl") if not p.name.startswith("."))
     if not found:
         raise SmokeFailure(f"no wheels in {wheels_dir}", hint="build the target first, or pass --wheels DIR or --index URL")
-    report = publish_local(found, index_dir)
+    wheels = [read_wheel(path) for path in found]
+    add_wheels(wheels, index_dir)
     # the exact versions (local labels included): nothing but these files can satisfy them
-    return report.index_url, [f"{w.project}=={w.version}" for w in map(read_wheel, found)]
+    return simple_url(index_dir), [f"{w.project}=={w.version}" for w in wheels]
 
 
 def _smoke(recipe, url: str, source: str, requirements: list[str], python: str | None, work: Path,
@@ -331,12 +335,11 @@ def _package_groups(wheel: WheelFile, shared_objects: list[str], work: Path):
                 f"tiny model generating with 8192-token chunked prefill ({'eager' if eager else 'compiled'})"
 
 
-def _serving(provenance: Mapping[str, Any] | None) -> dict[str, list] | None:
+def _serving(provenance: Provenance | None) -> dict[str, list] | None:
     """vLLM's serving profile as gpuwheel.json records it (build.serving), or None (a full build,
     or a wheel gpuwheel did not build)."""
-    build = provenance.get("build") if isinstance(provenance, Mapping) else None
-    serving = build.get("serving") if isinstance(build, Mapping) else None
-    if not isinstance(serving, Mapping):
+    serving = provenance.build.serving if provenance and provenance.build else None
+    if serving is None:
         return None
     try:
         head_dims = sorted(int(d) for d in serving.get("head_dims") or vllm_checks.FA2_HEAD_DIMS)
@@ -357,24 +360,12 @@ def _vllm_op_libraries(shared_objects: list[str]) -> list[dict[str, Any]]:
     return found
 
 
-def _plan_env(provenance: Mapping[str, Any] | None, key: str) -> str | None:
-    """A variable of the plan env recorded in gpuwheel.json (its build.env), wherever it is nested."""
-    if isinstance(provenance, Mapping):
-        for name, item in provenance.items():
-            if name == key and isinstance(item, str):
-                return item
-            found = _plan_env(item, key)
-            if found is not None:
-                return found
-    elif isinstance(provenance, list):
-        for item in provenance:
-            found = _plan_env(item, key)
-            if found is not None:
-                return found
-    return None
+def _plan_env(provenance: Provenance | None, key: str) -> str | None:
+    """A variable of the plan env recorded in gpuwheel.json (build.env)."""
+    return provenance.build.env.get(key) if provenance and provenance.build else None
 
 
-def _built_head_dims(provenance: Mapping[str, Any] | None) -> list[int] | None:
+def _built_head_dims(provenance: Provenance | None) -> list[int] | None:
     """The head dims the plan built (GPUWHEEL_FA_HEAD_DIMS), or None when the wheel does not say."""
     text = _plan_env(provenance, "GPUWHEEL_FA_HEAD_DIMS")
     if not text:

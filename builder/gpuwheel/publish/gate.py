@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from gpuwheel import facts
 from gpuwheel.errors import PublishError
-
-if TYPE_CHECKING:
-    from gpuwheel.index import WheelFile
+from gpuwheel.provenance import PublishMark
+from gpuwheel.wheelfile import PROVENANCE_FILE, WheelFile, add_publish_mark, read_wheel
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,9 @@ class Waiver:
     def waived(self) -> bool:
         return bool(self.audit or self.smoke)
 
-    def record(self) -> dict[str, Any]:
+    def mark(self) -> PublishMark:
         """The `publish` entry of a force-published wheel's gpuwheel.json, repeated on the index pages."""
-        return {"forced": True, "gpu_tested": not self.smoke,
-                "skipped": {"audit": list(self.audit), "smoke": list(self.smoke)}}
+        return PublishMark(gpu_tested=not self.smoke, skipped_audit=self.audit, skipped_smoke=self.smoke)
 
     def warning(self, filename: str) -> str:
         """Exactly what --force let through for this wheel (or that it let nothing through)."""
@@ -83,21 +81,20 @@ def _same_arch(a: str, b: str) -> bool:
 
 
 def _audit_problems(wheel: WheelFile, gate: PublishGate) -> tuple[str, ...]:
-    record = f"{wheel.dist_info}/gpuwheel.json"
+    record = f"{wheel.dist_info}/{PROVENANCE_FILE}"
     if wheel.provenance is None:
         return (f"not audited (no {record})",)
-    audit = wheel.provenance.get("audit")
+    audit = wheel.provenance.audit
     problems = []
-    built_for = wheel.provenance.get("target")
+    built_for = wheel.provenance.target
     if built_for != gate.target:
         problems.append(f"built for target {built_for!r}, not {gate.target!r} ({record})")
-    if not isinstance(audit, dict):
+    if audit is None:
         return (*problems, f"not audited ({record} has no audit)")
-    if audit.get("passed") is not True:
+    if not audit.passed:
         problems.append(f"audit failed ({record})")
-    arch = str(audit.get("arch", ""))
-    if not _same_arch(arch, gate.compute_capability):
-        problems.append(f"audited for arch {arch or '?'}, target is {gate.compute_capability} ({record})")
+    if not _same_arch(audit.arch, gate.compute_capability):
+        problems.append(f"audited for arch {audit.arch or '?'}, target is {gate.compute_capability} ({record})")
     return tuple(problems)
 
 
@@ -146,3 +143,28 @@ def _smoke_problems(wheel: WheelFile, gate: PublishGate, report: dict[str, Any] 
         if failed or not skipped:
             problems.append(f"failed smoke{': ' + ', '.join(failed) if failed else ''} ({path})")
     return tuple(problems)
+
+
+def read_all(paths: Iterable[Path]) -> list[WheelFile]:
+    """Read each wheel once; the same file given twice counts once, two files of one name is an error."""
+    by_name: dict[str, WheelFile] = {}
+    for path in paths:
+        wheel = read_wheel(path)
+        seen = by_name.get(wheel.filename)
+        if seen and seen.sha256 != wheel.sha256:
+            raise PublishError(f"two different files named {wheel.filename}: {seen.path} and {wheel.path}")
+        by_name.setdefault(wheel.filename, wheel)
+    return list(by_name.values())
+
+
+def admit(wheels: list[WheelFile], gate: PublishGate | None,
+          scratch: Path) -> tuple[list[WheelFile], dict[str, tuple[str, ...]]]:
+    """The wheels to publish and the warnings per filename. A wheel --force lets through is published
+    as a copy (written in scratch) whose gpuwheel.json says what was skipped and whether it was tested on
+    the target GPU; the index pages repeat that mark."""
+    waivers = check_gate(wheels, gate) if gate is not None else {}
+    if not waivers:
+        return wheels, {}
+    published = [read_wheel(add_publish_mark(wheel, waivers[wheel.filename].mark(), scratch))
+                 if waivers[wheel.filename].waived else wheel for wheel in wheels]
+    return published, {name: (waiver.warning(name),) for name, waiver in waivers.items()}
