@@ -183,9 +183,9 @@ def test_a_wheel_whose_target_is_not_on_the_recipe_path_is_refused(gpuwheel, tmp
     result = gpuwheel("verify", wheel)
 
     assert result.exit_code == 2
-    assert _error_line(result).startswith("gpuwheel: error: gwfixture-0.1.0-cp311-cp311-linux_x86_64.whl was built "
-                                          "for target 'fixture': unknown target 'fixture' (put its recipe on the "
-                                          "recipe path: gpuwheel --recipes DIR verify")
+    assert _error_line(result) == ("gpuwheel: error: gwfixture-0.1.0-cp311-cp311-linux_x86_64.whl was built for "
+                                   "target 'fixture': unknown target 'fixture' (put its recipe on the recipe path "
+                                   "(gpuwheel --recipes DIR verify …, or GPUWHEEL_RECIPES), or name it: --target RECIPE)")
 
 
 def test_a_lock_of_another_plan_is_refused_naming_both_plans(gpuwheel, tmp_path, locked):
@@ -210,11 +210,28 @@ def test_a_recipe_changed_since_the_lock_and_the_wheel_names_the_drift(gpuwheel,
     wheel = _recording_wheel(tmp_path, {"target": "fixture", "plan_hash": _fixture_plan_hash(locked),
                                         "package": {"name": "gwfixture"}})
 
-    result = gpuwheel("--recipes", recipes, "verify", wheel, "--lock", locked / "fixture.lock")
+    result = gpuwheel("verify", wheel, "--target", recipes / "fixture.toml", "--lock", locked / "fixture.lock")
 
     assert result.exit_code == 21
     assert "the lock is stale: target.torch_cuda_arch_list is '12.0' now, '9.0a;12.0' in the lock" \
         in _error_line(result)
+
+
+def test_wheels_of_two_builds_or_a_recipe_of_another_target_are_refused(gpuwheel, tmp_path, locked):
+    plan = _fixture_plan_hash(locked)
+    first = _recording_wheel(tmp_path / "a", {"target": "fixture", "plan_hash": plan, "package": {"name": "gwfixture"}})
+    second = _recording_wheel(tmp_path / "b", {"target": "other", "plan_hash": plan, "package": {"name": "gwfixture"}})
+
+    two_builds = gpuwheel("--recipes", locked, "verify", first, second)
+    other_recipe = gpuwheel("verify", second, "--target", locked / "fixture.toml")
+
+    assert two_builds.exit_code == 10
+    assert _error_line(two_builds) == (f"gpuwheel: error: the wheels record 2 builds (fixture plan {plan[:16]}, other "
+                                       f"plan {plan[:16]}) (verify the wheels of one build at a time)")
+    assert other_recipe.exit_code == 2
+    assert _error_line(other_recipe) == (f"gpuwheel: error: {locked / 'fixture.toml'} is the recipe of target "
+                                         f"'fixture', {second.name} was built for target 'other' (name the recipe "
+                                         "the wheel was built from)")
 
 
 # ---- gpuwheel verify: a real rebuild ------------------------------------------------------------------------
@@ -230,10 +247,10 @@ def _tampered(wheel: Path, out: Path, section: str) -> tuple[Path, str]:
         provenance = json.loads(archive.read(provenance_name))
     offset, size = _section_of(bytes(data), section)
     data[offset + size // 2] ^= 0xFF
+    out.parent.mkdir(parents=True, exist_ok=True)
     edited = rewrite_member(wheel, out.parent / "edited.whl", {member: bytes(data)})
     dist_info = provenance_name.split("/")[0]
     _, version, _, tags = parse_wheel_filename(wheel.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
     _repack(edited, out, {dist_info: dist_info}, Version(str(version)), set(tags), provenance,
             provenance["wheel"]["source_date_epoch"])
     return out, member
@@ -260,7 +277,7 @@ def test_verify_rebuilds_a_locked_wheel_to_the_same_bytes_and_names_a_tampered_s
     verified = gpuwheel("--recipes", locked, "verify", wheel)
 
     assert verified.exit_code == 0, verified.stderr
-    assert f"{wheel.name}: rebuilt from plan" in verified.stdout and "the same sha256" in verified.stdout
+    assert f"✓ {wheel.name}: the same sha256 {hashlib.sha256(wheel.read_bytes()).hexdigest()}" in verified.stdout
     assert sorted(p.name for p in out.iterdir()) == [wheel.name]  # the rebuild went to the cache, not here
 
     tampered, member = _tampered(wheel, tmp_path / "tampered" / wheel.name, ".text")
@@ -274,9 +291,13 @@ def test_verify_rebuilds_a_locked_wheel_to_the_same_bytes_and_names_a_tampered_s
     assert "ELF sections differ: .text; first differing byte at" in _error_line(result)
     assert f"  {member}: same size (" in result.stdout
     assert "    wheel:   0x" in result.stdout and "    rebuilt: 0x" in result.stdout
-    report = gpuwheel("--recipes", locked, "verify", tampered, "--json")
+    report = gpuwheel("verify", tampered, "--target", locked / "fixture.toml", "--json")
     assert report.exit_code == 22
-    diff = report.json()["diff"]
-    assert [(m["name"], m["at_section"].split("+")[0]) for m in diff["members"] if m["kind"] == "elf"] == \
+    [check] = report.json()["wheels"]
+    assert [(m["name"], m["at_section"].split("+")[0]) for m in check["diff"]["members"] if m["kind"] == "elf"] == \
         [(member, ".text")]
-    assert Path(report.json()["rebuilt"]).read_bytes() == wheel.read_bytes()
+    assert Path(check["rebuilt"]).read_bytes() == wheel.read_bytes()
+    if shutil.which("diffoscope"):
+        assert Path(check["diffoscope"]).read_text().startswith(f"--- {tampered}")
+    else:
+        assert check["diffoscope_note"].startswith("diffoscope is not installed")

@@ -1,6 +1,7 @@
-"""Wheel + its provenance + the lock → Verification: rebuild a finished wheel from what it records (its
-target, package and plan hash) and the lock its target was built from, in a scratch folder of the
-cache (never wheels/<target>/), and compare the two files (`wheeldiff.compare_wheels`).
+"""Wheels + their provenance + the lock → Verification: rebuild the finished wheels of one build from
+what they record (target, package, plan hash) and the lock their target was built from, once, in a
+scratch folder of the cache (never wheels/<target>/), and compare each with its rebuild
+(`wheeldiff.compare_wheels`).
 
 Refused, in one line each, before anything is built: a wheel without gpuwheel.json (WheelError), one
 whose target is no plain name or is not on the recipe path (RecipeError), a lock that is missing or
@@ -13,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from gpuwheel.cache import cache_root, remove_inside
 from gpuwheel.errors import LockError, RecipeError, WheelError
@@ -28,7 +29,7 @@ from gpuwheel.wheeldiff import WheelDiff, compare_wheels
 # rule for target names (recipe.py), checked here because the wheel may come from anywhere.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _PLAN_HASH = re.compile(r"[0-9a-f]{64}")
-DIFFOSCOPE_REPORT = "diffoscope.txt"
+DIFFOSCOPE_REPORT = "diffoscope.txt"  # <package>.diffoscope.txt beside the rebuild
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,11 @@ class Recorded:
 
 
 @dataclass(frozen=True)
-class Verification:
+class WheelCheck:
+    """One wheel against its rebuild."""
+
     wheel: Recorded
-    lock: Path
     rebuilt: Path  # the rebuilt wheel, in the scratch folder
-    backend: str
     diff: WheelDiff
     diffoscope: Path | None  # its report where it ran (a difference, and diffoscope installed)
     diffoscope_note: str | None  # why it did not run, where it did not
@@ -58,11 +59,31 @@ class Verification:
         return self.diff.same
 
     def to_json(self) -> dict[str, Any]:
-        return {"wheel": str(self.wheel.path), "target": self.wheel.target, "package": self.wheel.package,
-                "plan_hash": self.wheel.plan_hash, "lock": str(self.lock), "rebuilt": str(self.rebuilt),
-                "backend": self.backend, "same": self.same, "diff": self.diff.to_json(),
+        return {"wheel": str(self.wheel.path), "package": self.wheel.package, "rebuilt": str(self.rebuilt),
+                "same": self.same, "diff": self.diff.to_json(),
                 "diffoscope": str(self.diffoscope) if self.diffoscope else None,
                 "diffoscope_note": self.diffoscope_note}
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The wheels of one build, rebuilt once from their plan and lock, each compared with its rebuild."""
+
+    target: str
+    plan_hash: str
+    lock: Path
+    backend: str
+    rebuilt_dir: Path
+    wheels: tuple[WheelCheck, ...]
+
+    @property
+    def same(self) -> bool:
+        return all(check.same for check in self.wheels)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "plan_hash": self.plan_hash, "lock": str(self.lock), "backend": self.backend,
+                "rebuilt_dir": str(self.rebuilt_dir), "same": self.same,
+                "wheels": [check.to_json() for check in self.wheels]}
 
 
 def recorded_in(path: Path) -> Recorded:
@@ -88,15 +109,34 @@ def recorded_in(path: Path) -> Recorded:
                     backend if backend in ("local", "container") else None)
 
 
-def plan_of(recorded: Recorded, *, lock: Path | None = None, jobs: int | None = None) -> tuple[Recipe, Plan, Lock]:
-    """The wheel's recipe, the plan it records made again from that recipe, and the lock it is built
-    from; refuses a target not on the recipe path, and a lock that does not hold that plan."""
+def one_build(wheels: Sequence[Recorded]) -> Recorded:
+    """The first of wheels that must all record one target and plan (one rebuild verifies them all)."""
+    plans = sorted({(w.target, w.plan_hash) for w in wheels})
+    if len(plans) > 1:
+        named = ", ".join(f"{target} plan {plan[:16]}" for target, plan in plans)
+        raise WheelError(f"the wheels record {len(plans)} builds ({named})",
+                         hint="verify the wheels of one build at a time")
+    packages = [w.package for w in wheels]
+    if len(set(packages)) != len(packages):
+        raise WheelError(f"two wheels of package {next(p for p in packages if packages.count(p) > 1)} given",
+                         hint="give each wheel of the build once")
+    return wheels[0]
+
+
+def plan_of(recorded: Recorded, *, target: str | None = None, lock: Path | None = None,
+            jobs: int | None = None) -> tuple[Recipe, Plan, Lock]:
+    """The wheel's recipe (`target`: a recipe name or path, else the target it records, on the recipe
+    path), the plan it records made again from that recipe, and the lock it is built from; refuses a
+    recipe of another target, and a lock that does not hold that plan."""
     try:
-        recipe = load_recipe(recorded.target)
+        recipe = load_recipe(target or recorded.target)
     except RecipeError as error:
         raise RecipeError(f"{recorded.filename} was built for target {recorded.target!r}: {error.message}",
-                          hint="put its recipe on the recipe path: gpuwheel --recipes DIR verify …, or "
-                               "GPUWHEEL_RECIPES") from None
+                          hint="put its recipe on the recipe path (gpuwheel --recipes DIR verify …, or "
+                               "GPUWHEEL_RECIPES), or name it: --target RECIPE") from None
+    if recipe.target.name != recorded.target:
+        raise RecipeError(f"{target} is the recipe of target {recipe.target.name!r}, {recorded.filename} was built "
+                          f"for target {recorded.target!r}", hint="name the recipe the wheel was built from")
     whole = make_plan(recipe, jobs=jobs)
     locked = read_lock(Path(lock) if lock is not None else lock_path(whole))
     # The wheel's plan: the lock's selection of packages, or the wheel's package alone (build --only).
@@ -113,26 +153,32 @@ def plan_of(recorded: Recorded, *, lock: Path | None = None, jobs: int | None = 
                          "--recipes DIR)")
 
 
-def verify_wheel(recorded: Recorded, *, lock: Path | None = None, backend: str | None = None, engine: str | None = None,
-                 jobs: int | None = None, offline: bool = False, quiet: bool = False) -> Verification:
-    """Rebuild the wheel (`recorded_in(path)`) from its provenance and lock into the cache's verify/ folder and compare.
+def verify_wheels(wheels: Sequence[Recorded], *, target: str | None = None, lock: Path | None = None,
+                  backend: str | None = None, engine: str | None = None, jobs: int | None = None,
+                  offline: bool = False, quiet: bool = False) -> Verification:
+    """Rebuild the wheels of one build (each `recorded_in(path)`) from their provenance and lock into the
+    cache's verify/ folder, once, and compare each with its rebuild.
 
-    backend: None is the one that built the wheel (recorded), else auto. Raises what `gpuwheel build
+    backend: None is the one that built them (recorded), else auto. Raises what `gpuwheel build
     --locked` raises for the rebuild (LockError for drift, BuildError, ...).
     """
     from gpuwheel.pipeline import build_plan
 
-    recipe, plan, locked = plan_of(recorded, lock=lock, jobs=jobs)
+    first = one_build(wheels)
+    recipe, plan, locked = plan_of(first, target=target, lock=lock, jobs=jobs)
     scratch = scratch_dir(plan)
-    chosen = backend or recorded.backend or "auto"
-    logger.info("rebuilding %s from plan %s and %s into %s", recorded.filename, plan.hash[:16], locked.path, scratch)
-    built = build_plan(plan, locked, None, backend=chosen, engine=engine, recipe_engine=recipe.build.engine,
-                       offline=offline, python=None, base_image=None, allow_audit_failure=True, out_dir=scratch,
-                       quiet=quiet)
-    [rebuilt] = [w for w in built.finished.wheels if w.package == recorded.package]
-    diff = compare_wheels(recorded.path, rebuilt.path)
-    report, note = (None, None) if diff.same else diffoscope(recorded.path, rebuilt.path, scratch / DIFFOSCOPE_REPORT)
-    return Verification(recorded, locked.path, rebuilt.path, built.backend, diff, report, note)
+    logger.info("rebuilding plan %s from %s into %s", plan.hash[:16], locked.path, scratch)
+    built = build_plan(plan, locked, None, backend=backend or first.backend or "auto", engine=engine,
+                       recipe_engine=recipe.build.engine, offline=offline, python=None, base_image=None,
+                       allow_audit_failure=True, out_dir=scratch, quiet=quiet)
+    rebuilt = {w.package: w.path for w in built.finished.wheels}
+    checks = []
+    for wheel in wheels:
+        diff = compare_wheels(wheel.path, rebuilt[wheel.package])
+        report, note = (None, None) if diff.same else diffoscope(
+            wheel.path, rebuilt[wheel.package], scratch / f"{wheel.package}.{DIFFOSCOPE_REPORT}")
+        checks.append(WheelCheck(wheel, rebuilt[wheel.package], diff, report, note))
+    return Verification(plan.target.name, plan.hash, locked.path, built.backend, scratch, tuple(checks))
 
 
 def scratch_dir(plan: Plan) -> Path:
