@@ -229,6 +229,12 @@ def test_wheels_of_two_builds_or_a_recipe_of_another_target_are_refused(gpuwheel
     assert _error_line(two_builds) == (f"gpuwheel: error: the wheels record 2 builds (fixture plan {plan[:16]}, other "
                                        f"plan {plan[:16]}) (verify the wheels of one build at a time)")
     assert other_recipe.exit_code == 2
+    no_package = gpuwheel("--recipes", locked, "verify", _recording_wheel(tmp_path / "c", {
+        "target": "fixture", "plan_hash": plan, "package": {"name": "vllm"}}))
+    assert no_package.exit_code == 2
+    assert _error_line(no_package) == (f"gpuwheel: error: {locked / 'fixture.toml'}: no package 'vllm', which "
+                                       "gwfixture-0.1.0-cp311-cp311-linux_x86_64.whl is (name the recipe the wheel "
+                                       "was built from (--target RECIPE))")
     assert _error_line(other_recipe) == (f"gpuwheel: error: {locked / 'fixture.toml'} is the recipe of target "
                                          f"'fixture', {second.name} was built for target 'other' (name the recipe "
                                          "the wheel was built from)")

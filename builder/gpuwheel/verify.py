@@ -137,6 +137,9 @@ def plan_of(recorded: Recorded, *, target: str | None = None, lock: Path | None 
     if recipe.target.name != recorded.target:
         raise RecipeError(f"{target} is the recipe of target {recipe.target.name!r}, {recorded.filename} was built "
                           f"for target {recorded.target!r}", hint="name the recipe the wheel was built from")
+    if recorded.package not in {p.name for p in recipe.packages}:
+        raise RecipeError(f"{recipe.path}: no package {recorded.package!r}, which {recorded.filename} is",
+                          hint="name the recipe the wheel was built from (--target RECIPE)")
     whole = make_plan(recipe, jobs=jobs)
     locked = read_lock(Path(lock) if lock is not None else lock_path(whole))
     # The wheel's plan: the lock's selection of packages, or the wheel's package alone (build --only).

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from gpuwheel.cache import sha256_file
@@ -28,6 +29,9 @@ _CHUNK = 1 << 20
 _EXCERPT_BEFORE, _EXCERPT_AFTER = 8, 24  # bytes shown around the first difference
 _DIFF_LINES = 40  # lines of a text member's unified diff kept
 _ARCHIVE_NOTES = 5  # archive-level differences listed
+# A differing member is read into memory to be analysed (vLLM's _C.so: ~470 MB); past this size (a
+# zip's declared size bounds what zipfile inflates) only its hash and size are compared.
+_ANALYSED_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,11 @@ class MemberDifference:
         elif self.kind == "text":
             parts.append(f"text, {sum(1 for line in self.diff if line[:1] in '+-' and line[:3] not in ('+++', '---'))}"
                          f"{'+' if len(self.diff) >= _DIFF_LINES else ''} line(s) differ;")
-        where = f" ({self.at_section})" if self.at_section else ""
-        parts.append(f"first differing byte at {self.first_offset:#x}{where}")
+        if self.first_offset is None:
+            parts.append(f"too large to compare byte by byte here (over {_ANALYSED_BYTES >> 30} GiB)")
+        else:
+            where = f" ({self.at_section})" if self.at_section else ""
+            parts.append(f"first differing byte at {self.first_offset:#x}{where}")
         return " ".join(parts)
 
 
@@ -100,7 +107,7 @@ def compare_wheels(first: Path, second: Path) -> WheelDiff:
             infos_a, infos_b = _files(a), _files(b)
             members = []
             # The package's own members first: a changed RECORD or gpuwheel.json follows from them.
-            for name in sorted(set(infos_a) | set(infos_b), key=lambda n: (n.split("/", 1)[0].endswith(".dist-info"), n)):
+            for name in sorted(set(infos_a) | set(infos_b), key=_package_first):
                 if name not in infos_b:
                     members.append(MemberDifference(name, "removed", _kind_of(a, infos_a[name]),
                                                     (infos_a[name].file_size, None)))
@@ -108,12 +115,18 @@ def compare_wheels(first: Path, second: Path) -> WheelDiff:
                     members.append(MemberDifference(name, "added", _kind_of(b, infos_b[name]),
                                                     (None, infos_b[name].file_size)))
                 elif _digest(a, infos_a[name]) != _digest(b, infos_b[name]):
-                    members.append(_changed(name, a.read(infos_a[name]), b.read(infos_b[name])))
+                    sizes = (infos_a[name].file_size, infos_b[name].file_size)
+                    members.append(MemberDifference(name, "changed", "binary", sizes) if max(sizes) > _ANALYSED_BYTES
+                                   else _changed(name, a.read(infos_a[name]), b.read(infos_b[name])))
             archive = () if members else _archive_differences(a, b)
     except (zipfile.BadZipFile, OSError) as error:
         raise_if_refused(error)
         raise WheelError(f"cannot compare {first.name} with {second.name}: {error}") from None
     return WheelDiff((first, second), (sha256_file(first), sha256_file(second)), tuple(members), archive)
+
+
+def _package_first(name: str) -> tuple[bool, str]:
+    return name.split("/", 1)[0].endswith(".dist-info"), name
 
 
 def _files(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
@@ -189,7 +202,7 @@ def _sections(data: bytes) -> list[_Section] | None:
         elf = ELFFile(io.BytesIO(data))
         headers = [(section.name, section["sh_offset"], section["sh_size"], section["sh_type"],
                     section["sh_addr"], section["sh_flags"]) for section in elf.iter_sections()]
-    except (ELFError, ValueError, KeyError):
+    except (ELFError, ConstructError, ValueError, KeyError):  # a truncated or forged header: compared as bytes
         return None
     return headers
 
