@@ -30,6 +30,7 @@ from packaging.utils import canonicalize_name
 
 from gpuwheel.errors import LockError
 from gpuwheel.plan import Plan, make_plan, plan_inputs
+from gpuwheel.recipe import Recipe
 from gpuwheel.run import last_line, run
 
 if sys.version_info >= (3, 11):
@@ -107,7 +108,7 @@ class Lock:
         if plan.hash != self.plan_hash:  # the inputs cover the hash: only a hand-edited lock gets here
             self._stale([f"plan_hash is {plan.hash[:16]} now, {self.plan_hash[:16]} in the lock"])
 
-    def check_covers(self, recipe: Any, plan: Plan, *, jobs: int | None = None) -> None:
+    def check_covers(self, recipe: Recipe, plan: Plan, *, jobs: int | None = None) -> None:
         """The lock holds the plan's packages, and the recipe still gives the plan it locked: a lock of
         more packages than a build's --only is checked as the plan of all it locks."""
         unlocked = [p.name for p in plan.packages if p.name not in self.packages]
