@@ -129,3 +129,37 @@ def test_the_summary_renders_build_audit_and_smoke_reports_and_names_a_missing_o
     assert f"### smoke {smoke['target']} " in text
     assert all(f"| {c['name']} | {c['status']} |" in text for c in smoke["checks"])
     assert "**build-missing.json**: no report" in text
+
+
+def test_an_optional_verify_job_rebuilds_the_wheels_on_a_fresh_runner(gpuwheel):
+    text = gpuwheel("ci", "github", "rtx6000pro-cu13", "--only", "flash-attn", "-o", "-").stdout
+
+    verify = text.split("\n  verify:\n")[1].split("\n  publish:\n")[0]
+
+    assert "verify:\n        description:" in text.split("\njobs:\n")[0]  # a workflow_dispatch input, off by default
+    assert "needs: build" in verify and "if: github.event_name == 'workflow_dispatch' && inputs.verify" in verify
+    assert 'gpuwheel verify built/*.whl --target "$RECIPE" --json > "verify-$TARGET.json"' in verify
+    assert "key: gpuwheel-sources-${{ matrix.plan }}" in verify  # sources from the cache, nothing else
+
+
+def test_the_summary_renders_a_verify_report(gpuwheel, tmp_path):
+    from audit_helpers import make_wheel
+    from gpuwheel.verify import Recorded, Verification, WheelCheck
+    from gpuwheel.wheeldiff import compare_wheels
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = make_wheel(tmp_path / "a", "gwdiff", "1.0", {"gwdiff/config.toml": b"heads = 128\n"})
+    second = make_wheel(tmp_path / "b", "gwdiff", "1.0", {"gwdiff/config.toml": b"heads = 64\n"})
+    diff = compare_wheels(first, second)
+    recorded = Recorded(first, first.name, "fixture", "gwdiff", "a" * 64, "local")
+    report = Verification("fixture", "a" * 64, tmp_path / "fixture.lock", "local", tmp_path,
+                          (WheelCheck(recorded, second, diff, None, "diffoscope is not installed"),))
+    (tmp_path / "verify-fixture.json").write_text(json.dumps(report.to_json()))
+
+    result = gpuwheel("ci", "summary", tmp_path / "verify-fixture.json")
+
+    assert result.exit_code == 0, result.stderr
+    assert "### verify fixture: **DIFFERENT BYTES** (plan aaaaaaaaaaaaaaaa, local backend)" in result.stdout
+    assert (f"| `{first.name}` | `{diff.sha256[0][:16]}…` | `{diff.sha256[1][:16]}…` | gwdiff/config.toml: size 12 → 11 "
+            "bytes; text, 2 line(s) differ; first differing byte at 0x8 |") in result.stdout

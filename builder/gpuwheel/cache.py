@@ -3,9 +3,9 @@
 $GPUWHEEL_CACHE, else the user cache dir (~/.cache/gpuwheel). Under it: sources/ (content-addressed
 downloads and checkouts), trees/ (patched trees per plan), work/ (the local backend's build
 directories), toolchains/ (venvs, and what each container image was found to hold), compile/
-(sccache), raw/ (wheels before finishing), locks/ (one per target being built), logs/ (per plan
-and package, images/ for image builds, the podman service's). Container images live in the
-engine's own storage.
+(sccache), raw/ (wheels before finishing), verify/ (`gpuwheel verify`'s rebuilds), locks/ (one per
+target being built), logs/ (per plan and package, images/ for image builds, the podman service's).
+Container images live in the engine's own storage.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ The jobs, per target (a matrix):
   build    GitHub-hosted: lock --check, fetch (actions/cache keyed by the plan hash), build --locked,
            audit; wheels and reports uploaded as artifacts
   smoke    on a self-hosted runner labelled [self-hosted, gpu, smNN]: the kernels on the target GPU
+  verify   on demand (workflow_dispatch with verify), on a fresh hosted runner: the wheels rebuilt from
+           their provenance and the lock (`gpuwheel verify`), compared byte for byte
   publish  after smoke, on demand (workflow_dispatch with publish), credentials from secrets
-Each stage's output sits in a log group; the audit and smoke JSON become the step summary.
+Each stage's output sits in a log group; the audit, smoke and verify JSON become the step summary.
 docs/ci.md shows a generated workflow.
 """
 
@@ -18,6 +20,7 @@ import json
 import shlex
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from gpuwheel import facts
@@ -125,6 +128,10 @@ on:
         description: Publish the smoke-tested wheels to the index
         type: boolean
         default: false
+      verify:
+        description: Rebuild the wheels on a fresh runner from their provenance and lock, and compare the bytes
+        type: boolean
+        default: false
 
 permissions:
   contents: read
@@ -220,6 +227,39 @@ jobs:
             smoke-${{ matrix.target }}.xml
           if-no-files-found: ignore
 
+  verify:
+    name: verify ${{ matrix.target }}
+    needs: build
+    if: github.event_name == 'workflow_dispatch' && inputs.verify
+    runs-on: @hosted
+    timeout-minutes: 360
+@job_matrix
+    steps:
+@hosted_setup
+      - name: source cache
+        uses: @cache
+        with:
+          path: ${{ env.GPUWHEEL_CACHE }}/sources
+          key: gpuwheel-sources-${{ matrix.plan }}
+      - uses: @download
+        with:
+          name: wheels-${{ matrix.target }}
+          path: built
+      - name: verify
+        run: |
+          echo "::group::gpuwheel verify built/*.whl"
+          gpuwheel verify built/*.whl --target "$RECIPE" --json > "verify-$TARGET.json"
+          echo "::endgroup::"
+      - name: summary
+        if: always()
+        run: gpuwheel ci summary "verify-$TARGET.json" >> "$GITHUB_STEP_SUMMARY"
+      - uses: @upload
+        if: always()
+        with:
+          name: verify-${{ matrix.target }}
+          path: verify-${{ matrix.target }}.json
+          if-no-files-found: ignore
+
   publish:
     name: publish ${{ matrix.target }}
     needs: smoke
@@ -251,8 +291,8 @@ jobs:
 
 # ---- step summaries ----------------------------------------------------------------------------
 def summary_markdown(reports: Sequence[tuple[str, Any]]) -> str:
-    """Markdown for $GITHUB_STEP_SUMMARY from (file name, parsed JSON) of `build --json`, `audit --json`
-    and smoke reports; a missing or unreadable report (a failed step) is a line saying so."""
+    """Markdown for $GITHUB_STEP_SUMMARY from (file name, parsed JSON) of `build --json`, `audit --json`,
+    smoke reports and `verify --json`; a missing or unreadable report (a failed step) is a line saying so."""
     parts = []
     for name, report in reports:
         if report is None:
@@ -263,8 +303,10 @@ def summary_markdown(reports: Sequence[tuple[str, Any]]) -> str:
             parts.append(_smoke_summary(name, report))
         elif isinstance(report, dict) and "sos" in report:
             parts.append(_audit_summary(name, report))
+        elif isinstance(report, dict) and "rebuilt_dir" in report:
+            parts.append(_verify_summary(name, report))
         else:
-            parts.append(f"**{name}**: not a build, audit or smoke report of gpuwheel\n")
+            parts.append(f"**{name}**: not a build, audit, smoke or verify report of gpuwheel\n")
     return "\n".join(parts)
 
 
@@ -285,6 +327,19 @@ def _audit_summary(name: str, report: Mapping[str, Any]) -> str:
     return "\n".join([f"### audit {verdict}: GPU {target.get('arch')}, driver ≥ {target.get('min_driver')}", "",
                       "| .so | verdict | native / JIT / none | SASS | PTX |", "| --- | --- | --- | --- | --- |",
                       *rows, "", *problems, ""])
+
+
+def _verify_summary(name: str, report: Mapping[str, Any]) -> str:
+    head = "the same bytes" if report.get("same") else "**DIFFERENT BYTES**"
+    rows = []
+    for check in report.get("wheels", []):
+        diff = check["diff"]
+        first = (diff["members"][0]["summary"] if diff["members"] else (diff["archive"] or [""])[0])
+        rows.append(f"| `{Path(check['wheel']).name}` | `{diff['sha256'][0][:16]}…` | `{diff['sha256'][1][:16]}…` | "
+                    f"{'same' if check['same'] else first.replace('|', '/')} |")
+    return "\n".join([f"### verify {report.get('target')}: {head} (plan {str(report.get('plan_hash'))[:16]}, "
+                      f"{report.get('backend')} backend)", "", "| wheel | sha256 | rebuilt | difference |",
+                      "| --- | --- | --- | --- |", *rows, ""])
 
 
 def _smoke_summary(name: str, report: Mapping[str, Any]) -> str:

@@ -180,3 +180,9 @@ class LockError(GpuwheelError):
     """A lock is missing, unreadable or stale: the recipe, a source or the toolchain differs from it."""
 
     exit_code = 21
+
+
+class VerifyMismatch(GpuwheelError):
+    """`gpuwheel verify`: the wheel rebuilt from its provenance and lock is not the same bytes."""
+
+    exit_code = 22

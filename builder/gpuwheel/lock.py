@@ -29,7 +29,8 @@ from typing import Any, Iterable, Mapping
 from packaging.utils import canonicalize_name
 
 from gpuwheel.errors import LockError
-from gpuwheel.plan import Plan, plan_inputs
+from gpuwheel.plan import Plan, make_plan, plan_inputs
+from gpuwheel.recipe import Recipe
 from gpuwheel.run import last_line, run
 
 if sys.version_info >= (3, 11):
@@ -106,6 +107,16 @@ class Lock:
             self._stale(changed)
         if plan.hash != self.plan_hash:  # the inputs cover the hash: only a hand-edited lock gets here
             self._stale([f"plan_hash is {plan.hash[:16]} now, {self.plan_hash[:16]} in the lock"])
+
+    def check_covers(self, recipe: Recipe, plan: Plan, *, jobs: int | None = None) -> None:
+        """The lock holds the plan's packages, and the recipe still gives the plan it locked: a lock of
+        more packages than a build's --only is checked as the plan of all it locks."""
+        unlocked = [p.name for p in plan.packages if p.name not in self.packages]
+        if unlocked:
+            raise LockError(f"{self.path} locks {', '.join(self.packages)}, not {', '.join(unlocked)}",
+                            hint=f"lock them: `gpuwheel lock {plan.target.name}` (with the same --only as the build)")
+        selection = tuple(p.name for p in plan.packages)
+        self.check_plan(plan if selection == self.packages else make_plan(recipe, jobs=jobs, only=self.packages))
 
     def check_requirements(self, requirements: Iterable[str]) -> None:
         """The backend asks for what was resolved (BUILD_REQUIREMENTS, torch's variant, PyPI CUDA wheels)."""

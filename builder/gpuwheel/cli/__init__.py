@@ -139,6 +139,7 @@ def _register() -> None:
     from gpuwheel.cli import ci  # noqa: F401
     from gpuwheel.cli import dist  # noqa: F401
     from gpuwheel.cli import lock  # noqa: F401
+    from gpuwheel.cli import verify  # noqa: F401
 
     _name_envvars(main)
 

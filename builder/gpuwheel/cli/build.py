@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -60,7 +61,6 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     quiet = quiet or log._quiet  # the global -q counts too
     if quiet:
         log.configure(quiet=True)
-    timings: list[tuple[str, float]] = []
     start = time.monotonic()
     recipe = load_recipe(target)
     # A cluster that cannot take compiles stops the build before anything is fetched or made.
@@ -83,78 +83,53 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
         return
     _build(plan, lock, cluster, backend=backend, engine=engine, recipe_engine=recipe.build.engine, offline=offline,
            python=python, base_image=base_image, allow_audit_failure=allow_audit_failure, out_dir=out_dir,
-           quiet=quiet, as_json=as_json, timings=timings, start=start)
+           quiet=quiet, as_json=as_json, start=start)
 
 
 def _read_lock(recipe, plan, *, jobs: int | None):
     """The target's lock, checked against the recipe before anything else is touched."""
-    from gpuwheel.errors import LockError
     from gpuwheel.lock import lock_path, read_lock
-    from gpuwheel.plan import make_plan
 
     lock = read_lock(lock_path(plan))
-    unlocked = [p.name for p in plan.packages if p.name not in lock.packages]
-    if unlocked:
-        raise LockError(f"{lock.path} locks {', '.join(lock.packages)}, not {', '.join(unlocked)}",
-                        hint=f"lock them: `gpuwheel lock {plan.target.name}` (with the same --only as the build)")
-    # A lock of more packages than this build's --only: the recipe must still give the plan it locked.
-    selection = tuple(p.name for p in plan.packages)
-    lock.check_plan(plan if selection == lock.packages else make_plan(recipe, jobs=jobs, only=lock.packages))
+    lock.check_covers(recipe, plan, jobs=jobs)
     return lock
 
 
 def _build(plan, lock, cluster, *, backend: str, engine: str | None, recipe_engine: str | None, offline: bool,
            python: str | None, base_image: str | None, allow_audit_failure: bool, out_dir: Path, quiet: bool,
-           as_json: bool, timings: list[tuple[str, float]], start: float) -> None:
+           as_json: bool, start: float) -> None:
     """Everything after the plan, when no finished wheel can be reused: toolchain → … → finish."""
-    from gpuwheel.build.engine import choose_engine
-    from gpuwheel.build.packages import build_packages, open_backend
-    from gpuwheel.cache import cache_root
-    from gpuwheel.errors import BuildError
     from gpuwheel.log import console
-    from gpuwheel.patches import prepare_trees
-    from gpuwheel.sources import fetch_sources
-    from gpuwheel.wheels import finish_wheels
+    from gpuwheel.pipeline import build_plan
 
-    # Held until the command ends: a podman service gpuwheel starts lives exactly as long.
-    chosen = click.get_current_context().with_resource(open_backend(
-        backend, engine=choose_engine(engine, recipe_engine, recipe_name=plan.recipe.name), python=python,
-        base_image=base_image, cluster=cluster, lock=lock))
-    # A toolkit or torch that differs from the recipe (or the lock) stops the build before any download.
-    toolchain = chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
-    if lock is not None:
-        lock.check_toolchain(toolchain)
-    timings.append(("toolchain", time.monotonic() - start))
-    mark = time.monotonic()
-    sources = fetch_sources(plan, offline=offline, progress=not quiet)
-    if lock is not None:
-        lock.check_sources(sources)  # a moved tag or a changed file stops here, before anything is built
-    timings.append(("fetch", time.monotonic() - mark))
-    mark = time.monotonic()
-    trees = prepare_trees(plan, sources, cache_root() / "trees" / plan.hash[:16])
-    timings.append(("patch", time.monotonic() - mark))
-    try:
-        raw = build_packages(plan, trees, backend=chosen, toolchain=toolchain,
-                             out_dir=cache_root() / "raw" / plan.hash[:16], quiet=quiet)
-    except BuildError as error:
-        for line in error.tail:
-            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
-        raise
-    timings.extend((f"build {w.package}", w.seconds) for w in raw.wheels)
-    mark = time.monotonic()
-    finished = finish_wheels(plan, raw, toolchain=raw.toolchain, out_dir=out_dir,
-                             allow_audit_failure=allow_audit_failure)
-    timings.append(("finish + audit", time.monotonic() - mark))
+    with build_error_tail():
+        built = build_plan(plan, lock, cluster, backend=backend, engine=engine, recipe_engine=recipe_engine,
+                           offline=offline, python=python, base_image=base_image,
+                           allow_audit_failure=allow_audit_failure, out_dir=out_dir, quiet=quiet, start=start)
     if not quiet and not as_json:  # timings are diagnostics; the wheels below are the result
         from rich.markup import escape
         from rich.table import Table
 
-        table = Table("stage", "seconds", title=escape(f"{plan.target.name}: {chosen.name} backend, "
+        table = Table("stage", "seconds", title=escape(f"{plan.target.name}: {built.backend} backend, "
                       f"{time.monotonic() - start:.0f}s in all"), title_justify="left")
-        for stage, seconds in timings:
+        for stage, seconds in built.timings:
             table.add_row(escape(stage), f"{seconds:.1f}")
         console.print(table)
-    _report(finished, raw, plan.target.name, as_json=as_json)
+    _report(built.finished, built.raw, plan.target.name, as_json=as_json)
+
+
+@contextlib.contextmanager
+def build_error_tail():
+    """A failed build's last log lines on stderr, above the error line the CLI prints."""
+    from gpuwheel.errors import BuildError
+    from gpuwheel.log import console
+
+    try:
+        yield
+    except BuildError as error:
+        for line in error.tail:
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        raise
 
 
 def _report(finished, raw, target: str, *, as_json: bool) -> None:

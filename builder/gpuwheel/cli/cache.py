@@ -16,6 +16,7 @@ PARTS = {
     "trees": "patched source trees of past builds",
     "raw": "raw wheels of past builds, before finishing",
     "work": "build directories of past builds",
+    "verify": "wheels `gpuwheel verify` rebuilt, and diffoscope's reports",
     "logs": "build and image logs",
 }
 

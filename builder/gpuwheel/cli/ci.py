@@ -53,7 +53,7 @@ def github(targets: tuple[str, ...], only: tuple[str, ...], install: str, output
 @ci.command("summary")
 @click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def summary(reports: tuple[Path, ...]) -> None:
-    """Markdown for $GITHUB_STEP_SUMMARY from build --json, audit --json and smoke reports."""
+    """Markdown for $GITHUB_STEP_SUMMARY from build --json, audit --json, smoke and verify --json reports."""
     from gpuwheel.ci import summary_markdown
 
     parsed = []
