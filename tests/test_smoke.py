@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from gpuwheel.index import publish_local, target_paths
-from gpuwheel.smoke.runner import _built_head_dims, _serving
+from gpuwheel.kinds.flash_attn import built_head_dims as _built_head_dims
+from gpuwheel.kinds.vllm import built_serving as _serving
 from smoke_helpers import (TARGET, build_cuda_so, build_driver_linked_so, build_libcuda_stub, build_unresolved_so,
                            make_vllm_wheel, make_wheel, write_recipe)
 

@@ -44,7 +44,7 @@ from gpuwheel.audit.report import AuditReport, AuditTarget, audit, escapes_root
 from gpuwheel.cache import remove_inside, sha256_file
 from gpuwheel.errors import AuditFailure, WheelError, raise_if_refused
 from gpuwheel.index import PROVENANCE_FILE, read_wheel, version_or_none
-from gpuwheel.kinds import vllm as vllm_kind
+from gpuwheel.kinds import registry
 from gpuwheel.log import console, logger
 from gpuwheel.plan import SCHEDULING_ENV, PackagePlan, Plan
 from gpuwheel.redact import safe_env, safe_tree
@@ -536,10 +536,7 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
 
 def _components(package: PackagePlan, members: frozenset[str]) -> dict[str, Any]:
     """Optional parts of a package, and whether this wheel holds them (read from the wheel)."""
-    if package.name != "vllm":
-        return {}
-    rust = sorted(m for m in members if m.startswith(vllm_kind.RUST_MEMBERS))
-    return {"rust_frontend": {"mode": package.rust_frontend, "in_wheel": bool(rust), "members": rust}}
+    return registry.get(package.kind).components(package.rust_frontend, members)
 
 
 def _provenance_text(provenance: Mapping[str, Any]) -> str:
