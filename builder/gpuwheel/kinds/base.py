@@ -31,6 +31,9 @@ class SmokeGroup:
     group: str
     spec: Mapping[str, Any]
     what: str
+    # False: the group needs torch (and the driver's libcuda.so.1 where a library links it) but no
+    # GPU, so it runs, or says why not, on any machine.
+    needs_gpu: bool = True
 
 
 @dataclass(frozen=True)

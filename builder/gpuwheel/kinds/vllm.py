@@ -342,7 +342,7 @@ def smoke_groups(project: str, provenance: Provenance, shared_objects: tuple[str
     # the profile's head dim (128 in the shipped recipes) and dtype, bf16 where built
     head_dim = 128 if not serving or 128 in serving["head_dims"] else serving["head_dims"][0]
     dtype = "bf16" if "bf16" in fa2["dtypes"] else fa2["dtypes"][0]
-    return (SmokeGroup("vllm-ops", spec, "op libraries load and register their ops"),
+    return (SmokeGroup("vllm-ops", spec, "op libraries load and register their ops", needs_gpu=False),
             SmokeGroup("vllm", spec, f"FA2 varlen ({built}), moe_permute and MoE at 8192 tokens"),
             SmokeGroup("vllm-fa2-errors", spec, "what the serving profile left out of FA2 raises"),
             SmokeGroup("vllm-boundary", spec, "moe_permute refuses mismatched rows at 8192 tokens"),

@@ -280,7 +280,7 @@ def _smoke_wheel(wheel: WheelFile, kind: Kind, interpreter: _Interpreter, work: 
                                                 "shared_objects": list(shared_objects)}, work, wheel, timeout=600)
     groups = kind.smoke_groups(wheel.project, wheel.provenance, shared_objects, work)
     for index, group in enumerate(groups):
-        if gpu_skip is not None and group.group not in HOST_GROUPS:
+        if gpu_skip is not None and group.needs_gpu:
             checks.append(CheckResult(f"GPU: {group.what}", SKIP, gpu_skip))
         else:
             checks += _run_group(interpreter, group.group, group.spec, work, wheel, timeout=GPU_GROUP_TIMEOUT,
@@ -302,11 +302,6 @@ def _run_group(interpreter: _Interpreter, group: str, spec: Mapping[str, Any], w
         results.append(CheckResult(f"{group} checks", FAIL, f"the check process died after {len(results)} "
                                    f"check(s): {_last_line(finished)}", finished.seconds))
     return results
-
-
-# Groups that need no GPU (torch, and the driver's libcuda.so.1 where a library links it): they run,
-# or say why not, on any machine.
-HOST_GROUPS = ("vllm-ops",)
 
 
 def _native_check(wheel: WheelFile, cc: str, driver: str, optional: tuple[str, ...]) -> CheckResult:
