@@ -182,17 +182,8 @@ def check_compatibility(recipe: Recipe, packages: tuple[PackageRecipe, ...] | No
         notes.append(f"torch {tc.torch} has no cu{cuda.replace('.', '')} build ({', '.join(builds)}): "
                      f"extensions built with CUDA {cuda} run against its CUDA {Version(cuda).major}.x build")
     for package in recipe.packages if packages is None else packages:
-        problems.extend(_package_problems(package, recipe, archs, notes))
+        problems.extend(registry.get(package.kind).problems(package, recipe, notes))
     return problems, notes
-
-
-def _package_problems(package: PackageRecipe, recipe: Recipe, archs, notes: list[str]) -> list[str]:
-    return registry.get(package.kind).problems(package, recipe, notes)
-
-
-def stand_ins(package: PackageRecipe, recipe: Recipe) -> tuple[str, ...]:
-    """The package's dependencies that stand in as files rather than being built from their sources."""
-    return registry.get(package.kind).stand_ins(package, recipe)
 
 
 def _package_env(package: PackageRecipe, recipe: Recipe, jobs: Jobs) -> dict[str, str]:
@@ -234,7 +225,7 @@ def make_plan(recipe: Recipe, *, jobs: int | None = None, only: tuple[str, ...] 
             dependencies=package.dependencies, env=tuple(sorted(_package_env(package, recipe, chosen).items())),
             command=BUILD_COMMAND, profile=package.profile, inference=package.inference,
             audit_optional=package.audit_optional, jobs=chosen,
-            serving=package.serving, stand_in=package.stand_in, stand_ins=stand_ins(package, recipe),
+            serving=package.serving, stand_in=package.stand_in, stand_ins=kind.stand_ins(package, recipe),
             rust_frontend=package.rust_frontend, kind=kind.name,
             measured=kind.measured_build(package, recipe.target.torch_cuda_arch_list)))
     packages_t = tuple(packages)
