@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "builder"))
 
 from build_vllm import Step, read_log, summarize  # noqa: E402  the one ninja-log parser
-from gpuwheel.build.jobs import JOB_MEMORY_GB  # noqa: E402
+from gpuwheel.kinds import vllm as vllm_kind  # noqa: E402
 
 FIRST = ("fa2", "fa3", "qutlass")  # build_vllm's families of the subdirectory targets patch 0008 starts first
 
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--servers", default="1,4,16", help="cluster sizes to model (comma-separated)")
     parser.add_argument("--cores", type=int, default=32, help="cores per build server")
     parser.add_argument("--server-memory-gb", type=float, default=128)
-    parser.add_argument("--job-gb", type=float, default=JOB_MEMORY_GB["vllm"][0], help="peak GB per TU")
+    parser.add_argument("--job-gb", type=float, default=vllm_kind.KIND.job_memory_gb[0], help="peak GB per TU")
     parser.add_argument("--job-overhead-s", type=float, default=0.5,
                         help="sccache's per-job round trip (assumed: not yet measured apart from compile time)")
     parser.add_argument("--package-s", type=float, default=29.0,

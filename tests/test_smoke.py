@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from gpuwheel.kinds.flash_attn import built_head_dims
+from gpuwheel.kinds.vllm import built_serving
 from gpuwheel.layout import target_paths
 from gpuwheel.provenance import Provenance
 from gpuwheel.publish.local import publish_local
-from gpuwheel.smoke.runner import _built_head_dims, _serving
 from smoke_helpers import (TARGET, build_cuda_so, build_driver_linked_so, build_libcuda_stub, build_unresolved_so,
                            make_vllm_wheel, make_wheel, write_recipe)
 
@@ -172,9 +173,9 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 def test_the_built_head_dims_come_from_the_plan_env_in_gpuwheel_json():
     # as gpuwheel.wheels writes it: the package's build env under "build"
     provenance = {"target": "h100", "build": {"profile": "inference", "env": {"GPUWHEEL_FA_HEAD_DIMS": "64;128;256"}}}
-    assert _built_head_dims(Provenance.from_json(provenance)) == [64, 128, 256]
-    assert _built_head_dims(Provenance.from_json({"target": "h100"})) is None
-    assert _built_head_dims(None) is None
+    assert built_head_dims(Provenance.from_json(provenance)) == [64, 128, 256]
+    assert built_head_dims(Provenance.from_json({"target": "h100"})) is None
+    assert built_head_dims(None) is None
 
 
 # gpuwheel.json of a vLLM 0.26.0 serving build for 9.0a (recipes/h200-torch211.toml), as wheels.py writes it
@@ -246,9 +247,9 @@ def test_a_vllm_wheel_missing_an_op_library_or_holding_an_omitted_one_fails(tmp_
 
 
 def test_the_serving_profile_comes_from_gpuwheel_json():
-    assert _serving(Provenance.from_json(VLLM_PROVENANCE)) == SERVING
-    assert _serving(Provenance.from_json({"build": {"profile": "full", "serving": None}})) is None
-    assert _serving(Provenance.from_json({"target": "h200"})) is None and _serving(None) is None
+    assert built_serving(Provenance.from_json(VLLM_PROVENANCE)) == SERVING
+    assert built_serving(Provenance.from_json({"build": {"profile": "full", "serving": None}})) is None
+    assert built_serving(Provenance.from_json({"target": "h200"})) is None and built_serving(None) is None
 
 
 def _gpu_of_cc_90() -> str | None:

@@ -380,7 +380,8 @@ def test_a_record_mismatch(gpuwheel, built, tmp_path):
 
 
 def test_a_wheel_of_a_package_the_plan_does_not_build(plan, built, tmp_path):
-    with pytest.raises(WheelError, match=r"package 'torch' is not in the plan for rtx6000pro-cu13 \(it builds flash-attn, vllm\)"):
+    with pytest.raises(WheelError, match=r"package 'torch' is not in the plan for rtx6000pro-cu13 "
+                                         r"\(it builds flash-attn, vllm, causal-conv1d\)"):
         finish_wheels(plan, [TORCH_WHEEL], toolchain=toolchain(), out_dir=tmp_path / "out")
     with pytest.raises(WheelError, match="a wheel of flash-attn, not of package vllm"):
         finish_wheels(plan, [("vllm", built["flash-attn"])], toolchain=toolchain(), out_dir=tmp_path / "out")

@@ -49,23 +49,6 @@ CUDA_MIN_DRIVER: dict[str, str] = {
     "13.0": "580.65.06", "13.1": "590.44.01",
 }
 
-# vLLM release → torch it pins in requirements/cuda.txt, as its PyPI wheel's METADATA requires it
-# (0.14.1, 0.15.x, 0.17.0, 0.18.1, 0.20.1, 0.20.2, 0.22.1, 0.25.x, 0.26.0, 0.27.0, 0.32.0, 0.33.0 read from
-# PyPI 2026-11-30: docs/recipes.md, "Facts").
-VLLM_TORCH_PIN: dict[str, str] = {
-    "0.10.1.1": "2.7.1", "0.10.2": "2.8.0", "0.11.0": "2.8.0",
-    "0.11.1": "2.9.0", "0.11.2": "2.9.0", "0.12.0": "2.9.0", "0.13.0": "2.9.0",
-    "0.14.0": "2.9.1", "0.14.1": "2.9.1", "0.15.0": "2.9.1", "0.15.1": "2.9.1", "0.16.0": "2.9.1",
-    "0.17.0": "2.10.0", "0.17.1": "2.10.0", "0.18.0": "2.10.0", "0.18.1": "2.10.0", "0.19.0": "2.10.0",
-    "0.19.1": "2.10.0",
-    "0.20.0": "2.11.0", "0.20.1": "2.11.0", "0.20.2": "2.11.0", "0.21.0": "2.11.0", "0.22.0": "2.11.0",
-    "0.22.1": "2.11.0", "0.23.0": "2.11.0", "0.24.0": "2.11.0", "0.25.0": "2.11.0", "0.25.1": "2.11.0",
-    "0.26.0": "2.11.0",
-    "0.27.0": "2.13.0", "0.27.1": "2.13.0", "0.28.0": "2.13.0", "0.29.0": "2.13.0",
-    "0.30.0": "2.13.0", "0.31.0": "2.13.0", "0.32.0": "2.13.0",
-    "0.33.0": "2.14.0",
-}
-
 # torch release (major.minor) → CUDA versions PyTorch publishes wheels of it for on its own index
 # (download.pytorch.org/whl/cuXYZ), stable and experimental: PyTorch's RELEASE.md "Release
 # Compatibility Matrix" (13.2 is experimental for 2.12/2.13, stable for 2.14). Not exhaustive:
@@ -216,10 +199,6 @@ def cuda_tag(cuda: str) -> str:
     """'12.8.1' → 'cu128', as PyTorch and vLLM name their CUDA builds."""
     return "cu" + major_minor(cuda).replace(".", "")
 
-# flash-attn 2.x: FLASH_ATTN_CUDA_ARCHS values its setup.py turns into `code=sm_NN` (SASS only,
-# no PTX), and the toolkit each needs (setup.py checks bare-metal nvcc ≥ 11.8 / 12.8).
-FLASH_ATTN_ARCHS: dict[int, str] = {80: "11.7", 90: "11.8", 100: "12.8", 120: "12.8"}
-
 
 def runs_natively(sass: Arch, target: Arch) -> bool:
     """Whether SASS built for `sass` runs on a GPU of compute capability `target`.
@@ -232,9 +211,3 @@ def runs_natively(sass: Arch, target: Arch) -> bool:
     if sass.suffix == "a":
         return sass.minor == target.minor
     return sass.minor <= target.minor
-
-
-def flash_attn_arch(arch: Arch) -> int | None:
-    """The FLASH_ATTN_CUDA_ARCHS entry whose SASS runs on `arch` natively, if any."""
-    fitting = [n for n in FLASH_ATTN_ARCHS if runs_natively(Arch(n // 10, n % 10), arch)]
-    return max(fitting) if fitting else None

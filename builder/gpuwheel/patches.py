@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from gpuwheel.cache import copy_tree
 from gpuwheel.errors import PatchError
-from gpuwheel.kinds import vllm as vllm_kind
+from gpuwheel.kinds import registry
 from gpuwheel.run import capture, last_line
 
 if TYPE_CHECKING:  # plan imports this module (read_series): type names only, no cycle
@@ -149,9 +149,9 @@ def prepare_trees(plan: Plan, sources: Sources, workdir: Path) -> Trees:
         if root.exists():
             shutil.rmtree(root)
         outcomes = _patch_package(package, fetched, root, stop_on_failure=True)
-        if vendor := package.env_dict.get(vllm_kind.CARGO_VENDOR_ENV):
-            (root / "src" / ".cargo").mkdir(exist_ok=True)
-            (root / "src" / ".cargo" / "config.toml").write_text(vllm_kind.cargo_config(vendor), encoding="utf-8")
+        for relative, text in registry.get(package.kind).tree_files(package.env_dict).items():
+            (root / "src" / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / "src" / relative).write_text(text, encoding="utf-8")
         prepared.append(PreparedTree(package.name, package.version, root / "src", root / "deps", outcomes))
     return Trees(tuple(prepared))
 

@@ -1,5 +1,5 @@
 """Recipe → Plan: every check that can be made before a download, the per-package build
-environment (arch translation per package), the exact build command, and a content hash.
+environment (from the package's kind, gpuwheel.kinds), the exact build command, and a content hash.
 
 Everything after the plan is a pure function of it and the files it names. The hash covers
 every input that can change a wheel (pins, sources, patch contents, env, command) and nothing
@@ -20,14 +20,15 @@ from gpuwheel.build.jobs import Jobs, choose_jobs
 from gpuwheel.errors import IncompatibleRecipeError, RecipeError
 from gpuwheel.patches import PatchRef, read_series
 from gpuwheel.redact import safe_text, safe_tree
-from gpuwheel.kinds import vllm as vllm_kind
-from gpuwheel.recipe import (Dependency, InferenceProfile, PackageRecipe, Recipe, ServingProfile, Source, Target,
-                             Toolchain, closest)
+from gpuwheel.kinds import registry
+from gpuwheel.kinds.base import DEPS, MeasuredBuild  # noqa: F401 - DEPS: the backends read all three here
+from gpuwheel.recipe_values import (Dependency, InferenceProfile, PackageRecipe, Recipe, ServingProfile, Source, Target,
+                                    Toolchain, closest)
 
 PLAN_SCHEMA = 1
-# Placeholders the build backends substitute: the tree being built, where wheels go, and the
-# directory holding a package's pre-fetched dependency trees (one sub-directory per name).
-TREE, OUT, DEPS = "$GPUWHEEL_TREE", "$GPUWHEEL_OUT", "$GPUWHEEL_DEPS"
+# Placeholders the build backends substitute: the tree being built, where wheels go, and (DEPS,
+# from kinds.base, where the vLLM kind writes it into its env) the pre-fetched dependency trees.
+TREE, OUT = "$GPUWHEEL_TREE", "$GPUWHEEL_OUT"
 # Parallelism changes how fast a wheel is built, never what is in it: kept out of the hash.
 SCHEDULING_ENV = ("MAX_JOBS", "NVCC_THREADS")
 BUILD_COMMAND = ("python", "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-v",
@@ -51,17 +52,12 @@ class PackagePlan:
     stand_in: Source | None = None  # the published wheel the stand-in trees come from
     stand_ins: tuple[str, ...] = ()  # dependencies supplied as stand-in trees, not from their sources
     rust_frontend: str = "off"
+    kind: str = "generic"  # the package kind (gpuwheel.kinds); what it changes in the wheel is in env
+    measured: MeasuredBuild | None = None  # the measured cost of a build like this one, where known
 
     @property
     def env_dict(self) -> dict[str, str]:
         return dict(self.env)
-
-    @property
-    def profile_key(self) -> str:
-        """How the vLLM kind's table of measured builds names this package's profile."""
-        if self.serving:
-            return vllm_kind.serving_key(self.serving.head_dims, self.serving.dtypes, self.serving.omit)
-        return self.profile
 
     @property
     def fetched_dependencies(self) -> tuple[Dependency, ...]:
@@ -110,21 +106,15 @@ class Plan:
             "build_type": self.build_type,
             "notes": list(self.notes),
             "steps": list(self.steps),
-            "packages": [_package_json(p, self.target.torch_cuda_arch_list) for p in self.packages],
+            "packages": [_package_json(p) for p in self.packages],
         })
 
 
-def measured_build(package: PackagePlan, arch_list: str) -> vllm_kind.MeasuredBuild | None:
-    """The measured cost of a build like this one, where the vLLM kind has one (else None)."""
-    if package.name != "vllm":
-        return None
-    return vllm_kind.measured_build(package.version, arch_list, package.profile_key)
-
-
-def _package_json(p: PackagePlan, target_archs: str = "") -> dict:
+def _package_json(p: PackagePlan) -> dict:
     return {
         "name": p.name,
         "version": p.version,
+        "kind": p.kind,
         "source": asdict(p.source),
         "patches": [{"name": r.name, "sha256": r.sha256, "strip": r.strip, "tree": r.tree or None}
                     for r in p.patches],
@@ -139,7 +129,7 @@ def _package_json(p: PackagePlan, target_archs: str = "") -> dict:
         "rust_frontend": p.rust_frontend,
         "audit_optional": list(p.audit_optional),
         "jobs": asdict(p.jobs),
-        "measured_build": asdict(m) if (m := measured_build(p, target_archs)) else None,
+        "measured_build": asdict(p.measured) if p.measured else None,
     }
 
 
@@ -192,110 +182,12 @@ def check_compatibility(recipe: Recipe, packages: tuple[PackageRecipe, ...] | No
         notes.append(f"torch {tc.torch} has no cu{cuda.replace('.', '')} build ({', '.join(builds)}): "
                      f"extensions built with CUDA {cuda} run against its CUDA {Version(cuda).major}.x build")
     for package in recipe.packages if packages is None else packages:
-        problems.extend(_package_problems(package, recipe, archs, notes))
+        problems.extend(registry.get(package.kind).problems(package, recipe, notes))
     return problems, notes
 
 
-def _package_problems(package: PackageRecipe, recipe: Recipe, archs, notes: list[str]) -> list[str]:
-    problems = []
-    torch = recipe.toolchain.torch
-    if package.name == "vllm":
-        pin = facts.VLLM_TORCH_PIN.get(package.version)
-        if pin is None:
-            notes.append(f"vLLM {package.version} is not in gpuwheel's pin table: its torch pin is unchecked")
-        elif facts.major_minor(pin) != facts.major_minor(torch):
-            problems.append(f"vLLM {package.version} pins torch {pin} (recipe has {torch}): set [toolchain] "
-                            f"torch = \"{pin}\" or pick the vLLM release that pins {torch}")
-        elif pin != torch:
-            notes.append(f"vLLM {package.version} pins torch {pin}; recipe has {torch} (same ABI series)")
-        if package.serving and package.version not in vllm_kind.SERVING_PROFILE_VERSIONS:
-            problems.append(f"vLLM {package.version}: gpuwheel's serving profile exists for vLLM "
-                            f"{', '.join(vllm_kind.SERVING_PROFILE_VERSIONS)} only (its patches): set "
-                            f"profile = \"full\" or build one of those")
-        if package.version not in vllm_kind.DEPENDENCY_ARCHS:
-            notes.append(f"vLLM {package.version}: gpuwheel does not know which archs compile which of its "
-                         f"dependencies: every dependency is fetched from its sources")
-        elif package.stand_in is not None:
-            standing = stand_ins(package, recipe)
-            if standing:
-                notes.append(f"vLLM {package.version}: {', '.join(standing)} stand in as the files "
-                             f"{package.stand_in.location} installs from them (nothing of them is compiled for "
-                             f"{recipe.target.torch_cuda_arch_list}" + (", or the serving profile leaves them out)"
-                                                                        if package.serving and package.serving.omit
-                                                                        else ")"))
-    if package.name == "flash-attn":
-        for arch in archs:
-            fa = facts.flash_attn_arch(arch)
-            if fa is None:
-                problems.append(f"flash-attn has no kernels that run on {arch} (it builds "
-                                f"{', '.join(f'sm_{n}' for n in facts.FLASH_ATTN_ARCHS)}): drop {arch}")
-        if package.profile == "inference" and package.inference and "uneven_k" in package.inference.disable:
-            bad = [d for d in package.inference.head_dims if d % 32 or (d > 128 and d % 64)]
-            if bad:
-                problems.append(f"flash-attn: disabling uneven_k needs head dims that are multiples of 32 "
-                                f"up to 128 and of 64 above; {bad} are not")
-    return problems
-
-
-# ---- per-package environment ------------------------------------------------------------------
-def _flash_attn_env(package: PackageRecipe, recipe: Recipe) -> dict[str, str]:
-    archs = facts.parse_arch_list(recipe.target.torch_cuda_arch_list)
-    fa = sorted({n for a in archs if (n := facts.flash_attn_arch(a)) is not None})
-    env = {
-        "FLASH_ATTN_CUDA_ARCHS": ";".join(str(n) for n in fa),
-        "FLASH_ATTENTION_FORCE_BUILD": "TRUE",  # never download a prebuilt wheel
-    }
-    if package.profile == "inference" and package.inference:
-        # Read by gpuwheel's flash-attn patch (patches/flash-attn/<v>/): prune TUs and switches.
-        env["GPUWHEEL_FA_INFERENCE"] = "1"
-        env["GPUWHEEL_FA_HEAD_DIMS"] = ";".join(str(d) for d in package.inference.head_dims)
-        # Backward kernels and dropout are training-only: the profile always drops them.
-        disabled = ("backward", "dropout", *(f for f in package.inference.disable if f != "dropout"))
-        env["GPUWHEEL_FA_DISABLE"] = ";".join(f.upper() for f in disabled)
-    return env
-
-
-def _vllm_env(package: PackageRecipe, recipe: Recipe) -> dict[str, str]:
-    env = {
-        "VLLM_TARGET_DEVICE": "cuda",
-        "TORCH_CUDA_ARCH_LIST": recipe.target.torch_cuda_arch_list,
-        # Equal to the toolkit's version, so vLLM appends no +cuXYZ to its version.
-        "VLLM_MAIN_CUDA_VERSION": facts.major_minor(recipe.toolchain.cuda),
-        "CMAKE_BUILD_TYPE": recipe.build.build_type,
-        **vllm_kind.rust_env(package.rust_frontend, str(package.cargo_vendor) if package.cargo_vendor else None),
-    }
-    if package.serving:
-        env.update(vllm_kind.serving_env(package.serving.head_dims, package.serving.dtypes, package.serving.omit))
-    cmake_args = ["-DFETCHCONTENT_FULLY_DISCONNECTED=ON"]  # no compile step touches the network
-    for dep in package.dependencies:
-        tree = f"{DEPS}/{dep.name}" + (f"/{dep.subdir}" if dep.subdir else "")
-        if dep.src_dir_env:
-            env[dep.src_dir_env] = tree
-        else:
-            cmake_args.append(f"-DFETCHCONTENT_SOURCE_DIR_{dep.fetchcontent_name.upper()}={tree}")
-    env["CMAKE_ARGS"] = " ".join(cmake_args)
-    return env
-
-
-def stand_ins(package: PackageRecipe, recipe: Recipe) -> tuple[str, ...]:
-    """The dependencies of a vLLM package that the recipe's archs never compile (or its serving
-    profile leaves out) and that can stand in as Python files from the published wheel."""
-    if package.name != "vllm" or package.stand_in is None:
-        return ()
-    archs = facts.parse_arch_list(recipe.target.torch_cuda_arch_list)
-    omitted = vllm_kind.omitted_dependencies(package.serving.omit if package.serving else ())
-    return tuple(dep.name for dep in package.dependencies
-                 if vllm_kind.stand_in(package.version, dep.name) is not None
-                 and (dep.name in omitted
-                      or vllm_kind.compiled_for(package.version, dep.name, recipe.toolchain.cuda, archs) is False))
-
-
-_PACKAGE_ENV = {"flash-attn": _flash_attn_env, "vllm": _vllm_env}
-
-
 def _package_env(package: PackageRecipe, recipe: Recipe, jobs: Jobs) -> dict[str, str]:
-    env = dict(_PACKAGE_ENV.get(package.name, lambda p, r: {
-        "TORCH_CUDA_ARCH_LIST": r.target.torch_cuda_arch_list})(package, recipe))
+    env = registry.get(package.kind).build_env(package, recipe)
     if package.source.kind == "git":
         # A git checkout has no sdist metadata: setuptools-scm would invent a dev version.
         env["SETUPTOOLS_SCM_PRETEND_VERSION"] = package.version
@@ -323,7 +215,8 @@ def make_plan(recipe: Recipe, *, jobs: int | None = None, only: tuple[str, ...] 
     archs = len(facts.parse_arch_list(recipe.target.torch_cuda_arch_list))
     packages = []
     for package in selected:
-        chosen = choose_jobs(package.name, archs, jobs=jobs or recipe.build.jobs,
+        kind = registry.get(package.kind)
+        chosen = choose_jobs(kind.job_memory_gb, archs, jobs=jobs or recipe.build.jobs,
                              nvcc_threads=recipe.build.nvcc_threads, cluster_cpus=cluster_cpus)
         patches = read_series(package.patches, tuple(d.name for d in package.dependencies)) \
             if package.patches else ()
@@ -331,8 +224,10 @@ def make_plan(recipe: Recipe, *, jobs: int | None = None, only: tuple[str, ...] 
             name=package.name, version=package.version, source=package.source, patches=patches,
             dependencies=package.dependencies, env=tuple(sorted(_package_env(package, recipe, chosen).items())),
             command=BUILD_COMMAND, profile=package.profile, inference=package.inference,
-            audit_optional=package.audit_optional, jobs=chosen, serving=package.serving,
-            stand_in=package.stand_in, stand_ins=stand_ins(package, recipe), rust_frontend=package.rust_frontend))
+            audit_optional=package.audit_optional, jobs=chosen,
+            serving=package.serving, stand_in=package.stand_in, stand_ins=kind.stand_ins(package, recipe),
+            rust_frontend=package.rust_frontend, kind=kind.name,
+            measured=kind.measured_build(package, recipe.target.torch_cuda_arch_list)))
     packages_t = tuple(packages)
     digest = _content_hash(recipe, packages_t)
     return Plan(recipe=recipe.path, target=recipe.target, toolchain=recipe.toolchain,
@@ -361,7 +256,8 @@ def _hashed_inputs(target: Target, toolchain: Toolchain, build_type: str, packag
         "toolchain": asdict(toolchain),
         "build_type": build_type,
         "packages": [
-            {**{k: v for k, v in _package_json(p).items() if k not in ("jobs", "measured_build")},
+            # The kind is left out: what it changes in a wheel is in env (and the hash stays as it was).
+            {**{k: v for k, v in _package_json(p).items() if k not in ("jobs", "measured_build", "kind")},
              "env": {k: v for k, v in p.env if k not in SCHEDULING_ENV}}
             for p in packages
         ],

@@ -6,31 +6,32 @@ shipped recipes/. `extends` names a target or base along that path (`_base/cuda-
 a file never extends itself, so a user's h100.toml can extend the shipped h100) or a path
 relative to the file.
 Tables merge key by key; `[[package]]` entries merge with the base's entry of the same name.
-Every leaf value remembers the file and line it came from (`gpuwheel show`).
+Every leaf value remembers the file and line it came from (`gpuwheel show`). The values themselves
+(Recipe, PackageRecipe, …) are in recipe_values.py; a package's kind-specific tables are checked by
+its kind (gpuwheel.kinds).
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
 import os
 import re
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
 from gpuwheel.errors import RecipeError
+from gpuwheel.kinds import flash_attn as flash_attn_kind, registry
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.kinds.vllm import RUST_MODES
 from gpuwheel.limits import MAX_JOBS
-from gpuwheel.shipped import CHECKOUT, from_checkout, shipped
+from gpuwheel.shipped import CHECKOUT, shipped
 from gpuwheel.imageref import image_reference_problem
+from gpuwheel.recipe_values import (BuildOptions, Dependency, Origin, PackageRecipe, Recipe,
+                                    ServingProfile, Source, Target, Toolchain, closest, display_path, url_filename)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,7 +84,7 @@ SCHEMA: dict[str, dict[str, str]] = {
     "toolchain": {"cuda": _STR, "python": _STR, "torch": _STR, "base_image": _STR,
                   "base_image_digest": _STR},
     "build": {"jobs": _INT, "nvcc_threads": _INT, "build_type": _STR, "engine": _STR},
-    "package": {"name": _STR, "version": _STR, "source": _TABLE, "patches": _STR,
+    "package": {"name": _STR, "version": _STR, "kind": _STR, "source": _TABLE, "patches": _STR,
                 "env": _TABLE, "profile": _STR, "inference": _TABLE, "serving": _TABLE,
                 "dependency": "array of tables", "audit": _TABLE, "stand_in": _TABLE, "rust_frontend": _STR,
                 "cargo_vendor": _STR},
@@ -103,144 +104,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "package": ("name", "version", "source"),
     "package.dependency": ("name", "git", "rev"),
 }
-PROFILES = ("full", "inference", "serving")  # inference: flash-attn's; serving: vLLM's
+# full, then each kind's own (inference: flash-attn's, serving: vLLM's)
+PROFILES = ("full", *(p for kind in registry.KINDS.values() for p in kind.profiles))
 ENGINES = ("docker", "podman")  # container engines of the container backend
 ENGINE_VARIABLE = "GPUWHEEL_ENGINE"  # the environment's choice of engine, before the recipe's
-# Features the flash-attn inference profile may switch off (FLASHATTENTION_DISABLE_<NAME>).
-FLASH_ATTN_FEATURES = ("dropout", "alibi", "softcap", "local", "uneven_k")
-FLASH_ATTN_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
-
-
-# ---- the Recipe value ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Origin:
-    file: Path
-    line: int
-
-    def __str__(self) -> str:
-        return f"{_display(self.file)}:{self.line}"
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    description: str
-    gpu: str
-    compute_capability: str
-    torch_cuda_arch_list: str
-    min_driver: str
-
-
-@dataclass(frozen=True)
-class Toolchain:
-    cuda: str
-    python: str
-    torch: str
-    base_image: str | None = None
-    base_image_digest: str | None = None
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    jobs: int | None = None  # None: chosen from cores and available memory
-    nvcc_threads: int | None = None
-    build_type: str = "Release"
-    engine: str | None = None  # the container backend's engine; --engine and $GPUWHEEL_ENGINE win over it
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str  # "sdist" | "git" | "url" | "path"
-    location: str  # sdist file name, git URL, URL or path
-    sha256: str | None = None
-    commit: str | None = None
-    index: str | None = None  # sdist only; None = pip's configured index
-    submodules: bool = True
-
-    @property
-    def filename(self) -> str:
-        """The file an sdist or url source is stored as in the cache (a bare name, checked at load)."""
-        return self.location if self.kind == "sdist" else url_filename(self.location)
-
-
-@dataclass(frozen=True)
-class Dependency:
-    """A source vLLM's CMake would FetchContent from GitHub, pinned as the release pins it."""
-
-    name: str
-    git: str
-    rev: str  # the GIT_TAG of the vLLM release: a tag or a commit
-    src_dir_env: str | None = None  # the variable that points vLLM at a local tree
-    fetchcontent_name: str | None = None  # for FETCHCONTENT_SOURCE_DIR_<NAME> when no variable
-    commit: str | None = None  # full commit the rev resolves to, when known
-    submodules: bool | tuple[str, ...] = True  # all, none, or just these paths (others are never read)
-    subdir: str = ""  # the directory inside the tree that src_dir_env must name
-    exclude: tuple[str, ...] = ()  # paths no build reads, left out of the checkout (and of a mirror)
-
-    @property
-    def pinned_commit(self) -> str | None:
-        """The full commit the recipe pins: `commit`, or `rev` when that is one (else a tag to resolve)."""
-        return self.commit or (self.rev if re.fullmatch(r"[0-9a-f]{40}", self.rev) else None)
-
-
-@dataclass(frozen=True)
-class ServingProfile:
-    """vLLM's serving profile: FA2 for these head dims and dtypes only, these kernel families left out."""
-
-    head_dims: tuple[int, ...]
-    dtypes: tuple[str, ...]
-    omit: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class InferenceProfile:
-    head_dims: tuple[int, ...] = FLASH_ATTN_HEAD_DIMS
-    disable: tuple[str, ...] = ()  # features of FLASH_ATTN_FEATURES switched off
-
-
-@dataclass(frozen=True)
-class PackageRecipe:
-    name: str
-    version: str
-    source: Source
-    patches: Path | None = None
-    env: tuple[tuple[str, str], ...] = ()
-    profile: str = "full"
-    inference: InferenceProfile | None = None
-    serving: ServingProfile | None = None
-    dependencies: tuple[Dependency, ...] = ()
-    audit_optional: tuple[str, ...] = ()
-    stand_in: Source | None = None  # the published wheel whose files stand in for uncompiled dependencies
-    rust_frontend: str = "off"  # vLLM's optional Rust frontend: off | optional | required
-    cargo_vendor: Path | None = None  # `cargo vendor` output the Rust frontend's crates come from
-
-
-@dataclass(frozen=True)
-class Recipe:
-    path: Path
-    target: Target
-    toolchain: Toolchain
-    build: BuildOptions
-    packages: tuple[PackageRecipe, ...]
-    files: tuple[Path, ...]  # this recipe and every file it extends, base last
-    origins: dict[str, Origin] = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def name(self) -> str:
-        return self.target.name
-
-    def package(self, name: str) -> PackageRecipe | None:
-        return next((p for p in self.packages if p.name == name), None)
-
-
-def closest(word: str, choices) -> str | None:
-    """The valid name a typo most likely meant ('cuda_version' → 'cuda'), if any is close."""
-    choices = list(choices)
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    if match:
-        return match[0]
-    containing = [c for c in choices if c and (c in word or word in c)]
-    return max(containing, key=len) if containing else None
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -276,26 +143,26 @@ def _locate(ref: str, relative_to: Path | None, extending: Path | None = None) -
     known = list_targets() + sorted({f"_base/{p.stem}" for folder in recipe_paths()
                                      for p in (folder / "_base").glob("*.toml")})
     close = closest(ref, known)
-    where = f"{_display(relative_to)}: " if relative_to else ""
+    where = f"{display_path(relative_to)}: " if relative_to else ""
     hint = f"did you mean '{close}'?" if close else f"known targets: {', '.join(list_targets())}"
     raise RecipeError(f"{where}unknown target '{ref}'", hint=hint)
 
 
 def _load_merged(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, Origin], tuple[Path, ...]]:
     if path in chain:
-        cycle = " → ".join(_display(p) for p in (*chain, path))
+        cycle = " → ".join(display_path(p) for p in (*chain, path))
         raise RecipeError(f"extends cycle: {cycle}", hint="remove one of the extends")
     try:
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise RecipeError(f"{_display(path)}: not valid TOML: {error}",
+        raise RecipeError(f"{display_path(path)}: not valid TOML: {error}",
                           hint="fix the syntax at that line") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
-        raise RecipeError(f"{_display(path)}: arrays or inline tables nested too deeply to read",
+        raise RecipeError(f"{display_path(path)}: arrays or inline tables nested too deeply to read",
                           hint="no recipe key takes more than a list of strings or a table") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"{_display(path)}: cannot read: {error}") from None
+        raise RecipeError(f"{display_path(path)}: cannot read: {error}") from None
     lines = _key_lines(text)
     _check_schema(data, path, lines)
     origins = {key: Origin(path, line) for key, line in _leaf_lines(data, lines).items()}
@@ -442,7 +309,7 @@ def _check_table(table: dict, schema_name: str, line_path: str, path: Path, line
     allowed = SCHEMA[schema_name]
     for key, value in table.items():
         key_path = f"{line_path}.{key}" if line_path else key
-        where = f"{_display(path)}:{lines.get(key_path, lines.get(line_path, 1))}"
+        where = f"{display_path(path)}:{lines.get(key_path, lines.get(line_path, 1))}"
         label = f"[{schema_name}] " if schema_name else ""
         if key not in allowed:
             close = closest(key, allowed)
@@ -507,13 +374,13 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
     def require(table: dict, table_name: str, origin_prefix: str) -> None:
         for key in REQUIRED[table_name]:
             if key not in table:
-                raise RecipeError(f"{where(origin_prefix) if origin_prefix in origins else _display(path)}: "
+                raise RecipeError(f"{where(origin_prefix) if origin_prefix in origins else display_path(path)}: "
                                   f"missing [{table_name}] {key}",
                                   hint=f"add {key} = ... to [{table_name}] or to a recipe it extends")
 
     for table_name in ("target", "toolchain"):
         if table_name not in data:
-            raise RecipeError(f"{_display(path)}: missing [{table_name}] table")
+            raise RecipeError(f"{display_path(path)}: missing [{table_name}] table")
         require(data[table_name], table_name, table_name)
     t, tc = data["target"], data["toolchain"]
 
@@ -563,38 +430,31 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
         version(entry["version"], f"{prefix}.version", "2.8.3")
         packages.append(_package(entry, prefix, where, origin_of, origins))
     if not packages:
-        raise RecipeError(f"{_display(path)}: the recipe builds no package", hint="add a [[package]] table")
+        raise RecipeError(f"{display_path(path)}: the recipe builds no package", hint="add a [[package]] table")
     return Recipe(path=path, target=target, toolchain=toolchain, build=build,
                   packages=tuple(packages), files=files, origins=origins)
 
 
 def _package(entry: dict, prefix: str, where, origin_of, origins: dict[str, Origin]) -> PackageRecipe:  # noqa: C901 - one check per key
     source = _source(entry["source"], f"{prefix}.source", where)
+    kind_name = entry.get("kind", registry.default_kind(entry["name"]))
+    if kind_name not in registry.KINDS:
+        close = closest(kind_name, registry.KINDS)
+        raise RecipeError(f"{where(prefix + '.kind')}: unknown package kind '{kind_name}'",
+                          hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(registry.KINDS)}")
+    kind = registry.get(kind_name)
     profile = entry.get("profile", "full")
     if profile not in PROFILES:
         close = closest(profile, PROFILES)
         raise RecipeError(f"{where(prefix + '.profile')}: unknown profile '{profile}'",
                           hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(PROFILES)}")
-    if profile == "inference" and entry["name"] != "flash-attn" or profile == "serving" and entry["name"] != "vllm":
-        raise RecipeError(f"{where(prefix + '.profile')}: profile '{profile}' is for "
-                          f"{'flash-attn' if profile == 'inference' else 'vllm'}, not {entry['name']}",
+    if profile != "full" and profile not in kind.profiles:
+        owner = next(k.name for k in registry.KINDS.values() if profile in k.profiles)
+        raise RecipeError(f"{where(prefix + '.profile')}: profile '{profile}' is for {owner}, not {entry['name']}",
                           hint="use profile = \"full\" or drop it")
     inference = None
     if profile == "inference":
-        spec = entry.get("inference", {})
-        head_dims = tuple(spec.get("head_dims", FLASH_ATTN_HEAD_DIMS))
-        disable = tuple(spec.get("disable", ()))
-        for dim in head_dims:
-            if dim not in FLASH_ATTN_HEAD_DIMS:
-                raise RecipeError(f"{where(prefix + '.inference.head_dims')}: head dim {dim} is not built by "
-                                  f"flash-attn", hint=f"choose from {', '.join(map(str, FLASH_ATTN_HEAD_DIMS))}")
-        for feature in disable:
-            if feature not in FLASH_ATTN_FEATURES:
-                close = closest(feature, FLASH_ATTN_FEATURES)
-                raise RecipeError(f"{where(prefix + '.inference.disable')}: unknown feature '{feature}'",
-                                  hint=f"did you mean '{close}'?" if close else
-                                  f"choose from {', '.join(FLASH_ATTN_FEATURES)}")
-        inference = InferenceProfile(head_dims=tuple(sorted(set(head_dims))), disable=tuple(sorted(set(disable))))
+        inference = flash_attn_kind.inference_profile(entry.get("inference", {}), lambda key: where(f"{prefix}.{key}"))
     elif "inference" in entry and _set_beside_profile("inference", prefix, origins):
         raise RecipeError(f"{where(prefix + '.inference.head_dims')}: [package.inference] needs profile = \"inference\"")
     serving = _serving(entry, prefix, where, origins)
@@ -648,9 +508,11 @@ def _package(entry: dict, prefix: str, where, origin_of, origins: dict[str, Orig
     if "patches" in entry:
         patches = _patch_dir(entry["patches"], origin_of(prefix + ".patches"))
     return PackageRecipe(
-        name=entry["name"], version=entry["version"], source=source, patches=patches,
+        name=entry["name"], version=entry["version"], source=source, kind=kind_name, patches=patches,
         env=tuple(sorted(entry.get("env", {}).items())), profile=profile, inference=inference, serving=serving,
-        dependencies=tuple(dependencies), audit_optional=tuple(entry.get("audit", {}).get("optional", ())),
+        dependencies=tuple(dependencies),
+        # the kind's own (kernels that exist for some GPUs only, by design), then the recipe's
+        audit_optional=tuple(dict.fromkeys((*kind.audit_optional, *entry.get("audit", {}).get("optional", ())))),
         stand_in=stand_in, rust_frontend=rust_frontend, cargo_vendor=cargo_vendor)
 
 
@@ -667,25 +529,7 @@ def _serving(entry: dict, prefix: str, where, origins: dict[str, Origin]) -> Ser
         if "serving" in entry and _set_beside_profile("serving", prefix, origins):
             raise RecipeError(f"{where(prefix + '.serving')}: [package.serving] needs profile = \"serving\"")
         return None
-    spec = entry.get("serving", {})
-    head_dims = tuple(sorted(set(spec.get("head_dims", vllm_kind.HEAD_DIMS))))
-    dtypes = tuple(d for d in vllm_kind.DTYPES if d in spec.get("dtypes", vllm_kind.DTYPES))
-    for key, values, valid in (("head_dims", spec.get("head_dims", ()), vllm_kind.HEAD_DIMS),
-                               ("dtypes", spec.get("dtypes", ()), vllm_kind.DTYPES),
-                               ("omit", spec.get("omit", ()), tuple(vllm_kind.OMITTABLE))):
-        for value in values:
-            if value not in valid:
-                close = closest(str(value), [str(v) for v in valid])
-                raise RecipeError(f"{where(f'{prefix}.serving.{key}')}: '{value}' is not one of vLLM's FA2 "
-                                  f"{key.replace('_', ' ')}" if key != "omit" else
-                                  f"{where(f'{prefix}.serving.omit')}: '{value}' is no kernel family gpuwheel "
-                                  f"can leave out of vLLM",
-                                  hint=f"did you mean '{close}'?" if close else
-                                  f"choose from {', '.join(map(str, valid))}")
-    if not head_dims or not dtypes:
-        raise RecipeError(f"{where(prefix + '.serving')}: the serving profile builds no FA2 kernels",
-                          hint="keep at least one head dim and one dtype")
-    return ServingProfile(head_dims=head_dims, dtypes=dtypes, omit=tuple(sorted(set(spec.get("omit", ())))))
+    return vllm_kind.serving_profile(entry.get("serving", {}), lambda key: where(f"{prefix}.{key}"))
 
 
 # ---- names that become paths or command arguments -------------------------------------------------
@@ -750,12 +594,6 @@ def _check_dependency(dep: dict, prefix: str, where) -> None:
             _check_name(dep[key], key, where(f"{prefix}.{key}"), _ENV_NAME)
 
 
-def url_filename(url: str) -> str:
-    """The file a URL downloads to: the last part of its path ("download" when it has none)."""
-    name = PurePosixPath(unquote(urlparse(url).path)).name
-    return name or "download"
-
-
 def _relative_path(value: str) -> bool:
     parts = Path(value).parts
     return bool(value) and not Path(value).is_absolute() and ".." not in parts and "\\" not in value
@@ -799,23 +637,3 @@ def _patch_dir(value: str, origin: Origin) -> Path:
             return candidate.resolve()
     raise RecipeError(f"{origin}: patch set {value} has no series file",
                       hint=f"create {value}/series listing its patches, or remove 'patches'")
-
-
-def _display(path: Path | None) -> str:
-    if path is None:
-        return ""
-    return _display_from(Path(path), os.getcwd())
-
-
-@functools.lru_cache(maxsize=256)
-def _display_from(path: Path, cwd: str) -> str:
-    # Cached: schema checks format a location for every key they read (`gpuwheel targets` loads them all).
-    try:
-        return str(Path(path).resolve().relative_to(Path(cwd)))
-    except ValueError:
-        if from_checkout():
-            try:
-                return str(Path(path).resolve().relative_to(CHECKOUT))
-            except ValueError:
-                pass
-        return str(path)  # an installed gpuwheel: the full path, a file the user can open

@@ -43,7 +43,8 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 
 from gpuwheel.cache import cache_root, copy_tree, remove_inside, sha256_file
 from gpuwheel.errors import REFUSED_WRITE, OfflineError, SourceError
-from gpuwheel.kinds import vllm as vllm_kind
+from gpuwheel.kinds import registry
+from gpuwheel.kinds.base import StandIn
 from gpuwheel.limits import ExtractLimits, extract_limits
 from gpuwheel.log import console, logger
 from gpuwheel.plan import PackagePlan, Plan
@@ -399,9 +400,9 @@ class _Store:
 
     # ---- stand-ins ---------------------------------------------------------------------
     def stand_in(self, package: PackagePlan, dep: Dependency) -> FetchedDependency:
-        """A tree of the files vLLM's build installs from `dep`, taken from the package's published
-        wheel (sha256-pinned): for a dependency the recipe's archs never compile."""
-        layout = vllm_kind.stand_in(package.version, dep.name)
+        """A tree of the files the package's build installs from `dep`, taken from its published wheel
+        (sha256-pinned): for a dependency the recipe's archs never compile (the kind's layout)."""
+        layout = registry.get(package.kind).stand_in_layout(package.version, dep.name)
         wheel = package.stand_in
         label = f"{package.name} {package.version} dependency {dep.name}"
         key = hashlib.sha256(json.dumps([wheel.sha256, dep.name, dataclasses.astuple(layout)]).encode()).hexdigest()
@@ -804,7 +805,7 @@ def _submodules(tree: Path, wanted: bool | tuple[str, ...], label: str) -> list[
     return out
 
 
-def _write_stand_in(wheel: Path, layout: vllm_kind.StandIn, dest: Path, label: str) -> None:
+def _write_stand_in(wheel: Path, layout: StandIn, dest: Path, label: str) -> None:
     """Write the wheel's files under layout.wheel_dir to dest/layout.tree_dir, undoing the text
     rewrite vLLM's CMake applies on install (and checking that redoing it gives the wheel's bytes)."""
     written = 0

@@ -36,7 +36,7 @@ from gpuwheel.build.base import ToolchainInfo
 from gpuwheel.build.packages import RawWheel, RawWheels
 from gpuwheel.cache import remove_inside, sha256_file
 from gpuwheel.errors import AuditFailure, WheelError
-from gpuwheel.kinds import vllm as vllm_kind
+from gpuwheel.kinds import registry
 from gpuwheel.log import console, logger
 from gpuwheel.plan import SCHEDULING_ENV, PackagePlan, Plan
 from gpuwheel.provenance import AuditRecord, BuildRecord, PackageRecord, Provenance, WheelRecord
@@ -406,10 +406,7 @@ def _provenance(plan: Plan, package: PackagePlan, observed: dict[str, Any], labe
 
 def _components(package: PackagePlan, members: frozenset[str]) -> dict[str, Any]:
     """Optional parts of a package, and whether this wheel holds them (read from the wheel)."""
-    if package.name != "vllm":
-        return {}
-    rust = sorted(m for m in members if m.startswith(vllm_kind.RUST_MEMBERS))
-    return {"rust_frontend": {"mode": package.rust_frontend, "in_wheel": bool(rust), "members": rust}}
+    return registry.get(package.kind).components(package.rust_frontend, members)
 
 
 # ---- reading a finished wheel ------------------------------------------------------------------

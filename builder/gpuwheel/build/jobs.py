@@ -10,14 +10,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# Peak GB of one compiler job: a base for one arch plus a share per extra nvcc thread.
-# flash-attn: measured 4.2–6.2 GB per TU at one arch, ~8 GB with four archs at --threads 2.
-# vLLM: its cutlass TUs peak at ~3–4 GB per arch (CONTEXT.md; vLLM's own docs size MAX_JOBS so).
-JOB_MEMORY_GB: dict[str, tuple[float, float]] = {
-    "flash-attn": (5.0, 1.5),
-    "vllm": (4.0, 1.5),
-}
-DEFAULT_JOB_MEMORY_GB = (4.0, 1.5)
 # Peak GB of one job on this machine when its compiles run on a cluster: sccache's client still runs
 # nvcc's preprocessing (gcc -E, cudafe++), fatbinary and the link here. An estimate, not a measurement:
 # a vLLM TU's preprocessed source is tens of MB and gcc -E's peak a few hundred; 1.5 leaves room.
@@ -61,14 +53,16 @@ def _meminfo_kb(field: str) -> int:
     return 8 * 2**20  # unknown: assume 8 GB rather than over-commit
 
 
-def choose_jobs(package: str, archs: int, *, cores: int | None = None, memory_gb: float | None = None,
-                jobs: int | None = None, nvcc_threads: int | None = None, cluster_cpus: int | None = None) -> Jobs:
-    """MAX_JOBS × NVCC_THREADS for one package; explicit jobs/nvcc_threads win. With cluster_cpus (an
-    sccache-dist cluster's cores) the compiles run there: the cluster's cores bound the jobs, and this
-    machine's memory only what stays here (DIST_LOCAL_JOB_GB a job)."""
+def choose_jobs(job_memory_gb: tuple[float, float], archs: int, *, cores: int | None = None,
+                memory_gb: float | None = None, jobs: int | None = None, nvcc_threads: int | None = None,
+                cluster_cpus: int | None = None) -> Jobs:
+    """MAX_JOBS × NVCC_THREADS for one package whose compiler job peaks at `job_memory_gb` GB (a base
+    for one arch plus a share per extra nvcc thread: its kind's figure); explicit jobs/nvcc_threads
+    win. With cluster_cpus (an sccache-dist cluster's cores) the compiles run there: the cluster's
+    cores bound the jobs, and this machine's memory only what stays here (DIST_LOCAL_JOB_GB a job)."""
     cores = cores or os.cpu_count() or 1
     memory_gb = available_memory_gb() if memory_gb is None else memory_gb
-    base, per_thread = JOB_MEMORY_GB.get(package, DEFAULT_JOB_MEMORY_GB)
+    base, per_thread = job_memory_gb
     # One arch per TU: nvcc's threads parallelise across archs only, so extra threads are idle.
     threads = nvcc_threads or (1 if archs <= 1 else min(archs, 2))
     per_job = base + per_thread * (threads - 1)

@@ -22,7 +22,7 @@ from gpuwheel.build.progress import BuildProgress
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import BuildError, OutOfMemoryError, ToolchainError
 from gpuwheel.imageref import image_reference_problem
-from gpuwheel.kinds import vllm as vllm_kind
+from gpuwheel.kinds import registry
 
 if TYPE_CHECKING:
     from gpuwheel.build.engine import EngineChoice
@@ -131,7 +131,7 @@ def _build_one(package: PackagePlan, prepared, backend: Backend, toolchain: Tool
         job = PackageBuild(name=package.name, tree=Path(prepared.tree), deps_dir=Path(prepared.deps_dir),
                            command=package.command, env=env, out_dir=Path(private), log_path=log_path,
                            cache_dir=cache_dir,
-                           toolkit_files=vllm_kind.TOOLKIT_FILES if package.name == "vllm" else ())
+                           toolkit_files=registry.get(package.kind).toolkit_files)
         with progress.package(f"{package.name} {package.version}") as on_line:
             outcome = backend.build(job, on_line)
         if outcome.returncode != 0:

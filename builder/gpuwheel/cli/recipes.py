@@ -92,7 +92,7 @@ def show(target: str, as_json: bool) -> None:
 @click.option("--only", multiple=True, metavar="PACKAGE", help="Plan just this package (repeatable).")
 def plan(target: str, as_json: bool, jobs: int | None, only: tuple[str, ...]) -> None:
     """Resolve TARGET into the exact build: steps, env per package, content hash."""
-    from gpuwheel.plan import make_plan, measured_build
+    from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
     from gpuwheel.redact import safe_value
 
@@ -117,14 +117,15 @@ def plan(target: str, as_json: bool, jobs: int | None, only: tuple[str, ...]) ->
     for number, step in enumerate(resolved.steps, start=1):
         out.print(f"  {number:2}. {escape(step)}")
     for package in resolved.packages:
-        if measured := measured_build(package, t.torch_cuda_arch_list):
+        if measured := package.measured:
             cores = os.cpu_count() or 1
             out.print(escape(f"{package.name} {package.version}: measured {measured.cpu_s:,.0f} CPU-s, longest step "
                              f"{measured.longest_s:,.0f} s ({measured.source}): "
                              f"~{measured.predicted_wall_s(cores) / 60:.0f} min on this machine's {cores} cores, "
                              f"~{measured.predicted_wall_s(32) / 60:.0f} min on 32"))
-        table = Table("variable", "value", title=escape(f"{package.name} {package.version} — build environment "
-                                                        f"({package.jobs.reason})"), title_justify="left")
+        table = Table("variable", "value", title=escape(f"{package.name} {package.version} ({package.kind} kind) — "
+                                                        f"build environment ({package.jobs.reason})"),
+                      title_justify="left")
         for key, value in package.env:
             table.add_row(escape(key), escape(safe_value(key, value)))
         out.print(table)
@@ -174,7 +175,7 @@ def _value_at(recipe, key: str):
 def _package_view(package) -> dict:
     source = package.source
     return {
-        "name": package.name, "version": package.version, "profile": package.profile,
+        "name": package.name, "version": package.version, "kind": package.kind, "profile": package.profile,
         "patches": package.patches, "env": dict(package.env),
         "source": {source.kind: source.location, "sha256": source.sha256, "commit": source.commit,
                    "index": source.index, "submodules": source.submodules},

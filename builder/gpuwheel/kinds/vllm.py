@@ -14,12 +14,39 @@ few functions that turn a recipe into vLLM's build environment.
 
 from __future__ import annotations
 
+import fnmatch
 import json
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 from packaging.version import Version
 
 from gpuwheel import facts
+from gpuwheel.errors import RecipeError
+from gpuwheel.kinds.base import DEPS, Kind, MeasuredBuild, SmokeGroup, StandIn, archs
+from gpuwheel.provenance import Provenance
+from gpuwheel.recipe_values import PackageRecipe, Recipe, ServingProfile, closest
+from gpuwheel.smoke import vllm as vllm_checks
+from gpuwheel.smoke.report import FAIL, PASS, CheckResult
+
+# ---- the torch each release pins ------------------------------------------------------------------
+# vLLM release → torch it pins in requirements/cuda.txt, as its PyPI wheel's METADATA requires it
+# (0.14.1, 0.15.x, 0.17.0, 0.18.1, 0.20.1, 0.20.2, 0.22.1, 0.25.x, 0.26.0, 0.27.0, 0.32.0, 0.33.0 read from
+# PyPI 2026-11-30: docs/recipes.md, "Facts").
+TORCH_PIN: dict[str, str] = {
+    "0.10.1.1": "2.7.1", "0.10.2": "2.8.0", "0.11.0": "2.8.0",
+    "0.11.1": "2.9.0", "0.11.2": "2.9.0", "0.12.0": "2.9.0", "0.13.0": "2.9.0",
+    "0.14.0": "2.9.1", "0.14.1": "2.9.1", "0.15.0": "2.9.1", "0.15.1": "2.9.1", "0.16.0": "2.9.1",
+    "0.17.0": "2.10.0", "0.17.1": "2.10.0", "0.18.0": "2.10.0", "0.18.1": "2.10.0", "0.19.0": "2.10.0",
+    "0.19.1": "2.10.0",
+    "0.20.0": "2.11.0", "0.20.1": "2.11.0", "0.20.2": "2.11.0", "0.21.0": "2.11.0", "0.22.0": "2.11.0",
+    "0.22.1": "2.11.0", "0.23.0": "2.11.0", "0.24.0": "2.11.0", "0.25.0": "2.11.0", "0.25.1": "2.11.0",
+    "0.26.0": "2.11.0",
+    "0.27.0": "2.13.0", "0.27.1": "2.13.0", "0.28.0": "2.13.0", "0.29.0": "2.13.0",
+    "0.30.0": "2.13.0", "0.31.0": "2.13.0", "0.32.0": "2.13.0",
+    "0.33.0": "2.14.0",
+}
+
 
 # ---- what the CUDA toolkit must hold ---------------------------------------------------------------
 # vLLM's CMake links CUDA::nvrtc and CUDA::cuda_driver (the driver's link stub) and includes cuBLAS's
@@ -27,6 +54,13 @@ from gpuwheel import facts
 # install) fails half a minute into configure with "CUDA_nvrtc_LIBRARY … NOTFOUND" or "cublas_v2.h:
 # No such file" (seen here, 2026-12-06).
 TOOLKIT_FILES = ("libnvrtc.so", "libcuda.so", "cublas_v2.h")
+
+
+# ---- what the audit allows ---------------------------------------------------------------------------
+# vLLM dispatches to these only on the GPUs they are built for (FlashMLA and FA3 on Hopper, the sm_100
+# attention kernels on Blackwell datacenter parts): no code for other archs is by design.
+AUDIT_OPTIONAL = ("vllm/_flashmla*.so", "vllm/vllm_flash_attn/_vllm_fa3_C*.so", "vllm/*fmha_sm100*.so",
+                  "vllm/*fa4*.so", "vllm/_qutlass_C*.so", "vllm/*deep_gemm*.so")
 
 
 # ---- which archs compile which dependency -------------------------------------------------------
@@ -70,20 +104,6 @@ def _loosely_matches(entry: facts.Arch, arch: facts.Arch) -> bool:
 
 
 # ---- stand-in trees ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StandIn:
-    """Where a dependency's Python files sit in vLLM's wheel and in the dependency's own tree.
-
-    `rewrite` is the text replacement vLLM's CMake applies while installing (source → wheel);
-    the stand-in undoes it, and the undo is checked to give the wheel's bytes back exactly.
-    """
-
-    wheel_dir: str  # e.g. vllm/third_party/fmha_sm100/
-    tree_dir: str  # where those files go in the stand-in tree
-    rewrite: tuple[str, str] | None = None  # (in the dependency's file, in the wheel's)
-    suffixes: tuple[str, ...] = ()  # only files ending so; () = every file
-
-
 STAND_INS: dict[str, dict[str, StandIn]] = {
     "0.26.0": {
         # flashmla.cmake reads flash_mla/flash_mla_interface.py and inserts an import of _flashmla_C.
@@ -157,6 +177,18 @@ def rust_env(mode: str, vendor_dir: str | None) -> dict[str, str]:
     return env
 
 
+def tree_files(env: Mapping[str, str]) -> dict[str, str]:
+    """Cargo's source replacement where the recipe names vendored crates (cargo, run from the tree, reads it)."""
+    vendor = env.get(CARGO_VENDOR_ENV)
+    return {".cargo/config.toml": cargo_config(vendor)} if vendor else {}
+
+
+def components(rust_frontend: str, members: frozenset[str]) -> dict[str, Any]:
+    """Whether the wheel holds the Rust frontend, and what the recipe asked of it."""
+    rust = sorted(m for m in members if m.startswith(RUST_MEMBERS))
+    return {"rust_frontend": {"mode": rust_frontend, "in_wheel": bool(rust), "members": rust}}
+
+
 def cargo_config(vendor_dir: str) -> str:
     """`.cargo/config.toml` replacing crates.io with the vendored crates, as `cargo vendor` prints it.
     (Cargo does not take a replacement source from environment variables alone: tried, 1.95.)"""
@@ -166,19 +198,6 @@ def cargo_config(vendor_dir: str) -> str:
 
 
 # ---- what a build costs ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MeasuredBuild:
-    """A vLLM build measured from its .ninja_log (benchmarks/build_vllm.py): the compile steps' CPU-s
-    and the longest step, which no number of cores or build servers goes below."""
-
-    cpu_s: float
-    longest_s: float
-    source: str  # where the figures come from
-
-    def predicted_wall_s(self, cores: int) -> float:
-        return max(self.cpu_s / max(cores, 1), self.longest_s)
-
-
 # (release, TORCH_CUDA_ARCH_LIST, profile) → the measured build. profile: "full", or
 # "serving:<head dims>:<dtypes>:<omitted families>" as serving_key() writes it.
 MEASURED_BUILDS: dict[tuple[str, str, str], MeasuredBuild] = {
@@ -196,5 +215,180 @@ def serving_key(head_dims: tuple[int, ...], dtypes: tuple[str, ...], omit: tuple
     return f"serving:{','.join(map(str, head_dims))}:{','.join(dtypes)}:{','.join(omit)}"
 
 
-def measured_build(version: str, arch_list: str, profile: str) -> MeasuredBuild | None:
-    return MEASURED_BUILDS.get((version, arch_list, profile))
+def measured_build(package: PackageRecipe, arch_list: str) -> MeasuredBuild | None:
+    """The measured cost of a build like this one: same release, arch list and profile."""
+    profile = serving_key(package.serving.head_dims, package.serving.dtypes, package.serving.omit) \
+        if package.serving else package.profile
+    return MEASURED_BUILDS.get((package.version, arch_list, profile))
+
+
+# ---- the recipe's serving table ------------------------------------------------------------------
+def serving_profile(spec: dict, where) -> ServingProfile:
+    """[package.serving] checked: `where(key)` names the file:line of a key for errors."""
+    head_dims = tuple(sorted(set(spec.get("head_dims", HEAD_DIMS))))
+    dtypes = tuple(d for d in DTYPES if d in spec.get("dtypes", DTYPES))
+    for key, values, valid in (("head_dims", spec.get("head_dims", ()), HEAD_DIMS),
+                               ("dtypes", spec.get("dtypes", ()), DTYPES),
+                               ("omit", spec.get("omit", ()), tuple(OMITTABLE))):
+        for value in values:
+            if value not in valid:
+                close = closest(str(value), [str(v) for v in valid])
+                raise RecipeError(f"{where(f'serving.{key}')}: '{value}' is not one of vLLM's FA2 "
+                                  f"{key.replace('_', ' ')}" if key != "omit" else
+                                  f"{where('serving.omit')}: '{value}' is no kernel family gpuwheel "
+                                  f"can leave out of vLLM",
+                                  hint=f"did you mean '{close}'?" if close else
+                                  f"choose from {', '.join(map(str, valid))}")
+    if not head_dims or not dtypes:
+        raise RecipeError(f"{where('serving')}: the serving profile builds no FA2 kernels",
+                          hint="keep at least one head dim and one dtype")
+    return ServingProfile(head_dims=head_dims, dtypes=dtypes, omit=tuple(sorted(set(spec.get("omit", ())))))
+
+
+# ---- the kind ------------------------------------------------------------------------------------
+def build_env(package: PackageRecipe, recipe: Recipe) -> dict[str, str]:
+    env = {
+        "VLLM_TARGET_DEVICE": "cuda",
+        "TORCH_CUDA_ARCH_LIST": recipe.target.torch_cuda_arch_list,
+        # Equal to the toolkit's version, so vLLM appends no +cuXYZ to its version.
+        "VLLM_MAIN_CUDA_VERSION": facts.major_minor(recipe.toolchain.cuda),
+        "CMAKE_BUILD_TYPE": recipe.build.build_type,
+        **rust_env(package.rust_frontend, str(package.cargo_vendor) if package.cargo_vendor else None),
+    }
+    if package.serving:
+        env.update(serving_env(package.serving.head_dims, package.serving.dtypes, package.serving.omit))
+    cmake_args = ["-DFETCHCONTENT_FULLY_DISCONNECTED=ON"]  # no compile step touches the network
+    for dep in package.dependencies:
+        tree = f"{DEPS}/{dep.name}" + (f"/{dep.subdir}" if dep.subdir else "")
+        if dep.src_dir_env:
+            env[dep.src_dir_env] = tree
+        else:
+            cmake_args.append(f"-DFETCHCONTENT_SOURCE_DIR_{dep.fetchcontent_name.upper()}={tree}")
+    env["CMAKE_ARGS"] = " ".join(cmake_args)
+    return env
+
+
+def problems(package: PackageRecipe, recipe: Recipe, notes: list[str]) -> list[str]:
+    found = []
+    torch = recipe.toolchain.torch
+    pin = TORCH_PIN.get(package.version)
+    if pin is None:
+        notes.append(f"vLLM {package.version} is not in gpuwheel's pin table: its torch pin is unchecked")
+    elif facts.major_minor(pin) != facts.major_minor(torch):
+        found.append(f"vLLM {package.version} pins torch {pin} (recipe has {torch}): set [toolchain] "
+                     f"torch = \"{pin}\" or pick the vLLM release that pins {torch}")
+    elif pin != torch:
+        notes.append(f"vLLM {package.version} pins torch {pin}; recipe has {torch} (same ABI series)")
+    if package.serving and package.version not in SERVING_PROFILE_VERSIONS:
+        found.append(f"vLLM {package.version}: gpuwheel's serving profile exists for vLLM "
+                     f"{', '.join(SERVING_PROFILE_VERSIONS)} only (its patches): set "
+                     f"profile = \"full\" or build one of those")
+    if package.version not in DEPENDENCY_ARCHS:
+        notes.append(f"vLLM {package.version}: gpuwheel does not know which archs compile which of its "
+                     f"dependencies: every dependency is fetched from its sources")
+    elif package.stand_in is not None:
+        standing = stand_ins(package, recipe)
+        if standing:
+            notes.append(f"vLLM {package.version}: {', '.join(standing)} stand in as the files "
+                         f"{package.stand_in.location} installs from them (nothing of them is compiled for "
+                         f"{recipe.target.torch_cuda_arch_list}" + (", or the serving profile leaves them out)"
+                                                                    if package.serving and package.serving.omit
+                                                                    else ")"))
+    return found
+
+
+def stand_ins(package: PackageRecipe, recipe: Recipe) -> tuple[str, ...]:
+    """The dependencies that the recipe's archs never compile (or its serving profile leaves out)
+    and that can stand in as Python files from the published wheel."""
+    if package.stand_in is None:
+        return ()
+    omitted = omitted_dependencies(package.serving.omit if package.serving else ())
+    return tuple(dep.name for dep in package.dependencies
+                 if stand_in(package.version, dep.name) is not None
+                 and (dep.name in omitted
+                      or compiled_for(package.version, dep.name, recipe.toolchain.cuda, archs(recipe)) is False))
+
+
+# ---- smoke ---------------------------------------------------------------------------------------
+def built_serving(provenance: Provenance | None) -> dict[str, list] | None:
+    """The serving profile as gpuwheel.json records it (build.serving), or None (a full build, or a
+    wheel gpuwheel did not build)."""
+    serving = provenance.build.serving if provenance and provenance.build else None
+    if serving is None:
+        return None
+    try:
+        head_dims = sorted(int(d) for d in serving.get("head_dims") or vllm_checks.FA2_HEAD_DIMS)
+    except (TypeError, ValueError):
+        return None
+    dtypes = [d for d in vllm_checks.FA2_DTYPES if d in (serving.get("dtypes") or vllm_checks.FA2_DTYPES)]
+    omit = [str(o) for o in serving.get("omit") or ()]
+    return {"head_dims": head_dims, "dtypes": dtypes, "omit": omit}
+
+
+def op_libraries(shared_objects: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The wheel's op libraries, named and with the ops each must register (smoke/vllm.py OP_LIBRARIES)."""
+    found = []
+    for name, globs, ops in vllm_checks.OP_LIBRARIES:
+        path = next((m for g in globs for m in shared_objects if fnmatch.fnmatch(m, g)), None)
+        if path is not None:
+            found.append({"name": name, "path": path, "ops": {ns: list(names) for ns, names in ops.items()}})
+    return found
+
+
+def smoke_groups(project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
+                 ) -> tuple[SmokeGroup, ...]:
+    serving = built_serving(provenance)
+    fa2 = {"head_dims": serving["head_dims"] if serving else None,
+           "dtypes": serving["dtypes"] if serving else list(vllm_checks.FA2_DTYPES)}
+    spec = {"root": None, "moe_permute_file": None, "op_libraries": op_libraries(shared_objects), "fa2": fa2}
+    built = f"head dims {', '.join(map(str, fa2['head_dims']))}" if serving else "every head dim"
+    # the profile's head dim (128 in the shipped recipes) and dtype, bf16 where built
+    head_dim = 128 if not serving or 128 in serving["head_dims"] else serving["head_dims"][0]
+    dtype = "bf16" if "bf16" in fa2["dtypes"] else fa2["dtypes"][0]
+    return (SmokeGroup("vllm-ops", spec, "op libraries load and register their ops", needs_gpu=False),
+            SmokeGroup("vllm", spec, f"FA2 varlen ({built}), moe_permute and MoE at 8192 tokens"),
+            SmokeGroup("vllm-fa2-errors", spec, "what the serving profile left out of FA2 raises"),
+            SmokeGroup("vllm-boundary", spec, "moe_permute refuses mismatched rows at 8192 tokens"),
+            *(SmokeGroup("vllm-generate", {"workdir": str(work / "model"), "head_dim": head_dim, "dtype": dtype,
+                                           "enforce_eager": eager},
+                         f"tiny model generating with 8192-token chunked prefill "
+                         f"({'eager' if eager else 'compiled'})") for eager in (False, True)))
+
+
+def libraries_check(provenance: Provenance | None, shared_objects: tuple[str, ...]) -> tuple[CheckResult, ...]:
+    """The op libraries the engine needs are in the wheel; those the serving profile omits are not."""
+    name = "op libraries in the wheel"
+    serving = built_serving(provenance)
+    present = {lib["name"]: lib["path"] for lib in op_libraries(shared_objects)}
+    missing = [f"{lib} ({' or '.join(globs)})" for lib, globs, _ in vllm_checks.OP_LIBRARIES if lib not in present]
+    omitted = [family for family in (serving or {}).get("omit", ()) if family in vllm_checks.OMITTABLE_LIBRARIES]
+    leftover = [m for family in omitted for g in vllm_checks.OMITTABLE_LIBRARIES[family]
+                for m in shared_objects if fnmatch.fnmatch(m, g)]
+    found = [f"the wheel has no {', '.join(missing)}"] if missing else []
+    if leftover:
+        found.append(f"the serving profile omits {', '.join(omitted)}, yet the wheel has {', '.join(leftover)}")
+    if found:
+        return (CheckResult(name, FAIL, "; ".join(found)),)
+    detail = ", ".join(f"{lib} ({path})" for lib, path in present.items())
+    if omitted:
+        detail += f"; left out by the serving profile: {', '.join(omitted)}"
+    return (CheckResult(name, PASS, detail),)
+
+
+KIND = Kind(
+    name="vllm",
+    build_env=build_env,
+    problems=problems,
+    profiles=("serving",),
+    # Its cutlass TUs peak at ~3–4 GB per arch (vLLM's own docs size MAX_JOBS so).
+    job_memory_gb=(4.0, 1.5),
+    stand_ins=stand_ins,
+    stand_in_layout=stand_in,
+    tree_files=tree_files,
+    components=components,
+    toolkit_files=TOOLKIT_FILES,
+    audit_optional=AUDIT_OPTIONAL,
+    smoke_groups=smoke_groups,
+    smoke_checks=libraries_check,
+    measured_build=measured_build,
+)

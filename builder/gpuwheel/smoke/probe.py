@@ -4,7 +4,8 @@ not installed there. Each result is one JSON line, flushed at once, so the check
 kept when a kernel takes the whole process down (illegal memory access, device-side assert).
 
 Groups: `env` (python, torch, the GPU torch sees), `wheel` (the wheel's .so files load against the
-installed torch, its modules import), and one group per package check module (flash_attn.py, vllm.py).
+installed torch, its modules import), and the groups of each package check module (flash_attn.py,
+vllm.py, causal_conv1d.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# `python probe.py` puts this directory first on sys.path, where flash_attn.py and vllm.py would
-# shadow the real packages under test.
+# `python probe.py` puts this directory first on sys.path, where flash_attn.py, vllm.py and
+# causal_conv1d.py would shadow the real packages under test.
 if sys.path and os.path.abspath(sys.path[0] or ".") == HERE:
     del sys.path[0]
 
@@ -146,8 +147,16 @@ def _check_module(file_name: str):
     return module
 
 
-# group → (check module, function(spec, recorder)); the runner names the groups per package.
+# Packages of the generic kind with a GPU check of their own: project → (check module,
+# function(spec, recorder), what it checks). The generic kind runs it as the group of that name.
+PACKAGE_CHECKS = {
+    "causal-conv1d": ("causal_conv1d.py", "run_checks",
+                      "causal_conv1d_fn and causal_conv1d_update against a torch conv1d reference"),
+}
+
+# group → (check module, function(spec, recorder)); the package's kind names the groups to run.
 GROUPS = {
+    **{project: (module, function) for project, (module, function, _) in PACKAGE_CHECKS.items()},
     "flash-attn": ("flash_attn.py", "run_checks"),
     "flash-attn-errors": ("flash_attn.py", "run_error_checks"),
     "vllm-ops": ("vllm.py", "run_op_checks"),

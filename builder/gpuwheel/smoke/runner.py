@@ -10,7 +10,8 @@ there, on the target GPU when there is one.
    their dependencies and the pinned torch come from pip's configured index.
 4. Checks: host side, the audit says the GPU's compute capability is covered natively; in the
    interpreter (probe.py), every .so loads against the installed torch and the modules import; on the
-   target GPU, each package's kernels run at the users' crashing shapes (flash_attn.py, vllm.py).
+   target GPU, each package's kernels run at the users' crashing shapes: the groups its kind names
+   (gpuwheel.kinds; check modules flash_attn.py, vllm.py, causal_conv1d.py).
 
 No GPU, or a GPU of another compute capability, skips the GPU checks with the reason, and the report
 is then not a pass (see report.py): the publish gate refuses wheels that did not pass on the target.
@@ -18,7 +19,6 @@ is then not a pass (see report.py): the publish gate refuses wheels that did not
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
@@ -29,16 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
 
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
 from gpuwheel.audit.report import JIT, NATIVE, AuditTarget, audit
 from gpuwheel.errors import SmokeFailure, UsageError
+from gpuwheel.kinds import registry
+from gpuwheel.kinds.base import Kind
 from gpuwheel.layout import simple_url, target_paths
 from gpuwheel.log import logger, pip_milestones, say
-from gpuwheel.provenance import Provenance
 from gpuwheel.run import Finished, capture, run
-from gpuwheel.smoke import vllm as vllm_checks
 from gpuwheel.smoke.report import FAIL, PASS, SKIP, CheckResult, GpuInfo, SmokeReport, WheelSmoke, write_json, write_junit
 from gpuwheel.static_index import add_wheels
 from gpuwheel.wheelfile import WheelFile, read_wheel
@@ -135,7 +136,10 @@ def _smoke(recipe, url: str, source: str, requirements: list[str], python: str |
                                   reason or f"{gpu.name}, compute capability {gpu.compute_capability} "
                                             f"(target {recipe.target.name}: {target_cc})"))
     optional = tuple(glob for package in recipe.packages for glob in package.audit_optional)
-    results = [_smoke_wheel(wheel, interpreter, work, target_cc, recipe.target.min_driver, optional, reason)
+    # The recipe's kind for each of its packages; a wheel the recipe does not name, by its project name.
+    kinds = {canonicalize_name(package.name): package.kind for package in recipe.packages}
+    results = [_smoke_wheel(wheel, registry.get(kinds.get(wheel.project) or registry.default_kind(wheel.project)),
+                            interpreter, work, target_cc, recipe.target.min_driver, optional, reason)
                for wheel in wheels]
     return report(info, gpu, reason, results)
 
@@ -270,20 +274,21 @@ def _nvidia_smi_gpu() -> tuple[GpuInfo | None, str]:
 
 
 # ---- one wheel -----------------------------------------------------------------------------------
-def _smoke_wheel(wheel: WheelFile, interpreter: _Interpreter, work: Path, target_cc: str, driver: str,
+def _smoke_wheel(wheel: WheelFile, kind: Kind, interpreter: _Interpreter, work: Path, target_cc: str, driver: str,
                  optional: tuple[str, ...], gpu_skip: str | None) -> WheelSmoke:
     members = _members(wheel.path)
-    shared_objects = [m for m in members if _is_shared_object(m)]
+    shared_objects = tuple(m for m in members if _is_shared_object(m))
     checks = [_native_check(wheel, target_cc, driver, optional)]
     checks += _run_group(interpreter, "wheel", {"project": wheel.project, "modules": _top_level_modules(members),
-                                                "shared_objects": shared_objects}, work, wheel, timeout=600)
-    for index, (group, spec, names) in enumerate(_package_groups(wheel, shared_objects, work)):
-        if gpu_skip is not None and group not in HOST_GROUPS:
-            checks.append(CheckResult(f"GPU: {names}", SKIP, gpu_skip))
+                                                "shared_objects": list(shared_objects)}, work, wheel, timeout=600)
+    groups = kind.smoke_groups(wheel.project, wheel.provenance, shared_objects, work)
+    for index, group in enumerate(groups):
+        if gpu_skip is not None and group.needs_gpu:
+            checks.append(CheckResult(f"GPU: {group.what}", SKIP, gpu_skip))
         else:
-            checks += _run_group(interpreter, group, spec, work, wheel, timeout=GPU_GROUP_TIMEOUT, run=index)
-    if wheel.project == "vllm":
-        checks.insert(1, _vllm_libraries_check(shared_objects, _serving(wheel.provenance)))
+            checks += _run_group(interpreter, group.group, group.spec, work, wheel, timeout=GPU_GROUP_TIMEOUT,
+                                 run=index)
+    checks[1:1] = kind.smoke_checks(wheel.provenance, shared_objects)
     return WheelSmoke(wheel.filename, wheel.sha256, wheel.project, wheel.version, tuple(checks))
 
 
@@ -300,98 +305,6 @@ def _run_group(interpreter: _Interpreter, group: str, spec: Mapping[str, Any], w
         results.append(CheckResult(f"{group} checks", FAIL, f"the check process died after {len(results)} "
                                    f"check(s): {_last_line(finished)}", finished.seconds))
     return results
-
-
-# Groups that need no GPU (torch, and the driver's libcuda.so.1 where a library links it): they run,
-# or say why not, on any machine.
-HOST_GROUPS = ("vllm-ops",)
-
-
-def _package_groups(wheel: WheelFile, shared_objects: list[str], work: Path):
-    """(probe group, spec, what it checks) for the packages gpuwheel knows how to exercise."""
-    if wheel.project == "flash-attn":
-        yield "flash-attn", {"head_dims": _built_head_dims(wheel.provenance)}, \
-            "flash_attn_varlen_func, flash_attn_with_kvcache at 8192 tokens"
-        disabled = [f for f in (_plan_env(wheel.provenance, "GPUWHEEL_FA_DISABLE") or "").split(";") if f]
-        yield "flash-attn-errors", {"head_dims": _built_head_dims(wheel.provenance), "disabled": disabled}, \
-            "what the build left out raises a Python exception"
-    elif wheel.project == "vllm":
-        serving = _serving(wheel.provenance)
-        fa2 = {"head_dims": serving["head_dims"] if serving else None,
-               "dtypes": serving["dtypes"] if serving else list(vllm_checks.FA2_DTYPES)}
-        spec = {"root": None, "moe_permute_file": None, "op_libraries": _vllm_op_libraries(shared_objects),
-                "fa2": fa2}
-        built = f"head dims {', '.join(map(str, fa2['head_dims']))}" if serving else "every head dim"
-        yield "vllm-ops", spec, "op libraries load and register their ops"
-        yield "vllm", spec, f"FA2 varlen ({built}), moe_permute and MoE at 8192 tokens"
-        yield "vllm-fa2-errors", spec, "what the serving profile left out of FA2 raises"
-        yield "vllm-boundary", spec, "moe_permute refuses mismatched rows at 8192 tokens"
-        # the profile's head dim (128 in the shipped recipes) and dtype, bf16 where built
-        head_dim = 128 if not serving or 128 in serving["head_dims"] else serving["head_dims"][0]
-        dtype = "bf16" if "bf16" in fa2["dtypes"] else fa2["dtypes"][0]
-        for eager in (False, True):
-            yield "vllm-generate", {"workdir": str(work / "model"), "head_dim": head_dim, "dtype": dtype,
-                                    "enforce_eager": eager}, \
-                f"tiny model generating with 8192-token chunked prefill ({'eager' if eager else 'compiled'})"
-
-
-def _serving(provenance: Provenance | None) -> dict[str, list] | None:
-    """vLLM's serving profile as gpuwheel.json records it (build.serving), or None (a full build,
-    or a wheel gpuwheel did not build)."""
-    serving = provenance.build.serving if provenance and provenance.build else None
-    if serving is None:
-        return None
-    try:
-        head_dims = sorted(int(d) for d in serving.get("head_dims") or vllm_checks.FA2_HEAD_DIMS)
-    except (TypeError, ValueError):
-        return None
-    dtypes = [d for d in vllm_checks.FA2_DTYPES if d in (serving.get("dtypes") or vllm_checks.FA2_DTYPES)]
-    omit = [str(o) for o in serving.get("omit") or ()]
-    return {"head_dims": head_dims, "dtypes": dtypes, "omit": omit}
-
-
-def _vllm_op_libraries(shared_objects: list[str]) -> list[dict[str, Any]]:
-    """The wheel's op libraries, named and with the ops each must register (vllm.OP_LIBRARIES)."""
-    found = []
-    for name, globs, ops in vllm_checks.OP_LIBRARIES:
-        path = next((m for g in globs for m in shared_objects if fnmatch.fnmatch(m, g)), None)
-        if path is not None:
-            found.append({"name": name, "path": path, "ops": {ns: list(names) for ns, names in ops.items()}})
-    return found
-
-
-def _plan_env(provenance: Provenance | None, key: str) -> str | None:
-    """A variable of the plan env recorded in gpuwheel.json (build.env)."""
-    return provenance.build.env.get(key) if provenance and provenance.build else None
-
-
-def _built_head_dims(provenance: Provenance | None) -> list[int] | None:
-    """The head dims the plan built (GPUWHEEL_FA_HEAD_DIMS), or None when the wheel does not say."""
-    text = _plan_env(provenance, "GPUWHEEL_FA_HEAD_DIMS")
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.replace(",", ";").split(";") if part.strip()]
-    except ValueError:
-        return None
-
-
-def _vllm_libraries_check(shared_objects: list[str], serving: Mapping[str, Any] | None) -> CheckResult:
-    """The op libraries the engine needs are in the wheel; those the serving profile omits are not."""
-    name = "op libraries in the wheel"
-    present = {lib["name"]: lib["path"] for lib in _vllm_op_libraries(shared_objects)}
-    missing = [f"{lib} ({' or '.join(globs)})" for lib, globs, _ in vllm_checks.OP_LIBRARIES if lib not in present]
-    omitted = [family for family in (serving or {}).get("omit", ()) if family in vllm_checks.OMITTABLE_LIBRARIES]
-    leftover = [m for family in omitted for g in vllm_checks.OMITTABLE_LIBRARIES[family]
-                for m in shared_objects if fnmatch.fnmatch(m, g)]
-    problems = ([f"the wheel has no {', '.join(missing)}"] if missing else []) + \
-        ([f"the serving profile omits {', '.join(omitted)}, yet the wheel has {', '.join(leftover)}"] if leftover else [])
-    if problems:
-        return CheckResult(name, FAIL, "; ".join(problems))
-    detail = ", ".join(f"{lib} ({path})" for lib, path in present.items())
-    if omitted:
-        detail += f"; left out by the serving profile: {', '.join(omitted)}"
-    return CheckResult(name, PASS, detail)
 
 
 def _native_check(wheel: WheelFile, cc: str, driver: str, optional: tuple[str, ...]) -> CheckResult:
