@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from build_helpers import SHARED_CACHE, fixture_recipe
+from build_helpers import PROJECT_ROOT, SHARED_CACHE, fixture_recipe
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH: these build CUDA code")
 
@@ -26,11 +26,12 @@ def _cache_root(directory: Path) -> Path:
     return root
 
 
-def _build_twice(gpuwheel, monkeypatch, tmp_path: Path, *args: str) -> list[dict]:
+def _build_twice(gpuwheel, monkeypatch, tmp_path: Path, *args: str, recipes: Path | None = None) -> list[dict]:
     built = []
+    search = ("--recipes", recipes) if recipes else ()
     for place in (tmp_path / "a", tmp_path / "somewhere" / "much" / "deeper"):
         monkeypatch.setenv("GPUWHEEL_CACHE", str(_cache_root(place)))
-        result = gpuwheel("build", *args, "--backend", "local", "--out", place / "out", "--json")
+        result = gpuwheel(*search, "build", *args, "--backend", "local", "--out", place / "out", "--json")
         assert result.exit_code == 0, result.stderr
         assert result.json()["reused"] is False
         built.append(result.json())
@@ -59,8 +60,20 @@ def test_the_fixture_built_in_two_directories_is_the_same_bytes(gpuwheel, monkey
 
 
 @pytest.mark.slow
-def test_the_flash_attn_profile_built_in_two_directories_is_the_same_bytes(gpuwheel, monkeypatch, tmp_path):
-    first, second = _build_twice(gpuwheel, monkeypatch, tmp_path, "rtx6000pro-cu13", "--only", "flash-attn")
+def test_the_flash_attn_profile_built_in_two_directories_from_one_lock_is_the_same_bytes(gpuwheel, monkeypatch,
+                                                                                         tmp_path):
+    # The shipped recipes and patch sets copied, so that the lock is written beside the copy, not into
+    # the checkout; both builds then take every input from that one lock.
+    for part in ("recipes", "patches"):
+        shutil.copytree(PROJECT_ROOT / part, tmp_path / "shipped" / part)
+    recipes = tmp_path / "shipped" / "recipes"
+    monkeypatch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
+    locked = gpuwheel("--recipes", recipes, "lock", "rtx6000pro-cu13", "--only", "flash-attn")
+    assert locked.exit_code == 0, locked.stderr
+    assert (recipes / "rtx6000pro-cu13.lock").is_file()
+
+    first, second = _build_twice(gpuwheel, monkeypatch, tmp_path, "--locked", "rtx6000pro-cu13", "--only",
+                                 "flash-attn", recipes=recipes)
 
     [a], [b] = first["finished"]["wheels"], second["finished"]["wheels"]
     assert _embedded_paths(Path(a["path"]), tmp_path) == []
