@@ -7,8 +7,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuwheel.build.packages import RawWheels
-from gpuwheel.wheels import Wheels
+from gpuwheel.build.engine import choose_engine
+from gpuwheel.build.packages import RawWheels, build_packages, open_backend
+from gpuwheel.cache import cache_root
+from gpuwheel.patches import prepare_trees
+from gpuwheel.sources import fetch_sources
+from gpuwheel.wheels import Wheels, finish_wheels
 
 
 @dataclass(frozen=True)
@@ -27,13 +31,6 @@ def build_plan(plan, lock, cluster, *, backend: str, engine: str | None, recipe_
     """Build every package of `plan` and finish the wheels into out_dir; with a lock, only from it (the
     toolchain, then the sources, checked against it before anything is built). BuildError carries the
     log's last lines (`tail`) for the caller to show."""
-    from gpuwheel.build.engine import choose_engine
-    from gpuwheel.build.packages import build_packages, open_backend
-    from gpuwheel.cache import cache_root
-    from gpuwheel.patches import prepare_trees
-    from gpuwheel.sources import fetch_sources
-    from gpuwheel.wheels import finish_wheels
-
     start = time.monotonic() if start is None else start
     timings: list[tuple[str, float]] = []
     # Held open until the wheels are finished: a podman service gpuwheel starts lives exactly as long.

@@ -20,6 +20,7 @@ from gpuwheel.cache import cache_root, remove_inside
 from gpuwheel.errors import LockError, RecipeError, WheelError
 from gpuwheel.lock import Lock, lock_path, read_lock
 from gpuwheel.log import logger
+from gpuwheel.pipeline import build_plan
 from gpuwheel.plan import Plan, make_plan
 from gpuwheel.recipe import Recipe, load_recipe
 from gpuwheel.run import run
@@ -163,7 +164,6 @@ def verify_wheels(wheels: Sequence[Recorded], *, target: str | None = None, lock
     backend: None is the one that built them (recorded), else auto. Raises what `gpuwheel build
     --locked` raises for the rebuild (LockError for drift, BuildError, ...).
     """
-    from gpuwheel.pipeline import build_plan
 
     first = one_build(wheels)
     recipe, plan, locked = plan_of(first, target=target, lock=lock, jobs=jobs)
