@@ -259,7 +259,9 @@ def test_a_distributed_container_build_compiles_on_the_cluster_with_the_images_c
         pytest.skip(f"local sccache-dist cluster: {missing}")
     # Recache inside the container (the plan's env reaches it, the host's does not): a cache hit never
     # leaves the container, and both builds compile everything.
-    recipe = fixture_recipe(tmp_path, base_image=base_image, env={"SCCACHE_RECACHE": "1"})
+    recipe = fixture_recipe(tmp_path, base_image=base_image,
+                            env={"SCCACHE_RECACHE": "1",
+                                 "PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"})
     packed = SHARED_CACHE / "compile" / "dist-client-container"
     shutil.rmtree(packed, ignore_errors=True)  # the compilers this build packs, not an earlier run's
     here = gpuwheel("build", recipe, "--backend", "container", "--out", tmp_path / "here", "--json")
@@ -286,6 +288,10 @@ def test_a_distributed_container_build_compiles_on_the_cluster_with_the_images_c
     # /opt/toolchain), packed inside the container by its sccache server and shipped to the servers.
     log = Path(built["log"]).read_text()
     assert "gpuwheel: starting sccache as a client of the sccache-dist scheduler" in log
+    # What nvcc's wrapper saw: the host's interfaces, and the token in no process's environment or file.
+    assert "gwsandbox: interfaces=lo " not in log and "gwsandbox: interfaces=" in log
+    seen = [line for line in log.splitlines() if "process environments" in line]
+    assert seen and all(line.endswith(" 0 holding the sccache client config; config file left: False") for line in seen)
     compilers = json.loads((packed / "client" / "weak_map.json").read_text())
     assert any(c.startswith("/usr/bin/c++-") for c in compilers)
     assert {"cicc", "ptxas"} <= {Path(c).name.split("-")[0] for c in compilers if c.startswith("/opt/toolchain/")}

@@ -60,17 +60,7 @@ mkdir -p {work}
 cp -a {src} {work}/$GPUWHEEL_PACKAGE
 cp -a {deps_src} {work}/deps
 cd {work}/$GPUWHEEL_PACKAGE
-if [ -n "${dist_conf_var}" ]; then
-  # The cluster's client config holds its token: written to RAM (/dev/shm is a tmpfs in docker's and
-  # podman's containers) by printf, a shell builtin (no argv shows it), read by the sccache server as it
-  # starts, and gone, with the variable, before the build command runs: it never sees the token.
-  echo "gpuwheel: starting sccache as a client of the sccache-dist scheduler"
-  dist_conf=/dev/shm/gpuwheel-sccache.conf
-  (umask 077 && printf '%s' "${dist_conf_var}" > $dist_conf)
-  unset {dist_conf_var}
-  SCCACHE_CONF=$dist_conf sccache --start-server >/dev/null || {{ rm -f $dist_conf; exit 1; }}
-  rm -f $dist_conf
-elif [ -n "$SCCACHE_DIR" ]; then sccache --start-server >/dev/null; fi
+if [ -n "$SCCACHE_DIR" ] && [ -z "$GPUWHEEL_SCCACHE_STARTED" ]; then sccache --start-server >/dev/null; fi
 echo "gpuwheel: running the build command (pip reads the build's metadata before the first compile step)"
 set +e
 "$@"
@@ -83,8 +73,24 @@ if [ -n "$SCCACHE_DIR" ]; then
 fi
 chown -R "$GPUWHEEL_OWNER" {out} {meta}
 exit $status
-""".format(work=WORK, src=SRC, deps_src=DEPS_SRC, meta=META, out=OUT, dist_client=DIST_CLIENT,
-           dist_conf_var=DIST_CONF_VARIABLE)
+""".format(work=WORK, src=SRC, deps_src=DEPS_SRC, meta=META, out=OUT, dist_client=DIST_CLIENT)
+# Runs first in a --dist container, BUILD_SCRIPT as $1: the cluster's client config holds its token. printf
+# (a shell builtin: no command line shows it) writes it to RAM (/dev/shm is a tmpfs in docker's and
+# podman's containers); the sccache server reads it as it starts; then file and variable are gone. This
+# shell's first environment (/proc/1/environ) still holds the variable, so the build goes on in a new
+# process image: neither the build command nor any process it can list has the token in its environment.
+DIST_START_SCRIPT = """set -e
+echo "gpuwheel: starting sccache as a client of the sccache-dist scheduler"
+conf=/dev/shm/gpuwheel-sccache.conf
+(umask 077 && printf '%s' "${dist_conf_var}" > $conf)
+unset {dist_conf_var}
+SCCACHE_CONF=$conf sccache --start-server >/dev/null || {{ rm -f $conf; exit 1; }}
+rm -f $conf
+export GPUWHEEL_SCCACHE_STARTED=1
+script=$1
+shift
+exec /bin/sh -c "$script" gpuwheel-build "$@"
+""".format(dist_conf_var=DIST_CONF_VARIABLE)
 PROBE_COMMAND = ("python -c \"$0\"; nvcc --version; c++ --version | head -n1; sccache --version")
 # The lines of an image build worth a line of their own off a terminal: docker's and podman's steps, and
 # pip's two in the long one (its downloads take minutes before it installs).
@@ -247,8 +253,9 @@ class ContainerBackend:
                 on_line(text)
             start = time.monotonic()
             line(f"gpuwheel: starting a {self.engine.kind} container of {self._image.ref}")
-            finished = self.engine.run(self._image, ["/bin/sh", "-c", BUILD_SCRIPT, "gpuwheel-build",
-                                                 *substitute(job.command, **places)],
+            script = ["/bin/sh", "-c", DIST_START_SCRIPT, "gpuwheel-dist", BUILD_SCRIPT] if self.cluster else \
+                ["/bin/sh", "-c", BUILD_SCRIPT, "gpuwheel-build"]
+            finished = self.engine.run(self._image, [*script, *substitute(job.command, **places)],
                                    env=env, mounts=mounts, labels={"gpuwheel.package": job.name}, on_line=line,
                                    network="host" if self.cluster else "none")
             seconds = time.monotonic() - start
