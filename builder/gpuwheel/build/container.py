@@ -10,8 +10,8 @@ network off, the output and compile-cache directories mounted, and the plan's en
 With --dist the container shares the host's network instead (the scheduler and every build server it
 hands out must be reachable at the addresses the host reaches them by), and the sccache server inside
 packs the image's own compilers for the servers. The client configuration, token included, enters as
-one environment variable that the build script writes to RAM for the sccache server's start and
-removes, with the variable, before the build command runs (docs/dist.md).
+one environment variable that a start script writes to RAM for the sccache server's start, then
+removes with the variable before it execs the build script (docs/dist.md).
 """
 
 from __future__ import annotations
