@@ -148,10 +148,10 @@ def test_a_container_build_gives_a_wheel_with_sm90a_and_sm120_sass_pinned_to_its
 
     assert shown.exit_code == 0, shown.stderr
     for key in ("image_id", "base_image_id"):
-        [row] = [line for line in shown.stderr.splitlines() if f"toolchain {key} " in line]
+        [row] = [line for line in shown.stdout.splitlines() if f"toolchain {key} " in line]
         assert toolchain[key] in row
 
-    again = gpuwheel("build", recipe, "--backend", "container", "--out", out, "--json")
+    again = gpuwheel("build", recipe, "--backend", "container", "--out", out, "--rebuild", "--json")
 
     assert again.exit_code == 0, again.stderr
     assert "toolchain image gpuwheel-toolchain" not in again.stderr  # same pins: the image is reused
