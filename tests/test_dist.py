@@ -9,10 +9,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import keyring
+import keyring.backends.fail
 import pytest
 
 from build_helpers import SHARED_CACHE, fixture_recipe, fixture_wheel, prepare_fixture_toolchain
-from dist_helpers import local_cluster, missing_prerequisites
+from dist_helpers import MemoryKeyring, local_cluster, missing_prerequisites
 from gpuwheel.build.dist import cluster_from
 from gpuwheel.build.jobs import choose_jobs
 from gpuwheel.kinds import vllm as vllm_kind
@@ -40,14 +42,48 @@ def one_error(result) -> str:
     return line
 
 
-# ---- configuration ---------------------------------------------------------------------------------
-def test_a_dist_url_without_a_token_is_refused_naming_the_variable(gpuwheel, monkeypatch):
+@pytest.fixture
+def user_keyring(monkeypatch):
+    """The user's keyring, empty, and no token in the environment: `keyring set gpuwheel-dist URL` is
+    keyring.set_password("gpuwheel-dist", URL, token)."""
     monkeypatch.delenv("GPUWHEEL_DIST_TOKEN", raising=False)
+    previous = keyring.get_keyring()
+    keyring.set_keyring(MemoryKeyring())
+    yield keyring.get_keyring()
+    keyring.set_keyring(previous)
+
+
+# ---- configuration ---------------------------------------------------------------------------------
+def test_a_dist_url_without_a_token_is_refused_naming_the_variable_and_the_keyring(gpuwheel, user_keyring):
+    result = gpuwheel("dist", "check", "--dist", "http://10.0.0.5:10600")
+
+    assert result.exit_code == 16
+    assert one_error(result) == (
+        "gpuwheel: error: --dist http://10.0.0.5:10600: no client token in $GPUWHEEL_DIST_TOKEN or the keyring "
+        "(dist_helpers.MemoryKeyring holds none for gpuwheel-dist http://10.0.0.5:10600) (set $GPUWHEEL_DIST_TOKEN "
+        "to the token of the scheduler's [client_auth], or store it: keyring set gpuwheel-dist http://10.0.0.5:10600)")
+
+
+def test_a_keyring_that_cannot_be_read_is_named_in_the_one_line(gpuwheel, user_keyring):
+    keyring.set_keyring(keyring.backends.fail.Keyring())  # what keyring gives where no backend is installed
 
     result = gpuwheel("dist", "check", "--dist", "http://10.0.0.5:10600")
 
     assert result.exit_code == 16
-    assert "no client token (set $GPUWHEEL_DIST_TOKEN" in one_error(result)
+    assert ("no client token in $GPUWHEEL_DIST_TOKEN or the keyring (keyring.backends.fail.Keyring could not be "
+            "read: NoKeyringError: No recommended backend was available.") in one_error(result)
+    assert "Traceback" not in result.stderr
+
+
+def test_the_token_comes_from_the_keyring_under_the_scheduler_url_and_the_environment_wins(user_keyring):
+    user_keyring.set_password("gpuwheel-dist", "http://h:1", "s3cr3t")
+
+    from_keyring = cluster_from("http://h:1/", {})
+    from_environment = cluster_from("http://h:1", {"GPUWHEEL_DIST_TOKEN": "other"})
+
+    assert from_keyring.token == "s3cr3t" and from_keyring.token_source == "the keyring (gpuwheel-dist, http://h:1)"
+    assert "s3cr3t" not in repr(from_keyring) + str(from_keyring)
+    assert from_environment.token == "other" and from_environment.token_source == "$GPUWHEEL_DIST_TOKEN"
 
 
 def test_a_token_in_the_url_is_refused_and_never_shown(gpuwheel, monkeypatch):
@@ -57,7 +93,8 @@ def test_a_token_in_the_url_is_refused_and_never_shown(gpuwheel, monkeypatch):
 
     assert result.exit_code == 16
     assert "s3cr3t" not in result.stderr + result.stdout
-    assert "put the scheduler's client token in $GPUWHEEL_DIST_TOKEN, not in the URL" in one_error(result)
+    assert ("put the scheduler's client token in $GPUWHEEL_DIST_TOKEN or the keyring (keyring set gpuwheel-dist URL), "
+            "not in the URL") in one_error(result)
 
 
 def test_the_token_is_kept_out_of_the_clusters_repr():
@@ -134,6 +171,22 @@ def test_a_wrong_token_is_refused_by_the_scheduler(gpuwheel, cluster, monkeypatc
 
 
 @needs_cluster
+def test_the_keyrings_token_is_taken_and_a_wrong_one_names_the_keyring(gpuwheel, cluster, user_keyring):
+    user_keyring.set_password("gpuwheel-dist", cluster.url, cluster.token)
+
+    accepted = gpuwheel("dist", "check", "--dist", cluster.url, "--no-compile")
+    user_keyring.set_password("gpuwheel-dist", cluster.url, "not-" + cluster.token)
+    refused = gpuwheel("dist", "check", "--dist", cluster.url, "--no-compile")
+
+    assert accepted.exit_code == 0, accepted.stderr
+    assert accepted.stdout.startswith(f"ok: {cluster.url}: 2 build servers") and "token accepted" in accepted.stdout
+    assert refused.exit_code == 18
+    assert (f"the scheduler {cluster.url} refused the client token in the keyring (gpuwheel-dist, {cluster.url})"
+            in one_error(refused))
+    assert cluster.token not in accepted.stdout + accepted.stderr + refused.stdout + refused.stderr
+
+
+@needs_cluster
 def test_a_scheduler_without_servers_is_named(gpuwheel, monkeypatch, tmp_path):
     with local_cluster(SCCACHE_DIST, tmp_path, servers=0) as empty:
         monkeypatch.setenv("GPUWHEEL_DIST_TOKEN", empty.token)
@@ -146,10 +199,10 @@ def test_a_scheduler_without_servers_is_named(gpuwheel, monkeypatch, tmp_path):
 @pytest.mark.slow
 @needs_cluster
 def test_a_distributed_build_runs_on_the_servers_and_gives_the_local_builds_wheel(
-        gpuwheel, cluster, monkeypatch, tmp_path, fixture_toolchain):
+        gpuwheel, cluster, monkeypatch, tmp_path, fixture_toolchain, user_keyring):
     # Recache: both builds compile everything (a cache hit never leaves this machine), and both write.
     monkeypatch.setenv("SCCACHE_RECACHE", "1")
-    monkeypatch.setenv("GPUWHEEL_DIST_TOKEN", cluster.token)
+    user_keyring.set_password("gpuwheel-dist", cluster.url, cluster.token)  # the token from the keyring
     recipe = fixture_recipe(tmp_path)
     local = gpuwheel("build", recipe, "--backend", "local", "--out", tmp_path / "local", "--json")
     assert local.exit_code == 0, local.stderr
@@ -164,8 +217,14 @@ def test_a_distributed_build_runs_on_the_servers_and_gives_the_local_builds_whee
     assert built["dist"]["fallbacks"] == 0 and sum(built["dist"]["remote"].values()) >= 4
     # The scheduler's side: it assigned those jobs to the servers and they reported each one complete.
     assert sum(cluster.completed_jobs().values()) - before == sum(built["dist"]["remote"].values())
-    assert cluster.token not in Path(built["log"]).read_text() + spread.stderr + spread.stdout
+    planned = gpuwheel("plan", recipe, "--json")
     dist_wheel, local_wheel = fixture_wheel(tmp_path / "dist"), fixture_wheel(tmp_path / "local")
+    # Nowhere: the build's output and log, the plan, the wheel (its provenance among its members).
+    assert cluster.token not in Path(built["log"]).read_text() + spread.stderr + spread.stdout + planned.stdout
+    assert cluster.token.encode() not in dist_wheel.read_bytes()
+    with zipfile.ZipFile(dist_wheel) as wheel:
+        assert [n for n in wheel.namelist() if cluster.token.encode() in wheel.read(n)] == []
+        assert any(n.endswith("gpuwheel.json") for n in wheel.namelist())
     [so] = [n for n in zipfile.ZipFile(local_wheel).namelist() if n.endswith(".so")]
     # Byte for byte: gcc would write its switches into DWARF's DW_AT_producer, and the remote compile of
     # module.cpp has sccache's -fdirectives-only among them (without it, fully preprocessed source moves

@@ -6,6 +6,12 @@ base image has no CUDA toolkit) the pinned PyPI CUDA wheels, and tagged by the h
 same pins on the same base image reuse the same image. Each package builds in a container with its
 sources mounted read-only (copied inside to a stable writable path, which sccache keys on), the
 network off, the output and compile-cache directories mounted, and the plan's env.
+
+With --dist the container shares the host's network instead (the scheduler and every build server it
+hands out must be reachable at the addresses the host reaches them by), and the sccache server inside
+packs the image's own compilers for the servers. The client configuration, token included, enters as
+one environment variable that a start script writes to RAM for the sccache server's start, then
+removes with the variable before it execs the build script (docs/dist.md).
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from gpuwheel import facts
 from gpuwheel.build.base import (PROBE_SCRIPT, BuildOutcome, PackageBuild, ToolchainInfo,
                                  check_toolchain, parse_cache_stats, parse_nvcc_version, reproducible_env,
                                  substitute, toolchain_requirements)
+from gpuwheel.build.dist import Cluster, client_config_text, parse_dist_stats
 from gpuwheel.build.engine import ContainerEngine, Image, Mount
 from gpuwheel.build.progress import BuildProgress
 from gpuwheel.cache import cache_root
-from gpuwheel.errors import ToolchainError
+from gpuwheel.errors import DistConfigError, ToolchainError
 from gpuwheel.recipe import Toolchain
 from gpuwheel.shipped import shipped
 from gpuwheel.wheelfile import DEFAULT_SOURCE_DATE_EPOCH
@@ -41,6 +48,9 @@ IMAGE_REPOSITORY = "gpuwheel-toolchain"
 # Paths inside the build container.
 SRC, DEPS_SRC, WORK, OUT, CACHE, META = ("/gpuwheel/src", "/gpuwheel/deps-src", "/gpuwheel/work", "/gpuwheel/out",
                                          "/gpuwheel/cache", "/gpuwheel/meta")
+DIST_CLIENT = "/gpuwheel/dist-client"  # --dist: the compilers sccache packed for the build servers, kept across builds
+# --dist: sccache's client configuration as text (it holds the token), for the build script alone.
+DIST_CONF_VARIABLE = "GPUWHEEL_SCCACHE_CONF"
 # Runs in the container: copy the read-only tree to a writable stable path, build through sccache,
 # save its stats, hand the outputs to the calling user. "$@" is the plan's command. The "gpuwheel:"
 # lines say what the container is doing before the first compile step (progress shows them).
@@ -50,7 +60,7 @@ mkdir -p {work}
 cp -a {src} {work}/$GPUWHEEL_PACKAGE
 cp -a {deps_src} {work}/deps
 cd {work}/$GPUWHEEL_PACKAGE
-if [ -n "$SCCACHE_DIR" ]; then sccache --start-server >/dev/null; fi
+if [ -n "$SCCACHE_DIR" ] && [ -z "$GPUWHEEL_SCCACHE_STARTED" ]; then sccache --start-server >/dev/null; fi
 echo "gpuwheel: running the build command (pip reads the build's metadata before the first compile step)"
 set +e
 "$@"
@@ -59,10 +69,28 @@ if [ -n "$SCCACHE_DIR" ]; then
   sccache --show-stats --stats-format=json > {meta}/sccache.json
   sccache --stop-server >/dev/null
   chown -R "$GPUWHEEL_OWNER" "$SCCACHE_DIR"
+  if [ -d {dist_client} ]; then chown -R "$GPUWHEEL_OWNER" {dist_client}; fi
 fi
 chown -R "$GPUWHEEL_OWNER" {out} {meta}
 exit $status
-""".format(work=WORK, src=SRC, deps_src=DEPS_SRC, meta=META, out=OUT)
+""".format(work=WORK, src=SRC, deps_src=DEPS_SRC, meta=META, out=OUT, dist_client=DIST_CLIENT)
+# Runs first in a --dist container, BUILD_SCRIPT as $1: the cluster's client config holds its token. printf
+# (a shell builtin: no command line shows it) writes it to RAM (/dev/shm is a tmpfs in docker's and
+# podman's containers); the sccache server reads it as it starts; then file and variable are gone. This
+# shell's first environment (/proc/1/environ) still holds the variable, so the build goes on in a new
+# process image: neither the build command nor any process it can list has the token in its environment.
+DIST_START_SCRIPT = """set -e
+echo "gpuwheel: starting sccache as a client of the sccache-dist scheduler"
+conf=/dev/shm/gpuwheel-sccache.conf
+(umask 077 && printf '%s' "${dist_conf_var}" > $conf)
+unset {dist_conf_var}
+SCCACHE_CONF=$conf sccache --start-server >/dev/null || {{ rm -f $conf; exit 1; }}
+rm -f $conf
+export GPUWHEEL_SCCACHE_STARTED=1
+script=$1
+shift
+exec /bin/sh -c "$script" gpuwheel-build "$@"
+""".format(dist_conf_var=DIST_CONF_VARIABLE)
 PROBE_COMMAND = ("python -c \"$0\"; nvcc --version; c++ --version | head -n1; sccache --version")
 # The lines of an image build worth a line of their own off a terminal: docker's and podman's steps, and
 # pip's two in the long one (its downloads take minutes before it installs).
@@ -107,10 +135,12 @@ def render_dockerfile(toolchain: Toolchain, *, base_image: str, cuda_from_pypi: 
 class ContainerBackend:
     name = "container"
 
-    def __init__(self, engine: ContainerEngine, *, base_image: str | None = None, lock: Lock | None = None):
+    def __init__(self, engine: ContainerEngine, *, base_image: str | None = None, lock: Lock | None = None,
+                 cluster: Cluster | None = None):
         self.engine = engine  # open: the caller holds it for as long as this backend builds
         self.base_image = base_image  # overrides the recipe's [toolchain] base_image
         self.lock = lock  # `build --locked`: the image's venv is installed from the lock's hashes
+        self.cluster = cluster  # an sccache-dist cluster the compiles go to (build --dist), checked already
         self._image: Image | None = None
         self._sccache = False
 
@@ -138,6 +168,9 @@ class ContainerBackend:
                                  f"(the CUDA 13 toolkit then comes from PyPI)",
                         fix_torch=f"remove image {tag} so gpuwheel rebuilds it")
         self._image, self._sccache = image, info.sccache is not None
+        if self.cluster and not self._sccache:
+            raise DistConfigError(f"--dist {self.cluster}: no sccache in image {image.ref} to send compiles to the "
+                                  f"cluster", hint=f"remove image {image.ref} so gpuwheel rebuilds it with sccache")
         return info
 
     def _pull(self, name: str) -> Image:
@@ -203,6 +236,15 @@ class ContainerBackend:
             mounts = (Mount(job.tree, SRC, read_only=True), Mount(deps, DEPS_SRC, read_only=True),
                       Mount(job.out_dir, OUT, read_only=False), Mount(job.cache_dir, CACHE, read_only=False),
                       Mount(Path(meta), META, read_only=False))
+            if self.cluster:
+                from gpuwheel.build.local import _free_port  # one free-port helper for every private sccache server
+
+                packed = cache_root() / "compile" / "dist-client-container"
+                packed.mkdir(parents=True, exist_ok=True)
+                mounts += (Mount(packed, DIST_CLIENT, read_only=False),)
+                # The host's network: the sccache server's port must be free on the host, not only in here.
+                env.update({DIST_CONF_VARIABLE: client_config_text(self.cluster, DIST_CLIENT),
+                            "SCCACHE_SERVER_PORT": str(_free_port())})
             tail: deque[str] = deque(maxlen=40)
 
             def line(text: str) -> None:
@@ -211,13 +253,16 @@ class ContainerBackend:
                 on_line(text)
             start = time.monotonic()
             line(f"gpuwheel: starting a {self.engine.kind} container of {self._image.ref}")
-            finished = self.engine.run(self._image, ["/bin/sh", "-c", BUILD_SCRIPT, "gpuwheel-build",
-                                                 *substitute(job.command, **places)],
-                                   env=env, mounts=mounts, labels={"gpuwheel.package": job.name}, on_line=line)
+            script = ["/bin/sh", "-c", DIST_START_SCRIPT, "gpuwheel-dist", BUILD_SCRIPT] if self.cluster else \
+                ["/bin/sh", "-c", BUILD_SCRIPT, "gpuwheel-build"]
+            finished = self.engine.run(self._image, [*script, *substitute(job.command, **places)],
+                                   env=env, mounts=mounts, labels={"gpuwheel.package": job.name}, on_line=line,
+                                   network="host" if self.cluster else "none")
             seconds = time.monotonic() - start
             stats_file = Path(meta) / "sccache.json"
-            stats = parse_cache_stats(stats_file.read_text() if stats_file.is_file() else "")
-        return BuildOutcome(finished.code, seconds, tuple(tail), stats, oom_killed=finished.oom_killed)
+            shown = stats_file.read_text() if stats_file.is_file() else ""
+        return BuildOutcome(finished.code, seconds, tuple(tail), parse_cache_stats(shown), oom_killed=finished.oom_killed,
+                            dist=parse_dist_stats(shown) if self.cluster else None)
 
 
 def _parse_probe(lines: list[str]) -> dict:

@@ -6,8 +6,9 @@ sends each compile it can to the cluster's scheduler, which picks a build server
 the compiler (on Linux x86_64 it packs gcc with cc1plus/as/objcopy, and nvcc's own stages — cicc,
 ptxas, cudafe++ — itself), ships it once per server and runs anything that fails remotely again
 on this machine. What gpuwheel adds: the configuration (scheduler URL from --dist or $GPUWHEEL_DIST,
-the client token from $GPUWHEEL_DIST_TOKEN only), a check that says in one line what is wrong, the
-job count sized to the cluster, and what really ran where, read back from sccache's stats.
+the client token from $GPUWHEEL_DIST_TOKEN, else from the keyring under service `gpuwheel-dist` and the
+URL), a check that says in one line what is wrong, the job count sized to the cluster, and what really
+ran where, read back from sccache's stats.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from gpuwheel.redact import has_password
 
 DIST_VARIABLE = "GPUWHEEL_DIST"
 TOKEN_VARIABLE = "GPUWHEEL_DIST_TOKEN"
+KEYRING_SERVICE = "gpuwheel-dist"  # `keyring set gpuwheel-dist http://sched:10600`: the user is the scheduler URL
 
 
 @dataclass(frozen=True)
 class Cluster:
     url: str  # the scheduler, http(s)://host:port, without credentials
     token: str = field(repr=False)  # the scheduler's client token: never shown, logged or put in a plan
+    token_source: str = f"${TOKEN_VARIABLE}"  # where it came from, for messages: the variable or the keyring
 
     def __str__(self) -> str:
         return self.url
@@ -74,23 +77,44 @@ class DistStats:
 
 
 def cluster_from(url: str | None, environ: Mapping[str, str]) -> Cluster | None:
-    """The cluster --dist or $GPUWHEEL_DIST names, with its token from $GPUWHEEL_DIST_TOKEN; None when neither
-    names one. DistConfigError names what is wrong and the fix."""
+    """The cluster --dist or $GPUWHEEL_DIST names, with its token from $GPUWHEEL_DIST_TOKEN, else from the
+    keyring (service gpuwheel-dist, user the URL); None when neither names one. DistConfigError names what
+    is wrong and the fix."""
     url = (url or environ.get(DIST_VARIABLE) or "").strip()
     if not url:
         return None
     parts = urlsplit(url)
     if has_password(url) or parts.username:
         raise DistConfigError(f"--dist {parts.scheme}://{parts.hostname or ''}…: the URL carries credentials",
-                              hint=f"put the scheduler's client token in ${TOKEN_VARIABLE}, not in the URL")
+                              hint=f"put the scheduler's client token in ${TOKEN_VARIABLE} or the keyring "
+                                   f"(keyring set {KEYRING_SERVICE} URL), not in the URL")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
         raise DistConfigError(f"--dist {url!r} is no scheduler URL",
                               hint="give http(s)://HOST:PORT of the sccache-dist scheduler, e.g. http://10.0.0.5:10600")
-    token = environ.get(TOKEN_VARIABLE, "")
-    if not token.strip():
-        raise DistConfigError(f"--dist {url}: no client token",
-                              hint=f"set ${TOKEN_VARIABLE} to the token of the scheduler's [client_auth]")
-    return Cluster(url.rstrip("/"), token.strip())
+    url = url.rstrip("/")
+    token = environ.get(TOKEN_VARIABLE, "").strip()
+    if token:
+        return Cluster(url, token)
+    token, why_not = _keyring_token(url)
+    if not token:
+        raise DistConfigError(f"--dist {url}: no client token in ${TOKEN_VARIABLE} or the keyring ({why_not})",
+                              hint=f"set ${TOKEN_VARIABLE} to the token of the scheduler's [client_auth], or "
+                                   f"store it: keyring set {KEYRING_SERVICE} {url}")
+    return Cluster(url, token, token_source=f"the keyring ({KEYRING_SERVICE}, {url})")
+
+
+def _keyring_token(url: str) -> tuple[str, str]:
+    """The token the keyring holds for this scheduler, or "" and why there is none (never the token)."""
+    import keyring
+    from keyring.errors import KeyringError
+
+    backend = type(keyring.get_keyring())
+    name = f"{backend.__module__}.{backend.__qualname__}"
+    try:
+        token = (keyring.get_password(KEYRING_SERVICE, url) or "").strip()
+    except KeyringError as error:  # no usable backend, a locked one: say which, as keyring does
+        return "", f"{name} could not be read: {_first_line(error)}"
+    return (token, "") if token else ("", f"{name} holds none for {KEYRING_SERVICE} {url}")
 
 
 def check_cluster(cluster: Cluster, *, timeout: float = 10) -> ClusterStatus:
@@ -118,7 +142,7 @@ def check_cluster(cluster: Cluster, *, timeout: float = 10) -> ClusterStatus:
     except requests.RequestException as error:
         raise DistUnreachable(f"the scheduler {cluster.url} stopped answering: {_first_line(error)}", hint=fix) from None
     if probe.status_code == 401:
-        raise DistAuthRefused(f"the scheduler {cluster.url} refused the client token in ${TOKEN_VARIABLE}",
+        raise DistAuthRefused(f"the scheduler {cluster.url} refused the client token in {cluster.token_source}",
                               hint="set it to the token of the scheduler's [client_auth]")
     if probe.status_code != 400:
         raise DistUnreachable(f"the scheduler {cluster.url} answered HTTP {probe.status_code} to a job request "
@@ -129,22 +153,29 @@ def check_cluster(cluster: Cluster, *, timeout: float = 10) -> ClusterStatus:
     return status
 
 
+def client_config_text(cluster: Cluster, cache_dir: str) -> str:
+    """sccache's client configuration for the cluster (it holds the token: never log or keep it). cache_dir
+    is where sccache keeps the compilers it packed for the servers, as the sccache server sees it."""
+    # rewrite_includes_only: sccache ships gcc's `-fdirectives-only` output, macros unexpanded. Fully
+    # preprocessed source (the default) compiles to other DWARF columns than the source does, and
+    # the wheel then differs from a local build's (seen: .debug_line of the fixture's module.cpp).
+    return (f"[dist]\nscheduler_url = {json.dumps(cluster.url)}\ncache_dir = {json.dumps(cache_dir)}\n"
+            f"toolchains = []\nrewrite_includes_only = true\n"
+            f"[dist.auth]\ntype = \"token\"\ntoken = {json.dumps(cluster.token)}\n")
+
+
 @contextmanager
 def client_config(cluster: Cluster, cache_dir: Path) -> Iterator[Path]:
-    """sccache's client configuration for the cluster, in a private file (it holds the token) that exists
-    only while the block runs. The packaged toolchains stay in cache_dir: sccache packs a compiler once
-    (seconds to a minute for nvcc's stages) and reuses the archive while the compiler is unchanged."""
+    """client_config_text in a private file that exists only while the block runs. The packaged toolchains
+    stay in cache_dir: sccache packs a compiler once (seconds to a minute for nvcc's stages) and reuses
+    the archive while the compiler is unchanged."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="gpuwheel-dist-"))  # mode 0700
     try:
         path = folder / "sccache.conf"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            # rewrite_includes_only: sccache ships gcc's `-fdirectives-only` output, macros unexpanded. Fully
-            # preprocessed source (the default) compiles to other DWARF columns than the source does, and
-            # the wheel then differs from a local build's (seen: .debug_line of the fixture's module.cpp).
-            out.write(f"[dist]\nscheduler_url = {json.dumps(cluster.url)}\ncache_dir = {json.dumps(str(cache_dir))}\n"
-                      f"toolchains = []\nrewrite_includes_only = true\n[dist.auth]\ntype = \"token\"\ntoken = {json.dumps(cluster.token)}\n")
+            out.write(client_config_text(cluster, str(cache_dir)))
         yield path
     finally:
         shutil.rmtree(folder, ignore_errors=True)

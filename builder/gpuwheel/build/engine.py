@@ -264,8 +264,9 @@ class ContainerEngine:
 
     # ---- containers ------------------------------------------------------------------------------
     def run(self, image: Image, argv: list[str], *, on_line: Callable[[str], None], env: dict[str, str] | None = None,
-            mounts: Iterable[Mount] = (), labels: dict[str, str] | None = None) -> Exit:
-        """Run argv in a fresh container without a network, its output line by line; removed afterwards.
+            mounts: Iterable[Mount] = (), labels: dict[str, str] | None = None, network: str = "none") -> Exit:
+        """Run argv in a fresh container, its output line by line; removed afterwards. No network but
+        loopback, unless network is "host" (a distributed build: the sccache-dist cluster's addresses).
 
         The output goes to a file in a mounted directory, read here as it grows while the container's
         state is polled: podman 4.3's log stream does not end when a container exits (k8s-file logs,
@@ -280,7 +281,7 @@ class ContainerEngine:
                        for m in (*mounts, Mount(Path(output_dir), _OUTPUT_DIR, read_only=False))}
             command = ["/bin/sh", "-c", f'exec "$@" >> {_OUTPUT_DIR}/output 2>&1', "gpuwheel-run", *argv]
             container = self._call(f"create a container of {image.ref}", self._client.containers.create, image.id,
-                                   command, environment=env or {}, volumes=volumes, network_mode="none",
+                                   command, environment=env or {}, volumes=volumes, network_mode=network,
                                    labels=labels or {}, ulimits=self._ulimits)
             try:
                 self._call(f"start a container of {image.ref}", container.start)

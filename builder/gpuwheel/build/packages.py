@@ -65,21 +65,15 @@ def open_backend(name: str, *, engine: EngineChoice, python: str | None = None,
                  lock: Lock | None = None) -> Iterator[Backend]:
     """The backend for a command, held open while it builds. `auto` is a container where one was asked
     for (--base-image, --engine) or the chosen engine can be had (docker answers; podman is installed),
-    else local; with a cluster (--dist), local: the container backend does not distribute yet. With a
-    lock, the toolchain is installed from the lock's hashes."""
+    else local. With a cluster (--dist), either backend sends its compiles there; with a lock, the
+    toolchain is installed from the lock's hashes."""
     from gpuwheel.build.container import ContainerBackend
     from gpuwheel.build.engine import ContainerEngine, engine_available
     from gpuwheel.build.local import LocalBackend
 
     asked_for_containers = base_image is not None or engine.chosen_by == "--engine"
     if name == "auto":
-        name = "container" if not cluster and (asked_for_containers or (not python and engine_available(engine.name))) \
-            else "local"
-    if cluster and name == "container":
-        # Missing there: the client config mounted into the container, the scheduler and servers reachable
-        # from the container's network, the dist stats read from its sccache.json (docs/dist.md).
-        raise ToolchainError("--dist works with --backend local only; the container backend does not distribute yet",
-                             hint="use --backend local with --dist, or drop --dist")
+        name = "container" if asked_for_containers or (not python and engine_available(engine.name)) else "local"
     if name == "local":
         if asked_for_containers:
             flag = "--base-image" if base_image is not None else "--engine"
@@ -93,7 +87,7 @@ def open_backend(name: str, *, engine: EngineChoice, python: str | None = None,
         raise ToolchainError(f"--base-image {base_image!r} names no image: {problem}",
                              hint="e.g. --base-image gpuwheel-base:bookworm; leave it out for the recipe's base_image")
     with ContainerEngine(engine, instead=", or use --backend local") as connected:
-        yield ContainerBackend(connected, base_image=base_image, lock=lock)
+        yield ContainerBackend(connected, base_image=base_image, lock=lock, cluster=cluster)
 
 
 def build_packages(plan: Plan, trees, *, backend: Backend, toolchain: ToolchainInfo, out_dir: Path,

@@ -40,7 +40,8 @@ ENGINE_VARIABLE = "GPUWHEEL_ENGINE"
 @click.option("--rebuild", is_flag=True, help="Build even when finished wheels of this plan are in the output "
               "directory already (by default they are reused).")
 @click.option("--dist", "dist_url", metavar="URL", envvar=DIST_VARIABLE, show_envvar=True,
-              help="Send compiles to this sccache-dist scheduler (local backend); token from $GPUWHEEL_DIST_TOKEN.")
+              help="Send compiles to this sccache-dist scheduler; token from $GPUWHEEL_DIST_TOKEN, else the keyring "
+                   "(`keyring set gpuwheel-dist URL`).")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the result (as gpuwheel -q build).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON on stdout.")
 def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], jobs: int | None, offline: bool,

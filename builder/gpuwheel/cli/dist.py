@@ -10,8 +10,8 @@ from gpuwheel.cli import main
 
 # Written out, not imported from gpuwheel.build.dist: `gpuwheel --help` imports no stage (docs/cli.md).
 DIST_VARIABLE = "GPUWHEEL_DIST"
-DIST_HELP = ("The sccache-dist scheduler, http(s)://HOST:PORT; its client token from $GPUWHEEL_DIST_TOKEN "
-             "(docs/dist.md).")
+DIST_HELP = ("The sccache-dist scheduler, http(s)://HOST:PORT; its client token from $GPUWHEEL_DIST_TOKEN, "
+             "else the keyring (`keyring set gpuwheel-dist URL`; docs/dist.md).")
 
 
 @main.group()
