@@ -58,8 +58,11 @@ def read_so_members(wheels: Mapping[Path, Sequence[zipfile.ZipInfo]]) -> dict[tu
     # threads wait on each other more than they run. Forked, they start with what is already imported.
     with ProcessPoolExecutor(slots, mp_context=multiprocessing.get_context("fork")) as pool:
         while pending or running:
-            while pending and len(running) < slots and (
-                    not running or held + _inflated_size(jobs[pending[0]][1]) <= MEMORY_BUDGET):
+            while (
+                pending
+                and len(running) < slots
+                and (not running or held + _inflated_size(jobs[pending[0]][1]) <= MEMORY_BUDGET)
+            ):
                 index = pending.popleft()
                 if index < first_failure:  # after a failure only members before it still matter
                     running[pool.submit(_read_member, *jobs[index])] = index
@@ -91,8 +94,8 @@ def _read_member(wheel: Path, member: zipfile.ZipInfo) -> SoCode | None:
         with open(wheel, "rb") as file:
             start = _data_offset(file, member)
             if member.compress_type == zipfile.ZIP_STORED:
-                image = memoryview(map_file(file))[start:start + member.file_size]
-                return _read_image(image, name) if image[:len(ELF_MAGIC)] == ELF_MAGIC else None
+                image = memoryview(map_file(file))[start : start + member.file_size]
+                return _read_image(image, name) if image[: len(ELF_MAGIC)] == ELF_MAGIC else None
             return _read_inflated(file, start, member, name)
     except (zipfile.BadZipFile, isal_zlib.error, EOFError, OSError) as error:
         raise_if_refused(error)
@@ -135,8 +138,9 @@ def _data_offset(file, member: zipfile.ZipInfo) -> int:
     return member.header_offset + _LOCAL_HEADER.size + name_length + extra_length
 
 
-def _inflate(file, start: int, member: zipfile.ZipInfo, *, skip_unread: bool
-             ) -> tuple[mmap.mmap, list[tuple[int, int]]] | None:
+def _inflate(
+    file, start: int, member: zipfile.ZipInfo, *, skip_unread: bool
+) -> tuple[mmap.mmap, list[tuple[int, int]]] | None:
     """The member's bytes in an anonymous mapping (freed when the last view of it goes), CRC-checked,
     and the spans left out of it (never written, so never even allocated); None as soon as the bytes
     do not start with the ELF magic."""
@@ -156,7 +160,7 @@ def _inflate(file, start: int, member: zipfile.ZipInfo, *, skip_unread: bool
         while used < len(view):
             if at < keep:
                 step = min(len(view) - used, keep - at)
-                image[at:at + step] = view[used:used + step]
+                image[at : at + step] = view[used : used + step]
             elif at < drop:
                 step = min(len(view) - used, drop - at)
             else:
@@ -166,7 +170,7 @@ def _inflate(file, start: int, member: zipfile.ZipInfo, *, skip_unread: bool
                 continue
             at += step
             used += step
-        if at - len(piece) < len(ELF_MAGIC) <= at and image[:len(ELF_MAGIC)] != ELF_MAGIC:
+        if at - len(piece) < len(ELF_MAGIC) <= at and image[: len(ELF_MAGIC)] != ELF_MAGIC:
             return None  # the magic just came in, and it is not ELF's: inflate no further
     if at != size:
         raise EOFError(f"{member.filename!r} inflates to {at} of its {size} bytes")

@@ -50,8 +50,11 @@ class _Group(click.Group):
             # Not a user mistake: the traceback is what a bug report needs, and 70 (EX_SOFTWARE) tells
             # scripts that gpuwheel itself failed, not their input.
             traceback.print_exc()
-            click.echo("gpuwheel: internal error: this is a bug in gpuwheel, not in your input; please report "
-                       "it with the traceback above", err=True)
+            click.echo(
+                "gpuwheel: internal error: this is a bug in gpuwheel, not in your input; please report "
+                "it with the traceback above",
+                err=True,
+            )
             sys.exit(BUG_EXIT_CODE)
 
 
@@ -62,13 +65,17 @@ def _storage_error(error: OSError) -> StorageError:
 
     root = cache_root()
     if not error.filename:  # a write() on an open file: which disk is not known here
-        return StorageError(f"a write failed: {error.strerror}",
-                            hint=f"free space in the cache {root}, the output folder and the temp folder "
-                                 f"{tempfile.gettempdir()} (TMPDIR)")
+        return StorageError(
+            f"a write failed: {error.strerror}",
+            hint=f"free space in the cache {root}, the output folder and the temp folder "
+            f"{tempfile.gettempdir()} (TMPDIR)",
+        )
     path = Path(error.filename)
-    hint = (f"the cache {root} (GPUWHEEL_CACHE) must be a folder you can write, on a disk with room"
-            if path == root or root in path.parents
-            else "check that folder: free space, permissions, a file where a folder belongs")
+    hint = (
+        f"the cache {root} (GPUWHEEL_CACHE) must be a folder you can write, on a disk with room"
+        if path == root or root in path.parents
+        else "check that folder: free space, permissions, a file where a folder belongs"
+    )
     return StorageError(f"cannot write {path}: {error.strerror}", hint=hint)
 
 
@@ -95,10 +102,15 @@ TARGET = click.argument("target", metavar="TARGET", shell_complete=complete_targ
 @click.version_option(package_name="gpuwheel")
 @click.option("-v", "--verbose", is_flag=True, help="Log what gpuwheel does (each command it runs) on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors; results still go to stdout.")
-@click.option("--recipes", "recipe_dirs", multiple=True, metavar="DIR",
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Look for targets in DIR before the shipped recipes (repeatable; "
-                   "GPUWHEEL_RECIPES=DIR:DIR does the same). Its recipes can extend shipped targets.")
+@click.option(
+    "--recipes",
+    "recipe_dirs",
+    multiple=True,
+    metavar="DIR",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Look for targets in DIR before the shipped recipes (repeatable; "
+    "GPUWHEEL_RECIPES=DIR:DIR does the same). Its recipes can extend shipped targets.",
+)
 @click.pass_context
 def main(ctx: click.Context, verbose: bool, quiet: bool, recipe_dirs: tuple[Path, ...]) -> None:
     """Build vLLM and flash-attn wheels for exactly your GPUs.

@@ -41,8 +41,10 @@ def cache_list(as_json: bool) -> None:
     from gpuwheel.cache import cache_root
 
     root = cache_root()
-    parts = [{"name": name, "path": str(root / name), "bytes": _size(root / name), "holds": holds}
-             for name, holds in PARTS.items()]
+    parts = [
+        {"name": name, "path": str(root / name), "bytes": _size(root / name), "holds": holds}
+        for name, holds in PARTS.items()
+    ]
     if as_json:
         click.echo(json.dumps({"cache": str(root), "parts": parts}, indent=2))
         return
@@ -75,15 +77,18 @@ def cache_prune(parts: tuple[str, ...], everything: bool, dry_run: bool) -> None
     if not parts and not everything:
         raise click.UsageError(f"name the parts to remove ({', '.join(PARTS)}) or pass --all")
     root = cache_root()
-    for name in (sorted(PARTS) if everything else parts):
+    for name in sorted(PARTS) if everything else parts:
         folder = root / name
         size = _size(folder)
         if not folder.exists():
             continue
         if not dry_run:
             shutil.rmtree(folder)
-        out.print(f"{'would remove' if dry_run else 'removed'} {name}: {_human(size)} ({folder})",
-                  markup=False, soft_wrap=True)
+        out.print(
+            f"{'would remove' if dry_run else 'removed'} {name}: {_human(size)} ({folder})",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _size(folder) -> int:

@@ -71,8 +71,9 @@ def no_stand_ins(package: PackageRecipe, recipe: Recipe) -> tuple[str, ...]:
     return ()
 
 
-def no_smoke_groups(project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
-                    ) -> tuple[SmokeGroup, ...]:
+def no_smoke_groups(
+    project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
+) -> tuple[SmokeGroup, ...]:
     return ()
 
 

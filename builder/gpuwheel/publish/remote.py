@@ -17,8 +17,14 @@ from typing import Sequence
 from urllib.parse import urljoin, urlsplit
 
 import requests
-from pypi_simple import (IndexPage, NoSuchProjectError, ProjectPage, PyPISimple, UnsupportedContentTypeError,
-                         UnsupportedRepoVersionError)
+from pypi_simple import (
+    IndexPage,
+    NoSuchProjectError,
+    ProjectPage,
+    PyPISimple,
+    UnsupportedContentTypeError,
+    UnsupportedRepoVersionError,
+)
 
 from gpuwheel.errors import PublishError
 from gpuwheel.log import logger
@@ -30,8 +36,14 @@ _CHUNK = 1 << 20
 _UNREADABLE = (UnsupportedContentTypeError, UnsupportedRepoVersionError)  # an answer that is no simple page
 
 
-def publish_remote(wheels: Sequence[Path], repository: str, *, gate: PublishGate | None = None,
-                   simple_url: str | None = None, config_file: Path | None = None) -> PublishReport:
+def publish_remote(
+    wheels: Sequence[Path],
+    repository: str,
+    *,
+    gate: PublishGate | None = None,
+    simple_url: str | None = None,
+    config_file: Path | None = None,
+) -> PublishReport:
     """Upload wheels with twine to `repository` (an upload URL or a .pypirc section name).
 
     Credentials: TWINE_USERNAME / TWINE_PASSWORD, else the .pypirc section, else keyring; never
@@ -42,8 +54,14 @@ def publish_remote(wheels: Sequence[Path], repository: str, *, gate: PublishGate
         return _publish_remote(read_all(wheels), repository, gate, simple_url, config_file, Path(scratch))
 
 
-def _publish_remote(found: list[WheelFile], repository: str, gate: PublishGate | None, simple_url: str | None,
-                    config_file: Path | None, scratch: Path) -> PublishReport:
+def _publish_remote(
+    found: list[WheelFile],
+    repository: str,
+    gate: PublishGate | None,
+    simple_url: str | None,
+    config_file: Path | None,
+    scratch: Path,
+) -> PublishReport:
     from twine.exceptions import TwineException
     from twine.package import PackageFile
     from twine.settings import Settings
@@ -68,9 +86,11 @@ def _publish_remote(found: list[WheelFile], repository: str, gate: PublishGate |
         secret = settings.password
         remote = settings.create_repository()
     except TwineException as error:
-        raise PublishError(f"cannot use repository {_safe_url(repository)}: {_one_line(str(error))}",
-                           hint="set TWINE_USERNAME and TWINE_PASSWORD, or give the repository "
-                                "username and password in .pypirc, or store them in keyring") from None
+        raise PublishError(
+            f"cannot use repository {_safe_url(repository)}: {_one_line(str(error))}",
+            hint="set TWINE_USERNAME and TWINE_PASSWORD, or give the repository "
+            "username and password in .pypirc, or store them in keyring",
+        ) from None
     scrub = _Scrubber(secret)
     try:
         lookup = _SimpleLookup(remote.session, upload_url, simple_url, scrub)
@@ -82,27 +102,37 @@ def _publish_remote(found: list[WheelFile], repository: str, gate: PublishGate |
                 to_upload.append(wheel)
             elif there == wheel.sha256:
                 logger.info("%s is already on %s with the same sha256: skipped", wheel.filename, upload_url)
-                results.append(PublishedWheel(wheel.filename, wheel.sha256, "skipped",
-                                              warnings.get(wheel.filename, ())))
+                results.append(
+                    PublishedWheel(wheel.filename, wheel.sha256, "skipped", warnings.get(wheel.filename, ()))
+                )
             else:
-                raise PublishError(scrub(
-                    f"{wheel.filename} is already on {upload_url} with sha256 {there[:16]}…, this file "
-                    f"has {wheel.sha256[:16]}…; a published file is never replaced"),
-                    hint="bump the version or the local version label and rebuild")
+                raise PublishError(
+                    scrub(
+                        f"{wheel.filename} is already on {upload_url} with sha256 {there[:16]}…, this file "
+                        f"has {wheel.sha256[:16]}…; a published file is never replaced"
+                    ),
+                    hint="bump the version or the local version label and rebuild",
+                )
         for done, wheel in enumerate(to_upload):
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # twine prints progress to stdout
                     response = remote.upload(PackageFile.from_filename(str(wheel.path), None))
             except (requests.RequestException, TwineException) as error:
-                raise PublishError(scrub(f"uploading {wheel.filename} to {upload_url} failed: "
-                                         f"{_request_failure(error)}{_so_far(done, to_upload)}")) from None
+                raise PublishError(
+                    scrub(
+                        f"uploading {wheel.filename} to {upload_url} failed: "
+                        f"{_request_failure(error)}{_so_far(done, to_upload)}"
+                    )
+                ) from None
             if not 200 <= response.status_code < 300:
-                raise PublishError(scrub(
-                    f"{upload_url} refused {wheel.filename}: {response.status_code} {response.reason}"
-                    f"{_server_reason(response)}{_so_far(done, to_upload)}"),
-                    hint=_refusal_hint(response.status_code))
-            results.append(PublishedWheel(wheel.filename, wheel.sha256, "published",
-                                          warnings.get(wheel.filename, ())))
+                raise PublishError(
+                    scrub(
+                        f"{upload_url} refused {wheel.filename}: {response.status_code} {response.reason}"
+                        f"{_server_reason(response)}{_so_far(done, to_upload)}"
+                    ),
+                    hint=_refusal_hint(response.status_code),
+                )
+            results.append(PublishedWheel(wheel.filename, wheel.sha256, "published", warnings.get(wheel.filename, ())))
     finally:
         remote.close()
     order = {w.filename: i for i, w in enumerate(found)}
@@ -168,7 +198,7 @@ class _TextOf(HTMLParser):
 
     def handle_endtag(self, tag):
         if tag in self.stack:
-            del self.stack[self.stack.index(tag):]
+            del self.stack[self.stack.index(tag) :]
 
     def handle_data(self, data):
         if self.stack:
@@ -234,7 +264,9 @@ class _SimpleLookup:
             page = self._fetch(base, project)
         except requests.HTTPError as error:
             status, reason = error.response.status_code, error.response.reason
-            raise PublishError(self.scrub(f"cannot read {url}: {status} {reason}"), hint=_refusal_hint(status)) from None
+            raise PublishError(
+                self.scrub(f"cannot read {url}: {status} {reason}"), hint=_refusal_hint(status)
+            ) from None
         except requests.RequestException as error:
             raise PublishError(self.scrub(f"cannot read {url}: {_request_failure(error)}")) from None
         except _UNREADABLE as error:
@@ -254,14 +286,18 @@ class _SimpleLookup:
             except requests.HTTPError as error:
                 status = error.response.status_code
                 if status in (401, 403):  # an index is there, and refuses us: say so, not "no index"
-                    raise PublishError(self.scrub(f"cannot read {error.response.url}: {status} "
-                                                  f"{error.response.reason}"), hint=_refusal_hint(status)) from None
+                    raise PublishError(
+                        self.scrub(f"cannot read {error.response.url}: {status} {error.response.reason}"),
+                        hint=_refusal_hint(status),
+                    ) from None
             except requests.RequestException as error:
                 raise PublishError(self.scrub(f"cannot read {base}: {_request_failure(error)}")) from None
             except _UNREADABLE:
                 continue  # something else answers there: no index
-        raise PublishError(f"found no simple index at {root}simple/ or {root}+simple/ to check for "
-                           "files already there", hint="pass --simple-url with the index's simple URL")
+        raise PublishError(
+            f"found no simple index at {root}simple/ or {root}+simple/ to check for files already there",
+            hint="pass --simple-url with the index's simple URL",
+        )
 
     def sha256_of(self, wheel: WheelFile) -> str | None:
         """The sha256 of the file of that name on the index, None when it is not there."""
