@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import shlex
 import string
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from gpuwheel import facts
 from gpuwheel.plan import Plan
@@ -315,7 +316,7 @@ jobs:
           echo "::group::gpuwheel publish $RECIPE"
           gpuwheel publish "$RECIPE" --wheels "wheels/$TARGET/staging" --smoke-report smoke-report/wheels/"$TARGET"/staging/smoke.json --repository "$INDEX_URL"
           echo "::endgroup::"
-"""
+"""  # noqa: E501 (the publish step's shell line, kept on one line as it runs)
 
 
 # ---- step summaries ----------------------------------------------------------------------------
@@ -342,7 +343,8 @@ def summary_markdown(reports: Sequence[tuple[str, Any]]) -> str:
 def _build_summary(name: str, report: Mapping[str, Any]) -> str:
     how = "reused (nothing changed)" if report.get("reused") else "built"
     rows = [
-        f"| `{w['filename']}` | {w['label']} | {'passed' if w['audit_passed'] else '**FAILED**'} | `{w['sha256'][:16]}…` |"
+        f"| `{w['filename']}` | {w['label']} | {'passed' if w['audit_passed'] else '**FAILED**'} "
+        f"| `{w['sha256'][:16]}…` |"
         for w in report["finished"]["wheels"]
     ]
     return "\n".join(

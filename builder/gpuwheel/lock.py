@@ -22,9 +22,10 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from packaging.utils import canonicalize_name
 
@@ -130,7 +131,8 @@ class Lock:
             removed = [r for r in self.requirements if r not in now]
             self._stale(
                 [
-                    f"toolchain requirements changed ({', '.join([*(f'+{r}' for r in added), *(f'-{r}' for r in removed)])})"
+                    "toolchain requirements changed "
+                    f"({', '.join([*(f'+{r}' for r in added), *(f'-{r}' for r in removed)])})"
                 ]
             )
 

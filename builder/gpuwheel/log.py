@@ -26,7 +26,7 @@ logger = logging.getLogger("gpuwheel")
 _quiet = False
 
 
-def _make(stderr: bool) -> "Console":
+def _make(stderr: bool) -> Console:
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout

@@ -18,10 +18,9 @@ from packaging.version import Version
 from gpuwheel import facts
 from gpuwheel.build.jobs import Jobs, choose_jobs
 from gpuwheel.errors import IncompatibleRecipeError, RecipeError
-from gpuwheel.patches import PatchRef, read_series
-from gpuwheel.redact import safe_text, safe_tree
 from gpuwheel.kinds import registry
 from gpuwheel.kinds.base import DEPS, MeasuredBuild  # noqa: F401 - DEPS: the backends read all three here
+from gpuwheel.patches import PatchRef, read_series
 from gpuwheel.recipe_values import (
     Dependency,
     InferenceProfile,
@@ -33,6 +32,7 @@ from gpuwheel.recipe_values import (
     Toolchain,
     closest,
 )
+from gpuwheel.redact import safe_text, safe_tree
 
 PLAN_SCHEMA = 1
 # Placeholders the build backends substitute: the tree being built, where wheels go, and (DEPS,

@@ -10,8 +10,9 @@ the gate refuses what is missing instead of guessing it. Format: docs/wheels.md,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 # Raised when the format changes in a way an older reader would misread; 1 is also what a record
 # without the field (made by hand, or by the earliest gpuwheel) is read as.

@@ -24,12 +24,12 @@ from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
 from gpuwheel.errors import RecipeError
-from gpuwheel.kinds import flash_attn as flash_attn_kind, registry
+from gpuwheel.imageref import image_reference_problem
+from gpuwheel.kinds import flash_attn as flash_attn_kind
+from gpuwheel.kinds import registry
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.kinds.vllm import RUST_MODES
 from gpuwheel.limits import MAX_JOBS
-from gpuwheel.shipped import CHECKOUT, shipped
-from gpuwheel.imageref import image_reference_problem
 from gpuwheel.recipe_values import (
     BuildOptions,
     Dependency,
@@ -44,6 +44,7 @@ from gpuwheel.recipe_values import (
     display_path,
     url_filename,
 )
+from gpuwheel.shipped import CHECKOUT, shipped
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -24,9 +24,10 @@ import html
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from filelock import FileLock, Timeout

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from gpuwheel.cache import cache_root, remove_inside
 from gpuwheel.errors import LockError, RecipeError, WheelError

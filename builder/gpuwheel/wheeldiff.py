@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
+import itertools
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,18 +194,20 @@ def _changed(name: str, old: bytes, new: bytes) -> MemberDifference:
         lines = difflib.unified_diff(
             text_old.splitlines(), text_new.splitlines(), f"a/{name}", f"b/{name}", n=2, lineterm=""
         )
-        return MemberDifference(kind="text", diff=tuple(line for _, line in zip(range(_DIFF_LINES), lines)), **common)
+        return MemberDifference(kind="text", diff=tuple(itertools.islice(lines, _DIFF_LINES)), **common)
     return MemberDifference(kind="binary", **common)
 
 
 def _first_difference(old: bytes, new: bytes) -> int:
-    view_old, view_new = memoryview(old), memoryview(new)
-    for start in range(0, min(len(old), len(new)), _CHUNK):
-        if view_old[start : start + _CHUNK] != view_new[start : start + _CHUNK]:
-            return start + next(
-                i for i, (x, y) in enumerate(zip(old[start : start + _CHUNK], new[start : start + _CHUNK])) if x != y
-            )
-    return min(len(old), len(new))  # one is a prefix of the other
+    # Only the bytes both have are compared: a member that is a prefix of the other (a text file
+    # appended to) differs first where the shorter one ends.
+    common = min(len(old), len(new))
+    view_old, view_new = memoryview(old)[:common], memoryview(new)[:common]
+    for start in range(0, common, _CHUNK):
+        chunk_old, chunk_new = view_old[start : start + _CHUNK], view_new[start : start + _CHUNK]
+        if chunk_old != chunk_new:
+            return start + next(i for i, (x, y) in enumerate(zip(chunk_old, chunk_new, strict=True)) if x != y)
+    return common
 
 
 def _excerpt(data: bytes, offset: int) -> str:

@@ -22,9 +22,10 @@ import re
 import stat
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 from packaging.metadata import parse_email
 from packaging.tags import Tag, parse_tag

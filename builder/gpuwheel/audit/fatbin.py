@@ -19,9 +19,9 @@ import io
 import mmap
 import re
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import zstandard
 from elftools.common.exceptions import ELFError

@@ -20,9 +20,9 @@ import os
 import struct
 import zipfile
 from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 from isal import isal_zlib
 

@@ -38,7 +38,7 @@ class AuditTarget:
     optional_globs: tuple[str, ...] = ()  # .so paths in a wheel that may carry no code for this arch
 
     @classmethod
-    def from_recipe(cls, recipe: "Recipe", driver: str | None = None) -> AuditTarget:
+    def from_recipe(cls, recipe: Recipe, driver: str | None = None) -> AuditTarget:
         """The recipe's GPU and fleet driver (`driver` overrides it) and every package's optional globs."""
         globs = tuple(glob for package in recipe.packages for glob in package.audit_optional)
         return cls(facts.parse_arch(recipe.target.compute_capability), driver or recipe.target.min_driver, globs)

@@ -18,8 +18,9 @@ import string
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from gpuwheel import facts
 from gpuwheel.build.base import (
@@ -59,25 +60,25 @@ SRC, DEPS_SRC, WORK, OUT, CACHE, META = (
 # Runs in the container: copy the read-only tree to a writable stable path, build through sccache,
 # save its stats, hand the outputs to the calling user. "$@" is the plan's command. The "gpuwheel:"
 # lines say what the container is doing before the first compile step (progress shows them).
-BUILD_SCRIPT = """set -e
-echo "gpuwheel: copying the source tree to {work}/$GPUWHEEL_PACKAGE"
-mkdir -p {work}
-cp -a {src} {work}/$GPUWHEEL_PACKAGE
-cp -a {deps_src} {work}/deps
-cd {work}/$GPUWHEEL_PACKAGE
+BUILD_SCRIPT = f"""set -e
+echo "gpuwheel: copying the source tree to {WORK}/$GPUWHEEL_PACKAGE"
+mkdir -p {WORK}
+cp -a {SRC} {WORK}/$GPUWHEEL_PACKAGE
+cp -a {DEPS_SRC} {WORK}/deps
+cd {WORK}/$GPUWHEEL_PACKAGE
 if [ -n "$SCCACHE_DIR" ]; then sccache --start-server >/dev/null; fi
 echo "gpuwheel: running the build command (pip reads the build's metadata before the first compile step)"
 set +e
 "$@"
 status=$?
 if [ -n "$SCCACHE_DIR" ]; then
-  sccache --show-stats --stats-format=json > {meta}/sccache.json
+  sccache --show-stats --stats-format=json > {META}/sccache.json
   sccache --stop-server >/dev/null
   chown -R "$GPUWHEEL_OWNER" "$SCCACHE_DIR"
 fi
-chown -R "$GPUWHEEL_OWNER" {out} {meta}
+chown -R "$GPUWHEEL_OWNER" {OUT} {META}
 exit $status
-""".format(work=WORK, src=SRC, deps_src=DEPS_SRC, meta=META, out=OUT)
+"""
 PROBE_COMMAND = 'python -c "$0"; nvcc --version; c++ --version | head -n1; sccache --version'
 # The lines of an image build worth a line of their own off a terminal: docker's and podman's steps, and
 # pip's two in the long one (its downloads take minutes before it installs).

@@ -16,10 +16,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
 from urllib.parse import urlsplit
 
 from gpuwheel.errors import DistAuthRefused, DistConfigError, DistNoServers, DistToolchainMismatch, DistUnreachable
@@ -170,7 +170,8 @@ def client_config(cluster: Cluster, cache_dir: Path) -> Iterator[Path]:
             # the wheel then differs from a local build's (seen: .debug_line of the fixture's module.cpp).
             out.write(
                 f"[dist]\nscheduler_url = {json.dumps(cluster.url)}\ncache_dir = {json.dumps(str(cache_dir))}\n"
-                f'toolchains = []\nrewrite_includes_only = true\n[dist.auth]\ntype = "token"\ntoken = {json.dumps(cluster.token)}\n'
+                "toolchains = []\nrewrite_includes_only = true\n"
+                f'[dist.auth]\ntype = "token"\ntoken = {json.dumps(cluster.token)}\n'
             )
         yield path
     finally:

@@ -21,10 +21,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import docker
 from docker.errors import DockerException, ImageNotFound

@@ -14,10 +14,11 @@ import re
 import shutil
 import socket
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
@@ -31,8 +32,8 @@ from gpuwheel.build.base import (
     CacheStats,
     PackageBuild,
     ToolchainInfo,
-    check_toolchain,
     canonical_nvcc_env,
+    check_toolchain,
     parse_cache_stats,
     parse_nvcc_version,
     reproducible_env,

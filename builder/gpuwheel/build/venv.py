@@ -14,8 +14,8 @@ import ast
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from gpuwheel.run import capture
 

@@ -26,7 +26,6 @@ import click
 from gpuwheel.errors import BUG_EXIT_CODE, DISK_FULL, REFUSED_WRITE, GpuwheelError, StorageError
 from gpuwheel.run import stop_on_signals
 
-
 # The machine refused a write: nothing gpuwheel or the user's input did wrong, and wherever it
 # happens (cache, trees, staging, logs) the user's fix is the same, so it is answered here once.
 
@@ -140,18 +139,20 @@ def _name_envvars(command: click.Command, prefix: str = "GPUWHEEL") -> None:
 
 def _register() -> None:
     # Each module adds its commands to `main`; imported here so `gpuwheel --help` lists all.
-    from gpuwheel.cli import recipes  # noqa: F401
-    from gpuwheel.cli import audit  # noqa: F401
-    from gpuwheel.cli import publish  # noqa: F401
-    from gpuwheel.cli import sources  # noqa: F401
-    from gpuwheel.cli import wheels  # noqa: F401
-    from gpuwheel.cli import build  # noqa: F401
-    from gpuwheel.cli import smoke  # noqa: F401
-    from gpuwheel.cli import cache  # noqa: F401
-    from gpuwheel.cli import ci  # noqa: F401
-    from gpuwheel.cli import dist  # noqa: F401
-    from gpuwheel.cli import lock  # noqa: F401
-    from gpuwheel.cli import verify  # noqa: F401
+    from gpuwheel.cli import (
+        audit,  # noqa: F401
+        build,  # noqa: F401
+        cache,  # noqa: F401
+        ci,  # noqa: F401
+        dist,  # noqa: F401
+        lock,  # noqa: F401
+        publish,  # noqa: F401
+        recipes,  # noqa: F401
+        smoke,  # noqa: F401
+        sources,  # noqa: F401
+        verify,  # noqa: F401
+        wheels,  # noqa: F401
+    )
 
     _name_envvars(main)
 

@@ -151,7 +151,9 @@ def _render(report: AuditReport, details: bool) -> None:
                     unit.verdict,
                     unit.runs_as or "—",
                     " ".join(unit.sass) or "—",
-                    escape(", ".join(f"{name} ({isa})" for name, isa in zip(unit.ptx, unit.ptx_isas)) or "—"),
+                    escape(
+                        ", ".join(f"{name} ({isa})" for name, isa in zip(unit.ptx, unit.ptx_isas, strict=True)) or "—"
+                    ),
                     escape(unit.problem or ""),
                 )
             out.print(units)

@@ -82,7 +82,6 @@ def targets(as_json: bool) -> None:
 def show(target: str, as_json: bool) -> None:
     """Show the resolved recipe as TOML, each value with the file and line it came from."""
     from gpuwheel.recipe import load_recipe
-
     from gpuwheel.redact import MASK, is_secret_name, safe_tree
 
     recipe = load_recipe(target)

@@ -9,9 +9,10 @@ like an existing kind is a recipe entry; one that needs its own knowledge is one
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from gpuwheel import facts
 from gpuwheel.provenance import Provenance

@@ -4,8 +4,8 @@ target's static index (local.py) or to a remote index through twine (remote.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gpuwheel.errors import PublishError, UsageError
 from gpuwheel.layout import target_paths

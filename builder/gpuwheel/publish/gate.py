@@ -10,9 +10,10 @@ Reads the two records the earlier stages leave (formats in docs/publish.md):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from gpuwheel import facts
 from gpuwheel.errors import PublishError

@@ -4,8 +4,8 @@ any static web server."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gpuwheel.layout import simple_url
 from gpuwheel.publish.gate import PublishGate, admit, read_all

@@ -11,9 +11,9 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urljoin, urlsplit
 
 import requests

@@ -13,6 +13,8 @@ atol 3e-4, 1e-3 for fp32, 3e-3, 5e-3 for fp16 and 1e-2, 5e-2 for bf16.
 
 from __future__ import annotations
 
+import functools
+
 # (batch, channels, tokens, width)
 PREFILL_SHAPES = ((2, 8192, 1024, 4), (1, 64, 37, 3))
 DECODE_SHAPE = (4, 2048, 4)  # batch, channels, width
@@ -29,9 +31,11 @@ def run_checks(spec: dict, recorder) -> None:
                     f"causal_conv1d_fn {_short(dtype)} {batch}x{channels}x{tokens} width {width}"
                     f"{' bias' if bias else ''}{' silu' if activation else ''}"
                 )
-                recorder.check(name, lambda: _prefill(batch, channels, tokens, width, dtype, bias, activation))
+                recorder.check(
+                    name, functools.partial(_prefill, batch, channels, tokens, width, dtype, bias, activation)
+                )
         name = f"causal_conv1d_update {_short(dtype)} batch {DECODE_SHAPE[0]} x {DECODE_SHAPE[1]} one token"
-        recorder.check(name, lambda: _decode(*DECODE_SHAPE, dtype))
+        recorder.check(name, functools.partial(_decode, *DECODE_SHAPE, dtype))
 
 
 def reference(x, weight, bias, activation):

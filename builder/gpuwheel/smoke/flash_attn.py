@@ -13,6 +13,9 @@ an unusually exact torch run does not fail flash-attn for ordinary rounding.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 SEQLENS = (1001,) * 8 + (184,)  # 8192 tokens: the batch that crashed the users' servers
 ALL_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 FLOOR = {"float16": 2e-3, "bfloat16": 1.6e-2}
@@ -30,9 +33,9 @@ def run_checks(spec: dict, recorder) -> None:
     for head_dim in head_dims:
         for dtype in (torch.float16, torch.bfloat16):
             name = f"flash_attn_varlen_func hdim{head_dim} {_short(dtype)} 8x1001+184"
-            recorder.check(name, lambda: _varlen(head_dim, dtype, known))
+            recorder.check(name, functools.partial(_varlen, head_dim, dtype, known))
             name = f"flash_attn_with_kvcache hdim{head_dim} {_short(dtype)} paged decode {DECODE_CONTEXT}"
-            recorder.check(name, lambda: _kvcache(head_dim, dtype, known))
+            recorder.check(name, functools.partial(_kvcache, head_dim, dtype, known))
 
 
 def run_error_checks(spec: dict, recorder) -> None:
@@ -111,7 +114,7 @@ def sdpa_errors(out, q, k, v, offsets, causal: bool) -> tuple[float, float]:
 
     group = q.shape[1] // k.shape[1]
     error_fa = error_torch = 0.0
-    for start, end in zip(offsets, offsets[1:]):
+    for start, end in itertools.pairwise(offsets):
         # (L, H, D) → (1, H, L, D) for SDPA
         qs = q[start:end].transpose(0, 1).unsqueeze(0)
         ks, vs = (t[start:end].repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (k, v))
@@ -128,7 +131,7 @@ def measure_varlen(label: str, out, q, k, v, offsets, causal: bool, call, figure
     recorded in figures as max_err_/sdpa_err_/tflops_<label>; vllm.py uses it too."""
     error_fa, error_torch = sdpa_errors(out, q, k, v, offsets, causal)
     seconds = seconds_per_call(call)
-    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    lengths = [end - start for start, end in itertools.pairwise(offsets)]
     flops = 4 * q.shape[1] * q.shape[2] * sum(n * n for n in lengths) / (2 if causal else 1)
     figures.update(
         {f"max_err_{label}": error_fa, f"sdpa_err_{label}": error_torch, f"tflops_{label}": flops / seconds / 1e12}
@@ -152,7 +155,7 @@ def _varlen(head_dim: int, dtype, known: bool):
     tolerance = FLOOR[str(dtype).removeprefix("torch.")]
     for causal in (False, True):
 
-        def attend():
+        def attend(causal=causal):  # bound now: measure_varlen times it within this iteration
             return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max(SEQLENS), max(SEQLENS), causal=causal)
 
         try:

@@ -17,9 +17,10 @@ import json
 import os
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 

@@ -24,6 +24,7 @@ The shapes are the crashes of CONTEXT.md: 8192 scheduled tokens made of 8 reques
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -135,7 +136,7 @@ def run_op_checks(spec: dict, recorder) -> None:
         return
     root = _root(spec)
     for name, relative, ops in _libraries(spec):
-        recorder.check(f"op library {name}", lambda: _load_op_library(os.path.join(root, relative), ops))
+        recorder.check(f"op library {name}", functools.partial(_load_op_library, os.path.join(root, relative), ops))
     if not spec.get("root"):
         recorder.check("vLLM's engine modules import", _engine_imports)
 
@@ -207,7 +208,7 @@ def run_checks(spec: dict, recorder) -> None:
             for dtype in fa2.get("dtypes") or FA2_DTYPES:
                 recorder.check(
                     f"FA2 varlen hdim{head_dim} {dtype} 8x1001+184 (vllm.vllm_flash_attn)",
-                    lambda: _fa2_varlen(head_dim, dtype, known),
+                    functools.partial(_fa2_varlen, head_dim, dtype, known),
                 )
     recorder.check(f"moe_permute fp8 {TOKENS} tokens (8x1001+184)", lambda: _moe_permute(spec))
     recorder.check(
@@ -254,7 +255,7 @@ def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
     )
     block_table = torch.zeros(len(SEQLENS), max(pages), device="cuda", dtype=torch.int32)
     used = 0
-    for i, (start, length) in enumerate(zip(offsets, SEQLENS)):
+    for i, (start, length) in enumerate(zip(offsets, SEQLENS, strict=False)):
         blocks = order[used : used + pages[i]]
         used += pages[i]
         block_table[i, : pages[i]] = blocks.to(torch.int32)
@@ -488,7 +489,6 @@ def _moe_layer_with_permute(spec: dict):
 
 def _fused_experts_triton():
     import torch
-
     from vllm.model_executor.layers.fused_moe import fused_experts
 
     hidden, scale, weights, ids = _routing(seed=4)
@@ -525,7 +525,7 @@ def run_boundary_checks(spec: dict, recorder) -> None:
             continue
         outcome = {}
 
-        def case():
+        def case(call=call, outcome=outcome):  # bound now; recorder.check runs it in this iteration
             try:
                 call()
                 torch.cuda.synchronize()
