@@ -173,7 +173,7 @@ def _text(data: bytes) -> str | None:
 
 def _changed(name: str, old: bytes, new: bytes) -> MemberDifference:
     offset = _first_difference(old, new)
-    common = {
+    common: dict[str, Any] = {
         "name": name,
         "change": "changed",
         "sizes": (len(old), len(new)),

@@ -356,8 +356,8 @@ def judge_unit(unit: FatbinUnit, target: AuditTarget) -> UnitVerdict:
     if not jittable:
         return UnitVerdict(unit.index, unit.offset, NONE, sass, ptx, isas, None)
     # The driver JITs the newest PTX that fits the GPU.
-    best = max(jittable, key=lambda e: (e.arch, e.variant != "", Version(e.isa)))
-    min_driver = facts.ptx_isa_min_driver(best.isa)
+    newest = max(jittable, key=lambda e: (e.arch, e.variant != "", Version(e.isa)))
+    min_driver = facts.ptx_isa_min_driver(newest.isa)
     return UnitVerdict(
         unit.index,
         unit.offset,
@@ -365,10 +365,10 @@ def judge_unit(unit: FatbinUnit, target: AuditTarget) -> UnitVerdict:
         sass,
         ptx,
         isas,
-        best.name,
-        best.isa,
+        newest.name,
+        newest.isa,
         min_driver,
-        _jit_problem(best, min_driver, target.min_driver),
+        _jit_problem(newest, min_driver, target.min_driver),
     )
 
 

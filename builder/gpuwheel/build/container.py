@@ -293,7 +293,7 @@ class ContainerBackend:
 
 def _parse_probe(lines: list[str]) -> dict:
     """The probe's output: one JSON line from the interpreter, then nvcc, the C++ compiler and sccache."""
-    probe = next((json.loads(line) for line in lines if line.startswith("{")), {})
+    probe: dict = next((json.loads(line) for line in lines if line.startswith("{")), {})
     return {
         "python": probe.get("python", ""),
         "torch": probe.get("torch") or "",

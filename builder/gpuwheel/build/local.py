@@ -337,7 +337,7 @@ def toolchain_venv(
     torch = requirements[0]
     # A variant's requirement joins the key; a plain pin is in it already (existing venvs stay valid).
     variant = (torch,) if torch != f"torch=={toolchain.torch}" else ()
-    locked = ()
+    locked: tuple[str, ...] = ()
     if lock is not None:
         lock.check_requirements(requirements)
         locked = (f"lock-{lock.environment_key}",)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -41,7 +42,7 @@ def cache_list(as_json: bool) -> None:
     from gpuwheel.cache import cache_root
 
     root = cache_root()
-    parts = [
+    parts: list[dict[str, Any]] = [
         {"name": name, "path": str(root / name), "bytes": _size(root / name), "holds": holds}
         for name, holds in PARTS.items()
     ]
@@ -104,7 +105,7 @@ def _size(folder) -> int:
     return total
 
 
-def _human(size: int) -> str:
+def _human(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

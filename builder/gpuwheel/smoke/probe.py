@@ -160,6 +160,8 @@ def probe_wheel(spec: dict, recorder: Recorder) -> None:
 def _check_module(file_name: str):
     """A package check module loaded by path under a private name (its file name is the package's)."""
     spec = importlib.util.spec_from_file_location(f"_gpuwheel_smoke_{file_name[:-3]}", os.path.join(HERE, file_name))
+    if spec is None or spec.loader is None:  # not a .py file: cannot happen for the names used here
+        raise ImportError(f"cannot load {file_name} as a module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

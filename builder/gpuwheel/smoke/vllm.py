@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from typing import Any
 
 SEQLENS = (1001,) * 8 + (184,)
 TOKENS = sum(SEQLENS)  # 8192
@@ -86,6 +87,8 @@ def _load_by_path(path: str, name: str):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # not a .py file: cannot happen for the names used here
+        raise ImportError(f"cannot load {path} as a module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -523,7 +526,7 @@ def run_boundary_checks(spec: dict, recorder) -> None:
         if not alive:
             recorder.emit(name, "skip", "not run: the CUDA context died in the case before")
             continue
-        outcome = {}
+        outcome: dict[str, Any] = {}
 
         def case(call=call, outcome=outcome):  # bound now; recorder.check runs it in this iteration
             try:
@@ -532,20 +535,20 @@ def run_boundary_checks(spec: dict, recorder) -> None:
             except Exception as error:  # the refusal, or the crash surfacing at synchronize
                 outcome["error"] = error
             outcome["alive"] = _context_alive()
-            error = outcome.get("error")
-            message = " ".join(str(error).split())[:240] if error else ""
-            if error is None:
+            raised = outcome.get("error")
+            message = " ".join(str(raised).split())[:240] if raised else ""
+            if raised is None:
                 return "fail", "accepted mismatched row counts without an error", {}
             if not outcome["alive"] or "CUDA" in message:
                 return (
                     "fail",
                     (
-                        f"crashed on the GPU ({type(error).__name__}: {message}); this vLLM lacks the "
+                        f"crashed on the GPU ({type(raised).__name__}: {message}); this vLLM lacks the "
                         "moe_permute row-count check (patch 0001)"
                     ),
                     {},
                 )
-            return "pass", f"refused: {type(error).__name__}: {message}", {}
+            return "pass", f"refused: {type(raised).__name__}: {message}", {}
 
         recorder.check(name, case)
         alive = outcome.get("alive", False)
