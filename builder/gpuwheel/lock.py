@@ -259,20 +259,22 @@ def make_lock(
     """The lock of a plan, its fetched Sources and the environment resolved for its toolchain."""
     locked = []
     for package in sources.packages:
+        package_plan = plan.package(package.name)
+        assert package_plan is not None  # the sources were fetched for this plan's packages
         locked.append(
             LockedSource(
                 package.name,
                 package.name,
                 "package",
                 package.kind,
-                plan.package(package.name).source.location,
+                package_plan.source.location,
                 package.sha256,
                 package.commit,
             )
         )
-        planned = {d.name: d for d in plan.package(package.name).dependencies}
+        planned = {d.name: d for d in package_plan.dependencies}
         for dep in package.dependencies:
-            kind = "stand-in" if dep.name in plan.package(package.name).stand_ins else "git"
+            kind = "stand-in" if dep.name in package_plan.stand_ins else "git"
             locked.append(
                 LockedSource(package.name, dep.name, "dependency", kind, planned[dep.name].git, None, dep.commit)
             )

@@ -93,10 +93,10 @@ class Plan:
         for p in self.packages:
             out.append(f"fetch {p.name} {p.version} ({p.source.kind} {p.source.location})")
             out.extend(f"fetch {p.name} dependency {d.name} ({d.git} @ {d.rev})" for d in p.fetched_dependencies)
-            if p.stand_ins:
+            if p.stand_ins and p.stand_in is not None:  # a kind names stand-ins only with a stand_in
                 out.append(
                     f"stand in for {p.name} dependencies {', '.join(p.stand_ins)}: their installed files "
-                    f"from {p.stand_in.location} (sha256 {p.stand_in.sha256[:12]}…)"
+                    f"from {p.stand_in.location} (sha256 {(p.stand_in.sha256 or '')[:12]}…)"
                 )
             if p.patches:
                 out.append(f"patch {p.name}: {', '.join(r.name for r in p.patches)}")

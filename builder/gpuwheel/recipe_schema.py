@@ -12,7 +12,7 @@ from typing import Any
 
 from gpuwheel.recipe import SCHEMA
 
-_SCALARS = {
+_SCALARS: dict[str, dict[str, Any]] = {
     "string": {"type": "string"},
     "integer": {"type": "integer"},
     "boolean": {"type": "boolean"},

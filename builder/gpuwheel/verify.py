@@ -115,6 +115,7 @@ def recorded_in(path: Path) -> Recorded:
         "package.name": provenance.package.name if provenance.package else None,
         "plan_hash": provenance.plan_hash,
     }
+    checked: dict[str, str] = {}
     for field, value in fields.items():
         pattern = _PLAN_HASH if field == "plan_hash" else _PLAIN_NAME
         if not isinstance(value, str) or not pattern.fullmatch(value):
@@ -122,14 +123,15 @@ def recorded_in(path: Path) -> Recorded:
                 f"{wheel.filename}: its {PROVENANCE_FILE} has no usable {field} ({value!r})",
                 hint="the file was edited or is not gpuwheel's; rebuild the wheel with `gpuwheel build`",
             )
+        checked[field] = value
     observed = (provenance.toolchain or {}).get("observed") or {}
     backend = observed.get("backend") if isinstance(observed, Mapping) else None
     return Recorded(
         Path(path),
         wheel.filename,
-        fields["target"],
-        fields["package.name"],
-        fields["plan_hash"],
+        checked["target"],
+        checked["package.name"],
+        checked["plan_hash"],
         backend if backend in ("local", "container") else None,
     )
 

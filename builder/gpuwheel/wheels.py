@@ -554,7 +554,7 @@ def _provenance(
                                 "stands_in_for": list(package.stand_ins),
                             }
                         ]
-                        if package.stand_ins
+                        if package.stand_ins and package.stand_in is not None
                         else []
                     ),
                 ]

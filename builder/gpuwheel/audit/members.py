@@ -37,6 +37,7 @@ MEMORY_BUDGET = 1 << 30  # sizes of the members inflated at once; a larger membe
 _READ = 64 << 10
 _PIECE = 32 << 10
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
+_LOCAL_HEADER_MAGIC = b"PK\x03\x04"  # zipfile.stringFileHeader, which is not public
 
 SoCode = tuple[tuple[FatbinUnit, ...], int | None]  # fatbin units, N of the libcudart.so.N it links
 
@@ -74,7 +75,7 @@ def read_so_members(wheels: Mapping[Path, Sequence[zipfile.ZipInfo]]) -> dict[tu
                 if future.exception() is not None:
                     first_failure = min(first_failure, index)
     if first_failure < len(jobs):
-        raise finished[first_failure].exception()
+        finished[first_failure].result()  # raises that member's exception
     return {(wheel, member.filename): finished[index].result() for index, (wheel, member) in enumerate(jobs)}
 
 
@@ -97,7 +98,8 @@ def _read_member(wheel: Path, member: zipfile.ZipInfo) -> SoCode | None:
                 image = memoryview(map_file(file))[start : start + member.file_size]
                 return _read_image(image, name) if image[: len(ELF_MAGIC)] == ELF_MAGIC else None
             return _read_inflated(file, start, member, name)
-    except (zipfile.BadZipFile, isal_zlib.error, EOFError, OSError) as error:
+    # isal's stub declares `error` an Exception instance; it is the exception class IsalError
+    except (zipfile.BadZipFile, isal_zlib.error, EOFError, OSError) as error:  # type: ignore[misc]
         raise_if_refused(error)
         raise AuditInputError(f"{name}: cannot read this member ({error}); the wheel is corrupt") from None
 
@@ -117,8 +119,10 @@ def _read_inflated(file, start: int, member: zipfile.ZipInfo, name: str) -> SoCo
         if not left_out:
             raise
         # Maybe only the zeros where left-out bytes belong: the whole image decides.
-    image, _ = _inflate(file, start, member, skip_unread=False)
-    return _read_image(image, name)
+    whole = _inflate(file, start, member, skip_unread=False)
+    if whole is None:  # not reached: the same bytes began with the ELF magic the first time
+        return None
+    return _read_image(whole[0], name)
 
 
 def _read_image(image, name: str) -> SoCode:
@@ -130,7 +134,7 @@ def _data_offset(file, member: zipfile.ZipInfo) -> int:
     differ from the central directory's."""
     file.seek(member.header_offset)
     header = file.read(_LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size or header[:4] != zipfile.stringFileHeader:
+    if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_HEADER_MAGIC:
         raise zipfile.BadZipFile(f"no local file header at offset {member.header_offset}")
     if member.flag_bits & 0x1:
         raise zipfile.BadZipFile("the member is encrypted")

@@ -113,10 +113,10 @@ def check_cluster(cluster: Cluster, *, timeout: float = 10) -> ClusterStatus:
     except requests.RequestException as error:
         raise DistUnreachable(f"the scheduler {cluster.url} is unreachable: {_first_line(error)}", hint=fix) from None
     try:
-        status = answer.json() if answer.status_code == 200 else None
-        status = ClusterStatus(
-            cluster.url, int(status["num_servers"]), int(status["num_cpus"]), int(status["in_progress"])
-        )
+        if answer.status_code != 200:
+            raise ValueError(answer.status_code)
+        body = answer.json()
+        status = ClusterStatus(cluster.url, int(body["num_servers"]), int(body["num_cpus"]), int(body["in_progress"]))
     except (ValueError, KeyError, TypeError):
         raise DistUnreachable(
             f"{cluster.url} answered HTTP {answer.status_code} with no scheduler status: not an sccache-dist scheduler",

@@ -162,14 +162,14 @@ class ContainerEngine:
             )
             self._ping(address, f"no docker engine at {address}", hint=f"{how}, see docs/build.md 'Container engines'")
             return address
-        address = os.environ.get("CONTAINER_HOST")
-        if address:  # the user's own service: use it or say it is down, never start another
+        service = os.environ.get("CONTAINER_HOST")
+        if service:  # the user's own service: use it or say it is down, never start another
             self._ping(
-                address,
-                f"no podman service at {address} (CONTAINER_HOST)",
+                service,
+                f"no podman service at {service} (CONTAINER_HOST)",
                 hint="start `podman system service` there, or unset CONTAINER_HOST so gpuwheel starts one",
             )
-            return address
+            return service
         address = _podman_socket()
         with suppress(ToolchainError):
             self._ping(address, "", hint="")

@@ -71,6 +71,7 @@ def audit_command(
 
         target = AuditTarget.from_recipe(load_recipe(target_name), driver)
     else:
+        assert arch is not None  # exactly one of --target and --arch, checked above
         target = AuditTarget(arch, driver)
     report = audit(path, target)
     if as_json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import click
 
@@ -20,7 +21,7 @@ def targets(as_json: bool) -> None:
     from gpuwheel.errors import GpuwheelError
     from gpuwheel.recipe import list_targets, load_recipe
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list_targets():
         try:
             recipe = load_recipe(name)
@@ -210,7 +211,7 @@ def _value_at(recipe, key: str):
     parts = key.replace("]", "").replace("[", ".").split(".")
     if parts[0] == "package":
         package = recipe.package(parts[1])
-        node = _package_view(package) if package else {}
+        node: Any = _package_view(package) if package else {}
         parts = parts[2:]
     else:
         node = getattr(recipe, parts[0], None)

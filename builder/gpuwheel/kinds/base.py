@@ -126,8 +126,8 @@ class Kind:
     toolkit_files: tuple[str, ...] = ()
     # The smoke stage's probe groups for a wheel of this kind (its project, provenance, .so members and a
     # work directory), and host-side checks of its members.
-    smoke_groups: Callable[[str, Provenance, tuple[str, ...], Path], tuple[SmokeGroup, ...]] = no_smoke_groups
-    smoke_checks: Callable[[Provenance, tuple[str, ...]], tuple[CheckResult, ...]] = no_smoke_checks
+    smoke_groups: Callable[[str, Provenance | None, tuple[str, ...], Path], tuple[SmokeGroup, ...]] = no_smoke_groups
+    smoke_checks: Callable[[Provenance | None, tuple[str, ...]], tuple[CheckResult, ...]] = no_smoke_checks
     # Optional parts of the package and whether a wheel holds them (recorded in its gpuwheel.json):
     # (the recipe's rust_frontend mode, the wheel's members) → {part: …}.
     components: Callable[[str, frozenset[str]], dict[str, Any]] = no_components

@@ -100,8 +100,10 @@ AUDIT_OPTIONAL = (
 # Per vLLM release, dependency → rows of (oldest CUDA, arch entries of its CMake list). The row of
 # the newest CUDA ≤ the recipe's applies. ALWAYS: compiled (or its headers used) for any CUDA arch;
 # PYTHON_ONLY: nothing of it is ever compiled, only files copied into the wheel.
-ALWAYS, PYTHON_ONLY = "always", ()
-DEPENDENCY_ARCHS: dict[str, dict[str, object]] = {
+ArchRows = tuple[tuple[str, tuple[str, ...]], ...]
+ALWAYS: str = "always"
+PYTHON_ONLY: ArchRows = ()
+DEPENDENCY_ARCHS: dict[str, dict[str, str | ArchRows]] = {
     "0.26.0": {
         "cutlass": ALWAYS,  # CMakeLists.txt: the headers of every CUTLASS kernel of _C
         "vllm-flash-attn": ALWAYS,  # vllm_flash_attn.cmake: FA2 "8.0+PTX" builds for any arch ≥ 8.0
@@ -125,7 +127,7 @@ def compiled_for(version: str, dependency: str, cuda: str, archs: tuple[facts.Ar
     table = DEPENDENCY_ARCHS.get(version, {}).get(dependency)
     if table is None:
         return None
-    if table == ALWAYS:
+    if isinstance(table, str):  # ALWAYS, the one string
         return True
     rows = [entries for min_cuda, entries in table if Version(facts.major_minor(cuda)) >= Version(min_cuda)]
     entries = rows[-1] if rows else ()
@@ -323,7 +325,7 @@ def build_env(package: PackageRecipe, recipe: Recipe) -> dict[str, str]:
         tree = f"{DEPS}/{dep.name}" + (f"/{dep.subdir}" if dep.subdir else "")
         if dep.src_dir_env:
             env[dep.src_dir_env] = tree
-        else:
+        elif dep.fetchcontent_name:  # the recipe check requires one of the two
             cmake_args.append(f"-DFETCHCONTENT_SOURCE_DIR_{dep.fetchcontent_name.upper()}={tree}")
     env["CMAKE_ARGS"] = " ".join(cmake_args)
     return env
@@ -412,15 +414,13 @@ def smoke_groups(
     project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
 ) -> tuple[SmokeGroup, ...]:
     serving = built_serving(provenance)
-    fa2 = {
-        "head_dims": serving["head_dims"] if serving else None,
-        "dtypes": serving["dtypes"] if serving else list(vllm_checks.FA2_DTYPES),
-    }
+    dtypes: list[str] = serving["dtypes"] if serving else list(vllm_checks.FA2_DTYPES)
+    fa2 = {"head_dims": serving["head_dims"] if serving else None, "dtypes": dtypes}
     spec = {"root": None, "moe_permute_file": None, "op_libraries": op_libraries(shared_objects), "fa2": fa2}
-    built = f"head dims {', '.join(map(str, fa2['head_dims']))}" if serving else "every head dim"
+    built = f"head dims {', '.join(map(str, serving['head_dims']))}" if serving else "every head dim"
     # the profile's head dim (128 in the shipped recipes) and dtype, bf16 where built
     head_dim = 128 if not serving or 128 in serving["head_dims"] else serving["head_dims"][0]
-    dtype = "bf16" if "bf16" in fa2["dtypes"] else fa2["dtypes"][0]
+    dtype = "bf16" if "bf16" in dtypes else dtypes[0]
     return (
         SmokeGroup("vllm-ops", spec, "op libraries load and register their ops", needs_gpu=False),
         SmokeGroup("vllm", spec, f"FA2 varlen ({built}), moe_permute and MoE at 8192 tokens"),

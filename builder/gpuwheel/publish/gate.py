@@ -124,7 +124,9 @@ def _smoke_problems(wheel: WheelFile, gate: PublishGate, report: dict[str, Any] 
     problems = []
     if report.get("target") != gate.target:
         problems.append(f"smoke report {path} is for target {report.get('target')!r}")
-    gpu = report.get("gpu") if isinstance(report.get("gpu"), dict) else {}
+    gpu = report.get("gpu")
+    if not isinstance(gpu, dict):
+        gpu = {}
     ran_on = str(gpu.get("compute_capability", ""))
     # A smoke run without the target GPU skipped the GPU checks: untested there, which is not "failed".
     skipped = report.get("gpu_checks") == "skipped"

@@ -82,6 +82,8 @@ def _publish_remote(
         # twine logs keyring lookups with tracebacks; our error says what is missing in one line
         logging.getLogger("twine").setLevel(logging.ERROR)
         upload_url = settings.repository_config["repository"]  # userinfo already stripped by twine
+        if not upload_url:  # twine refuses a repository without a URL first; this keeps upload_url a str
+            raise PublishError(f"repository {repository} has no URL", hint="give it a repository URL in .pypirc")
         _ = settings.username  # resolved first, so a missing username is named as such
         secret = settings.password
         remote = settings.create_repository()
@@ -156,6 +158,13 @@ def _safe_url(url: str) -> str:
     if parts.username or parts.password:
         return parts._replace(netloc=f"********@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
     return url
+
+
+def _response_of(error: requests.HTTPError) -> requests.Response:
+    """The answer an HTTPError carries: raise_for_status, which raises every one caught here, sets it."""
+    if error.response is None:
+        raise error
+    return error.response
 
 
 def _request_failure(error: Exception) -> str:
@@ -263,7 +272,8 @@ class _SimpleLookup:
         try:
             page = self._fetch(base, project)
         except requests.HTTPError as error:
-            status, reason = error.response.status_code, error.response.reason
+            response = _response_of(error)
+            status, reason = response.status_code, response.reason
             raise PublishError(
                 self.scrub(f"cannot read {url}: {status} {reason}"), hint=_refusal_hint(status)
             ) from None
@@ -284,10 +294,11 @@ class _SimpleLookup:
                 if page is not None or self._fetch(base, None) is not None:  # a new project: is the index there?
                     return base, page  # type: ignore[return-value]
             except requests.HTTPError as error:
-                status = error.response.status_code
+                response = _response_of(error)
+                status = response.status_code
                 if status in (401, 403):  # an index is there, and refuses us: say so, not "no index"
                     raise PublishError(
-                        self.scrub(f"cannot read {error.response.url}: {status} {error.response.reason}"),
+                        self.scrub(f"cannot read {response.url}: {status} {response.reason}"),
                         hint=_refusal_hint(status),
                     ) from None
             except requests.RequestException as error:

@@ -94,6 +94,7 @@ def run_smoke(
     with tempfile.TemporaryDirectory(prefix="gpuwheel-smoke-") as temp:
         work = Path(temp)
         if index_url is None:
+            assert wheels_dir is not None  # set above when there is no index URL
             url, requirements = _throwaway_index(wheels_dir, work / "index")
             source = f"{Path(os.path.abspath(wheels_dir))} (through a throwaway static index)"
         else:
@@ -167,12 +168,16 @@ def _smoke(
             "GPU",
             PASS if reason is None else SKIP,
             reason
-            or f"{gpu.name}, compute capability {gpu.compute_capability} (target {recipe.target.name}: {target_cc})",
+            or (
+                f"{gpu.name}, compute capability {gpu.compute_capability} (target {recipe.target.name}: {target_cc})"
+                if gpu is not None  # _gpu gives a reason whenever it gives no GPU
+                else ""
+            ),
         )
     )
     optional = tuple(glob for package in recipe.packages for glob in package.audit_optional)
     # The recipe's kind for each of its packages; a wheel the recipe does not name, by its project name.
-    kinds = {canonicalize_name(package.name): package.kind for package in recipe.packages}
+    kinds: dict[str, str] = {canonicalize_name(package.name): package.kind for package in recipe.packages}
     results = [
         _smoke_wheel(
             wheel,
