@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 from urllib.parse import urlparse
 
 import requests
@@ -255,20 +256,24 @@ class _Store:
                 ),
             }
         if source.kind == "git":
-            with self._locked(source.commit):
-                tree, status = self._git_tree(source.location, source.commit, source.commit, source.submodules, label)
+            commit = source.commit
+            assert commit is not None  # the recipe check pins every git source to a commit
+            with self._locked(commit):
+                tree, status = self._git_tree(source.location, commit, commit, source.submodules, label)
             return {**common, "tree": tree, "archive": None, "status": status}
         filename = source.filename
-        with self._locked(source.sha256):
-            archive = self.root / "archives" / source.sha256 / filename
-            tree_root = self.root / "trees" / source.sha256
+        sha256 = source.sha256
+        assert sha256 is not None  # the recipe check pins every sdist and url source by sha256
+        with self._locked(sha256):
+            archive = self.root / "archives" / sha256 / filename
+            tree_root = self.root / "trees" / sha256
             status = CACHED
             if archive.is_file():
-                _verify_cached(self.root, archive, tree_root, source.sha256, label)
+                _verify_cached(self.root, archive, tree_root, sha256, label)
             if not (archive.is_file() and tree_root.is_dir()):
                 if not archive.is_file() and self.offline:
                     raise OfflineError(
-                        f"{label}: {filename} (sha256 {source.sha256[:12]}…) is not in the cache {self.root}",
+                        f"{label}: {filename} (sha256 {sha256[:12]}…) is not in the cache {self.root}",
                         hint=f"run `gpuwheel fetch {self.target}` on a connected machine and copy its {self.root} here",
                     )
                 # A cached archive only needs extracting: no index query, so this works offline too.
@@ -277,7 +282,7 @@ class _Store:
                     if archive.is_file()
                     else (self._sdist_url(package) if source.kind == "sdist" else source.location)
                 )
-                self._store_archive(url, archive, tree_root, source.sha256, label)
+                self._store_archive(url, archive, tree_root, sha256, label)
                 status = CACHED if url is None else FETCHED
         return {**common, "tree": _single_top(tree_root), "archive": archive, "status": status}
 
@@ -305,7 +310,7 @@ class _Store:
         """The URL of the file source.location on the index (the recipe's, else pip's own)."""
         index = (source.index or pip_index_url()).rstrip("/") + "/"
         try:
-            project = parse_sdist_filename(source.location)[0]
+            project: str = parse_sdist_filename(source.location)[0]
         except InvalidSdistFilename:
             project = package_name
         try:
@@ -343,6 +348,7 @@ class _Store:
         downloaded = None
         try:
             if not archive.is_file():
+                assert url is not None  # None only when the archive was cached
                 downloaded = _download(url, archive.parent, sha256, label, archive.name, self.progress)
             if not tree_root.is_dir():
                 _extract(downloaded or archive, tree_root, label, archive.name)
@@ -355,7 +361,9 @@ class _Store:
                 archive.parent.rmdir()
 
     # ---- git ---------------------------------------------------------------------------
-    def _git_tree(self, url: str, rev: str, commit: str | None, submodules: bool, label: str) -> tuple[Path, str]:
+    def _git_tree(
+        self, url: str, rev: str, commit: str | None, submodules: bool | tuple[str, ...], label: str
+    ) -> tuple[Path, str]:
         """The cached checkout of url at rev (pinned to commit when known), cloning it if needed."""
         if commit and (self.root / "git" / commit).is_dir():
             return self.root / "git" / commit, CACHED
@@ -496,10 +504,12 @@ class _Store:
         (sha256-pinned): for a dependency the recipe's archs never compile (the kind's layout)."""
         layout = registry.get(package.kind).stand_in_layout(package.version, dep.name)
         wheel = package.stand_in
+        # The kind names a dependency a stand-in only where it has a layout and the recipe a stand_in wheel.
+        assert layout is not None and wheel is not None and wheel.sha256 is not None
         label = f"{package.name} {package.version} dependency {dep.name}"
         key = hashlib.sha256(json.dumps([wheel.sha256, dep.name, dataclasses.astuple(layout)]).encode()).hexdigest()
         final = self.root / "stand-ins" / key[:24]
-        found = {"name": dep.name, "git": dep.git, "rev": dep.rev, "commit": None, "fetch_command": ""}
+        found: dict[str, Any] = {"name": dep.name, "git": dep.git, "rev": dep.rev, "commit": None, "fetch_command": ""}
         with self._locked(f"stand-in-{key[:24]}"):
             if final.is_dir():
                 return FetchedDependency(**found, tree=final, status=STAND_IN)
@@ -514,24 +524,25 @@ class _Store:
 
     def _wheel(self, source: Source, package_name: str, label: str) -> Path:
         """The published wheel, verified, in archives/ (downloaded once, under its sha256's lock)."""
+        assert source.sha256 is not None  # the recipe check requires a stand_in's sha256
         with self._locked(source.sha256):
-            return self._wheel_locked(source, package_name, label)
+            return self._wheel_locked(source, source.sha256, package_name, label)
 
-    def _wheel_locked(self, source: Source, package_name: str, label: str) -> Path:
+    def _wheel_locked(self, source: Source, sha256: str, package_name: str, label: str) -> Path:
         """The published wheel, verified, in archives/ (downloaded once)."""
-        archive = self.root / "archives" / source.sha256 / source.location
+        archive = self.root / "archives" / sha256 / source.location
         if archive.is_file():
-            _verify_file(archive, source.sha256, label)
+            _verify_file(archive, sha256, label)
             return archive
         if self.offline:
             raise OfflineError(
-                f"{label}: its stand-in needs {source.location} (sha256 {source.sha256[:12]}…), "
+                f"{label}: its stand-in needs {source.location} (sha256 {sha256[:12]}…), "
                 f"which is not in the cache {self.root}",
                 hint=f"run `gpuwheel fetch {self.target}` on a connected machine and copy its {self.root} here",
             )
         archive.parent.mkdir(parents=True, exist_ok=True)
         url = self._index_url(source, package_name, label)
-        downloaded = _download(url, archive.parent, source.sha256, label, archive.name, self.progress)
+        downloaded = _download(url, archive.parent, sha256, label, archive.name, self.progress)
         os.replace(downloaded, archive)
         return archive
 
@@ -809,7 +820,7 @@ def _git(
     return result
 
 
-def _checkout(work: Path, url: str, rev: str, submodules: bool, label: str) -> str:
+def _checkout(work: Path, url: str, rev: str, submodules: bool | tuple[str, ...], label: str) -> str:
     """Check url at rev out into work (with submodules at their recorded commits); returns HEAD."""
     local = urlparse(url).scheme in ("", "file")
     _git(["init", "-q"], work, label)

@@ -19,12 +19,13 @@ import io
 import mmap
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import zstandard
 from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
 from gpuwheel.errors import AuditInputError
@@ -164,10 +165,11 @@ def linked_cuda_runtime(data, name: str, left_out: Sequence[tuple[int, int]] = (
     on a driver older than CUDA 13.0's even when every kernel is native SASS.
     """
     dynamic = _open_elf(memoryview(data), left_out, name).get_section_by_name(".dynamic")
-    if dynamic is None:
+    if not isinstance(dynamic, DynamicSection):  # none, or not of type SHT_DYNAMIC: no tags to read
         return None
     for tag in dynamic.iter_tags("DT_NEEDED"):
-        match = re.fullmatch(r"libcudart\.so\.(\d+)", tag.needed)
+        # pyelftools sets `needed` on DT_NEEDED tags at run time; its stub does not declare it
+        match = re.fullmatch(r"libcudart\.so\.(\d+)", tag.needed)  # type: ignore[attr-defined]
         if match:
             return int(match[1])
     return None
@@ -200,15 +202,14 @@ def read_fatbin(data, name: str, left_out: Sequence[tuple[int, int]] = ()) -> tu
 def _check_left_out(left_out: Sequence[tuple[int, int]], start: int, end: int, units: list[FatbinUnit]) -> None:
     """LeftOut unless every span left out that meets the region [start, end) lies in one the parse of
     its units never read: a cubin, or a stored PTX past its first _PTX_STORED_READ bytes."""
-    unread = sorted(
-        [entry.payload for unit in units for entry in unit.sass]
-        + [
-            (entry.payload[0] + _PTX_STORED_READ, entry.payload[1])
-            for unit in units
-            for entry in unit.ptx
-            if entry.payload[1] > entry.payload[0] + _PTX_STORED_READ
-        ]
-    )
+    # Every parsed entry has its payload span (None only in entries made by hand).
+    spans: list[tuple[float, float]] = []
+    for unit in units:
+        spans += (entry.payload for entry in unit.sass if entry.payload is not None)
+        for ptx in unit.ptx:
+            if ptx.payload is not None and ptx.payload[1] > ptx.payload[0] + _PTX_STORED_READ:
+                spans.append((ptx.payload[0] + _PTX_STORED_READ, ptx.payload[1]))
+    unread = sorted(spans)
     first = bisect.bisect_left(left_out, (start,))
     if first and left_out[first - 1][1] > start:  # a span from before the region reaching into it
         first -= 1
@@ -256,7 +257,7 @@ def skip_plan(image) -> Iterator[tuple[int, int]]:
                 break
 
 
-def _container_plan(image, start: int, size: int) -> Iterator[tuple[int, int]]:
+def _container_plan(image, start: int, size: int) -> Generator[tuple[int, int], None, int]:
     """The plan for one container at `start`; returns the offset to look for the next one from."""
     yield start + _CONTAINER.size, start + _CONTAINER.size
     _, _, header_size, payload_size = _CONTAINER.unpack_from(image, start)
@@ -285,7 +286,8 @@ def _open_elf(view: memoryview, left_out: Sequence[tuple[int, int]], name: str) 
     1 TiB of memory (MemoryError) before any check of ours ran.
     """
     try:
-        elf = ELFFile(_BufferStream(view, left_out))
+        # pyelftools only reads, seeks and tells; its annotation asks for IO[bytes], which no RawIOBase is
+        elf = ELFFile(_BufferStream(view, left_out))  # type: ignore[arg-type]
         for section in elf.iter_sections():
             start, size = section["sh_offset"], section["sh_size"]
             if section["sh_type"] != "SHT_NOBITS" and start + size > len(view):
