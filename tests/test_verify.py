@@ -88,6 +88,17 @@ def test_a_text_member_that_differs_shows_a_unified_diff(tmp_path):
     assert [m.name for m in diff.members] == ["gwdiff/config.toml", "gwdiff-1.0.dist-info/RECORD"]
 
 
+def test_a_text_member_the_other_extends_differs_where_the_shorter_ends(tmp_path):
+    library = _library(tmp_path / "lib", "hello")
+    first = _wheel(tmp_path / "a", library, config="heads = 128\n")
+    second = _wheel(tmp_path / "b", library, config="heads = 128\ndtype = 'bf16'\n")
+
+    config = next(m for m in compare_wheels(first, second).members if m.name == "gwdiff/config.toml")
+
+    assert config.kind == "text" and config.first_offset == len("heads = 128\n")
+    assert "+dtype = 'bf16'" in config.diff
+
+
 def test_an_added_and_a_removed_member_are_named(tmp_path):
     library = _library(tmp_path / "lib", "hello")
     first = _wheel(tmp_path / "a", library, extra={"gwdiff/old.txt": b"gone\n"})

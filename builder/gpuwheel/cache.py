@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import platformdirs
 from filelock import FileLock, Timeout
@@ -67,8 +67,10 @@ def copy_tree(source: Path, dest: Path, *, ignore=None) -> None:
         failures = error.args[0] if error.args and isinstance(error.args[0], list) else []
         why = failures[0][2] if failures else str(error)
         more = f" (+{len(failures) - 1} more files)" if len(failures) > 1 else ""
-        raise StorageError(f"copying {source} to {dest} failed: {why}{more}",
-                           hint="free space there, or set GPUWHEEL_CACHE to a disk with room") from None
+        raise StorageError(
+            f"copying {source} to {dest} failed: {why}{more}",
+            hint="free space there, or set GPUWHEEL_CACHE to a disk with room",
+        ) from None
 
 
 @contextmanager
@@ -92,8 +94,7 @@ def target_lock(target: str) -> Iterator[None]:
             pid = holder.read_text().strip() or "?"
         except OSError:
             pid = "?"
-        say(f"waiting for the other build of {target} on this machine (pid {pid}) to finish; "
-            f"lock {lock.lock_file}")
+        say(f"waiting for the other build of {target} on this machine (pid {pid}) to finish; lock {lock.lock_file}")
         lock.acquire()
     try:
         holder.write_text(str(os.getpid()))

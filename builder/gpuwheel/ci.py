@@ -19,18 +19,23 @@ from __future__ import annotations
 import json
 import shlex
 import string
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from gpuwheel import facts
 from gpuwheel.plan import Plan
 
 # The runner the CPU jobs use, and the versions of the actions the workflow calls.
 HOSTED_RUNNER = "ubuntu-24.04"
-ACTIONS = {"checkout": "actions/checkout@v4", "setup-python": "actions/setup-python@v5",
-           "cache": "actions/cache@v4", "upload": "actions/upload-artifact@v4",
-           "download": "actions/download-artifact@v4"}
+ACTIONS = {
+    "checkout": "actions/checkout@v4",
+    "setup-python": "actions/setup-python@v5",
+    "cache": "actions/cache@v4",
+    "upload": "actions/upload-artifact@v4",
+    "download": "actions/download-artifact@v4",
+}
 # Repository secrets the publish job reads (docs/ci.md): the index's upload URL and twine's credentials.
 SECRETS = ("GPUWHEEL_INDEX_URL", "GPUWHEEL_INDEX_USERNAME", "GPUWHEEL_INDEX_PASSWORD")
 
@@ -49,8 +54,15 @@ class CiTarget:
     only: tuple[str, ...]
 
     def row(self) -> dict[str, Any]:
-        return {"target": self.target, "recipe": self.recipe, "plan": self.plan_hash, "python": self.python,
-                "backend": self.backend, "only": " ".join(self.only), "runner": list(self.runner)}
+        return {
+            "target": self.target,
+            "recipe": self.recipe,
+            "plan": self.plan_hash,
+            "python": self.python,
+            "backend": self.backend,
+            "only": " ".join(self.only),
+            "runner": list(self.runner),
+        }
 
 
 def ci_target(reference: str, plan: Plan, only: Sequence[str] = ()) -> CiTarget:
@@ -59,22 +71,40 @@ def ci_target(reference: str, plan: Plan, only: Sequence[str] = ()) -> CiTarget:
     recipe's nvidia/cuda image (the container backend, docker on the runner)."""
     arch = facts.parse_arch(plan.target.compute_capability)
     from_pypi = facts.major_minor(plan.toolchain.cuda) in facts.CUDA_PYPI_TOOLCHAIN
-    return CiTarget(target=plan.target.name, recipe=reference, plan_hash=plan.hash,
-                    python=facts.major_minor(plan.toolchain.python),
-                    backend="local" if from_pypi else "container", lock_cuda_from="pypi" if from_pypi else "host",
-                    runner=("self-hosted", "gpu", f"sm{arch.number}"), only=tuple(only))
+    return CiTarget(
+        target=plan.target.name,
+        recipe=reference,
+        plan_hash=plan.hash,
+        python=facts.major_minor(plan.toolchain.python),
+        backend="local" if from_pypi else "container",
+        lock_cuda_from="pypi" if from_pypi else "host",
+        runner=("self-hosted", "gpu", f"sm{arch.number}"),
+        only=tuple(only),
+    )
 
 
 def github_workflow(targets: Sequence[CiTarget], *, install: str, command: str) -> str:
     """The workflow file's text: YAML, its matrix a JSON flow sequence (YAML reads JSON as it is)."""
     matrix = _flow([t.row() for t in targets])
-    locks = "\n".join(f"#   gpuwheel lock {shlex.quote(t.recipe)}"
-                      + "".join(f" --only {shlex.quote(p)}" for p in t.only) + f" --cuda-from {t.lock_cuda_from}"
-                      for t in targets)
+    locks = "\n".join(
+        f"#   gpuwheel lock {shlex.quote(t.recipe)}"
+        + "".join(f" --only {shlex.quote(p)}" for p in t.only)
+        + f" --cuda-from {t.lock_cuda_from}"
+        for t in targets
+    )
     runners = ", ".join(sorted({"[" + ", ".join(t.runner) + "]" for t in targets}))
-    return _Template(_WORKFLOW.replace("@hosted_setup\n", _HOSTED_SETUP).replace("@job_matrix\n", _JOB_MATRIX)).substitute(
-        command=command, locks=locks, runners=runners, matrix=matrix, install=shlex.quote(install),
-        secrets=", ".join(SECRETS), hosted=HOSTED_RUNNER, **{name.replace("-", "_"): uses for name, uses in ACTIONS.items()})
+    return _Template(
+        _WORKFLOW.replace("@hosted_setup\n", _HOSTED_SETUP).replace("@job_matrix\n", _JOB_MATRIX)
+    ).substitute(
+        command=command,
+        locks=locks,
+        runners=runners,
+        matrix=matrix,
+        install=shlex.quote(install),
+        secrets=", ".join(SECRETS),
+        hosted=HOSTED_RUNNER,
+        **{name.replace("-", "_"): uses for name, uses in ACTIONS.items()},
+    )
 
 
 class _Template(string.Template):
@@ -286,7 +316,7 @@ jobs:
           echo "::group::gpuwheel publish $RECIPE"
           gpuwheel publish "$RECIPE" --wheels "wheels/$TARGET/staging" --smoke-report smoke-report/wheels/"$TARGET"/staging/smoke.json --repository "$INDEX_URL"
           echo "::endgroup::"
-"""
+"""  # noqa: E501 (the publish step's shell line, kept on one line as it runs)
 
 
 # ---- step summaries ----------------------------------------------------------------------------
@@ -312,21 +342,44 @@ def summary_markdown(reports: Sequence[tuple[str, Any]]) -> str:
 
 def _build_summary(name: str, report: Mapping[str, Any]) -> str:
     how = "reused (nothing changed)" if report.get("reused") else "built"
-    rows = [f"| `{w['filename']}` | {w['label']} | {'passed' if w['audit_passed'] else '**FAILED**'} | `{w['sha256'][:16]}…` |"
-            for w in report["finished"]["wheels"]]
-    return "\n".join([f"### {report['finished']['target']}: wheels {how}", "", "| wheel | label | audit | sha256 |",
-                      "| --- | --- | --- | --- |", *rows, ""])
+    rows = [
+        f"| `{w['filename']}` | {w['label']} | {'passed' if w['audit_passed'] else '**FAILED**'} "
+        f"| `{w['sha256'][:16]}…` |"
+        for w in report["finished"]["wheels"]
+    ]
+    return "\n".join(
+        [
+            f"### {report['finished']['target']}: wheels {how}",
+            "",
+            "| wheel | label | audit | sha256 |",
+            "| --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
 
 
 def _audit_summary(name: str, report: Mapping[str, Any]) -> str:
     target = report.get("target", {})
-    rows = [f"| `{so['path']}` | {so['verdict']} | {so['native']} / {so['jit']} / {so['none']} | "
-            f"{', '.join(so['sass_archs']) or '—'} | {', '.join(so['ptx_archs']) or '—'} |" for so in report["sos"]]
+    rows = [
+        f"| `{so['path']}` | {so['verdict']} | {so['native']} / {so['jit']} / {so['none']} | "
+        f"{', '.join(so['sass_archs']) or '—'} | {', '.join(so['ptx_archs']) or '—'} |"
+        for so in report["sos"]
+    ]
     verdict = "passed" if report.get("passed") else "**FAILED**"
     problems = [f"- {p}" for p in report.get("problems", [])]
-    return "\n".join([f"### audit {verdict}: GPU {target.get('arch')}, driver ≥ {target.get('min_driver')}", "",
-                      "| .so | verdict | native / JIT / none | SASS | PTX |", "| --- | --- | --- | --- | --- |",
-                      *rows, "", *problems, ""])
+    return "\n".join(
+        [
+            f"### audit {verdict}: GPU {target.get('arch')}, driver ≥ {target.get('min_driver')}",
+            "",
+            "| .so | verdict | native / JIT / none | SASS | PTX |",
+            "| --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            *problems,
+            "",
+        ]
+    )
 
 
 def _verify_summary(name: str, report: Mapping[str, Any]) -> str:
@@ -334,21 +387,44 @@ def _verify_summary(name: str, report: Mapping[str, Any]) -> str:
     rows = []
     for check in report.get("wheels", []):
         diff = check["diff"]
-        first = (diff["members"][0]["summary"] if diff["members"] else (diff["archive"] or [""])[0])
-        rows.append(f"| `{Path(check['wheel']).name}` | `{diff['sha256'][0][:16]}…` | `{diff['sha256'][1][:16]}…` | "
-                    f"{'same' if check['same'] else first.replace('|', '/')} |")
-    return "\n".join([f"### verify {report.get('target')}: {head} (plan {str(report.get('plan_hash'))[:16]}, "
-                      f"{report.get('backend')} backend)", "", "| wheel | sha256 | rebuilt | difference |",
-                      "| --- | --- | --- | --- |", *rows, ""])
+        first = diff["members"][0]["summary"] if diff["members"] else (diff["archive"] or [""])[0]
+        rows.append(
+            f"| `{Path(check['wheel']).name}` | `{diff['sha256'][0][:16]}…` | `{diff['sha256'][1][:16]}…` | "
+            f"{'same' if check['same'] else first.replace('|', '/')} |"
+        )
+    return "\n".join(
+        [
+            f"### verify {report.get('target')}: {head} (plan {str(report.get('plan_hash'))[:16]}, "
+            f"{report.get('backend')} backend)",
+            "",
+            "| wheel | sha256 | rebuilt | difference |",
+            "| --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
 
 
 def _smoke_summary(name: str, report: Mapping[str, Any]) -> str:
     gpu = report.get("gpu") or {}
-    head = ("passed" if report.get("passed") and report.get("gpu_checks") == "ran"
-            else "**FAILED**" if not report.get("passed") else f"**not on the GPU**: {report.get('gpu_skip_reason')}")
+    head = (
+        "passed"
+        if report.get("passed") and report.get("gpu_checks") == "ran"
+        else "**FAILED**"
+        if not report.get("passed")
+        else f"**not on the GPU**: {report.get('gpu_skip_reason')}"
+    )
     checks = [("environment", c) for c in report.get("checks", [])]
     for wheel in report.get("wheels", []):
         checks.extend((wheel.get("filename", "?"), c) for c in wheel.get("checks", []))
     rows = [f"| {where} | {c['name']} | {c['status']} | {c.get('detail', '')} |" for where, c in checks]
-    return "\n".join([f"### smoke {report.get('target')} {head} ({gpu.get('name', 'no GPU')})", "",
-                      "| where | check | status | detail |", "| --- | --- | --- | --- |", *rows, ""])
+    return "\n".join(
+        [
+            f"### smoke {report.get('target')} {head} ({gpu.get('name', 'no GPU')})",
+            "",
+            "| where | check | status | detail |",
+            "| --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )

@@ -15,12 +15,27 @@ from packaging.version import Version
 # clang/lib/Basic/Cuda.cpp MinVersionForOffloadArch for 7.2 → 9.1, 8.8 → 13.0; 5.2 came with CUDA 6.5's
 # GTX 9xx release). `nvcc --list-gpu-arch` of CUDA 13.0 lists sm_75 … sm_121 with sm_88, no sm_101.
 ARCH_MIN_CUDA: dict[str, str] = {
-    "5.0": "6.0", "5.2": "6.5", "5.3": "7.0", "6.0": "8.0", "6.1": "8.0", "6.2": "8.0",
-    "7.0": "9.0", "7.2": "9.1", "7.5": "10.0",
-    "8.0": "11.0", "8.6": "11.1", "8.7": "11.4", "8.8": "13.0", "8.9": "11.8",
+    "5.0": "6.0",
+    "5.2": "6.5",
+    "5.3": "7.0",
+    "6.0": "8.0",
+    "6.1": "8.0",
+    "6.2": "8.0",
+    "7.0": "9.0",
+    "7.2": "9.1",
+    "7.5": "10.0",
+    "8.0": "11.0",
+    "8.6": "11.1",
+    "8.7": "11.4",
+    "8.8": "13.0",
+    "8.9": "11.8",
     "9.0": "11.8",
-    "10.0": "12.8", "10.1": "12.8", "10.3": "12.9", "11.0": "13.0",
-    "12.0": "12.8", "12.1": "12.9",
+    "10.0": "12.8",
+    "10.1": "12.8",
+    "10.3": "12.9",
+    "11.0": "13.0",
+    "12.0": "12.8",
+    "12.1": "12.9",
 }
 # Arch-specific ("a") and family ("f") variants need newer toolkits than the plain arch.
 SUFFIX_MIN_CUDA: dict[str, str] = {"a": "12.0", "f": "12.9"}
@@ -32,21 +47,44 @@ ARCH_MAX_CUDA_MAJOR: dict[str, int] = {
 
 # PTX ISA version → the CUDA release that introduced it (PTX ISA docs, "Release notes").
 PTX_ISA_CUDA: dict[str, str] = {
-    "7.0": "11.0", "7.1": "11.1", "7.2": "11.2", "7.3": "11.3", "7.4": "11.4",
-    "7.5": "11.5", "7.6": "11.6", "7.7": "11.7", "7.8": "11.8",
-    "8.0": "12.0", "8.1": "12.1", "8.2": "12.2", "8.3": "12.3", "8.4": "12.4",
-    "8.5": "12.5", "8.6": "12.7", "8.7": "12.8", "8.8": "12.9",
-    "9.0": "13.0", "9.1": "13.1",
+    "7.0": "11.0",
+    "7.1": "11.1",
+    "7.2": "11.2",
+    "7.3": "11.3",
+    "7.4": "11.4",
+    "7.5": "11.5",
+    "7.6": "11.6",
+    "7.7": "11.7",
+    "7.8": "11.8",
+    "8.0": "12.0",
+    "8.1": "12.1",
+    "8.2": "12.2",
+    "8.3": "12.3",
+    "8.4": "12.4",
+    "8.5": "12.5",
+    "8.6": "12.7",
+    "8.7": "12.8",
+    "8.8": "12.9",
+    "9.0": "13.0",
+    "9.1": "13.1",
 }
 
 # CUDA toolkit (major.minor) → oldest Linux driver that runs its binaries and JITs its PTX
 # (CUDA Toolkit release notes, table 3 "toolkit driver version").
 CUDA_MIN_DRIVER: dict[str, str] = {
     "11.8": "520.61.05",
-    "12.0": "525.60.13", "12.1": "530.30.02", "12.2": "535.54.03", "12.3": "545.23.06",
-    "12.4": "550.54.14", "12.5": "555.42.02", "12.6": "560.28.03", "12.7": "565.57.01",
-    "12.8": "570.26", "12.9": "575.51.03",
-    "13.0": "580.65.06", "13.1": "590.44.01",
+    "12.0": "525.60.13",
+    "12.1": "530.30.02",
+    "12.2": "535.54.03",
+    "12.3": "545.23.06",
+    "12.4": "550.54.14",
+    "12.5": "555.42.02",
+    "12.6": "560.28.03",
+    "12.7": "565.57.01",
+    "12.8": "570.26",
+    "12.9": "575.51.03",
+    "13.0": "580.65.06",
+    "13.1": "590.44.01",
 }
 
 # torch release (major.minor) → CUDA versions PyTorch publishes wheels of it for on its own index
@@ -70,16 +108,30 @@ TORCH_CUDA_BUILDS: dict[str, tuple[str, ...]] = {
 CUDA_LAST_TORCH: dict[str, str] = {"12.8": "2.11"}
 # torch release (major.minor) → the CUDA build PyPI serves as plain `torch` (the METADATA checks above).
 # Any other build is PyTorch's variant, named by its local version (2.11.0+cu128) on PyTorch's index.
-TORCH_PYPI_CUDA: dict[str, str] = {"2.10": "12.8", "2.11": "13.0", "2.12": "13.0", "2.13": "13.0",
-                                   "2.14": "13.0", "2.15": "13.2"}
+TORCH_PYPI_CUDA: dict[str, str] = {
+    "2.10": "12.8",
+    "2.11": "13.0",
+    "2.12": "13.0",
+    "2.13": "13.0",
+    "2.14": "13.0",
+    "2.15": "13.2",
+}
 
 # CUDA toolkit (major.minor) → the PyPI wheels that make a complete nvcc toolchain, every part
 # pinned (else pip mixes in newer ones), and the directory under site-packages they fill
 # (ENVIRONMENT.md). CUDA 12's PyPI wheels hold no nvcc: a 12.x toolkit comes from a host install
 # or a CUDA base image.
 CUDA_PYPI_TOOLCHAIN: dict[str, tuple[tuple[str, ...], str]] = {
-    "13.0": (("nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-crt==13.0.88", "nvidia-nvvm==13.0.88",
-              "nvidia-cuda-runtime==13.0.96", "nvidia-cuda-cccl==13.0.85"), "nvidia/cu13"),
+    "13.0": (
+        (
+            "nvidia-cuda-nvcc==13.0.88",
+            "nvidia-cuda-crt==13.0.88",
+            "nvidia-nvvm==13.0.88",
+            "nvidia-cuda-runtime==13.0.96",
+            "nvidia-cuda-cccl==13.0.85",
+        ),
+        "nvidia/cu13",
+    ),
 }
 
 _ARCH_RE = re.compile(r"^(?P<major>\d+)\.(?P<minor>\d)(?P<suffix>[af]?)(?P<ptx>\+PTX)?$")

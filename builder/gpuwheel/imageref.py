@@ -14,8 +14,10 @@ from __future__ import annotations
 import re
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_DOMAIN = (r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
-           r"|\[[0-9a-fA-F:]+\])(?::[0-9]+)?")
+_DOMAIN = (
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+)
 _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 _REFERENCE = re.compile(rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?")
@@ -32,5 +34,7 @@ def image_reference_problem(value: str) -> str | None:
         return "it has leading or trailing spaces"
     if _REFERENCE.fullmatch(value.lower()):
         return "repository names are lowercase"
-    return ("it is not NAME[:TAG][@DIGEST] (NAME: lowercase letters and digits, separated by . _ - or /, "
-            "after an optional registry host)")
+    return (
+        "it is not NAME[:TAG][@DIGEST] (NAME: lowercase letters and digits, separated by . _ - or /, "
+        "after an optional registry host)"
+    )

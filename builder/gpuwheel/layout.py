@@ -1,7 +1,7 @@
 """The output layout: where each target's wheels, smoke report and static index live (docs/publish.md).
 
-    wheels/<target>/staging/        what the finish stage wrote, and smoke.json beside it
-    wheels/<target>/files/, simple/ the target's published static index
+wheels/<target>/staging/        what the finish stage wrote, and smoke.json beside it
+wheels/<target>/files/, simple/ the target's published static index
 """
 
 from __future__ import annotations

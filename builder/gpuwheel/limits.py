@@ -33,8 +33,9 @@ class ExtractLimits:
 
 def extract_limits() -> ExtractLimits:
     """The limits of this run; a malformed variable raises ValueError naming it (the caller words it)."""
-    return ExtractLimits(bytes=_positive(_BYTES_VARIABLE, _DEFAULT_BYTES),
-                         members=_positive(_MEMBERS_VARIABLE, _DEFAULT_MEMBERS))
+    return ExtractLimits(
+        bytes=_positive(_BYTES_VARIABLE, _DEFAULT_BYTES), members=_positive(_MEMBERS_VARIABLE, _DEFAULT_MEMBERS)
+    )
 
 
 def _positive(variable: str, default: int) -> int:
@@ -62,6 +63,13 @@ def irregular_file(path: os.PathLike | str) -> str | None:
         return error.strerror.lower() if error.strerror else "cannot be read"
     if stat.S_ISREG(mode):
         return None
-    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+    kind = (
+        "a folder"
+        if stat.S_ISDIR(mode)
+        else "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+    )
     return f"is {kind}, not a regular file"

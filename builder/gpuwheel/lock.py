@@ -22,9 +22,10 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from packaging.utils import canonicalize_name
 
@@ -40,8 +41,10 @@ else:
 
 LOCK_SCHEMA = 1
 LOCK_SUFFIX = ".lock"
-_HEADER = ("# Written by `gpuwheel lock {target}`: every input of its build, pinned. Commit it; CI runs\n"
-           "# `gpuwheel lock {target} --check`, and `gpuwheel build {target} --locked` builds only from it.\n")
+_HEADER = (
+    "# Written by `gpuwheel lock {target}`: every input of its build, pinned. Commit it; CI runs\n"
+    "# `gpuwheel lock {target} --check`, and `gpuwheel build {target} --locked` builds only from it.\n"
+)
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,10 @@ class Lock:
         more packages than a build's --only is checked as the plan of all it locks."""
         unlocked = [p.name for p in plan.packages if p.name not in self.packages]
         if unlocked:
-            raise LockError(f"{self.path} locks {', '.join(self.packages)}, not {', '.join(unlocked)}",
-                            hint=f"lock them: `gpuwheel lock {plan.target.name}` (with the same --only as the build)")
+            raise LockError(
+                f"{self.path} locks {', '.join(self.packages)}, not {', '.join(unlocked)}",
+                hint=f"lock them: `gpuwheel lock {plan.target.name}` (with the same --only as the build)",
+            )
         selection = tuple(p.name for p in plan.packages)
         self.check_plan(plan if selection == self.packages else make_plan(recipe, jobs=jobs, only=self.packages))
 
@@ -124,22 +129,31 @@ class Lock:
         if now != self.requirements:
             added = [r for r in now if r not in self.requirements]
             removed = [r for r in self.requirements if r not in now]
-            self._stale([f"toolchain requirements changed ({', '.join([*(f'+{r}' for r in added), *(f'-{r}' for r in removed)])})"])
+            self._stale(
+                [
+                    "toolchain requirements changed "
+                    f"({', '.join([*(f'+{r}' for r in added), *(f'-{r}' for r in removed)])})"
+                ]
+            )
 
     def check_sources(self, sources: Any) -> None:
         """What the fetch verified (a FetchedPackage per package) is what was locked."""
         locked = {(s.package, s.name): s for s in self.sources}
         changed = []
         for package in sources.packages:
-            fetched = [(package.name, package.sha256, package.commit),
-                       *((dep.name, None, dep.commit) for dep in package.dependencies)]
+            fetched = [
+                (package.name, package.sha256, package.commit),
+                *((dep.name, None, dep.commit) for dep in package.dependencies),
+            ]
             for name, sha256, commit in fetched:
                 was = locked.get((package.name, name))
                 if was is None:
                     changed.append(f"source {package.name}/{name} is not in the lock")
                 elif (sha256 or None) != was.sha256 or (commit or None) != was.commit:
-                    changed.append(f"source {package.name}/{name} is {_pin(sha256, commit)} now, "
-                                   f"{_pin(was.sha256, was.commit)} in the lock")
+                    changed.append(
+                        f"source {package.name}/{name} is {_pin(sha256, commit)} now, "
+                        f"{_pin(was.sha256, was.commit)} in the lock"
+                    )
         if changed:
             self._stale(changed)
 
@@ -151,7 +165,11 @@ class Lock:
         torch = self.version_of("torch")
         if torch and observed.torch and observed.torch.split("+")[0] != torch.split("+")[0]:
             changed.append(f"torch is {observed.torch} now, {torch} in the lock")
-        if self.base_image_digest and observed.base_image_digest and observed.base_image_digest != self.base_image_digest:
+        if (
+            self.base_image_digest
+            and observed.base_image_digest
+            and observed.base_image_digest != self.base_image_digest
+        ):
             changed.append(f"the base image is {observed.base_image_digest} now, {self.base_image_digest} in the lock")
         if changed:
             self._stale(changed)
@@ -159,43 +177,68 @@ class Lock:
     def check_hash_failure(self, pip_output: Iterable[str], log: Path) -> None:
         """pip refused a file of the locked environment: the index serves other bytes than were locked."""
         lines = [line.strip() for line in pip_output]
-        refused = [(lines[i].split(" from ", 1)[0], lines[i + 1].split()[-1], lines[i + 2].split()[-1])
-                   for i in range(len(lines) - 2)
-                   if lines[i + 1].startswith("Expected sha256") and lines[i + 2].startswith("Got")]
+        refused = [
+            (lines[i].split(" from ", 1)[0], lines[i + 1].split()[-1], lines[i + 2].split()[-1])
+            for i in range(len(lines) - 2)
+            if lines[i + 1].startswith("Expected sha256") and lines[i + 2].startswith("Got")
+        ]
         if refused:
-            changed = [f"{name}: the index serves a file of sha256 {got}, the lock has {expected}"
-                       for name, expected, got in refused]
+            changed = [
+                f"{name}: the index serves a file of sha256 {got}, the lock has {expected}"
+                for name, expected, got in refused
+            ]
             more = f" (+{len(changed) - 1} more)" if len(changed) > 1 else ""
-            raise LockError(f"{self.path}: {changed[0]}{more}",
-                            hint=f"the file changed on the index, or the lock was edited: compare before you run "
-                                 f"`gpuwheel lock {self.target}` again; pip's output in {log}")
+            raise LockError(
+                f"{self.path}: {changed[0]}{more}",
+                hint=f"the file changed on the index, or the lock was edited: compare before you run "
+                f"`gpuwheel lock {self.target}` again; pip's output in {log}",
+            )
 
     def _stale(self, changed: list[str]) -> None:
         more = f" (+{len(changed) - 1} more)" if len(changed) > 1 else ""
-        raise LockError(f"{self.path}: the lock is stale: {changed[0]}{more}",
-                        hint=f"if the change is meant, run `gpuwheel lock {self.target}` and commit {self.path.name}")
+        raise LockError(
+            f"{self.path}: the lock is stale: {changed[0]}{more}",
+            hint=f"if the change is meant, run `gpuwheel lock {self.target}` and commit {self.path.name}",
+        )
 
     # ---- the file ------------------------------------------------------------------------------
     def to_toml(self) -> str:
         import tomli_w
 
         data = {
-            "schema": LOCK_SCHEMA, "target": self.target, "plan_hash": self.plan_hash, "packages": list(self.packages),
-            "toolchain": _without_none({
-                "python": self.python, "requirements": list(self.requirements), "cuda_toolkit": self.cuda_toolkit,
-                "base_image": self.base_image, "base_image_digest": self.base_image_digest,
-                "environment": [_without_none(vars(w)) for w in self.environment]}),
+            "schema": LOCK_SCHEMA,
+            "target": self.target,
+            "plan_hash": self.plan_hash,
+            "packages": list(self.packages),
+            "toolchain": _without_none(
+                {
+                    "python": self.python,
+                    "requirements": list(self.requirements),
+                    "cuda_toolkit": self.cuda_toolkit,
+                    "base_image": self.base_image,
+                    "base_image_digest": self.base_image_digest,
+                    "environment": [_without_none(vars(w)) for w in self.environment],
+                }
+            ),
             "source": [_without_none(vars(s)) for s in self.sources],
             "inputs": dict(self.inputs),
         }
         return _HEADER.format(target=self.target) + tomli_w.dumps(data, multiline_strings=False)
 
     def to_json(self) -> dict:
-        return {"path": str(self.path), "target": self.target, "plan_hash": self.plan_hash,
-                "packages": list(self.packages), "python": self.python, "requirements": list(self.requirements),
-                "environment": [vars(w) for w in self.environment], "cuda_toolkit": self.cuda_toolkit,
-                "base_image": self.base_image, "base_image_digest": self.base_image_digest,
-                "sources": [vars(s) for s in self.sources]}
+        return {
+            "path": str(self.path),
+            "target": self.target,
+            "plan_hash": self.plan_hash,
+            "packages": list(self.packages),
+            "python": self.python,
+            "requirements": list(self.requirements),
+            "environment": [vars(w) for w in self.environment],
+            "cuda_toolkit": self.cuda_toolkit,
+            "base_image": self.base_image,
+            "base_image_digest": self.base_image_digest,
+            "sources": [vars(s) for s in self.sources],
+        }
 
 
 def lock_path(plan: Plan) -> Path:
@@ -203,30 +246,60 @@ def lock_path(plan: Plan) -> Path:
     return plan.recipe.parent / f"{plan.target.name}{LOCK_SUFFIX}"
 
 
-def make_lock(plan: Plan, sources: Any, *, python: str, requirements: tuple[str, ...],
-              environment: tuple[LockedWheel, ...], cuda_toolkit: str | None, path: Path | None = None) -> Lock:
+def make_lock(
+    plan: Plan,
+    sources: Any,
+    *,
+    python: str,
+    requirements: tuple[str, ...],
+    environment: tuple[LockedWheel, ...],
+    cuda_toolkit: str | None,
+    path: Path | None = None,
+) -> Lock:
     """The lock of a plan, its fetched Sources and the environment resolved for its toolchain."""
     locked = []
     for package in sources.packages:
-        locked.append(LockedSource(package.name, package.name, "package", package.kind,
-                                   plan.package(package.name).source.location, package.sha256, package.commit))
-        planned = {d.name: d for d in plan.package(package.name).dependencies}
+        package_plan = plan.package(package.name)
+        assert package_plan is not None  # the sources were fetched for this plan's packages
+        locked.append(
+            LockedSource(
+                package.name,
+                package.name,
+                "package",
+                package.kind,
+                package_plan.source.location,
+                package.sha256,
+                package.commit,
+            )
+        )
+        planned = {d.name: d for d in package_plan.dependencies}
         for dep in package.dependencies:
-            kind = "stand-in" if dep.name in plan.package(package.name).stand_ins else "git"
-            locked.append(LockedSource(package.name, dep.name, "dependency", kind, planned[dep.name].git,
-                                       None, dep.commit))
-    return Lock(path=path or lock_path(plan), target=plan.target.name, plan_hash=plan.hash,
-                packages=tuple(p.name for p in plan.packages), inputs=locked_inputs(plan), python=python,
-                requirements=requirements, environment=environment, cuda_toolkit=cuda_toolkit,
-                base_image=plan.toolchain.base_image, base_image_digest=plan.toolchain.base_image_digest,
-                sources=tuple(locked))
+            kind = "stand-in" if dep.name in package_plan.stand_ins else "git"
+            locked.append(
+                LockedSource(package.name, dep.name, "dependency", kind, planned[dep.name].git, None, dep.commit)
+            )
+    return Lock(
+        path=path or lock_path(plan),
+        target=plan.target.name,
+        plan_hash=plan.hash,
+        packages=tuple(p.name for p in plan.packages),
+        inputs=locked_inputs(plan),
+        python=python,
+        requirements=requirements,
+        environment=environment,
+        cuda_toolkit=cuda_toolkit,
+        base_image=plan.toolchain.base_image,
+        base_image_digest=plan.toolchain.base_image_digest,
+        sources=tuple(locked),
+    )
 
 
 def write_lock(lock: Lock) -> None:
     """Write the lock whole or not at all (a temp file renamed over the old one)."""
     lock.path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=lock.path.parent, prefix=f".{lock.path.name}.",
-                                     delete=False) as temp:
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=lock.path.parent, prefix=f".{lock.path.name}.", delete=False
+    ) as temp:
         temp.write(lock.to_toml())
     os.replace(temp.name, lock.path)
 
@@ -238,20 +311,30 @@ def read_lock(path: Path) -> Lock:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise LockError(f"{path}: not a readable lock ({error})", hint=f"run `gpuwheel lock {path.stem}` again") from None
+        raise LockError(
+            f"{path}: not a readable lock ({error})", hint=f"run `gpuwheel lock {path.stem}` again"
+        ) from None
     if data.get("schema") != LOCK_SCHEMA:
-        raise LockError(f"{path}: schema {data.get('schema')!r}, this gpuwheel reads lock schema {LOCK_SCHEMA}",
-                        hint=f"run `gpuwheel lock {path.stem}` with this gpuwheel")
+        raise LockError(
+            f"{path}: schema {data.get('schema')!r}, this gpuwheel reads lock schema {LOCK_SCHEMA}",
+            hint=f"run `gpuwheel lock {path.stem}` with this gpuwheel",
+        )
     try:
         toolchain = data["toolchain"]
         return Lock(
-            path=path, target=str(data["target"]), plan_hash=str(data["plan_hash"]),
-            packages=tuple(data["packages"]), inputs=dict(data["inputs"]), python=str(toolchain["python"]),
+            path=path,
+            target=str(data["target"]),
+            plan_hash=str(data["plan_hash"]),
+            packages=tuple(data["packages"]),
+            inputs=dict(data["inputs"]),
+            python=str(toolchain["python"]),
             requirements=tuple(toolchain["requirements"]),
             environment=tuple(LockedWheel(**w) for w in toolchain["environment"]),
-            cuda_toolkit=toolchain.get("cuda_toolkit"), base_image=toolchain.get("base_image"),
+            cuda_toolkit=toolchain.get("cuda_toolkit"),
+            base_image=toolchain.get("base_image"),
             base_image_digest=toolchain.get("base_image_digest"),
-            sources=tuple(LockedSource(**s) for s in data.get("source", [])))
+            sources=tuple(LockedSource(**s) for s in data.get("source", [])),
+        )
     except KeyError as error:
         raise LockError(f"{path}: no {error.args[0]!r}", hint=f"run `gpuwheel lock {path.stem}` again") from None
     except TypeError as error:  # an entry with a field too many or too few
@@ -269,14 +352,27 @@ def resolve_environment(python: Path, requirements: tuple[str, ...], *, log_path
     """
     with tempfile.TemporaryDirectory(prefix="gpuwheel-lock-") as scratch:
         report_path = Path(scratch) / "report.json"
-        argv = (str(python), "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-input",
-                "--disable-pip-version-check", "--report", str(report_path), *requirements)
+        argv = (
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--no-input",
+            "--disable-pip-version-check",
+            "--report",
+            str(report_path),
+            *requirements,
+        )
         done = run(argv, log_path=log_path)
         if not done.ok or not report_path.is_file():
             last = last_line(done.tail, f"exit status {done.returncode}")
-            raise LockError(f"resolving the toolchain environment failed: {last.strip()}",
-                            hint=f"pip needs a version with --report (≥ 22.2) and the index it is configured with; "
-                                 f"full output in {log_path}")
+            raise LockError(
+                f"resolving the toolchain environment failed: {last.strip()}",
+                hint=f"pip needs a version with --report (≥ 22.2) and the index it is configured with; "
+                f"full output in {log_path}",
+            )
         report = json.loads(report_path.read_text(encoding="utf-8"))
     return tuple(sorted((_locked_wheel(item) for item in report.get("install", [])), key=lambda w: w.name))
 
@@ -286,8 +382,10 @@ def _locked_wheel(item: Mapping[str, Any]) -> LockedWheel:
     info = item.get("download_info", {})
     sha256 = info.get("archive_info", {}).get("hashes", {}).get("sha256")
     if not sha256:
-        raise LockError(f"cannot lock {name}: pip resolved it to {info.get('url', 'a source')} without a file hash",
-                        hint="lock only requirements that resolve to index files (no VCS or directory requirements)")
+        raise LockError(
+            f"cannot lock {name}: pip resolved it to {info.get('url', 'a source')} without a file hash",
+            hint="lock only requirements that resolve to index files (no VCS or directory requirements)",
+        )
     return LockedWheel(name, item["metadata"]["version"], info["url"].rsplit("/", 1)[-1], sha256)
 
 

@@ -26,7 +26,7 @@ logger = logging.getLogger("gpuwheel")
 _quiet = False
 
 
-def _make(stderr: bool) -> "Console":
+def _make(stderr: bool) -> Console:
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
@@ -51,8 +51,11 @@ def __getattr__(name: str):
 def configure(verbose: bool = False, quiet: bool = False) -> None:
     """Set the log level once, from the CLI's global flags or GPUWHEEL_LOG=debug."""
     global _quiet
-    level = logging.DEBUG if verbose or os.environ.get("GPUWHEEL_LOG") == "debug" else (
-        logging.ERROR if quiet else logging.WARNING)
+    level = (
+        logging.DEBUG
+        if verbose or os.environ.get("GPUWHEEL_LOG") == "debug"
+        else (logging.ERROR if quiet else logging.WARNING)
+    )
     logging.basicConfig(level=level, format="gpuwheel: %(levelname)s: %(message)s")
     logger.setLevel(level)
     _quiet = quiet
@@ -61,20 +64,31 @@ def configure(verbose: bool = False, quiet: bool = False) -> None:
 
 
 # pip's lines, then uv's (which prints no per-package lines until it has resolved them all).
-_PIP_MILESTONES = ("Collecting ", "Downloading ", "Installing collected packages", "Successfully installed",
-                   "Using CPython", "Creating virtual environment", "Resolved ", "Downloaded ", "Prepared ",
-                   "Installed ")
+_PIP_MILESTONES = (
+    "Collecting ",
+    "Downloading ",
+    "Installing collected packages",
+    "Successfully installed",
+    "Using CPython",
+    "Creating virtual environment",
+    "Resolved ",
+    "Downloaded ",
+    "Prepared ",
+    "Installed ",
+)
 
 
 def pip_milestones(prefix: str):
     """An on_line callback for a long `pip install` or `uv pip install`: its milestones on stderr, so that minutes of
     downloading torch are not minutes of silence (the full output still goes to the log file)."""
+
     def show(line: str) -> None:
         text = line.strip()
         if text.startswith(_PIP_MILESTONES):
             shown = text if len(text) <= 160 else text[:157] + "..."
             stderr = globals().get("console") or __getattr__("console")
             stderr.print(f"{prefix}: {shown}", markup=False, highlight=False)
+
     return show
 
 

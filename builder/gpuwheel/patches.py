@@ -50,8 +50,10 @@ def read_series(directory: Path, dependencies: tuple[str, ...] = ()) -> tuple[Pa
     try:
         text = series.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise PatchError(f"{series}: not a text file (byte {error.start} is not UTF-8)",
-                         hint="a series lists one patch file name a line") from None
+        raise PatchError(
+            f"{series}: not a text file (byte {error.start} is not UTF-8)",
+            hint="a series lists one patch file name a line",
+        ) from None
     except OSError as error:
         raise PatchError(f"{series}: cannot read: {error.strerror}") from None
     refs = []
@@ -70,13 +72,16 @@ def read_series(directory: Path, dependencies: tuple[str, ...] = ()) -> tuple[Pa
                 tree = option[5:]
                 if tree not in dependencies:
                     known = ", ".join(dependencies) or "none"
-                    raise PatchError(f"{series}:{number}: tree={tree} is not a dependency of this package "
-                                     f"(dependencies: {known})")
+                    raise PatchError(
+                        f"{series}:{number}: tree={tree} is not a dependency of this package (dependencies: {known})"
+                    )
             else:
                 raise PatchError(f"{series}:{number}: unknown option '{option}'", hint="use -pN or tree=NAME")
         if "/" in match["name"] or "\\" in match["name"] or match["name"].startswith((".", "-")):
-            raise PatchError(f"{series}:{number}: '{match['name']}' must be a file name in the patch set",
-                             hint=f"put the patch in {directory} and name it there without a path")
+            raise PatchError(
+                f"{series}:{number}: '{match['name']}' must be a file name in the patch set",
+                hint=f"put the patch in {directory} and name it there without a path",
+            )
         path = directory / match["name"]
         if not path.is_file():
             raise PatchError(f"{series}:{number}: {match['name']} does not exist in {directory}")
@@ -86,8 +91,14 @@ def read_series(directory: Path, dependencies: tuple[str, ...] = ()) -> tuple[Pa
 
 # ---- applying a series -------------------------------------------------------------------------
 APPLIED, UPSTREAM, FAILED, SKIPPED = "applied", "already upstream", "failed", "skipped: dependency not fetched"
-_PATCH_OPTIONS = ("--batch", "--forward", "--fuzz=0", "--no-backup-if-mismatch", "--reject-file=-",
-                  "--quoting-style=literal")
+_PATCH_OPTIONS = (
+    "--batch",
+    "--forward",
+    "--fuzz=0",
+    "--no-backup-if-mismatch",
+    "--reject-file=-",
+    "--quoting-style=literal",
+)
 _FILE_LINE = re.compile(r"^(?:checking|patching) file (?P<file>.+)$")
 _NOT_REGULAR = re.compile(r"^File (?P<file>.+) is not a regular file -- refusing to patch$")
 _HUNK_FAILED = re.compile(r"^Hunk #(?P<hunk>\d+) FAILED at (?P<line>\d+)")
@@ -133,9 +144,13 @@ class PatchReport:
         return tuple(o for o in self.outcomes if o.status == FAILED)
 
     def to_json(self) -> dict:
-        return {"ok": not self.failed, "patches": [
-            {"package": o.package, "patch": o.patch, "tree": o.tree or None, "status": o.status, "detail": o.detail}
-            for o in self.outcomes]}
+        return {
+            "ok": not self.failed,
+            "patches": [
+                {"package": o.package, "patch": o.patch, "tree": o.tree or None, "status": o.status, "detail": o.detail}
+                for o in self.outcomes
+            ],
+        }
 
 
 def prepare_trees(plan: Plan, sources: Sources, workdir: Path) -> Trees:
@@ -163,8 +178,7 @@ def check_patches(plan: Plan, sources: Sources) -> PatchReport:
         if not package.patches:
             continue
         with tempfile.TemporaryDirectory(prefix="gpuwheel-patches-") as scratch:
-            outcomes.extend(_patch_package(package, fetched, Path(scratch), stop_on_failure=False,
-                                           touched_only=True))
+            outcomes.extend(_patch_package(package, fetched, Path(scratch), stop_on_failure=False, touched_only=True))
     return PatchReport(tuple(outcomes))
 
 
@@ -175,8 +189,9 @@ def _pairs(plan: Plan, sources: Sources):
             yield package, fetched
 
 
-def _patch_package(package: PackagePlan, fetched: FetchedPackage, root: Path, *, stop_on_failure: bool,
-                   touched_only: bool = False) -> tuple[PatchOutcome, ...]:
+def _patch_package(
+    package: PackagePlan, fetched: FetchedPackage, root: Path, *, stop_on_failure: bool, touched_only: bool = False
+) -> tuple[PatchOutcome, ...]:
     """Copy the package (and its fetched dependencies) to root/src and root/deps/<name>, then patch.
 
     For checks (touched_only), only the files the series names are copied: GNU patch reads
@@ -207,9 +222,10 @@ def _patch_package(package: PackagePlan, fetched: FetchedPackage, root: Path, *,
         outcome = _apply(package, ref, directory)
         if outcome.status == FAILED and stop_on_failure:
             target = f" to {ref.tree}" if ref.tree else ""
-            raise PatchError(f"{package.name} {package.version}: {ref.name} does not apply{target}: {outcome.detail}"
-                             f"; nothing built", hint=f"refresh the patch against {package.name} {package.version} "
-                             f"or drop it from its series")
+            raise PatchError(
+                f"{package.name} {package.version}: {ref.name} does not apply{target}: {outcome.detail}; nothing built",
+                hint=f"refresh the patch against {package.name} {package.version} or drop it from its series",
+            )
         outcomes.append(outcome)
     return tuple(outcomes)
 
@@ -222,7 +238,7 @@ def _named_files(ref: PatchRef) -> set[str]:
     names = set()
     for line in ref.path.read_text(encoding="utf-8", errors="replace").splitlines():
         if (match := _DIFF_HEADER.match(line)) and match["file"].strip() != "/dev/null":
-            parts = match["file"].strip().split("/")[ref.strip:]
+            parts = match["file"].strip().split("/")[ref.strip :]
             if parts and ".." not in parts:
                 names.add("/".join(parts))
     return names
@@ -237,8 +253,10 @@ def _copy_tree(source: Path, dest: Path) -> None:
 def _patch(ref: PatchRef, directory: Path, *extra: str):
     if shutil.which("patch") is None:
         raise PatchError("GNU patch is not installed", hint="apt-get install patch")
-    return capture(["patch", *_PATCH_OPTIONS, f"-p{ref.strip}", "-d", directory, "-i", ref.path, *extra],
-                   env={**os.environ, "LC_ALL": "C"})
+    return capture(
+        ["patch", *_PATCH_OPTIONS, f"-p{ref.strip}", "-d", directory, "-i", ref.path, *extra],
+        env={**os.environ, "LC_ALL": "C"},
+    )
 
 
 def _apply(package: PackagePlan, ref: PatchRef, directory: Path) -> PatchOutcome:
@@ -266,13 +284,16 @@ def _failure(output: str, strip: int) -> str:
             return f"{current} hunk #{match['hunk']} FAILED at line {match['line']} (exact context, no fuzz)"
         elif line.startswith("can't find file to patch"):
             # GNU patch prints the diff header it could not place after this line.
-            names = [m["file"] for later in lines[number:] if (m := _HEADER_FILE.match(later))
-                     and m["file"] != "/dev/null"]
+            names = [
+                m["file"] for later in lines[number:] if (m := _HEADER_FILE.match(later)) and m["file"] != "/dev/null"
+            ]
             missing = "/".join(names[0].split("/")[strip:]) if names else "?"
             return f"{missing} does not exist in the tree"
         elif match := _NOT_REGULAR.match(line):
-            return (f"{match['file']} is not a regular file (a symlink in the tree?): GNU patch refuses to patch "
-                    "through it; patch the file it points to")
+            return (
+                f"{match['file']} is not a regular file (a symlink in the tree?): GNU patch refuses to patch "
+                "through it; patch the file it points to"
+            )
         elif line.startswith("Reversed (or previously applied) patch detected"):
             return f"{current} already holds part of this patch"
         elif "malformed patch" in line or "Only garbage" in line:

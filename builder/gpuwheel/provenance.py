@@ -10,8 +10,9 @@ the gate refuses what is missing instead of guessing it. Format: docs/wheels.md,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 # Raised when the format changes in a way an older reader would misread; 1 is also what a record
 # without the field (made by hand, or by the earliest gpuwheel) is read as.
@@ -60,8 +61,12 @@ class PackageRecord:
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> PackageRecord:
-        return cls(*(_take(record, key, str, "", "package.") for key in
-                     ("name", "version", "wheel_version", "label", "filename")))
+        return cls(
+            *(
+                _take(record, key, str, "", "package.")
+                for key in ("name", "version", "wheel_version", "label", "filename")
+            )
+        )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,18 +88,28 @@ class BuildRecord:
         env = _take(record, "env", dict, {}, "build.")
         if not all(isinstance(value, str) for value in env.values()):
             raise ProvenanceFormatError("build.env must map names to text")
-        return cls(build_type=_take(record, "build_type", str, "", "build."),
-                   profile=_take(record, "profile", str, None, "build."),
-                   inference=_take(record, "inference", dict, None, "build."),
-                   serving=_take(record, "serving", dict, None, "build."),
-                   components=_take(record, "components", dict, {}, "build."),
-                   command=_texts(record, "command", "build."), env=env,
-                   env_excluded=_texts(record, "env_excluded", "build."))
+        return cls(
+            build_type=_take(record, "build_type", str, "", "build."),
+            profile=_take(record, "profile", str, None, "build."),
+            inference=_take(record, "inference", dict, None, "build."),
+            serving=_take(record, "serving", dict, None, "build."),
+            components=_take(record, "components", dict, {}, "build."),
+            command=_texts(record, "command", "build."),
+            env=env,
+            env_excluded=_texts(record, "env_excluded", "build."),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"build_type": self.build_type, "profile": self.profile, "inference": self.inference,
-                "serving": self.serving, "components": dict(self.components), "command": list(self.command),
-                "env": dict(self.env), "env_excluded": list(self.env_excluded)}
+        return {
+            "build_type": self.build_type,
+            "profile": self.profile,
+            "inference": self.inference,
+            "serving": self.serving,
+            "components": dict(self.components),
+            "command": list(self.command),
+            "env": dict(self.env),
+            "env_excluded": list(self.env_excluded),
+        }
 
 
 @dataclass(frozen=True)
@@ -107,16 +122,22 @@ class WheelRecord:
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> WheelRecord:
-        return cls(raw_filename=_take(record, "raw_filename", str, "", "wheel."),
-                   platform_tags=_texts(record, "platform_tags", "wheel."),
-                   graft_excluded=_texts(record, "graft_excluded", "wheel."),
-                   grafted=_texts(record, "grafted", "wheel."),
-                   source_date_epoch=_take(record, "source_date_epoch", int, None, "wheel."))
+        return cls(
+            raw_filename=_take(record, "raw_filename", str, "", "wheel."),
+            platform_tags=_texts(record, "platform_tags", "wheel."),
+            graft_excluded=_texts(record, "graft_excluded", "wheel."),
+            grafted=_texts(record, "grafted", "wheel."),
+            source_date_epoch=_take(record, "source_date_epoch", int, None, "wheel."),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"raw_filename": self.raw_filename, "platform_tags": list(self.platform_tags),
-                "graft_excluded": list(self.graft_excluded), "grafted": list(self.grafted),
-                "source_date_epoch": self.source_date_epoch}
+        return {
+            "raw_filename": self.raw_filename,
+            "platform_tags": list(self.platform_tags),
+            "graft_excluded": list(self.graft_excluded),
+            "grafted": list(self.grafted),
+            "source_date_epoch": self.source_date_epoch,
+        }
 
 
 @dataclass(frozen=True)
@@ -134,17 +155,26 @@ class AuditRecord:
         sos = _take(record, "sos", list, [], "audit.")
         if not all(isinstance(so, dict) for so in sos):
             raise ProvenanceFormatError("audit.sos must list objects")
-        return cls(passed=_take(record, "passed", bool, False, "audit."),
-                   arch=str(_take(record, "arch", (str, int, float), "", "audit.")),
-                   driver=_take(record, "driver", str, "", "audit."),
-                   optional_globs=_texts(record, "optional_globs", "audit."),
-                   allowed_failure=_take(record, "allowed_failure", bool, False, "audit."),
-                   problems=_texts(record, "problems", "audit."), sos=tuple(sos))
+        return cls(
+            passed=_take(record, "passed", bool, False, "audit."),
+            arch=str(_take(record, "arch", (str, int, float), "", "audit.")),
+            driver=_take(record, "driver", str, "", "audit."),
+            optional_globs=_texts(record, "optional_globs", "audit."),
+            allowed_failure=_take(record, "allowed_failure", bool, False, "audit."),
+            problems=_texts(record, "problems", "audit."),
+            sos=tuple(sos),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "arch": self.arch, "driver": self.driver,
-                "optional_globs": list(self.optional_globs), "allowed_failure": self.allowed_failure,
-                "problems": list(self.problems), "sos": [dict(so) for so in self.sos]}
+        return {
+            "passed": self.passed,
+            "arch": self.arch,
+            "driver": self.driver,
+            "optional_globs": list(self.optional_globs),
+            "allowed_failure": self.allowed_failure,
+            "problems": list(self.problems),
+            "sos": [dict(so) for so in self.sos],
+        }
 
 
 @dataclass(frozen=True)
@@ -159,14 +189,19 @@ class PublishMark:
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> PublishMark:
         skipped = _take(record, "skipped", dict, {}, "publish.")
-        return cls(gpu_tested=_take(record, "gpu_tested", bool, False, "publish."),
-                   skipped_audit=_texts(skipped, "audit", "publish.skipped."),
-                   skipped_smoke=_texts(skipped, "smoke", "publish.skipped."),
-                   forced=_take(record, "forced", bool, False, "publish."))
+        return cls(
+            gpu_tested=_take(record, "gpu_tested", bool, False, "publish."),
+            skipped_audit=_texts(skipped, "audit", "publish.skipped."),
+            skipped_smoke=_texts(skipped, "smoke", "publish.skipped."),
+            forced=_take(record, "forced", bool, False, "publish."),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"forced": self.forced, "gpu_tested": self.gpu_tested,
-                "skipped": {"audit": list(self.skipped_audit), "smoke": list(self.skipped_smoke)}}
+        return {
+            "forced": self.forced,
+            "gpu_tested": self.gpu_tested,
+            "skipped": {"audit": list(self.skipped_audit), "smoke": list(self.skipped_smoke)},
+        }
 
 
 @dataclass(frozen=True)
@@ -201,14 +236,26 @@ class Provenance:
             if items is not None and not all(isinstance(item, dict) for item in items):
                 raise ProvenanceFormatError(f"{key} must list objects")
         sections = {key: _section(record, key) for key in ("package", "build", "wheel", "audit", "publish")}
-        readers = {"package": PackageRecord, "build": BuildRecord, "wheel": WheelRecord, "audit": AuditRecord,
-                   "publish": PublishMark}
-        return cls(target=_take(record, "target", str, None, ""), plan_hash=_take(record, "plan_hash", str, None, ""),
-                   **{key: readers[key].from_json(value) if value is not None else None  # type: ignore[attr-defined]
-                      for key, value in sections.items()},
-                   target_spec=_section(record, "target_spec"), toolchain=_section(record, "toolchain"),
-                   sources=tuple(sources) if sources is not None else None,
-                   patches=tuple(patches) if patches is not None else None, schema=schema)
+        readers = {
+            "package": PackageRecord,
+            "build": BuildRecord,
+            "wheel": WheelRecord,
+            "audit": AuditRecord,
+            "publish": PublishMark,
+        }
+        return cls(
+            target=_take(record, "target", str, None, ""),
+            plan_hash=_take(record, "plan_hash", str, None, ""),
+            **{
+                key: readers[key].from_json(value) if value is not None else None  # type: ignore[attr-defined]
+                for key, value in sections.items()
+            },
+            target_spec=_section(record, "target_spec"),
+            toolchain=_section(record, "toolchain"),
+            sources=tuple(sources) if sources is not None else None,
+            patches=tuple(patches) if patches is not None else None,
+            schema=schema,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written into the wheel; absent sections stay absent."""

@@ -24,14 +24,27 @@ from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
 from gpuwheel.errors import RecipeError
-from gpuwheel.kinds import flash_attn as flash_attn_kind, registry
+from gpuwheel.imageref import image_reference_problem
+from gpuwheel.kinds import flash_attn as flash_attn_kind
+from gpuwheel.kinds import registry
 from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.kinds.vllm import RUST_MODES
 from gpuwheel.limits import MAX_JOBS
+from gpuwheel.recipe_values import (
+    BuildOptions,
+    Dependency,
+    Origin,
+    PackageRecipe,
+    Recipe,
+    ServingProfile,
+    Source,
+    Target,
+    Toolchain,
+    closest,
+    display_path,
+    url_filename,
+)
 from gpuwheel.shipped import CHECKOUT, shipped
-from gpuwheel.imageref import image_reference_problem
-from gpuwheel.recipe_values import (BuildOptions, Dependency, Origin, PackageRecipe, Recipe,
-                                    ServingProfile, Source, Target, Toolchain, closest, display_path, url_filename)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,8 +74,10 @@ def recipe_paths() -> tuple[Path, ...]:
         extra = tuple(Path(p).expanduser() for p in os.environ.get("GPUWHEEL_RECIPES", "").split(os.pathsep) if p)
         for folder in extra:
             if not folder.is_dir():
-                raise RecipeError(f"GPUWHEEL_RECIPES names {folder}, which is not a folder",
-                                  hint="point it at folders of recipes, separated by ':'")
+                raise RecipeError(
+                    f"GPUWHEEL_RECIPES names {folder}, which is not a folder",
+                    hint="point it at folders of recipes, separated by ':'",
+                )
     paths: list[Path] = []
     for folder in (*extra, shipped("recipes")):
         folder = folder.resolve()
@@ -72,30 +87,68 @@ def recipe_paths() -> tuple[Path, ...]:
 
 
 # ---- schema: table → key → (type, description); used for checks and docs ------------------
-_STR, _INT, _LIST_STR, _LIST_INT, _TABLE, _BOOL = "string", "integer", "list of strings", \
-    "list of integers", "table", "boolean"
+_STR, _INT, _LIST_STR, _LIST_INT, _TABLE, _BOOL = (
+    "string",
+    "integer",
+    "list of strings",
+    "list of integers",
+    "table",
+    "boolean",
+)
 _BOOL_OR_LIST = "boolean or list of strings"
 
 SCHEMA: dict[str, dict[str, str]] = {
-    "": {"extends": _STR, "target": _TABLE, "toolchain": _TABLE, "build": _TABLE,
-         "package": "array of tables"},
-    "target": {"name": _STR, "description": _STR, "gpu": _STR, "compute_capability": _STR,
-               "torch_cuda_arch_list": _STR, "min_driver": _STR},
-    "toolchain": {"cuda": _STR, "python": _STR, "torch": _STR, "base_image": _STR,
-                  "base_image_digest": _STR},
+    "": {"extends": _STR, "target": _TABLE, "toolchain": _TABLE, "build": _TABLE, "package": "array of tables"},
+    "target": {
+        "name": _STR,
+        "description": _STR,
+        "gpu": _STR,
+        "compute_capability": _STR,
+        "torch_cuda_arch_list": _STR,
+        "min_driver": _STR,
+    },
+    "toolchain": {"cuda": _STR, "python": _STR, "torch": _STR, "base_image": _STR, "base_image_digest": _STR},
     "build": {"jobs": _INT, "nvcc_threads": _INT, "build_type": _STR, "engine": _STR},
-    "package": {"name": _STR, "version": _STR, "kind": _STR, "source": _TABLE, "patches": _STR,
-                "env": _TABLE, "profile": _STR, "inference": _TABLE, "serving": _TABLE,
-                "dependency": "array of tables", "audit": _TABLE, "stand_in": _TABLE, "rust_frontend": _STR,
-                "cargo_vendor": _STR},
-    "package.source": {"sdist": _STR, "index": _STR, "git": _STR, "commit": _STR,
-                       "url": _STR, "path": _STR, "sha256": _STR, "submodules": _BOOL},
+    "package": {
+        "name": _STR,
+        "version": _STR,
+        "kind": _STR,
+        "source": _TABLE,
+        "patches": _STR,
+        "env": _TABLE,
+        "profile": _STR,
+        "inference": _TABLE,
+        "serving": _TABLE,
+        "dependency": "array of tables",
+        "audit": _TABLE,
+        "stand_in": _TABLE,
+        "rust_frontend": _STR,
+        "cargo_vendor": _STR,
+    },
+    "package.source": {
+        "sdist": _STR,
+        "index": _STR,
+        "git": _STR,
+        "commit": _STR,
+        "url": _STR,
+        "path": _STR,
+        "sha256": _STR,
+        "submodules": _BOOL,
+    },
     "package.inference": {"head_dims": _LIST_INT, "disable": _LIST_STR},
     "package.serving": {"head_dims": _LIST_INT, "dtypes": _LIST_STR, "omit": _LIST_STR},
     "package.stand_in": {"wheel": _STR, "sha256": _STR, "index": _STR},
-    "package.dependency": {"name": _STR, "git": _STR, "rev": _STR, "commit": _STR,
-                           "src_dir_env": _STR, "fetchcontent_name": _STR, "submodules": _BOOL_OR_LIST,
-                           "subdir": _STR, "exclude": _LIST_STR},
+    "package.dependency": {
+        "name": _STR,
+        "git": _STR,
+        "rev": _STR,
+        "commit": _STR,
+        "src_dir_env": _STR,
+        "fetchcontent_name": _STR,
+        "submodules": _BOOL_OR_LIST,
+        "subdir": _STR,
+        "exclude": _LIST_STR,
+    },
     "package.audit": {"optional": _LIST_STR},
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -129,8 +182,9 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
 
 
 def _locate(ref: str, relative_to: Path | None, extending: Path | None = None) -> Path:
-    looks_like_path = ref.endswith(".toml") or ref.startswith((".", "/")) or os.sep in ref \
-        and not ref.startswith("_base/")
+    looks_like_path = (
+        ref.endswith(".toml") or ref.startswith((".", "/")) or os.sep in ref and not ref.startswith("_base/")
+    )
     if looks_like_path:
         path = Path(ref) if relative_to is None or Path(ref).is_absolute() else relative_to / ref
         if not path.is_file():
@@ -140,8 +194,9 @@ def _locate(ref: str, relative_to: Path | None, extending: Path | None = None) -
         path = (folder / f"{ref}.toml").resolve()
         if path.is_file() and path != extending:
             return path
-    known = list_targets() + sorted({f"_base/{p.stem}" for folder in recipe_paths()
-                                     for p in (folder / "_base").glob("*.toml")})
+    known = list_targets() + sorted(
+        {f"_base/{p.stem}" for folder in recipe_paths() for p in (folder / "_base").glob("*.toml")}
+    )
     close = closest(ref, known)
     where = f"{display_path(relative_to)}: " if relative_to else ""
     hint = f"did you mean '{close}'?" if close else f"known targets: {', '.join(list_targets())}"
@@ -156,11 +211,14 @@ def _load_merged(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, O
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise RecipeError(f"{display_path(path)}: not valid TOML: {error}",
-                          hint="fix the syntax at that line") from None
+        raise RecipeError(
+            f"{display_path(path)}: not valid TOML: {error}", hint="fix the syntax at that line"
+        ) from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
-        raise RecipeError(f"{display_path(path)}: arrays or inline tables nested too deeply to read",
-                          hint="no recipe key takes more than a list of strings or a table") from None
+        raise RecipeError(
+            f"{display_path(path)}: arrays or inline tables nested too deeply to read",
+            hint="no recipe key takes more than a list of strings or a table",
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"{display_path(path)}: cannot read: {error}") from None
     lines = _key_lines(text)
@@ -195,8 +253,9 @@ def _merge_packages(base: list[dict], over: list[dict]) -> list[dict]:
         else:
             # A package's source replaces the base's whole: mixing an sdist with a git commit
             # would describe no real source.
-            combined = _merge({k: v for k, v in merged[index].items() if k != "source" or
-                               "source" not in package}, package)
+            combined = _merge(
+                {k: v for k, v in merged[index].items() if k != "source" or "source" not in package}, package
+            )
             merged[index] = combined
     return merged
 
@@ -204,7 +263,9 @@ def _merge_packages(base: list[dict], over: list[dict]) -> list[dict]:
 # ---- schema checks --------------------------------------------------------------------------
 _HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
 # A key, bare or quoted, dotted or not (`source.sha256 = `, `"name" = `), at the start of a line.
-_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*')(?:\s*\.\s*(?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*'))*)\s*=""")
+_KEY_RE = re.compile(
+    r"""^\s*((?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*')(?:\s*\.\s*(?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*'))*)\s*="""
+)
 _INLINE_KEY_RE = re.compile(r"([A-Za-z0-9_\-]+)\s*=")
 
 
@@ -245,7 +306,7 @@ def _key_lines(text: str) -> dict[str, int]:
             for part in re.findall(r"""[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*'""", key[1]):
                 path = f"{path}.{part.strip(chr(34) + chr(39))}" if path else part.strip(chr(34) + chr(39))
                 lines.setdefault(path, number)
-            inline = line[key.end():]
+            inline = line[key.end() :]
             if "{" in inline:
                 for sub in _INLINE_KEY_RE.findall(inline):
                     lines.setdefault(f"{path}.{sub}", number)
@@ -264,7 +325,7 @@ def _opens(value: str) -> str | None:
 
 def _closes(line: str, delimiter: str) -> bool:
     # An escaped quote (\") does not end a basic string; literal strings have no escapes.
-    text = line.replace('\\\\', "") if delimiter == '"""' else line
+    text = line.replace("\\\\", "") if delimiter == '"""' else line
     if delimiter == '"""':
         text = text.replace('\\"', "")
     return delimiter in text
@@ -330,16 +391,19 @@ def _check_table(table: dict, schema_name: str, line_path: str, path: Path, line
             for index, entry in enumerate(value):
                 _check_table(entry, sub_schema, f"{key_path}[{index}]", path, lines)
         elif not _is(value, expected):
-            raise RecipeError(f"{where}: {label}'{key}' must be a {expected}, got {_kind(value)}",
-                              hint='quote versions, e.g. cuda = "12.8.1"' if expected == _STR else None)
+            raise RecipeError(
+                f"{where}: {label}'{key}' must be a {expected}, got {_kind(value)}",
+                hint='quote versions, e.g. cuda = "12.8.1"' if expected == _STR else None,
+            )
 
 
 def _check_env(env: dict, where: str) -> None:
     for name, value in env.items():
         _check_name(name, "env name", where, _ENV_NAME)
         if not isinstance(value, str):
-            raise RecipeError(f"{where}: env {name} must be a string, got {_kind(value)}",
-                              hint=f'write {name} = "{value}"')
+            raise RecipeError(
+                f"{where}: env {name} must be a string, got {_kind(value)}", hint=f'write {name} = "{value}"'
+            )
 
 
 def _is(value: Any, expected: str) -> bool:
@@ -359,8 +423,14 @@ def _is(value: Any, expected: str) -> bool:
 
 
 def _kind(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
 
 
 # ---- building the Recipe value ----------------------------------------------------------------
@@ -374,9 +444,11 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
     def require(table: dict, table_name: str, origin_prefix: str) -> None:
         for key in REQUIRED[table_name]:
             if key not in table:
-                raise RecipeError(f"{where(origin_prefix) if origin_prefix in origins else display_path(path)}: "
-                                  f"missing [{table_name}] {key}",
-                                  hint=f"add {key} = ... to [{table_name}] or to a recipe it extends")
+                raise RecipeError(
+                    f"{where(origin_prefix) if origin_prefix in origins else display_path(path)}: "
+                    f"missing [{table_name}] {key}",
+                    hint=f"add {key} = ... to [{table_name}] or to a recipe it extends",
+                )
 
     for table_name in ("target", "toolchain"):
         if table_name not in data:
@@ -388,8 +460,9 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
         try:
             Version(value)
         except InvalidVersion:
-            raise RecipeError(f"{where(key)}: {key} '{value}' is not a version",
-                              hint=f'write it like "{example}"') from None
+            raise RecipeError(
+                f"{where(key)}: {key} '{value}' is not a version", hint=f'write it like "{example}"'
+            ) from None
         return value
 
     for key, example in (("cuda", "12.8.1"), ("torch", "2.9.1"), ("python", "3.12")):
@@ -405,10 +478,14 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
     except ValueError as error:
         raise RecipeError(f"{where('target.min_driver')}: {error}") from None
     _check_name(t["name"], "target name", where("target.name"), _TARGET_NAME)
-    target = Target(name=t["name"], description=t.get("description", ""),
-                    gpu=t.get("gpu", t.get("description", t["name"])),
-                    compute_capability=t["compute_capability"],
-                    torch_cuda_arch_list=t["torch_cuda_arch_list"], min_driver=t["min_driver"])
+    target = Target(
+        name=t["name"],
+        description=t.get("description", ""),
+        gpu=t.get("gpu", t.get("description", t["name"])),
+        compute_capability=t["compute_capability"],
+        torch_cuda_arch_list=t["torch_cuda_arch_list"],
+        min_driver=t["min_driver"],
+    )
     toolchain = Toolchain(**{k: tc.get(k) for k in SCHEMA["toolchain"]})
     b = data.get("build", {})
     for key in ("jobs", "nvcc_threads"):
@@ -416,12 +493,18 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
             raise RecipeError(f"{where('build.' + key)}: build.{key} must be from 1 to {MAX_JOBS}, got {b[key]}")
     if "engine" in b and b["engine"] not in ENGINES:
         close = closest(b["engine"], ENGINES) if b["engine"] else None
-        raise RecipeError(f"{where('build.engine')}: unknown engine '{b['engine']}'",
-                          hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(ENGINES)}")
+        raise RecipeError(
+            f"{where('build.engine')}: unknown engine '{b['engine']}'",
+            hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(ENGINES)}",
+        )
     if "base_image" in tc and (problem := image_reference_problem(tc["base_image"])):
         raise RecipeError(f"{where('toolchain.base_image')}: base_image '{tc['base_image']}' names no image: {problem}")
-    build = BuildOptions(jobs=b.get("jobs"), nvcc_threads=b.get("nvcc_threads"),
-                         build_type=b.get("build_type", "Release"), engine=b.get("engine"))
+    build = BuildOptions(
+        jobs=b.get("jobs"),
+        nvcc_threads=b.get("nvcc_threads"),
+        build_type=b.get("build_type", "Release"),
+        engine=b.get("engine"),
+    )
     packages = []
     for entry in data.get("package", []):
         prefix = f"package[{entry.get('name', '?')}]"
@@ -431,8 +514,15 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
         packages.append(_package(entry, prefix, where, origin_of, origins))
     if not packages:
         raise RecipeError(f"{display_path(path)}: the recipe builds no package", hint="add a [[package]] table")
-    return Recipe(path=path, target=target, toolchain=toolchain, build=build,
-                  packages=tuple(packages), files=files, origins=origins)
+    return Recipe(
+        path=path,
+        target=target,
+        toolchain=toolchain,
+        build=build,
+        packages=tuple(packages),
+        files=files,
+        origins=origins,
+    )
 
 
 def _package(entry: dict, prefix: str, where, origin_of, origins: dict[str, Origin]) -> PackageRecipe:  # noqa: C901 - one check per key
@@ -440,80 +530,115 @@ def _package(entry: dict, prefix: str, where, origin_of, origins: dict[str, Orig
     kind_name = entry.get("kind", registry.default_kind(entry["name"]))
     if kind_name not in registry.KINDS:
         close = closest(kind_name, registry.KINDS)
-        raise RecipeError(f"{where(prefix + '.kind')}: unknown package kind '{kind_name}'",
-                          hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(registry.KINDS)}")
+        raise RecipeError(
+            f"{where(prefix + '.kind')}: unknown package kind '{kind_name}'",
+            hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(registry.KINDS)}",
+        )
     kind = registry.get(kind_name)
     profile = entry.get("profile", "full")
     if profile not in PROFILES:
         close = closest(profile, PROFILES)
-        raise RecipeError(f"{where(prefix + '.profile')}: unknown profile '{profile}'",
-                          hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(PROFILES)}")
+        raise RecipeError(
+            f"{where(prefix + '.profile')}: unknown profile '{profile}'",
+            hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(PROFILES)}",
+        )
     if profile != "full" and profile not in kind.profiles:
         owner = next(k.name for k in registry.KINDS.values() if profile in k.profiles)
-        raise RecipeError(f"{where(prefix + '.profile')}: profile '{profile}' is for {owner}, not {entry['name']}",
-                          hint="use profile = \"full\" or drop it")
+        raise RecipeError(
+            f"{where(prefix + '.profile')}: profile '{profile}' is for {owner}, not {entry['name']}",
+            hint='use profile = "full" or drop it',
+        )
     inference = None
     if profile == "inference":
         inference = flash_attn_kind.inference_profile(entry.get("inference", {}), lambda key: where(f"{prefix}.{key}"))
     elif "inference" in entry and _set_beside_profile("inference", prefix, origins):
-        raise RecipeError(f"{where(prefix + '.inference.head_dims')}: [package.inference] needs profile = \"inference\"")
+        raise RecipeError(f'{where(prefix + ".inference.head_dims")}: [package.inference] needs profile = "inference"')
     serving = _serving(entry, prefix, where, origins)
     dependencies = []
     for index, dep in enumerate(entry.get("dependency", [])):
         dep_prefix = f"{prefix}.dependency[{index}]"
         for key in REQUIRED["package.dependency"]:
             if key not in dep:
-                raise RecipeError(f"{where(prefix + '.name')}: dependency {dep.get('name', index)} of "
-                                  f"{entry['name']} lacks '{key}'")
+                raise RecipeError(
+                    f"{where(prefix + '.name')}: dependency {dep.get('name', index)} of {entry['name']} lacks '{key}'"
+                )
         if not dep.get("src_dir_env") and not dep.get("fetchcontent_name"):
-            raise RecipeError(f"{where(dep_prefix + '.name')}: dependency {dep['name']} needs src_dir_env or "
-                              f"fetchcontent_name", hint="say how vLLM is pointed at the pre-fetched tree")
+            raise RecipeError(
+                f"{where(dep_prefix + '.name')}: dependency {dep['name']} needs src_dir_env or fetchcontent_name",
+                hint="say how vLLM is pointed at the pre-fetched tree",
+            )
         _check_dependency(dep, dep_prefix, where)
         for key in ("subdir", "exclude", "submodules"):
             values = dep.get(key, ())
             for value in [values] if isinstance(values, str) else values if isinstance(values, list) else ():
                 if not _relative_path(value):
-                    raise RecipeError(f"{where(dep_prefix + '.' + key)}: dependency {dep['name']}: {key} "
-                                      f"'{value}' must be a relative path inside the tree, without '..'")
-        fields = {**dep, "exclude": tuple(dep.get("exclude", ())),
-                  "submodules": tuple(s) if isinstance(s := dep.get("submodules", True), list) else s}
+                    raise RecipeError(
+                        f"{where(dep_prefix + '.' + key)}: dependency {dep['name']}: {key} "
+                        f"'{value}' must be a relative path inside the tree, without '..'"
+                    )
+        fields = {
+            **dep,
+            "exclude": tuple(dep.get("exclude", ())),
+            "submodules": tuple(s) if isinstance(s := dep.get("submodules", True), list) else s,
+        }
         dependencies.append(Dependency(**fields))
     stand_in = None
     if "stand_in" in entry:
         spec = entry["stand_in"]
         if "wheel" not in spec or "sha256" not in spec:
-            raise RecipeError(f"{where(prefix + '.stand_in')}: [package.stand_in] needs wheel and sha256",
-                              hint="the file name of the package's published wheel and its sha256")
+            raise RecipeError(
+                f"{where(prefix + '.stand_in')}: [package.stand_in] needs wheel and sha256",
+                hint="the file name of the package's published wheel and its sha256",
+            )
         _check_name(spec["wheel"], "stand_in wheel", where(prefix + ".stand_in.wheel"), _FILE_NAME)
         try:
             parse_wheel_filename(spec["wheel"])
         except InvalidWheelFilename:
-            raise RecipeError(f"{where(prefix + '.stand_in.wheel')}: '{spec['wheel']}' is not a wheel file "
-                              f"name", hint="e.g. vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl") from None
-        stand_in = _source({"sdist": spec["wheel"], "sha256": spec["sha256"], **{k: v for k, v in spec.items()
-                            if k == "index"}}, f"{prefix}.stand_in", where)
+            raise RecipeError(
+                f"{where(prefix + '.stand_in.wheel')}: '{spec['wheel']}' is not a wheel file name",
+                hint="e.g. vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl",
+            ) from None
+        stand_in = _source(
+            {"sdist": spec["wheel"], "sha256": spec["sha256"], **{k: v for k, v in spec.items() if k == "index"}},
+            f"{prefix}.stand_in",
+            where,
+        )
     rust_frontend = entry.get("rust_frontend", "off")
     if rust_frontend not in RUST_MODES:
         close = closest(rust_frontend, RUST_MODES)
-        raise RecipeError(f"{where(prefix + '.rust_frontend')}: unknown rust_frontend '{rust_frontend}'",
-                          hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(RUST_MODES)}")
+        raise RecipeError(
+            f"{where(prefix + '.rust_frontend')}: unknown rust_frontend '{rust_frontend}'",
+            hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(RUST_MODES)}",
+        )
     cargo_vendor = None
     if "cargo_vendor" in entry:
         origin = origin_of(prefix + ".cargo_vendor")
         cargo_vendor = (origin.file.parent / entry["cargo_vendor"]).resolve()
         if not cargo_vendor.is_dir():
-            raise RecipeError(f"{origin}: cargo_vendor {entry['cargo_vendor']} is not a directory",
-                              hint="point it at the output of `cargo vendor` for vLLM's rust/ crates")
+            raise RecipeError(
+                f"{origin}: cargo_vendor {entry['cargo_vendor']} is not a directory",
+                hint="point it at the output of `cargo vendor` for vLLM's rust/ crates",
+            )
     patches = None
     if "patches" in entry:
         patches = _patch_dir(entry["patches"], origin_of(prefix + ".patches"))
     return PackageRecipe(
-        name=entry["name"], version=entry["version"], source=source, kind=kind_name, patches=patches,
-        env=tuple(sorted(entry.get("env", {}).items())), profile=profile, inference=inference, serving=serving,
+        name=entry["name"],
+        version=entry["version"],
+        source=source,
+        kind=kind_name,
+        patches=patches,
+        env=tuple(sorted(entry.get("env", {}).items())),
+        profile=profile,
+        inference=inference,
+        serving=serving,
         dependencies=tuple(dependencies),
         # the kind's own (kernels that exist for some GPUs only, by design), then the recipe's
         audit_optional=tuple(dict.fromkeys((*kind.audit_optional, *entry.get("audit", {}).get("optional", ())))),
-        stand_in=stand_in, rust_frontend=rust_frontend, cargo_vendor=cargo_vendor)
+        stand_in=stand_in,
+        rust_frontend=rust_frontend,
+        cargo_vendor=cargo_vendor,
+    )
 
 
 def _set_beside_profile(table: str, prefix: str, origins: dict[str, Origin]) -> bool:
@@ -527,7 +652,7 @@ def _set_beside_profile(table: str, prefix: str, origins: dict[str, Origin]) -> 
 def _serving(entry: dict, prefix: str, where, origins: dict[str, Origin]) -> ServingProfile | None:
     if entry.get("profile") != "serving":
         if "serving" in entry and _set_beside_profile("serving", prefix, origins):
-            raise RecipeError(f"{where(prefix + '.serving')}: [package.serving] needs profile = \"serving\"")
+            raise RecipeError(f'{where(prefix + ".serving")}: [package.serving] needs profile = "serving"')
         return None
     return vllm_kind.serving_profile(entry.get("serving", {}), lambda key: where(f"{prefix}.{key}"))
 
@@ -552,8 +677,12 @@ _FIXES = {
     "src_dir_env": "letters, digits and '_', not starting with a digit",
     "fetchcontent_name": "letters, digits and '_', not starting with a digit",
 }
-_WHAT = {_PACKAGE_NAME: "is not a valid package name", _TARGET_NAME: "must be a plain name",
-         _FILE_NAME: "must be a bare file name", _ENV_NAME: "must be an environment variable name"}
+_WHAT = {
+    _PACKAGE_NAME: "is not a valid package name",
+    _TARGET_NAME: "must be a plain name",
+    _FILE_NAME: "must be a bare file name",
+    _ENV_NAME: "must be an environment variable name",
+}
 
 
 def _check_name(value: str, what: str, where: str, pattern: re.Pattern, shown: str | None = None) -> None:
@@ -570,25 +699,33 @@ def _quoted(value: str) -> str:
 def _check_git_url(url: str, where: str) -> None:
     # '-' would make git read the URL as an option; '<transport>::' (ext::, fd::) runs commands.
     if url.startswith("-") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*::", url) or not url.isprintable():
-        raise RecipeError(f"{where}: git {_quoted(url)} must be a repository URL",
-                          hint="https://, ssh://, git://, file:// or a path; not an option or a transport::")
+        raise RecipeError(
+            f"{where}: git {_quoted(url)} must be a repository URL",
+            hint="https://, ssh://, git://, file:// or a path; not an option or a transport::",
+        )
 
 
 def _check_index_url(url: str, where: str) -> None:
     if not re.match(r"(https?|file)://", url) or not url.isprintable():
-        raise RecipeError(f"{where}: index {_quoted(url)} must be an http(s):// or file:// URL",
-                          hint="the simple index, e.g. https://pypi.org/simple/")
+        raise RecipeError(
+            f"{where}: index {_quoted(url)} must be an http(s):// or file:// URL",
+            hint="the simple index, e.g. https://pypi.org/simple/",
+        )
 
 
 def _check_dependency(dep: dict, prefix: str, where) -> None:
     _check_name(dep["name"], "dependency name", where(prefix + ".name"), _TARGET_NAME)
     _check_git_url(dep["git"], where(prefix + ".git"))
     if not _REV.fullmatch(dep["rev"]) or ".." in dep["rev"] or dep["rev"].endswith((".lock", "/")):
-        raise RecipeError(f"{where(prefix + '.rev')}: rev {_quoted(dep['rev'])} must be a tag or a commit",
-                          hint="the GIT_TAG the release pins, e.g. v4.0.0 or a 40-hex commit")
+        raise RecipeError(
+            f"{where(prefix + '.rev')}: rev {_quoted(dep['rev'])} must be a tag or a commit",
+            hint="the GIT_TAG the release pins, e.g. v4.0.0 or a 40-hex commit",
+        )
     if "commit" in dep and not _COMMIT.fullmatch(dep["commit"]):
-        raise RecipeError(f"{where(prefix + '.commit')}: commit {_quoted(dep['commit'])} must be the full 40-hex "
-                          f"commit", hint="git rev-parse TAG^{commit} gives it")
+        raise RecipeError(
+            f"{where(prefix + '.commit')}: commit {_quoted(dep['commit'])} must be the full 40-hex commit",
+            hint="git rev-parse TAG^{commit} gives it",
+        )
     for key in ("src_dir_env", "fetchcontent_name"):
         if key in dep:
             _check_name(dep[key], key, where(f"{prefix}.{key}"), _ENV_NAME)
@@ -602,8 +739,10 @@ def _relative_path(value: str) -> bool:
 def _source(spec: dict, prefix: str, where) -> Source:
     kinds = [k for k in ("sdist", "git", "url", "path") if k in spec]
     if len(kinds) != 1:
-        raise RecipeError(f"{where(prefix + '.' + (kinds[1] if len(kinds) > 1 else 'sha256'))}: source needs "
-                          f"exactly one of sdist, git, url, path (has {', '.join(kinds) or 'none'})")
+        raise RecipeError(
+            f"{where(prefix + '.' + (kinds[1] if len(kinds) > 1 else 'sha256'))}: source needs "
+            f"exactly one of sdist, git, url, path (has {', '.join(kinds) or 'none'})"
+        )
     kind = kinds[0]
     at = where(f"{prefix}.{kind}")
     if kind == "sdist":
@@ -618,14 +757,24 @@ def _source(spec: dict, prefix: str, where) -> Source:
     if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise RecipeError(f"{where(prefix + '.sha256')}: sha256 must be 64 lowercase hex digits")
     if kind in ("sdist", "url") and not sha256:
-        raise RecipeError(f"{where(prefix + '.' + kind)}: a {kind} source needs its sha256",
-                          hint="add sha256 = \"...\" (sha256sum of the file)")
+        raise RecipeError(
+            f"{where(prefix + '.' + kind)}: a {kind} source needs its sha256",
+            hint='add sha256 = "..." (sha256sum of the file)',
+        )
     commit = spec.get("commit")
     if kind == "git" and not (commit and re.fullmatch(r"[0-9a-f]{40}", commit)):
-        raise RecipeError(f"{where(prefix + '.git')}: a git source needs commit = the full 40-hex commit",
-                          hint="branches and tags move; pin the commit")
-    return Source(kind=kind, location=spec[kind], sha256=sha256, commit=commit, index=spec.get("index"),
-                  submodules=spec.get("submodules", True))
+        raise RecipeError(
+            f"{where(prefix + '.git')}: a git source needs commit = the full 40-hex commit",
+            hint="branches and tags move; pin the commit",
+        )
+    return Source(
+        kind=kind,
+        location=spec[kind],
+        sha256=sha256,
+        commit=commit,
+        index=spec.get("index"),
+        submodules=spec.get("submodules", True),
+    )
 
 
 def _patch_dir(value: str, origin: Origin) -> Path:
@@ -635,5 +784,7 @@ def _patch_dir(value: str, origin: Origin) -> Path:
     for candidate in candidates:
         if (candidate / "series").is_file():
             return candidate.resolve()
-    raise RecipeError(f"{origin}: patch set {value} has no series file",
-                      hint=f"create {value}/series listing its patches, or remove 'patches'")
+    raise RecipeError(
+        f"{origin}: patch set {value} has no series file",
+        hint=f"create {value}/series listing its patches, or remove 'patches'",
+    )

@@ -12,18 +12,25 @@ from typing import Any
 
 from gpuwheel.recipe import SCHEMA
 
-_SCALARS = {"string": {"type": "string"}, "integer": {"type": "integer"}, "boolean": {"type": "boolean"},
-            "list of strings": {"type": "array", "items": {"type": "string"}},
-            "list of integers": {"type": "array", "items": {"type": "integer"}},
-            "boolean or list of strings": {"oneOf": [{"type": "boolean"},
-                                                     {"type": "array", "items": {"type": "string"}}]}}
+_SCALARS: dict[str, dict[str, Any]] = {
+    "string": {"type": "string"},
+    "integer": {"type": "integer"},
+    "boolean": {"type": "boolean"},
+    "list of strings": {"type": "array", "items": {"type": "string"}},
+    "list of integers": {"type": "array", "items": {"type": "integer"}},
+    "boolean or list of strings": {"oneOf": [{"type": "boolean"}, {"type": "array", "items": {"type": "string"}}]},
+}
 
 
 def recipe_json_schema() -> dict[str, Any]:
     schema = _table("")
-    schema.update({"$schema": "http://json-schema.org/draft-07/schema#",
-                   "title": "gpuwheel recipe", "description": "A target: GPU, toolchain pins and the packages "
-                   "to build (docs/recipes.md)."})
+    schema.update(
+        {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "title": "gpuwheel recipe",
+            "description": "A target: GPU, toolchain pins and the packages to build (docs/recipes.md).",
+        }
+    )
     return schema
 
 

@@ -141,13 +141,10 @@ class Recipe:
         return next((p for p in self.packages if p.name == name), None)
 
 
-
-
 def url_filename(url: str) -> str:
     """The file a URL downloads to: the last part of its path ("download" when it has none)."""
     name = PurePosixPath(unquote(urlparse(url).path)).name
     return name or "download"
-
 
 
 def display_path(path: Path | None) -> str:

@@ -11,8 +11,11 @@ import re
 
 MASK = "****"
 # Variable names that hold a secret by convention (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, HF_TOKEN…).
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|API_?KEY|PRIVATE_?KEY|ACCESS_?KEY|"
-                          r"AUTH|(^|_)KEY($|_)|(^|_)PAT($|_)", re.IGNORECASE)
+_SECRET_NAME = re.compile(
+    r"TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|API_?KEY|PRIVATE_?KEY|ACCESS_?KEY|"
+    r"AUTH|(^|_)KEY($|_)|(^|_)PAT($|_)",
+    re.IGNORECASE,
+)
 # scheme://user:password@ anywhere in a text; and http(s)://token@ (a token as the user name).
 _USER_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]*):(?P<password>[^/@\s]*)@")
 _TOKEN_USER = re.compile(r"(?P<scheme>https?://)(?P<user>[^/@\s:]+)@")
@@ -47,8 +50,9 @@ def safe_tree(value):
     """A JSON-like value (dicts, lists, strings) with every string's URL credentials masked, and
     the values of secret-named keys masked whole."""
     if isinstance(value, dict):
-        return {k: (MASK if isinstance(v, str) and v and is_secret_name(str(k)) else safe_tree(v))
-                for k, v in value.items()}
+        return {
+            k: (MASK if isinstance(v, str) and v and is_secret_name(str(k)) else safe_tree(v)) for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [safe_tree(v) for v in value]
     return safe_text(value) if isinstance(value, str) else value

@@ -11,10 +11,10 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from gpuwheel.log import logger
 
@@ -117,8 +117,10 @@ def stop_on_signals() -> None:
     """SIGTERM and SIGHUP end gpuwheel as Ctrl-C does: by an exception, so run() takes the command's
     whole process group down (compilers included) and every `finally` removes its temporary state.
     (Python's default for SIGTERM ends the process at once, leaving the compilers running.)"""
+
     def stop(signum, _frame):
         raise SystemExit(128 + signum)
+
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
 
@@ -132,8 +134,9 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def background(argv: Sequence[str | os.PathLike], *, log_path: Path,
-               stop_seconds: float = 30) -> Iterator[subprocess.Popen]:
+def background(
+    argv: Sequence[str | os.PathLike], *, log_path: Path, stop_seconds: float = 30
+) -> Iterator[subprocess.Popen]:
     """Run a service (argv) for the length of a block, its output in log_path; stop it by its PID after
     (SIGTERM, SIGKILL after stop_seconds).
 
@@ -144,8 +147,14 @@ def background(argv: Sequence[str | os.PathLike], *, log_path: Path,
     logger.debug("background: %s", " ".join(args))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8", errors="replace") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         try:
             yield process
         finally:
@@ -162,10 +171,22 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def capture(argv: Sequence[str | os.PathLike], *, env: Mapping[str, str] | None = None,
-            cwd: str | os.PathLike | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def capture(
+    argv: Sequence[str | os.PathLike],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
     """Run a short query command (nvcc --version, git rev-parse) and capture its output."""
     args = [str(a) for a in argv]
     logger.debug("capture: %s", " ".join(args))
-    return subprocess.run(args, env=dict(env) if env is not None else None, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        args,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -24,9 +24,10 @@ import html
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from filelock import FileLock, Timeout
@@ -70,7 +71,8 @@ def add_wheels(wheels: Sequence[WheelFile], index_dir: Path) -> dict[str, bool]:
                 raise PublishError(
                     f"{wheel.filename} is already in {index_dir} with sha256 {there[:16]}…, "
                     f"this file has {wheel.sha256[:16]}…; a published file is never replaced",
-                    hint="bump the version or the local version label and rebuild")
+                    hint="bump the version or the local version label and rebuild",
+                )
             logger.info("%s is already in %s with the same sha256: skipped", wheel.filename, index_dir)
             added[wheel.filename] = False
         for wheel in to_copy:
@@ -110,8 +112,10 @@ def _remove_leftovers(index_dir: Path) -> None:
     """Under the lock every temp file and unlinked generation is from a process that died."""
     simple = index_dir / "simple"
     if simple.exists() and not simple.is_symlink():
-        raise PublishError(f"{simple} is a directory gpuwheel did not make (it keeps `simple` as a symlink)",
-                           hint=f"move {simple} away and publish again")
+        raise PublishError(
+            f"{simple} is a directory gpuwheel did not make (it keeps `simple` as a symlink)",
+            hint=f"move {simple} away and publish again",
+        )
     files_dir = index_dir / "files"
     for path in files_dir.glob(".*.part"):
         logger.info("removing %s left by an interrupted publish", path)
@@ -213,11 +217,17 @@ def _indexed_file(path: Path, known: Mapping[str, tuple[str, int]]) -> _IndexedF
     metadata = metadata_path.read_bytes()
     raw, _ = parse_email(metadata)
     name, version, _, _ = parse_wheel_filename(path.name)
-    return _IndexedFile(filename=path.name, project=name, display_name=raw.get("name", name),
-                        version=str(version), sha256=_hash_of(path, known), size=path.stat().st_size,
-                        metadata_sha256=hashlib.sha256(metadata).hexdigest(),
-                        requires_python=raw.get("requires_python"),
-                        forced=_forced_record(path))
+    return _IndexedFile(
+        filename=path.name,
+        project=name,
+        display_name=raw.get("name", name),
+        version=str(version),
+        sha256=_hash_of(path, known),
+        size=path.stat().st_size,
+        metadata_sha256=hashlib.sha256(metadata).hexdigest(),
+        requires_python=raw.get("requires_python"),
+        forced=_forced_record(path),
+    )
 
 
 def _forced_record(path: Path) -> PublishMark | None:
@@ -278,15 +288,18 @@ def _render_pages(indexed: Sequence[_IndexedFile]) -> dict[str, bytes]:
     names = sorted(projects)
     links = "\n".join(f'    <a href="{quote(n)}/">{html.escape(n)}</a><br>' for n in names)
     pages["index.html"] = _html_document("Simple index", links).encode()
-    pages["index.json"] = _dumps({"meta": {"api-version": API_VERSION},
-                                  "projects": [{"name": n} for n in names]}).encode()
+    pages["index.json"] = _dumps(
+        {"meta": {"api-version": API_VERSION}, "projects": [{"name": n} for n in names]}
+    ).encode()
     return pages
 
 
 def _html_document(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html>\n<html>\n  <head>\n    <meta name="pypi:repository-version" '
-            f'content="{API_VERSION}">\n    <title>{html.escape(title)}</title>\n  </head>\n'
-            f"  <body>\n    <h1>{html.escape(title)}</h1>\n{body}\n  </body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html>\n  <head>\n    <meta name="pypi:repository-version" '
+        f'content="{API_VERSION}">\n    <title>{html.escape(title)}</title>\n  </head>\n'
+        f"  <body>\n    <h1>{html.escape(title)}</h1>\n{body}\n  </body>\n</html>\n"
+    )
 
 
 def _file_url(item: _IndexedFile) -> str:
@@ -313,8 +326,7 @@ def _project_html(display_name: str, items: Sequence[_IndexedFile]) -> str:
 def _project_json(display_name: str, items: Sequence[_IndexedFile]) -> str:
     files = []
     for item in items:
-        entry: dict[str, Any] = {"filename": item.filename, "url": _file_url(item),
-                                 "hashes": {"sha256": item.sha256}}
+        entry: dict[str, Any] = {"filename": item.filename, "url": _file_url(item), "hashes": {"sha256": item.sha256}}
         if item.requires_python:
             entry["requires-python"] = item.requires_python
         metadata = {"sha256": item.metadata_sha256}
@@ -323,8 +335,14 @@ def _project_json(display_name: str, items: Sequence[_IndexedFile]) -> str:
             entry["_gpuwheel"] = {"publish": item.forced.to_json()}
         files.append(entry)
     versions = sorted({i.version for i in items}, key=Version)
-    return _dumps({"meta": {"api-version": API_VERSION}, "name": canonicalize_name(display_name),
-                   "versions": versions, "files": files})
+    return _dumps(
+        {
+            "meta": {"api-version": API_VERSION},
+            "name": canonicalize_name(display_name),
+            "versions": versions,
+            "files": files,
+        }
+    )
 
 
 def _dumps(value: Any) -> str:

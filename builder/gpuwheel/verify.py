@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from gpuwheel.cache import cache_root, remove_inside
 from gpuwheel.errors import LockError, RecipeError, WheelError
@@ -61,10 +62,15 @@ class WheelCheck:
         return self.diff.same
 
     def to_json(self) -> dict[str, Any]:
-        return {"wheel": str(self.wheel.path), "package": self.wheel.package, "rebuilt": str(self.rebuilt),
-                "same": self.same, "diff": self.diff.to_json(),
-                "diffoscope": str(self.diffoscope) if self.diffoscope else None,
-                "diffoscope_note": self.diffoscope_note}
+        return {
+            "wheel": str(self.wheel.path),
+            "package": self.wheel.package,
+            "rebuilt": str(self.rebuilt),
+            "same": self.same,
+            "diff": self.diff.to_json(),
+            "diffoscope": str(self.diffoscope) if self.diffoscope else None,
+            "diffoscope_note": self.diffoscope_note,
+        }
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,15 @@ class Verification:
         return all(check.same for check in self.wheels)
 
     def to_json(self) -> dict[str, Any]:
-        return {"target": self.target, "plan_hash": self.plan_hash, "lock": str(self.lock), "backend": self.backend,
-                "rebuilt_dir": str(self.rebuilt_dir), "same": self.same,
-                "wheels": [check.to_json() for check in self.wheels]}
+        return {
+            "target": self.target,
+            "plan_hash": self.plan_hash,
+            "lock": str(self.lock),
+            "backend": self.backend,
+            "rebuilt_dir": str(self.rebuilt_dir),
+            "same": self.same,
+            "wheels": [check.to_json() for check in self.wheels],
+        }
 
 
 def recorded_in(path: Path) -> Recorded:
@@ -93,19 +105,35 @@ def recorded_in(path: Path) -> Recorded:
     wheel = read_wheel(Path(path))
     provenance = wheel.provenance
     if provenance is None:
-        raise WheelError(f"{wheel.filename}: no {wheel.dist_info}/{PROVENANCE_FILE}; gpuwheel did not finish this "
-                         "wheel, so nothing says how to rebuild it", hint="verify wheels that `gpuwheel build` made")
-    fields = {"target": provenance.target, "package.name": provenance.package.name if provenance.package else None,
-              "plan_hash": provenance.plan_hash}
+        raise WheelError(
+            f"{wheel.filename}: no {wheel.dist_info}/{PROVENANCE_FILE}; gpuwheel did not finish this "
+            "wheel, so nothing says how to rebuild it",
+            hint="verify wheels that `gpuwheel build` made",
+        )
+    fields = {
+        "target": provenance.target,
+        "package.name": provenance.package.name if provenance.package else None,
+        "plan_hash": provenance.plan_hash,
+    }
+    checked: dict[str, str] = {}
     for field, value in fields.items():
         pattern = _PLAN_HASH if field == "plan_hash" else _PLAIN_NAME
         if not isinstance(value, str) or not pattern.fullmatch(value):
-            raise WheelError(f"{wheel.filename}: its {PROVENANCE_FILE} has no usable {field} ({value!r})",
-                             hint="the file was edited or is not gpuwheel's; rebuild the wheel with `gpuwheel build`")
+            raise WheelError(
+                f"{wheel.filename}: its {PROVENANCE_FILE} has no usable {field} ({value!r})",
+                hint="the file was edited or is not gpuwheel's; rebuild the wheel with `gpuwheel build`",
+            )
+        checked[field] = value
     observed = (provenance.toolchain or {}).get("observed") or {}
     backend = observed.get("backend") if isinstance(observed, Mapping) else None
-    return Recorded(Path(path), wheel.filename, fields["target"], fields["package.name"], fields["plan_hash"],
-                    backend if backend in ("local", "container") else None)
+    return Recorded(
+        Path(path),
+        wheel.filename,
+        checked["target"],
+        checked["package.name"],
+        checked["plan_hash"],
+        backend if backend in ("local", "container") else None,
+    )
 
 
 def one_build(wheels: Sequence[Recorded]) -> Recorded:
@@ -113,32 +141,43 @@ def one_build(wheels: Sequence[Recorded]) -> Recorded:
     plans = sorted({(w.target, w.plan_hash) for w in wheels})
     if len(plans) > 1:
         named = ", ".join(f"{target} plan {plan[:16]}" for target, plan in plans)
-        raise WheelError(f"the wheels record {len(plans)} builds ({named})",
-                         hint="verify the wheels of one build at a time")
+        raise WheelError(
+            f"the wheels record {len(plans)} builds ({named})", hint="verify the wheels of one build at a time"
+        )
     packages = [w.package for w in wheels]
     if len(set(packages)) != len(packages):
-        raise WheelError(f"two wheels of package {next(p for p in packages if packages.count(p) > 1)} given",
-                         hint="give each wheel of the build once")
+        raise WheelError(
+            f"two wheels of package {next(p for p in packages if packages.count(p) > 1)} given",
+            hint="give each wheel of the build once",
+        )
     return wheels[0]
 
 
-def plan_of(recorded: Recorded, *, target: str | None = None, lock: Path | None = None,
-            jobs: int | None = None) -> tuple[Recipe, Plan, Lock]:
+def plan_of(
+    recorded: Recorded, *, target: str | None = None, lock: Path | None = None, jobs: int | None = None
+) -> tuple[Recipe, Plan, Lock]:
     """The wheel's recipe (`target`: a recipe name or path, else the target it records, on the recipe
     path), the plan it records made again from that recipe, and the lock it is built from; refuses a
     recipe of another target, and a lock that does not hold that plan."""
     try:
         recipe = load_recipe(target or recorded.target)
     except RecipeError as error:
-        raise RecipeError(f"{recorded.filename} was built for target {recorded.target!r}: {error.message}",
-                          hint="put its recipe on the recipe path (gpuwheel --recipes DIR verify …, or "
-                               "GPUWHEEL_RECIPES), or name it: --target RECIPE") from None
+        raise RecipeError(
+            f"{recorded.filename} was built for target {recorded.target!r}: {error.message}",
+            hint="put its recipe on the recipe path (gpuwheel --recipes DIR verify …, or "
+            "GPUWHEEL_RECIPES), or name it: --target RECIPE",
+        ) from None
     if recipe.target.name != recorded.target:
-        raise RecipeError(f"{target} is the recipe of target {recipe.target.name!r}, {recorded.filename} was built "
-                          f"for target {recorded.target!r}", hint="name the recipe the wheel was built from")
+        raise RecipeError(
+            f"{target} is the recipe of target {recipe.target.name!r}, {recorded.filename} was built "
+            f"for target {recorded.target!r}",
+            hint="name the recipe the wheel was built from",
+        )
     if recorded.package not in {p.name for p in recipe.packages}:
-        raise RecipeError(f"{recipe.path}: no package {recorded.package!r}, which {recorded.filename} is",
-                          hint="name the recipe the wheel was built from (--target RECIPE)")
+        raise RecipeError(
+            f"{recipe.path}: no package {recorded.package!r}, which {recorded.filename} is",
+            hint="name the recipe the wheel was built from (--target RECIPE)",
+        )
     whole = make_plan(recipe, jobs=jobs)
     locked = read_lock(Path(lock) if lock is not None else lock_path(whole))
     # The wheel's plan: the lock's selection of packages, or the wheel's package alone (build --only).
@@ -149,15 +188,24 @@ def plan_of(recorded: Recorded, *, target: str | None = None, lock: Path | None 
             return recipe, plan, locked
     if locked.plan_hash == recorded.plan_hash:  # the lock is the wheel's, the recipe has changed since
         locked.check_plan(make_plan(recipe, jobs=jobs, only=locked.packages))
-    raise LockError(f"{locked.path} locks plan {locked.plan_hash[:16]}, {recorded.filename} was built from plan "
-                    f"{recorded.plan_hash[:16]}; the recipe gives neither now",
-                    hint="verify with the lock and recipes of the commit that built the wheel (--lock LOCK, "
-                         "--recipes DIR)")
+    raise LockError(
+        f"{locked.path} locks plan {locked.plan_hash[:16]}, {recorded.filename} was built from plan "
+        f"{recorded.plan_hash[:16]}; the recipe gives neither now",
+        hint="verify with the lock and recipes of the commit that built the wheel (--lock LOCK, --recipes DIR)",
+    )
 
 
-def verify_wheels(wheels: Sequence[Recorded], *, target: str | None = None, lock: Path | None = None,
-                  backend: str | None = None, engine: str | None = None, jobs: int | None = None,
-                  offline: bool = False, quiet: bool = False) -> Verification:
+def verify_wheels(
+    wheels: Sequence[Recorded],
+    *,
+    target: str | None = None,
+    lock: Path | None = None,
+    backend: str | None = None,
+    engine: str | None = None,
+    jobs: int | None = None,
+    offline: bool = False,
+    quiet: bool = False,
+) -> Verification:
     """Rebuild the wheels of one build (each `recorded_in(path)`) from their provenance and lock into the
     cache's verify/ folder, once, and compare each with its rebuild.
 
@@ -169,15 +217,29 @@ def verify_wheels(wheels: Sequence[Recorded], *, target: str | None = None, lock
     recipe, plan, locked = plan_of(first, target=target, lock=lock, jobs=jobs)
     scratch = scratch_dir(plan)
     logger.info("rebuilding plan %s from %s into %s", plan.hash[:16], locked.path, scratch)
-    built = build_plan(plan, locked, None, backend=backend or first.backend or "auto", engine=engine,
-                       recipe_engine=recipe.build.engine, offline=offline, python=None, base_image=None,
-                       allow_audit_failure=True, out_dir=scratch, quiet=quiet)
+    built = build_plan(
+        plan,
+        locked,
+        None,
+        backend=backend or first.backend or "auto",
+        engine=engine,
+        recipe_engine=recipe.build.engine,
+        offline=offline,
+        python=None,
+        base_image=None,
+        allow_audit_failure=True,
+        out_dir=scratch,
+        quiet=quiet,
+    )
     rebuilt = {w.package: w.path for w in built.finished.wheels}
     checks = []
     for wheel in wheels:
         diff = compare_wheels(wheel.path, rebuilt[wheel.package])
-        report, note = (None, None) if diff.same else diffoscope(
-            wheel.path, rebuilt[wheel.package], scratch / f"{wheel.package}.{DIFFOSCOPE_REPORT}")
+        report, note = (
+            (None, None)
+            if diff.same
+            else diffoscope(wheel.path, rebuilt[wheel.package], scratch / f"{wheel.package}.{DIFFOSCOPE_REPORT}")
+        )
         checks.append(WheelCheck(wheel, rebuilt[wheel.package], diff, report, note))
     return Verification(plan.target.name, plan.hash, locked.path, built.backend, scratch, tuple(checks))
 
@@ -196,10 +258,16 @@ def diffoscope(first: Path, second: Path, report: Path) -> tuple[Path | None, st
     """diffoscope's text report of two wheels, where it is installed: (report, None), or (None, why not)."""
     program = shutil.which("diffoscope")
     if program is None:
-        return None, "diffoscope is not installed (pip install diffoscope, or apt-get install diffoscope): " \
-                     "gpuwheel's own comparison is shown"
-    done = run([program, "--text", str(report), "--no-progress", str(first), str(second)],
-               log_path=report.with_suffix(".log"), timeout=1800)
+        return (
+            None,
+            "diffoscope is not installed (pip install diffoscope, or apt-get install diffoscope): "
+            "gpuwheel's own comparison is shown",
+        )
+    done = run(
+        [program, "--text", str(report), "--no-progress", str(first), str(second)],
+        log_path=report.with_suffix(".log"),
+        timeout=1800,
+    )
     # diffoscope exits 1 when the files differ, which they do here; 2 and above are its own failures.
     if done.returncode not in (0, 1) or not report.exists():
         return None, f"diffoscope failed (exit {done.returncode}; its output: {report.with_suffix('.log')})"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
+import itertools
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,8 +71,10 @@ class MemberDifference:
             names = ", ".join(s.name for s in self.sections) or "no section (headers only)"
             parts.append(f"ELF sections differ: {names};")
         elif self.kind == "text":
-            parts.append(f"text, {sum(1 for line in self.diff if line[:1] in '+-' and line[:3] not in ('+++', '---'))}"
-                         f"{'+' if len(self.diff) >= _DIFF_LINES else ''} line(s) differ;")
+            parts.append(
+                f"text, {sum(1 for line in self.diff if line[:1] in '+-' and line[:3] not in ('+++', '---'))}"
+                f"{'+' if len(self.diff) >= _DIFF_LINES else ''} line(s) differ;"
+            )
         if self.first_offset is None:
             parts.append(f"too large to compare byte by byte here (over {_ANALYSED_BYTES >> 30} GiB)")
         else:
@@ -94,9 +97,13 @@ class WheelDiff:
         return self.sha256[0] == self.sha256[1]
 
     def to_json(self) -> dict[str, Any]:
-        return {"paths": [str(p) for p in self.paths], "sha256": list(self.sha256), "same": self.same,
-                "members": [{**asdict(m), "summary": m.summary()} for m in self.members],
-                "archive": list(self.archive)}
+        return {
+            "paths": [str(p) for p in self.paths],
+            "sha256": list(self.sha256),
+            "same": self.same,
+            "members": [{**asdict(m), "summary": m.summary()} for m in self.members],
+            "archive": list(self.archive),
+        }
 
 
 def compare_wheels(first: Path, second: Path) -> WheelDiff:
@@ -109,15 +116,20 @@ def compare_wheels(first: Path, second: Path) -> WheelDiff:
             # The package's own members first: a changed RECORD or gpuwheel.json follows from them.
             for name in sorted(set(infos_a) | set(infos_b), key=_package_first):
                 if name not in infos_b:
-                    members.append(MemberDifference(name, "removed", _kind_of(a, infos_a[name]),
-                                                    (infos_a[name].file_size, None)))
+                    members.append(
+                        MemberDifference(name, "removed", _kind_of(a, infos_a[name]), (infos_a[name].file_size, None))
+                    )
                 elif name not in infos_a:
-                    members.append(MemberDifference(name, "added", _kind_of(b, infos_b[name]),
-                                                    (None, infos_b[name].file_size)))
+                    members.append(
+                        MemberDifference(name, "added", _kind_of(b, infos_b[name]), (None, infos_b[name].file_size))
+                    )
                 elif _digest(a, infos_a[name]) != _digest(b, infos_b[name]):
                     sizes = (infos_a[name].file_size, infos_b[name].file_size)
-                    members.append(MemberDifference(name, "changed", "binary", sizes) if max(sizes) > _ANALYSED_BYTES
-                                   else _changed(name, a.read(infos_a[name]), b.read(infos_b[name])))
+                    members.append(
+                        MemberDifference(name, "changed", "binary", sizes)
+                        if max(sizes) > _ANALYSED_BYTES
+                        else _changed(name, a.read(infos_a[name]), b.read(infos_b[name]))
+                    )
             archive = () if members else _archive_differences(a, b)
     except (zipfile.BadZipFile, OSError) as error:
         raise_if_refused(error)
@@ -161,33 +173,46 @@ def _text(data: bytes) -> str | None:
 
 def _changed(name: str, old: bytes, new: bytes) -> MemberDifference:
     offset = _first_difference(old, new)
-    common = {"name": name, "change": "changed", "sizes": (len(old), len(new)), "first_offset": offset,
-              "excerpts": (_excerpt(old, offset), _excerpt(new, offset))}
+    common: dict[str, Any] = {
+        "name": name,
+        "change": "changed",
+        "sizes": (len(old), len(new)),
+        "first_offset": offset,
+        "excerpts": (_excerpt(old, offset), _excerpt(new, offset)),
+    }
     if old.startswith(ELF_MAGIC) and new.startswith(ELF_MAGIC):
         sections_old, sections_new = _sections(old), _sections(new)
         if sections_old is not None and sections_new is not None:
-            return MemberDifference(kind="elf", sections=_section_differences(old, new, sections_old, sections_new),
-                                    at_section=_where(offset, sections_old), **common)
+            return MemberDifference(
+                kind="elf",
+                sections=_section_differences(old, new, sections_old, sections_new),
+                at_section=_where(offset, sections_old),
+                **common,
+            )
     text_old, text_new = _text(old), _text(new)
     if text_old is not None and text_new is not None:
-        lines = difflib.unified_diff(text_old.splitlines(), text_new.splitlines(), f"a/{name}", f"b/{name}",
-                                     n=2, lineterm="")
-        return MemberDifference(kind="text", diff=tuple(line for _, line in zip(range(_DIFF_LINES), lines)), **common)
+        lines = difflib.unified_diff(
+            text_old.splitlines(), text_new.splitlines(), f"a/{name}", f"b/{name}", n=2, lineterm=""
+        )
+        return MemberDifference(kind="text", diff=tuple(itertools.islice(lines, _DIFF_LINES)), **common)
     return MemberDifference(kind="binary", **common)
 
 
 def _first_difference(old: bytes, new: bytes) -> int:
-    view_old, view_new = memoryview(old), memoryview(new)
-    for start in range(0, min(len(old), len(new)), _CHUNK):
-        if view_old[start:start + _CHUNK] != view_new[start:start + _CHUNK]:
-            return start + next(i for i, (x, y) in enumerate(zip(old[start:start + _CHUNK], new[start:start + _CHUNK]))
-                                if x != y)
-    return min(len(old), len(new))  # one is a prefix of the other
+    # Only the bytes both have are compared: a member that is a prefix of the other (a text file
+    # appended to) differs first where the shorter one ends.
+    common = min(len(old), len(new))
+    view_old, view_new = memoryview(old)[:common], memoryview(new)[:common]
+    for start in range(0, common, _CHUNK):
+        chunk_old, chunk_new = view_old[start : start + _CHUNK], view_new[start : start + _CHUNK]
+        if chunk_old != chunk_new:
+            return start + next(i for i, (x, y) in enumerate(zip(chunk_old, chunk_new, strict=True)) if x != y)
+    return common
 
 
 def _excerpt(data: bytes, offset: int) -> str:
     start = max(0, offset - _EXCERPT_BEFORE)
-    piece = data[start:offset + _EXCERPT_AFTER]
+    piece = data[start : offset + _EXCERPT_AFTER]
     return f"{start:#x}: {piece.hex(' ')}" if piece else f"{start:#x}: (end of file)"
 
 
@@ -200,15 +225,25 @@ def _sections(data: bytes) -> list[_Section] | None:
     from `data` by the caller: pyelftools would allocate whatever size a forged header claims."""
     try:
         elf = ELFFile(io.BytesIO(data))
-        headers = [(section.name, section["sh_offset"], section["sh_size"], section["sh_type"],
-                    section["sh_addr"], section["sh_flags"]) for section in elf.iter_sections()]
+        headers = [
+            (
+                section.name,
+                section["sh_offset"],
+                section["sh_size"],
+                section["sh_type"],
+                section["sh_addr"],
+                section["sh_flags"],
+            )
+            for section in elf.iter_sections()
+        ]
     except (ELFError, ConstructError, ValueError, KeyError):  # a truncated or forged header: compared as bytes
         return None
     return headers
 
 
-def _section_differences(old: bytes, new: bytes, sections_old: list[_Section],
-                         sections_new: list[_Section]) -> tuple[SectionDifference, ...]:
+def _section_differences(
+    old: bytes, new: bytes, sections_old: list[_Section], sections_new: list[_Section]
+) -> tuple[SectionDifference, ...]:
     by_name_old, by_name_new = _named(sections_old), _named(sections_new)
     differences = []
     for name in [*by_name_old, *(n for n in by_name_new if n not in by_name_old)]:
@@ -229,7 +264,7 @@ def _named(sections: list[_Section]) -> dict[str, _Section]:
 
 def _bytes_of(data: bytes, section: _Section) -> bytes:
     _, offset, size, kind, _, _ = section
-    return b"" if kind == "SHT_NOBITS" else data[offset:offset + size]
+    return b"" if kind == "SHT_NOBITS" else data[offset : offset + size]
 
 
 def _where(offset: int, sections: list[_Section]) -> str:
@@ -252,8 +287,14 @@ def _archive_differences(a: zipfile.ZipFile, b: zipfile.ZipFile) -> tuple[str, .
         other = by_name.get(info.filename)
         if other is None:
             continue
-        for field, label in (("date_time", "timestamp"), ("external_attr", "mode"), ("compress_type", "compression"),
-                             ("create_system", "system"), ("extra", "extra field"), ("comment", "comment")):
+        for field, label in (
+            ("date_time", "timestamp"),
+            ("external_attr", "mode"),
+            ("compress_type", "compression"),
+            ("create_system", "system"),
+            ("extra", "extra field"),
+            ("comment", "comment"),
+        ):
             value_a, value_b = getattr(info, field), getattr(other, field)
             if value_a != value_b:
                 if field == "external_attr":

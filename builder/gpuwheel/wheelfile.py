@@ -22,9 +22,10 @@ import re
 import stat
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 from packaging.metadata import parse_email
 from packaging.tags import Tag, parse_tag
@@ -74,9 +75,13 @@ def read_wheel(path: Path) -> WheelFile:
             names = set(archive.namelist())
             for member in sorted(names):
                 refuse_unsafe_member(path, member)
-            dist_infos = sorted({n.split("/", 1)[0] for n in names
-                                 if n.split("/", 1)[0].endswith(".dist-info") and n.endswith("/METADATA")
-                                 and n.count("/") == 1})
+            dist_infos = sorted(
+                {
+                    n.split("/", 1)[0]
+                    for n in names
+                    if n.split("/", 1)[0].endswith(".dist-info") and n.endswith("/METADATA") and n.count("/") == 1
+                }
+            )
             if len(dist_infos) != 1:
                 raise WheelError(f"{path}: expected one .dist-info/METADATA, found {len(dist_infos)}")
             dist_info = dist_infos[0]
@@ -94,18 +99,28 @@ def read_wheel(path: Path) -> WheelFile:
             raise WheelError(f"{path}: {record} is not valid JSON ({error})") from None
         except ProvenanceFormatError as error:
             raise WheelError(f"{path}: {record} {error}") from None
-    return WheelFile(path=path, filename=path.name, project=name, display_name=raw["name"],
-                     version=str(version), sha256=sha256_file(path), size=path.stat().st_size,
-                     metadata=metadata, requires_python=raw.get("requires_python"),
-                     dist_info=dist_info, provenance=provenance)
+    return WheelFile(
+        path=path,
+        filename=path.name,
+        project=name,
+        display_name=raw["name"],
+        version=str(version),
+        sha256=sha256_file(path),
+        size=path.stat().st_size,
+        metadata=metadata,
+        requires_python=raw.get("requires_python"),
+        dist_info=dist_info,
+        provenance=provenance,
+    )
 
 
 def read_provenance(path: Path) -> Provenance | None:
     """A wheel's gpuwheel.json without hashing or checking the wheel; None when it has none readable."""
     try:
         with zipfile.ZipFile(path) as archive:
-            records = [n for n in archive.namelist()
-                       if n.count("/") == 1 and n.endswith(f".dist-info/{PROVENANCE_FILE}")]
+            records = [
+                n for n in archive.namelist() if n.count("/") == 1 and n.endswith(f".dist-info/{PROVENANCE_FILE}")
+            ]
             return Provenance.from_json(json.loads(archive.read(records[0]))) if records else None
     except (zipfile.BadZipFile, OSError, ValueError):  # ProvenanceFormatError is a ValueError
         return None
@@ -133,8 +148,10 @@ def escapes_root(name: str) -> bool:
 def refuse_unsafe_member(wheel: Path, name: str) -> None:
     # pip refuses such a wheel on install; no stage may finish, test or serve it, --force or not.
     if escapes_root(name):
-        raise WheelError(f"{wheel}: member {name!r} would land outside the install root (path traversal); "
-                         "refused", hint="rebuild the wheel; no wheel may hold such a member")
+        raise WheelError(
+            f"{wheel}: member {name!r} would land outside the install root (path traversal); refused",
+            hint="rebuild the wheel; no wheel may hold such a member",
+        )
 
 
 def _name_and_version(path: Path) -> tuple[str, Version]:
@@ -149,8 +166,9 @@ def _check_metadata(path: Path, where: str, metadata: bytes, name: str, version:
     """METADATA parsed, once its Name and Version are the file name's."""
     raw, _ = parse_email(metadata)
     if canonicalize_name(raw.get("name", "")) != name or version_or_none(raw.get("version")) != version:
-        raise WheelError(f"{path}: {where} says {raw.get('name')} {raw.get('version')}, "
-                         f"the file name says {name} {version}")
+        raise WheelError(
+            f"{path}: {where} says {raw.get('name')} {raw.get('version')}, the file name says {name} {version}"
+        )
     return raw
 
 
@@ -184,18 +202,25 @@ def check_wheel(path: Path) -> WheelLayout:
         dist_info = _single_dist_info(path, names, name, version)
         _check_metadata(path, f"{dist_info}/METADATA", _read(archive, path, f"{dist_info}/METADATA"), name, version)
         _check_record(archive, path, dist_info, infos)
-    stem = dist_info[:-len(".dist-info")]
+    stem = dist_info[: -len(".dist-info")]
     return WheelLayout(name, version, dist_info, f"{stem}.data", frozenset(names))
 
 
 def _single_dist_info(path: Path, names: list[str], name: str, version: Version) -> str:
-    found = sorted({member.split("/", 1)[0] for member in names
-                    if "/" in member and member.split("/", 1)[0].endswith(".dist-info")})
+    found = sorted(
+        {
+            member.split("/", 1)[0]
+            for member in names
+            if "/" in member and member.split("/", 1)[0].endswith(".dist-info")
+        }
+    )
     if len(found) != 1:
-        raise WheelError(f"{path}: expected one top-level .dist-info directory, found {len(found)}"
-                         + (f" ({', '.join(found)})" if found else "; not a wheel"))
+        raise WheelError(
+            f"{path}: expected one top-level .dist-info directory, found {len(found)}"
+            + (f" ({', '.join(found)})" if found else "; not a wheel")
+        )
     dist_info = found[0]
-    dist_name, _, dist_version = dist_info[:-len(".dist-info")].partition("-")
+    dist_name, _, dist_version = dist_info[: -len(".dist-info")].partition("-")
     if canonicalize_name(dist_name) != name or version_or_none(dist_version) != version:
         raise WheelError(f"{path}: its directory {dist_info} disagrees with the file name ({name} {version})")
     for required in ("METADATA", "WHEEL", "RECORD"):
@@ -235,16 +260,22 @@ def _check_record(archive: zipfile.ZipFile, path: Path, dist_info: str, infos: l
         hash_text, size = recorded.pop(info.filename)
         algorithm, _, expected = hash_text.partition("=")
         if algorithm not in _HASHES:
-            raise WheelError(f"{path}: RECORD mismatch: {info.filename} has hash {hash_text!r}; "
-                             f"RECORD must use one of {', '.join(_HASHES)}")
+            raise WheelError(
+                f"{path}: RECORD mismatch: {info.filename} has hash {hash_text!r}; "
+                f"RECORD must use one of {', '.join(_HASHES)}"
+            )
         digest, actual_size = _hash_member(archive, path, info, algorithm)
         if digest != expected or (size and int(size) != actual_size):
-            raise WheelError(f"{path}: RECORD mismatch: {info.filename} has {algorithm}={digest} "
-                             f"({actual_size} bytes), {record_name} says {hash_text} ({size or '?'} bytes)")
+            raise WheelError(
+                f"{path}: RECORD mismatch: {info.filename} has {algorithm}={digest} "
+                f"({actual_size} bytes), {record_name} says {hash_text} ({size or '?'} bytes)"
+            )
     missing = sorted(name for name in recorded if name not in unhashed)
     if missing:
-        raise WheelError(f"{path}: RECORD mismatch: {record_name} lists {missing[0]}, which the wheel does not hold"
-                         + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise WheelError(
+            f"{path}: RECORD mismatch: {record_name} lists {missing[0]}, which the wheel does not hold"
+            + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
 
 
 def _hash_member(archive: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo, algorithm: str) -> tuple[str, int]:
@@ -271,8 +302,15 @@ def provenance_text(provenance: Mapping[str, Any]) -> str:
     return json.dumps(provenance, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def repack(source: Path, target: Path, renames: Mapping[str, str], version: Version, tags: set[Tag],
-           provenance: Mapping[str, Any], epoch: int) -> None:
+def repack(
+    source: Path,
+    target: Path,
+    renames: Mapping[str, str],
+    version: Version,
+    tags: set[Tag],
+    provenance: Mapping[str, Any],
+    epoch: int,
+) -> None:
     """Write `source` as `target`: renamed dist-info/.data, labelled METADATA, provenance (the JSON
     object of gpuwheel.json), new RECORD.
 
@@ -284,8 +322,11 @@ def repack(source: Path, target: Path, renames: Mapping[str, str], version: Vers
     new_dist_info = renames[old_dist_info]
     dropped = {f"{old_dist_info}/{name}" for name in (*_UNHASHED, PROVENANCE_FILE)}
     with zipfile.ZipFile(source) as archive:
-        members = {_renamed(info.filename, renames): info for info in archive.infolist()
-                   if not info.is_dir() and info.filename not in dropped}
+        members = {
+            _renamed(info.filename, renames): info
+            for info in archive.infolist()
+            if not info.is_dir() and info.filename not in dropped
+        }
         replaced = {
             f"{new_dist_info}/METADATA": _labelled_metadata(archive.read(f"{old_dist_info}/METADATA"), version, source),
             f"{new_dist_info}/{PROVENANCE_FILE}": provenance_text(provenance).encode("utf-8"),
@@ -293,8 +334,9 @@ def repack(source: Path, target: Path, renames: Mapping[str, str], version: Vers
         _check_wheel_tags(archive.read(f"{old_dist_info}/WHEEL"), tags, source)
         record_name = f"{new_dist_info}/RECORD"
         names = sorted(set(members) | set(replaced))
-        order = [n for n in names if not n.startswith(f"{new_dist_info}/")] + \
-                [n for n in names if n.startswith(f"{new_dist_info}/")]
+        order = [n for n in names if not n.startswith(f"{new_dist_info}/")] + [
+            n for n in names if n.startswith(f"{new_dist_info}/")
+        ]
         rows = []
         with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_COMPRESS_LEVEL) as out:
             for name in order:
@@ -328,8 +370,15 @@ def add_publish_mark(wheel: WheelFile, mark: PublishMark, out_dir: Path) -> Path
         record = f"{wheel.dist_info}/{PROVENANCE_FILE}"
         carried = json.loads(archive.read(record)) if wheel.provenance is not None else {}
     target = Path(out_dir) / wheel.filename
-    repack(wheel.path, target, {wheel.dist_info: wheel.dist_info}, version, set(tags),
-           {**carried, "publish": mark.to_json()}, calendar.timegm((*first, 0, 0, 0)))
+    repack(
+        wheel.path,
+        target,
+        {wheel.dist_info: wheel.dist_info},
+        version,
+        set(tags),
+        {**carried, "publish": mark.to_json()},
+        calendar.timegm((*first, 0, 0, 0)),
+    )
     return target
 
 
@@ -364,8 +413,14 @@ def _labelled_metadata(metadata: bytes, version: Version, wheel: Path) -> bytes:
 
 def _check_wheel_tags(wheel_file: bytes, tags: set[Tag], source: Path) -> None:
     """The WHEEL file's Tag lines (auditwheel rewrote them) must be the file name's tags."""
-    listed = {tag for line in wheel_file.decode("utf-8").splitlines() if line.startswith("Tag:")
-              for tag in parse_tag(line.split(":", 1)[1].strip())}
+    listed = {
+        tag
+        for line in wheel_file.decode("utf-8").splitlines()
+        if line.startswith("Tag:")
+        for tag in parse_tag(line.split(":", 1)[1].strip())
+    }
     if listed != tags:
-        raise WheelError(f"{source.name}: its WHEEL file lists tags {sorted(map(str, listed))}, its file name "
-                         f"{sorted(map(str, tags))}")
+        raise WheelError(
+            f"{source.name}: its WHEEL file lists tags {sorted(map(str, listed))}, its file name "
+            f"{sorted(map(str, tags))}"
+        )

@@ -19,12 +19,13 @@ import io
 import mmap
 import re
 import struct
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import zstandard
 from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
 from gpuwheel.errors import AuditInputError
@@ -148,10 +149,10 @@ class _BufferStream(io.RawIOBase):
         return self._at
 
     def readinto(self, buffer) -> int:
-        chunk = self._view[self._at:self._at + len(buffer)]
+        chunk = self._view[self._at : self._at + len(buffer)]
         if _overlaps(self._left_out, self._at, self._at + len(chunk)):
             raise LeftOut(f"pyelftools reads bytes {self._at}-{self._at + len(chunk)}")
-        buffer[:len(chunk)] = chunk
+        buffer[: len(chunk)] = chunk
         self._at += len(chunk)
         return len(chunk)
 
@@ -164,10 +165,11 @@ def linked_cuda_runtime(data, name: str, left_out: Sequence[tuple[int, int]] = (
     on a driver older than CUDA 13.0's even when every kernel is native SASS.
     """
     dynamic = _open_elf(memoryview(data), left_out, name).get_section_by_name(".dynamic")
-    if dynamic is None:
+    if not isinstance(dynamic, DynamicSection):  # none, or not of type SHT_DYNAMIC: no tags to read
         return None
     for tag in dynamic.iter_tags("DT_NEEDED"):
-        match = re.fullmatch(r"libcudart\.so\.(\d+)", tag.needed)
+        # pyelftools sets `needed` on DT_NEEDED tags at run time; its stub does not declare it
+        match = re.fullmatch(r"libcudart\.so\.(\d+)", tag.needed)  # type: ignore[attr-defined]
         if match:
             return int(match[1])
     return None
@@ -186,10 +188,11 @@ def read_fatbin(data, name: str, left_out: Sequence[tuple[int, int]] = ()) -> tu
         raise AuditInputError(f"{name}: not a readable ELF file ({error}); is it truncated?") from None
     units: list[FatbinUnit] = []
     for file_offset, size in regions:
-        region = view[file_offset:file_offset + size]  # a view: the section's hundreds of MB are not copied
+        region = view[file_offset : file_offset + size]  # a view: the section's hundreds of MB are not copied
         if len(region) != size:
-            raise AuditInputError(f"{name}: file ends inside .nv_fatbin at offset {file_offset + len(region)}; "
-                                  "the file is truncated")
+            raise AuditInputError(
+                f"{name}: file ends inside .nv_fatbin at offset {file_offset + len(region)}; the file is truncated"
+            )
         found = _parse_containers(region, file_offset, name, first_index=len(units))
         _check_left_out(left_out, file_offset, file_offset + size, found)
         units.extend(found)
@@ -199,9 +202,14 @@ def read_fatbin(data, name: str, left_out: Sequence[tuple[int, int]] = ()) -> tu
 def _check_left_out(left_out: Sequence[tuple[int, int]], start: int, end: int, units: list[FatbinUnit]) -> None:
     """LeftOut unless every span left out that meets the region [start, end) lies in one the parse of
     its units never read: a cubin, or a stored PTX past its first _PTX_STORED_READ bytes."""
-    unread = sorted([entry.payload for unit in units for entry in unit.sass]
-                    + [(entry.payload[0] + _PTX_STORED_READ, entry.payload[1]) for unit in units
-                       for entry in unit.ptx if entry.payload[1] > entry.payload[0] + _PTX_STORED_READ])
+    # Every parsed entry has its payload span (None only in entries made by hand).
+    spans: list[tuple[float, float]] = []
+    for unit in units:
+        spans += (entry.payload for entry in unit.sass if entry.payload is not None)
+        for ptx in unit.ptx:
+            if ptx.payload is not None and ptx.payload[1] > ptx.payload[0] + _PTX_STORED_READ:
+                spans.append((ptx.payload[0] + _PTX_STORED_READ, ptx.payload[1]))
+    unread = sorted(spans)
     first = bisect.bisect_left(left_out, (start,))
     if first and left_out[first - 1][1] > start:  # a span from before the region reaching into it
         first -= 1
@@ -239,17 +247,17 @@ def skip_plan(image) -> Iterator[tuple[int, int]]:
         padding = 0
         while at + _CONTAINER.size <= size and padding < _MAX_PADDING:
             yield at + _CONTAINER.size, at + _CONTAINER.size
-            if image[at:at + len(_MAGIC_BYTES)] == _MAGIC_BYTES:
+            if image[at : at + len(_MAGIC_BYTES)] == _MAGIC_BYTES:
                 at = yield from _container_plan(image, at, size)
                 padding = 0
-            elif image[at:at + 8] == bytes(8):
+            elif image[at : at + 8] == bytes(8):
                 at += 8
                 padding += 8
             else:
                 break
 
 
-def _container_plan(image, start: int, size: int) -> Iterator[tuple[int, int]]:
+def _container_plan(image, start: int, size: int) -> Generator[tuple[int, int], None, int]:
     """The plan for one container at `start`; returns the offset to look for the next one from."""
     yield start + _CONTAINER.size, start + _CONTAINER.size
     _, _, header_size, payload_size = _CONTAINER.unpack_from(image, start)
@@ -278,13 +286,16 @@ def _open_elf(view: memoryview, left_out: Sequence[tuple[int, int]], name: str) 
     1 TiB of memory (MemoryError) before any check of ours ran.
     """
     try:
-        elf = ELFFile(_BufferStream(view, left_out))
+        # pyelftools only reads, seeks and tells; its annotation asks for IO[bytes], which no RawIOBase is
+        elf = ELFFile(_BufferStream(view, left_out))  # type: ignore[arg-type]
         for section in elf.iter_sections():
             start, size = section["sh_offset"], section["sh_size"]
             if section["sh_type"] != "SHT_NOBITS" and start + size > len(view):
-                raise AuditInputError(f"{name}: section {section.name or '#' + str(section['sh_name'])} claims "
-                                      f"{size:,} bytes at offset {start:,}, past the file's end ({len(view):,} "
-                                      "bytes); the file is truncated or forged")
+                raise AuditInputError(
+                    f"{name}: section {section.name or '#' + str(section['sh_name'])} claims "
+                    f"{size:,} bytes at offset {start:,}, past the file's end ({len(view):,} "
+                    "bytes); the file is truncated or forged"
+                )
     except ELFError as error:
         raise AuditInputError(f"{name}: not a readable ELF file ({error}); is it truncated?") from None
     return elf
@@ -324,8 +335,9 @@ def _container_region(elf: ELFFile, address: int, name: str) -> tuple[int, int]:
                 break
             _, _, header_size, payload_size = _CONTAINER.unpack(header)
             return file_offset, header_size + payload_size
-    raise AuditInputError(f"{name}: .nvFatBinSegment points at address {address:#x}, which no section holds; "
-                          "the fatbin cannot be located")
+    raise AuditInputError(
+        f"{name}: .nvFatBinSegment points at address {address:#x}, which no section holds; the fatbin cannot be located"
+    )
 
 
 def _parse_containers(data: memoryview, base: int, name: str, first_index: int) -> list[FatbinUnit]:
@@ -334,22 +346,28 @@ def _parse_containers(data: memoryview, base: int, name: str, first_index: int) 
     while at + _CONTAINER.size <= len(data):
         magic, _, header_size, payload_size = _CONTAINER.unpack_from(data, at)
         if magic != CONTAINER_MAGIC:
-            if not any(data[at:at + 8]):  # zero padding between containers of different objects
+            if not any(data[at : at + 8]):  # zero padding between containers of different objects
                 at += 8
                 continue
-            raise AuditInputError(f"{name}: no fatbin container at offset {base + at:#x} "
-                                  f"(magic {magic:#010x}); the .nv_fatbin section is corrupt")
+            raise AuditInputError(
+                f"{name}: no fatbin container at offset {base + at:#x} "
+                f"(magic {magic:#010x}); the .nv_fatbin section is corrupt"
+            )
         end = at + header_size + payload_size
         if header_size < _CONTAINER.size or end > len(data):
-            raise AuditInputError(f"{name}: fatbin container at offset {base + at:#x} claims {payload_size} bytes "
-                                  f"past the end of its section; the .nv_fatbin section is truncated or corrupt")
+            raise AuditInputError(
+                f"{name}: fatbin container at offset {base + at:#x} claims {payload_size} bytes "
+                f"past the end of its section; the .nv_fatbin section is truncated or corrupt"
+            )
         sass, ptx = _parse_entries(data, at + header_size, end, base, name)
         if sass or ptx:  # an empty container (a device link without SASS) carries no code
             units.append(FatbinUnit(first_index + len(units), base + at, tuple(sass), tuple(ptx)))
         at = (end + 7) & ~7
     if any(data[at:]):
-        raise AuditInputError(f"{name}: {len(data) - at} stray bytes at offset {base + at:#x} after the last "
-                              "fatbin container; the .nv_fatbin section is corrupt")
+        raise AuditInputError(
+            f"{name}: {len(data) - at} stray bytes at offset {base + at:#x} after the last "
+            "fatbin container; the .nv_fatbin section is corrupt"
+        )
     return units
 
 
@@ -358,25 +376,31 @@ def _parse_entries(data: memoryview, at: int, end: int, base: int, name: str) ->
     ptx: list[PtxEntry] = []
     while at < end:
         if at + _ENTRY_MIN_HEADER > end:
-            raise AuditInputError(f"{name}: fatbin entry at offset {base + at:#x} is cut off by its container's end; "
-                                  "the .nv_fatbin section is corrupt")
+            raise AuditInputError(
+                f"{name}: fatbin entry at offset {base + at:#x} is cut off by its container's end; "
+                "the .nv_fatbin section is corrupt"
+            )
         kind, _, header_size, payload_size, compressed_size, _, _, _, arch = _ENTRY.unpack_from(data, at)
         flags = struct.unpack_from("<Q", data, at + 40)[0]
         payload_start = at + header_size
         if header_size < _ENTRY_MIN_HEADER or payload_start + payload_size > end:
-            raise AuditInputError(f"{name}: fatbin entry at offset {base + at:#x} (header {header_size} bytes, payload "
-                                  f"{payload_size}) overruns its container; the .nv_fatbin section is corrupt")
+            raise AuditInputError(
+                f"{name}: fatbin entry at offset {base + at:#x} (header {header_size} bytes, payload "
+                f"{payload_size}) overruns its container; the .nv_fatbin section is corrupt"
+            )
         variant = "a" if flags & FLAG_ARCH_SPECIFIC else "f" if flags & FLAG_FAMILY else ""
         payload = (base + payload_start, base + payload_start + payload_size)
         if kind == KIND_ELF:
             sass.append(SassEntry(arch, variant, payload))
         elif kind == KIND_PTX:
-            stored = data[payload_start:payload_start + (compressed_size or payload_size)]
+            stored = data[payload_start : payload_start + (compressed_size or payload_size)]
             head = _ptx_head(stored, flags, f"{name}: PTX entry at offset {base + at:#x}")
             ptx.append(PtxEntry(arch, variant, _ptx_isa(head, f"{name}: PTX entry at offset {base + at:#x}"), payload))
         else:
-            raise AuditInputError(f"{name}: fatbin entry at offset {base + at:#x} has unknown kind {kind}; "
-                                  "the .nv_fatbin section is corrupt")
+            raise AuditInputError(
+                f"{name}: fatbin entry at offset {base + at:#x} has unknown kind {kind}; "
+                "the .nv_fatbin section is corrupt"
+            )
         at = payload_start + payload_size
     return sass, ptx
 
@@ -395,10 +419,11 @@ def _ptx_head(stored: memoryview, flags: int, where: str) -> bytes:
             else:
                 head = bytes(stored[:want])
         except (zstandard.ZstdError, ValueError) as error:
-            raise AuditInputError(f"{where}: compressed payload does not decompress ({error}); "
-                                  "the fatbin is corrupt") from None
+            raise AuditInputError(
+                f"{where}: compressed payload does not decompress ({error}); the fatbin is corrupt"
+            ) from None
         if len(head) == want:  # cut off: a last line may be only half there
-            head = head[:head.rfind(b"\n") + 1]
+            head = head[: head.rfind(b"\n") + 1]
         if _VERSION_RE.search(head) and _TARGET_RE.search(head):
             break
     return head
@@ -415,7 +440,7 @@ def _lz4_prefix(block: memoryview, want: int) -> bytes:
         literals, at = _lz4_length(block, at + 1, token >> 4)
         if at + literals > len(block):
             raise ValueError(f"LZ4 literals run past the block's end at {at}")
-        out += block[at:at + literals]
+        out += block[at : at + literals]
         at += literals
         if len(out) >= want or at == len(block):  # the last sequence has literals only
             break
@@ -427,7 +452,7 @@ def _lz4_prefix(block: memoryview, want: int) -> bytes:
             raise ValueError(f"LZ4 match offset {offset} outside the {len(out)} bytes decoded")
         start, left = len(out) - offset, match + 4
         while left > 0:  # the match may overlap what it produces: copy at most `offset` bytes at a time
-            piece = out[start:start + min(left, offset)]
+            piece = out[start : start + min(left, offset)]
             out += piece
             start += len(piece)
             left -= len(piece)

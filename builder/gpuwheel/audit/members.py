@@ -20,9 +20,9 @@ import os
 import struct
 import zipfile
 from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 from isal import isal_zlib
 
@@ -37,6 +37,7 @@ MEMORY_BUDGET = 1 << 30  # sizes of the members inflated at once; a larger membe
 _READ = 64 << 10
 _PIECE = 32 << 10
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
+_LOCAL_HEADER_MAGIC = b"PK\x03\x04"  # zipfile.stringFileHeader, which is not public
 
 SoCode = tuple[tuple[FatbinUnit, ...], int | None]  # fatbin units, N of the libcudart.so.N it links
 
@@ -58,8 +59,11 @@ def read_so_members(wheels: Mapping[Path, Sequence[zipfile.ZipInfo]]) -> dict[tu
     # threads wait on each other more than they run. Forked, they start with what is already imported.
     with ProcessPoolExecutor(slots, mp_context=multiprocessing.get_context("fork")) as pool:
         while pending or running:
-            while pending and len(running) < slots and (
-                    not running or held + _inflated_size(jobs[pending[0]][1]) <= MEMORY_BUDGET):
+            while (
+                pending
+                and len(running) < slots
+                and (not running or held + _inflated_size(jobs[pending[0]][1]) <= MEMORY_BUDGET)
+            ):
                 index = pending.popleft()
                 if index < first_failure:  # after a failure only members before it still matter
                     running[pool.submit(_read_member, *jobs[index])] = index
@@ -71,7 +75,7 @@ def read_so_members(wheels: Mapping[Path, Sequence[zipfile.ZipInfo]]) -> dict[tu
                 if future.exception() is not None:
                     first_failure = min(first_failure, index)
     if first_failure < len(jobs):
-        raise finished[first_failure].exception()
+        finished[first_failure].result()  # raises that member's exception
     return {(wheel, member.filename): finished[index].result() for index, (wheel, member) in enumerate(jobs)}
 
 
@@ -91,10 +95,11 @@ def _read_member(wheel: Path, member: zipfile.ZipInfo) -> SoCode | None:
         with open(wheel, "rb") as file:
             start = _data_offset(file, member)
             if member.compress_type == zipfile.ZIP_STORED:
-                image = memoryview(map_file(file))[start:start + member.file_size]
-                return _read_image(image, name) if image[:len(ELF_MAGIC)] == ELF_MAGIC else None
+                image = memoryview(map_file(file))[start : start + member.file_size]
+                return _read_image(image, name) if image[: len(ELF_MAGIC)] == ELF_MAGIC else None
             return _read_inflated(file, start, member, name)
-    except (zipfile.BadZipFile, isal_zlib.error, EOFError, OSError) as error:
+    # isal's stub declares `error` an Exception instance; it is the exception class IsalError
+    except (zipfile.BadZipFile, isal_zlib.error, EOFError, OSError) as error:  # type: ignore[misc]
         raise_if_refused(error)
         raise AuditInputError(f"{name}: cannot read this member ({error}); the wheel is corrupt") from None
 
@@ -114,8 +119,10 @@ def _read_inflated(file, start: int, member: zipfile.ZipInfo, name: str) -> SoCo
         if not left_out:
             raise
         # Maybe only the zeros where left-out bytes belong: the whole image decides.
-    image, _ = _inflate(file, start, member, skip_unread=False)
-    return _read_image(image, name)
+    whole = _inflate(file, start, member, skip_unread=False)
+    if whole is None:  # not reached: the same bytes began with the ELF magic the first time
+        return None
+    return _read_image(whole[0], name)
 
 
 def _read_image(image, name: str) -> SoCode:
@@ -127,7 +134,7 @@ def _data_offset(file, member: zipfile.ZipInfo) -> int:
     differ from the central directory's."""
     file.seek(member.header_offset)
     header = file.read(_LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size or header[:4] != zipfile.stringFileHeader:
+    if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_HEADER_MAGIC:
         raise zipfile.BadZipFile(f"no local file header at offset {member.header_offset}")
     if member.flag_bits & 0x1:
         raise zipfile.BadZipFile("the member is encrypted")
@@ -135,8 +142,9 @@ def _data_offset(file, member: zipfile.ZipInfo) -> int:
     return member.header_offset + _LOCAL_HEADER.size + name_length + extra_length
 
 
-def _inflate(file, start: int, member: zipfile.ZipInfo, *, skip_unread: bool
-             ) -> tuple[mmap.mmap, list[tuple[int, int]]] | None:
+def _inflate(
+    file, start: int, member: zipfile.ZipInfo, *, skip_unread: bool
+) -> tuple[mmap.mmap, list[tuple[int, int]]] | None:
     """The member's bytes in an anonymous mapping (freed when the last view of it goes), CRC-checked,
     and the spans left out of it (never written, so never even allocated); None as soon as the bytes
     do not start with the ELF magic."""
@@ -156,7 +164,7 @@ def _inflate(file, start: int, member: zipfile.ZipInfo, *, skip_unread: bool
         while used < len(view):
             if at < keep:
                 step = min(len(view) - used, keep - at)
-                image[at:at + step] = view[used:used + step]
+                image[at : at + step] = view[used : used + step]
             elif at < drop:
                 step = min(len(view) - used, drop - at)
             else:
@@ -166,7 +174,7 @@ def _inflate(file, start: int, member: zipfile.ZipInfo, *, skip_unread: bool
                 continue
             at += step
             used += step
-        if at - len(piece) < len(ELF_MAGIC) <= at and image[:len(ELF_MAGIC)] != ELF_MAGIC:
+        if at - len(piece) < len(ELF_MAGIC) <= at and image[: len(ELF_MAGIC)] != ELF_MAGIC:
             return None  # the magic just came in, and it is not ELF's: inflate no further
     if at != size:
         raise EOFError(f"{member.filename!r} inflates to {at} of its {size} bytes")

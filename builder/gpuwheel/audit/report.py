@@ -38,7 +38,7 @@ class AuditTarget:
     optional_globs: tuple[str, ...] = ()  # .so paths in a wheel that may carry no code for this arch
 
     @classmethod
-    def from_recipe(cls, recipe: "Recipe", driver: str | None = None) -> AuditTarget:
+    def from_recipe(cls, recipe: Recipe, driver: str | None = None) -> AuditTarget:
         """The recipe's GPU and fleet driver (`driver` overrides it) and every package's optional globs."""
         globs = tuple(glob for package in recipe.packages for glob in package.audit_optional)
         return cls(facts.parse_arch(recipe.target.compute_capability), driver or recipe.target.min_driver, globs)
@@ -63,9 +63,18 @@ class UnitVerdict:
     problem: str | None = None
 
     def to_json(self) -> dict:
-        return {"index": self.index, "offset": self.offset, "verdict": self.verdict, "sass": list(self.sass),
-                "ptx": list(self.ptx), "ptx_isas": list(self.ptx_isas), "runs_as": self.runs_as, "ptx_isa": self.ptx_isa,
-                "jit_min_driver": self.jit_min_driver, "problem": self.problem}
+        return {
+            "index": self.index,
+            "offset": self.offset,
+            "verdict": self.verdict,
+            "sass": list(self.sass),
+            "ptx": list(self.ptx),
+            "ptx_isas": list(self.ptx_isas),
+            "runs_as": self.runs_as,
+            "ptx_isa": self.ptx_isa,
+            "jit_min_driver": self.jit_min_driver,
+            "problem": self.problem,
+        }
 
 
 @dataclass(frozen=True)
@@ -116,16 +125,27 @@ class SoReport:
     @property
     def none_archs(self) -> tuple[str, ...]:
         """What the units with no code for the target carry (reported, not failed, beside runnable ones)."""
-        return _sorted_names(name for unit in self.units if unit.verdict == NONE
-                             for name in (*unit.sass, *unit.ptx))
+        return _sorted_names(name for unit in self.units if unit.verdict == NONE for name in (*unit.sass, *unit.ptx))
 
     def to_json(self) -> dict:
-        return {"path": self.path, "wheel": self.wheel, "verdict": self.verdict, "passed": self.passed,
-                "optional": self.optional, "native": self.count(NATIVE), "jit": self.count(JIT),
-                "none": self.count(NONE), "ptx_isa_range": self.ptx_isa_range, "sass_archs": list(self.sass_archs),
-                "ptx_archs": list(self.ptx_archs), "none_archs": list(self.none_archs),
-                "problems": list(self.problems), "waived": list(self.waived), "cuda_runtime": self.cuda_runtime,
-                "units": [unit.to_json() for unit in self.units]}
+        return {
+            "path": self.path,
+            "wheel": self.wheel,
+            "verdict": self.verdict,
+            "passed": self.passed,
+            "optional": self.optional,
+            "native": self.count(NATIVE),
+            "jit": self.count(JIT),
+            "none": self.count(NONE),
+            "ptx_isa_range": self.ptx_isa_range,
+            "sass_archs": list(self.sass_archs),
+            "ptx_archs": list(self.ptx_archs),
+            "none_archs": list(self.none_archs),
+            "problems": list(self.problems),
+            "waived": list(self.waived),
+            "cuda_runtime": self.cuda_runtime,
+            "units": [unit.to_json() for unit in self.units],
+        }
 
 
 @dataclass(frozen=True)
@@ -141,8 +161,12 @@ class WheelReport:
         return not self.problems
 
     def to_json(self) -> dict:
-        return {"path": self.path, "passed": self.passed, "problems": list(self.problems),
-                "sos": [so.path for so in self.sos]}
+        return {
+            "path": self.path,
+            "passed": self.passed,
+            "problems": list(self.problems),
+            "sos": [so.path for so in self.sos],
+        }
 
 
 @dataclass(frozen=True)
@@ -164,17 +188,24 @@ class AuditReport:
         return self.target.min_driver is not None
 
     def to_json(self) -> dict:
-        return {"path": self.path, "target": self.target.to_json(), "passed": self.passed,
-                "driver_checked": self.driver_checked, "problems": list(self.problems),
-                "wheels": [wheel.to_json() for wheel in self.wheels], "sos": [so.to_json() for so in self.sos]}
+        return {
+            "path": self.path,
+            "target": self.target.to_json(),
+            "passed": self.passed,
+            "driver_checked": self.driver_checked,
+            "problems": list(self.problems),
+            "wheels": [wheel.to_json() for wheel in self.wheels],
+            "sos": [so.to_json() for so in self.sos],
+        }
 
 
 def audit(path: Path | str, target: AuditTarget) -> AuditReport:
     """Audit a wheel, a directory of wheels or one ELF .so against the target GPU and driver."""
     path = Path(path)
     if target.arch.suffix or target.arch.ptx:
-        raise AuditInputError(f"target arch {target.arch} is not a GPU's compute capability; give one like "
-                              f"{target.arch.plain}")
+        raise AuditInputError(
+            f"target arch {target.arch} is not a GPU's compute capability; give one like {target.arch.plain}"
+        )
     if target.min_driver is not None:
         try:
             facts.driver_tuple(target.min_driver)
@@ -185,7 +216,9 @@ def audit(path: Path | str, target: AuditTarget) -> AuditReport:
         for wheel_path in wheel_paths:
             _require_regular(wheel_path)
         if not wheel_paths:
-            raise AuditInputError(f"{path}: no *.whl files in this directory; give a wheel, a directory of wheels or a .so")
+            raise AuditInputError(
+                f"{path}: no *.whl files in this directory; give a wheel, a directory of wheels or a .so"
+            )
         wheels = _audit_wheels(wheel_paths, target)
         sos = tuple(so for wheel in wheels for so in wheel.sos)
         problems = tuple(problem for wheel in wheels for problem in wheel.problems)
@@ -193,18 +226,24 @@ def audit(path: Path | str, target: AuditTarget) -> AuditReport:
     _require_regular(path)
     if zipfile.is_zipfile(path):
         if path.suffix != ".whl":
-            raise AuditInputError(f"{path}: a zip file but not a wheel (*.whl); give a wheel, a directory of wheels or a .so")
+            raise AuditInputError(
+                f"{path}: a zip file but not a wheel (*.whl); give a wheel, a directory of wheels or a .so"
+            )
         (wheel,) = _audit_wheels([path], target)
         return AuditReport(str(path), target, (wheel,), wheel.sos, wheel.problems)
     with open(path, "rb") as file:
         if file.read(4) != ELF_MAGIC:
-            raise AuditInputError(f"{path}: neither a wheel nor an ELF shared object; "
-                                  "give a wheel, a directory of wheels or a .so")
+            raise AuditInputError(
+                f"{path}: neither a wheel nor an ELF shared object; give a wheel, a directory of wheels or a .so"
+            )
         image = map_file(file)
     units = read_fatbin(image, str(path))
     so = _judge_so(str(path), None, units, linked_cuda_runtime(image, str(path)), target=target)
-    problems = so.problems if so.has_gpu_code else (f"{path}: carries no GPU code (no fatbin); "
-                                                    f"nothing in it runs on {target.arch.plain}",)
+    problems = (
+        so.problems
+        if so.has_gpu_code
+        else (f"{path}: carries no GPU code (no fatbin); nothing in it runs on {target.arch.plain}",)
+    )
     return AuditReport(str(path), target, (), (so,), problems)
 
 
@@ -214,12 +253,17 @@ def _audit_wheels(paths: list[Path], target: AuditTarget) -> tuple[WheelReport, 
     code = read_so_members(candidates)
     reports = []
     for path, members in candidates.items():
-        sos = [_judge_so(member.filename, path.name, *read, target=target) for member in members
-               if (read := code[path, member.filename]) is not None]
+        sos = [
+            _judge_so(member.filename, path.name, *read, target=target)
+            for member in members
+            if (read := code[path, member.filename]) is not None
+        ]
         problems = tuple(f"{path.name}: {problem}" for so in sos for problem in so.problems)
         if not any(so.has_gpu_code for so in sos):
-            problems += (f"{path.name}: carries no GPU code (no .so with a fatbin among {len(sos)} ELF files); "
-                         f"nothing in it runs on {target.arch.plain}",)
+            problems += (
+                f"{path.name}: carries no GPU code (no .so with a fatbin among {len(sos)} ELF files); "
+                f"nothing in it runs on {target.arch.plain}",
+            )
         reports.append(WheelReport(str(path), tuple(sos), problems))
     return tuple(reports)
 
@@ -246,8 +290,9 @@ def _require_regular(path: Path) -> None:
 
 def _refuse_unsafe_name(wheel: Path, name: str) -> None:
     if escapes_root(name):
-        raise AuditInputError(f"{wheel}: member {name!r} would land outside the wheel's root (path traversal); "
-                              "refusing this wheel")
+        raise AuditInputError(
+            f"{wheel}: member {name!r} would land outside the wheel's root (path traversal); refusing this wheel"
+        )
 
 
 def _is_dist_info_metadata(name: str) -> bool:
@@ -260,16 +305,20 @@ def _looks_like_shared_object(name: str) -> bool:
     return base.endswith(".so") or ".so." in base
 
 
-def _judge_so(path: str, wheel: str | None, units: tuple[FatbinUnit, ...], cuda_runtime: int | None = None, *,
-              target: AuditTarget) -> SoReport:
+def _judge_so(
+    path: str, wheel: str | None, units: tuple[FatbinUnit, ...], cuda_runtime: int | None = None, *, target: AuditTarget
+) -> SoReport:
     verdicts = tuple(judge_unit(unit, target) for unit in units)
-    optional = any(fnmatch.fnmatch(path, glob) or fnmatch.fnmatch(PurePosixPath(path).name, glob)
-                   for glob in target.optional_globs)
+    optional = any(
+        fnmatch.fnmatch(path, glob) or fnmatch.fnmatch(PurePosixPath(path).name, glob) for glob in target.optional_globs
+    )
     problems = [f"{path}: unit {v.index}: {v.problem}" for v in verdicts if v.problem]
     if verdicts and not any(v.verdict in (NATIVE, JIT) for v in verdicts):
         carried = ", ".join(_sorted_names(name for v in verdicts for name in (*v.sass, *v.ptx)))
-        problems.append(f"{path}: none of its {len(verdicts)} fatbin units runs on {target.arch.plain} "
-                        f"(it carries {carried}); build it for {target.arch.plain} or declare it audit-optional")
+        problems.append(
+            f"{path}: none of its {len(verdicts)} fatbin units runs on {target.arch.plain} "
+            f"(it carries {carried}); build it for {target.arch.plain} or declare it audit-optional"
+        )
     runtime_problem = _runtime_problem(cuda_runtime, target.min_driver)
     # No optional waiver for the runtime: such a library fails to load whichever GPU it is on.
     loads = (f"{path}: {runtime_problem}",) if runtime_problem else ()
@@ -286,8 +335,12 @@ def _runtime_problem(cuda_runtime: int | None, min_driver: str | None) -> str | 
     if need is None or facts.driver_tuple(min_driver) >= facts.driver_tuple(need):
         return None
     fits = facts.driver_max_cuda(min_driver)
-    return (f"links libcudart.so.{cuda_runtime}, which needs driver ≥ {need} (target driver {min_driver}); "
-            f"build with CUDA ≤ {fits}" if fits else f"links libcudart.so.{cuda_runtime}, which needs driver ≥ {need}")
+    return (
+        f"links libcudart.so.{cuda_runtime}, which needs driver ≥ {need} (target driver {min_driver}); "
+        f"build with CUDA ≤ {fits}"
+        if fits
+        else f"links libcudart.so.{cuda_runtime}, which needs driver ≥ {need}"
+    )
 
 
 def judge_unit(unit: FatbinUnit, target: AuditTarget) -> UnitVerdict:
@@ -303,22 +356,36 @@ def judge_unit(unit: FatbinUnit, target: AuditTarget) -> UnitVerdict:
     if not jittable:
         return UnitVerdict(unit.index, unit.offset, NONE, sass, ptx, isas, None)
     # The driver JITs the newest PTX that fits the GPU.
-    best = max(jittable, key=lambda e: (e.arch, e.variant != "", Version(e.isa)))
-    min_driver = facts.ptx_isa_min_driver(best.isa)
-    return UnitVerdict(unit.index, unit.offset, JIT, sass, ptx, isas, best.name, best.isa, min_driver,
-                       _jit_problem(best, min_driver, target.min_driver))
+    newest = max(jittable, key=lambda e: (e.arch, e.variant != "", Version(e.isa)))
+    min_driver = facts.ptx_isa_min_driver(newest.isa)
+    return UnitVerdict(
+        unit.index,
+        unit.offset,
+        JIT,
+        sass,
+        ptx,
+        isas,
+        newest.name,
+        newest.isa,
+        min_driver,
+        _jit_problem(newest, min_driver, target.min_driver),
+    )
 
 
 def _jit_problem(entry: PtxEntry, min_driver: str | None, driver: str | None) -> str | None:
     if driver is None:
         return None
     if min_driver is None:
-        return (f"{entry.name} needs JIT of PTX ISA {entry.isa}, which gpuwheel's facts do not know; "
-                f"cannot tell whether driver {driver} reads it")
+        return (
+            f"{entry.name} needs JIT of PTX ISA {entry.isa}, which gpuwheel's facts do not know; "
+            f"cannot tell whether driver {driver} reads it"
+        )
     if facts.driver_tuple(driver) < facts.driver_tuple(min_driver):
-        return (f"PTX ISA {entry.isa} cannot be JIT-compiled by driver {driver} (reads up to "
-                f"{facts.driver_max_ptx_isa(driver) or 'none known'}; {entry.name} needs driver ≥ {min_driver}): "
-                "build native SASS for the target or use a toolkit no newer than the driver")
+        return (
+            f"PTX ISA {entry.isa} cannot be JIT-compiled by driver {driver} (reads up to "
+            f"{facts.driver_max_ptx_isa(driver) or 'none known'}; {entry.name} needs driver ≥ {min_driver}): "
+            "build native SASS for the target or use a toolkit no newer than the driver"
+        )
     return None
 
 
@@ -341,4 +408,5 @@ def _sorted_names(names) -> tuple[str, ...]:
     def key(name: str) -> tuple:
         digits = "".join(ch for ch in name if ch.isdigit())
         return (int(digits) if digits else 0, name)
+
     return tuple(sorted(set(names), key=key))

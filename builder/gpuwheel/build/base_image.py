@@ -24,8 +24,10 @@ DEFAULT_TAG = "gpuwheel-base:bookworm"
 # Python (with venv) and g++: what the toolchain image needs from the distribution.
 PACKAGES = ("python3", "python3-venv", "python3-dev", "g++", "ca-certificates")
 # debootstrap's stages ("I: Unpacking the base system..."), not its four lines per package (~90 packages).
-_STAGES = re.compile(r"^I: (Retrieving InRelease|Resolving|Checking component|Installing|Unpacking (required|the base)|"
-                     r"Configuring (required|the base)|Base system)")
+_STAGES = re.compile(
+    r"^I: (Retrieving InRelease|Resolving|Checking component|Installing|Unpacking (required|the base)|"
+    r"Configuring (required|the base)|Base system)"
+)
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,13 @@ class BaseImage:
     log_path: Path
 
 
-def make_base_image(engine: EngineChoice, *, tag: str = DEFAULT_TAG, suite: str = "bookworm",
-                    mirror: str | None = None, log_path: Path) -> BaseImage:
+def make_base_image(
+    engine: EngineChoice, *, tag: str = DEFAULT_TAG, suite: str = "bookworm", mirror: str | None = None, log_path: Path
+) -> BaseImage:
     """debootstrap --variant=minbase SUITE with PACKAGES, imported into the engine as TAG."""
-    problem = image_reference_problem(tag) or ("it holds a digest; give a NAME[:TAG]" if "@" in tag or
-                                               tag.startswith("sha256:") else None)
+    problem = image_reference_problem(tag) or (
+        "it holds a digest; give a NAME[:TAG]" if "@" in tag or tag.startswith("sha256:") else None
+    )
     if problem:
         raise ToolchainError(f"--tag {tag!r} cannot name the new image: {problem}", hint=f"e.g. --tag {DEFAULT_TAG}")
     debootstrap = shutil.which("debootstrap")
@@ -52,11 +56,16 @@ def make_base_image(engine: EngineChoice, *, tag: str = DEFAULT_TAG, suite: str 
     with ContainerEngine(engine) as connected, tempfile.TemporaryDirectory(prefix="gpuwheel-rootfs-") as work:
         root = Path(work) / "root"
         argv = [debootstrap, "--variant=minbase", f"--include={','.join(PACKAGES)}", suite, str(root)]
-        with progress.activity(f"debootstrap {suite}", milestones=_STAGES,
-                               note=f"a minimal Debian with {', '.join(PACKAGES)} (a few minutes); log: {log_path}") as show:
+        with progress.activity(
+            f"debootstrap {suite}",
+            milestones=_STAGES,
+            note=f"a minimal Debian with {', '.join(PACKAGES)} (a few minutes); log: {log_path}",
+        ) as show:
             finished = run([*argv, *([mirror] if mirror else [])], log_path=log_path, on_line=show)
         if not finished.ok:
-            raise ToolchainError(f"debootstrap {suite} failed: {last_line(finished.tail)}", hint=f"full output in {log_path}")
+            raise ToolchainError(
+                f"debootstrap {suite} failed: {last_line(finished.tail)}", hint=f"full output in {log_path}"
+            )
         (root / "var" / "cache" / "apt" / "archives").mkdir(parents=True, exist_ok=True)
         for deb in (root / "var" / "cache" / "apt" / "archives").glob("*.deb"):
             deb.unlink()  # downloaded packages: 100 MB the image does not need

@@ -17,10 +17,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
 from urllib.parse import urlsplit
 
 from gpuwheel.errors import DistAuthRefused, DistConfigError, DistNoServers, DistToolchainMismatch, DistUnreachable
@@ -49,8 +49,10 @@ class ClusterStatus:
     in_progress: int
 
     def __str__(self) -> str:
-        return (f"{self.url}: {self.servers} build server{'s' if self.servers != 1 else ''}, {self.cpus} cores, "
-                f"{self.in_progress} job{'s' if self.in_progress != 1 else ''} in progress")
+        return (
+            f"{self.url}: {self.servers} build server{'s' if self.servers != 1 else ''}, {self.cpus} cores, "
+            f"{self.in_progress} job{'s' if self.in_progress != 1 else ''} in progress"
+        )
 
 
 @dataclass(frozen=True)
@@ -85,21 +87,27 @@ def cluster_from(url: str | None, environ: Mapping[str, str]) -> Cluster | None:
         return None
     parts = urlsplit(url)
     if has_password(url) or parts.username:
-        raise DistConfigError(f"--dist {parts.scheme}://{parts.hostname or ''}…: the URL carries credentials",
-                              hint=f"put the scheduler's client token in ${TOKEN_VARIABLE} or the keyring "
-                                   f"(keyring set {KEYRING_SERVICE} URL), not in the URL")
+        raise DistConfigError(
+            f"--dist {parts.scheme}://{parts.hostname or ''}…: the URL carries credentials",
+            hint=f"put the scheduler's client token in ${TOKEN_VARIABLE} or the keyring "
+            f"(keyring set {KEYRING_SERVICE} URL), not in the URL",
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
-        raise DistConfigError(f"--dist {url!r} is no scheduler URL",
-                              hint="give http(s)://HOST:PORT of the sccache-dist scheduler, e.g. http://10.0.0.5:10600")
+        raise DistConfigError(
+            f"--dist {url!r} is no scheduler URL",
+            hint="give http(s)://HOST:PORT of the sccache-dist scheduler, e.g. http://10.0.0.5:10600",
+        )
     url = url.rstrip("/")
     token = environ.get(TOKEN_VARIABLE, "").strip()
     if token:
         return Cluster(url, token)
     token, why_not = _keyring_token(url)
     if not token:
-        raise DistConfigError(f"--dist {url}: no client token in ${TOKEN_VARIABLE} or the keyring ({why_not})",
-                              hint=f"set ${TOKEN_VARIABLE} to the token of the scheduler's [client_auth], or "
-                                   f"store it: keyring set {KEYRING_SERVICE} {url}")
+        raise DistConfigError(
+            f"--dist {url}: no client token in ${TOKEN_VARIABLE} or the keyring ({why_not})",
+            hint=f"set ${TOKEN_VARIABLE} to the token of the scheduler's [client_auth], or "
+            f"store it: keyring set {KEYRING_SERVICE} {url}",
+        )
     return Cluster(url, token, token_source=f"the keyring ({KEYRING_SERVICE}, {url})")
 
 
@@ -123,33 +131,50 @@ def check_cluster(cluster: Cluster, *, timeout: float = 10) -> ClusterStatus:
 
     fix = f"check --dist / ${DIST_VARIABLE} and that the scheduler runs and is reachable from here"
     try:
-        answer = requests.get(f"{cluster.url}/api/v1/scheduler/status", headers={"Accept": "application/json"},
-                              timeout=timeout)
+        answer = requests.get(
+            f"{cluster.url}/api/v1/scheduler/status", headers={"Accept": "application/json"}, timeout=timeout
+        )
     except requests.RequestException as error:
         raise DistUnreachable(f"the scheduler {cluster.url} is unreachable: {_first_line(error)}", hint=fix) from None
     try:
-        status = answer.json() if answer.status_code == 200 else None
-        status = ClusterStatus(cluster.url, int(status["num_servers"]), int(status["num_cpus"]),
-                               int(status["in_progress"]))
+        if answer.status_code != 200:
+            raise ValueError(answer.status_code)
+        body = answer.json()
+        status = ClusterStatus(cluster.url, int(body["num_servers"]), int(body["num_cpus"]), int(body["in_progress"]))
     except (ValueError, KeyError, TypeError):
-        raise DistUnreachable(f"{cluster.url} answered HTTP {answer.status_code} with no scheduler status: "
-                              f"not an sccache-dist scheduler", hint=fix) from None
+        raise DistUnreachable(
+            f"{cluster.url} answered HTTP {answer.status_code} with no scheduler status: not an sccache-dist scheduler",
+            hint=fix,
+        ) from None
     # The status is open to anyone; allocating a job needs the token. An empty request body is refused
     # after the token was checked (400) and before any job exists, so nothing is allocated here.
     try:
-        probe = requests.post(f"{cluster.url}/api/v1/scheduler/alloc_job",
-                              headers={"Authorization": f"Bearer {cluster.token}"}, data=b"", timeout=timeout)
+        probe = requests.post(
+            f"{cluster.url}/api/v1/scheduler/alloc_job",
+            headers={"Authorization": f"Bearer {cluster.token}"},
+            data=b"",
+            timeout=timeout,
+        )
     except requests.RequestException as error:
-        raise DistUnreachable(f"the scheduler {cluster.url} stopped answering: {_first_line(error)}", hint=fix) from None
+        raise DistUnreachable(
+            f"the scheduler {cluster.url} stopped answering: {_first_line(error)}", hint=fix
+        ) from None
     if probe.status_code == 401:
-        raise DistAuthRefused(f"the scheduler {cluster.url} refused the client token in {cluster.token_source}",
-                              hint="set it to the token of the scheduler's [client_auth]")
+        raise DistAuthRefused(
+            f"the scheduler {cluster.url} refused the client token in {cluster.token_source}",
+            hint="set it to the token of the scheduler's [client_auth]",
+        )
     if probe.status_code != 400:
-        raise DistUnreachable(f"the scheduler {cluster.url} answered HTTP {probe.status_code} to a job request "
-                              f"without one: not the sccache-dist protocol gpuwheel knows", hint=fix)
+        raise DistUnreachable(
+            f"the scheduler {cluster.url} answered HTTP {probe.status_code} to a job request "
+            f"without one: not the sccache-dist protocol gpuwheel knows",
+            hint=fix,
+        )
     if status.servers == 0:
-        raise DistNoServers(f"the scheduler {cluster.url} has no build servers",
-                            hint="start sccache-dist servers with this scheduler_url (they need bubblewrap and root)")
+        raise DistNoServers(
+            f"the scheduler {cluster.url} has no build servers",
+            hint="start sccache-dist servers with this scheduler_url (they need bubblewrap and root)",
+        )
     return status
 
 
@@ -159,9 +184,11 @@ def client_config_text(cluster: Cluster, cache_dir: str) -> str:
     # rewrite_includes_only: sccache ships gcc's `-fdirectives-only` output, macros unexpanded. Fully
     # preprocessed source (the default) compiles to other DWARF columns than the source does, and
     # the wheel then differs from a local build's (seen: .debug_line of the fixture's module.cpp).
-    return (f"[dist]\nscheduler_url = {json.dumps(cluster.url)}\ncache_dir = {json.dumps(cache_dir)}\n"
-            f"toolchains = []\nrewrite_includes_only = true\n"
-            f"[dist.auth]\ntype = \"token\"\ntoken = {json.dumps(cluster.token)}\n")
+    return (
+        f"[dist]\nscheduler_url = {json.dumps(cluster.url)}\ncache_dir = {json.dumps(cache_dir)}\n"
+        f"toolchains = []\nrewrite_includes_only = true\n"
+        f'[dist.auth]\ntype = "token"\ntoken = {json.dumps(cluster.token)}\n'
+    )
 
 
 @contextmanager
@@ -195,20 +222,26 @@ def require_remote(stats: DistStats, what: str, cluster: Cluster, log: Path) -> 
     """A trial compile that did not run on the cluster, whole: the servers cannot run our packaged compiler."""
     if stats.remote_total == 0 or stats.fallbacks:
         reason = _dist_reason(log)
-        raise DistToolchainMismatch(f"{what} did not run on the cluster {cluster.url}: {stats.remote_total} stages "
-                                    f"ran there, {stats.fallbacks} failed there and ran locally"
-                                    + (f"; sccache said: {reason}" if reason else ""),
-                                    hint="the build servers must run Linux on this machine's architecture: sccache "
-                                         "packs this machine's compiler for them")
+        raise DistToolchainMismatch(
+            f"{what} did not run on the cluster {cluster.url}: {stats.remote_total} stages "
+            f"ran there, {stats.fallbacks} failed there and ran locally"
+            + (f"; sccache said: {reason}" if reason else ""),
+            hint="the build servers must run Linux on this machine's architecture: sccache "
+            "packs this machine's compiler for them",
+        )
 
 
 # The smallest sources each compiler must build on the cluster: a C++ TU, and a kernel for nvcc,
 # whose cicc, ptxas, cudafe++ and host-compiler stages sccache sends out one by one.
-_TRIALS = {"cpp": "int twice(int x) { return 2 * x; }\n",
-           "cu": "__global__ void twice(float *x) { x[threadIdx.x] *= 2; }\n"}
+_TRIALS = {
+    "cpp": "int twice(int x) { return 2 * x; }\n",
+    "cu": "__global__ void twice(float *x) { x[threadIdx.x] *= 2; }\n",
+}
 
 
-def trial_compiles(cluster: Cluster, sccache: str, compilers: Mapping[str, list[str]], cache_dir: Path) -> dict[str, DistStats]:
+def trial_compiles(
+    cluster: Cluster, sccache: str, compilers: Mapping[str, list[str]], cache_dir: Path
+) -> dict[str, DistStats]:
     """Compile a trial source per compiler (name → argv before the source, suffix by name: `nvcc` gets .cu)
     through a private sccache server on this cluster, bypassing its cache: where did each one run?
     DistToolchainMismatch when one did not run on the cluster."""
@@ -218,9 +251,16 @@ def trial_compiles(cluster: Cluster, sccache: str, compilers: Mapping[str, list[
     results: dict[str, DistStats] = {}
     with tempfile.TemporaryDirectory(prefix="gpuwheel-dist-check-") as work, client_config(cluster, cache_dir) as conf:
         log = Path(work) / "sccache.log"
-        env = {**os.environ, "SCCACHE_CONF": str(conf), "SCCACHE_DIR": str(Path(work) / "cache"),
-               "SCCACHE_SERVER_PORT": str(_free_port()), "SCCACHE_IDLE_TIMEOUT": "0", "SCCACHE_RECACHE": "1",
-               "SCCACHE_ERROR_LOG": str(log), "SCCACHE_LOG": "info"}
+        env = {
+            **os.environ,
+            "SCCACHE_CONF": str(conf),
+            "SCCACHE_DIR": str(Path(work) / "cache"),
+            "SCCACHE_SERVER_PORT": str(_free_port()),
+            "SCCACHE_IDLE_TIMEOUT": "0",
+            "SCCACHE_RECACHE": "1",
+            "SCCACHE_ERROR_LOG": str(log),
+            "SCCACHE_LOG": "info",
+        }
         started = capture([sccache, "--start-server"], env=env)
         if started.returncode != 0:
             raise DistConfigError(f"sccache did not start: {(started.stderr or started.stdout).strip()[:200]}")
@@ -232,9 +272,11 @@ def trial_compiles(cluster: Cluster, sccache: str, compilers: Mapping[str, list[
                 before = parse_dist_stats(capture([sccache, "--show-stats", "--stats-format=json"], env=env).stdout)
                 done = capture([sccache, *argv, "-c", str(source), "-o", str(source.with_suffix(".o"))], env=env)
                 if done.returncode != 0:
-                    raise DistToolchainMismatch(f"{name} ({argv[0]}) did not compile a trial source even locally: "
-                                                f"{(done.stderr or done.stdout).strip()[:200]}",
-                                                hint="check the compiler on this machine first")
+                    raise DistToolchainMismatch(
+                        f"{name} ({argv[0]}) did not compile a trial source even locally: "
+                        f"{(done.stderr or done.stdout).strip()[:200]}",
+                        hint="check the compiler on this machine first",
+                    )
                 after = parse_dist_stats(capture([sccache, "--show-stats", "--stats-format=json"], env=env).stdout)
                 results[name] = _difference(after, before)
                 require_remote(results[name], f"{name} ({argv[0]})", cluster, log)
@@ -245,8 +287,10 @@ def trial_compiles(cluster: Cluster, sccache: str, compilers: Mapping[str, list[
 
 def _difference(after: DistStats, before: DistStats) -> DistStats:
     earlier = dict(before.remote)
-    return DistStats(tuple((s, n - earlier.get(s, 0)) for s, n in after.remote if n > earlier.get(s, 0)),
-                     after.fallbacks - before.fallbacks)
+    return DistStats(
+        tuple((s, n - earlier.get(s, 0)) for s, n in after.remote if n > earlier.get(s, 0)),
+        after.fallbacks - before.fallbacks,
+    )
 
 
 def _dist_reason(log: Path) -> str:
@@ -262,8 +306,15 @@ def _dist_reason(log: Path) -> str:
 def _first_line(error: BaseException) -> str:
     """requests' message nests urllib3's: name the cause a user can act on, where it is one we know."""
     text = str(error)
-    for cause in ("Connection refused", "timed out", "Name or service not known", "No route to host",
-                  "Network is unreachable", "certificate verify failed", "Temporary failure in name resolution"):
+    for cause in (
+        "Connection refused",
+        "timed out",
+        "Name or service not known",
+        "No route to host",
+        "Network is unreachable",
+        "certificate verify failed",
+        "Temporary failure in name resolution",
+    ):
         if cause.lower() in text.lower():
             return cause
     return f"{type(error).__name__}: {(text.strip().splitlines() or [''])[0][:160]}"

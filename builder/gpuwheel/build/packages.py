@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from gpuwheel.build.base import CACHE_DIR, Backend, CacheStats, PackageBuild, ToolchainInfo, compile_cache_env
 from gpuwheel.build.dist import Cluster, DistStats
@@ -30,8 +31,11 @@ if TYPE_CHECKING:
     from gpuwheel.plan import PackagePlan, Plan
 
 # What a compiler killed by SIGKILL leaves in a build log (gcc, nvcc, a shell, ninja).
-_KILLED = re.compile(r"Killed signal terminated program|died due to signal 9|\(Kill signal\)|^\s*Killed$|"
-                     r"code=137\b|exit status 137", re.MULTILINE)
+_KILLED = re.compile(
+    r"Killed signal terminated program|died due to signal 9|\(Kill signal\)|^\s*Killed$|"
+    r"code=137\b|exit status 137",
+    re.MULTILINE,
+)
 TAIL_LINES = 25
 
 
@@ -52,17 +56,34 @@ class RawWheels:
     wheels: tuple[RawWheel, ...]
 
     def to_json(self) -> dict:
-        return {"plan_hash": self.plan_hash, "toolchain": self.toolchain.to_json(),
-                "wheels": [{"package": w.package, "path": str(w.path), "log": str(w.log_path),
-                            "seconds": round(w.seconds, 1), "cache_hits": w.cache.hits,
-                            "cache_misses": w.cache.misses, **({"dist": w.dist.to_json()} if w.dist else {})}
-                           for w in self.wheels]}
+        return {
+            "plan_hash": self.plan_hash,
+            "toolchain": self.toolchain.to_json(),
+            "wheels": [
+                {
+                    "package": w.package,
+                    "path": str(w.path),
+                    "log": str(w.log_path),
+                    "seconds": round(w.seconds, 1),
+                    "cache_hits": w.cache.hits,
+                    "cache_misses": w.cache.misses,
+                    **({"dist": w.dist.to_json()} if w.dist else {}),
+                }
+                for w in self.wheels
+            ],
+        }
 
 
 @contextmanager
-def open_backend(name: str, *, engine: EngineChoice, python: str | None = None,
-                 base_image: str | None = None, cluster: Cluster | None = None,
-                 lock: Lock | None = None) -> Iterator[Backend]:
+def open_backend(
+    name: str,
+    *,
+    engine: EngineChoice,
+    python: str | None = None,
+    base_image: str | None = None,
+    cluster: Cluster | None = None,
+    lock: Lock | None = None,
+) -> Iterator[Backend]:
     """The backend for a command, held open while it builds. `auto` is a container where one was asked
     for (--base-image, --engine) or the chosen engine can be had (docker answers; podman is installed),
     else local. With a cluster (--dist), either backend sends its compiles there; with a lock, the
@@ -77,21 +98,25 @@ def open_backend(name: str, *, engine: EngineChoice, python: str | None = None,
     if name == "local":
         if asked_for_containers:
             flag = "--base-image" if base_image is not None else "--engine"
-            raise ToolchainError(f"{flag} applies to --backend container only",
-                                 hint=f"drop {flag} or use --backend container")
+            raise ToolchainError(
+                f"{flag} applies to --backend container only", hint=f"drop {flag} or use --backend container"
+            )
         yield LocalBackend(python=python, cluster=cluster, lock=lock)
         return
     if python:
         raise ToolchainError("--python applies to --backend local only", hint="drop --python or use --backend local")
     if base_image is not None and (problem := image_reference_problem(base_image)):
-        raise ToolchainError(f"--base-image {base_image!r} names no image: {problem}",
-                             hint="e.g. --base-image gpuwheel-base:bookworm; leave it out for the recipe's base_image")
+        raise ToolchainError(
+            f"--base-image {base_image!r} names no image: {problem}",
+            hint="e.g. --base-image gpuwheel-base:bookworm; leave it out for the recipe's base_image",
+        )
     with ContainerEngine(engine, instead=", or use --backend local") as connected:
         yield ContainerBackend(connected, base_image=base_image, lock=lock, cluster=cluster)
 
 
-def build_packages(plan: Plan, trees, *, backend: Backend, toolchain: ToolchainInfo, out_dir: Path,
-                   quiet: bool = False) -> RawWheels:
+def build_packages(
+    plan: Plan, trees, *, backend: Backend, toolchain: ToolchainInfo, out_dir: Path, quiet: bool = False
+) -> RawWheels:
     """Build the plan's packages (`--only` is the plan's) from their prepared trees into out_dir.
 
     `trees` is patches.prepare_trees' value: `.packages`, each with name, tree and deps_dir.
@@ -100,44 +125,74 @@ def build_packages(plan: Plan, trees, *, backend: Backend, toolchain: ToolchainI
     progress = BuildProgress(quiet=quiet)
     packages = plan.packages
     prepared = {t.name: t for t in trees.packages}
-    progress.say(f"toolchain ({backend.name}): nvcc {toolchain.nvcc}, torch {toolchain.torch} "
-                 f"(CUDA {toolchain.torch_cuda}), Python {toolchain.python}, {toolchain.cc}"
-                 + (f", image {toolchain.image} ({toolchain.image_id}) on {toolchain.engine}" if toolchain.image else ""))
+    progress.say(
+        f"toolchain ({backend.name}): nvcc {toolchain.nvcc}, torch {toolchain.torch} "
+        f"(CUDA {toolchain.torch_cuda}), Python {toolchain.python}, {toolchain.cc}"
+        + (f", image {toolchain.image} ({toolchain.image_id}) on {toolchain.engine}" if toolchain.image else "")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = cache_root() / "logs" / plan.hash[:16]
     built = []
     for package in packages:
         if package.name not in prepared:
-            raise BuildError(f"{package.name}: no prepared tree (prepare_trees gave "
-                             f"{', '.join(prepared) or 'none'})")
-        built.append(_build_one(package, prepared[package.name], backend, toolchain, out_dir,
-                                logs / f"{package.name}.log", progress, recipe=plan.recipe.name))
+            raise BuildError(f"{package.name}: no prepared tree (prepare_trees gave {', '.join(prepared) or 'none'})")
+        built.append(
+            _build_one(
+                package,
+                prepared[package.name],
+                backend,
+                toolchain,
+                out_dir,
+                logs / f"{package.name}.log",
+                progress,
+                recipe=plan.recipe.name,
+            )
+        )
     return RawWheels(plan.hash, toolchain, tuple(built))
 
 
-def _build_one(package: PackagePlan, prepared, backend: Backend, toolchain: ToolchainInfo, out_dir: Path,
-               log_path: Path, progress: BuildProgress, *, recipe: str) -> RawWheel:
+def _build_one(
+    package: PackagePlan,
+    prepared,
+    backend: Backend,
+    toolchain: ToolchainInfo,
+    out_dir: Path,
+    log_path: Path,
+    progress: BuildProgress,
+    *,
+    recipe: str,
+) -> RawWheel:
     cache_dir = cache_root() / "compile" / "sccache"
     # The recipe's env wins over the launcher variables (a recipe may set its own PYTORCH_NVCC).
     env = {**(compile_cache_env(CACHE_DIR) if toolchain.sccache else {}), **package.env_dict}
     # Private output next to out_dir (same file system: the move is a rename).
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{package.name}-building-") as private:
-        job = PackageBuild(name=package.name, tree=Path(prepared.tree), deps_dir=Path(prepared.deps_dir),
-                           command=package.command, env=env, out_dir=Path(private), log_path=log_path,
-                           cache_dir=cache_dir,
-                           toolkit_files=registry.get(package.kind).toolkit_files)
+        job = PackageBuild(
+            name=package.name,
+            tree=Path(prepared.tree),
+            deps_dir=Path(prepared.deps_dir),
+            command=package.command,
+            env=env,
+            out_dir=Path(private),
+            log_path=log_path,
+            cache_dir=cache_dir,
+            toolkit_files=registry.get(package.kind).toolkit_files,
+        )
         with progress.package(f"{package.name} {package.version}") as on_line:
             outcome = backend.build(job, on_line)
         if outcome.returncode != 0:
             _raise_failure(package, outcome, log_path, recipe=recipe)
         wheels = sorted(Path(private).glob("*.whl"))
         if len(wheels) != 1:
-            raise BuildError(f"{package.name}: the build succeeded but left {len(wheels)} wheels, expected one "
-                             f"(log: {log_path})")
+            raise BuildError(
+                f"{package.name}: the build succeeded but left {len(wheels)} wheels, expected one (log: {log_path})"
+            )
         final = out_dir / wheels[0].name
         os.replace(wheels[0], final)
-    progress.say(f"{package.name}: built {final.name} in {_duration(outcome.seconds)}; {outcome.cache}"
-                 + (f"; {outcome.dist}" if outcome.dist else ""))
+    progress.say(
+        f"{package.name}: built {final.name} in {_duration(outcome.seconds)}; {outcome.cache}"
+        + (f"; {outcome.dist}" if outcome.dist else "")
+    )
     return RawWheel(package.name, final, log_path, outcome.seconds, outcome.cache, outcome.dist)
 
 
@@ -150,10 +205,15 @@ def _raise_failure(package: PackagePlan, outcome, log_path: Path, *, recipe: str
         error: BuildError = OutOfMemoryError(
             f"{package.name}: a compiler was killed by SIGKILL (out of memory) at MAX_JOBS={jobs} × "
             f"NVCC_THREADS={threads}; log: {log_path}",
-            hint=f"lower the jobs: --jobs {lower}, or [build] jobs = {lower} in {recipe}", tail=tail)
+            hint=f"lower the jobs: --jobs {lower}, or [build] jobs = {lower} in {recipe}",
+            tail=tail,
+        )
     else:
-        error = BuildError(f"{package.name}: build failed (exit {outcome.returncode}) after "
-                           f"{_duration(outcome.seconds)}; log: {log_path}", tail=tail)
+        error = BuildError(
+            f"{package.name}: build failed (exit {outcome.returncode}) after "
+            f"{_duration(outcome.seconds)}; log: {log_path}",
+            tail=tail,
+        )
     raise error
 
 

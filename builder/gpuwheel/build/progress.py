@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from gpuwheel.log import console
 
@@ -24,14 +31,16 @@ _NINJA_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]")  # pip -v indents the build's o
 # What a build does before its first ninja step (a container starting, the tree copy, then minutes of
 # vLLM's cmake): the backend's own "gpuwheel: …" lines, and pip -v's and cmake's markers.
 _BACKEND_LINE = re.compile(r"^\s*gpuwheel: (.+)$")
-_PHASES = (("Getting requirements to build wheel", "reading build requirements"),
-           ("Preparing metadata", "preparing metadata"),
-           ("Building wheel for", "starting the build"),
-           ("running build_ext", "building extensions"),
-           ("-- The CXX compiler identification", "cmake: configuring"),
-           ("-- Configuring done", "cmake: generating the build files"),
-           ("Emitting ninja build file", "ninja: first compile starting"),
-           ("Created wheel for", "packing the wheel"))
+_PHASES = (
+    ("Getting requirements to build wheel", "reading build requirements"),
+    ("Preparing metadata", "preparing metadata"),
+    ("Building wheel for", "starting the build"),
+    ("running build_ext", "building extensions"),
+    ("-- The CXX compiler identification", "cmake: configuring"),
+    ("-- Configuring done", "cmake: generating the build files"),
+    ("Emitting ninja build file", "ninja: first compile starting"),
+    ("Created wheel for", "packing the wheel"),
+)
 
 
 def _phase(line: str) -> str | None:
@@ -54,9 +63,18 @@ class BuildProgress:
     def package(self, name: str) -> Iterator[Callable[[str], None]]:
         """Yields the on_line callback that advances this package's bar and shows its phase."""
         if self.interactive:
-            with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                          TextColumn("{task.fields[phase]}", markup=False), console=console, transient=True) as bar:
+            with Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[phase]}", markup=False),
+                console=console,
+                transient=True,
+            ) as bar:
                 task = bar.add_task(name, total=None, phase="")
 
                 def advance(line: str) -> None:
@@ -64,6 +82,7 @@ class BuildProgress:
                         bar.update(task, completed=int(step[1]), total=int(step[2]), phase="")
                     elif phase := _phase(line):
                         bar.update(task, phase=_clip(phase))
+
                 yield advance
             return
         start, shown, phases = time.monotonic(), [-1], set()
@@ -81,6 +100,7 @@ class BuildProgress:
             if tenth != shown[0]:
                 shown[0] = tenth
                 console.print(f"{name}: {done}/{total} build steps ({time.monotonic() - start:.0f}s)", markup=False)
+
         yield plain
 
     @contextmanager
@@ -90,22 +110,31 @@ class BuildProgress:
         self.say(f"{name}: {note}" if note else name)
         start = time.monotonic()
         if self.interactive:
-            with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
-                          TextColumn("{task.fields[line]}", markup=False), console=console, transient=True) as spinner:
+            with Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[line]}", markup=False),
+                console=console,
+                transient=True,
+            ) as spinner:
                 task = spinner.add_task(name, total=None, line="")
 
                 def show(line: str) -> None:
                     if line.strip():
                         spinner.update(task, line=_clip(line))
+
                 yield show
         else:
+
             def print_milestone(line: str) -> None:
                 if not self.quiet and milestones.match(line):
                     console.print(f"{name}: {_clip(line)} ({time.monotonic() - start:.0f}s)", markup=False)
+
             yield print_milestone
         self.say(f"{name}: done in {time.monotonic() - start:.0f}s")
 
 
 def _clip(line: str, width: int = 100) -> str:
     line = " ".join(line.split())
-    return line if len(line) <= width else line[:width - 1] + "…"
+    return line if len(line) <= width else line[: width - 1] + "…"

@@ -14,17 +14,28 @@ import ast
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from gpuwheel.run import capture
 
 # uv's own index settings: any of these set means the user configured uv, and pip's config stays out.
-UV_INDEX_VARIABLES = ("UV_INDEX", "UV_DEFAULT_INDEX", "UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS",
-                      "UV_NO_INDEX")
+UV_INDEX_VARIABLES = (
+    "UV_INDEX",
+    "UV_DEFAULT_INDEX",
+    "UV_INDEX_URL",
+    "UV_EXTRA_INDEX_URL",
+    "UV_FIND_LINKS",
+    "UV_NO_INDEX",
+)
 # pip option → uv pip install option, for the options that decide where packages come from and which.
-_UV_OPTION = {"index-url": "--default-index", "extra-index-url": "--index", "find-links": "--find-links",
-              "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}
+_UV_OPTION = {
+    "index-url": "--default-index",
+    "extra-index-url": "--index",
+    "find-links": "--find-links",
+    "constraint": "--constraint",
+    "trusted-host": "--allow-insecure-host",
+}
 # Sections pip applies to `pip install`, in its precedence order (later wins): config files' [global],
 # then their [install], then PIP_* variables (listed as `:env:`).
 _SECTIONS = ("global", "install", ":env:")
@@ -74,8 +85,9 @@ def uv_settings(config: dict[str, str] | None, environ: dict[str, str]) -> tuple
             args += [uv_option, value]
     if config.get("no-index", "").lower() in ("1", "true", "yes", "on"):
         args.append("--no-index")
-    if any(option in config for option in ("index-url", "extra-index-url", "find-links")) \
-            and not environ.get("UV_INDEX_STRATEGY"):
+    if any(option in config for option in ("index-url", "extra-index-url", "find-links")) and not environ.get(
+        "UV_INDEX_STRATEGY"
+    ):
         # pip takes the best version across all its indexes; uv's default takes a package only from the
         # first index that has it — a PyPI mirror holding an older torch would hide the variant's.
         args += ["--index-strategy", "unsafe-best-match"]
@@ -85,18 +97,23 @@ def uv_settings(config: dict[str, str] | None, environ: dict[str, str]) -> tuple
     return args, env
 
 
-def venv_steps(installer: str, *, uv: str | None, base: Path, venv: Path, requirements: Sequence[str],
-               environ: dict[str, str]) -> list[tuple[tuple[str, ...], dict[str, str]]]:
+def venv_steps(
+    installer: str, *, uv: str | None, base: Path, venv: Path, requirements: Sequence[str], environ: dict[str, str]
+) -> list[tuple[tuple[str, ...], dict[str, str]]]:
     """The commands (and their environments) that make `venv` from interpreter `base` and install
     `requirements` into it."""
     python = str(venv / "bin" / "python")
     if installer == "pip":
-        return [((str(base), "-m", "venv", str(venv)), environ),
-                ((python, "-m", "pip", "install", "--no-input", *requirements), environ)]
+        return [
+            ((str(base), "-m", "venv", str(venv)), environ),
+            ((python, "-m", "pip", "install", "--no-input", *requirements), environ),
+        ]
     if uv is None:
         raise ValueError("the uv installer needs uv")
     # pip's configuration as the pip path would see it: the base interpreter's pip, else gpuwheel's own.
     args, env = uv_settings(pip_config((base, sys.executable)), environ)
     # pip joins the requirements: the build runs `python -m pip wheel`, and uv's venvs come without it.
-    return [((uv, "venv", "--no-project", "--python", str(base), str(venv)), environ),
-            ((uv, "pip", "install", "--python", python, *args, *requirements, "pip"), env)]
+    return [
+        ((uv, "venv", "--no-project", "--python", str(base), str(venv)), environ),
+        ((uv, "pip", "install", "--python", python, *args, *requirements, "pip"), env),
+    ]

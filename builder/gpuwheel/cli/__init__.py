@@ -26,7 +26,6 @@ import click
 from gpuwheel.errors import BUG_EXIT_CODE, DISK_FULL, REFUSED_WRITE, GpuwheelError, StorageError
 from gpuwheel.run import stop_on_signals
 
-
 # The machine refused a write: nothing gpuwheel or the user's input did wrong, and wherever it
 # happens (cache, trees, staging, logs) the user's fix is the same, so it is answered here once.
 
@@ -50,8 +49,11 @@ class _Group(click.Group):
             # Not a user mistake: the traceback is what a bug report needs, and 70 (EX_SOFTWARE) tells
             # scripts that gpuwheel itself failed, not their input.
             traceback.print_exc()
-            click.echo("gpuwheel: internal error: this is a bug in gpuwheel, not in your input; please report "
-                       "it with the traceback above", err=True)
+            click.echo(
+                "gpuwheel: internal error: this is a bug in gpuwheel, not in your input; please report "
+                "it with the traceback above",
+                err=True,
+            )
             sys.exit(BUG_EXIT_CODE)
 
 
@@ -62,13 +64,17 @@ def _storage_error(error: OSError) -> StorageError:
 
     root = cache_root()
     if not error.filename:  # a write() on an open file: which disk is not known here
-        return StorageError(f"a write failed: {error.strerror}",
-                            hint=f"free space in the cache {root}, the output folder and the temp folder "
-                                 f"{tempfile.gettempdir()} (TMPDIR)")
+        return StorageError(
+            f"a write failed: {error.strerror}",
+            hint=f"free space in the cache {root}, the output folder and the temp folder "
+            f"{tempfile.gettempdir()} (TMPDIR)",
+        )
     path = Path(error.filename)
-    hint = (f"the cache {root} (GPUWHEEL_CACHE) must be a folder you can write, on a disk with room"
-            if path == root or root in path.parents
-            else "check that folder: free space, permissions, a file where a folder belongs")
+    hint = (
+        f"the cache {root} (GPUWHEEL_CACHE) must be a folder you can write, on a disk with room"
+        if path == root or root in path.parents
+        else "check that folder: free space, permissions, a file where a folder belongs"
+    )
     return StorageError(f"cannot write {path}: {error.strerror}", hint=hint)
 
 
@@ -95,10 +101,15 @@ TARGET = click.argument("target", metavar="TARGET", shell_complete=complete_targ
 @click.version_option(package_name="gpuwheel")
 @click.option("-v", "--verbose", is_flag=True, help="Log what gpuwheel does (each command it runs) on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors; results still go to stdout.")
-@click.option("--recipes", "recipe_dirs", multiple=True, metavar="DIR",
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Look for targets in DIR before the shipped recipes (repeatable; "
-                   "GPUWHEEL_RECIPES=DIR:DIR does the same). Its recipes can extend shipped targets.")
+@click.option(
+    "--recipes",
+    "recipe_dirs",
+    multiple=True,
+    metavar="DIR",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Look for targets in DIR before the shipped recipes (repeatable; "
+    "GPUWHEEL_RECIPES=DIR:DIR does the same). Its recipes can extend shipped targets.",
+)
 @click.pass_context
 def main(ctx: click.Context, verbose: bool, quiet: bool, recipe_dirs: tuple[Path, ...]) -> None:
     """Build vLLM and flash-attn wheels for exactly your GPUs.
@@ -128,18 +139,20 @@ def _name_envvars(command: click.Command, prefix: str = "GPUWHEEL") -> None:
 
 def _register() -> None:
     # Each module adds its commands to `main`; imported here so `gpuwheel --help` lists all.
-    from gpuwheel.cli import recipes  # noqa: F401
-    from gpuwheel.cli import audit  # noqa: F401
-    from gpuwheel.cli import publish  # noqa: F401
-    from gpuwheel.cli import sources  # noqa: F401
-    from gpuwheel.cli import wheels  # noqa: F401
-    from gpuwheel.cli import build  # noqa: F401
-    from gpuwheel.cli import smoke  # noqa: F401
-    from gpuwheel.cli import cache  # noqa: F401
-    from gpuwheel.cli import ci  # noqa: F401
-    from gpuwheel.cli import dist  # noqa: F401
-    from gpuwheel.cli import lock  # noqa: F401
-    from gpuwheel.cli import verify  # noqa: F401
+    from gpuwheel.cli import (
+        audit,  # noqa: F401
+        build,  # noqa: F401
+        cache,  # noqa: F401
+        ci,  # noqa: F401
+        dist,  # noqa: F401
+        lock,  # noqa: F401
+        publish,  # noqa: F401
+        recipes,  # noqa: F401
+        smoke,  # noqa: F401
+        sources,  # noqa: F401
+        verify,  # noqa: F401
+        wheels,  # noqa: F401
+    )
 
     _name_envvars(main)
 

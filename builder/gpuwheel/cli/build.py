@@ -21,32 +21,78 @@ ENGINE_VARIABLE = "GPUWHEEL_ENGINE"
 
 @main.command()
 @TARGET
-@click.option("--backend", type=click.Choice(["auto", "local", "container"]), default="auto", show_default=True,
-              help="auto: container where the engine can be had, else local.")
-@click.option("--engine", type=click.Choice(ENGINES), help=f"container: the engine (default: ${ENGINE_VARIABLE}, "
-              "else the recipe's [build] engine, else docker).")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "local", "container"]),
+    default="auto",
+    show_default=True,
+    help="auto: container where the engine can be had, else local.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    help=f"container: the engine (default: ${ENGINE_VARIABLE}, else the recipe's [build] engine, else docker).",
+)
 @click.option("--only", multiple=True, metavar="PACKAGE", help="Build just this package (repeatable).")
-@click.option("--jobs", type=click.IntRange(min=1, max=MAX_JOBS),
-              help="Compiler jobs (default: from cores and available memory).")
+@click.option(
+    "--jobs", type=click.IntRange(min=1, max=MAX_JOBS), help="Compiler jobs (default: from cores and available memory)."
+)
 @click.option("--offline", is_flag=True, help="Use only cached sources.")
-@click.option("--python", "python", metavar="PY",
-              help="local: an interpreter holding the pinned torch (used as is), or to make the venv from.")
+@click.option(
+    "--python",
+    "python",
+    metavar="PY",
+    help="local: an interpreter holding the pinned torch (used as is), or to make the venv from.",
+)
 @click.option("--base-image", metavar="IMAGE", help="container: base image instead of the recipe's base_image.")
 @click.option("--allow-audit-failure", is_flag=True, help="Finish wheels whose kernels fail the audit (marked failed).")
-@click.option("--out", "out", type=click.Path(path_type=Path), metavar="DIR",
-              help="Where finished wheels go (default: wheels/<target>/staging).")
-@click.option("--locked", is_flag=True, help="Build only from <recipe dir>/<target>.lock (`gpuwheel lock`): the "
-              "toolchain from its hashes; refuse (exit 21) when the recipe, a source or the toolchain differs.")
-@click.option("--rebuild", is_flag=True, help="Build even when finished wheels of this plan are in the output "
-              "directory already (by default they are reused).")
-@click.option("--dist", "dist_url", metavar="URL", envvar=DIST_VARIABLE, show_envvar=True,
-              help="Send compiles to this sccache-dist scheduler; token from $GPUWHEEL_DIST_TOKEN, else the keyring "
-                   "(`keyring set gpuwheel-dist URL`).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="Where finished wheels go (default: wheels/<target>/staging).",
+)
+@click.option(
+    "--locked",
+    is_flag=True,
+    help="Build only from <recipe dir>/<target>.lock (`gpuwheel lock`): the "
+    "toolchain from its hashes; refuse (exit 21) when the recipe, a source or the toolchain differs.",
+)
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Build even when finished wheels of this plan are in the output "
+    "directory already (by default they are reused).",
+)
+@click.option(
+    "--dist",
+    "dist_url",
+    metavar="URL",
+    envvar=DIST_VARIABLE,
+    show_envvar=True,
+    help="Send compiles to this sccache-dist scheduler; token from $GPUWHEEL_DIST_TOKEN, else the keyring "
+    "(`keyring set gpuwheel-dist URL`).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the result (as gpuwheel -q build).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON on stdout.")
-def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], jobs: int | None, offline: bool,
-          python: str | None, base_image: str | None, allow_audit_failure: bool, out: Path | None, locked: bool,
-          rebuild: bool, dist_url: str | None, quiet: bool, as_json: bool) -> None:
+def build(
+    target: str,
+    backend: str,
+    engine: str | None,
+    only: tuple[str, ...],
+    jobs: int | None,
+    offline: bool,
+    python: str | None,
+    base_image: str | None,
+    allow_audit_failure: bool,
+    out: Path | None,
+    locked: bool,
+    rebuild: bool,
+    dist_url: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Build TARGET's wheels: fetch, patch, compile (local, or in docker or podman containers), finish and audit."""
     import os
 
@@ -78,13 +124,28 @@ def build(target: str, backend: str, engine: str | None, only: tuple[str, ...], 
     reused = None if rebuild else reuse_finished(plan, out_dir, allow_audit_failure=allow_audit_failure)
     if reused is not None:
         for wheel in reused.wheels:
-            say(f"{wheel.package}: reusing {wheel.path}, finished for plan {plan.hash[:16]} "
-                f"(nothing changed; --rebuild builds it again)")
+            say(
+                f"{wheel.package}: reusing {wheel.path}, finished for plan {plan.hash[:16]} "
+                f"(nothing changed; --rebuild builds it again)"
+            )
         _report(reused, None, plan.target.name, as_json=as_json)
         return
-    _build(plan, lock, cluster, backend=backend, engine=engine, recipe_engine=recipe.build.engine, offline=offline,
-           python=python, base_image=base_image, allow_audit_failure=allow_audit_failure, out_dir=out_dir,
-           quiet=quiet, as_json=as_json, start=start)
+    _build(
+        plan,
+        lock,
+        cluster,
+        backend=backend,
+        engine=engine,
+        recipe_engine=recipe.build.engine,
+        offline=offline,
+        python=python,
+        base_image=base_image,
+        allow_audit_failure=allow_audit_failure,
+        out_dir=out_dir,
+        quiet=quiet,
+        as_json=as_json,
+        start=start,
+    )
 
 
 def _read_lock(recipe, plan, *, jobs: int | None):
@@ -96,23 +157,53 @@ def _read_lock(recipe, plan, *, jobs: int | None):
     return lock
 
 
-def _build(plan, lock, cluster, *, backend: str, engine: str | None, recipe_engine: str | None, offline: bool,
-           python: str | None, base_image: str | None, allow_audit_failure: bool, out_dir: Path, quiet: bool,
-           as_json: bool, start: float) -> None:
+def _build(
+    plan,
+    lock,
+    cluster,
+    *,
+    backend: str,
+    engine: str | None,
+    recipe_engine: str | None,
+    offline: bool,
+    python: str | None,
+    base_image: str | None,
+    allow_audit_failure: bool,
+    out_dir: Path,
+    quiet: bool,
+    as_json: bool,
+    start: float,
+) -> None:
     """Everything after the plan, when no finished wheel can be reused: toolchain → … → finish."""
     from gpuwheel.log import console
     from gpuwheel.pipeline import build_plan
 
     with build_error_tail():
-        built = build_plan(plan, lock, cluster, backend=backend, engine=engine, recipe_engine=recipe_engine,
-                           offline=offline, python=python, base_image=base_image,
-                           allow_audit_failure=allow_audit_failure, out_dir=out_dir, quiet=quiet, start=start)
+        built = build_plan(
+            plan,
+            lock,
+            cluster,
+            backend=backend,
+            engine=engine,
+            recipe_engine=recipe_engine,
+            offline=offline,
+            python=python,
+            base_image=base_image,
+            allow_audit_failure=allow_audit_failure,
+            out_dir=out_dir,
+            quiet=quiet,
+            start=start,
+        )
     if not quiet and not as_json:  # timings are diagnostics; the wheels below are the result
         from rich.markup import escape
         from rich.table import Table
 
-        table = Table("stage", "seconds", title=escape(f"{plan.target.name}: {built.backend} backend, "
-                      f"{time.monotonic() - start:.0f}s in all"), title_justify="left")
+        table = Table(
+            "stage",
+            "seconds",
+            title=escape(f"{plan.target.name}: {built.backend} backend, {time.monotonic() - start:.0f}s in all"),
+            title_justify="left",
+        )
         for stage, seconds in built.timings:
             table.add_row(escape(stage), f"{seconds:.1f}")
         console.print(table)
@@ -136,8 +227,11 @@ def build_error_tail():
 def _report(finished, raw, target: str, *, as_json: bool) -> None:
     """The result on stdout: each wheel's path, audit verdict and build log (raw is None when reused)."""
     if as_json:
-        click.echo(json.dumps({"raw": raw.to_json() if raw else None, "finished": finished.to_json(),
-                               "reused": raw is None}, indent=2))
+        click.echo(
+            json.dumps(
+                {"raw": raw.to_json() if raw else None, "finished": finished.to_json(), "reused": raw is None}, indent=2
+            )
+        )
         return
     from rich.markup import escape
 
@@ -148,10 +242,12 @@ def _report(finished, raw, target: str, *, as_json: bool) -> None:
         built = logs.get(wheel.package)
         # One block per wheel, the path on a line of its own: never cut, ready to copy.
         verdict = "audit passed" if wheel.audit_passed else "[red]audit FAILED[/red]"
-        out.print(f"[bold]{escape(wheel.package)}[/bold]: {verdict}"
-                  + (f", compile cache {escape(str(built.cache))}" if built else "")
-                  + (f", {escape(str(built.dist))}" if built and built.dist else "")
-                  + ("" if raw else f", reused (finished for plan {wheel.provenance['plan_hash'][:16]})"))
+        out.print(
+            f"[bold]{escape(wheel.package)}[/bold]: {verdict}"
+            + (f", compile cache {escape(str(built.cache))}" if built else "")
+            + (f", {escape(str(built.dist))}" if built and built.dist else "")
+            + ("" if raw else f", reused (finished for plan {wheel.provenance['plan_hash'][:16]})")
+        )
         out.print(f"  wheel: {escape(str(wheel.path))}", soft_wrap=True)
         if built:
             out.print(f"  log:   {escape(str(built.log_path))}", soft_wrap=True)
@@ -166,8 +262,11 @@ def toolchain() -> None:
 @click.option("--tag", default="gpuwheel-base:bookworm", show_default=True, help="Image name to import as.")
 @click.option("--suite", default="bookworm", show_default=True, help="Debian release to debootstrap.")
 @click.option("--mirror", metavar="URL", help="Debian mirror (default: debootstrap's).")
-@click.option("--engine", type=click.Choice(ENGINES), help=f"The engine to import into (default: ${ENGINE_VARIABLE}, "
-              "else docker).")
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    help=f"The engine to import into (default: ${ENGINE_VARIABLE}, else docker).",
+)
 def base_image(tag: str, suite: str, mirror: str | None, engine: str | None) -> None:
     """Make a base image without a registry: debootstrap a minimal Debian and import it."""
     from gpuwheel.build.base_image import make_base_image
@@ -175,7 +274,15 @@ def base_image(tag: str, suite: str, mirror: str | None, engine: str | None) -> 
     from gpuwheel.cache import cache_root
     from gpuwheel.log import out
 
-    made = make_base_image(choose_engine(engine, None), tag=tag, suite=suite, mirror=mirror,
-                           log_path=cache_root() / "logs" / "images" / f"base-{suite}.log")
-    out.print(f"made {made.tag} ({made.id}) from Debian {made.suite} in {made.engine}; "
-              f"use it with --base-image {made.tag}", markup=False, soft_wrap=True)
+    made = make_base_image(
+        choose_engine(engine, None),
+        tag=tag,
+        suite=suite,
+        mirror=mirror,
+        log_path=cache_root() / "logs" / "images" / f"base-{suite}.log",
+    )
+    out.print(
+        f"made {made.tag} ({made.id}) from Debian {made.suite} in {made.engine}; use it with --base-image {made.tag}",
+        markup=False,
+        soft_wrap=True,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -41,8 +42,10 @@ def cache_list(as_json: bool) -> None:
     from gpuwheel.cache import cache_root
 
     root = cache_root()
-    parts = [{"name": name, "path": str(root / name), "bytes": _size(root / name), "holds": holds}
-             for name, holds in PARTS.items()]
+    parts: list[dict[str, Any]] = [
+        {"name": name, "path": str(root / name), "bytes": _size(root / name), "holds": holds}
+        for name, holds in PARTS.items()
+    ]
     if as_json:
         click.echo(json.dumps({"cache": str(root), "parts": parts}, indent=2))
         return
@@ -75,15 +78,18 @@ def cache_prune(parts: tuple[str, ...], everything: bool, dry_run: bool) -> None
     if not parts and not everything:
         raise click.UsageError(f"name the parts to remove ({', '.join(PARTS)}) or pass --all")
     root = cache_root()
-    for name in (sorted(PARTS) if everything else parts):
+    for name in sorted(PARTS) if everything else parts:
         folder = root / name
         size = _size(folder)
         if not folder.exists():
             continue
         if not dry_run:
             shutil.rmtree(folder)
-        out.print(f"{'would remove' if dry_run else 'removed'} {name}: {_human(size)} ({folder})",
-                  markup=False, soft_wrap=True)
+        out.print(
+            f"{'would remove' if dry_run else 'removed'} {name}: {_human(size)} ({folder})",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _size(folder) -> int:
@@ -99,7 +105,7 @@ def _size(folder) -> int:
     return total
 
 
-def _human(size: int) -> str:
+def _human(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

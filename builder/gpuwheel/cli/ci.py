@@ -21,10 +21,21 @@ def ci() -> None:
 @ci.command("github")
 @click.argument("targets", nargs=-1, metavar="[TARGET]...", shell_complete=complete_target)
 @click.option("--only", multiple=True, metavar="PACKAGE", help="Build just this package of every target (repeatable).")
-@click.option("--install", default="gpuwheel", show_default=True, metavar="SPEC",
-              help="What the jobs `pip install` gpuwheel from (a version pin, a git URL, `.` for this checkout).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=WORKFLOW, show_default=True,
-              help="Where the workflow is written; - for stdout.")
+@click.option(
+    "--install",
+    default="gpuwheel",
+    show_default=True,
+    metavar="SPEC",
+    help="What the jobs `pip install` gpuwheel from (a version pin, a git URL, `.` for this checkout).",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=WORKFLOW,
+    show_default=True,
+    help="Where the workflow is written; - for stdout.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the workflow's path and matrix as JSON on stdout.")
 def github(targets: tuple[str, ...], only: tuple[str, ...], install: str, output: Path, as_json: bool) -> None:
     """Write a GitHub Actions workflow building, auditing, smoke-testing and publishing TARGETs (default: all)."""
@@ -35,8 +46,14 @@ def github(targets: tuple[str, ...], only: tuple[str, ...], install: str, output
 
     references = targets or tuple(list_targets())
     rows = [ci_target(reference, make_plan(load_recipe(reference), only=only), only) for reference in references]
-    command = " ".join(["gpuwheel ci github", *map(shlex.quote, targets), *(f"--only {shlex.quote(p)}" for p in only),
-                        *([f"--install {shlex.quote(install)}"] if install != "gpuwheel" else [])])
+    command = " ".join(
+        [
+            "gpuwheel ci github",
+            *map(shlex.quote, targets),
+            *(f"--only {shlex.quote(p)}" for p in only),
+            *([f"--install {shlex.quote(install)}"] if install != "gpuwheel" else []),
+        ]
+    )
     text = github_workflow(rows, install=install, command=command)
     if str(output) == "-":
         click.echo(text, nl=False)
@@ -46,8 +63,7 @@ def github(targets: tuple[str, ...], only: tuple[str, ...], install: str, output
     if as_json:
         click.echo(json.dumps({"path": str(output), "matrix": [row.row() for row in rows]}, indent=2))
         return
-    out.print(f"{output}: {len(rows)} target(s): {', '.join(row.target for row in rows)}", markup=False,
-              soft_wrap=True)
+    out.print(f"{output}: {len(rows)} target(s): {', '.join(row.target for row in rows)}", markup=False, soft_wrap=True)
 
 
 @ci.command("summary")

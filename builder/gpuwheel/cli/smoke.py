@@ -18,16 +18,40 @@ _STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
 
 @main.command()
 @TARGET
-@click.option("--index", "index_url", metavar="URL", help="Install the wheels from this index (a simple URL or a local index directory).")
-@click.option("--wheels", "wheels_dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Install the wheels of DIR, through a throwaway static index (default: wheels/<target>/staging/).")
-@click.option("--python", metavar="PY", help="Run in this interpreter (one holding the pinned torch) instead of a fresh venv.")
+@click.option(
+    "--index",
+    "index_url",
+    metavar="URL",
+    help="Install the wheels from this index (a simple URL or a local index directory).",
+)
+@click.option(
+    "--wheels",
+    "wheels_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Install the wheels of DIR, through a throwaway static index (default: wheels/<target>/staging/).",
+)
+@click.option(
+    "--python", metavar="PY", help="Run in this interpreter (one holding the pinned torch) instead of a fresh venv."
+)
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Write JUnit XML here.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report file here (default: smoke.json beside the wheels, which `gpuwheel publish` reads).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (the report file is written too).")
-def smoke(target: str, index_url: str | None, wheels_dir: Path | None, python: str | None, junit: Path | None,
-          report_path: Path | None, as_json: bool) -> None:
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report file here (default: smoke.json beside the wheels, which `gpuwheel publish` reads).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (the report file is written too)."
+)
+def smoke(
+    target: str,
+    index_url: str | None,
+    wheels_dir: Path | None,
+    python: str | None,
+    junit: Path | None,
+    report_path: Path | None,
+    as_json: bool,
+) -> None:
     """Smoke-test TARGET's wheels: imports, .so loads against torch, native code for the GPU, and
     the kernels at the users' crashing shapes (8192 tokens) on the target GPU.
 
@@ -40,19 +64,24 @@ def smoke(target: str, index_url: str | None, wheels_dir: Path | None, python: s
     from gpuwheel.smoke.report import FAIL
     from gpuwheel.smoke.runner import run_smoke
 
-    report = run_smoke(target, index_url=index_url, wheels_dir=wheels_dir, python=python, junit=junit,
-                       json_out=report_path)
+    report = run_smoke(
+        target, index_url=index_url, wheels_dir=wheels_dir, python=python, junit=junit, json_out=report_path
+    )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         _render(report)
     if report.failed:
         failed = [f"{suite}: {c.name}" for suite, c in _rows(report) if c.status == FAIL]
-        raise SmokeFailure(f"{len(failed)} smoke check(s) failed for target {report.target}: {failed[0]}"
-                           + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""))
+        raise SmokeFailure(
+            f"{len(failed)} smoke check(s) failed for target {report.target}: {failed[0]}"
+            + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else "")
+        )
     if not report.gpu_ran:
-        raise SmokeNotOnTarget(f"not smoke-tested on the target GPU: {report.gpu_skip_reason}",
-                               hint="run on a machine with the target GPU; the publish gate refuses these wheels")
+        raise SmokeNotOnTarget(
+            f"not smoke-tested on the target GPU: {report.gpu_skip_reason}",
+            hint="run on a machine with the target GPU; the publish gate refuses these wheels",
+        )
 
 
 def _rows(report: SmokeReport):
@@ -68,15 +97,33 @@ def _render(report: SmokeReport) -> None:
     from gpuwheel.log import out
 
     gpu = f"{report.gpu.name} ({report.gpu.compute_capability})" if report.gpu else "no GPU"
-    table = Table("wheel", "check", "result", "s", "detail", title_justify="left",
-                  title=escape(f"smoke of {report.target} (compute capability {report.compute_capability}) on {gpu}, "
-                               f"python {report.python}, torch {report.torch or '-'}"))
+    table = Table(
+        "wheel",
+        "check",
+        "result",
+        "s",
+        "detail",
+        title_justify="left",
+        title=escape(
+            f"smoke of {report.target} (compute capability {report.compute_capability}) on {gpu}, "
+            f"python {report.python}, torch {report.torch or '-'}"
+        ),
+    )
     for suite, check in _rows(report):
         style = _STYLE[check.status]
-        table.add_row(escape(suite), escape(check.name), f"[{style}]{check.status}[/{style}]", f"{check.seconds:.1f}",
-                      escape(check.detail))
+        table.add_row(
+            escape(suite),
+            escape(check.name),
+            f"[{style}]{check.status}[/{style}]",
+            f"{check.seconds:.1f}",
+            escape(check.detail),
+        )
     out.print(table)
-    verdict = ("[green]passed on the target GPU[/green]" if report.passed else
-               "[bold red]failed[/bold red]" if report.failed else
-               "[yellow]not smoke-tested on the target GPU[/yellow]")
+    verdict = (
+        "[green]passed on the target GPU[/green]"
+        if report.passed
+        else "[bold red]failed[/bold red]"
+        if report.failed
+        else "[yellow]not smoke-tested on the target GPU[/yellow]"
+    )
     out.print(f"smoke: {verdict}; installed from {escape(report.index_url)}", soft_wrap=True)

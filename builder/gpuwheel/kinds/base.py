@@ -9,9 +9,10 @@ like an existing kind is a recipe entry; one that needs its own knowledge is one
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from gpuwheel import facts
 from gpuwheel.provenance import Provenance
@@ -71,8 +72,9 @@ def no_stand_ins(package: PackageRecipe, recipe: Recipe) -> tuple[str, ...]:
     return ()
 
 
-def no_smoke_groups(project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
-                    ) -> tuple[SmokeGroup, ...]:
+def no_smoke_groups(
+    project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
+) -> tuple[SmokeGroup, ...]:
     return ()
 
 
@@ -124,8 +126,8 @@ class Kind:
     toolkit_files: tuple[str, ...] = ()
     # The smoke stage's probe groups for a wheel of this kind (its project, provenance, .so members and a
     # work directory), and host-side checks of its members.
-    smoke_groups: Callable[[str, Provenance, tuple[str, ...], Path], tuple[SmokeGroup, ...]] = no_smoke_groups
-    smoke_checks: Callable[[Provenance, tuple[str, ...]], tuple[CheckResult, ...]] = no_smoke_checks
+    smoke_groups: Callable[[str, Provenance | None, tuple[str, ...], Path], tuple[SmokeGroup, ...]] = no_smoke_groups
+    smoke_checks: Callable[[Provenance | None, tuple[str, ...]], tuple[CheckResult, ...]] = no_smoke_checks
     # Optional parts of the package and whether a wheel holds them (recorded in its gpuwheel.json):
     # (the recipe's rust_frontend mode, the wheel's members) → {part: …}.
     components: Callable[[str, frozenset[str]], dict[str, Any]] = no_components

@@ -32,13 +32,17 @@ def inference_profile(spec: dict, where) -> InferenceProfile:
     disable = tuple(spec.get("disable", ()))
     for dim in head_dims:
         if dim not in HEAD_DIMS:
-            raise RecipeError(f"{where('inference.head_dims')}: head dim {dim} is not built by flash-attn",
-                              hint=f"choose from {', '.join(map(str, HEAD_DIMS))}")
+            raise RecipeError(
+                f"{where('inference.head_dims')}: head dim {dim} is not built by flash-attn",
+                hint=f"choose from {', '.join(map(str, HEAD_DIMS))}",
+            )
     for feature in disable:
         if feature not in FEATURES:
             close = closest(feature, FEATURES)
-            raise RecipeError(f"{where('inference.disable')}: unknown feature '{feature}'",
-                              hint=f"did you mean '{close}'?" if close else f"choose from {', '.join(FEATURES)}")
+            raise RecipeError(
+                f"{where('inference.disable')}: unknown feature '{feature}'",
+                hint=f"did you mean '{close}'?" if close else f"choose from {', '.join(FEATURES)}",
+            )
     return InferenceProfile(head_dims=tuple(sorted(set(head_dims))), disable=tuple(sorted(set(disable))))
 
 
@@ -62,13 +66,17 @@ def problems(package: PackageRecipe, recipe: Recipe, notes: list[str]) -> list[s
     found = []
     for arch in archs(recipe):
         if native_arch(arch) is None:
-            found.append(f"flash-attn has no kernels that run on {arch} (it builds "
-                         f"{', '.join(f'sm_{n}' for n in ARCHS)}): drop {arch}")
+            found.append(
+                f"flash-attn has no kernels that run on {arch} (it builds "
+                f"{', '.join(f'sm_{n}' for n in ARCHS)}): drop {arch}"
+            )
     if package.profile == "inference" and package.inference and "uneven_k" in package.inference.disable:
         bad = [d for d in package.inference.head_dims if d % 32 or (d > 128 and d % 64)]
         if bad:
-            found.append(f"flash-attn: disabling uneven_k needs head dims that are multiples of 32 "
-                         f"up to 128 and of 64 above; {bad} are not")
+            found.append(
+                f"flash-attn: disabling uneven_k needs head dims that are multiples of 32 "
+                f"up to 128 and of 64 above; {bad} are not"
+            )
     return found
 
 
@@ -83,14 +91,21 @@ def built_head_dims(provenance: Provenance | None) -> list[int] | None:
         return None
 
 
-def smoke_groups(project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
-                 ) -> tuple[SmokeGroup, ...]:
+def smoke_groups(
+    project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
+) -> tuple[SmokeGroup, ...]:
     head_dims = built_head_dims(provenance)
     disabled = [f for f in (plan_env(provenance, "GPUWHEEL_FA_DISABLE") or "").split(";") if f]
-    return (SmokeGroup("flash-attn", {"head_dims": head_dims},
-                       "flash_attn_varlen_func, flash_attn_with_kvcache at 8192 tokens"),
-            SmokeGroup("flash-attn-errors", {"head_dims": head_dims, "disabled": disabled},
-                       "what the build left out raises a Python exception"))
+    return (
+        SmokeGroup(
+            "flash-attn", {"head_dims": head_dims}, "flash_attn_varlen_func, flash_attn_with_kvcache at 8192 tokens"
+        ),
+        SmokeGroup(
+            "flash-attn-errors",
+            {"head_dims": head_dims, "disabled": disabled},
+            "what the build left out raises a Python exception",
+        ),
+    )
 
 
 KIND = Kind(

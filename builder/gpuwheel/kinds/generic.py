@@ -16,8 +16,9 @@ from gpuwheel.provenance import Provenance
 from gpuwheel.smoke.probe import PACKAGE_CHECKS
 
 
-def smoke_groups(project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
-                 ) -> tuple[SmokeGroup, ...]:
+def smoke_groups(
+    project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
+) -> tuple[SmokeGroup, ...]:
     if project not in PACKAGE_CHECKS:
         return ()
     return (SmokeGroup(project, {}, PACKAGE_CHECKS[project][2]),)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from packaging.version import Version
 
@@ -34,16 +35,42 @@ from gpuwheel.smoke.report import FAIL, PASS, CheckResult
 # (0.14.1, 0.15.x, 0.17.0, 0.18.1, 0.20.1, 0.20.2, 0.22.1, 0.25.x, 0.26.0, 0.27.0, 0.32.0, 0.33.0 read from
 # PyPI 2026-11-30: docs/recipes.md, "Facts").
 TORCH_PIN: dict[str, str] = {
-    "0.10.1.1": "2.7.1", "0.10.2": "2.8.0", "0.11.0": "2.8.0",
-    "0.11.1": "2.9.0", "0.11.2": "2.9.0", "0.12.0": "2.9.0", "0.13.0": "2.9.0",
-    "0.14.0": "2.9.1", "0.14.1": "2.9.1", "0.15.0": "2.9.1", "0.15.1": "2.9.1", "0.16.0": "2.9.1",
-    "0.17.0": "2.10.0", "0.17.1": "2.10.0", "0.18.0": "2.10.0", "0.18.1": "2.10.0", "0.19.0": "2.10.0",
+    "0.10.1.1": "2.7.1",
+    "0.10.2": "2.8.0",
+    "0.11.0": "2.8.0",
+    "0.11.1": "2.9.0",
+    "0.11.2": "2.9.0",
+    "0.12.0": "2.9.0",
+    "0.13.0": "2.9.0",
+    "0.14.0": "2.9.1",
+    "0.14.1": "2.9.1",
+    "0.15.0": "2.9.1",
+    "0.15.1": "2.9.1",
+    "0.16.0": "2.9.1",
+    "0.17.0": "2.10.0",
+    "0.17.1": "2.10.0",
+    "0.18.0": "2.10.0",
+    "0.18.1": "2.10.0",
+    "0.19.0": "2.10.0",
     "0.19.1": "2.10.0",
-    "0.20.0": "2.11.0", "0.20.1": "2.11.0", "0.20.2": "2.11.0", "0.21.0": "2.11.0", "0.22.0": "2.11.0",
-    "0.22.1": "2.11.0", "0.23.0": "2.11.0", "0.24.0": "2.11.0", "0.25.0": "2.11.0", "0.25.1": "2.11.0",
+    "0.20.0": "2.11.0",
+    "0.20.1": "2.11.0",
+    "0.20.2": "2.11.0",
+    "0.21.0": "2.11.0",
+    "0.22.0": "2.11.0",
+    "0.22.1": "2.11.0",
+    "0.23.0": "2.11.0",
+    "0.24.0": "2.11.0",
+    "0.25.0": "2.11.0",
+    "0.25.1": "2.11.0",
     "0.26.0": "2.11.0",
-    "0.27.0": "2.13.0", "0.27.1": "2.13.0", "0.28.0": "2.13.0", "0.29.0": "2.13.0",
-    "0.30.0": "2.13.0", "0.31.0": "2.13.0", "0.32.0": "2.13.0",
+    "0.27.0": "2.13.0",
+    "0.27.1": "2.13.0",
+    "0.28.0": "2.13.0",
+    "0.29.0": "2.13.0",
+    "0.30.0": "2.13.0",
+    "0.31.0": "2.13.0",
+    "0.32.0": "2.13.0",
     "0.33.0": "2.14.0",
 }
 
@@ -59,21 +86,33 @@ TOOLKIT_FILES = ("libnvrtc.so", "libcuda.so", "cublas_v2.h")
 # ---- what the audit allows ---------------------------------------------------------------------------
 # vLLM dispatches to these only on the GPUs they are built for (FlashMLA and FA3 on Hopper, the sm_100
 # attention kernels on Blackwell datacenter parts): no code for other archs is by design.
-AUDIT_OPTIONAL = ("vllm/_flashmla*.so", "vllm/vllm_flash_attn/_vllm_fa3_C*.so", "vllm/*fmha_sm100*.so",
-                  "vllm/*fa4*.so", "vllm/_qutlass_C*.so", "vllm/*deep_gemm*.so")
+AUDIT_OPTIONAL = (
+    "vllm/_flashmla*.so",
+    "vllm/vllm_flash_attn/_vllm_fa3_C*.so",
+    "vllm/*fmha_sm100*.so",
+    "vllm/*fa4*.so",
+    "vllm/_qutlass_C*.so",
+    "vllm/*deep_gemm*.so",
+)
 
 
 # ---- which archs compile which dependency -------------------------------------------------------
 # Per vLLM release, dependency → rows of (oldest CUDA, arch entries of its CMake list). The row of
 # the newest CUDA ≤ the recipe's applies. ALWAYS: compiled (or its headers used) for any CUDA arch;
 # PYTHON_ONLY: nothing of it is ever compiled, only files copied into the wheel.
-ALWAYS, PYTHON_ONLY = "always", ()
-DEPENDENCY_ARCHS: dict[str, dict[str, object]] = {
+ArchRows = tuple[tuple[str, tuple[str, ...]], ...]
+ALWAYS: str = "always"
+PYTHON_ONLY: ArchRows = ()
+DEPENDENCY_ARCHS: dict[str, dict[str, str | ArchRows]] = {
     "0.26.0": {
         "cutlass": ALWAYS,  # CMakeLists.txt: the headers of every CUTLASS kernel of _C
         "vllm-flash-attn": ALWAYS,  # vllm_flash_attn.cmake: FA2 "8.0+PTX" builds for any arch ≥ 8.0
-        "deepgemm": (("12.3", ("9.0a",)), ("12.8", ("9.0a", "10.0a", "12.0a", "12.1a")),  # deepgemm.cmake
-                     ("12.9", ("9.0a", "10.0f", "12.0a", "12.1a")), ("13.0", ("9.0a", "10.0f", "12.0f"))),
+        "deepgemm": (
+            ("12.3", ("9.0a",)),
+            ("12.8", ("9.0a", "10.0a", "12.0a", "12.1a")),  # deepgemm.cmake
+            ("12.9", ("9.0a", "10.0f", "12.0a", "12.1a")),
+            ("13.0", ("9.0a", "10.0f", "12.0f")),
+        ),
         "qutlass": (("12.8", ("10.0a", "10.3a", "12.0a", "12.1a")), ("13.0", ("10.0f", "12.0f"))),  # qutlass.cmake
         "flashmla": (("12.3", ("9.0a",)), ("12.8", ("9.0a", "10.0a")), ("12.9", ("9.0a", "10.0f"))),  # flashmla.cmake
         "fmha_sm100": PYTHON_ONLY,  # fmha_sm100.cmake: installs python/fmha_sm100, compiles nothing
@@ -88,7 +127,7 @@ def compiled_for(version: str, dependency: str, cuda: str, archs: tuple[facts.Ar
     table = DEPENDENCY_ARCHS.get(version, {}).get(dependency)
     if table is None:
         return None
-    if table == ALWAYS:
+    if isinstance(table, str):  # ALWAYS, the one string
         return True
     rows = [entries for min_cuda, entries in table if Version(facts.major_minor(cuda)) >= Version(min_cuda)]
     entries = rows[-1] if rows else ()
@@ -107,17 +146,27 @@ def _loosely_matches(entry: facts.Arch, arch: facts.Arch) -> bool:
 STAND_INS: dict[str, dict[str, StandIn]] = {
     "0.26.0": {
         # flashmla.cmake reads flash_mla/flash_mla_interface.py and inserts an import of _flashmla_C.
-        "flashmla": StandIn("vllm/third_party/flashmla/flash_mla_interface.py", "flash_mla/flash_mla_interface.py",
-                            rewrite=("flash_mla_cuda = torch.ops._flashmla_C",
-                                     "import vllm._flashmla_C\nflash_mla_cuda = torch.ops._flashmla_C")),
+        "flashmla": StandIn(
+            "vllm/third_party/flashmla/flash_mla_interface.py",
+            "flash_mla/flash_mla_interface.py",
+            rewrite=(
+                "flash_mla_cuda = torch.ops._flashmla_C",
+                "import vllm._flashmla_C\nflash_mla_cuda = torch.ops._flashmla_C",
+            ),
+        ),
         # fmha_sm100.cmake copies python/fmha_sm100/{*.py, csrc/, cute/, cutlass/…} verbatim.
         "fmha_sm100": StandIn("vllm/third_party/fmha_sm100/", "python/fmha_sm100/"),
         # tml_fa4.cmake copies flash_attn/cute/*.py, renaming the package in their imports.
-        "tml_fa4": StandIn("vllm/third_party/tml_fa4/", "flash_attn/cute/",
-                           rewrite=("flash_attn.cute", "vllm.third_party.tml_fa4"), suffixes=(".py",)),
+        "tml_fa4": StandIn(
+            "vllm/third_party/tml_fa4/",
+            "flash_attn/cute/",
+            rewrite=("flash_attn.cute", "vllm.third_party.tml_fa4"),
+            suffixes=(".py",),
+        ),
         # triton_kernels.cmake copies python/triton_kernels/triton_kernels/**/*.py verbatim.
-        "triton_kernels": StandIn("vllm/third_party/triton_kernels/", "python/triton_kernels/triton_kernels/",
-                                  suffixes=(".py",)),
+        "triton_kernels": StandIn(
+            "vllm/third_party/triton_kernels/", "python/triton_kernels/triton_kernels/", suffixes=(".py",)
+        ),
     },
 }
 
@@ -146,10 +195,12 @@ def omitted_dependencies(omit: tuple[str, ...]) -> tuple[str, ...]:
 
 def serving_env(head_dims: tuple[int, ...], dtypes: tuple[str, ...], omit: tuple[str, ...]) -> dict[str, str]:
     """The variables the serving-profile patches read (patches/vllm/<version>/)."""
-    return {"GPUWHEEL_VLLM_SERVING": "1",
-            "GPUWHEEL_VLLM_FA2_HEAD_DIMS": ";".join(map(str, head_dims)),
-            "GPUWHEEL_VLLM_FA2_DTYPES": ";".join(dtypes),
-            "GPUWHEEL_VLLM_OMIT": ";".join(omit)}
+    return {
+        "GPUWHEEL_VLLM_SERVING": "1",
+        "GPUWHEEL_VLLM_FA2_HEAD_DIMS": ";".join(map(str, head_dims)),
+        "GPUWHEEL_VLLM_FA2_DTYPES": ";".join(dtypes),
+        "GPUWHEEL_VLLM_OMIT": ";".join(omit),
+    }
 
 
 # ---- the Rust frontend ---------------------------------------------------------------------------
@@ -193,8 +244,10 @@ def cargo_config(vendor_dir: str) -> str:
     """`.cargo/config.toml` replacing crates.io with the vendored crates, as `cargo vendor` prints it.
     (Cargo does not take a replacement source from environment variables alone: tried, 1.95.)"""
     # A JSON string is a valid TOML basic string: quotes and backslashes in the path stay escaped.
-    return ('[source.crates-io]\nreplace-with = "vendored-sources"\n\n'
-            f'[source.vendored-sources]\ndirectory = {json.dumps(vendor_dir)}\n')
+    return (
+        '[source.crates-io]\nreplace-with = "vendored-sources"\n\n'
+        f"[source.vendored-sources]\ndirectory = {json.dumps(vendor_dir)}\n"
+    )
 
 
 # ---- what a build costs ----------------------------------------------------------------------------
@@ -202,12 +255,15 @@ def cargo_config(vendor_dir: str) -> str:
 # "serving:<head dims>:<dtypes>:<omitted families>" as serving_key() writes it.
 MEASURED_BUILDS: dict[tuple[str, str, str], MeasuredBuild] = {
     ("0.26.0", "12.0", "full"): MeasuredBuild(
-        31924, 1041, "stock vLLM 0.26.0, 397 steps on nvidia-h200-x2 (shared/ENVIRONMENT.md, 2026-11-30)"),
+        31924, 1041, "stock vLLM 0.26.0, 397 steps on nvidia-h200-x2 (shared/ENVIRONMENT.md, 2026-11-30)"
+    ),
     ("0.26.0", "9.0a", "serving:128:fp16,bf16:fa3,flashmla"): MeasuredBuild(
-        10643, 369, "docs/runs/ninja-h200-torch211-serving.log (gpuwheel build on nvidia-h200-x2)"),
+        10643, 369, "docs/runs/ninja-h200-torch211-serving.log (gpuwheel build on nvidia-h200-x2)"
+    ),
     # An H100 host whose CPU took 0.70x the H200 host's CPU-s for the same 9.0a profile (docs/benchmarks.md)
     ("0.26.0", "12.0", "serving:128:fp16,bf16:"): MeasuredBuild(
-        4973, 183, "docs/runs/ninja-rtx6000pro-torch211-serving-h100x16.log (gpuwheel build on nvidia-h100-x1)"),
+        4973, 183, "docs/runs/ninja-rtx6000pro-torch211-serving-h100x16.log (gpuwheel build on nvidia-h100-x1)"
+    ),
 }
 
 
@@ -217,8 +273,11 @@ def serving_key(head_dims: tuple[int, ...], dtypes: tuple[str, ...], omit: tuple
 
 def measured_build(package: PackageRecipe, arch_list: str) -> MeasuredBuild | None:
     """The measured cost of a build like this one: same release, arch list and profile."""
-    profile = serving_key(package.serving.head_dims, package.serving.dtypes, package.serving.omit) \
-        if package.serving else package.profile
+    profile = (
+        serving_key(package.serving.head_dims, package.serving.dtypes, package.serving.omit)
+        if package.serving
+        else package.profile
+    )
     return MEASURED_BUILDS.get((package.version, arch_list, profile))
 
 
@@ -227,21 +286,25 @@ def serving_profile(spec: dict, where) -> ServingProfile:
     """[package.serving] checked: `where(key)` names the file:line of a key for errors."""
     head_dims = tuple(sorted(set(spec.get("head_dims", HEAD_DIMS))))
     dtypes = tuple(d for d in DTYPES if d in spec.get("dtypes", DTYPES))
-    for key, values, valid in (("head_dims", spec.get("head_dims", ()), HEAD_DIMS),
-                               ("dtypes", spec.get("dtypes", ()), DTYPES),
-                               ("omit", spec.get("omit", ()), tuple(OMITTABLE))):
+    for key, values, valid in (
+        ("head_dims", spec.get("head_dims", ()), HEAD_DIMS),
+        ("dtypes", spec.get("dtypes", ()), DTYPES),
+        ("omit", spec.get("omit", ()), tuple(OMITTABLE)),
+    ):
         for value in values:
             if value not in valid:
                 close = closest(str(value), [str(v) for v in valid])
-                raise RecipeError(f"{where(f'serving.{key}')}: '{value}' is not one of vLLM's FA2 "
-                                  f"{key.replace('_', ' ')}" if key != "omit" else
-                                  f"{where('serving.omit')}: '{value}' is no kernel family gpuwheel "
-                                  f"can leave out of vLLM",
-                                  hint=f"did you mean '{close}'?" if close else
-                                  f"choose from {', '.join(map(str, valid))}")
+                raise RecipeError(
+                    f"{where(f'serving.{key}')}: '{value}' is not one of vLLM's FA2 {key.replace('_', ' ')}"
+                    if key != "omit"
+                    else f"{where('serving.omit')}: '{value}' is no kernel family gpuwheel can leave out of vLLM",
+                    hint=f"did you mean '{close}'?" if close else f"choose from {', '.join(map(str, valid))}",
+                )
     if not head_dims or not dtypes:
-        raise RecipeError(f"{where('serving')}: the serving profile builds no FA2 kernels",
-                          hint="keep at least one head dim and one dtype")
+        raise RecipeError(
+            f"{where('serving')}: the serving profile builds no FA2 kernels",
+            hint="keep at least one head dim and one dtype",
+        )
     return ServingProfile(head_dims=head_dims, dtypes=dtypes, omit=tuple(sorted(set(spec.get("omit", ())))))
 
 
@@ -262,7 +325,7 @@ def build_env(package: PackageRecipe, recipe: Recipe) -> dict[str, str]:
         tree = f"{DEPS}/{dep.name}" + (f"/{dep.subdir}" if dep.subdir else "")
         if dep.src_dir_env:
             env[dep.src_dir_env] = tree
-        else:
+        elif dep.fetchcontent_name:  # the recipe check requires one of the two
             cmake_args.append(f"-DFETCHCONTENT_SOURCE_DIR_{dep.fetchcontent_name.upper()}={tree}")
     env["CMAKE_ARGS"] = " ".join(cmake_args)
     return env
@@ -275,25 +338,32 @@ def problems(package: PackageRecipe, recipe: Recipe, notes: list[str]) -> list[s
     if pin is None:
         notes.append(f"vLLM {package.version} is not in gpuwheel's pin table: its torch pin is unchecked")
     elif facts.major_minor(pin) != facts.major_minor(torch):
-        found.append(f"vLLM {package.version} pins torch {pin} (recipe has {torch}): set [toolchain] "
-                     f"torch = \"{pin}\" or pick the vLLM release that pins {torch}")
+        found.append(
+            f"vLLM {package.version} pins torch {pin} (recipe has {torch}): set [toolchain] "
+            f'torch = "{pin}" or pick the vLLM release that pins {torch}'
+        )
     elif pin != torch:
         notes.append(f"vLLM {package.version} pins torch {pin}; recipe has {torch} (same ABI series)")
     if package.serving and package.version not in SERVING_PROFILE_VERSIONS:
-        found.append(f"vLLM {package.version}: gpuwheel's serving profile exists for vLLM "
-                     f"{', '.join(SERVING_PROFILE_VERSIONS)} only (its patches): set "
-                     f"profile = \"full\" or build one of those")
+        found.append(
+            f"vLLM {package.version}: gpuwheel's serving profile exists for vLLM "
+            f"{', '.join(SERVING_PROFILE_VERSIONS)} only (its patches): set "
+            f'profile = "full" or build one of those'
+        )
     if package.version not in DEPENDENCY_ARCHS:
-        notes.append(f"vLLM {package.version}: gpuwheel does not know which archs compile which of its "
-                     f"dependencies: every dependency is fetched from its sources")
+        notes.append(
+            f"vLLM {package.version}: gpuwheel does not know which archs compile which of its "
+            f"dependencies: every dependency is fetched from its sources"
+        )
     elif package.stand_in is not None:
         standing = stand_ins(package, recipe)
         if standing:
-            notes.append(f"vLLM {package.version}: {', '.join(standing)} stand in as the files "
-                         f"{package.stand_in.location} installs from them (nothing of them is compiled for "
-                         f"{recipe.target.torch_cuda_arch_list}" + (", or the serving profile leaves them out)"
-                                                                    if package.serving and package.serving.omit
-                                                                    else ")"))
+            notes.append(
+                f"vLLM {package.version}: {', '.join(standing)} stand in as the files "
+                f"{package.stand_in.location} installs from them (nothing of them is compiled for "
+                f"{recipe.target.torch_cuda_arch_list}"
+                + (", or the serving profile leaves them out)" if package.serving and package.serving.omit else ")")
+            )
     return found
 
 
@@ -303,10 +373,15 @@ def stand_ins(package: PackageRecipe, recipe: Recipe) -> tuple[str, ...]:
     if package.stand_in is None:
         return ()
     omitted = omitted_dependencies(package.serving.omit if package.serving else ())
-    return tuple(dep.name for dep in package.dependencies
-                 if stand_in(package.version, dep.name) is not None
-                 and (dep.name in omitted
-                      or compiled_for(package.version, dep.name, recipe.toolchain.cuda, archs(recipe)) is False))
+    return tuple(
+        dep.name
+        for dep in package.dependencies
+        if stand_in(package.version, dep.name) is not None
+        and (
+            dep.name in omitted
+            or compiled_for(package.version, dep.name, recipe.toolchain.cuda, archs(recipe)) is False
+        )
+    )
 
 
 # ---- smoke ---------------------------------------------------------------------------------------
@@ -335,24 +410,31 @@ def op_libraries(shared_objects: tuple[str, ...]) -> list[dict[str, Any]]:
     return found
 
 
-def smoke_groups(project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
-                 ) -> tuple[SmokeGroup, ...]:
+def smoke_groups(
+    project: str, provenance: Provenance | None, shared_objects: tuple[str, ...], work: Path
+) -> tuple[SmokeGroup, ...]:
     serving = built_serving(provenance)
-    fa2 = {"head_dims": serving["head_dims"] if serving else None,
-           "dtypes": serving["dtypes"] if serving else list(vllm_checks.FA2_DTYPES)}
+    dtypes: list[str] = serving["dtypes"] if serving else list(vllm_checks.FA2_DTYPES)
+    fa2 = {"head_dims": serving["head_dims"] if serving else None, "dtypes": dtypes}
     spec = {"root": None, "moe_permute_file": None, "op_libraries": op_libraries(shared_objects), "fa2": fa2}
-    built = f"head dims {', '.join(map(str, fa2['head_dims']))}" if serving else "every head dim"
+    built = f"head dims {', '.join(map(str, serving['head_dims']))}" if serving else "every head dim"
     # the profile's head dim (128 in the shipped recipes) and dtype, bf16 where built
     head_dim = 128 if not serving or 128 in serving["head_dims"] else serving["head_dims"][0]
-    dtype = "bf16" if "bf16" in fa2["dtypes"] else fa2["dtypes"][0]
-    return (SmokeGroup("vllm-ops", spec, "op libraries load and register their ops", needs_gpu=False),
-            SmokeGroup("vllm", spec, f"FA2 varlen ({built}), moe_permute and MoE at 8192 tokens"),
-            SmokeGroup("vllm-fa2-errors", spec, "what the serving profile left out of FA2 raises"),
-            SmokeGroup("vllm-boundary", spec, "moe_permute refuses mismatched rows at 8192 tokens"),
-            *(SmokeGroup("vllm-generate", {"workdir": str(work / "model"), "head_dim": head_dim, "dtype": dtype,
-                                           "enforce_eager": eager},
-                         f"tiny model generating with 8192-token chunked prefill "
-                         f"({'eager' if eager else 'compiled'})") for eager in (False, True)))
+    dtype = "bf16" if "bf16" in dtypes else dtypes[0]
+    return (
+        SmokeGroup("vllm-ops", spec, "op libraries load and register their ops", needs_gpu=False),
+        SmokeGroup("vllm", spec, f"FA2 varlen ({built}), moe_permute and MoE at 8192 tokens"),
+        SmokeGroup("vllm-fa2-errors", spec, "what the serving profile left out of FA2 raises"),
+        SmokeGroup("vllm-boundary", spec, "moe_permute refuses mismatched rows at 8192 tokens"),
+        *(
+            SmokeGroup(
+                "vllm-generate",
+                {"workdir": str(work / "model"), "head_dim": head_dim, "dtype": dtype, "enforce_eager": eager},
+                f"tiny model generating with 8192-token chunked prefill ({'eager' if eager else 'compiled'})",
+            )
+            for eager in (False, True)
+        ),
+    )
 
 
 def libraries_check(provenance: Provenance | None, shared_objects: tuple[str, ...]) -> tuple[CheckResult, ...]:
@@ -362,8 +444,13 @@ def libraries_check(provenance: Provenance | None, shared_objects: tuple[str, ..
     present = {lib["name"]: lib["path"] for lib in op_libraries(shared_objects)}
     missing = [f"{lib} ({' or '.join(globs)})" for lib, globs, _ in vllm_checks.OP_LIBRARIES if lib not in present]
     omitted = [family for family in (serving or {}).get("omit", ()) if family in vllm_checks.OMITTABLE_LIBRARIES]
-    leftover = [m for family in omitted for g in vllm_checks.OMITTABLE_LIBRARIES[family]
-                for m in shared_objects if fnmatch.fnmatch(m, g)]
+    leftover = [
+        m
+        for family in omitted
+        for g in vllm_checks.OMITTABLE_LIBRARIES[family]
+        for m in shared_objects
+        if fnmatch.fnmatch(m, g)
+    ]
     found = [f"the wheel has no {', '.join(missing)}"] if missing else []
     if leftover:
         found.append(f"the serving profile omits {', '.join(omitted)}, yet the wheel has {', '.join(leftover)}")

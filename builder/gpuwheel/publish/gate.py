@@ -10,9 +10,10 @@ Reads the two records the earlier stages leave (formats in docs/publish.md):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from gpuwheel import facts
 from gpuwheel.errors import PublishError
@@ -50,8 +51,10 @@ class Waiver:
         if not self.waived:
             return f"--force: {filename} passed the audit and the smoke checks; --force skipped nothing for it"
         marked = "not GPU-tested" if self.smoke else "force-published"
-        return (f"--force: published {filename}, which the gate would have refused: "
-                f"{'; '.join(self.audit + self.smoke)} (marked {marked} in its gpuwheel.json and the index)")
+        return (
+            f"--force: published {filename}, which the gate would have refused: "
+            f"{'; '.join(self.audit + self.smoke)} (marked {marked} in its gpuwheel.json and the index)"
+        )
 
 
 def check_gate(wheels: Sequence[WheelFile], gate: PublishGate) -> dict[str, Waiver]:
@@ -121,16 +124,21 @@ def _smoke_problems(wheel: WheelFile, gate: PublishGate, report: dict[str, Any] 
     problems = []
     if report.get("target") != gate.target:
         problems.append(f"smoke report {path} is for target {report.get('target')!r}")
-    gpu = report.get("gpu") if isinstance(report.get("gpu"), dict) else {}
+    gpu = report.get("gpu")
+    if not isinstance(gpu, dict):
+        gpu = {}
     ran_on = str(gpu.get("compute_capability", ""))
     # A smoke run without the target GPU skipped the GPU checks: untested there, which is not "failed".
     skipped = report.get("gpu_checks") == "skipped"
     if skipped:
-        problems.append(f"not smoke-tested on the target GPU ({report.get('gpu_skip_reason') or 'GPU checks skipped'}; "
-                        f"{path})")
+        problems.append(
+            f"not smoke-tested on the target GPU ({report.get('gpu_skip_reason') or 'GPU checks skipped'}; {path})"
+        )
     elif not _same_arch(ran_on, gate.compute_capability):
-        problems.append(f"smoke ran on {gpu.get('name', 'an unknown GPU')} (compute capability "
-                        f"{ran_on or '?'}), target is {gate.compute_capability} ({path})")
+        problems.append(
+            f"smoke ran on {gpu.get('name', 'an unknown GPU')} (compute capability "
+            f"{ran_on or '?'}), target is {gate.compute_capability} ({path})"
+        )
     entries = [e for e in report["wheels"] if isinstance(e, dict) and e.get("filename") == wheel.filename]
     if not entries:
         return (*problems, f"not in smoke report {path}")
@@ -138,8 +146,14 @@ def _smoke_problems(wheel: WheelFile, gate: PublishGate, report: dict[str, Any] 
         return (*problems, f"smoke report {path} tested another file of that name (sha256 differs)")
     tested = [e for e in entries if e.get("sha256") == wheel.sha256]
     if not any(e.get("passed") is True for e in tested):
-        failed = sorted({str(c.get("name")) for e in tested for c in e.get("checks") or ()
-                         if isinstance(c, dict) and c.get("status") == "fail"})
+        failed = sorted(
+            {
+                str(c.get("name"))
+                for e in tested
+                for c in e.get("checks") or ()
+                if isinstance(c, dict) and c.get("status") == "fail"
+            }
+        )
         if failed or not skipped:
             problems.append(f"failed smoke{': ' + ', '.join(failed) if failed else ''} ({path})")
     return tuple(problems)
@@ -157,14 +171,19 @@ def read_all(paths: Iterable[Path]) -> list[WheelFile]:
     return list(by_name.values())
 
 
-def admit(wheels: list[WheelFile], gate: PublishGate | None,
-          scratch: Path) -> tuple[list[WheelFile], dict[str, tuple[str, ...]]]:
+def admit(
+    wheels: list[WheelFile], gate: PublishGate | None, scratch: Path
+) -> tuple[list[WheelFile], dict[str, tuple[str, ...]]]:
     """The wheels to publish and the warnings per filename. A wheel --force lets through is published
     as a copy (written in scratch) whose gpuwheel.json says what was skipped and whether it was tested on
     the target GPU; the index pages repeat that mark."""
     waivers = check_gate(wheels, gate) if gate is not None else {}
     if not waivers:
         return wheels, {}
-    published = [read_wheel(add_publish_mark(wheel, waivers[wheel.filename].mark(), scratch))
-                 if waivers[wheel.filename].waived else wheel for wheel in wheels]
+    published = [
+        read_wheel(add_publish_mark(wheel, waivers[wheel.filename].mark(), scratch))
+        if waivers[wheel.filename].waived
+        else wheel
+        for wheel in wheels
+    ]
     return published, {name: (waiver.warning(name),) for name, waiver in waivers.items()}

@@ -4,8 +4,8 @@ any static web server."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gpuwheel.layout import simple_url
 from gpuwheel.publish.gate import PublishGate, admit, read_all
@@ -25,6 +25,10 @@ def publish_local(wheels: Sequence[Path], index_dir: Path, *, gate: PublishGate 
     with tempfile.TemporaryDirectory(prefix="gpuwheel-forced-") as scratch:
         found, warnings = admit(found, gate, Path(scratch))
         added = add_wheels(found, index_dir)
-    results = tuple(PublishedWheel(w.filename, w.sha256, "published" if added[w.filename] else "skipped",
-                                   warnings.get(w.filename, ())) for w in found)
+    results = tuple(
+        PublishedWheel(
+            w.filename, w.sha256, "published" if added[w.filename] else "skipped", warnings.get(w.filename, ())
+        )
+        for w in found
+    )
     return PublishReport(str(index_dir), simple_url(index_dir), results)

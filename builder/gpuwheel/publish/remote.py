@@ -11,14 +11,20 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urljoin, urlsplit
 
 import requests
-from pypi_simple import (IndexPage, NoSuchProjectError, ProjectPage, PyPISimple, UnsupportedContentTypeError,
-                         UnsupportedRepoVersionError)
+from pypi_simple import (
+    IndexPage,
+    NoSuchProjectError,
+    ProjectPage,
+    PyPISimple,
+    UnsupportedContentTypeError,
+    UnsupportedRepoVersionError,
+)
 
 from gpuwheel.errors import PublishError
 from gpuwheel.log import logger
@@ -30,8 +36,14 @@ _CHUNK = 1 << 20
 _UNREADABLE = (UnsupportedContentTypeError, UnsupportedRepoVersionError)  # an answer that is no simple page
 
 
-def publish_remote(wheels: Sequence[Path], repository: str, *, gate: PublishGate | None = None,
-                   simple_url: str | None = None, config_file: Path | None = None) -> PublishReport:
+def publish_remote(
+    wheels: Sequence[Path],
+    repository: str,
+    *,
+    gate: PublishGate | None = None,
+    simple_url: str | None = None,
+    config_file: Path | None = None,
+) -> PublishReport:
     """Upload wheels with twine to `repository` (an upload URL or a .pypirc section name).
 
     Credentials: TWINE_USERNAME / TWINE_PASSWORD, else the .pypirc section, else keyring; never
@@ -42,8 +54,14 @@ def publish_remote(wheels: Sequence[Path], repository: str, *, gate: PublishGate
         return _publish_remote(read_all(wheels), repository, gate, simple_url, config_file, Path(scratch))
 
 
-def _publish_remote(found: list[WheelFile], repository: str, gate: PublishGate | None, simple_url: str | None,
-                    config_file: Path | None, scratch: Path) -> PublishReport:
+def _publish_remote(
+    found: list[WheelFile],
+    repository: str,
+    gate: PublishGate | None,
+    simple_url: str | None,
+    config_file: Path | None,
+    scratch: Path,
+) -> PublishReport:
     from twine.exceptions import TwineException
     from twine.package import PackageFile
     from twine.settings import Settings
@@ -64,13 +82,17 @@ def _publish_remote(found: list[WheelFile], repository: str, gate: PublishGate |
         # twine logs keyring lookups with tracebacks; our error says what is missing in one line
         logging.getLogger("twine").setLevel(logging.ERROR)
         upload_url = settings.repository_config["repository"]  # userinfo already stripped by twine
+        if not upload_url:  # twine refuses a repository without a URL first; this keeps upload_url a str
+            raise PublishError(f"repository {repository} has no URL", hint="give it a repository URL in .pypirc")
         _ = settings.username  # resolved first, so a missing username is named as such
         secret = settings.password
         remote = settings.create_repository()
     except TwineException as error:
-        raise PublishError(f"cannot use repository {_safe_url(repository)}: {_one_line(str(error))}",
-                           hint="set TWINE_USERNAME and TWINE_PASSWORD, or give the repository "
-                                "username and password in .pypirc, or store them in keyring") from None
+        raise PublishError(
+            f"cannot use repository {_safe_url(repository)}: {_one_line(str(error))}",
+            hint="set TWINE_USERNAME and TWINE_PASSWORD, or give the repository "
+            "username and password in .pypirc, or store them in keyring",
+        ) from None
     scrub = _Scrubber(secret)
     try:
         lookup = _SimpleLookup(remote.session, upload_url, simple_url, scrub)
@@ -82,27 +104,37 @@ def _publish_remote(found: list[WheelFile], repository: str, gate: PublishGate |
                 to_upload.append(wheel)
             elif there == wheel.sha256:
                 logger.info("%s is already on %s with the same sha256: skipped", wheel.filename, upload_url)
-                results.append(PublishedWheel(wheel.filename, wheel.sha256, "skipped",
-                                              warnings.get(wheel.filename, ())))
+                results.append(
+                    PublishedWheel(wheel.filename, wheel.sha256, "skipped", warnings.get(wheel.filename, ()))
+                )
             else:
-                raise PublishError(scrub(
-                    f"{wheel.filename} is already on {upload_url} with sha256 {there[:16]}…, this file "
-                    f"has {wheel.sha256[:16]}…; a published file is never replaced"),
-                    hint="bump the version or the local version label and rebuild")
+                raise PublishError(
+                    scrub(
+                        f"{wheel.filename} is already on {upload_url} with sha256 {there[:16]}…, this file "
+                        f"has {wheel.sha256[:16]}…; a published file is never replaced"
+                    ),
+                    hint="bump the version or the local version label and rebuild",
+                )
         for done, wheel in enumerate(to_upload):
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # twine prints progress to stdout
                     response = remote.upload(PackageFile.from_filename(str(wheel.path), None))
             except (requests.RequestException, TwineException) as error:
-                raise PublishError(scrub(f"uploading {wheel.filename} to {upload_url} failed: "
-                                         f"{_request_failure(error)}{_so_far(done, to_upload)}")) from None
+                raise PublishError(
+                    scrub(
+                        f"uploading {wheel.filename} to {upload_url} failed: "
+                        f"{_request_failure(error)}{_so_far(done, to_upload)}"
+                    )
+                ) from None
             if not 200 <= response.status_code < 300:
-                raise PublishError(scrub(
-                    f"{upload_url} refused {wheel.filename}: {response.status_code} {response.reason}"
-                    f"{_server_reason(response)}{_so_far(done, to_upload)}"),
-                    hint=_refusal_hint(response.status_code))
-            results.append(PublishedWheel(wheel.filename, wheel.sha256, "published",
-                                          warnings.get(wheel.filename, ())))
+                raise PublishError(
+                    scrub(
+                        f"{upload_url} refused {wheel.filename}: {response.status_code} {response.reason}"
+                        f"{_server_reason(response)}{_so_far(done, to_upload)}"
+                    ),
+                    hint=_refusal_hint(response.status_code),
+                )
+            results.append(PublishedWheel(wheel.filename, wheel.sha256, "published", warnings.get(wheel.filename, ())))
     finally:
         remote.close()
     order = {w.filename: i for i, w in enumerate(found)}
@@ -126,6 +158,13 @@ def _safe_url(url: str) -> str:
     if parts.username or parts.password:
         return parts._replace(netloc=f"********@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
     return url
+
+
+def _response_of(error: requests.HTTPError) -> requests.Response:
+    """The answer an HTTPError carries: raise_for_status, which raises every one caught here, sets it."""
+    if error.response is None:
+        raise error
+    return error.response
 
 
 def _request_failure(error: Exception) -> str:
@@ -168,7 +207,7 @@ class _TextOf(HTMLParser):
 
     def handle_endtag(self, tag):
         if tag in self.stack:
-            del self.stack[self.stack.index(tag):]
+            del self.stack[self.stack.index(tag) :]
 
     def handle_data(self, data):
         if self.stack:
@@ -233,8 +272,11 @@ class _SimpleLookup:
         try:
             page = self._fetch(base, project)
         except requests.HTTPError as error:
-            status, reason = error.response.status_code, error.response.reason
-            raise PublishError(self.scrub(f"cannot read {url}: {status} {reason}"), hint=_refusal_hint(status)) from None
+            response = _response_of(error)
+            status, reason = response.status_code, response.reason
+            raise PublishError(
+                self.scrub(f"cannot read {url}: {status} {reason}"), hint=_refusal_hint(status)
+            ) from None
         except requests.RequestException as error:
             raise PublishError(self.scrub(f"cannot read {url}: {_request_failure(error)}")) from None
         except _UNREADABLE as error:
@@ -252,16 +294,21 @@ class _SimpleLookup:
                 if page is not None or self._fetch(base, None) is not None:  # a new project: is the index there?
                     return base, page  # type: ignore[return-value]
             except requests.HTTPError as error:
-                status = error.response.status_code
+                response = _response_of(error)
+                status = response.status_code
                 if status in (401, 403):  # an index is there, and refuses us: say so, not "no index"
-                    raise PublishError(self.scrub(f"cannot read {error.response.url}: {status} "
-                                                  f"{error.response.reason}"), hint=_refusal_hint(status)) from None
+                    raise PublishError(
+                        self.scrub(f"cannot read {response.url}: {status} {response.reason}"),
+                        hint=_refusal_hint(status),
+                    ) from None
             except requests.RequestException as error:
                 raise PublishError(self.scrub(f"cannot read {base}: {_request_failure(error)}")) from None
             except _UNREADABLE:
                 continue  # something else answers there: no index
-        raise PublishError(f"found no simple index at {root}simple/ or {root}+simple/ to check for "
-                           "files already there", hint="pass --simple-url with the index's simple URL")
+        raise PublishError(
+            f"found no simple index at {root}simple/ or {root}+simple/ to check for files already there",
+            hint="pass --simple-url with the index's simple URL",
+        )
 
     def sha256_of(self, wheel: WheelFile) -> str | None:
         """The sha256 of the file of that name on the index, None when it is not there."""

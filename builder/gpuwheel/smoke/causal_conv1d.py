@@ -13,6 +13,8 @@ atol 3e-4, 1e-3 for fp32, 3e-3, 5e-3 for fp16 and 1e-2, 5e-2 for bf16.
 
 from __future__ import annotations
 
+import functools
+
 # (batch, channels, tokens, width)
 PREFILL_SHAPES = ((2, 8192, 1024, 4), (1, 64, 37, 3))
 DECODE_SHAPE = (4, 2048, 4)  # batch, channels, width
@@ -25,11 +27,15 @@ def run_checks(spec: dict, recorder) -> None:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for batch, channels, tokens, width in PREFILL_SHAPES:
             for bias, activation in ((True, "silu"), (False, None)):
-                name = (f"causal_conv1d_fn {_short(dtype)} {batch}x{channels}x{tokens} width {width}"
-                        f"{' bias' if bias else ''}{' silu' if activation else ''}")
-                recorder.check(name, lambda: _prefill(batch, channels, tokens, width, dtype, bias, activation))
+                name = (
+                    f"causal_conv1d_fn {_short(dtype)} {batch}x{channels}x{tokens} width {width}"
+                    f"{' bias' if bias else ''}{' silu' if activation else ''}"
+                )
+                recorder.check(
+                    name, functools.partial(_prefill, batch, channels, tokens, width, dtype, bias, activation)
+                )
         name = f"causal_conv1d_update {_short(dtype)} batch {DECODE_SHAPE[0]} x {DECODE_SHAPE[1]} one token"
-        recorder.check(name, lambda: _decode(*DECODE_SHAPE, dtype))
+        recorder.check(name, functools.partial(_decode, *DECODE_SHAPE, dtype))
 
 
 def reference(x, weight, bias, activation):
@@ -37,8 +43,13 @@ def reference(x, weight, bias, activation):
     import torch.nn.functional as F
 
     width = weight.shape[-1]
-    out = F.conv1d(x.float(), weight.float().unsqueeze(1), None if bias is None else bias.float(),
-                   padding=width - 1, groups=x.shape[1])[..., :x.shape[-1]]
+    out = F.conv1d(
+        x.float(),
+        weight.float().unsqueeze(1),
+        None if bias is None else bias.float(),
+        padding=width - 1,
+        groups=x.shape[1],
+    )[..., : x.shape[-1]]
     return F.silu(out) if activation else out
 
 

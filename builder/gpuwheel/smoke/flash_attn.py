@@ -13,6 +13,9 @@ an unusually exact torch run does not fail flash-attn for ordinary rounding.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 SEQLENS = (1001,) * 8 + (184,)  # 8192 tokens: the batch that crashed the users' servers
 ALL_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 FLOOR = {"float16": 2e-3, "bfloat16": 1.6e-2}
@@ -30,9 +33,9 @@ def run_checks(spec: dict, recorder) -> None:
     for head_dim in head_dims:
         for dtype in (torch.float16, torch.bfloat16):
             name = f"flash_attn_varlen_func hdim{head_dim} {_short(dtype)} 8x1001+184"
-            recorder.check(name, lambda: _varlen(head_dim, dtype, known))
+            recorder.check(name, functools.partial(_varlen, head_dim, dtype, known))
             name = f"flash_attn_with_kvcache hdim{head_dim} {_short(dtype)} paged decode {DECODE_CONTEXT}"
-            recorder.check(name, lambda: _kvcache(head_dim, dtype, known))
+            recorder.check(name, functools.partial(_kvcache, head_dim, dtype, known))
 
 
 def run_error_checks(spec: dict, recorder) -> None:
@@ -51,6 +54,7 @@ def run_error_checks(spec: dict, recorder) -> None:
             except RuntimeError as error:
                 return "pass", f"raised {' '.join(str(error).split())[:200]}", {}
             return "fail", f"accepted {what}", {}
+
         return case
 
     def attention(head_dim: int, **options):
@@ -61,16 +65,21 @@ def run_error_checks(spec: dict, recorder) -> None:
     built = spec.get("head_dims")
     unbuilt = [d for d in ALL_HEAD_DIMS if built and d not in built]
     if unbuilt:
-        recorder.check(f"unbuilt head dim {unbuilt[0]} raises",
-                       refused(attention(unbuilt[0]), f"head dim {unbuilt[0]}, which this build left out"))
+        recorder.check(
+            f"unbuilt head dim {unbuilt[0]} raises",
+            refused(attention(unbuilt[0]), f"head dim {unbuilt[0]}, which this build left out"),
+        )
     disabled = set(spec.get("disabled") or ())
     if "DROPOUT" in disabled:
-        recorder.check("dropout raises", refused(attention(built[0] if built else 128, dropout_p=0.1),
-                                                 "dropout, which this build left out"))
+        recorder.check(
+            "dropout raises",
+            refused(attention(built[0] if built else 128, dropout_p=0.1), "dropout, which this build left out"),
+        )
     if "BACKWARD" in disabled:
         forward = attention(built[0] if built else 128)
-        recorder.check("backward raises", refused(lambda: forward().sum().backward(),
-                                                  "backward, which this build left out"))
+        recorder.check(
+            "backward raises", refused(lambda: forward().sum().backward(), "backward, which this build left out")
+        )
 
 
 def _short(dtype) -> str:
@@ -105,7 +114,7 @@ def sdpa_errors(out, q, k, v, offsets, causal: bool) -> tuple[float, float]:
 
     group = q.shape[1] // k.shape[1]
     error_fa = error_torch = 0.0
-    for start, end in zip(offsets, offsets[1:]):
+    for start, end in itertools.pairwise(offsets):
         # (L, H, D) → (1, H, L, D) for SDPA
         qs = q[start:end].transpose(0, 1).unsqueeze(0)
         ks, vs = (t[start:end].repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (k, v))
@@ -122,10 +131,11 @@ def measure_varlen(label: str, out, q, k, v, offsets, causal: bool, call, figure
     recorded in figures as max_err_/sdpa_err_/tflops_<label>; vllm.py uses it too."""
     error_fa, error_torch = sdpa_errors(out, q, k, v, offsets, causal)
     seconds = seconds_per_call(call)
-    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    lengths = [end - start for start, end in itertools.pairwise(offsets)]
     flops = 4 * q.shape[1] * q.shape[2] * sum(n * n for n in lengths) / (2 if causal else 1)
-    figures.update({f"max_err_{label}": error_fa, f"sdpa_err_{label}": error_torch,
-                    f"tflops_{label}": flops / seconds / 1e12})
+    figures.update(
+        {f"max_err_{label}": error_fa, f"sdpa_err_{label}": error_torch, f"tflops_{label}": flops / seconds / 1e12}
+    )
     return error_fa, error_torch
 
 
@@ -144,21 +154,29 @@ def _varlen(head_dim: int, dtype, known: bool):
     worst = 0.0
     tolerance = FLOOR[str(dtype).removeprefix("torch.")]
     for causal in (False, True):
-        def attend():
+
+        def attend(causal=causal):  # bound now: measure_varlen times it within this iteration
             return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max(SEQLENS), max(SEQLENS), causal=causal)
+
         try:
             out = attend()
         except RuntimeError as error:
             if _not_built(error, known):
-                return "skip", f"head dim {head_dim} is not built into this wheel ({' '.join(str(error).split())[:160]})", {}
+                return (
+                    "skip",
+                    f"head dim {head_dim} is not built into this wheel ({' '.join(str(error).split())[:160]})",
+                    {},
+                )
             raise
         label = "causal" if causal else "full"
         error_fa, error_torch = measure_varlen(label, out, q, k, v, offsets, causal, attend, figures)
         tolerance = max(tolerance, 2 * error_torch)
         worst = max(worst, error_fa)
     figures["tolerance"] = tolerance
-    detail = (f"max err {worst:.2e} (tolerance {tolerance:.1e}); {figures['tflops_full']:.0f} TFLOP/s full, "
-              f"{figures['tflops_causal']:.0f} TFLOP/s causal")
+    detail = (
+        f"max err {worst:.2e} (tolerance {tolerance:.1e}); {figures['tflops_full']:.0f} TFLOP/s full, "
+        f"{figures['tflops_causal']:.0f} TFLOP/s causal"
+    )
     return ("pass" if worst <= tolerance else "fail"), detail, figures
 
 
@@ -170,28 +188,41 @@ def _kvcache(head_dim: int, dtype, known: bool):
     torch.manual_seed(1000 + head_dim)
     pages_per_sequence = DECODE_CONTEXT // PAGE
     blocks = DECODE_BATCH * pages_per_sequence
-    k_cache, v_cache = (torch.randn(blocks, PAGE, DECODE_KV_HEADS, head_dim, device="cuda", dtype=dtype)
-                        for _ in range(2))
+    k_cache, v_cache = (
+        torch.randn(blocks, PAGE, DECODE_KV_HEADS, head_dim, device="cuda", dtype=dtype) for _ in range(2)
+    )
     # pages in shuffled order, so a kernel that ignores the block table reads the wrong keys
     block_table = torch.randperm(blocks, device="cuda", dtype=torch.int32).reshape(DECODE_BATCH, pages_per_sequence)
     cache_seqlens = torch.full((DECODE_BATCH,), DECODE_CONTEXT, device="cuda", dtype=torch.int32)
     q = torch.randn(DECODE_BATCH, 1, HEADS, head_dim, device="cuda", dtype=dtype)
 
     def decode():
-        return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
-                                       causal=True)
+        return flash_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table, causal=True
+        )
+
     try:
         out = decode()
     except RuntimeError as error:
         if _not_built(error, known):
-            return "skip", f"head dim {head_dim} is not built into this wheel ({' '.join(str(error).split())[:160]})", {}
+            return (
+                "skip",
+                f"head dim {head_dim} is not built into this wheel ({' '.join(str(error).split())[:160]})",
+                {},
+            )
         raise
     error_fa = error_torch = 0.0
     group = HEADS // DECODE_KV_HEADS
     for b in range(DECODE_BATCH):
         # (pages, PAGE, Hkv, D) → (1, H, context, D), each KV head shared by `group` query heads
-        ks, vs = (c[block_table[b].long()].reshape(DECODE_CONTEXT, DECODE_KV_HEADS, head_dim)
-                  .repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
+        ks, vs = (
+            c[block_table[b].long()]
+            .reshape(DECODE_CONTEXT, DECODE_KV_HEADS, head_dim)
+            .repeat_interleave(group, dim=1)
+            .transpose(0, 1)
+            .unsqueeze(0)
+            for c in (k_cache, v_cache)
+        )
         qs = q[b].transpose(0, 1).unsqueeze(0)  # (1, H, 1, D)
         reference = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float())
         low = F.scaled_dot_product_attention(qs, ks, vs)
@@ -201,9 +232,16 @@ def _kvcache(head_dim: int, dtype, known: bool):
     tolerance = max(FLOOR[str(dtype).removeprefix("torch.")], 2 * error_torch)
     seconds = seconds_per_call(decode)
     cache_bytes = 2 * DECODE_BATCH * DECODE_CONTEXT * DECODE_KV_HEADS * head_dim * k_cache.element_size()
-    figures = {"max_err": error_fa, "sdpa_err": error_torch, "tolerance": tolerance,
-               "microseconds": seconds * 1e6, "kv_gb_per_s": cache_bytes / seconds / 1e9,
-               "tflops": 4 * DECODE_BATCH * HEADS * head_dim * DECODE_CONTEXT / seconds / 1e12}
-    detail = (f"max err {error_fa:.2e} (tolerance {tolerance:.1e}); {seconds * 1e6:.0f} µs per step, "
-              f"{figures['kv_gb_per_s']:.0f} GB/s of KV cache read")
+    figures = {
+        "max_err": error_fa,
+        "sdpa_err": error_torch,
+        "tolerance": tolerance,
+        "microseconds": seconds * 1e6,
+        "kv_gb_per_s": cache_bytes / seconds / 1e9,
+        "tflops": 4 * DECODE_BATCH * HEADS * head_dim * DECODE_CONTEXT / seconds / 1e12,
+    }
+    detail = (
+        f"max err {error_fa:.2e} (tolerance {tolerance:.1e}); {seconds * 1e6:.0f} µs per step, "
+        f"{figures['kv_gb_per_s']:.0f} GB/s of KV cache read"
+    )
     return ("pass" if error_fa <= tolerance else "fail"), detail, figures

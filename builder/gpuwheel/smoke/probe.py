@@ -35,8 +35,13 @@ class Recorder:
         self.handle = open(path, "a", encoding="utf-8")
 
     def emit(self, name: str, status: str, detail: str, seconds: float = 0.0, figures: dict | None = None) -> None:
-        record = {"name": name, "status": status, "detail": detail, "seconds": seconds,
-                  "figures": {k: float(v) for k, v in (figures or {}).items()}}
+        record = {
+            "name": name,
+            "status": status,
+            "detail": detail,
+            "seconds": seconds,
+            "figures": {k: float(v) for k, v in (figures or {}).items()},
+        }
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
 
@@ -75,8 +80,9 @@ def probe_env(spec: dict, out: str) -> None:
         info["torch"] = torch.__version__
         info["torch_cuda"] = torch.version.cuda
         if not torch.cuda.is_available():
-            info["gpu_reason"] = (f"torch {torch.__version__} sees no CUDA device"
-                                  + ("" if torch.version.cuda else " (a CPU-only build)"))
+            info["gpu_reason"] = f"torch {torch.__version__} sees no CUDA device" + (
+                "" if torch.version.cuda else " (a CPU-only build)"
+            )
         else:
             major, minor = torch.cuda.get_device_capability(0)
             info["gpu"] = {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
@@ -109,17 +115,29 @@ def probe_wheel(spec: dict, recorder: Recorder) -> None:
                 else:
                     failures.append(f"{relative}: {reason}")
         tried = len(spec["shared_objects"]) - len(other_python)
-        notes = f"; {len(other_python)} extension module(s) for other Pythons not loaded " \
-                f"({', '.join(sorted({re.search(r'cpython-[0-9]+', p).group(0) for p in other_python}))})" \
-            if other_python else ""
+        notes = (
+            f"; {len(other_python)} extension module(s) for other Pythons not loaded "
+            f"({', '.join(sorted({re.search(r'cpython-[0-9]+', p).group(0) for p in other_python}))})"
+            if other_python
+            else ""
+        )
         if failures:
             abi = " (built against another torch?)" if any("undefined symbol" in f for f in failures) else ""
-            return "fail", f"{len(failures)} of {tried} do not load against {against}{abi}: " \
-                           + "; ".join(failures) + notes, {}
+            return (
+                "fail",
+                f"{len(failures)} of {tried} do not load against {against}{abi}: " + "; ".join(failures) + notes,
+                {},
+            )
         if need_driver:
-            return "skip", (f"{len(need_driver)} of {tried} .so need the NVIDIA driver's libcuda.so.1, which this "
-                            f"machine lacks ({', '.join(need_driver)}); the other {loaded} loaded against "
-                            f"{against}{notes}"), {"shared_objects": loaded}
+            return (
+                "skip",
+                (
+                    f"{len(need_driver)} of {tried} .so need the NVIDIA driver's libcuda.so.1, which this "
+                    f"machine lacks ({', '.join(need_driver)}); the other {loaded} loaded against "
+                    f"{against}{notes}"
+                ),
+                {"shared_objects": loaded},
+            )
         if not spec["shared_objects"]:
             return "pass", "the wheel holds no .so", {}
         return "pass", f"{loaded} .so loaded against {against}{notes}", {"shared_objects": loaded}
@@ -142,6 +160,8 @@ def probe_wheel(spec: dict, recorder: Recorder) -> None:
 def _check_module(file_name: str):
     """A package check module loaded by path under a private name (its file name is the package's)."""
     spec = importlib.util.spec_from_file_location(f"_gpuwheel_smoke_{file_name[:-3]}", os.path.join(HERE, file_name))
+    if spec is None or spec.loader is None:  # not a .py file: cannot happen for the names used here
+        raise ImportError(f"cannot load {file_name} as a module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -150,8 +170,11 @@ def _check_module(file_name: str):
 # Packages of the generic kind with a GPU check of their own: project → (check module,
 # function(spec, recorder), what it checks). The generic kind runs it as the group of that name.
 PACKAGE_CHECKS = {
-    "causal-conv1d": ("causal_conv1d.py", "run_checks",
-                      "causal_conv1d_fn and causal_conv1d_update against a torch conv1d reference"),
+    "causal-conv1d": (
+        "causal_conv1d.py",
+        "run_checks",
+        "causal_conv1d_fn and causal_conv1d_update against a torch conv1d reference",
+    ),
 }
 
 # group → (check module, function(spec, recorder)); the package's kind names the groups to run.

@@ -17,9 +17,10 @@ import json
 import os
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -35,16 +36,20 @@ class CheckResult:
     figures: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "detail": self.detail,
-                "seconds": round(self.seconds, 3), "figures": dict(self.figures)}
+        return {
+            "name": self.name,
+            "status": self.status,
+            "detail": self.detail,
+            "seconds": round(self.seconds, 3),
+            "figures": dict(self.figures),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CheckResult:
         status = data.get("status")
         if status not in (PASS, FAIL, SKIP):
             return cls(str(data.get("name", "?")), FAIL, f"check reported status {status!r}")
-        figures = {str(k): float(v) for k, v in dict(data.get("figures") or {}).items()
-                   if isinstance(v, (int, float))}
+        figures = {str(k): float(v) for k, v in dict(data.get("figures") or {}).items() if isinstance(v, (int, float))}
         return cls(str(data["name"]), status, str(data.get("detail", "")), float(data.get("seconds", 0.0)), figures)
 
 
@@ -109,9 +114,17 @@ class SmokeReport:
             "torch": self.torch,
             "index_url": self.index_url,
             "checks": [c.to_json() for c in self.checks],
-            "wheels": [{"filename": w.filename, "sha256": w.sha256, "project": w.project, "version": w.version,
-                        "passed": self.wheel_passed(w), "checks": [c.to_json() for c in w.checks]}
-                       for w in self.wheels],
+            "wheels": [
+                {
+                    "filename": w.filename,
+                    "sha256": w.sha256,
+                    "project": w.project,
+                    "version": w.version,
+                    "passed": self.wheel_passed(w),
+                    "checks": [c.to_json() for c in w.checks],
+                }
+                for w in self.wheels
+            ],
         }
 
 
@@ -124,13 +137,17 @@ def write_junit(report: SmokeReport, path: Path) -> None:
     suites = ET.Element("testsuites", name=f"gpuwheel smoke {report.target}")
     groups = [("environment", report.checks)] + [(w.filename, w.checks) for w in report.wheels]
     for suite_name, checks in groups:
-        suite = ET.SubElement(suites, "testsuite", name=suite_name, tests=str(len(checks)),
-                              failures=str(sum(c.status == FAIL for c in checks)),
-                              skipped=str(sum(c.status == SKIP for c in checks)),
-                              time=f"{sum(c.seconds for c in checks):.3f}")
+        suite = ET.SubElement(
+            suites,
+            "testsuite",
+            name=suite_name,
+            tests=str(len(checks)),
+            failures=str(sum(c.status == FAIL for c in checks)),
+            skipped=str(sum(c.status == SKIP for c in checks)),
+            time=f"{sum(c.seconds for c in checks):.3f}",
+        )
         for check in checks:
-            case = ET.SubElement(suite, "testcase", classname=suite_name, name=check.name,
-                                 time=f"{check.seconds:.3f}")
+            case = ET.SubElement(suite, "testcase", classname=suite_name, name=check.name, time=f"{check.seconds:.3f}")
             if check.status == FAIL:
                 ET.SubElement(case, "failure", message=check.detail).text = check.detail
             elif check.status == SKIP:

@@ -25,9 +25,10 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
@@ -40,7 +41,17 @@ from gpuwheel.kinds.base import Kind
 from gpuwheel.layout import simple_url, target_paths
 from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.run import Finished, capture, run
-from gpuwheel.smoke.report import FAIL, PASS, SKIP, CheckResult, GpuInfo, SmokeReport, WheelSmoke, write_json, write_junit
+from gpuwheel.smoke.report import (
+    FAIL,
+    PASS,
+    SKIP,
+    CheckResult,
+    GpuInfo,
+    SmokeReport,
+    WheelSmoke,
+    write_json,
+    write_junit,
+)
 from gpuwheel.static_index import add_wheels
 from gpuwheel.wheelfile import WheelFile, read_wheel
 
@@ -59,9 +70,15 @@ class _Interpreter:
     described: str  # for the report: the interpreter given, or "a fresh venv of <base>"
 
 
-def run_smoke(target_or_recipe: str | os.PathLike, *, index_url: str | None = None,
-              wheels_dir: Path | None = None, python: str | None = None, junit: Path | None = None,
-              json_out: Path | None = None) -> SmokeReport:
+def run_smoke(
+    target_or_recipe: str | os.PathLike,
+    *,
+    index_url: str | None = None,
+    wheels_dir: Path | None = None,
+    python: str | None = None,
+    junit: Path | None = None,
+    json_out: Path | None = None,
+) -> SmokeReport:
     """Install the target's wheels from an index and run the smoke checks; write smoke.json
     (json_out, default: smoke.json beside the wheels, or the target's staging/ for --index) and
     JUnit XML (junit) and return the report. Failing checks do not raise: the caller decides."""
@@ -77,6 +94,7 @@ def run_smoke(target_or_recipe: str | os.PathLike, *, index_url: str | None = No
     with tempfile.TemporaryDirectory(prefix="gpuwheel-smoke-") as temp:
         work = Path(temp)
         if index_url is None:
+            assert wheels_dir is not None  # set above when there is no index URL
             url, requirements = _throwaway_index(wheels_dir, work / "index")
             source = f"{Path(os.path.abspath(wheels_dir))} (through a throwaway static index)"
         else:
@@ -98,24 +116,36 @@ def _as_url(index: str) -> str:
 def _throwaway_index(wheels_dir: Path, index_dir: Path) -> tuple[str, list[str]]:
     found = sorted(p for p in Path(wheels_dir).glob("*.whl") if not p.name.startswith("."))
     if not found:
-        raise SmokeFailure(f"no wheels in {wheels_dir}", hint="build the target first, or pass --wheels DIR or --index URL")
+        raise SmokeFailure(
+            f"no wheels in {wheels_dir}", hint="build the target first, or pass --wheels DIR or --index URL"
+        )
     wheels = [read_wheel(path) for path in found]
     add_wheels(wheels, index_dir)
     # the exact versions (local labels included): nothing but these files can satisfy them
     return simple_url(index_dir), [f"{w.project}=={w.version}" for w in wheels]
 
 
-def _smoke(recipe, url: str, source: str, requirements: list[str], python: str | None, work: Path,
-           from_wheels_dir: bool) -> SmokeReport:
+def _smoke(
+    recipe, url: str, source: str, requirements: list[str], python: str | None, work: Path, from_wheels_dir: bool
+) -> SmokeReport:
     target_cc = recipe.target.compute_capability
     interpreter = _interpreter(python, recipe.toolchain.python, work)
     env_checks: list[CheckResult] = []
 
-    def report(info: Mapping[str, Any], gpu: GpuInfo | None, reason: str | None,
-               wheels: Sequence[WheelSmoke] = ()) -> SmokeReport:
-        return SmokeReport(target=recipe.target.name, compute_capability=target_cc, gpu=gpu,
-                           gpu_skip_reason=reason, python=interpreter.described,
-                           torch=info.get("torch"), index_url=source, checks=tuple(env_checks), wheels=tuple(wheels))
+    def report(
+        info: Mapping[str, Any], gpu: GpuInfo | None, reason: str | None, wheels: Sequence[WheelSmoke] = ()
+    ) -> SmokeReport:
+        return SmokeReport(
+            target=recipe.target.name,
+            compute_capability=target_cc,
+            gpu=gpu,
+            gpu_skip_reason=reason,
+            python=interpreter.described,
+            torch=info.get("torch"),
+            index_url=source,
+            checks=tuple(env_checks),
+            wheels=tuple(wheels),
+        )
 
     before = _probe_env(interpreter, work)
     downloaded, check = _download(interpreter, url, requirements, work / "downloaded", from_wheels_dir)
@@ -125,22 +155,42 @@ def _smoke(recipe, url: str, source: str, requirements: list[str], python: str |
             env_checks.append(CheckResult("install", FAIL, f"none of {', '.join(requirements)} is on {url}"))
         return report(before, None, "nothing was installed")
     wheels = [read_wheel(path) for path in downloaded]
-    env_checks.append(_install(interpreter, wheels, recipe.toolchain.torch, torch_present=before.get("torch") is not None,
-                               work=work))
+    env_checks.append(
+        _install(interpreter, wheels, recipe.toolchain.torch, torch_present=before.get("torch") is not None, work=work)
+    )
     if env_checks[-1].status == FAIL:
         return report(before, None, "the wheels did not install")
     info = _probe_env(interpreter, work)
     env_checks.append(_torch_check(info, recipe.toolchain.torch))
     gpu, reason = _gpu(info, target_cc, recipe.target.name)
-    env_checks.append(CheckResult("GPU", PASS if reason is None else SKIP,
-                                  reason or f"{gpu.name}, compute capability {gpu.compute_capability} "
-                                            f"(target {recipe.target.name}: {target_cc})"))
+    env_checks.append(
+        CheckResult(
+            "GPU",
+            PASS if reason is None else SKIP,
+            reason
+            or (
+                f"{gpu.name}, compute capability {gpu.compute_capability} (target {recipe.target.name}: {target_cc})"
+                if gpu is not None  # _gpu gives a reason whenever it gives no GPU
+                else ""
+            ),
+        )
+    )
     optional = tuple(glob for package in recipe.packages for glob in package.audit_optional)
     # The recipe's kind for each of its packages; a wheel the recipe does not name, by its project name.
-    kinds = {canonicalize_name(package.name): package.kind for package in recipe.packages}
-    results = [_smoke_wheel(wheel, registry.get(kinds.get(wheel.project) or registry.default_kind(wheel.project)),
-                            interpreter, work, target_cc, recipe.target.min_driver, optional, reason)
-               for wheel in wheels]
+    kinds: dict[str, str] = {canonicalize_name(package.name): package.kind for package in recipe.packages}
+    results = [
+        _smoke_wheel(
+            wheel,
+            registry.get(kinds.get(wheel.project) or registry.default_kind(wheel.project)),
+            interpreter,
+            work,
+            target_cc,
+            recipe.target.min_driver,
+            optional,
+            reason,
+        )
+        for wheel in wheels
+    ]
     return report(info, gpu, reason, results)
 
 
@@ -163,14 +213,19 @@ def _interpreter(python: str | None, wanted_python: str, work: Path) -> _Interpr
     return _Interpreter(str(venv / "bin" / "python"), env, None, f"a fresh venv of {base}")
 
 
-def _probe(interpreter: _Interpreter, group: str, spec: Mapping[str, Any], work: Path, name: str,
-           timeout: float) -> tuple[Path, Finished]:
+def _probe(
+    interpreter: _Interpreter, group: str, spec: Mapping[str, Any], work: Path, name: str, timeout: float
+) -> tuple[Path, Finished]:
     probes = work / "probes"
     probes.mkdir(exist_ok=True)
     spec_path, out = probes / f"{name}.json", probes / f"{name}.out"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    finished = run([interpreter.python, PROBE, group, spec_path, out], env=interpreter.env, timeout=timeout,
-                   log_path=probes / f"{name}.log")
+    finished = run(
+        [interpreter.python, PROBE, group, spec_path, out],
+        env=interpreter.env,
+        timeout=timeout,
+        log_path=probes / f"{name}.log",
+    )
     return out, finished
 
 
@@ -187,28 +242,47 @@ def _last_line(finished: Finished) -> str:
 
 
 # ---- download and install ------------------------------------------------------------------------
-def _download(interpreter: _Interpreter, url: str, requirements: list[str], dest: Path,
-              from_wheels_dir: bool) -> tuple[list[Path], list[CheckResult]]:
+def _download(
+    interpreter: _Interpreter, url: str, requirements: list[str], dest: Path, from_wheels_dir: bool
+) -> tuple[list[Path], list[CheckResult]]:
     """The target's wheels, from `url` alone; a recipe package the index lacks is skipped (--index)."""
     env = {k: v for k, v in interpreter.env.items() if k not in _PIP_INDEX_VARIABLES}
     env["PIP_CONFIG_FILE"] = os.devnull  # pip.conf may add extra indexes or find-links
     checks = []
     for requirement in requirements:
-        finished = run([interpreter.python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--disable-pip-version-check", "--index-url", url, "--dest", dest, requirement],
-                       env=env, timeout=PIP_TIMEOUT)
+        finished = run(
+            [
+                interpreter.python,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "--index-url",
+                url,
+                "--dest",
+                dest,
+                requirement,
+            ],
+            env=env,
+            timeout=PIP_TIMEOUT,
+        )
         if finished.ok:
             continue
         missing = any("No matching distribution" in line for line in finished.tail)
         if missing and not from_wheels_dir:
             checks.append(CheckResult(f"download {requirement}", SKIP, f"not on {url}"))
         else:
-            checks.append(CheckResult(f"download {requirement}", FAIL, f"pip download from {url}: {_last_line(finished)}"))
+            checks.append(
+                CheckResult(f"download {requirement}", FAIL, f"pip download from {url}: {_last_line(finished)}")
+            )
     return sorted(dest.glob("*.whl")) if dest.exists() else [], checks
 
 
-def _install(interpreter: _Interpreter, wheels: list[WheelFile], torch_pin: str, *, torch_present: bool,
-             work: Path) -> CheckResult:
+def _install(
+    interpreter: _Interpreter, wheels: list[WheelFile], torch_pin: str, *, torch_present: bool, work: Path
+) -> CheckResult:
     command = [interpreter.python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
     if interpreter.target_dir is not None:
         command += ["--target", str(interpreter.target_dir)]
@@ -218,10 +292,18 @@ def _install(interpreter: _Interpreter, wheels: list[WheelFile], torch_pin: str,
         constraints = work / "constraints.txt"
         constraints.write_text(f"torch=={torch_pin}\n", encoding="utf-8")
         command += ["--constraint", str(constraints)]
-    say(f"smoke: installing {len(wheels)} wheel(s)" + ("" if "--no-deps" in command else
-        f" and their dependencies (torch {torch_pin}: a minute or more)") + f" into {interpreter.described}")
-    finished = run([*command, *(str(w.path) for w in wheels)], env=interpreter.env, timeout=PIP_TIMEOUT,
-                   log_path=work / "pip-install.log", on_line=pip_milestones("smoke install"))
+    say(
+        f"smoke: installing {len(wheels)} wheel(s)"
+        + ("" if "--no-deps" in command else f" and their dependencies (torch {torch_pin}: a minute or more)")
+        + f" into {interpreter.described}"
+    )
+    finished = run(
+        [*command, *(str(w.path) for w in wheels)],
+        env=interpreter.env,
+        timeout=PIP_TIMEOUT,
+        log_path=work / "pip-install.log",
+        on_line=pip_milestones("smoke install"),
+    )
     names = ", ".join(w.filename for w in wheels)
     if not finished.ok:
         return CheckResult("install", FAIL, f"pip install {names}: {_last_line(finished)}", finished.seconds)
@@ -239,9 +321,13 @@ def _torch_check(info: Mapping[str, Any], pin: str) -> CheckResult:
         same = False
     if same:
         return CheckResult("torch", PASS, f"torch {installed} is the recipe's pin {pin}")
-    return CheckResult("torch", FAIL, f"torch {installed} in {info.get('python')}, but the recipe pins {pin} "
-                                      "(the wheels are built against the pin); use a recipe with this torch, "
-                                      "or an interpreter with the pinned one")
+    return CheckResult(
+        "torch",
+        FAIL,
+        f"torch {installed} in {info.get('python')}, but the recipe pins {pin} "
+        "(the wheels are built against the pin); use a recipe with this torch, "
+        "or an interpreter with the pinned one",
+    )
 
 
 # ---- the GPU -----------------------------------------------------------------------------------
@@ -251,8 +337,10 @@ def _gpu(info: Mapping[str, Any], target_cc: str, target: str) -> tuple[GpuInfo 
     if seen:
         gpu = GpuInfo(seen["name"], seen["compute_capability"])
         if facts.parse_arch(gpu.compute_capability).plain != facts.parse_arch(target_cc).plain:
-            return gpu, (f"GPU checks skipped: {gpu.name} has compute capability {gpu.compute_capability}, "
-                         f"target {target} is {target_cc}")
+            return gpu, (
+                f"GPU checks skipped: {gpu.name} has compute capability {gpu.compute_capability}, "
+                f"target {target} is {target_cc}"
+            )
         return gpu, None
     listed, smi = _nvidia_smi_gpu()
     if info.get("torch") is not None or listed is None:
@@ -274,26 +362,48 @@ def _nvidia_smi_gpu() -> tuple[GpuInfo | None, str]:
 
 
 # ---- one wheel -----------------------------------------------------------------------------------
-def _smoke_wheel(wheel: WheelFile, kind: Kind, interpreter: _Interpreter, work: Path, target_cc: str, driver: str,
-                 optional: tuple[str, ...], gpu_skip: str | None) -> WheelSmoke:
+def _smoke_wheel(
+    wheel: WheelFile,
+    kind: Kind,
+    interpreter: _Interpreter,
+    work: Path,
+    target_cc: str,
+    driver: str,
+    optional: tuple[str, ...],
+    gpu_skip: str | None,
+) -> WheelSmoke:
     members = _members(wheel.path)
     shared_objects = tuple(m for m in members if _is_shared_object(m))
     checks = [_native_check(wheel, target_cc, driver, optional)]
-    checks += _run_group(interpreter, "wheel", {"project": wheel.project, "modules": _top_level_modules(members),
-                                                "shared_objects": list(shared_objects)}, work, wheel, timeout=600)
+    checks += _run_group(
+        interpreter,
+        "wheel",
+        {"project": wheel.project, "modules": _top_level_modules(members), "shared_objects": list(shared_objects)},
+        work,
+        wheel,
+        timeout=600,
+    )
     groups = kind.smoke_groups(wheel.project, wheel.provenance, shared_objects, work)
     for index, group in enumerate(groups):
         if gpu_skip is not None and group.needs_gpu:
             checks.append(CheckResult(f"GPU: {group.what}", SKIP, gpu_skip))
         else:
-            checks += _run_group(interpreter, group.group, group.spec, work, wheel, timeout=GPU_GROUP_TIMEOUT,
-                                 run=index)
+            checks += _run_group(
+                interpreter, group.group, group.spec, work, wheel, timeout=GPU_GROUP_TIMEOUT, run=index
+            )
     checks[1:1] = kind.smoke_checks(wheel.provenance, shared_objects)
     return WheelSmoke(wheel.filename, wheel.sha256, wheel.project, wheel.version, tuple(checks))
 
 
-def _run_group(interpreter: _Interpreter, group: str, spec: Mapping[str, Any], work: Path, wheel: WheelFile,
-               timeout: float, run: int | None = None) -> list[CheckResult]:
+def _run_group(
+    interpreter: _Interpreter,
+    group: str,
+    spec: Mapping[str, Any],
+    work: Path,
+    wheel: WheelFile,
+    timeout: float,
+    run: int | None = None,
+) -> list[CheckResult]:
     """One probe process; `run` tells apart the runs of one group (vllm-generate compiled, then eager)."""
     logger.info("smoke: %s checks of %s", group, wheel.filename)
     name = f"{wheel.project}-{group}" if run is None else f"{wheel.project}-{run}-{group}"
@@ -302,8 +412,14 @@ def _run_group(interpreter: _Interpreter, group: str, spec: Mapping[str, Any], w
     results = [CheckResult.from_json(json.loads(line)) for line in lines if line.strip()]
     if not finished.ok:
         # a kernel that takes the process down (illegal memory access) ends the group here
-        results.append(CheckResult(f"{group} checks", FAIL, f"the check process died after {len(results)} "
-                                   f"check(s): {_last_line(finished)}", finished.seconds))
+        results.append(
+            CheckResult(
+                f"{group} checks",
+                FAIL,
+                f"the check process died after {len(results)} check(s): {_last_line(finished)}",
+                finished.seconds,
+            )
+        )
     return results
 
 
@@ -324,8 +440,13 @@ def _native_check(wheel: WheelFile, cc: str, driver: str, optional: tuple[str, .
     figures = {"native_units": float(native), "jit_units": float(jit), "shared_objects": float(len(judged))}
     if problems:
         return CheckResult(name, FAIL, "; ".join(problems), figures=figures)
-    return CheckResult(name, PASS, f"{len(judged)} .so, {native} kernel unit(s) with SASS for {arch.plain}"
-                       + (f", {jit} through PTX JIT the driver reads" if jit else ""), figures=figures)
+    return CheckResult(
+        name,
+        PASS,
+        f"{len(judged)} .so, {native} kernel unit(s) with SASS for {arch.plain}"
+        + (f", {jit} through PTX JIT the driver reads" if jit else ""),
+        figures=figures,
+    )
 
 
 def _members(wheel: Path) -> list[str]:

@@ -24,8 +24,10 @@ The shapes are the crashes of CONTEXT.md: 8192 scheduled tokens made of 8 reques
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from typing import Any
 
 SEQLENS = (1001,) * 8 + (184,)
 TOKENS = sum(SEQLENS)  # 8192
@@ -35,11 +37,19 @@ MOE_PERMUTE_FILE = "vllm/model_executor/layers/fused_moe/moe_permute_unpermute.p
 # The compiled op libraries: (name, wheel member globs, newest layout first, {namespace: ops it
 # must register}). One library registers several namespaces (_C holds _C_cache_ops too).
 OP_LIBRARIES = (
-    ("_C", ("vllm/_C_stable_libtorch.*so", "vllm/_C.*so"),
-     {"_C": ("silu_and_mul", "rms_norm", "fused_add_rms_norm", "rotary_embedding"),
-      "_C_cache_ops": ("reshape_and_cache_flash",)}),
-    ("_moe_C", ("vllm/_moe_C_stable_libtorch.*so", "vllm/_moe_C.*so"),
-     {"_moe_C": ("moe_permute", "moe_unpermute", "topk_softmax", "moe_align_block_size", "moe_sum")}),
+    (
+        "_C",
+        ("vllm/_C_stable_libtorch.*so", "vllm/_C.*so"),
+        {
+            "_C": ("silu_and_mul", "rms_norm", "fused_add_rms_norm", "rotary_embedding"),
+            "_C_cache_ops": ("reshape_and_cache_flash",),
+        },
+    ),
+    (
+        "_moe_C",
+        ("vllm/_moe_C_stable_libtorch.*so", "vllm/_moe_C.*so"),
+        {"_moe_C": ("moe_permute", "moe_unpermute", "topk_softmax", "moe_align_block_size", "moe_sum")},
+    ),
     ("_vllm_fa2_C", ("vllm/vllm_flash_attn/_vllm_fa2_C.*so",), {"_vllm_fa2_C": ("varlen_fwd", "fwd_kvcache")}),
 )
 # Kernel families a serving profile may omit (kinds/vllm.py OMITTABLE) and the libraries they are.
@@ -52,9 +62,15 @@ FA2_DTYPES = ("fp16", "bf16")
 FA2_HEADS, FA2_KV_HEADS, FA2_BLOCK = 16, 4, 16  # GQA as served models use it; vLLM's default block size
 FA2_NOT_BUILT = "has no FA2 kernels for"  # the serving profile's refusal (patch 0005)
 # vLLM modules the engine imports at start (engine, worker, model runner, FA backend, models).
-ENGINE_MODULES = ("vllm.entrypoints.llm", "vllm.v1.engine.core", "vllm.v1.worker.gpu_model_runner",
-                  "vllm.v1.attention.backends.flash_attn", "vllm.model_executor.models.llama",
-                  "vllm.model_executor.models.qwen3_moe", "vllm.v1.structured_output")
+ENGINE_MODULES = (
+    "vllm.entrypoints.llm",
+    "vllm.v1.engine.core",
+    "vllm.v1.worker.gpu_model_runner",
+    "vllm.v1.attention.backends.flash_attn",
+    "vllm.model_executor.models.llama",
+    "vllm.model_executor.models.qwen3_moe",
+    "vllm.v1.structured_output",
+)
 
 
 def _root(spec: dict) -> str:
@@ -71,14 +87,18 @@ def _load_by_path(path: str, name: str):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # not a .py file: cannot happen for the names used here
+        raise ImportError(f"cannot load {path} as a module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def _permute_module(spec: dict):
-    return _load_by_path(spec.get("moe_permute_file") or os.path.join(_root(spec), MOE_PERMUTE_FILE),
-                         "_gpuwheel_smoke_moe_permute_unpermute")
+    return _load_by_path(
+        spec.get("moe_permute_file") or os.path.join(_root(spec), MOE_PERMUTE_FILE),
+        "_gpuwheel_smoke_moe_permute_unpermute",
+    )
 
 
 def _libraries(spec: dict) -> list[tuple[str, str, dict]]:
@@ -91,8 +111,9 @@ def _libraries(spec: dict) -> list[tuple[str, str, dict]]:
         if isinstance(entry, dict):
             found.append((entry["name"], entry["path"], entry.get("ops") or {}))
             continue
-        known = next(((name, ops) for name, globs, ops in OP_LIBRARIES
-                      if any(fnmatch.fnmatch(entry, g) for g in globs)), None)
+        known = next(
+            ((name, ops) for name, globs, ops in OP_LIBRARIES if any(fnmatch.fnmatch(entry, g) for g in globs)), None
+        )
         name = known[0] if known else os.path.basename(entry).split(".")[0]
         found.append((name, entry, known[1] if known else {}))
     return found
@@ -112,12 +133,13 @@ def run_op_checks(spec: dict, recorder) -> None:
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
-        recorder.emit("op libraries", "skip", "torch is not installed in this interpreter: the op libraries "
-                                              "load into torch")
+        recorder.emit(
+            "op libraries", "skip", "torch is not installed in this interpreter: the op libraries load into torch"
+        )
         return
     root = _root(spec)
     for name, relative, ops in _libraries(spec):
-        recorder.check(f"op library {name}", lambda: _load_op_library(os.path.join(root, relative), ops))
+        recorder.check(f"op library {name}", functools.partial(_load_op_library, os.path.join(root, relative), ops))
     if not spec.get("root"):
         recorder.check("vLLM's engine modules import", _engine_imports)
 
@@ -133,8 +155,14 @@ def _load_op_library(path: str, ops: dict):
     except OSError as error:
         reason = " ".join(str(error).split())
         if "libcuda.so" in reason and "cannot open shared object file" in reason:
-            return "skip", (f"needs the NVIDIA driver's libcuda.so.1, which this machine lacks "
-                            f"({os.path.basename(path)}); runs where the driver is"), {}
+            return (
+                "skip",
+                (
+                    f"needs the NVIDIA driver's libcuda.so.1, which this machine lacks "
+                    f"({os.path.basename(path)}); runs where the driver is"
+                ),
+                {},
+            )
         raise
     torch.ops.load_library(path)
     missing = []
@@ -159,9 +187,15 @@ def _engine_imports():
             importlib.import_module(module)
         except ModuleNotFoundError as error:
             if error.name and not error.name.startswith("vllm"):
-                return "fail", (f"{module} needs {error.name!r}, which is not installed here: vLLM's "
-                                "dependencies must be installed (on the GPU machine: "
-                                "tests/gpu/install_vllm_deps.sh)"), {}
+                return (
+                    "fail",
+                    (
+                        f"{module} needs {error.name!r}, which is not installed here: vLLM's "
+                        "dependencies must be installed (on the GPU machine: "
+                        "tests/gpu/install_vllm_deps.sh)"
+                    ),
+                    {},
+                )
             raise
     return "pass", f"imported {', '.join(ENGINE_MODULES)}", {}
 
@@ -175,11 +209,14 @@ def run_checks(spec: dict, recorder) -> None:
         known = fa2.get("head_dims") is not None
         for head_dim in fa2.get("head_dims") or FA2_HEAD_DIMS:
             for dtype in fa2.get("dtypes") or FA2_DTYPES:
-                recorder.check(f"FA2 varlen hdim{head_dim} {dtype} 8x1001+184 (vllm.vllm_flash_attn)",
-                               lambda: _fa2_varlen(head_dim, dtype, known))
+                recorder.check(
+                    f"FA2 varlen hdim{head_dim} {dtype} 8x1001+184 (vllm.vllm_flash_attn)",
+                    functools.partial(_fa2_varlen, head_dim, dtype, known),
+                )
     recorder.check(f"moe_permute fp8 {TOKENS} tokens (8x1001+184)", lambda: _moe_permute(spec))
-    recorder.check(f"MoE layer {TOKENS} tokens: topk_softmax, moe_permute, moe_unpermute",
-                   lambda: _moe_layer_with_permute(spec))
+    recorder.check(
+        f"MoE layer {TOKENS} tokens: topk_softmax, moe_permute, moe_unpermute", lambda: _moe_layer_with_permute(spec)
+    )
     recorder.check(f"fused_experts (Triton) {TOKENS} tokens", _fused_experts_triton)
 
 
@@ -192,8 +229,9 @@ def _torch_dtype(name: str):
 
 def _flash_attn_checks():
     """flash_attn.py beside this file (its timing and SDPA reference serve FA2 here too)."""
-    return _load_by_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "flash_attn.py"),
-                         "_gpuwheel_smoke_flash_attn_helpers")
+    return _load_by_path(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "flash_attn.py"), "_gpuwheel_smoke_flash_attn_helpers"
+    )
 
 
 def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
@@ -215,14 +253,15 @@ def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
     # the same K/V in 16-token pages, pages of all sequences shuffled over the cache
     pages = [-(-n // FA2_BLOCK) for n in SEQLENS]
     order = torch.randperm(sum(pages), device="cuda")
-    k_cache, v_cache = (torch.zeros(sum(pages), FA2_BLOCK, FA2_KV_HEADS, head_dim, device="cuda", dtype=dtype)
-                        for _ in range(2))
+    k_cache, v_cache = (
+        torch.zeros(sum(pages), FA2_BLOCK, FA2_KV_HEADS, head_dim, device="cuda", dtype=dtype) for _ in range(2)
+    )
     block_table = torch.zeros(len(SEQLENS), max(pages), device="cuda", dtype=torch.int32)
     used = 0
-    for i, (start, length) in enumerate(zip(offsets, SEQLENS)):
-        blocks = order[used:used + pages[i]]
+    for i, (start, length) in enumerate(zip(offsets, SEQLENS, strict=False)):
+        blocks = order[used : used + pages[i]]
         used += pages[i]
-        block_table[i, :pages[i]] = blocks.to(torch.int32)
+        block_table[i, : pages[i]] = blocks.to(torch.int32)
         for j, block in enumerate(blocks.tolist()):
             rows = slice(start + j * FA2_BLOCK, min(start + (j + 1) * FA2_BLOCK, start + length))
             n = rows.stop - rows.start
@@ -230,20 +269,34 @@ def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
     seqused = torch.tensor(SEQLENS, device="cuda", dtype=torch.int32)
 
     calls = {
-        "full": lambda: flash_attn_varlen_func(q, k, v, longest, cu_seqlens, longest, cu_seqlens_k=cu_seqlens,
-                                               causal=False, fa_version=2),
-        "causal": lambda: flash_attn_varlen_func(q, k, v, longest, cu_seqlens, longest, cu_seqlens_k=cu_seqlens,
-                                                 causal=True, fa_version=2),
-        "paged": lambda: flash_attn_varlen_func(q, k_cache, v_cache, longest, cu_seqlens, longest,
-                                                seqused_k=seqused, block_table=block_table, causal=True,
-                                                fa_version=2),
+        "full": lambda: flash_attn_varlen_func(
+            q, k, v, longest, cu_seqlens, longest, cu_seqlens_k=cu_seqlens, causal=False, fa_version=2
+        ),
+        "causal": lambda: flash_attn_varlen_func(
+            q, k, v, longest, cu_seqlens, longest, cu_seqlens_k=cu_seqlens, causal=True, fa_version=2
+        ),
+        "paged": lambda: flash_attn_varlen_func(
+            q,
+            k_cache,
+            v_cache,
+            longest,
+            cu_seqlens,
+            longest,
+            seqused_k=seqused,
+            block_table=block_table,
+            causal=True,
+            fa_version=2,
+        ),
     }
     try:
         outputs = {label: call() for label, call in calls.items()}
     except RuntimeError as error:
         if not known and FA2_NOT_BUILT in str(error):
-            return "skip", f"head dim {head_dim} {dtype_name} is not built into this wheel " \
-                           f"({' '.join(str(error).split())[:160]})", {}
+            return (
+                "skip",
+                f"head dim {head_dim} {dtype_name} is not built into this wheel ({' '.join(str(error).split())[:160]})",
+                {},
+            )
         raise
     shared = _flash_attn_checks()
     figures: dict[str, float] = {}
@@ -255,8 +308,10 @@ def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
         tolerance = max(tolerance, 2 * error_torch)
         worst = max(worst, error_fa)
     figures["tolerance"] = tolerance
-    detail = (f"max err {worst:.2e} (tolerance {tolerance:.1e}); TFLOP/s {figures['tflops_full']:.0f} full, "
-              f"{figures['tflops_causal']:.0f} causal, {figures['tflops_paged']:.0f} paged causal")
+    detail = (
+        f"max err {worst:.2e} (tolerance {tolerance:.1e}); TFLOP/s {figures['tflops_full']:.0f} full, "
+        f"{figures['tflops_causal']:.0f} causal, {figures['tflops_paged']:.0f} paged causal"
+    )
     return ("pass" if worst <= tolerance else "fail"), detail, figures
 
 
@@ -292,16 +347,22 @@ def run_fa2_error_checks(spec: dict, recorder) -> None:
                 attend(built_dims[0], built_dtypes[0])  # a built kernel still runs after the refusal
                 return "pass", f"raised RuntimeError: {message[:240]}", {}
             return "fail", f"accepted {what}", {}
+
         return case
 
     for head_dim in (d for d in FA2_HEAD_DIMS if d not in built_dims):
-        recorder.check(f"FA2 unbuilt head dim {head_dim} raises",
-                       refused(head_dim, built_dtypes[0], f"head dim {head_dim}, which this build left out", True))
+        recorder.check(
+            f"FA2 unbuilt head dim {head_dim} raises",
+            refused(head_dim, built_dtypes[0], f"head dim {head_dim}, which this build left out", True),
+        )
     for dtype_name in (d for d in FA2_DTYPES if d not in built_dtypes):
-        recorder.check(f"FA2 unbuilt dtype {dtype_name} raises",
-                       refused(built_dims[0], dtype_name, f"{dtype_name}, which this build left out", True))
-    recorder.check("FA2 head dim 304 raises", refused(304, built_dtypes[0], "head dim 304, which no kernel serves",
-                                                      False))
+        recorder.check(
+            f"FA2 unbuilt dtype {dtype_name} raises",
+            refused(built_dims[0], dtype_name, f"{dtype_name}, which this build left out", True),
+        )
+    recorder.check(
+        "FA2 head dim 304 raises", refused(304, built_dtypes[0], "head dim 304, which no kernel serves", False)
+    )
 
 
 def _routing(seed: int):
@@ -322,8 +383,9 @@ def _routing(seed: int):
     expected_order = expected_ids.sort(dim=-1)
     if not torch.equal(order.values, expected_order.values):
         raise AssertionError("topk_softmax chose other experts than torch.topk(softmax(gating))")
-    if not torch.allclose(weights.gather(1, order.indices), expected_weights.gather(1, expected_order.indices),
-                          atol=1e-5):
+    if not torch.allclose(
+        weights.gather(1, order.indices), expected_weights.gather(1, expected_order.indices), atol=1e-5
+    ):
         raise AssertionError("topk_softmax weights differ from torch's renormalized softmax top-8")
     return hidden, scale, weights, ids
 
@@ -365,10 +427,14 @@ def _experts(seed: int):
     import torch
 
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    w1 = torch.randn(EXPERTS, 2 * INTERMEDIATE, HIDDEN, device="cuda", generator=generator,
-                     dtype=torch.bfloat16) / HIDDEN ** 0.5
-    w2 = torch.randn(EXPERTS, HIDDEN, INTERMEDIATE, device="cuda", generator=generator,
-                     dtype=torch.bfloat16) / INTERMEDIATE ** 0.5
+    w1 = (
+        torch.randn(EXPERTS, 2 * INTERMEDIATE, HIDDEN, device="cuda", generator=generator, dtype=torch.bfloat16)
+        / HIDDEN**0.5
+    )
+    w2 = (
+        torch.randn(EXPERTS, HIDDEN, INTERMEDIATE, device="cuda", generator=generator, dtype=torch.bfloat16)
+        / INTERMEDIATE**0.5
+    )
     return w1, w2
 
 
@@ -395,7 +461,9 @@ def _compare(out, reference, seconds: float):
     error = (out.float() - reference).abs().max().item()
     relative = error / reference.abs().max().item()
     figures = {"max_abs_err": error, "max_rel_err": relative, "tolerance": MOE_REL_TOLERANCE, "seconds": seconds}
-    detail = f"max rel err {relative:.2e} (tolerance {MOE_REL_TOLERANCE:.0e}) vs torch reference, {seconds * 1e3:.1f} ms"
+    detail = (
+        f"max rel err {relative:.2e} (tolerance {MOE_REL_TOLERANCE:.0e}) vs torch reference, {seconds * 1e3:.1f} ms"
+    )
     return ("pass" if relative <= MOE_REL_TOLERANCE else "fail"), detail, figures
 
 
@@ -415,7 +483,7 @@ def _moe_layer_with_permute(spec: dict):
     bounds = first_offset.tolist()
     for e in range(EXPERTS):
         if bounds[e + 1] > bounds[e]:
-            expert_out[bounds[e]:bounds[e + 1]] = _expert(rows[bounds[e]:bounds[e + 1]], w1, w2, e)
+            expert_out[bounds[e] : bounds[e + 1]] = _expert(rows[bounds[e] : bounds[e + 1]], w1, w2, e)
     out = torch.empty(TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
     module.moe_unpermute(out, expert_out, weights, inverse, first_offset)
     torch.cuda.synchronize()
@@ -424,8 +492,8 @@ def _moe_layer_with_permute(spec: dict):
 
 def _fused_experts_triton():
     import torch
-
     from vllm.model_executor.layers.fused_moe import fused_experts
+
     hidden, scale, weights, ids = _routing(seed=4)
     w1, w2 = _experts(seed=5)
     x = (hidden.float() * scale).to(torch.bfloat16)
@@ -447,32 +515,41 @@ def run_boundary_checks(spec: dict, recorder) -> None:
     hidden, scale, _, ids = _routing(seed=6)
     cases = {
         f"moe_permute refuses {TOKENS // 2} scale rows for {TOKENS} tokens": lambda: module.moe_permute(
-            hidden, scale[: TOKENS // 2], ids, EXPERTS),
+            hidden, scale[: TOKENS // 2], ids, EXPERTS
+        ),
         f"moe_permute refuses {TOKENS // 2} topk_ids rows for {TOKENS} tokens": lambda: module.moe_permute(
-            hidden, scale, ids[: TOKENS // 2], EXPERTS),
+            hidden, scale, ids[: TOKENS // 2], EXPERTS
+        ),
     }
     alive = True
     for name, call in cases.items():
         if not alive:
             recorder.emit(name, "skip", "not run: the CUDA context died in the case before")
             continue
-        outcome = {}
+        outcome: dict[str, Any] = {}
 
-        def case():
+        def case(call=call, outcome=outcome):  # bound now; recorder.check runs it in this iteration
             try:
                 call()
                 torch.cuda.synchronize()
             except Exception as error:  # the refusal, or the crash surfacing at synchronize
                 outcome["error"] = error
             outcome["alive"] = _context_alive()
-            error = outcome.get("error")
-            message = " ".join(str(error).split())[:240] if error else ""
-            if error is None:
+            raised = outcome.get("error")
+            message = " ".join(str(raised).split())[:240] if raised else ""
+            if raised is None:
                 return "fail", "accepted mismatched row counts without an error", {}
             if not outcome["alive"] or "CUDA" in message:
-                return "fail", (f"crashed on the GPU ({type(error).__name__}: {message}); this vLLM lacks the "
-                                "moe_permute row-count check (patch 0001)"), {}
-            return "pass", f"refused: {type(error).__name__}: {message}", {}
+                return (
+                    "fail",
+                    (
+                        f"crashed on the GPU ({type(raised).__name__}: {message}); this vLLM lacks the "
+                        "moe_permute row-count check (patch 0001)"
+                    ),
+                    {},
+                )
+            return "pass", f"refused: {type(raised).__name__}: {message}", {}
+
         recorder.check(name, case)
         alive = outcome.get("alive", False)
 
@@ -494,9 +571,11 @@ def run_generate_check(spec: dict, recorder) -> None:
     eager = bool(spec.get("enforce_eager"))
     head_dim, dtype = int(spec.get("head_dim") or 128), spec.get("dtype") or "bf16"
     mode = "eager" if eager else "torch.compile + CUDA graphs"
-    recorder.check(f"generate ({mode}): tiny Llama hdim{head_dim} {dtype}, chunked prefill, "
-                   f"max_num_batched_tokens={TOKENS}, 8x1001+184 prompts",
-                   lambda: _generate(spec["workdir"], head_dim, dtype, eager))
+    recorder.check(
+        f"generate ({mode}): tiny Llama hdim{head_dim} {dtype}, chunked prefill, "
+        f"max_num_batched_tokens={TOKENS}, 8x1001+184 prompts",
+        lambda: _generate(spec["workdir"], head_dim, dtype, eager),
+    )
 
 
 def _write_tiny_model(directory: str, head_dim: int, dtype: str) -> None:
@@ -507,9 +586,17 @@ def _write_tiny_model(directory: str, head_dim: int, dtype: str) -> None:
 
     torch.manual_seed(0)
     torch_dtype = _torch_dtype(dtype)
-    config = LlamaConfig(vocab_size=2048, hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-                         max_position_embeddings=4096, torch_dtype=str(torch_dtype).removeprefix("torch."))
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=4 * head_dim,
+        intermediate_size=8 * head_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        torch_dtype=str(torch_dtype).removeprefix("torch."),
+    )
     LlamaForCausalLM(config).to(torch_dtype).save_pretrained(directory, safe_serialization=True)
 
 
@@ -530,6 +617,7 @@ def _generate(workdir: str, head_dim: int, dtype: str, eager: bool):
     # runner reports its last line
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import importlib.util
+
     # vLLM 0.26.0's sampler imports FlashInfer unless told not to, and FlashInfer is no dependency of
     # the wheel gpuwheel builds (seen on the H200: "No module named 'flashinfer'").
     no_flashinfer = importlib.util.find_spec("flashinfer") is None
@@ -540,11 +628,21 @@ def _generate(workdir: str, head_dim: int, dtype: str, eager: bool):
     model = os.path.join(workdir, f"tiny-llama-hdim{head_dim}-{dtype}")
     if not os.path.exists(os.path.join(model, "config.json")):
         _write_tiny_model(model, head_dim, dtype)
-    llm = LLM(model=model, skip_tokenizer_init=True, enable_chunked_prefill=True, max_num_batched_tokens=TOKENS,
-              max_model_len=2048, max_num_seqs=16, gpu_memory_utilization=0.3, enforce_eager=eager, seed=0,
-              dtype={"bf16": "bfloat16", "fp16": "float16"}[dtype])
-    prompts = [{"prompt_token_ids": [(7 * i + j) % 2000 + 1 for j in range(length)]}
-               for i, length in enumerate(SEQLENS)]
+    llm = LLM(
+        model=model,
+        skip_tokenizer_init=True,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=TOKENS,
+        max_model_len=2048,
+        max_num_seqs=16,
+        gpu_memory_utilization=0.3,
+        enforce_eager=eager,
+        seed=0,
+        dtype={"bf16": "bfloat16", "fp16": "float16"}[dtype],
+    )
+    prompts = [
+        {"prompt_token_ids": [(7 * i + j) % 2000 + 1 for j in range(length)]} for i, length in enumerate(SEQLENS)
+    ]
     new_tokens = 16
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
@@ -553,25 +651,44 @@ def _generate(workdir: str, head_dim: int, dtype: str, eager: bool):
     try:
         chosen = llm.collective_rpc(attention_in_use)[0]
     except Exception as error:  # what vLLM chose is a record, not the check
-        chosen = {"backend": f"unknown ({type(error).__name__}: {' '.join(str(error).split())[:80]})",
-                  "fa_version": None}
+        chosen = {
+            "backend": f"unknown ({type(error).__name__}: {' '.join(str(error).split())[:80]})",
+            "fa_version": None,
+        }
     compilation = llm.llm_engine.vllm_config.compilation_config
-    settings = f"compilation {getattr(compilation.mode, 'name', compilation.mode)}, " \
-               f"CUDA graphs {getattr(compilation.cudagraph_mode, 'name', compilation.cudagraph_mode)}"
+    settings = (
+        f"compilation {getattr(compilation.mode, 'name', compilation.mode)}, "
+        f"CUDA graphs {getattr(compilation.cudagraph_mode, 'name', compilation.cudagraph_mode)}"
+    )
     try:  # 0.26.0 compiles one graph per token range: (1, 8192) here, the 8192-token step at its edge
         settings += f", compile ranges {', '.join(map(str, compilation.get_compile_ranges()))}"
     except Exception:  # older vLLM has no ranges
         pass
     produced = [len(o.outputs[0].token_ids) for o in outputs]
-    attention = f"attention {chosen['backend']}" + (f" FA{chosen['fa_version']}" if chosen["fa_version"] else "") \
+    attention = (
+        f"attention {chosen['backend']}"
+        + (f" FA{chosen['fa_version']}" if chosen["fa_version"] else "")
         + ("; sampler without FlashInfer (not installed)" if no_flashinfer else "")
+    )
     figures = {"seconds": seconds, "tokens_per_s": (TOKENS + new_tokens * len(SEQLENS)) / seconds}
     if chosen["fa_version"]:
         figures["fa_version"] = chosen["fa_version"]
     if produced != [new_tokens] * len(SEQLENS):
-        return "fail", (f"generated {produced} tokens, expected {new_tokens} for each of {len(SEQLENS)} prompts "
-                        f"({attention}; {settings})"), figures
+        return (
+            "fail",
+            (
+                f"generated {produced} tokens, expected {new_tokens} for each of {len(SEQLENS)} prompts "
+                f"({attention}; {settings})"
+            ),
+            figures,
+        )
     if any(t < 0 or t >= 2048 for o in outputs for t in o.outputs[0].token_ids):
         return "fail", f"generated token ids outside the vocabulary of 2048 ({attention}; {settings})", figures
-    return "pass", (f"{len(SEQLENS)} prompts ({TOKENS} prompt tokens) → {new_tokens} tokens each in "
-                    f"{seconds:.1f} s; {attention}; {settings}"), figures
+    return (
+        "pass",
+        (
+            f"{len(SEQLENS)} prompts ({TOKENS} prompt tokens) → {new_tokens} tokens each in "
+            f"{seconds:.1f} s; {attention}; {settings}"
+        ),
+        figures,
+    )
