@@ -258,3 +258,28 @@ def test_servers_killed_mid_build_do_not_fail_it_and_the_fallback_is_reported(
     assert built["dist"]["fallbacks"] >= 1
     assert "failed there and ran locally instead (sccache's fallback)" in result.stderr
     fixture_wheel(tmp_path / "out")
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_the_flash_attn_profile_builds_on_the_cluster_to_the_local_builds_bytes(gpuwheel, cluster, monkeypatch,
+                                                                               tmp_path):
+    # The profile's kernels (the second distributed build): each TU's nvcc stages run on the
+    # servers; recache, so that neither build takes an object from the other.
+    monkeypatch.setenv("SCCACHE_RECACHE", "1")
+    monkeypatch.setenv("GPUWHEEL_DIST_TOKEN", cluster.token)
+    target = ("rtx6000pro-cu13", "--only", "flash-attn", "--backend", "local", "--rebuild", "--json")
+    local = gpuwheel("build", *target, "--out", tmp_path / "local")
+    assert local.exit_code == 0, local.stderr
+    before = sum(cluster.completed_jobs().values())
+
+    spread = gpuwheel("build", *target, "--dist", cluster.url, "--out", tmp_path / "dist")
+
+    assert spread.exit_code == 0, spread.stderr
+    [built] = spread.json()["raw"]["wheels"]
+    remote = sum(built["dist"]["remote"].values())
+    assert built["dist"]["fallbacks"] == 0 and remote >= 4  # the profile's forward TUs, and its C++
+    assert sum(cluster.completed_jobs().values()) - before == remote
+    [dist_wheel], [local_wheel] = (spread.json()["finished"]["wheels"], local.json()["finished"]["wheels"])
+    assert dist_wheel["sha256"] == local_wheel["sha256"], differing_members(Path(dist_wheel["path"]),
+                                                                            Path(local_wheel["path"]))
