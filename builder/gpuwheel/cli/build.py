@@ -130,22 +130,27 @@ def build(
             )
         _report(reused, None, plan.target.name, as_json=as_json)
         return
-    _build(
-        plan,
-        lock,
-        cluster,
-        backend=backend,
-        engine=engine,
-        recipe_engine=recipe.build.engine,
-        offline=offline,
-        python=python,
-        base_image=base_image,
-        allow_audit_failure=allow_audit_failure,
-        out_dir=out_dir,
-        quiet=quiet,
-        as_json=as_json,
-        start=start,
-    )
+    from gpuwheel.pipeline import build_plan
+
+    with build_error_tail():
+        built = build_plan(
+            plan,
+            lock,
+            cluster,
+            backend=backend,
+            engine=engine,
+            recipe_engine=recipe.build.engine,
+            offline=offline,
+            python=python,
+            base_image=base_image,
+            allow_audit_failure=allow_audit_failure,
+            out_dir=out_dir,
+            quiet=quiet,
+            start=start,
+        )
+    if not quiet and not as_json:  # timings are diagnostics; the wheels below are the result
+        _print_timings(built, plan.target.name, start)
+    _report(built.finished, built.raw, plan.target.name, as_json=as_json)
 
 
 def _read_lock(recipe, plan, *, jobs: int | None):
@@ -157,57 +162,22 @@ def _read_lock(recipe, plan, *, jobs: int | None):
     return lock
 
 
-def _build(
-    plan,
-    lock,
-    cluster,
-    *,
-    backend: str,
-    engine: str | None,
-    recipe_engine: str | None,
-    offline: bool,
-    python: str | None,
-    base_image: str | None,
-    allow_audit_failure: bool,
-    out_dir: Path,
-    quiet: bool,
-    as_json: bool,
-    start: float,
-) -> None:
-    """Everything after the plan, when no finished wheel can be reused: toolchain → … → finish."""
+def _print_timings(built, target: str, start: float) -> None:
+    """How long each stage took (toolchain → … → finish), as a table on stderr."""
+    from rich.markup import escape
+    from rich.table import Table
+
     from gpuwheel.log import console
-    from gpuwheel.pipeline import build_plan
 
-    with build_error_tail():
-        built = build_plan(
-            plan,
-            lock,
-            cluster,
-            backend=backend,
-            engine=engine,
-            recipe_engine=recipe_engine,
-            offline=offline,
-            python=python,
-            base_image=base_image,
-            allow_audit_failure=allow_audit_failure,
-            out_dir=out_dir,
-            quiet=quiet,
-            start=start,
-        )
-    if not quiet and not as_json:  # timings are diagnostics; the wheels below are the result
-        from rich.markup import escape
-        from rich.table import Table
-
-        table = Table(
-            "stage",
-            "seconds",
-            title=escape(f"{plan.target.name}: {built.backend} backend, {time.monotonic() - start:.0f}s in all"),
-            title_justify="left",
-        )
-        for stage, seconds in built.timings:
-            table.add_row(escape(stage), f"{seconds:.1f}")
-        console.print(table)
-    _report(built.finished, built.raw, plan.target.name, as_json=as_json)
+    table = Table(
+        "stage",
+        "seconds",
+        title=escape(f"{target}: {built.backend} backend, {time.monotonic() - start:.0f}s in all"),
+        title_justify="left",
+    )
+    for stage, seconds in built.timings:
+        table.add_row(escape(stage), f"{seconds:.1f}")
+    console.print(table)
 
 
 @contextlib.contextmanager
