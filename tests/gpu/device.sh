@@ -7,6 +7,8 @@
 #   bash tests/gpu/device.sh wait_build NAME [S]   # wait up to S seconds for it; its reports to $OUT
 #   bash tests/gpu/device.sh smoke RECIPE          # publish the staged wheels to a local index, smoke them
 #   bash tests/gpu/device.sh twice RECIPE PKG [JOBS] # build PKG in two directories at once, compare sha256
+#   bash tests/gpu/device.sh package RECIPE PKG [JOBS] # build, audit and smoke one other package (no publish)
+#   bash tests/gpu/device.sh partial NAME [S]      # after S more seconds, the running build's ninja log so far
 #
 # What travels (git-ignored, named in the device call's `carry`; each call ≤ 64 MiB):
 #   .device/build-deps/batch-N/  gpuwheel's own dependencies + vLLM's build requirements the image lacks
@@ -93,6 +95,19 @@ wait_build() {
   return "$(cat "$G/$name.status")"
 }
 
+# A build longer than the session's device time: what ninja has finished so far (a lower bound on its
+# CPU-s), copied out of the running vLLM build tree.
+partial() {
+  local name=$1 wait=${2:-0}
+  sleep "$wait"
+  local log
+  log=$(ls "$G"/cache/work/vllm/tree/build/temp*/.ninja_log 2>/dev/null | head -1 || true)
+  [ -n "$log" ] || { echo "no ninja log yet"; return 1; }
+  cp "$log" "$OUT/ninja-$name-partial.log"
+  tail -n 1 "$G/$name.build.log" | cut -c1-200
+  echo "$(grep -vc '^#' "$log") ninja steps finished so far"
+}
+
 smoke() {
   local recipe=$1 name status=0
   name=$(basename "$recipe" .toml)
@@ -105,6 +120,25 @@ smoke() {
   env -u PIP_NO_INDEX python3 -m pip install -q --no-deps --target "$G/from-index" \
     --index-url "file://$PWD/wheels/$name/simple" vllm
   echo "pip installed $(ls "$G/from-index" | grep -m1 'vllm-.*dist-info') from the published index"
+}
+
+# Any other package of a recipe (e.g. causal-conv1d through the generic kind): build it alone, audit
+# and smoke-test its wheel on this GPU; the three reports go to $OUT.
+package() {
+  local recipe=$1 package=$2 jobs=${3:-$(nproc)} name status=0
+  name=$(basename "$recipe" .toml)
+  local start=$SECONDS
+  python3 -m gpuwheel build "$recipe" --only "$package" --backend local --python python3 --offline \
+    --jobs "$jobs" --json > "$OUT/build-$name-$package.json" || status=$?
+  echo "gpuwheel build $recipe --only $package: exit $status after $((SECONDS - start)) s"
+  [ "$status" = 0 ] || return "$status"
+  python3 -m gpuwheel audit "wheels/$name/staging" --target "$recipe" --json > "$OUT/audit-$name-$package.json" \
+    || status=$?
+  echo "gpuwheel audit: exit $status"
+  python3 -m gpuwheel smoke "$recipe" --python python3 --wheels "wheels/$name/staging" \
+    --report "$OUT/smoke-$name-$package.json" || status=$?
+  echo "gpuwheel smoke $recipe: exit $status"
+  return "$status"
 }
 
 # Issue 13's byte-identity check on the GPU host: the same plan built in two directories (cache roots
