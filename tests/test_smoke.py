@@ -275,3 +275,39 @@ def test_on_an_h100_the_report_passes(tmp_path, cuda_so):
     assert report["gpu"]["compute_capability"] == "9.0" and report["gpu_checks"] == "ran"
     assert result.returncode in (0, 12), result.stderr  # 12 only for a torch that differs from the pin
     assert all(c["status"] == "pass" for c in report["wheels"][0]["checks"])
+
+
+def test_the_marlin_check_reads_which_ops_have_a_cuda_kernel(tmp_path, monkeypatch):
+    """Patch 0009 leaves the Marlin ops' schemas without CUDA kernels: the op check (vllm-ops, no GPU)
+    passes a serving wheel that omits Marlin only when its ops have none, a full wheel only when
+    each has one. Ops of a test namespace stand in for `_C::marlin_gemm` and kin, registered through
+    torch's dispatcher the way vLLM's .cu files register theirs."""
+    torch = pytest.importorskip("torch", reason="the check reads torch's dispatcher (pip install torch)")
+    from gpuwheel.smoke import vllm as vllm_checks
+    from gpuwheel.smoke.probe import Recorder
+
+    schemas = torch.library.Library("gpuwheel_marlin_test", "DEF")
+    for op in ("with_cuda", "without_cuda"):
+        schemas.define(f"{op}(Tensor x) -> Tensor")
+    kernels = torch.library.Library("gpuwheel_marlin_test", "IMPL", "CUDA")
+    kernels.impl("with_cuda", lambda x: x)
+
+    def marlin_check(ops: tuple[str, ...], omit: list[str]) -> dict:
+        monkeypatch.setitem(vllm_checks.OMITTABLE_OPS, "marlin", {"gpuwheel_marlin_test": ops})
+        results = tmp_path / f"{len(list(tmp_path.iterdir()))}.jsonl"
+        recorder = Recorder(str(results))
+        vllm_checks.run_op_checks({"root": str(tmp_path), "op_libraries": [], "omit": omit}, recorder)
+        recorder.handle.close()
+        (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+        return row
+
+    assert marlin_check(("with_cuda",), [])["status"] == "pass"
+    omitted = marlin_check(("without_cuda",), ["fa3", "marlin"])
+    assert (omitted["name"], omitted["status"]) == ("marlin kernels left out", "pass")
+    assert omitted["detail"] == "gpuwheel_marlin_test::without_cuda: no CUDA kernel (refused at call)"
+    full = marlin_check(("with_cuda", "without_cuda"), [])
+    assert (full["name"], full["status"]) == ("marlin kernels built", "fail")
+    assert full["detail"] == "gpuwheel_marlin_test::without_cuda has no CUDA kernel"
+    left_out = marlin_check(("with_cuda", "without_cuda"), ["marlin"])
+    assert (left_out["status"], left_out["detail"]) == ("fail", "gpuwheel_marlin_test::with_cuda still has a CUDA kernel")
+    assert marlin_check(("not_defined",), [])["status"] == "skip"

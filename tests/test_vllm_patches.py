@@ -23,6 +23,7 @@ tests/gpu/test_vllm_patch_kernels.py.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -76,7 +77,7 @@ def trees(tmp_path_factory):
 
 # The fixes every set carries, then (0.26.0) the build-time and serving-profile patches.
 SERIES = {"0.26.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn"), ("0004", "vllm-flash-attn"),
-                     ("0005", "vllm-flash-attn"), ("0006", ""), ("0007", ""), ("0008", "")],
+                     ("0005", "vllm-flash-attn"), ("0006", ""), ("0007", ""), ("0008", ""), ("0009", "")],
           "0.33.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn")]}
 
 
@@ -511,3 +512,38 @@ def test_fa2_archs_through_the_forks_own_loose_intersection(real_cache, tmp_path
     fa2 = {target: loose_intersection(utils, FA2_LIST["0.26.0"], [supported[target]], tmp_path)[supported[target]]
            for target in targets}
     assert fa2 == {"9.0a": "9.0a", "9.0": "9.0a", "12.0": "12.0+PTX", "10.0a": "10.0", "12.1": "12.0+PTX"}
+
+
+# ------------------------------------------------------- 0009 Marlin left out by the serving profile
+
+MARLIN_LISTS = ("MARLIN_ARCHS", "MARLIN_SM75_ARCHS", "MARLIN_BF16_ARCHS", "MARLIN_FP8_ARCHS", "MARLIN_OTHER_ARCHS",
+                "MARLIN_MOE_ARCHS", "MARLIN_MOE_SM75_ARCHS", "MARLIN_MOE_FP8_ARCHS", "MARLIN_MOE_OTHER_ARCHS")
+
+
+def marlin_arch_lists(cmake_lists: str, utils: Path, archs: str, omit: str, tmp_path: Path) -> dict[str, str]:
+    """The patched CMakeLists.txt's own Marlin arch blocks (dense and MoE), run by real cmake for
+    CUDA 13 and `archs`, with GPUWHEEL_VLLM_OMIT=`omit`: each MARLIN_*_ARCHS list they leave."""
+    blocks = [cmake_lists[cmake_lists.index(start):cmake_lists.index(end)] for start, end in (
+        ("# marlin arches for fp16 output", "if (MARLIN_OTHER_ARCHS)"),
+        ("# moe marlin arches", "if (MARLIN_MOE_OTHER_ARCHS)"))]
+    script = tmp_path / "marlin.cmake"
+    script.write_text(f'cmake_minimum_required(VERSION 3.20)\ninclude("{utils}")\nset(CMAKE_CUDA_COMPILER_VERSION 13.0.2)\nset(CUDA_ARCHS "{archs}")\n'
+                      + "\n".join(blocks)
+                      + "".join(f'\nmessage("{name}=${{{name}}}")' for name in MARLIN_LISTS))
+    out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "GPUWHEEL_VLLM_OMIT": omit}).stderr
+    return dict(line.split("=", 1) for line in out.splitlines() if line.startswith("MARLIN"))
+
+
+@pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake (apt-get install cmake)")
+def test_marlin_is_left_out_only_when_the_profile_omits_it(trees, tmp_path):
+    pristine, patched = trees("0.26.0")
+    utils, cmake_lists = pristine / "cmake" / "utils.cmake", (patched / "CMakeLists.txt").read_text()
+    for archs in ("12.0", "9.0a"):
+        built = marlin_arch_lists(cmake_lists, utils, archs, "fa3;flashmla", tmp_path)
+        # the dense and MoE GEMMs and the shared sources compile for the target (an 8.0+PTX fallback
+        # for 9.0a), the Turing and FP8-input variants only where the target has them
+        assert built["MARLIN_OTHER_ARCHS"] and built["MARLIN_MOE_OTHER_ARCHS"] and built["MARLIN_ARCHS"], built
+        assert built == marlin_arch_lists(cmake_lists, utils, archs, "marlinx;flashmla", tmp_path)  # no prefix match
+        assert set(marlin_arch_lists(cmake_lists, utils, archs, "fa3;marlin", tmp_path).values()) == {""}
+    assert marlin_arch_lists(cmake_lists, utils, "12.0", "", tmp_path)["MARLIN_FP8_ARCHS"] == "12.0f"

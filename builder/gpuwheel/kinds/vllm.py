@@ -181,9 +181,10 @@ def stand_in(version: str, dependency: str) -> StandIn | None:
 OMITTABLE: dict[str, tuple[str, str | None]] = {
     "fa3": ("FlashAttention 3 (Hopper attention; FA2 serves Hopper without it)", None),
     "flashmla": ("FlashMLA (MLA attention of DeepSeek-class models on Hopper/Blackwell)", "flashmla"),
+    "marlin": ("Marlin GEMMs (GPTQ/AWQ-style int4/int8 weights, FP8/FP4 weight-only fallbacks; dense and MoE)", None),
 }
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # FA2's kernel buckets in vllm-flash-attn
-# The releases whose shipped patch set carries the profile patches (0004-0007 of 0.26.0): for
+# The releases whose shipped patch set carries the profile patches (0004-0007 and 0009 of 0.26.0): for
 # another, the variables would be read by nothing and the build would silently be the full one.
 SERVING_PROFILE_VERSIONS = ("0.26.0",)
 DTYPES = ("fp16", "bf16")
@@ -416,7 +417,13 @@ def smoke_groups(
     serving = built_serving(provenance)
     dtypes: list[str] = serving["dtypes"] if serving else list(vllm_checks.FA2_DTYPES)
     fa2 = {"head_dims": serving["head_dims"] if serving else None, "dtypes": dtypes}
-    spec = {"root": None, "moe_permute_file": None, "op_libraries": op_libraries(shared_objects), "fa2": fa2}
+    spec = {
+        "root": None,
+        "moe_permute_file": None,
+        "op_libraries": op_libraries(shared_objects),
+        "fa2": fa2,
+        "omit": serving["omit"] if serving else [],
+    }
     built = f"head dims {', '.join(map(str, serving['head_dims']))}" if serving else "every head dim"
     # the profile's head dim (128 in the shipped recipes) and dtype, bf16 where built
     head_dim = 128 if not serving or 128 in serving["head_dims"] else serving["head_dims"][0]

@@ -5,8 +5,9 @@ The shapes are the crashes of CONTEXT.md: 8192 scheduled tokens made of 8 reques
 
 - `run_op_checks` (no GPU needed, only torch and the driver's libcuda.so.1): the compiled op
   libraries load and register the ops the engine calls (OP_LIBRARIES; 0.26.0 names them
-  `_C_stable_libtorch` / `_moe_C_stable_libtorch`, 0.20.0 `_C` / `_moe_C`: same namespaces), and
-  vLLM's Python package imports with its dependencies.
+  `_C_stable_libtorch` / `_moe_C_stable_libtorch`, 0.20.0 `_C` / `_moe_C`: same namespaces); the
+  Marlin ops have a CUDA kernel, or none where the serving profile left Marlin out (OMITTABLE_OPS);
+  and vLLM's Python package imports with its dependencies.
 - `run_checks`: vLLM's FA2 (`vllm.vllm_flash_attn.flash_attn_varlen_func`, fa_version=2) at 8192
   tokens for every head dim and dtype the wheel's serving profile built, contiguous and paged KV,
   against an fp32 torch reference; `moe_permute` (vLLM's own Python wrapper over
@@ -56,6 +57,14 @@ OP_LIBRARIES = (
 OMITTABLE_LIBRARIES = {
     "fa3": ("vllm/vllm_flash_attn/_vllm_fa3_C.*so",),
     "flashmla": ("vllm/_flashmla_C.*so", "vllm/_flashmla_extension_C.*so"),
+}
+# Kernel families a serving profile may omit that live inside the op libraries (patch 0009): their
+# ops keep their schemas, and the CUDA kernel is what the family is.
+OMITTABLE_OPS = {
+    "marlin": {
+        "_C": ("marlin_gemm", "gptq_marlin_repack", "awq_marlin_repack"),
+        "_moe_C": ("moe_wna16_marlin_gemm",),
+    },
 }
 FA2_HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # vllm-flash-attn's FA2 buckets
 FA2_DTYPES = ("fp16", "bf16")
@@ -140,6 +149,11 @@ def run_op_checks(spec: dict, recorder) -> None:
     root = _root(spec)
     for name, relative, ops in _libraries(spec):
         recorder.check(f"op library {name}", functools.partial(_load_op_library, os.path.join(root, relative), ops))
+    for family, ops in OMITTABLE_OPS.items():
+        omitted = family in spec.get("omit", ())
+        recorder.check(
+            f"{family} kernels {'left out' if omitted else 'built'}", functools.partial(_cuda_kernels, ops, not omitted)
+        )
     if not spec.get("root"):
         recorder.check("vLLM's engine modules import", _engine_imports)
 
@@ -165,17 +179,42 @@ def _load_op_library(path: str, ops: dict):
             )
         raise
     torch.ops.load_library(path)
-    missing = []
-    for namespace, names in ops.items():
-        for op in names:
-            try:
-                getattr(getattr(torch.ops, namespace), op)
-            except (AttributeError, RuntimeError):
-                missing.append(f"{namespace}.{op}")
+    missing = [
+        f"{namespace}.{op}" for namespace, names in ops.items() for op in names if not _registered(torch, namespace, op)
+    ]
     if missing:
         return "fail", f"loaded, but registers no torch.ops.{', torch.ops.'.join(missing)}", {}
     listed = "; ".join(f"torch.ops.{ns}: {', '.join(names)}" for ns, names in ops.items())
     return "pass", f"loaded {os.path.basename(path)}; " + (listed or "no ops expected"), {}
+
+
+def _cuda_kernels(ops: dict, expected: bool):
+    """Whether each op has a CUDA kernel, as the profile says it must (or must not): a left-out family's
+    ops then fail at their first call with torch's "Could not run … with arguments from the 'CUDA'
+    backend" rather than run another kernel. Reads the dispatcher only: no GPU needed."""
+    import torch
+
+    found = {
+        f"{namespace}::{op}": torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{op}", "CUDA")
+        for namespace, names in ops.items()
+        for op in names
+        if _registered(torch, namespace, op)  # its schema: the op library check reports a missing one
+    }
+    if not found:
+        return "skip", "the op libraries that define these ops did not load", {}
+    wrong = [name for name, has in found.items() if has != expected]
+    if wrong:
+        state = "has no CUDA kernel" if expected else "still has a CUDA kernel"
+        return "fail", f"{', '.join(wrong)} {state}", {}
+    return "pass", f"{', '.join(found)}: {'a CUDA kernel each' if expected else 'no CUDA kernel (refused at call)'}", {}
+
+
+def _registered(torch, namespace: str, op: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, namespace), op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def _engine_imports():
