@@ -9,6 +9,7 @@
 #   bash tests/gpu/device.sh twice RECIPE PKG [JOBS] # build PKG in two directories at once, compare sha256
 #   bash tests/gpu/device.sh package RECIPE PKG [JOBS] # build, audit and smoke one other package (no publish)
 #   bash tests/gpu/device.sh partial NAME [S]      # after S more seconds, the running build's ninja log so far
+#   bash tests/gpu/device.sh cold RECIPE [JOBS]    # start RECIPE's vLLM build with an empty compile cache
 #
 # What travels (git-ignored, named in the device call's `carry`; each call ≤ 64 MiB):
 #   .device/build-deps/batch-N/  gpuwheel's own dependencies + vLLM's build requirements the image lacks
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/../.."
 G=/tmp/gw
 OUT=${OUT:-$G/out}
 mkdir -p "$G/site" "$G/cache" "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$G/site:$PWD/builder" PATH="$G/site/bin:$PATH" GPUWHEEL_CACHE="$G/cache"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$G/site:$PWD/builder" PATH="$G/site/bin:$PATH" GPUWHEEL_CACHE="${GPUWHEEL_CACHE:-$G/cache}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 # The image's CXX=/opt/gcc/bin/g++ builds extensions whose C++ exceptions crash (docs/gpu-runs.md).
 export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
@@ -54,9 +55,9 @@ build() {
     --json > "$OUT/build-$name.json" || status=$?
   echo "gpuwheel build $recipe: exit $status after $((SECONDS - start)) s"
   local log
-  log=$(ls "$G"/cache/work/vllm/tree/build/temp*/.ninja_log 2>/dev/null | head -1 || true)
+  log=$(ls "$GPUWHEEL_CACHE"/work/vllm/tree/build/temp*/.ninja_log 2>/dev/null | head -1 || true)
   [ -n "$log" ] && cp "$log" "$OUT/ninja-$name.log"
-  ls "$G"/cache/logs/*/vllm.log >/dev/null 2>&1 && tail -c 2000000 "$(ls -t "$G"/cache/logs/*/vllm.log | head -1)" \
+  ls "$GPUWHEEL_CACHE"/logs/*/vllm.log >/dev/null 2>&1 && tail -c 2000000 "$(ls -t "$GPUWHEEL_CACHE"/logs/*/vllm.log | head -1)" \
     > "$OUT/vllm-build-$name.log"
   if [ "$status" = 0 ]; then
     python3 -m gpuwheel audit "wheels/$name/staging" --target "$recipe" --json > "$OUT/audit-$name.json" || true
@@ -73,6 +74,16 @@ start() {
   # its own process session: the device tool ends a call's other processes when the call returns
   setsid bash "$0" _background "$@" </dev/null >"$G/$name.build.log" 2>&1 &
   echo "build of $1 started in the background: $G/$name.build.log"
+}
+
+# A measurement that an earlier build's compile cache would spoil: the same sources, a cache of its own
+# ($G/cold-NAME; `wait_build` and `smoke` read it through GPUWHEEL_CACHE=$G/cold-NAME).
+cold() {
+  local name
+  name=$(basename "$1" .toml)
+  rm -rf "$G/cold-$name" && mkdir -p "$G/cold-$name"
+  ln -s "$G/cache/sources" "$G/cold-$name/sources"
+  GPUWHEEL_CACHE="$G/cold-$name" start "$@"
 }
 
 _background() {
@@ -101,7 +112,7 @@ partial() {
   local name=$1 wait=${2:-0}
   sleep "$wait"
   local log
-  log=$(ls "$G"/cache/work/vllm/tree/build/temp*/.ninja_log 2>/dev/null | head -1 || true)
+  log=$(ls "$GPUWHEEL_CACHE"/work/vllm/tree/build/temp*/.ninja_log 2>/dev/null | head -1 || true)
   [ -n "$log" ] || { echo "no ninja log yet"; return 1; }
   cp "$log" "$OUT/ninja-$name-partial.log"
   tail -n 1 "$G/$name.build.log" | cut -c1-200
