@@ -18,6 +18,8 @@ from pathlib import Path
 
 import requests
 
+from gpuwheel.smoke.report import FAIL, PASS, SKIP, CheckResult, GpuInfo, SmokeReport, WheelSmoke, write_json
+
 TARGET = "h100-test"
 TARGET_CC = "9.0"
 
@@ -89,15 +91,32 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_smoke_report(directory: Path, wheels: list[Path], *, cc: str = TARGET_CC, passed: bool = True,
-                       target: str = TARGET) -> Path:
-    """smoke.json as the smoke stage writes it, beside the wheels."""
-    report = {"target": target, "gpu": {"name": "NVIDIA H100 80GB HBM3" if cc == "9.0" else "other GPU",
-                                        "compute_capability": cc},
-              "passed": passed,
-              "wheels": [{"filename": w.name, "sha256": sha256(w), "passed": passed} for w in wheels]}
+def smoke_report(wheels: list[Path], *, cc: str = TARGET_CC, passed: bool = True, target: str = TARGET,
+                 gpu_skip_reason: str | None = None, failing: tuple[str, ...] = ()) -> SmokeReport:
+    """What the smoke stage reports for these wheels: per wheel an `import` and a `kernels` check, run on
+    a GPU of compute capability cc. passed=False fails `kernels`; gpu_skip_reason: no GPU of the target,
+    `kernels` skipped; failing: the names of further checks that failed."""
+    gpu = None if gpu_skip_reason else GpuInfo("NVIDIA H100 80GB HBM3" if cc == "9.0" else "other GPU", cc)
+
+    def check(name: str, detail: str) -> CheckResult:
+        if name == "kernels" and gpu_skip_reason:
+            return CheckResult(name, SKIP, gpu_skip_reason)
+        ok = name not in failing and (passed or name != "kernels")
+        return CheckResult(name, PASS if ok else FAIL, detail if ok else f"{detail}: wrong", 0.25,
+                           {"max_err": 0.001} if name == "kernels" else {})
+
+    return SmokeReport(
+        target=target, compute_capability=TARGET_CC, gpu=gpu, gpu_skip_reason=gpu_skip_reason,
+        python="a fresh venv of python3", torch="2.11.0+cu130", index_url="wheels",
+        checks=(CheckResult("install", PASS, "installed"),),
+        wheels=tuple(WheelSmoke(w.name, sha256(w), *w.name.split("-")[:2],
+                                (check("import", "imported"), check("kernels", "max err 0.001"))) for w in wheels))
+
+
+def write_smoke_report(directory: Path, wheels: list[Path], **kwargs) -> Path:
+    """smoke.json as the smoke stage writes it, beside the wheels (kwargs: smoke_report's)."""
     path = directory / "smoke.json"
-    path.write_text(json.dumps(report, indent=1))
+    write_json(smoke_report(wheels, **kwargs), path)
     return path
 
 

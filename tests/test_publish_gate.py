@@ -84,11 +84,8 @@ def test_failed_smoke_is_refused(tmp_path: Path, recipes: Path):
 
 def test_smoke_without_the_target_gpu_is_not_smoke_tested_rather_than_failed(tmp_path: Path, recipes: Path):
     wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record())
-    report = {"target": TARGET, "gpu": None, "gpu_checks": "skipped",
-              "gpu_skip_reason": "GPU checks skipped: no GPU visible (nvidia-smi not found)", "passed": False,
-              "wheels": [{"filename": wheel.name, "sha256": sha256(wheel), "passed": False,
-                          "checks": [{"name": "import", "status": "pass"}, {"name": "kernels", "status": "skip"}]}]}
-    (tmp_path / "in" / "smoke.json").write_text(json.dumps(report))
+    no_gpu = "GPU checks skipped: no GPU visible (nvidia-smi not found)"
+    write_smoke_report(tmp_path / "in", [wheel], gpu_skip_reason=no_gpu)
     line = refused_line(publish(tmp_path, recipes, tmp_path / "in"))
     assert "not smoke-tested on the target GPU (GPU checks skipped: no GPU visible (nvidia-smi not found)" in line
     assert "failed smoke" not in line and "unknown GPU" not in line
@@ -100,9 +97,41 @@ def test_smoke_without_the_target_gpu_is_not_smoke_tested_rather_than_failed(tmp
     (name,) = index_listing(tmp_path / "index")
     assert read_wheel(tmp_path / "index" / "files" / name).provenance.to_json()["publish"]["gpu_tested"] is False
 
-    report["wheels"][0]["checks"][0]["status"] = "fail"  # a check that ran and failed is a failure still
-    (tmp_path / "in" / "smoke.json").write_text(json.dumps(report))
+    # a check that ran and failed is a failure still
+    write_smoke_report(tmp_path / "in", [wheel], gpu_skip_reason=no_gpu, failing=("import",))
     assert "failed smoke: import" in refused_line(publish(tmp_path, recipes, tmp_path / "in"))
+
+
+def test_a_report_that_claims_a_pass_its_checks_do_not_show_is_refused(tmp_path: Path, recipes: Path):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record())
+    report = write_smoke_report(tmp_path / "in", [wheel], passed=False)
+    edited = json.loads(report.read_text())
+    edited["passed"] = edited["wheels"][0]["passed"] = True  # passed is written for readers, not trusted
+    report.write_text(json.dumps(edited))
+    assert f"failed smoke: kernels ({report})" in refused_line(publish(tmp_path, recipes, tmp_path / "in"))
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda r: r.pop("target"), "target is missing"),
+    (lambda r: r["wheels"][0].update(sha256=None), "wheels[0].sha256 is null, not text"),
+    (lambda r: r["wheels"][0]["checks"][1].update(seconds="fast"), "wheels[0].checks[1].seconds is text, not a number"),
+    (lambda r: r.update(gpu="H100"), "gpu is text, not an object"),
+    (lambda r: r.update(schema=2), "schema 2 is newer than this gpuwheel reads (1): upgrade gpuwheel"),
+])
+def test_a_malformed_smoke_report_is_refused_naming_the_file_and_the_field(tmp_path: Path, recipes: Path, edit,
+                                                                           problem):
+    wheel = make_wheel(tmp_path / "in", "gw-alpha", provenance=audit_record())
+    report = write_smoke_report(tmp_path / "in", [wheel])
+    edited = json.loads(report.read_text())
+    edit(edited)
+    report.write_text(json.dumps(edited))
+    assert refused_line(publish(tmp_path, recipes, tmp_path / "in")).startswith(
+        f"gpuwheel: error: refusing to publish 1 wheel(s) for target {TARGET}: {wheel.name}: "
+        f"smoke report {report}: {problem} (run")
+
+    report.write_text("{not json")
+    assert f"{wheel.name}: smoke report {report} is not JSON (" in refused_line(
+        publish(tmp_path, recipes, tmp_path / "in"))
 
 
 def test_smoke_report_of_another_build_is_refused(tmp_path: Path, recipes: Path):

@@ -20,6 +20,8 @@ from gpuwheel.kinds.vllm import built_serving
 from gpuwheel.layout import target_paths
 from gpuwheel.provenance import Provenance
 from gpuwheel.publish.local import publish_local
+from gpuwheel.smoke.report import (FAIL, PASS, SKIP, SCHEMA, CheckResult, GpuInfo, SmokeReport, SmokeReportFormatError,
+                                   WheelSmoke, read_json, write_json)
 from smoke_helpers import (TARGET, build_cuda_so, build_driver_linked_so, build_libcuda_stub, build_unresolved_so,
                            make_vllm_wheel, make_wheel, write_recipe)
 
@@ -58,6 +60,8 @@ def test_skip_path_from_a_wheels_dir_reports_gpu_skip_and_never_a_pass(tmp_path,
                             "no GPU visible")
     report = json.loads(report_path.read_text())
     assert json.loads(result.stdout) == report  # --json prints on stdout what the report file holds
+    assert read_json(report_path).to_json() == report  # and it reads back as the SmokeReport written
+    assert report["schema"] == SCHEMA
     assert report["passed"] is False and report["gpu"] is None and report["gpu_checks"] == "skipped"
     assert "no GPU visible" in report["gpu_skip_reason"]
     assert report["target"] == TARGET and report["compute_capability"] == "9.0"
@@ -78,6 +82,33 @@ def test_skip_path_from_a_wheels_dir_reports_gpu_skip_and_never_a_pass(tmp_path,
     assert "no GPU visible" in gpu_case.find("skipped").get("message")
     assert suites[wheel.name].get("failures") == "0"
     assert not list(report_path.parent.glob(".*.part")), "a temp file was left beside the report"
+
+
+def test_a_smoke_report_reads_back_as_written(tmp_path):
+    kernels = CheckResult("flash_attn_varlen_func hdim128 bf16 8x1001+184", PASS, "max err 0.002", 1.875,
+                          {"max_err_full": 0.002, "tflops_full": 310.5})
+    report = SmokeReport(
+        target="h100", compute_capability="9.0", gpu=GpuInfo("NVIDIA H100 80GB HBM3", "9.0"), gpu_skip_reason=None,
+        python="python3", torch="2.11.0+cu130", index_url="https://index.example/simple/",
+        checks=(CheckResult("install", PASS, "installed 2 wheels", 0.75),),
+        wheels=(WheelSmoke("flash_attn-2.8.3+cu130-cp312-cp312-linux_x86_64.whl", "ab" * 32, "flash-attn",
+                           "2.8.3+cu130", (kernels, CheckResult("paged decode", FAIL, "max err 3.1", 0.5))),
+                WheelSmoke("gw_b-1.0-py3-none-any.whl", "cd" * 32, "gw-b", "1.0", (CheckResult("GPU", SKIP, "no"),))))
+    write_json(report, tmp_path / "smoke.json")
+    assert read_json(tmp_path / "smoke.json") == report
+    assert SmokeReport.from_json(report.to_json()) == report
+    unnumbered = report.to_json()
+    del unnumbered["schema"]  # written before gpuwheel numbered the format: the same format, schema 1
+    assert SmokeReport.from_json(unnumbered) == report
+
+    # A check whose status is none of pass, fail, skip is a failure, never a pass.
+    odd = {**kernels.to_json(), "status": "ok"}
+    assert CheckResult.from_json(odd) == CheckResult(kernels.name, FAIL, "check reported status 'ok'", 1.875)
+
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(SmokeReportFormatError) as error:
+        read_json(tmp_path / "list.json")
+    assert str(error.value) == f"smoke report {tmp_path / 'list.json'}: the report is a list, not a JSON object"
 
 
 def test_the_publish_gate_refuses_wheels_whose_gpu_checks_were_skipped(tmp_path, cuda_so):

@@ -25,6 +25,7 @@ from gpuwheel.publish.gate import PublishGate, check_gate
 from gpuwheel.wheelfile import read_wheel
 from gpuwheel.plan import make_plan
 from gpuwheel.recipe import load_recipe
+from gpuwheel.smoke.report import PASS, CheckResult, GpuInfo, SmokeReport, WheelSmoke, write_json
 from gpuwheel.wheels import finish_wheels, show_wheel
 
 LABEL = "cu130.sm120.torch214"  # nvcc 13.0 built them, for the target's arch list 12.0, against torch 2.14
@@ -235,8 +236,12 @@ def test_vllm_dependencies_are_sources_with_their_revs(plan_570, built, tmp_path
 def test_the_publish_gate_accepts_the_finished_wheel(finished, tmp_path):
     wheel = read_wheel(finished.path)
     smoke = tmp_path / "smoke.json"
-    smoke.write_text(json.dumps({"target": "rtx6000pro-cu13", "gpu": {"name": "RTX PRO 6000", "compute_capability": "12.0"},
-                                 "wheels": [{"filename": wheel.filename, "sha256": wheel.sha256, "passed": True}]}))
+    kernels = CheckResult("flash_attn_varlen_func hdim128 bf16 8x1001+184", PASS, "max err 0.002", 1.5)
+    write_json(SmokeReport(target="rtx6000pro-cu13", compute_capability="12.0", gpu=GpuInfo("RTX PRO 6000", "12.0"),
+                           gpu_skip_reason=None, python="python3", torch="2.14.0+cu130", index_url=str(tmp_path),
+                           checks=(CheckResult("install", PASS, "installed"),),
+                           wheels=(WheelSmoke(wheel.filename, wheel.sha256, wheel.project, wheel.version, (kernels,)),)),
+               smoke)
     assert check_gate([wheel], PublishGate("rtx6000pro-cu13", "12.0", smoke)) == {}
 
 

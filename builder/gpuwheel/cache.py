@@ -21,6 +21,7 @@ import platformdirs
 from filelock import FileLock, Timeout
 
 from gpuwheel.errors import StorageError
+from gpuwheel.log import say
 
 
 def cache_root() -> Path:
@@ -82,8 +83,6 @@ def target_lock(target: str) -> Iterator[None]:
     a killed holder releases it, and the next holder cleans what it left (each stage sweeps its
     own temp names). `target` is a recipe's target name, checked at load to be a bare name.
     """
-    from gpuwheel.log import say
-
     locks = cache_root() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     lock, holder = FileLock(str(locks / f"target-{target}.lock")), locks / f"target-{target}.pid"

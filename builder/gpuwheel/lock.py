@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from packaging.utils import canonicalize_name
 
 from gpuwheel.errors import LockError
@@ -203,8 +204,6 @@ class Lock:
 
     # ---- the file ------------------------------------------------------------------------------
     def to_toml(self) -> str:
-        import tomli_w
-
         data = {
             "schema": LOCK_SCHEMA,
             "target": self.target,

@@ -1,10 +1,7 @@
-"""Patch sets: `patches/<package>/<version>/series` lists NNNN-title.patch files in order.
+"""Sources → Trees: the plan's patch series (patch_series.py reads them) applied to fetched trees.
 
-A series line is `NNNN-title.patch [-pN] [tree=<dependency>]`: `tree=` applies the patch to one
-of the package's pre-fetched dependency trees (e.g. vllm-flash-attn) instead of the package.
-
-Sources → Trees: `prepare_trees` copies the fetched trees into a work directory and applies the
-series there; `check_patches` does the same in throw-away trees and reports every patch.
+`prepare_trees` copies the fetched trees into a work directory and applies the series there;
+`check_patches` does the same in throw-away trees and reports every patch.
 Patches are applied with GNU patch, exactly: no fuzz (every context line must match; a shifted
 hunk is fine), `--forward` (never silently reverse), and a dry run first so that a patch that
 fails leaves its tree untouched. GNU patch rather than `git apply` because it needs no git
@@ -13,83 +10,21 @@ repository, takes -pN, and names the failing hunk ("Hunk #2 FAILED at 120") for 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gpuwheel.cache import copy_tree
 from gpuwheel.errors import PatchError
 from gpuwheel.kinds import registry
+from gpuwheel.patch_series import PatchRef
+from gpuwheel.plan import PackagePlan, Plan
 from gpuwheel.run import capture, last_line
+from gpuwheel.sources import FetchedPackage, Sources
 
-if TYPE_CHECKING:  # plan imports this module (read_series): type names only, no cycle
-    from gpuwheel.plan import PackagePlan, Plan
-    from gpuwheel.sources import FetchedPackage, Sources
-
-
-@dataclass(frozen=True)
-class PatchRef:
-    name: str  # file name, e.g. 0001-fix-moe-permute-scale-index.patch
-    path: Path
-    sha256: str
-    strip: int = 1  # -pN
-    tree: str = ""  # "" = the package's own tree, else a dependency name
-
-
-_SERIES_LINE = re.compile(r"^(?P<name>\S+\.(?:patch|diff))(?P<opts>(?:\s+\S+)*)\s*$")
-
-
-def read_series(directory: Path, dependencies: tuple[str, ...] = ()) -> tuple[PatchRef, ...]:
-    """The patches of a set, in series order, each hashed; raises PatchError on a bad series."""
-    series = directory / "series"
-    try:
-        text = series.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise PatchError(
-            f"{series}: not a text file (byte {error.start} is not UTF-8)",
-            hint="a series lists one patch file name a line",
-        ) from None
-    except OSError as error:
-        raise PatchError(f"{series}: cannot read: {error.strerror}") from None
-    refs = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        match = _SERIES_LINE.match(line)
-        if not match:
-            raise PatchError(f"{series}:{number}: '{line}' is not 'NNNN-title.patch [-pN] [tree=NAME]'")
-        strip, tree = 1, ""
-        for option in match["opts"].split():
-            if re.fullmatch(r"-p\d", option):
-                strip = int(option[2:])
-            elif option.startswith("tree="):
-                tree = option[5:]
-                if tree not in dependencies:
-                    known = ", ".join(dependencies) or "none"
-                    raise PatchError(
-                        f"{series}:{number}: tree={tree} is not a dependency of this package (dependencies: {known})"
-                    )
-            else:
-                raise PatchError(f"{series}:{number}: unknown option '{option}'", hint="use -pN or tree=NAME")
-        if "/" in match["name"] or "\\" in match["name"] or match["name"].startswith((".", "-")):
-            raise PatchError(
-                f"{series}:{number}: '{match['name']}' must be a file name in the patch set",
-                hint=f"put the patch in {directory} and name it there without a path",
-            )
-        path = directory / match["name"]
-        if not path.is_file():
-            raise PatchError(f"{series}:{number}: {match['name']} does not exist in {directory}")
-        refs.append(PatchRef(match["name"], path, hashlib.sha256(path.read_bytes()).hexdigest(), strip, tree))
-    return tuple(refs)
-
-
-# ---- applying a series -------------------------------------------------------------------------
 APPLIED, UPSTREAM, FAILED, SKIPPED = "applied", "already upstream", "failed", "skipped: dependency not fetched"
 _PATCH_OPTIONS = (
     "--batch",

@@ -20,7 +20,7 @@ from gpuwheel.build.jobs import Jobs, choose_jobs
 from gpuwheel.errors import IncompatibleRecipeError, RecipeError
 from gpuwheel.kinds import registry
 from gpuwheel.kinds.base import DEPS, MeasuredBuild  # noqa: F401 - DEPS: the backends read all three here
-from gpuwheel.patches import PatchRef, read_series
+from gpuwheel.patch_series import PatchRef, read_series
 from gpuwheel.recipe_values import (
     Dependency,
     InferenceProfile,

@@ -12,7 +12,6 @@ import fnmatch
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from packaging.version import Version
 
@@ -21,10 +20,8 @@ from gpuwheel.audit.fatbin import FatbinUnit, PtxEntry, SassEntry, linked_cuda_r
 from gpuwheel.audit.members import ELF_MAGIC, read_so_members
 from gpuwheel.errors import AuditInputError
 from gpuwheel.limits import irregular_file
+from gpuwheel.recipe import Recipe
 from gpuwheel.wheelfile import escapes_root
-
-if TYPE_CHECKING:
-    from gpuwheel.recipe import Recipe
 
 NATIVE, JIT, NONE = "native", "jit", "none"
 

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gpuwheel.cli import complete_target, main
+from gpuwheel.cli.group import complete_target, main
+from gpuwheel.errors import AuditFailure
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # stage modules load in the command that runs them, not for `gpuwheel --help` (group.py)
     from gpuwheel import facts
     from gpuwheel.audit.report import AuditReport
 
@@ -64,7 +65,6 @@ def audit_command(
     if (target_name is None) == (arch is None):
         raise click.UsageError("give exactly one of --target TARGET or --arch X.Y")
     from gpuwheel.audit.report import AuditTarget, audit
-    from gpuwheel.errors import AuditFailure
 
     if target_name is not None:
         from gpuwheel.recipe import load_recipe  # only --target needs the recipe machinery

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
 import click
 
-from gpuwheel.cli import TARGET, main
+from gpuwheel import log
 from gpuwheel.cli.dist import DIST_VARIABLE
+from gpuwheel.cli.group import TARGET, main
+from gpuwheel.errors import BuildError
 from gpuwheel.limits import MAX_JOBS
 
 # Written out, not imported from gpuwheel.recipe: `gpuwheel --help` imports no stage (docs/cli.md,
@@ -94,9 +97,6 @@ def build(
     as_json: bool,
 ) -> None:
     """Build TARGET's wheels: fetch, patch, compile (local, or in docker or podman containers), finish and audit."""
-    import os
-
-    from gpuwheel import log
     from gpuwheel.build.dist import check_cluster, cluster_from
     from gpuwheel.cache import target_lock
     from gpuwheel.layout import target_paths
@@ -183,7 +183,6 @@ def _print_timings(built, target: str, start: float) -> None:
 @contextlib.contextmanager
 def build_error_tail():
     """A failed build's last log lines on stderr, above the error line the CLI prints."""
-    from gpuwheel.errors import BuildError
     from gpuwheel.log import console
 
     try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from typing import Any
 
 import click
 
-from gpuwheel.cli import main
+from gpuwheel.cli.group import main
 
 # What each folder under the cache root holds (gpuwheel.cache says where they come from).
 PARTS = {
@@ -70,8 +72,6 @@ def cache_prune(parts: tuple[str, ...], everything: bool, dry_run: bool) -> None
 
     Everything removed is made again when needed: sources are fetched, toolchains rebuilt.
     """
-    import shutil
-
     from gpuwheel.cache import cache_root
     from gpuwheel.log import out
 
@@ -93,8 +93,6 @@ def cache_prune(parts: tuple[str, ...], everything: bool, dry_run: bool) -> None
 
 
 def _size(folder) -> int:
-    import os
-
     total = 0
     for directory, _, files in os.walk(folder):
         for name in files:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from gpuwheel.cli import complete_target, main
+from gpuwheel.cli.group import complete_target, main
 
 WORKFLOW = Path(".github/workflows/gpuwheel.yml")
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import click
 
-from gpuwheel.cli import main
+from gpuwheel.cli.group import main
+from gpuwheel.errors import DistConfigError
 
 # Written out, not imported from gpuwheel.build.dist: `gpuwheel --help` imports no stage (docs/cli.md).
 DIST_VARIABLE = "GPUWHEEL_DIST"
@@ -28,14 +33,8 @@ def dist() -> None:
 def check(url: str | None, no_compile: bool, as_json: bool) -> None:
     """Ask the scheduler for its status, try the token, and compile a trial C++ and CUDA source on the
     cluster with this machine's compilers. One line says what is wrong; the exit code says which kind."""
-    import os
-    import shutil
-    import sys
-    from pathlib import Path
-
     from gpuwheel.build.dist import check_cluster, cluster_from, trial_compiles
     from gpuwheel.cache import cache_root
-    from gpuwheel.errors import DistConfigError
     from gpuwheel.log import out
 
     cluster = cluster_from(url, os.environ)

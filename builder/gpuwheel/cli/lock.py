@@ -6,7 +6,7 @@ import json
 
 import click
 
-from gpuwheel.cli import TARGET, main
+from gpuwheel.cli.group import TARGET, main
 
 
 @main.command("lock")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gpuwheel.cli import complete_target, main
+from gpuwheel.cli.group import complete_target, main
 
 
 @main.command()

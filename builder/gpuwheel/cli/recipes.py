@@ -8,8 +8,10 @@ from typing import Any
 
 import click
 
-from gpuwheel.cli import TARGET, main
+from gpuwheel.cli.group import TARGET, main
+from gpuwheel.errors import GpuwheelError
 from gpuwheel.limits import MAX_JOBS
+from gpuwheel.redact import MASK, is_secret_name, safe_tree, safe_value
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 
@@ -18,7 +20,6 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as
 @JSON
 def targets(as_json: bool) -> None:
     """List the targets: GPU, archs, toolkit and pins (yours from --recipes first, then the shipped ones)."""
-    from gpuwheel.errors import GpuwheelError
     from gpuwheel.recipe import list_targets, load_recipe
 
     rows: list[dict[str, Any]] = []
@@ -83,7 +84,6 @@ def targets(as_json: bool) -> None:
 def show(target: str, as_json: bool) -> None:
     """Show the resolved recipe as TOML, each value with the file and line it came from."""
     from gpuwheel.recipe import load_recipe
-    from gpuwheel.redact import MASK, is_secret_name, safe_tree
 
     recipe = load_recipe(target)
     # Secrets are shown masked: a secret-named env key whole, URL credentials in any value.
@@ -133,7 +133,6 @@ def plan(target: str, as_json: bool, jobs: int | None, only: tuple[str, ...]) ->
     """Resolve TARGET into the exact build: steps, env per package, content hash."""
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
-    from gpuwheel.redact import safe_value
 
     resolved = make_plan(load_recipe(target), jobs=jobs, only=only)
     if as_json:

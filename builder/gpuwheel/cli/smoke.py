@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gpuwheel.cli import TARGET, main
+from gpuwheel.cli.group import TARGET, main
+from gpuwheel.errors import SmokeFailure, SmokeNotOnTarget
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # stage modules load in the command that runs them, not for `gpuwheel --help` (group.py)
     from gpuwheel.smoke.report import SmokeReport
 
 _STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
@@ -60,7 +61,6 @@ def smoke(
     """
     if index_url and wheels_dir:
         raise click.UsageError("give --index URL or --wheels DIR, not both")
-    from gpuwheel.errors import SmokeFailure, SmokeNotOnTarget
     from gpuwheel.smoke.report import FAIL
     from gpuwheel.smoke.runner import run_smoke
 

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gpuwheel.cli import TARGET, main
+from gpuwheel.cli.group import TARGET, main
+from gpuwheel.errors import PatchError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # stage modules load in the command that runs them, not for `gpuwheel --help` (group.py)
     from gpuwheel.sources import Sources
 OFFLINE = click.option(
     "--offline", is_flag=True, help="Use only the cache (also GPUWHEEL_OFFLINE=1); never touch the network."
@@ -119,7 +120,6 @@ def patches_group() -> None:
 @JSON
 def check(target: str, offline: bool, only: tuple[str, ...], as_json: bool) -> None:
     """Apply every patch of TARGET to fresh trees: applied / already upstream / failed (exit 6)."""
-    from gpuwheel.errors import PatchError
     from gpuwheel.patches import APPLIED, FAILED, SKIPPED, UPSTREAM, check_patches
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
-from gpuwheel.cli import complete_target, main
-from gpuwheel.cli.build import ENGINES
+from gpuwheel import log
+from gpuwheel.cli.build import ENGINES, build_error_tail
+from gpuwheel.cli.group import complete_target, main
+from gpuwheel.errors import VerifyMismatch
 from gpuwheel.limits import MAX_JOBS
 
 
@@ -51,10 +53,7 @@ def verify(
 ) -> None:
     """Rebuild the WHEELs of one build from their gpuwheel.json and the lock, once, into the cache, and compare:
     exit 0 when every sha256 is the same, 22 naming each member that differs and how."""
-    from gpuwheel import log
     from gpuwheel.cache import target_lock
-    from gpuwheel.cli.build import build_error_tail
-    from gpuwheel.errors import VerifyMismatch
     from gpuwheel.verify import one_build, recorded_in, verify_wheels
 
     recorded = [recorded_in(path) for path in dict.fromkeys(wheels)]

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from gpuwheel.cli import TARGET, main
+from gpuwheel.cli.group import TARGET, main
 
 
 def _toolchain(ctx: click.Context, param: click.Parameter, value: Path | None) -> dict[str, Any] | None:

@@ -1,23 +1,23 @@
 """The publish gate: a wheel reaches a target's index only if its audit passed for the target
 and its smoke report passed on a GPU of the target's compute capability.
 
-Reads the two records the earlier stages leave (formats in docs/publish.md):
-- `<name>-<version>.dist-info/gpuwheel.json` inside the wheel: `{"target": ..., "audit": {"passed": ..., "arch": ...}}`
-- the smoke report (`smoke.json` beside the wheels): `{"target": ..., "gpu": {"compute_capability": ...},
-  "wheels": [{"filename": ..., "sha256": ..., "passed": ...}]}`
+Reads the two records the earlier stages leave, as the typed values those stages write (formats in
+docs/publish.md):
+- `<name>-<version>.dist-info/gpuwheel.json` inside the wheel, a `Provenance`: its target and audit;
+- the smoke report (`smoke.json` beside the wheels), a `SmokeReport`: its target, the GPU it ran on,
+  and each wheel's checks by file name and sha256.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from gpuwheel import facts
 from gpuwheel.errors import PublishError
 from gpuwheel.provenance import PublishMark
+from gpuwheel.smoke.report import FAIL, SmokeReport, SmokeReportFormatError, read_json
 from gpuwheel.wheelfile import PROVENANCE_FILE, WheelFile, add_publish_mark, read_wheel
 
 
@@ -101,60 +101,47 @@ def _audit_problems(wheel: WheelFile, gate: PublishGate) -> tuple[str, ...]:
     return tuple(problems)
 
 
-def _read_smoke_report(gate: PublishGate) -> dict[str, Any] | str:
-    """The parsed report, or why there is none (a problem shared by every wheel)."""
+def _read_smoke_report(gate: PublishGate) -> SmokeReport | str:
+    """The report, or why there is none (a problem shared by every wheel)."""
     if gate.smoke_report is None:
         return "no smoke report"
     path = gate.smoke_report
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except FileNotFoundError:
         return f"no smoke report ({path} does not exist)"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except OSError as error:
         return f"smoke report {path} is unreadable ({error})"
-    if not isinstance(report, dict) or not isinstance(report.get("wheels"), list):
-        return f"smoke report {path} has no 'wheels' list"
-    return report
+    except SmokeReportFormatError as error:
+        return str(error)  # names the file and the field
 
 
-def _smoke_problems(wheel: WheelFile, gate: PublishGate, report: dict[str, Any] | str) -> tuple[str, ...]:
+def _smoke_problems(wheel: WheelFile, gate: PublishGate, report: SmokeReport | str) -> tuple[str, ...]:
     if isinstance(report, str):
         return (report,)
     path = gate.smoke_report
     problems = []
-    if report.get("target") != gate.target:
-        problems.append(f"smoke report {path} is for target {report.get('target')!r}")
-    gpu = report.get("gpu")
-    if not isinstance(gpu, dict):
-        gpu = {}
-    ran_on = str(gpu.get("compute_capability", ""))
+    if report.target != gate.target:
+        problems.append(f"smoke report {path} is for target {report.target!r}")
     # A smoke run without the target GPU skipped the GPU checks: untested there, which is not "failed".
-    skipped = report.get("gpu_checks") == "skipped"
-    if skipped:
+    if not report.gpu_ran:
         problems.append(
-            f"not smoke-tested on the target GPU ({report.get('gpu_skip_reason') or 'GPU checks skipped'}; {path})"
+            f"not smoke-tested on the target GPU ({report.gpu_skip_reason or 'GPU checks skipped'}; {path})"
         )
-    elif not _same_arch(ran_on, gate.compute_capability):
+    elif report.gpu is None or not _same_arch(report.gpu.compute_capability, gate.compute_capability):
+        name, ran_on = (report.gpu.name, report.gpu.compute_capability) if report.gpu else ("an unknown GPU", "")
         problems.append(
-            f"smoke ran on {gpu.get('name', 'an unknown GPU')} (compute capability "
-            f"{ran_on or '?'}), target is {gate.compute_capability} ({path})"
+            f"smoke ran on {name} (compute capability {ran_on or '?'}), target is {gate.compute_capability} ({path})"
         )
-    entries = [e for e in report["wheels"] if isinstance(e, dict) and e.get("filename") == wheel.filename]
+    entries = [w for w in report.wheels if w.filename == wheel.filename]
     if not entries:
         return (*problems, f"not in smoke report {path}")
-    if not any(e.get("sha256") == wheel.sha256 for e in entries):
+    tested = [w for w in entries if w.sha256 == wheel.sha256]
+    if not tested:
         return (*problems, f"smoke report {path} tested another file of that name (sha256 differs)")
-    tested = [e for e in entries if e.get("sha256") == wheel.sha256]
-    if not any(e.get("passed") is True for e in tested):
-        failed = sorted(
-            {
-                str(c.get("name"))
-                for e in tested
-                for c in e.get("checks") or ()
-                if isinstance(c, dict) and c.get("status") == "fail"
-            }
-        )
-        if failed or not skipped:
+    if not any(report.wheel_passed(w) for w in tested):
+        failed = sorted({c.name for w in tested for c in w.checks if c.status == FAIL})
+        if failed or report.gpu_ran:
             problems.append(f"failed smoke{': ' + ', '.join(failed) if failed else ''} ({path})")
     return tuple(problems)
 

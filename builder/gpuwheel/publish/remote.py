@@ -62,6 +62,7 @@ def _publish_remote(
     config_file: Path | None,
     scratch: Path,
 ) -> PublishReport:
+    # twine's settings load in ~0.1 s: only an upload to a remote index pays for them.
     from twine.exceptions import TwineException
     from twine.package import PackageFile
     from twine.settings import Settings

@@ -40,6 +40,7 @@ from gpuwheel.kinds import registry
 from gpuwheel.kinds.base import Kind
 from gpuwheel.layout import simple_url, target_paths
 from gpuwheel.log import logger, pip_milestones, say
+from gpuwheel.recipe import load_recipe
 from gpuwheel.run import Finished, capture, run
 from gpuwheel.smoke.report import (
     FAIL,
@@ -82,8 +83,6 @@ def run_smoke(
     """Install the target's wheels from an index and run the smoke checks; write smoke.json
     (json_out, default: smoke.json beside the wheels, or the target's staging/ for --index) and
     JUnit XML (junit) and return the report. Failing checks do not raise: the caller decides."""
-    from gpuwheel.recipe import load_recipe
-
     if index_url is not None and wheels_dir is not None:
         raise UsageError("give an index URL or a wheels directory, not both")
     recipe = load_recipe(target_or_recipe)

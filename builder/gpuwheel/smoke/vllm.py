@@ -21,11 +21,19 @@ The shapes are the crashes of CONTEXT.md: 8192 scheduled tokens made of 8 reques
   random-weight Llama of the profile's head dim, written locally, generates with chunked prefill
   and max_num_batched_tokens=8192, the 8192-token batch scheduled in one step; the attention
   backend and FA version vLLM chose are recorded.
+
+torch, vLLM and transformers exist only in the smoke interpreter: they are imported inside the checks,
+so that this file itself loads anywhere (kinds/vllm.py imports it on the host for its constants).
 """
 
 from __future__ import annotations
 
+import ctypes
+import fnmatch
 import functools
+import importlib
+import importlib.metadata
+import importlib.util
 import os
 import time
 from typing import Any
@@ -86,15 +94,11 @@ def _root(spec: dict) -> str:
     """Where the wheel's files are: spec["root"], else the installed distribution's location."""
     if spec.get("root"):
         return spec["root"]
-    import importlib.metadata
-
     return str(importlib.metadata.distribution("vllm").locate_file(""))
 
 
 def _load_by_path(path: str, name: str):
     """The wheel's own Python file, without importing vLLM's package (and its many dependencies)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:  # not a .py file: cannot happen for the names used here
         raise ImportError(f"cannot load {path} as a module")
@@ -113,8 +117,6 @@ def _permute_module(spec: dict):
 def _libraries(spec: dict) -> list[tuple[str, str, dict]]:
     """(name, path relative to the root, {namespace: ops}) of spec["op_libraries"]: entries as the
     runner writes them ({"name", "path", "ops"}), or bare paths matched against OP_LIBRARIES."""
-    import fnmatch
-
     found = []
     for entry in spec.get("op_libraries", ()):
         if isinstance(entry, dict):
@@ -139,8 +141,6 @@ def _load_libraries(spec: dict) -> None:
 def run_op_checks(spec: dict, recorder) -> None:
     """spec: {"root": dir | null, "op_libraries": [...]}. No GPU needed: loading needs torch and
     the driver's libcuda.so.1 (the libraries link it), registration needs nothing more."""
-    import importlib.util
-
     if importlib.util.find_spec("torch") is None:
         recorder.emit(
             "op libraries", "skip", "torch is not installed in this interpreter: the op libraries load into torch"
@@ -159,8 +159,6 @@ def run_op_checks(spec: dict, recorder) -> None:
 
 
 def _load_op_library(path: str, ops: dict):
-    import ctypes
-
     import torch
 
     try:
@@ -219,8 +217,6 @@ def _registered(torch, namespace: str, op: str) -> bool:
 
 def _engine_imports():
     """vLLM's Python package with the dependencies the engine imports at start."""
-    import importlib
-
     for module in ENGINE_MODULES:
         try:
             importlib.import_module(module)
@@ -655,8 +651,6 @@ def _generate(workdir: str, head_dim: int, dtype: str, eager: bool):
     # with a function needs no serialization then); a crash ends this check process, and the
     # runner reports its last line
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    import importlib.util
-
     # vLLM 0.26.0's sampler imports FlashInfer unless told not to, and FlashInfer is no dependency of
     # the wheel gpuwheel builds (seen on the H200: "No module named 'flashinfer'").
     no_flashinfer = importlib.util.find_spec("flashinfer") is None
