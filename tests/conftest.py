@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -88,8 +87,8 @@ class RecipeFactory:
     - `name=` the file name (a recipes folder looks targets up by file name);
     - keys and values are written as given, unchecked: an error test writes the broken field itself
       (`toolchain={"cuda": 13.0}`), and None leaves a key of the base out;
-    - `text=` writes exactly that (dedented) text: only for tests about the recipe's own text (TOML
-      syntax errors, line numbers of a hand-laid file), each saying so where it calls.
+    - `text=` writes exactly that text: only for tests about the recipe's own text (TOML syntax errors,
+      line numbers of a hand-laid file, fuzzed text), each saying so where it calls.
     """
 
     def __call__(self, directory: Path, *, extends: str | None = None, name: str = "recipe.toml",
@@ -101,7 +100,7 @@ class RecipeFactory:
             raise TypeError("text= is the whole recipe: no extends or tables beside it")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / name
-        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+        path.write_text(text, encoding="utf-8")
         return path
 
     @staticmethod
