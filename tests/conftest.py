@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from build_helpers import FIXTURE_TOOLCHAIN, SHARED_CACHE
 from gpuwheel.cli import main
 from gpuwheel.shipped import CHECKOUT
+from publish_helpers import publish_recipe
 
 # subprocess_report: a fixture's failing command shows its stderr; pytester: tests of that plugin.
 pytest_plugins = ["subprocess_report", "pytester"]
@@ -115,6 +116,14 @@ class RecipeFactory:
 def make_recipe() -> RecipeFactory:
     """The one way tests write a recipe (see RecipeFactory); session-wide, so module fixtures use it too."""
     return RecipeFactory()
+
+
+@pytest.fixture
+def publish_recipes(tmp_path: Path, make_recipe) -> Path:
+    """A recipes folder (for GPUWHEEL_RECIPES) holding the publish tests' target."""
+    directory = tmp_path / "recipes"
+    make_recipe(directory, **publish_recipe())
+    return directory
 
 
 # ---- caches and toolchains -----------------------------------------------------------------------------
@@ -273,14 +282,14 @@ class PypiServer:
         self.log.close()
 
 
-@pytest.fixture
-def pypi_server(tmp_path: Path):
-    """Start a PypiServer in a folder of tmp_path (`pypi_server(open_uploads=True, hash_algo="md5")`);
-    stopped after the test. Put sdists into `.packages` to serve them."""
+@pytest.fixture(scope="module")
+def pypi_server(tmp_path_factory):
+    """Start a PypiServer (`pypi_server(open_uploads=True, hash_algo="md5")`), stopped after the test
+    module: a module may share one. Put sdists into its `.packages` to serve them."""
     servers: list[PypiServer] = []
 
     def start(**options) -> PypiServer:
-        servers.append(PypiServer(tmp_path / f"pypiserver-{len(servers)}", **options))
+        servers.append(PypiServer(tmp_path_factory.mktemp("pypiserver"), **options))
         return servers[-1]
     yield start
     for server in servers:
