@@ -202,21 +202,22 @@ def test_a_password_in_the_repository_url_is_refused_with_where_it_belongs(gpuwh
 
 
 def test_a_wheels_provenance_records_no_secret(make_recipe, tmp_path):
-    from packaging.version import Version
-
-    from gpuwheel.audit.report import AuditReport, AuditTarget
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
-    from gpuwheel.wheels import _provenance
-    recipe = load_recipe(make_recipe(tmp_path, package=[SECRET_PACKAGE]))
-    plan = make_plan(recipe)
-    report = AuditReport(path="demo.whl", target=AuditTarget.from_recipe(recipe), wheels=(), sos=())
-    provenance = _provenance(plan, plan.packages[0], {}, "test", Version("1.0+test"), "demo.whl", "raw.whl",
-                             ("linux_x86_64",), (), 0, report, False, frozenset())
+    from gpuwheel.wheelfile import read_wheel
+    from gpuwheel.wheels import finish_wheels
+    from wheels_helpers import compile_plain_library, raw_wheel
+    plan = make_plan(load_recipe(make_recipe(tmp_path, package=[SECRET_PACKAGE])))
+    raw = raw_wheel(tmp_path, "demo", "1.0", "demo", {"libdemo.so": compile_plain_library(tmp_path, "libdemo.so")})
+    # A host-only .so: no GPU code, so the audit fails, and the wheel is finished marked failed.
+    [wheel] = finish_wheels(plan, [("demo", raw)], toolchain=None, out_dir=tmp_path / "staging",
+                            allow_audit_failure=True).wheels
+    provenance = read_wheel(wheel.path).provenance  # what the wheel itself carries
     text = json.dumps(provenance.to_json())
     assert "sEcReT" not in text
     assert provenance.build.env["HF_TOKEN"] == "****"
     assert "https://oauth2:****@git.example.com/lib.git" in text
+    assert provenance == wheel.provenance
 
 
 # ---- interrupted runs -----------------------------------------------------------------------------
@@ -236,7 +237,6 @@ finally:
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
 def test_a_signal_to_gpuwheel_stops_the_compilers_it_started_and_runs_its_cleanup(tmp_path, signal_name):
-    import os
     import signal
     import sys
     import time

@@ -11,7 +11,6 @@ import os
 import struct
 import subprocess
 import sys
-import tarfile
 import time
 import zipfile
 from pathlib import Path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import string
 import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
