@@ -122,8 +122,8 @@ def gpuwheel_podman_services() -> list[str]:
 def test_a_container_build_gives_a_wheel_with_sm90a_and_sm120_sass_pinned_to_its_images_and_a_rebuild_hits_the_cache(
         gpuwheel, tmp_path, engine, base_image, make_recipe):
     # report_sandbox.py stands in front of nvcc and prints what the compile can reach.
-    recipe = make_recipe(tmp_path, **fixture_recipe(base_image=base_image,
-                            env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"}))
+    recipe = make_recipe(tmp_path, **fixture_recipe(
+        base_image=base_image, env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"}))
     out = tmp_path / "staging"
 
     first = gpuwheel("build", recipe, "--backend", "container", "--out", out, "--json")
@@ -196,8 +196,8 @@ def test_a_podman_service_that_stopped_is_one_line(gpuwheel, tmp_path, podman_st
     service.wait(timeout=30)
     monkeypatch.setenv("CONTAINER_HOST", f"unix://{socket}")
 
-    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe(base_image=BASE_IMAGE)), "--engine", "podman",
-                      "--out", tmp_path / "staging")
+    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe(base_image=BASE_IMAGE)), "--engine",
+                      "podman", "--out", tmp_path / "staging")
 
     assert result.exit_code == 7
     [line] = [l for l in result.stderr.splitlines() if l.startswith("gpuwheel: error:")]
@@ -210,8 +210,8 @@ def test_a_podman_service_that_stopped_is_one_line(gpuwheel, tmp_path, podman_st
 @pytest.mark.slow
 def test_a_compiler_killed_in_the_container_is_reported_as_out_of_memory(
         gpuwheel, tmp_path, engine, base_image, make_recipe):
-    recipe = make_recipe(tmp_path, **fixture_recipe(base_image=base_image,
-                            env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/kill_cicc.py"}))
+    recipe = make_recipe(tmp_path, **fixture_recipe(
+        base_image=base_image, env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/kill_cicc.py"}))
     out = tmp_path / "staging"
 
     result = gpuwheel("build", recipe, "--backend", "container", "--jobs", "2", "--out", out)
@@ -261,9 +261,8 @@ def test_a_distributed_container_build_compiles_on_the_cluster_with_the_images_c
         pytest.skip(f"local sccache-dist cluster: {missing}")
     # Recache inside the container (the plan's env reaches it, the host's does not): a cache hit never
     # leaves the container, and both builds compile everything.
-    recipe = make_recipe(tmp_path, **fixture_recipe(base_image=base_image,
-                            env={"SCCACHE_RECACHE": "1",
-                                 "PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"}))
+    recipe = make_recipe(tmp_path, **fixture_recipe(base_image=base_image, env={
+        "SCCACHE_RECACHE": "1", "PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"}))
     packed = SHARED_CACHE / "compile" / "dist-client-container"
     shutil.rmtree(packed, ignore_errors=True)  # the compilers this build packs, not an earlier run's
     here = gpuwheel("build", recipe, "--backend", "container", "--out", tmp_path / "here", "--json")
