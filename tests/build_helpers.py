@@ -1,10 +1,9 @@
-"""Helpers for the build tests: the fixture recipe, a shared cache, and what a wheel carries."""
+"""Builders for the build tests: the fixture recipe's tables, where the shared cache lies, and what a
+fixture wheel carries."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import textwrap
 from pathlib import Path
 
 from gpuwheel import facts
@@ -14,49 +13,24 @@ from gpuwheel.recipe import PROJECT_ROOT, Toolchain
 FIXTURE = Path(__file__).parent / "fixtures" / "cuda_ext"
 # Toolchain venvs (5.5 GB, ~2 min to make) and docker images outlive one test run here.
 SHARED_CACHE = Path(os.environ.get("GPUWHEEL_TEST_CACHE", PROJECT_ROOT / ".cache" / "tests"))
-
-
 FIXTURE_TOOLCHAIN = Toolchain(cuda="13.0.2", python="3.11", torch="2.14.1")
 
 
-def prepare_fixture_toolchain():
-    """The pinned torch 2.14.1 (CUDA 13.0) venv, made once and kept in the shared test cache (skips
-    without nvcc): for module-scoped fixtures of the build tests."""
-    import pytest
-
-    from gpuwheel.build.local import LocalBackend
-
-    if shutil.which("nvcc") is None:
-        pytest.skip("no nvcc on PATH: the local build tests need the CUDA 13.0 toolkit")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
-        return LocalBackend().prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml")
-
-
-def fixture_recipe(directory: Path, *, cuda: str = "13.0.2", torch: str = "2.14.1", archs: str = "9.0a;12.0",
-                   env: dict[str, str] | None = None, base_image: str | None = None, name: str = "fixture") -> Path:
-    """A recipe building tests/fixtures/cuda_ext for `archs` with the given pins."""
-    env_table = "".join(f'{k} = "{v}"\n' for k, v in (env or {}).items())
-    text = textwrap.dedent(f"""\
-        [target]
-        name = "{name}"
-        compute_capability = "12.0"
-        torch_cuda_arch_list = "{archs}"
-        min_driver = "580.65.06"
-
-        [toolchain]
-        cuda = "{cuda}"
-        python = "3.11"
-        torch = "{torch}"
-        """) + (f'base_image = "{base_image}"\n' if base_image else "") + textwrap.dedent(f"""
-        [[package]]
-        name = "gwfixture"
-        version = "0.1.0"
-        source = {{ path = "{FIXTURE}" }}
-        """) + (f"[package.env]\n{env_table}" if env else "")
-    path = directory / f"{name}.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
+def fixture_recipe(*, cuda: str = "13.0.2", torch: str = "2.14.1", archs: str = "9.0a;12.0",
+                   env: dict[str, str] | None = None, base_image: str | None = None, name: str = "fixture") -> dict:
+    """make_recipe's arguments for a recipe building tests/fixtures/cuda_ext for `archs` with the given
+    pins: `make_recipe(directory, **fixture_recipe(torch="2.13.0"))` writes directory/fixture.toml."""
+    toolchain = {"cuda": cuda, "python": "3.11", "torch": torch, "base_image": base_image}
+    package = {"name": "gwfixture", "version": "0.1.0", "source": {"path": str(FIXTURE)}}
+    if env:
+        package["env"] = env
+    return {
+        "name": f"{name}.toml",
+        "target": {"name": name, "compute_capability": "12.0", "torch_cuda_arch_list": archs,
+                   "min_driver": "580.65.06"},
+        "toolchain": {key: value for key, value in toolchain.items() if value is not None},
+        "package": [package],
+    }
 
 
 def fixture_wheel(out: Path) -> Path:

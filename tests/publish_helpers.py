@@ -1,53 +1,35 @@
-"""Real things the publish tests need: small valid wheels, smoke reports, a target recipe, a real
-pypiserver on loopback, fresh virtual environments and the `gpuwheel` command as a subprocess."""
+"""Real things the publish tests need: small valid wheels, smoke reports, the target recipe's tables,
+fresh virtual environments, the `gpuwheel` command as a subprocess, and a check of a whole index."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-import requests
 
 from gpuwheel.smoke.report import FAIL, PASS, SKIP, CheckResult, GpuInfo, SmokeReport, WheelSmoke, write_json
 
 TARGET = "h100-test"
 TARGET_CC = "9.0"
 
-RECIPE = f"""\
-[target]
-name = "{TARGET}"
-gpu = "NVIDIA H100"
-compute_capability = "{TARGET_CC}"
-torch_cuda_arch_list = "9.0a"
-min_driver = "580.65.06"
 
-[toolchain]
-cuda = "13.0"
-python = "3.12"
-torch = "2.11.0"
-
-[[package]]
-name = "flash-attn"
-version = "2.8.3"
-source = {{ sdist = "flash_attn-2.8.3.tar.gz", sha256 = "{'0' * 64}" }}
-"""
-
-
-def write_recipes(directory: Path) -> Path:
-    """A recipes directory holding the test target, for GPUWHEEL_RECIPES."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{TARGET}.toml").write_text(RECIPE)
-    return directory
+def publish_recipe() -> dict:
+    """make_recipe's arguments for the publish tests' target (TARGET.toml, for a recipes folder)."""
+    return {
+        "name": f"{TARGET}.toml",
+        "target": {"name": TARGET, "gpu": "NVIDIA H100", "compute_capability": TARGET_CC,
+                   "torch_cuda_arch_list": "9.0a", "min_driver": "580.65.06"},
+        "toolchain": {"cuda": "13.0", "python": "3.12", "torch": "2.11.0"},
+        "package": [{"name": "flash-attn", "version": "2.8.3",
+                     "source": {"sdist": "flash_attn-2.8.3.tar.gz", "sha256": "0" * 64}}],
+    }
 
 
 def _record_hash(data: bytes) -> str:
@@ -144,56 +126,6 @@ def start_gpuwheel(args: list[str], env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class PypiServer:
-    """A real pypiserver on loopback with htpasswd auth for uploads (reads are open)."""
-
-    user = "publisher"
-    password = "Tr0ub4dor-and-3"
-
-    def __init__(self, root: Path, *, open_uploads: bool = False, hash_algo: str = "sha256"):
-        """open_uploads: no login at all (-P . -a .); hash_algo: what its simple pages list."""
-        from passlib.apache import HtpasswdFile
-
-        self.packages = root / "packages"
-        self.packages.mkdir(parents=True)
-        htpasswd = HtpasswdFile(str(root / "htpasswd"), new=True)
-        htpasswd.set_password(self.user, self.password)
-        htpasswd.save()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log = open(root / "server.log", "w")
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("pypi-server")), "run", "-i", "127.0.0.1", "-p", str(self.port),
-             *(["-P", ".", "-a", "."] if open_uploads else ["-P", str(root / "htpasswd"), "-a", "update"]),
-             "--hash-algo", hash_algo, str(self.packages)],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(self.url + "simple/", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pypiserver did not start: {(root / 'server.log').read_text()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-
-
 def fresh_venv(path: Path) -> Path:
     """A new virtual environment without pip (fast); pip runs into it with --python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
@@ -268,42 +200,3 @@ def leftovers(index_dir: Path) -> list[str]:
     generations = [p for p in index_dir.glob(".simple-*") if p.name not in found]
     assert len(generations) <= 2, f"old generations kept: {generations}"
     return found
-
-
-class StaticIndexServer:
-    """The static index served over HTTP the way docs/publish.md tells a web server to: directory
-    URLs answer index.json to clients that ask for PEP 691 JSON (pip does), index.html otherwise."""
-
-    def __init__(self, index_dir: Path):
-        import functools
-        import threading
-        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-        class Negotiating(SimpleHTTPRequestHandler):
-            def send_head(self):
-                path = Path(self.translate_path(self.path))
-                if path.is_dir() and self.path.endswith("/") and \
-                        "application/vnd.pypi.simple.v1+json" in self.headers.get("Accept", ""):
-                    body = (path / "index.json").read_bytes()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/vnd.pypi.simple.v1+json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    served_json.append(self.path)
-                    return io.BytesIO(body)
-                return super().send_head()
-
-            def log_message(self, *args):
-                pass
-
-        served_json: list[str] = []
-        self.served_json = served_json
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0),
-                                         functools.partial(Negotiating, directory=str(index_dir)))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

@@ -1,6 +1,6 @@
 """Real things the smoke tests need: a small wheel with a real CUDA .so (nvcc, sm_90 SASS), one whose
 .so has an undefined symbol (the torch ABI mismatch), .so files that link the NVIDIA driver's
-libcuda.so.1 as vLLM's op libraries do, a vLLM-shaped wheel of them, and a recipe for a 9.0 target."""
+libcuda.so.1 as vLLM's op libraries do, a vLLM-shaped wheel of them, and the tables of a 9.0 target's recipe."""
 
 from __future__ import annotations
 
@@ -31,28 +31,17 @@ VALUE = "kernels"
 """
 
 
-def write_recipe(directory: Path, python: str = "3.11", torch: str = "2.11.0") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{TARGET}.toml"
-    path.write_text(f"""\
-[target]
-name = "{TARGET}"
-gpu = "H100"
-compute_capability = "9.0"
-torch_cuda_arch_list = "9.0"
-min_driver = "580.65.06"
-
-[toolchain]
-cuda = "13.0"
-python = "{python}"
-torch = "{torch}"
-
-[[package]]
-name = "gw-smoke-kernels"
-version = "1.0"
-source = {{ sdist = "gw_smoke_kernels-1.0.tar.gz", sha256 = "{'0' * 64}" }}
-""", encoding="utf-8")
-    return path
+def smoke_recipe(python: str = "3.11", torch: str = "2.11.0") -> dict:
+    """make_recipe's arguments for the 9.0 smoke target (TARGET.toml, for a recipes folder): its one
+    package is the test wheel's."""
+    return {
+        "name": f"{TARGET}.toml",
+        "target": {"name": TARGET, "gpu": "H100", "compute_capability": "9.0", "torch_cuda_arch_list": "9.0",
+                   "min_driver": "580.65.06"},
+        "toolchain": {"cuda": "13.0", "python": python, "torch": torch},
+        "package": [{"name": "gw-smoke-kernels", "version": "1.0",
+                     "source": {"sdist": "gw_smoke_kernels-1.0.tar.gz", "sha256": "0" * 64}}],
+    }
 
 
 def build_cuda_so(directory: Path) -> Path:

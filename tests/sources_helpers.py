@@ -1,5 +1,5 @@
-"""Fixtures for the sources and patches tests: real git repositories, a real local HTTP server,
-hand-made (and hostile) archives, and a persistent cache of real PyPI sdists."""
+"""Builders for the sources and patches tests: real git repositories, hand-made (and hostile) archives,
+patch sets, and the demo package entry of their recipes."""
 
 from __future__ import annotations
 
@@ -9,28 +9,9 @@ import io
 import os
 import subprocess
 import tarfile
-import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
-
 FLASH_ATTN_SHA256 = "1e71dd64a9e0280e0447b8a0c2541bad4bf6ac65bdeaa2f90e51a9e57de0370d"
-
-# A target every check passes with, so a test recipe only has to say what it builds.
-RECIPE_HEAD = """\
-[target]
-name = "test"
-compute_capability = "9.0"
-torch_cuda_arch_list = "9.0"
-min_driver = "570.195.03"
-
-[toolchain]
-cuda = "12.8.1"
-python = "3.12"
-torch = "2.11.0"
-"""
 
 
 def sha256(data: bytes) -> str:
@@ -127,75 +108,6 @@ def stored(cache: Path) -> list[str]:
                   for p in (cache / "sources" / sub).glob("*") if (cache / "sources" / sub).exists())
 
 
-class Server:
-    """A real HTTP server on 127.0.0.1: /files/<name> serves bytes; /cut/<name> sends the full
-    Content-Length, half the body, then drops the connection (an interrupted download)."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files = files
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                kind, _, name = self.path.lstrip("/").partition("/")
-                data = server.files.get(name)
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if kind == "cut":
-                    self.wfile.write(data[: len(data) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, name: str, kind: str = "files") -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}/{kind}/{name}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def http_server():
-    servers = []
-
-    def start(files: dict[str, bytes]) -> Server:
-        servers.append(Server(files))
-        return servers[-1]
-    yield start
-    for server in servers:
-        server.close()
-
-
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch) -> Path:
-    """A fresh, empty gpuwheel cache for one test."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("GPUWHEEL_CACHE", str(root))
-    monkeypatch.delenv("GPUWHEEL_OFFLINE", raising=False)
-    return root
-
-
-@pytest.fixture
-def real_cache(monkeypatch) -> Path:
-    """A cache kept between test runs for real PyPI sdists ($GPUWHEEL_TEST_CACHE)."""
-    root = Path(os.environ.get("GPUWHEEL_TEST_CACHE") or Path.home() / ".cache" / "gpuwheel-test-sources")
-    monkeypatch.setenv("GPUWHEEL_CACHE", str(root))
-    monkeypatch.delenv("GPUWHEEL_OFFLINE", raising=False)
-    return root
-
-
-def recipe_text(body: str) -> str:
-    return RECIPE_HEAD + "\n" + textwrap.dedent(body).lstrip()
+def demo_package(source: dict, name: str = "demo", **fields) -> dict:
+    """The [[package]] entry of a demo project 1.0 from `source`, with any further fields (for make_recipe)."""
+    return {"name": name, "version": "1.0", "source": source, **fields}

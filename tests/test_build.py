@@ -9,24 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from build_helpers import FIXTURE_TOOLCHAIN, SHARED_CACHE, files_under, fixture_recipe, fixture_wheel, \
-    prepare_fixture_toolchain
+from build_helpers import FIXTURE_TOOLCHAIN, files_under, fixture_recipe, fixture_wheel
 from gpuwheel.build.local import LocalBackend
 
-
-@pytest.fixture(autouse=True)
-def shared_cache(monkeypatch):
-    monkeypatch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
-
-
-@pytest.fixture(scope="module")
-def fixture_toolchain():
-    return prepare_fixture_toolchain()
+pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
 def test_local_build_gives_a_wheel_with_sm90a_and_sm120_sass_and_a_rebuild_hits_the_compile_cache(
-        gpuwheel, tmp_path, fixture_toolchain):
-    recipe = fixture_recipe(tmp_path)
+        gpuwheel, tmp_path, fixture_toolchain, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe())
     out = tmp_path / "staging"
 
     first = gpuwheel("build", recipe, "--backend", "local", "--out", out, "--json")
@@ -50,8 +41,8 @@ def test_local_build_gives_a_wheel_with_sm90a_and_sm120_sass_and_a_rebuild_hits_
 
 
 def test_a_build_of_an_unchanged_plan_reuses_its_finished_wheel_and_a_changed_input_rebuilds(
-        gpuwheel, tmp_path, fixture_toolchain, caplog):
-    recipe = fixture_recipe(tmp_path)
+        gpuwheel, tmp_path, fixture_toolchain, caplog, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe())
     out = tmp_path / "staging"
     first = gpuwheel("build", recipe, "--backend", "local", "--out", out, "--json")
     assert first.exit_code == 0, first.stderr
@@ -77,16 +68,16 @@ def test_a_build_of_an_unchanged_plan_reuses_its_finished_wheel_and_a_changed_in
                for r in caplog.records)
 
     # A changed input is a new plan: built, and the old wheel is not taken for it.
-    changed = fixture_recipe(tmp_path, env={"GWFIXTURE_NOTE": "changed"})
+    changed = make_recipe(tmp_path, **fixture_recipe(env={"GWFIXTURE_NOTE": "changed"}))
     rebuilt = gpuwheel("build", changed, "--backend", "local", "--out", out, "--json")
     assert rebuilt.exit_code == 0, rebuilt.stderr
     assert rebuilt.json()["reused"] is False and rebuilt.json()["raw"]["plan_hash"] != plan_hash
 
 
-def test_toolkit_mismatch_stops_before_compiling(gpuwheel, tmp_path):
+def test_toolkit_mismatch_stops_before_compiling(gpuwheel, tmp_path, make_recipe):
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH")
-    recipe = fixture_recipe(tmp_path, cuda="12.8.1", torch="2.11.0")
+    recipe = make_recipe(tmp_path, **fixture_recipe(cuda="12.8.1", torch="2.11.0"))
     out = tmp_path / "staging"
 
     result = gpuwheel("build", recipe, "--backend", "local", "--out", out)
@@ -98,8 +89,8 @@ def test_toolkit_mismatch_stops_before_compiling(gpuwheel, tmp_path):
     assert files_under(out) == []
 
 
-def test_torch_that_differs_from_the_recipe_is_refused(gpuwheel, tmp_path, fixture_toolchain):
-    recipe = fixture_recipe(tmp_path, torch="2.13.0")
+def test_torch_that_differs_from_the_recipe_is_refused(gpuwheel, tmp_path, fixture_toolchain, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe(torch="2.13.0"))
     out = tmp_path / "staging"
 
     result = gpuwheel("build", recipe, "--backend", "local", "--python", fixture_toolchain.location, "--out", out)
@@ -110,11 +101,11 @@ def test_torch_that_differs_from_the_recipe_is_refused(gpuwheel, tmp_path, fixtu
     assert files_under(out) == []
 
 
-def test_missing_nvcc_for_a_toolkit_pypi_does_not_ship(gpuwheel, tmp_path, monkeypatch):
+def test_missing_nvcc_for_a_toolkit_pypi_does_not_ship(gpuwheel, tmp_path, monkeypatch, make_recipe):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    recipe = fixture_recipe(tmp_path, cuda="12.8.1", torch="2.11.0")
+    recipe = make_recipe(tmp_path, **fixture_recipe(cuda="12.8.1", torch="2.11.0"))
 
     result = gpuwheel("build", recipe, "--backend", "local", "--out", tmp_path / "staging")
 
@@ -123,19 +114,20 @@ def test_missing_nvcc_for_a_toolkit_pypi_does_not_ship(gpuwheel, tmp_path, monke
             "(set CUDA_HOME to a CUDA 12.8 toolkit, or use --backend container)") in result.stderr
 
 
-def test_cuda_home_without_nvcc_is_named(gpuwheel, tmp_path, monkeypatch):
+def test_cuda_home_without_nvcc_is_named(gpuwheel, tmp_path, monkeypatch, make_recipe):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "not-cuda"))
 
-    result = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "local", "--out", tmp_path / "staging")
+    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe()), "--backend", "local", "--out",
+                      tmp_path / "staging")
 
     assert result.exit_code == 7
     assert f"CUDA_HOME={tmp_path / 'not-cuda'} has no bin/nvcc" in result.stderr
 
 
 def test_a_compiler_killed_by_sigkill_is_reported_as_out_of_memory_with_the_jobs(gpuwheel, tmp_path,
-                                                                                 fixture_toolchain):
+                                                                                 fixture_toolchain, make_recipe):
     # kill_cicc.py runs the real nvcc and SIGKILLs its cicc, as the kernel's OOM killer does.
-    recipe = fixture_recipe(tmp_path, env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/kill_cicc.py"})
+    recipe = make_recipe(tmp_path, **fixture_recipe(env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/kill_cicc.py"}))
     out = tmp_path / "staging"
 
     result = gpuwheel("build", recipe, "--backend", "local", "--jobs", "3", "--out", out)
@@ -149,8 +141,8 @@ def test_a_compiler_killed_by_sigkill_is_reported_as_out_of_memory_with_the_jobs
     assert files_under(out) == []
 
 
-def test_a_failed_compile_shows_the_last_lines_and_the_log(gpuwheel, tmp_path, fixture_toolchain):
-    recipe = fixture_recipe(tmp_path, env={"NVCC_APPEND_FLAGS": "--no-such-nvcc-option"})
+def test_a_failed_compile_shows_the_last_lines_and_the_log(gpuwheel, tmp_path, fixture_toolchain, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe(env={"NVCC_APPEND_FLAGS": "--no-such-nvcc-option"}))
     out = tmp_path / "staging"
 
     result = gpuwheel("build", recipe, "--backend", "local", "--out", out)
@@ -170,11 +162,12 @@ def error_line(result) -> str:
     return line
 
 
-def test_container_backend_without_a_docker_engine_is_one_line(gpuwheel, tmp_path, monkeypatch):
+def test_container_backend_without_a_docker_engine_is_one_line(gpuwheel, tmp_path, monkeypatch, make_recipe):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     monkeypatch.delenv("GPUWHEEL_ENGINE", raising=False)
 
-    result = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "container", "--out", tmp_path / "staging")
+    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe()), "--backend", "container", "--out",
+                      tmp_path / "staging")
 
     assert result.exit_code == 7
     line = error_line(result)
@@ -183,11 +176,12 @@ def test_container_backend_without_a_docker_engine_is_one_line(gpuwheel, tmp_pat
                     f"or use --backend local)")
 
 
-def test_podman_that_is_not_installed_is_one_line(gpuwheel, tmp_path, monkeypatch):
+def test_podman_that_is_not_installed_is_one_line(gpuwheel, tmp_path, monkeypatch, make_recipe):
     monkeypatch.setenv("PATH", str(tmp_path))  # a host without podman
     monkeypatch.delenv("CONTAINER_HOST", raising=False)
 
-    result = gpuwheel("build", fixture_recipe(tmp_path), "--engine", "podman", "--out", tmp_path / "staging")
+    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe()), "--engine", "podman", "--out",
+                      tmp_path / "staging")
 
     assert result.exit_code == 7
     assert error_line(result) == ("gpuwheel: error: podman is not installed (engine chosen by --engine) "
@@ -201,14 +195,14 @@ def test_podman_that_is_not_installed_is_one_line(gpuwheel, tmp_path, monkeypatc
     (("--engine", "podman"), "docker", "docker", "podman", "--engine"),
 ])
 def test_the_engine_comes_from_the_flag_then_the_environment_then_the_recipe(
-        gpuwheel, tmp_path, monkeypatch, flag, variable, recipe_engine, chosen, chosen_by):
+        gpuwheel, tmp_path, monkeypatch, flag, variable, recipe_engine, chosen, chosen_by, make_recipe):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     monkeypatch.setenv("CONTAINER_HOST", f"unix://{tmp_path}/no-podman.sock")
     if variable:
         monkeypatch.setenv("GPUWHEEL_ENGINE", variable)
     else:
         monkeypatch.delenv("GPUWHEEL_ENGINE", raising=False)
-    recipe = fixture_recipe(tmp_path, base_image="gpuwheel-base:bookworm")
+    recipe = make_recipe(tmp_path, **fixture_recipe(base_image="gpuwheel-base:bookworm"))
     recipe.write_text(recipe.read_text() + f'\n[build]\nengine = "{recipe_engine}"\n')
 
     result = gpuwheel("build", recipe, "--backend", "container", *flag, "--out", tmp_path / "staging")
@@ -224,10 +218,12 @@ def test_the_engine_comes_from_the_flag_then_the_environment_then_the_recipe(
     ("", "it is empty"),
     ("Gpuwheel-Base:bookworm", "repository names are lowercase"),
 ])
-def test_a_malformed_base_image_is_one_line_before_any_engine_is_asked(gpuwheel, tmp_path, monkeypatch, value, problem):
+def test_a_malformed_base_image_is_one_line_before_any_engine_is_asked(
+        gpuwheel, tmp_path, monkeypatch, value, problem, make_recipe):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")  # never reached
 
-    result = gpuwheel("build", fixture_recipe(tmp_path), "--base-image", value, "--out", tmp_path / "staging")
+    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe()), "--base-image", value, "--out",
+                      tmp_path / "staging")
 
     assert result.exit_code == 7
     line = error_line(result)
@@ -235,17 +231,17 @@ def test_a_malformed_base_image_is_one_line_before_any_engine_is_asked(gpuwheel,
     assert line.endswith("(e.g. --base-image gpuwheel-base:bookworm; leave it out for the recipe's base_image)")
 
 
-def test_a_recipe_with_a_malformed_base_image_or_an_unknown_engine_names_the_line(gpuwheel, tmp_path):
-    recipe = fixture_recipe(tmp_path, base_image="nvidia/CUDA:13.0.2")
+def test_a_recipe_with_a_malformed_base_image_or_an_unknown_engine_names_the_line(gpuwheel, tmp_path, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe(base_image="nvidia/CUDA:13.0.2"))
 
     result = gpuwheel("build", recipe, "--out", tmp_path / "staging")
 
     assert result.exit_code == 2
-    assert error_line(result).endswith("fixture.toml:11: base_image 'nvidia/CUDA:13.0.2' names no image: "
+    line = make_recipe.line(recipe, "base_image = ")
+    assert error_line(result).endswith(f"fixture.toml:{line}: base_image 'nvidia/CUDA:13.0.2' names no image: "
                                        "repository names are lowercase")
 
-    recipe = fixture_recipe(tmp_path)
-    recipe.write_text(recipe.read_text() + '\n[build]\nengine = "podmn"\n')
+    recipe = make_recipe(tmp_path, **fixture_recipe(), build={"engine": "podmn"})
 
     result = gpuwheel("build", recipe, "--out", tmp_path / "staging")
 
@@ -254,18 +250,19 @@ def test_a_recipe_with_a_malformed_base_image_or_an_unknown_engine_names_the_lin
 
 
 @pytest.mark.parametrize("value, hint", [("dokcer", "did you mean docker? "), ("", "")])
-def test_an_unknown_or_empty_engine_variable_is_one_line(gpuwheel, tmp_path, monkeypatch, value, hint):
+def test_an_unknown_or_empty_engine_variable_is_one_line(gpuwheel, tmp_path, monkeypatch, value, hint, make_recipe):
     monkeypatch.setenv("GPUWHEEL_ENGINE", value)
 
-    result = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "container", "--out", tmp_path / "staging")
+    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe()), "--backend", "container", "--out",
+                      tmp_path / "staging")
 
     assert result.exit_code == 7
     assert error_line(result) == (f"gpuwheel: error: GPUWHEEL_ENGINE={value!r} names no container engine "
                                   f"({hint}set it to docker or podman, or unset it)")
 
 
-def test_container_options_with_the_local_backend_are_refused(gpuwheel, tmp_path):
-    result = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "local", "--engine", "podman",
+def test_container_options_with_the_local_backend_are_refused(gpuwheel, tmp_path, make_recipe):
+    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe()), "--backend", "local", "--engine", "podman",
                       "--out", tmp_path / "staging")
 
     assert result.exit_code == 7

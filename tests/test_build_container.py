@@ -120,10 +120,10 @@ def gpuwheel_podman_services() -> list[str]:
 
 @pytest.mark.slow
 def test_a_container_build_gives_a_wheel_with_sm90a_and_sm120_sass_pinned_to_its_images_and_a_rebuild_hits_the_cache(
-        gpuwheel, tmp_path, engine, base_image):
+        gpuwheel, tmp_path, engine, base_image, make_recipe):
     # report_sandbox.py stands in front of nvcc and prints what the compile can reach.
-    recipe = fixture_recipe(tmp_path, base_image=base_image,
-                            env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"})
+    recipe = make_recipe(tmp_path, **fixture_recipe(
+        base_image=base_image, env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"}))
     out = tmp_path / "staging"
 
     first = gpuwheel("build", recipe, "--backend", "container", "--out", out, "--json")
@@ -160,8 +160,8 @@ def test_a_container_build_gives_a_wheel_with_sm90a_and_sm120_sass_pinned_to_its
     assert gpuwheel_podman_services() == []  # the service gpuwheel started for podman is gone
 
 
-def test_a_base_image_the_engine_lacks_and_cannot_pull_is_one_line(gpuwheel, tmp_path, engine):
-    recipe = fixture_recipe(tmp_path, base_image="gpuwheel-test/no-such-image:1")
+def test_a_base_image_the_engine_lacks_and_cannot_pull_is_one_line(gpuwheel, tmp_path, engine, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe(base_image="gpuwheel-test/no-such-image:1"))
     out = tmp_path / "staging"
 
     result = gpuwheel("build", recipe, "--backend", "container", "--out", out)
@@ -176,14 +176,15 @@ def test_a_base_image_the_engine_lacks_and_cannot_pull_is_one_line(gpuwheel, tmp
     assert files_under(out) == []
 
 
-def test_recipe_without_a_base_image_names_the_flag(gpuwheel, tmp_path, engine):
-    result = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "container", "--out", tmp_path / "staging")
+def test_recipe_without_a_base_image_names_the_flag(gpuwheel, tmp_path, engine, make_recipe):
+    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe()), "--backend", "container", "--out",
+                      tmp_path / "staging")
 
     assert result.exit_code == 7
     assert "fixture.toml names no [toolchain] base_image (set one, or pass --base-image" in result.stderr
 
 
-def test_a_podman_service_that_stopped_is_one_line(gpuwheel, tmp_path, podman_storage, monkeypatch):
+def test_a_podman_service_that_stopped_is_one_line(gpuwheel, tmp_path, podman_storage, monkeypatch, make_recipe):
     """A user's own service (CONTAINER_HOST) that is down: gpuwheel says so and starts no other."""
     socket = tmp_path / "podman.sock"
     monkeypatch.setenv("CONTAINERS_STORAGE_CONF", str(podman_storage))
@@ -195,8 +196,8 @@ def test_a_podman_service_that_stopped_is_one_line(gpuwheel, tmp_path, podman_st
     service.wait(timeout=30)
     monkeypatch.setenv("CONTAINER_HOST", f"unix://{socket}")
 
-    result = gpuwheel("build", fixture_recipe(tmp_path, base_image=BASE_IMAGE), "--engine", "podman",
-                      "--out", tmp_path / "staging")
+    result = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe(base_image=BASE_IMAGE)), "--engine",
+                      "podman", "--out", tmp_path / "staging")
 
     assert result.exit_code == 7
     [line] = [l for l in result.stderr.splitlines() if l.startswith("gpuwheel: error:")]
@@ -207,9 +208,10 @@ def test_a_podman_service_that_stopped_is_one_line(gpuwheel, tmp_path, podman_st
 
 
 @pytest.mark.slow
-def test_a_compiler_killed_in_the_container_is_reported_as_out_of_memory(gpuwheel, tmp_path, engine, base_image):
-    recipe = fixture_recipe(tmp_path, base_image=base_image,
-                            env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/kill_cicc.py"})
+def test_a_compiler_killed_in_the_container_is_reported_as_out_of_memory(
+        gpuwheel, tmp_path, engine, base_image, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe(
+        base_image=base_image, env={"PYTORCH_NVCC": "python $GPUWHEEL_TREE/kill_cicc.py"}))
     out = tmp_path / "staging"
 
     result = gpuwheel("build", recipe, "--backend", "container", "--jobs", "2", "--out", out)
@@ -254,14 +256,13 @@ SCCACHE_DIST = shutil.which("sccache-dist", path=str(Path(sys.executable).parent
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["docker"], indirect=True)  # podman's host network: not installed here to try
 def test_a_distributed_container_build_compiles_on_the_cluster_with_the_images_compilers_and_gives_the_same_wheel(
-        gpuwheel, tmp_path, engine, base_image, monkeypatch):
+        gpuwheel, tmp_path, engine, base_image, monkeypatch, make_recipe):
     if missing := missing_prerequisites(SCCACHE_DIST):
         pytest.skip(f"local sccache-dist cluster: {missing}")
     # Recache inside the container (the plan's env reaches it, the host's does not): a cache hit never
     # leaves the container, and both builds compile everything.
-    recipe = fixture_recipe(tmp_path, base_image=base_image,
-                            env={"SCCACHE_RECACHE": "1",
-                                 "PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"})
+    recipe = make_recipe(tmp_path, **fixture_recipe(base_image=base_image, env={
+        "SCCACHE_RECACHE": "1", "PYTORCH_NVCC": "python $GPUWHEEL_TREE/report_sandbox.py sccache nvcc"}))
     packed = SHARED_CACHE / "compile" / "dist-client-container"
     shutil.rmtree(packed, ignore_errors=True)  # the compilers this build packs, not an earlier run's
     here = gpuwheel("build", recipe, "--backend", "container", "--out", tmp_path / "here", "--json")

@@ -51,12 +51,13 @@ def test_options_come_from_gpuwheel_environment_variables():
     assert [p["name"] for p in json.loads(planned.stdout)["packages"]] == ["flash-attn"]
 
 
-def test_errors_are_one_line_with_the_exit_code_of_their_kind(write_recipe):
-    path = write_recipe('extends = "h100"\n[toolchain]\ncuda_version = "13.0"\n')
+def test_errors_are_one_line_with_the_exit_code_of_their_kind(make_recipe, tmp_path):
+    path = make_recipe(tmp_path, extends="h100", toolchain={"cuda_version": "13.0"})
     result = _run("-q", "plan", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"gpuwheel: error: {path}:3: unknown key [toolchain] 'cuda_version' (did you mean 'cuda'?)"]
+        f"gpuwheel: error: {path}:{make_recipe.line(path, 'cuda_version = ')}: unknown key [toolchain] 'cuda_version' "
+        "(did you mean 'cuda'?)"]
 
 
 def test_shell_completion_offers_the_target_names(tmp_path):

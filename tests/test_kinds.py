@@ -14,25 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from smoke_helpers import build_cuda_so, make_wheel, write_recipe as write_smoke_recipe
+from smoke_helpers import build_cuda_so, make_wheel, smoke_recipe
 
-MAMBA = """
-    extends = "rtx6000pro-cu13"
-    [[package]]
-    name = "mamba-ssm"
-    version = "2.2.6"
-    kind = "generic"
-    source = { sdist = "mamba_ssm-2.2.6.tar.gz", sha256 = "%s" }
-    env = { MAMBA_FORCE_BUILD = "TRUE" }
-""" % ("0" * 64)
+MAMBA = {"name": "mamba-ssm", "version": "2.2.6", "kind": "generic",
+         "source": {"sdist": "mamba_ssm-2.2.6.tar.gz", "sha256": "0" * 64}, "env": {"MAMBA_FORCE_BUILD": "TRUE"}}
+
+
+def mamba_recipe(make_recipe, directory: Path, **changes) -> Path:
+    """The shipped generic-kind target plus mamba-ssm, its entry changed by `changes` (None leaves a key out)."""
+    package = {key: value for key, value in {**MAMBA, **changes}.items() if value is not None}
+    return make_recipe(directory, extends="rtx6000pro-cu13", package=[package])
 
 
 def _package(plan: dict, name: str) -> dict:
     return next(p for p in plan["packages"] if p["name"] == name)
 
 
-def test_a_generic_package_plans_with_the_recipe_archs_and_its_own_env(gpuwheel, write_recipe):
-    result = gpuwheel("plan", write_recipe(MAMBA), "--only", "mamba-ssm", "--json", "--jobs", "3")
+def test_a_generic_package_plans_with_the_recipe_archs_and_its_own_env(gpuwheel, make_recipe, tmp_path):
+    result = gpuwheel("plan", mamba_recipe(make_recipe, tmp_path), "--only", "mamba-ssm", "--json", "--jobs", "3")
 
     assert result.exit_code == 0, result.stderr
     package = _package(result.json(), "mamba-ssm")
@@ -42,43 +41,44 @@ def test_a_generic_package_plans_with_the_recipe_archs_and_its_own_env(gpuwheel,
     assert package["audit_optional"] == [] and package["stand_ins"] == [] and package["measured_build"] is None
 
 
-def test_the_plan_table_shows_a_generic_package_env(gpuwheel, write_recipe):
-    result = gpuwheel("plan", write_recipe(MAMBA), "--only", "mamba-ssm")
+def test_the_plan_table_shows_a_generic_package_env(gpuwheel, make_recipe, tmp_path):
+    result = gpuwheel("plan", mamba_recipe(make_recipe, tmp_path), "--only", "mamba-ssm")
 
     assert result.exit_code == 0, result.stderr
     assert "TORCH_CUDA_ARCH_LIST" in result.stdout and "MAMBA_FORCE_BUILD" in result.stdout
 
 
-def test_a_package_without_a_kind_key_takes_the_kind_named_after_it_else_the_generic_one(gpuwheel, write_recipe):
-    plan = gpuwheel("plan", write_recipe(MAMBA.replace('kind = "generic"\n', "")), "--json").json()
+def test_a_package_without_a_kind_key_takes_the_kind_named_after_it_else_the_generic_one(
+        gpuwheel, make_recipe, tmp_path):
+    plan = gpuwheel("plan", mamba_recipe(make_recipe, tmp_path, kind=None), "--json").json()
 
     assert {p["name"]: p["kind"] for p in plan["packages"]} == {
         "flash-attn": "flash-attn", "vllm": "vllm", "causal-conv1d": "generic", "mamba-ssm": "generic"}
     assert "FLASH_ATTN_CUDA_ARCHS" in _package(plan, "flash-attn")["env"]
 
 
-def test_a_package_can_name_the_kind_it_builds_like(gpuwheel, write_recipe):
+def test_a_package_can_name_the_kind_it_builds_like(gpuwheel, make_recipe, tmp_path):
     # a fork of flash-attn under another name builds as flash-attn does
-    fork = MAMBA.replace('name = "mamba-ssm"', 'name = "flash-attn-fork"').replace('"generic"', '"flash-attn"')
-    plan = gpuwheel("plan", write_recipe(fork), "--only", "flash-attn-fork", "--json").json()
+    fork = mamba_recipe(make_recipe, tmp_path, name="flash-attn-fork", kind="flash-attn")
+    plan = gpuwheel("plan", fork, "--only", "flash-attn-fork", "--json").json()
 
     env = _package(plan, "flash-attn-fork")["env"]
     assert env["FLASH_ATTN_CUDA_ARCHS"] == "120" and env["FLASH_ATTENTION_FORCE_BUILD"] == "TRUE"
 
 
-def test_an_unknown_kind_is_one_line_naming_the_field_and_exit_code_2(gpuwheel, write_recipe):
-    path = write_recipe(MAMBA.replace('kind = "generic"', 'kind = "flash_attn"'))
+def test_an_unknown_kind_is_one_line_naming_the_field_and_exit_code_2(gpuwheel, make_recipe, tmp_path):
+    path = mamba_recipe(make_recipe, tmp_path, kind="flash_attn")
 
     result = gpuwheel("plan", path)
 
     assert result.exit_code == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert f"{path.name}:5: " in result.stderr  # the file and line of the kind key
+    assert f"{path.name}:{make_recipe.line(path, 'kind = ')}: " in result.stderr  # the file and line of the kind key
     assert "unknown package kind 'flash_attn' (did you mean 'flash-attn'?)" in result.stderr
 
 
-def test_a_profile_of_another_kind_is_refused(gpuwheel, write_recipe):
-    path = write_recipe(MAMBA + '    profile = "inference"\n')
+def test_a_profile_of_another_kind_is_refused(gpuwheel, make_recipe, tmp_path):
+    path = mamba_recipe(make_recipe, tmp_path, profile="inference")
 
     result = gpuwheel("plan", path)
 
@@ -103,14 +103,14 @@ def _smoke(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
 
 
-def test_a_causal_conv1d_wheel_without_a_gpu_skips_its_gpu_check_with_the_reason(tmp_path):
+def test_a_causal_conv1d_wheel_without_a_gpu_skips_its_gpu_check_with_the_reason(tmp_path, make_recipe):
     if not Path(shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc").exists():
         pytest.skip("needs nvcc (CUDA toolkit) to build the test wheel's kernel")
     (tmp_path / "so").mkdir()
     wheel = make_wheel(tmp_path / "wheels", build_cuda_so(tmp_path / "so"), name="causal-conv1d", version="1.7.0",
                        provenance={"audit": {"passed": True}})
 
-    result = _smoke(write_smoke_recipe(tmp_path / "recipes"), "--wheels", tmp_path / "wheels")
+    result = _smoke(make_recipe(tmp_path / "recipes", **smoke_recipe()), "--wheels", tmp_path / "wheels")
 
     assert result.returncode == 14, result.stderr  # never a pass without the GPU checks
     report = json.loads((tmp_path / "wheels" / "smoke.json").read_text())

@@ -17,20 +17,18 @@ else:
     import tomli as tomllib
 
 
-@pytest.fixture(autouse=True)
-def shared_cache(monkeypatch):
-    monkeypatch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
+pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
 @pytest.fixture(scope="module")
-def locked(tmp_path_factory):
+def locked(tmp_path_factory, make_recipe):
     """A fixture recipe and the lock `gpuwheel lock` wrote for it (pip resolves torch once per module)."""
     from click.testing import CliRunner
 
     from gpuwheel.cli import main
 
     directory = tmp_path_factory.mktemp("locked")
-    recipe = fixture_recipe(directory)
+    recipe = make_recipe(directory, **fixture_recipe())
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
         result = CliRunner().invoke(main, ["lock", str(recipe)])
@@ -64,7 +62,7 @@ def test_the_lock_pins_the_sources_the_toolchain_packages_with_hashes_and_the_to
     assert lock["inputs"]["packages.gwfixture.env.TORCH_CUDA_ARCH_LIST"] == "9.0a;12.0"
 
 
-def test_check_passes_on_a_fresh_lock_and_names_what_changed_in_the_recipe(gpuwheel, locked, tmp_path):
+def test_check_passes_on_a_fresh_lock_and_names_what_changed_in_the_recipe(gpuwheel, locked, tmp_path, make_recipe):
     recipe, path, _ = locked
     fresh = gpuwheel("lock", recipe, "--check")
     assert fresh.exit_code == 0, fresh.stderr
@@ -72,7 +70,7 @@ def test_check_passes_on_a_fresh_lock_and_names_what_changed_in_the_recipe(gpuwh
 
     # The same recipe with another arch list, written over a copy next to a copy of the lock.
     shutil.copy(path, tmp_path / "fixture.lock")
-    changed = fixture_recipe(tmp_path, archs="12.0")
+    changed = make_recipe(tmp_path, **fixture_recipe(archs="12.0"))
 
     stale = gpuwheel("lock", changed, "--check")
 
@@ -83,8 +81,9 @@ def test_check_passes_on_a_fresh_lock_and_names_what_changed_in_the_recipe(gpuwh
     assert "run `gpuwheel lock fixture` and commit fixture.lock" in line
 
 
-def test_a_locked_build_without_a_lock_or_with_a_stale_one_stops_before_any_toolchain(gpuwheel, tmp_path, locked):
-    recipe = fixture_recipe(tmp_path)
+def test_a_locked_build_without_a_lock_or_with_a_stale_one_stops_before_any_toolchain(
+        gpuwheel, tmp_path, locked, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe())
     out = tmp_path / "staging"
 
     missing = gpuwheel("build", recipe, "--backend", "local", "--locked", "--out", out)
@@ -93,15 +92,16 @@ def test_a_locked_build_without_a_lock_or_with_a_stale_one_stops_before_any_tool
     assert _error_line(missing) == (f"gpuwheel: error: no lock {tmp_path / 'fixture.lock'} (run `gpuwheel lock "
                                     f"fixture` and commit fixture.lock)")
     shutil.copy(locked[1], tmp_path / "fixture.lock")
-    stale = gpuwheel("build", fixture_recipe(tmp_path, torch="2.13.0"), "--backend", "local", "--locked",
+    stale = gpuwheel("build", make_recipe(tmp_path, **fixture_recipe(torch="2.13.0")), "--backend", "local", "--locked",
                      "--out", out)
     assert stale.exit_code == 21
     assert "toolchain.torch is '2.13.0' now, '2.14.1' in the lock" in _error_line(stale)
     assert "making the toolchain venv" not in stale.stderr and files_under(out) == []
 
 
-def test_a_lock_whose_toolchain_requirements_differ_from_the_backends_is_refused(gpuwheel, tmp_path, locked):
-    recipe = fixture_recipe(tmp_path)
+def test_a_lock_whose_toolchain_requirements_differ_from_the_backends_is_refused(
+        gpuwheel, tmp_path, locked, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe())
     text = locked[1].read_text().replace('    "einops",\n', "")
     (tmp_path / "fixture.lock").write_text(text)
 
@@ -111,8 +111,8 @@ def test_a_lock_whose_toolchain_requirements_differ_from_the_backends_is_refused
     assert "the lock is stale: toolchain requirements changed (+einops" in _error_line(result)
 
 
-def test_a_lock_that_is_not_a_lock_names_the_file(gpuwheel, tmp_path):
-    recipe = fixture_recipe(tmp_path)
+def test_a_lock_that_is_not_a_lock_names_the_file(gpuwheel, tmp_path, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe())
     (tmp_path / "fixture.lock").write_text("schema = 1\ntarget = 'fixture'\n")
 
     result = gpuwheel("lock", recipe, "--check")
@@ -141,8 +141,9 @@ def test_a_locked_build_installs_the_toolchain_from_the_locks_hashes(gpuwheel, l
         assert f"(from -r {hashed} (line" in (venv.parent / f"{venv.name}.log").read_text()
 
 
-def test_a_lock_for_runners_without_cuda_pins_the_pypi_toolkit_and_checks_the_same_anywhere(gpuwheel, tmp_path):
-    recipe = fixture_recipe(tmp_path)
+def test_a_lock_for_runners_without_cuda_pins_the_pypi_toolkit_and_checks_the_same_anywhere(
+        gpuwheel, tmp_path, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe())
 
     made = gpuwheel("lock", recipe, "--cuda-from", "pypi")
 
@@ -181,13 +182,14 @@ def test_a_locked_container_toolchain_installs_the_locks_files_by_hash(locked):
         render_dockerfile(toolchain, base_image="sha256:base", cuda_from_pypi=True, lock=lock)
 
 
-def test_a_locked_build_whose_fetched_source_differs_from_the_lock_names_it(gpuwheel, tmp_path, locked):
+def test_a_locked_build_whose_fetched_source_differs_from_the_lock_names_it(gpuwheel, tmp_path, locked, make_recipe):
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH: the module's lock pins the host toolkit")
-    recipe = fixture_recipe(tmp_path)
+    recipe = make_recipe(tmp_path, **fixture_recipe())
     lock = locked[1].read_text()
     # The lock says the path source was an sdist of a known hash; the fetch finds a directory.
-    (tmp_path / "fixture.lock").write_text(lock.replace('kind = "path"\n', f'kind = "path"\nsha256 = "{"0" * 64}"\n', 1))
+    (tmp_path / "fixture.lock").write_text(lock.replace('kind = "path"\n', f'kind = "path"\nsha256 = "{"0" * 64}"\n',
+                                                        1))
 
     result = gpuwheel("build", recipe, "--backend", "local", "--locked", "--out", tmp_path / "staging")
 
@@ -197,10 +199,11 @@ def test_a_locked_build_whose_fetched_source_differs_from_the_lock_names_it(gpuw
     assert files_under(tmp_path / "staging") == []
 
 
-def test_a_locked_file_whose_hash_the_index_does_not_serve_is_refused_by_pip_and_named(gpuwheel, tmp_path, locked):
+def test_a_locked_file_whose_hash_the_index_does_not_serve_is_refused_by_pip_and_named(
+        gpuwheel, tmp_path, locked, make_recipe):
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH: the module's lock pins the host toolkit")
-    recipe = fixture_recipe(tmp_path)
+    recipe = make_recipe(tmp_path, **fixture_recipe())
     text = locked[1].read_text()
     at = text.index('sha256 = "', text.index('name = "einops"'))
     (tmp_path / "fixture.lock").write_text(text[:at] + f'sha256 = "{"0" * 64}"' + text[at + len('sha256 = "') + 65:])

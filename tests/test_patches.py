@@ -11,8 +11,7 @@ from gpuwheel.patches import APPLIED, FAILED, SKIPPED, UPSTREAM, check_patches, 
 from gpuwheel.plan import make_plan
 from gpuwheel.recipe import load_recipe
 from gpuwheel.sources import fetch_sources
-from sources_helpers import (cache, make_repos, real_cache, recipe_text, unified_diff,  # noqa: F401
-                             write_patch_set)
+from sources_helpers import demo_package, make_repos, unified_diff, write_patch_set
 
 
 # ---- on the real flash-attn 2.8.3 sdist ------------------------------------------------------------
@@ -23,15 +22,9 @@ def flash_attn_tree(real_cache) -> Path:
     return fetch_sources(plan, progress=False).package("flash-attn").tree
 
 
-def _flash_attn_recipe(write_recipe, tmp_path: Path, patches: dict[str, str]) -> Path:
+def _flash_attn_recipe(make_recipe, tmp_path: Path, patches: dict[str, str]) -> Path:
     write_patch_set(tmp_path / "fa-patches", patches)
-    return write_recipe("""
-        extends = "h100"
-
-        [[package]]
-        name = "flash-attn"
-        patches = "fa-patches"
-        """)
+    return make_recipe(tmp_path, extends="h100", package=[{"name": "flash-attn", "patches": "fa-patches"}])
 
 
 def _version_patch(tree: Path) -> str:
@@ -55,8 +48,8 @@ def _stale_patch(tree: Path) -> str:
 
 
 def test_patches_check_reports_applied_upstream_and_failed_with_file_and_hunk(
-        gpuwheel, write_recipe, tmp_path, flash_attn_tree):
-    recipe = _flash_attn_recipe(write_recipe, tmp_path, {
+        gpuwheel, make_recipe, tmp_path, flash_attn_tree):
+    recipe = _flash_attn_recipe(make_recipe, tmp_path, {
         "0001-version-suffix.patch": _version_patch(flash_attn_tree),
         "0002-already-upstream.patch": _upstream_patch(flash_attn_tree),
         "0003-cxx20.patch": _stale_patch(flash_attn_tree),
@@ -78,8 +71,8 @@ def test_patches_check_reports_applied_upstream_and_failed_with_file_and_hunk(
     assert '__version__ = "2.8.3"\n' in (flash_attn_tree / "flash_attn/__init__.py").read_text()
 
 
-def test_prepare_trees_applies_the_series_to_fresh_copies(write_recipe, tmp_path, flash_attn_tree):
-    recipe = _flash_attn_recipe(write_recipe, tmp_path, {"0001-version-suffix.patch": _version_patch(flash_attn_tree)})
+def test_prepare_trees_applies_the_series_to_fresh_copies(make_recipe, tmp_path, flash_attn_tree):
+    recipe = _flash_attn_recipe(make_recipe, tmp_path, {"0001-version-suffix.patch": _version_patch(flash_attn_tree)})
     plan = make_plan(load_recipe(recipe), only=("flash-attn",))  # h100 also holds vLLM, not fetched here
     sources = fetch_sources(plan, offline=True, progress=False)
     work = tmp_path / "work"
@@ -96,8 +89,8 @@ def test_prepare_trees_applies_the_series_to_fresh_copies(write_recipe, tmp_path
 
 
 def test_a_patch_that_does_not_apply_stops_the_build_naming_package_patch_file_and_hunk(
-        write_recipe, tmp_path, flash_attn_tree):
-    recipe = _flash_attn_recipe(write_recipe, tmp_path, {
+        make_recipe, tmp_path, flash_attn_tree):
+    recipe = _flash_attn_recipe(make_recipe, tmp_path, {
         "0001-version-suffix.patch": _version_patch(flash_attn_tree),
         "0002-cxx20.patch": _stale_patch(flash_attn_tree),
     })
@@ -116,8 +109,8 @@ def test_a_patch_that_does_not_apply_stops_the_build_naming_package_patch_file_a
     assert not list((tmp_path / "work").rglob("*.rej")) and not list((tmp_path / "work").rglob("*.orig"))
 
 
-def test_a_patch_for_a_file_the_tree_lacks(gpuwheel, write_recipe, tmp_path, flash_attn_tree):
-    recipe = _flash_attn_recipe(write_recipe, tmp_path, {
+def test_a_patch_for_a_file_the_tree_lacks(gpuwheel, make_recipe, tmp_path, flash_attn_tree):
+    recipe = _flash_attn_recipe(make_recipe, tmp_path, {
         "0001-gone.patch": unified_diff("csrc/removed_upstream.cpp", "int x;\n", "int y;\n")})
     result = gpuwheel("patches", "check", recipe, "--offline", "--only", "flash-attn")
     assert result.exit_code == 6
@@ -134,7 +127,7 @@ def test_shipped_flash_attn_patches_apply_to_the_pinned_sdist(gpuwheel, real_cac
 
 
 # ---- dependency trees ------------------------------------------------------------------------------
-def test_patches_for_dependency_trees_apply_there_or_are_reported_skipped(write_recipe, cache, tmp_path):
+def test_patches_for_dependency_trees_apply_there_or_are_reported_skipped(make_recipe, cache, tmp_path):
     repos = make_repos(tmp_path / "repos")
     (tmp_path / "demo-src").mkdir()
     (tmp_path / "demo-src" / "setup.py").write_text("print('demo')\n")
@@ -143,25 +136,10 @@ def test_patches_for_dependency_trees_apply_there_or_are_reported_skipped(write_
         "0002-faraway.patch": unified_diff("x.cu", "a\n", "b\n"),
         "0003-setup.patch": unified_diff("setup.py", "print('demo')\n", "print('patched')\n"),
     }, options={"0001-lib-kernel.patch": "tree=lib", "0002-faraway.patch": "tree=faraway"})
-    recipe = write_recipe(recipe_text(f"""
-        [[package]]
-        name = "demo"
-        version = "1.0"
-        source = {{ path = "demo-src" }}
-        patches = "demo-patches"
-
-        [[package.dependency]]
-        name = "lib"
-        git = "{repos['lib']}"
-        rev = "v1.0"
-        src_dir_env = "LIB_SRC_DIR"
-
-        [[package.dependency]]
-        name = "faraway"
-        git = "https://gpuwheel-test.invalid/faraway.git"
-        rev = "v9.9"
-        src_dir_env = "FARAWAY_SRC_DIR"
-        """))
+    recipe = make_recipe(tmp_path, package=[demo_package({"path": "demo-src"}, patches="demo-patches", dependency=[
+        {"name": "lib", "git": repos["lib"], "rev": "v1.0", "src_dir_env": "LIB_SRC_DIR"},
+        {"name": "faraway", "git": "https://gpuwheel-test.invalid/faraway.git", "rev": "v9.9",
+         "src_dir_env": "FARAWAY_SRC_DIR"}])])
     plan = make_plan(load_recipe(recipe))
     sources = fetch_sources(plan, progress=False)
 

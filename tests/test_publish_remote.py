@@ -13,35 +13,28 @@ import requests
 from gpuwheel.errors import PublishError
 from gpuwheel.publish.local import publish_local
 from gpuwheel.publish.remote import publish_remote
-from publish_helpers import (TARGET, PypiServer, StaticIndexServer, fresh_venv, gpuwheel_env, import_value, make_wheel,
-                             passing_wheel, pip_install, run_gpuwheel, sha256, write_recipes)
+from publish_helpers import (TARGET, fresh_venv, gpuwheel_env, import_value, make_wheel,
+                             passing_wheel, pip_install, run_gpuwheel, sha256)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    started = PypiServer(tmp_path_factory.mktemp("pypiserver"))
-    yield started
-    started.stop()
+def server(pypi_server):
+    """One pypiserver with a login for uploads, shared by this module's tests."""
+    return pypi_server()
 
-
-@pytest.fixture
-def recipes(tmp_path: Path) -> Path:
-    return write_recipes(tmp_path / "recipes")
-
-
-def credentials(server: PypiServer, password: str | None = None) -> dict[str, str]:
+def credentials(server, password: str | None = None) -> dict[str, str]:
     return {"TWINE_USERNAME": server.user, "TWINE_PASSWORD": password or server.password}
 
 
-def upload(server: PypiServer, recipes: Path, wheels: Path, *extra: str, password: str | None = None):
+def upload(server, publish_recipes: Path, wheels: Path, *extra: str, password: str | None = None):
     return run_gpuwheel(["publish", TARGET, "--wheels", str(wheels), "--repository", server.url, *extra],
-                        gpuwheel_env(recipes, **credentials(server, password)))
+                        gpuwheel_env(publish_recipes, **credentials(server, password)))
 
 
-def test_upload_then_pip_install_from_the_server(tmp_path: Path, server: PypiServer, recipes: Path):
+def test_upload_then_pip_install_from_the_server(tmp_path: Path, server, publish_recipes: Path):
     wheel = passing_wheel(tmp_path / "in", "gw-remote-alpha", value="remote")
 
-    result = upload(server, recipes, tmp_path / "in", "--json")
+    result = upload(server, publish_recipes, tmp_path / "in", "--json")
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -56,23 +49,23 @@ def test_upload_then_pip_install_from_the_server(tmp_path: Path, server: PypiSer
     assert import_value(python, "gw_remote_alpha") == "remote"
 
 
-def test_same_wheel_again_is_skipped(tmp_path: Path, server: PypiServer, recipes: Path):
+def test_same_wheel_again_is_skipped(tmp_path: Path, server, publish_recipes: Path):
     wheel = passing_wheel(tmp_path / "in", "gw-remote-beta")
-    assert upload(server, recipes, tmp_path / "in").returncode == 0
+    assert upload(server, publish_recipes, tmp_path / "in").returncode == 0
 
-    again = upload(server, recipes, tmp_path / "in")
+    again = upload(server, publish_recipes, tmp_path / "in")
 
     assert again.returncode == 0, again.stderr
     assert "skipped: already there with the same sha256" in again.stdout
     assert (server.packages / wheel.name).read_bytes() == wheel.read_bytes()
 
 
-def test_same_name_different_content_is_refused(tmp_path: Path, server: PypiServer, recipes: Path):
+def test_same_name_different_content_is_refused(tmp_path: Path, server, publish_recipes: Path):
     first = passing_wheel(tmp_path / "a", "gw-remote-gamma", value="first")
-    assert upload(server, recipes, tmp_path / "a").returncode == 0
+    assert upload(server, publish_recipes, tmp_path / "a").returncode == 0
     passing_wheel(tmp_path / "b", "gw-remote-gamma", value="second")
 
-    result = upload(server, recipes, tmp_path / "b")
+    result = upload(server, publish_recipes, tmp_path / "b")
 
     assert result.returncode == 13
     [line] = result.stderr.strip().splitlines()
@@ -82,12 +75,12 @@ def test_same_name_different_content_is_refused(tmp_path: Path, server: PypiServ
     assert (server.packages / first.name).read_bytes() == first.read_bytes()
 
 
-def test_wrong_password_is_one_clear_line_without_the_password(tmp_path: Path, server: PypiServer,
-                                                               recipes: Path):
+def test_wrong_password_is_one_clear_line_without_the_password(tmp_path: Path, server,
+                                                               publish_recipes: Path):
     wheel = passing_wheel(tmp_path / "in", "gw-remote-delta")
     wrong = "Sup3r-Secret-Wrong-Pw"
 
-    result = upload(server, recipes, tmp_path / "in", password=wrong)
+    result = upload(server, publish_recipes, tmp_path / "in", password=wrong)
 
     assert result.returncode == 13
     [line] = result.stderr.strip().splitlines()
@@ -97,32 +90,32 @@ def test_wrong_password_is_one_clear_line_without_the_password(tmp_path: Path, s
     assert not (server.packages / wheel.name).exists()
 
 
-def test_pypirc_section_names_the_repository(tmp_path: Path, server: PypiServer, recipes: Path):
+def test_pypirc_section_names_the_repository(tmp_path: Path, server, publish_recipes: Path):
     wheel = passing_wheel(tmp_path / "in", "gw-remote-epsilon")
     pypirc = tmp_path / "pypirc"
     pypirc.write_text(f"[distutils]\nindex-servers = internal\n\n[internal]\nrepository = {server.url}\n"
                       f"username = {server.user}\npassword = {server.password}\n")
 
     result = run_gpuwheel(["publish", TARGET, "--wheels", str(tmp_path / "in"), "--repository", "internal",
-                           "--config-file", str(pypirc)], gpuwheel_env(recipes))
+                           "--config-file", str(pypirc)], gpuwheel_env(publish_recipes))
 
     assert result.returncode == 0, result.stderr
     assert server.password not in result.stdout + result.stderr
     assert (server.packages / wheel.name).is_file()
 
 
-def test_no_credentials_is_a_clear_error(tmp_path: Path, server: PypiServer, recipes: Path):
+def test_no_credentials_is_a_clear_error(tmp_path: Path, server, publish_recipes: Path):
     passing_wheel(tmp_path / "in", "gw-remote-zeta")
     result = run_gpuwheel(["publish", TARGET, "--wheels", str(tmp_path / "in"), "--repository", server.url,
                            "--config-file", str(tmp_path / "missing-pypirc")],
-                          gpuwheel_env(recipes, PYTHON_KEYRING_BACKEND="keyring.backends.null.Keyring"))
+                          gpuwheel_env(publish_recipes, PYTHON_KEYRING_BACKEND="keyring.backends.null.Keyring"))
     assert result.returncode == 13
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"gpuwheel: error: cannot use repository {server.url}: Credential not found for ")
     assert "TWINE_USERNAME" in line
 
 
-def test_server_refusal_is_reported_with_the_servers_reason(tmp_path: Path, server: PypiServer,
+def test_server_refusal_is_reported_with_the_servers_reason(tmp_path: Path, server,
                                                            monkeypatch: pytest.MonkeyPatch):
     wheel = make_wheel(tmp_path / "in", "gw-remote-eta")
     requests.post(server.url, auth=(server.user, server.password), files={"content": wheel.open("rb")},
@@ -140,39 +133,33 @@ def test_server_refusal_is_reported_with_the_servers_reason(tmp_path: Path, serv
     assert "\n" not in message and server.password not in message
 
 
-def test_pep691_json_simple_pages_are_read_for_the_check(tmp_path: Path, server: PypiServer,
-                                                         monkeypatch: pytest.MonkeyPatch):
+def test_pep691_json_simple_pages_are_read_for_the_check(tmp_path: Path, server,
+                                                         monkeypatch: pytest.MonkeyPatch, static_index_server):
     wheel = make_wheel(tmp_path / "a", "gw-remote-theta", value="first")
     publish_local([wheel], tmp_path / "index")
-    static = StaticIndexServer(tmp_path / "index")
+    static = static_index_server(tmp_path / "index")
     monkeypatch.setenv("TWINE_USERNAME", server.user)
     monkeypatch.setenv("TWINE_PASSWORD", server.password)
-    try:
-        same = publish_remote([wheel], server.url, simple_url=static.url + "simple/")
-        with pytest.raises(PublishError, match=f"{wheel.name} is already on {server.url} with sha256"):
-            publish_remote([make_wheel(tmp_path / "b", "gw-remote-theta", value="second")], server.url,
-                           simple_url=static.url + "simple/")
-    finally:
-        static.stop()
+    same = publish_remote([wheel], server.url, simple_url=static.url + "simple/")
+    with pytest.raises(PublishError, match=f"{wheel.name} is already on {server.url} with sha256"):
+        publish_remote([make_wheel(tmp_path / "b", "gw-remote-theta", value="second")], server.url,
+                       simple_url=static.url + "simple/")
     assert [w.action for w in same.wheels] == ["skipped"]
     assert static.served_json == ["/simple/gw-remote-theta/"] * 2
     assert not (server.packages / wheel.name).exists()  # nothing was uploaded
 
 
-def test_open_index_listing_only_md5(tmp_path: Path, recipes: Path):
+def test_open_index_listing_only_md5(tmp_path: Path, publish_recipes: Path, pypi_server):
     """An index without login (empty credentials) whose pages carry md5: the file is downloaded and
     hashed to decide."""
-    server = PypiServer(tmp_path / "open", open_uploads=True, hash_algo="md5")
-    env = gpuwheel_env(recipes, TWINE_USERNAME="", TWINE_PASSWORD="")
-    try:
-        passing_wheel(tmp_path / "a", "gw-open", value="first")
-        args = ["publish", TARGET, "--repository", server.url, "--wheels"]
-        assert run_gpuwheel([*args, str(tmp_path / "a")], env).returncode == 0
-        assert "#md5=" in requests.get(server.url + "simple/gw-open/").text
-        again = run_gpuwheel([*args, str(tmp_path / "a")], env)
-        passing_wheel(tmp_path / "b", "gw-open", value="second")
-        changed = run_gpuwheel([*args, str(tmp_path / "b")], env)
-    finally:
-        server.stop()
+    server = pypi_server(open_uploads=True, hash_algo="md5")
+    env = gpuwheel_env(publish_recipes, TWINE_USERNAME="", TWINE_PASSWORD="")
+    passing_wheel(tmp_path / "a", "gw-open", value="first")
+    args = ["publish", TARGET, "--repository", server.url, "--wheels"]
+    assert run_gpuwheel([*args, str(tmp_path / "a")], env).returncode == 0
+    assert "#md5=" in requests.get(server.url + "simple/gw-open/").text
+    again = run_gpuwheel([*args, str(tmp_path / "a")], env)
+    passing_wheel(tmp_path / "b", "gw-open", value="second")
+    changed = run_gpuwheel([*args, str(tmp_path / "b")], env)
     assert again.returncode == 0 and "skipped" in again.stdout, again.stderr
     assert changed.returncode == 13 and "is already on" in changed.stderr

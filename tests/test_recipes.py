@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import string
 import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -88,32 +87,24 @@ def test_targets_json_lists_each_target_with_its_file_and_pins(gpuwheel):
     assert h100["packages"]["flash-attn"] == {"version": "2.8.3", "profile": "inference"}
 
 
-def test_show_names_the_file_each_value_came_from(gpuwheel, write_recipe):
-    path = write_recipe("""
-        extends = "h100"
-        [toolchain]
-        python = "3.11"
-    """)
+def test_show_names_the_file_each_value_came_from(gpuwheel, make_recipe, tmp_path):
+    path = make_recipe(tmp_path, extends="h100", toolchain={"python": "3.11"})
     result = gpuwheel("show", path)
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     python_line = next(line for line in lines if "toolchain.python" in line)
     assert '"3.11"' in python_line and "recipe.toml" in python_line
     origins = {v["key"]: v["from"] for v in gpuwheel("show", path, "--json").json()["values"]}
-    assert origins["toolchain.python"].endswith("recipe.toml:3")  # the table may cut a long path short
+    # the table may cut a long path short
+    assert origins["toolchain.python"].endswith(f"recipe.toml:{make_recipe.line(path, 'python = ')}")
     cuda_line = next(line for line in lines if "toolchain.cuda" in line)
     assert "cuda-13" in cuda_line  # inherited from recipes/_base/
 
 
-def test_show_prints_keys_and_values_as_written_not_as_markup_or_reprs(gpuwheel, write_recipe):
-    path = write_recipe("""
-        extends = "h100"
-        [[package]]
-        name = "flash-attn"
-        profile = "inference"
-        inference = { head_dims = [64, 128], disable = ["dropout"] }
-        env = { NOTE = "[bold]kept[/bold]" }
-    """)
+def test_show_prints_keys_and_values_as_written_not_as_markup_or_reprs(gpuwheel, make_recipe, tmp_path):
+    path = make_recipe(tmp_path, extends="h100", package=[{
+        "name": "flash-attn", "profile": "inference", "inference": {"head_dims": [64, 128], "disable": ["dropout"]},
+        "env": {"NOTE": "[bold]kept[/bold]"}}])
     result = gpuwheel("show", path)
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -130,42 +121,27 @@ def test_show_prints_keys_and_values_as_written_not_as_markup_or_reprs(gpuwheel,
 
 
 # ---- impossible recipes: refused with every problem and the right numbers --------------------
-def test_arch_120_with_cuda_126_needs_128(gpuwheel, write_recipe):
-    path = write_recipe("""
-        extends = "rtx6000pro"
-        [toolchain]
-        cuda = "12.6.3"
-    """)
+def test_arch_120_with_cuda_126_needs_128(gpuwheel, make_recipe, tmp_path):
+    path = make_recipe(tmp_path, extends="rtx6000pro", toolchain={"cuda": "12.6.3"})
     result = gpuwheel("plan", path)
     assert result.exit_code == 3
     assert "arch 12.0 needs CUDA ≥ 12.8 (recipe has 12.6.3)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_cuda_129_with_570_driver_is_refused_with_the_driver_it_needs(gpuwheel, write_recipe):
-    path = write_recipe("""
-        extends = "rtx6000pro"
-        [toolchain]
-        cuda = "12.9.1"
-    """)
+def test_cuda_129_with_570_driver_is_refused_with_the_driver_it_needs(gpuwheel, make_recipe, tmp_path):
+    path = make_recipe(tmp_path, extends="rtx6000pro", toolchain={"cuda": "12.9.1"})
     result = gpuwheel("plan", path)
     assert result.exit_code == 3
     assert "binaries from CUDA 12.9 need driver ≥ 575.51.03 (fleet min_driver 570.195.03)" in result.stderr
     assert "use CUDA ≤ 12.8" in result.stderr
 
 
-def test_vllm_027_on_cuda_128_is_refused_because_torch_213_has_no_cu128_build(gpuwheel, write_recipe):
+def test_vllm_027_on_cuda_128_is_refused_because_torch_213_has_no_cu128_build(gpuwheel, make_recipe, tmp_path):
     # A 570-driver fleet wanting vLLM 0.27.0: its torch pin 2.13.0 is CUDA 13.0 on PyPI and has no
     # cu128 build on PyTorch's index either (cu128 ends with 2.11): refused before any download.
-    path = write_recipe("""
-        extends = "rtx6000pro"
-        [toolchain]
-        torch = "2.13.0"
-        [[package]]
-        name = "vllm"
-        version = "0.27.0"
-        profile = "full"
-    """)
+    path = make_recipe(tmp_path, extends="rtx6000pro", toolchain={"torch": "2.13.0"},
+                       package=[{"name": "vllm", "version": "0.27.0", "profile": "full"}])
     result = gpuwheel("plan", path)
     assert result.exit_code == 3
     assert result.stderr.strip().splitlines() == [
@@ -175,37 +151,23 @@ def test_vllm_027_on_cuda_128_is_refused_because_torch_213_has_no_cu128_build(gp
 
 
 @pytest.mark.parametrize("torch", ["2.12.0", "2.14.1", "2.15.0"])
-def test_cuda_128_with_any_torch_after_211_is_refused(gpuwheel, write_recipe, torch):
-    path = write_recipe(f"""
-        extends = "rtx6000pro"
-        [toolchain]
-        torch = "{torch}"
-    """)
+def test_cuda_128_with_any_torch_after_211_is_refused(gpuwheel, make_recipe, torch, tmp_path):
+    path = make_recipe(tmp_path, extends="rtx6000pro", toolchain={"torch": torch})
     result = gpuwheel("plan", path, "--only", "flash-attn")  # no vLLM pin in the way
     assert result.exit_code == 3
     assert f"torch {torch} has no CUDA 12.8 build: PyTorch's cu128 wheels end with torch 2.11" in result.stderr
 
 
-def test_cuda_128_with_torch_211_plans_and_cuda_13_with_213_too(gpuwheel, write_recipe):
+def test_cuda_128_with_torch_211_plans_and_cuda_13_with_213_too(gpuwheel, make_recipe, tmp_path):
     assert gpuwheel("plan", "rtx6000pro").exit_code == 0  # _base/cuda-12.8: torch 2.11.0
-    path = write_recipe("""
-        extends = "rtx6000pro-cu13"
-        [toolchain]
-        torch = "2.13.0"
-    """)
+    path = make_recipe(tmp_path, extends="rtx6000pro-cu13", toolchain={"torch": "2.13.0"})
     result = gpuwheel("plan", path, "--only", "flash-attn")
     assert result.exit_code == 0, result.stderr
 
 
-def test_every_problem_is_listed_at_once(gpuwheel, write_recipe):
-    path = write_recipe("""
-        extends = "rtx6000pro"
-        [target]
-        torch_cuda_arch_list = "9.0a"
-        min_driver = "560.35.03"
-        [toolchain]
-        torch = "2.7.1"
-    """)
+def test_every_problem_is_listed_at_once(gpuwheel, make_recipe, tmp_path):
+    path = make_recipe(tmp_path, extends="rtx6000pro",
+                       target={"torch_cuda_arch_list": "9.0a", "min_driver": "560.35.03"}, toolchain={"torch": "2.7.1"})
     result = gpuwheel("plan", path)
     assert result.exit_code == 3
     err = result.stderr
@@ -221,42 +183,31 @@ def test_every_problem_is_listed_at_once(gpuwheel, write_recipe):
     ("h100", "7.0;9.0a", "CUDA 13 cannot build arch 7.0"),
     ("b200", "10.0;10.1", "CUDA 13 cannot build arch 10.1"),  # CUDA 13 renamed sm_101 to sm_110
 ])
-def test_archs_the_toolkit_cannot_build(write_recipe, base, arch_list, expected):
-    path = write_recipe(f"""
-        extends = "{base}"
-        [target]
-        torch_cuda_arch_list = "{arch_list}"
-    """)
+def test_archs_the_toolkit_cannot_build(make_recipe, base, arch_list, expected, tmp_path):
+    path = make_recipe(tmp_path, extends=base, target={"torch_cuda_arch_list": arch_list})
     with pytest.raises(Exception) as raised:
         make_plan(load_recipe(path))
     assert expected in str(raised.value)
 
 
-def test_cuda13_builds_sm_88(write_recipe):
-    path = write_recipe("""
-        extends = "rtx6000pro-cu13"
-        [target]
-        compute_capability = "8.8"
-        torch_cuda_arch_list = "8.8"
-    """)
+def test_cuda13_builds_sm_88(make_recipe, tmp_path):
+    path = make_recipe(tmp_path, extends="rtx6000pro-cu13",
+                       target={"compute_capability": "8.8", "torch_cuda_arch_list": "8.8"})
     plan = make_plan(load_recipe(path), only=("flash-attn",))
     assert plan.package("flash-attn").env_dict["FLASH_ATTN_CUDA_ARCHS"] == "80"
 
 
-def test_vllm_0251_is_in_the_pin_table(gpuwheel, write_recipe):
-    path = write_recipe("""
-        extends = "rtx6000pro"
-        [[package]]
-        name = "vllm"
-        version = "0.25.1"
-        profile = "full"  # the serving profile's patches are 0.26.0's
-    """)
+def test_vllm_0251_is_in_the_pin_table(gpuwheel, make_recipe, tmp_path):
+    # the serving profile's patches are 0.26.0's
+    path = make_recipe(tmp_path, extends="rtx6000pro",
+                       package=[{"name": "vllm", "version": "0.25.1", "profile": "full"}])
     result = gpuwheel("plan", path, "--json")
     assert result.exit_code == 0, result.stderr
     assert not [note for note in result.json()["notes"] if "0.25.1" in note and "pin table" in note]
 
 
 # ---- bad input: one line, file:line, the nearest valid name, its own exit code ---------------
+# Literal texts: each is a recipe laid out by hand, and the point is the line its error names.
 @pytest.mark.parametrize("text, expected", [
     ('extends = "h100"\n[toolchain]\ncuda_version = "13.0"\n',
      "recipe.toml:3: unknown key [toolchain] 'cuda_version' (did you mean 'cuda'?)"),
@@ -268,7 +219,8 @@ def test_vllm_0251_is_in_the_pin_table(gpuwheel, write_recipe):
     ('extends = "h100"\n[target]\ndescription = """\nracks in hall B, where\ngpux = "H100" was a typo\n"""\ngpux = "H100"\n',
      "recipe.toml:7: unknown key [target] 'gpux' (did you mean 'gpu'?)"),
     ('extends = "h10"\n', "unknown target 'h10' (did you mean 'h100'?)"),
-    ('extends = "h100"\n[toolchain]\ncuda = 13.0\n', "recipe.toml:3: [toolchain] 'cuda' must be a string, got a number"),
+    ('extends = "h100"\n[toolchain]\ncuda = 13.0\n',
+     "recipe.toml:3: [toolchain] 'cuda' must be a string, got a number"),
     ('extends = "h100"\n[toolchain]\ntorch = "two.nine"\n', "toolchain.torch 'two.nine' is not a version"),
     ('extends = "h100"\n[target]\nmin_driver = "latest"\n', "'latest' is not a driver version"),
     ('extends = "h100"\n[target]\ncompute_capability = "sm_90"\n', "'sm_90' is not an arch"),
@@ -280,8 +232,8 @@ def test_vllm_0251_is_in_the_pin_table(gpuwheel, write_recipe):
     ('extends = "h100"\n[[package]]\nname = "flash-attn"\nsource = { sdist = "x.tar.gz" }\n',
      "a sdist source needs its sha256"),
 ])
-def test_bad_recipe_is_one_clear_line_with_exit_code_2(gpuwheel, write_recipe, text, expected):
-    path = write_recipe(text)
+def test_bad_recipe_is_one_clear_line_with_exit_code_2(gpuwheel, make_recipe, text, expected, tmp_path):
+    path = make_recipe(tmp_path, text=text)
     result = gpuwheel("plan", path)
     assert result.exit_code == 2, result.stderr
     assert expected in result.stderr
@@ -294,28 +246,19 @@ def test_unknown_target_suggests_the_nearest(gpuwheel):
     assert "unknown target 'rtx6000' (did you mean 'rtx6000pro'?)" in result.stderr
 
 
-def test_extends_cycle_is_named(gpuwheel, write_recipe):
-    write_recipe('extends = "b.toml"\n', name="a.toml")
-    b = write_recipe('extends = "a.toml"\n', name="b.toml")
+def test_extends_cycle_is_named(gpuwheel, make_recipe, tmp_path):
+    make_recipe(tmp_path, extends="b.toml", name="a.toml")
+    b = make_recipe(tmp_path, extends="a.toml", name="b.toml")
     result = gpuwheel("plan", b)
     assert result.exit_code == 2
     assert "extends cycle: " in result.stderr and "a.toml" in result.stderr
 
 
 # ---- merging ---------------------------------------------------------------------------------
-def test_packages_merge_by_name_and_new_names_append(write_recipe):
-    path = write_recipe("""
-        extends = "h100"
-        [[package]]
-        name = "flash-attn"
-        profile = "inference"
-        [package.inference]
-        head_dims = [128]
-        [[package]]
-        name = "xformers"
-        version = "0.0.30"
-        source = { path = "/src/xformers" }
-    """)
+def test_packages_merge_by_name_and_new_names_append(make_recipe, tmp_path):
+    path = make_recipe(tmp_path, extends="h100",
+                       package=[{"name": "flash-attn", "profile": "inference", "inference": {"head_dims": [128]}},
+                                {"name": "xformers", "version": "0.0.30", "source": {"path": "/src/xformers"}}])
     recipe = load_recipe(path)
     names = [p.name for p in recipe.packages]
     assert names == ["flash-attn", "vllm", "xformers"]
@@ -336,14 +279,14 @@ def test_hash_is_stable_and_machine_independent(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change", [
-    '[toolchain]\ncuda = "12.8.0"\n',
-    '[[package]]\nname = "flash-attn"\nenv = { FLASH_ATTN_EXTRA = "1" }\n',
-    '[[package]]\nname = "vllm"\nsource = { sdist = "vllm-0.26.0.tar.gz", sha256 = "%s" }\n' % ("0" * 64),
-    '[target]\nmin_driver = "575.64"\n',
+    {"toolchain": {"cuda": "12.8.0"}},
+    {"package": [{"name": "flash-attn", "env": {"FLASH_ATTN_EXTRA": "1"}}]},
+    {"package": [{"name": "vllm", "source": {"sdist": "vllm-0.26.0.tar.gz", "sha256": "0" * 64}}]},
+    {"target": {"min_driver": "575.64"}},
 ])
-def test_changing_any_pin_or_env_changes_the_hash(write_recipe, change):
+def test_changing_any_pin_or_env_changes_the_hash(make_recipe, tmp_path, change):
     base = make_plan(load_recipe("rtx6000pro")).hash
-    path = write_recipe(f'extends = "rtx6000pro"\n{change}')
+    path = make_recipe(tmp_path, extends="rtx6000pro", **change)
     assert make_plan(load_recipe(path)).hash != base
 
 
@@ -368,15 +311,14 @@ VALID = (PROJECT_ROOT / "recipes" / "rtx6000pro.toml")
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_fuzzed_recipes_raise_only_recipe_errors(tmp_path, data):
+def test_fuzzed_recipes_raise_only_recipe_errors(tmp_path, data, make_recipe):
     text = VALID.read_text(encoding="utf-8")
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(text)))
         cut = data.draw(st.integers(0, 8))
         insert = data.draw(st.text(alphabet=string.printable + "é[]{}=\"'", max_size=12))
         text = text[:at] + insert + text[at + cut:]
-    path = tmp_path / "fuzz.toml"
-    path.write_text(text, encoding="utf-8")
+    path = make_recipe(tmp_path, name="fuzz.toml", text=text)  # literal: the fuzzed text is the input
     try:
         load_recipe(path)
     except RecipeError as error:
@@ -389,25 +331,22 @@ def test_fuzzed_recipes_raise_only_recipe_errors(tmp_path, data):
        table=st.sampled_from(["target", "toolchain", "build"]),
        key=st.sampled_from(["name", "cuda", "torch", "python", "jobs", "min_driver", "compute_capability",
                             "torch_cuda_arch_list", "nvcc_threads", "base_image", "bogus"]))
-def test_fuzzed_values_raise_only_recipe_errors(tmp_path, value, table, key):
+def test_fuzzed_values_raise_only_recipe_errors(tmp_path, value, table, key, make_recipe):
     import json
     literal = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
-    path = tmp_path / "values.toml"
-    path.write_text(f'extends = "rtx6000pro"\n[{table}]\n{key} = {literal}\n', encoding="utf-8")
+    # literal: JSON's spelling of the value (Infinity, escapes) is part of the input
+    path = make_recipe(tmp_path, name="values.toml",
+                       text=f'extends = "rtx6000pro"\n[{table}]\n{key} = {literal}\n')
     try:
         load_recipe(path)
     except RecipeError:
         pass
 
 
-def test_only_plans_and_checks_just_the_chosen_package(gpuwheel, write_recipe):
+def test_only_plans_and_checks_just_the_chosen_package(gpuwheel, make_recipe, tmp_path):
     # The GPU machine's torch (2.11.0) with the h100 recipe: vLLM 0.33.0 pins 2.14.0,
     # but a flash-attn-only build does not depend on that pin.
-    path = write_recipe("""
-        extends = "h100"
-        [toolchain]
-        torch = "2.11.0"
-    """)
+    path = make_recipe(tmp_path, extends="h100", toolchain={"torch": "2.11.0"})
     assert gpuwheel("plan", path).exit_code == 3
     result = gpuwheel("plan", path, "--only", "flash-attn", "--json")
     assert result.exit_code == 0, result.stderr

@@ -46,8 +46,8 @@ def _embedded_paths(wheel: Path, *roots: Path) -> list[str]:
                 if any(re.search(needle, archive.read(name)) for needle in needles)]
 
 
-def test_the_fixture_built_in_two_directories_is_the_same_bytes(gpuwheel, monkeypatch, tmp_path):
-    recipe = fixture_recipe(tmp_path)
+def test_the_fixture_built_in_two_directories_is_the_same_bytes(gpuwheel, monkeypatch, tmp_path, make_recipe):
+    recipe = make_recipe(tmp_path, **fixture_recipe())
 
     first, second = _build_twice(gpuwheel, monkeypatch, tmp_path, str(recipe))
 

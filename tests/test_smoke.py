@@ -23,7 +23,7 @@ from gpuwheel.publish.local import publish_local
 from gpuwheel.smoke.report import (FAIL, PASS, SKIP, SCHEMA, CheckResult, GpuInfo, SmokeReport, SmokeReportFormatError,
                                    WheelSmoke, read_json, write_json)
 from smoke_helpers import (TARGET, build_cuda_so, build_driver_linked_so, build_libcuda_stub, build_unresolved_so,
-                           make_vllm_wheel, make_wheel, write_recipe)
+                           make_vllm_wheel, make_wheel, smoke_recipe)
 
 PROVENANCE = {"target": TARGET, "audit": {"passed": True, "arch": "9.0", "driver": "580.65.06"}}
 
@@ -46,8 +46,8 @@ def _rows(report: dict, suite: str) -> dict[str, dict]:
     return {c["name"]: c for c in checks}
 
 
-def test_skip_path_from_a_wheels_dir_reports_gpu_skip_and_never_a_pass(tmp_path, cuda_so):
-    recipe = write_recipe(tmp_path / "recipes")
+def test_skip_path_from_a_wheels_dir_reports_gpu_skip_and_never_a_pass(tmp_path, cuda_so, make_recipe):
+    recipe = make_recipe(tmp_path / "recipes", **smoke_recipe())
     wheel = make_wheel(tmp_path / "wheels", cuda_so, provenance=PROVENANCE)
     junit, report_path = tmp_path / "out" / "junit.xml", tmp_path / "out" / "smoke.json"
 
@@ -111,8 +111,8 @@ def test_a_smoke_report_reads_back_as_written(tmp_path):
     assert str(error.value) == f"smoke report {tmp_path / 'list.json'}: the report is a list, not a JSON object"
 
 
-def test_the_publish_gate_refuses_wheels_whose_gpu_checks_were_skipped(tmp_path, cuda_so):
-    recipe = write_recipe(tmp_path / "recipes")
+def test_the_publish_gate_refuses_wheels_whose_gpu_checks_were_skipped(tmp_path, cuda_so, make_recipe):
+    recipe = make_recipe(tmp_path / "recipes", **smoke_recipe())
     wheels = tmp_path / "wheels"
     make_wheel(wheels, cuda_so, provenance=PROVENANCE)
     assert gpuwheel("smoke", recipe, "--wheels", wheels).returncode == 14
@@ -127,8 +127,8 @@ def test_the_publish_gate_refuses_wheels_whose_gpu_checks_were_skipped(tmp_path,
     assert not (tmp_path / "index" / "files").exists() or not list((tmp_path / "index" / "files").iterdir())
 
 
-def test_installs_from_a_real_static_index_and_writes_the_default_report(tmp_path, cuda_so):
-    recipe = write_recipe(tmp_path / "recipes")
+def test_installs_from_a_real_static_index_and_writes_the_default_report(tmp_path, cuda_so, make_recipe):
+    recipe = make_recipe(tmp_path / "recipes", **smoke_recipe())
     wheel = make_wheel(tmp_path / "built", cuda_so, provenance=PROVENANCE)
     index = publish_local([wheel], tmp_path / "index")
 
@@ -141,8 +141,8 @@ def test_installs_from_a_real_static_index_and_writes_the_default_report(tmp_pat
     assert _rows(report, wheel.name)["import"]["status"] == "pass"
 
 
-def test_a_so_with_an_undefined_symbol_fails_the_load_check(tmp_path):
-    recipe = write_recipe(tmp_path / "recipes")
+def test_a_so_with_an_undefined_symbol_fails_the_load_check(tmp_path, make_recipe):
+    recipe = make_recipe(tmp_path / "recipes", **smoke_recipe())
     wheel = make_wheel(tmp_path / "wheels", build_unresolved_so(tmp_path), provenance=PROVENANCE)
 
     result = gpuwheel("smoke", recipe, "--wheels", tmp_path / "wheels")
@@ -158,18 +158,19 @@ def test_a_so_with_an_undefined_symbol_fails_the_load_check(tmp_path):
     assert checks["code for 9.0 on driver 580.65.06 (audit)"]["status"] == "skip"  # no GPU code in it
 
 
-def test_with_python_holding_torch_the_wheels_go_beside_it_without_deps(tmp_path, cuda_so):
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+def test_with_python_holding_torch_the_wheels_go_beside_it_without_deps(tmp_path, cuda_so, make_recipe):
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                           text=True)
     if probe.returncode != 0:
         pytest.skip(f"{sys.executable} has no torch to stand for a GPU machine's interpreter")
     installed = probe.stdout.strip()
     wheels = tmp_path / "wheels"
     make_wheel(wheels, cuda_so, provenance=PROVENANCE)
 
-    pinned = gpuwheel("smoke", write_recipe(tmp_path / "a", torch=installed.split("+")[0]), "--wheels", wheels,
-                      "--python", sys.executable)
+    pinned = gpuwheel("smoke", make_recipe(tmp_path / "a", **smoke_recipe(torch=installed.split("+")[0])),
+                      "--wheels", wheels, "--python", sys.executable)
     report = json.loads((wheels / "smoke.json").read_text())
-    other = gpuwheel("smoke", write_recipe(tmp_path / "b", torch="2.11.0"), "--wheels", wheels,
+    other = gpuwheel("smoke", make_recipe(tmp_path / "b", **smoke_recipe(torch="2.11.0")), "--wheels", wheels,
                      "--python", sys.executable)
 
     assert pinned.returncode == 14, pinned.stderr
@@ -188,8 +189,8 @@ def test_with_python_holding_torch_the_wheels_go_beside_it_without_deps(tmp_path
     (["--wheels", "empty"], "no wheels in "),
     (["--wheels", "empty", "--python", "/no/such/python3"], "--python /no/such/python3: no such interpreter"),
 ])
-def test_bad_input_is_one_line(tmp_path, args, message):
-    recipe = write_recipe(tmp_path / "recipes")
+def test_bad_input_is_one_line(tmp_path, args, message, make_recipe):
+    recipe = make_recipe(tmp_path / "recipes", **smoke_recipe())
     (tmp_path / "empty").mkdir()
     if "/no/such/python3" in args:
         make_wheel(tmp_path / "empty", build_unresolved_so(tmp_path))
@@ -221,8 +222,8 @@ def driver_linked_so(tmp_path_factory) -> Path:
     return build_driver_linked_so(directory, build_libcuda_stub(directory / "stub"))
 
 
-def test_a_vllm_0_26_wheel_on_a_machine_without_gpu_or_driver_is_checked_as_far_as_it_can_be(tmp_path,
-                                                                                              driver_linked_so):
+def test_a_vllm_0_26_wheel_on_a_machine_without_gpu_or_driver_is_checked_as_far_as_it_can_be(
+        tmp_path, driver_linked_so, make_recipe):
     # 0.26.0's layout: the op libraries are *_stable_libtorch, FA3 and FlashMLA left out by the profile,
     # and DeepGEMM's extension built for several CPythons
     wheel = make_vllm_wheel(tmp_path / "wheels", {
@@ -232,7 +233,7 @@ def test_a_vllm_0_26_wheel_on_a_machine_without_gpu_or_driver_is_checked_as_far_
         "vllm/third_party/deep_gemm/_C.cpython-399-x86_64-linux-gnu.so": build_unresolved_so(tmp_path),
     }, provenance=VLLM_PROVENANCE)
 
-    result = gpuwheel("smoke", write_recipe(tmp_path / "recipes"), "--wheels", tmp_path / "wheels")
+    result = gpuwheel("smoke", make_recipe(tmp_path / "recipes", **smoke_recipe()), "--wheels", tmp_path / "wheels")
 
     assert result.returncode == 14, result.stderr
     checks = _rows(json.loads((tmp_path / "wheels" / "smoke.json").read_text()), wheel.name)
@@ -258,19 +259,20 @@ def test_a_vllm_0_26_wheel_on_a_machine_without_gpu_or_driver_is_checked_as_far_
     assert all(c["status"] == "skip" and "no GPU visible" in c["detail"] for c in gpu.values())
 
 
-def test_a_vllm_wheel_missing_an_op_library_or_holding_an_omitted_one_fails(tmp_path, driver_linked_so):
+def test_a_vllm_wheel_missing_an_op_library_or_holding_an_omitted_one_fails(tmp_path, driver_linked_so, make_recipe):
     wheel = make_vllm_wheel(tmp_path / "wheels", {
         "vllm/_C_stable_libtorch.abi3.so": driver_linked_so,
         "vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so": driver_linked_so,
         "vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so": driver_linked_so,  # the profile omits fa3
     }, provenance=VLLM_PROVENANCE)
 
-    result = gpuwheel("smoke", write_recipe(tmp_path / "recipes"), "--wheels", tmp_path / "wheels")
+    result = gpuwheel("smoke", make_recipe(tmp_path / "recipes", **smoke_recipe()), "--wheels", tmp_path / "wheels")
 
     assert result.returncode == 12, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         "gpuwheel: error: 1 smoke check(s) failed for target h100-smoke: ")
-    libraries = _rows(json.loads((tmp_path / "wheels" / "smoke.json").read_text()), wheel.name)["op libraries in the wheel"]
+    libraries = _rows(json.loads((tmp_path / "wheels" / "smoke.json").read_text()),
+                      wheel.name)["op libraries in the wheel"]
     assert libraries["status"] == "fail"
     assert libraries["detail"] == (
         "the wheel has no _moe_C (vllm/_moe_C_stable_libtorch.*so or vllm/_moe_C.*so); the serving profile omits "
@@ -293,11 +295,11 @@ def _gpu_of_cc_90() -> str | None:
 
 
 @pytest.mark.gpu
-def test_on_an_h100_the_report_passes(tmp_path, cuda_so):
+def test_on_an_h100_the_report_passes(tmp_path, cuda_so, make_recipe):
     reason = _gpu_of_cc_90()
     if reason:
         pytest.skip(f"needs an NVIDIA GPU of compute capability 9.0 and torch in python3: {reason}")
-    recipe = write_recipe(tmp_path / "recipes", python="3.12")
+    recipe = make_recipe(tmp_path / "recipes", **smoke_recipe(python="3.12"))
     make_wheel(tmp_path / "wheels", cuda_so, provenance=PROVENANCE)
 
     result = gpuwheel("smoke", recipe, "--wheels", tmp_path / "wheels", "--python", "python3")

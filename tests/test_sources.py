@@ -5,31 +5,18 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from sources_helpers import (FLASH_ATTN_SHA256, cache, file_member, git, http_server, leftovers,  # noqa: F401
-                             link_member, make_repos, real_cache, recipe_text, sha256, stored, tarball)
+from sources_helpers import (FLASH_ATTN_SHA256, demo_package, file_member, git, leftovers, link_member, make_repos,
+                             sha256, stored, tarball)
 
 
-def _recipe(write_recipe, body: str) -> Path:
-    return write_recipe(recipe_text(body))
-
-
-def _url_recipe(write_recipe, url: str, digest: str) -> Path:
-    return _recipe(write_recipe, f"""
-        [[package]]
-        name = "demo"
-        version = "1.0"
-        source = {{ url = "{url}", sha256 = "{digest}" }}
-        """)
+def _url_recipe(make_recipe, directory: Path, url: str, digest: str) -> Path:
+    return make_recipe(directory, package=[demo_package({"url": url, "sha256": digest})])
 
 
 GOOD = tarball([file_member("demo-1.0/setup.py", b"print('demo')\n"),
@@ -39,9 +26,9 @@ GOOD = tarball([file_member("demo-1.0/setup.py", b"print('demo')\n"),
 
 # ---- archives over HTTP ---------------------------------------------------------------------------
 def test_url_source_is_downloaded_verified_extracted_and_then_served_from_the_cache(
-        gpuwheel, write_recipe, cache, http_server):
+        gpuwheel, make_recipe, cache, http_server, tmp_path):
     server = http_server({"demo-1.0.tar.gz": GOOD})
-    recipe = _url_recipe(write_recipe, server.url("demo-1.0.tar.gz"), sha256(GOOD))
+    recipe = _url_recipe(make_recipe, tmp_path, server.url("demo-1.0.tar.gz"), sha256(GOOD))
 
     first = gpuwheel("fetch", recipe, "--json")
     assert first.exit_code == 0, first.stderr
@@ -60,10 +47,10 @@ def test_url_source_is_downloaded_verified_extracted_and_then_served_from_the_ca
     assert leftovers(cache) == []
 
 
-def test_wrong_sha256_is_refused_and_nothing_is_kept(gpuwheel, write_recipe, cache, http_server):
+def test_wrong_sha256_is_refused_and_nothing_is_kept(gpuwheel, make_recipe, cache, http_server, tmp_path):
     tampered = GOOD[:-1] + bytes([GOOD[-1] ^ 1])
     server = http_server({"demo-1.0.tar.gz": tampered})
-    result = gpuwheel("fetch", _url_recipe(write_recipe, server.url("demo-1.0.tar.gz"), sha256(GOOD)))
+    result = gpuwheel("fetch", _url_recipe(make_recipe, tmp_path, server.url("demo-1.0.tar.gz"), sha256(GOOD)))
     assert result.exit_code == 4
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("gpuwheel: error: demo 1.0: demo-1.0.tar.gz from http://127.0.0.1")
@@ -71,18 +58,19 @@ def test_wrong_sha256_is_refused_and_nothing_is_kept(gpuwheel, write_recipe, cac
     assert stored(cache) == [] and leftovers(cache) == []
 
 
-def test_interrupted_download_leaves_no_half_file(gpuwheel, write_recipe, cache, http_server):
+def test_interrupted_download_leaves_no_half_file(gpuwheel, make_recipe, cache, http_server, tmp_path):
     server = http_server({"demo-1.0.tar.gz": GOOD})
-    result = gpuwheel("fetch", _url_recipe(write_recipe, server.url("demo-1.0.tar.gz", kind="cut"), sha256(GOOD)))
+    result = gpuwheel("fetch",
+                      _url_recipe(make_recipe, tmp_path, server.url("demo-1.0.tar.gz", kind="cut"), sha256(GOOD)))
     assert result.exit_code == 4
     assert "demo 1.0: download of http://127.0.0.1" in result.stderr
     assert f"failed after {len(GOOD) // 2} bytes" in result.stderr and "kept nothing" in result.stderr
     assert stored(cache) == [] and leftovers(cache) == []
 
 
-def test_http_error_names_the_url_and_status(gpuwheel, write_recipe, cache, http_server):
+def test_http_error_names_the_url_and_status(gpuwheel, make_recipe, cache, http_server, tmp_path):
     server = http_server({})
-    result = gpuwheel("fetch", _url_recipe(write_recipe, server.url("gone.tar.gz"), sha256(GOOD)))
+    result = gpuwheel("fetch", _url_recipe(make_recipe, tmp_path, server.url("gone.tar.gz"), sha256(GOOD)))
     assert result.exit_code == 4
     assert "demo 1.0: " in result.stderr and "gone.tar.gz answered HTTP 404" in result.stderr
     assert stored(cache) == [] and leftovers(cache) == []
@@ -97,10 +85,10 @@ def test_http_error_names_the_url_and_status(gpuwheel, write_recipe, cache, http
     (link_member("demo-1.0/tty", "", kind=tarfile.CHRTYPE), "special file"),
 ], ids=["dotdot", "absolute", "symlink-escape", "absolute-symlink", "hardlink-escape", "device"])
 def test_unsafe_tar_member_is_refused_before_anything_is_extracted(
-        gpuwheel, write_recipe, cache, http_server, tmp_path, member, why):
+        gpuwheel, make_recipe, cache, http_server, tmp_path, member, why):
     hostile = tarball([file_member("demo-1.0/setup.py"), member])
     server = http_server({"demo-1.0.tar.gz": hostile})
-    result = gpuwheel("fetch", _url_recipe(write_recipe, server.url("demo-1.0.tar.gz"), sha256(hostile)))
+    result = gpuwheel("fetch", _url_recipe(make_recipe, tmp_path, server.url("demo-1.0.tar.gz"), sha256(hostile)))
     assert result.exit_code == 4, result.stderr
     assert "demo 1.0: demo-1.0.tar.gz holds an unsafe member: " in result.stderr
     assert why in result.stderr and "refused, nothing extracted" in result.stderr
@@ -111,22 +99,22 @@ def test_unsafe_tar_member_is_refused_before_anything_is_extracted(
 
 @pytest.mark.parametrize("name, why", [("demo-1.0/../../escaped.txt", "leaves the tree (..)"),
                                        ("/abs.txt", "is an absolute path")])
-def test_unsafe_zip_member_is_refused(gpuwheel, write_recipe, cache, http_server, name, why):
+def test_unsafe_zip_member_is_refused(gpuwheel, make_recipe, cache, http_server, name, why, tmp_path):
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:
         zf.writestr("demo-1.0/setup.py", "print()\n")
         zf.writestr(name, "x")
     data = out.getvalue()
     server = http_server({"demo-1.0.zip": data})
-    result = gpuwheel("fetch", _url_recipe(write_recipe, server.url("demo-1.0.zip"), sha256(data)))
+    result = gpuwheel("fetch", _url_recipe(make_recipe, tmp_path, server.url("demo-1.0.zip"), sha256(data)))
     assert result.exit_code == 4
     assert f"demo-1.0.zip holds an unsafe member: '{name}' {why}; refused, nothing extracted" in result.stderr
     assert stored(cache) == [] and leftovers(cache) == []
 
 
-def test_archive_altered_in_the_cache_is_removed_with_its_tree(gpuwheel, write_recipe, cache, http_server):
+def test_archive_altered_in_the_cache_is_removed_with_its_tree(gpuwheel, make_recipe, cache, http_server, tmp_path):
     server = http_server({"demo-1.0.tar.gz": GOOD})
-    recipe = _url_recipe(write_recipe, server.url("demo-1.0.tar.gz"), sha256(GOOD))
+    recipe = _url_recipe(make_recipe, tmp_path, server.url("demo-1.0.tar.gz"), sha256(GOOD))
     archive = Path(gpuwheel("fetch", recipe, "--json").json()["packages"][0]["archive"])
     archive.write_bytes(archive.read_bytes() + b"tampered")
 
@@ -140,8 +128,8 @@ def test_archive_altered_in_the_cache_is_removed_with_its_tree(gpuwheel, write_r
 
 # ---- offline --------------------------------------------------------------------------------------
 def test_offline_fetch_of_a_missing_source_names_it_and_the_command_that_fetches_it(
-        gpuwheel, write_recipe, cache, monkeypatch):
-    recipe = _url_recipe(write_recipe, "http://127.0.0.1:9/demo-1.0.tar.gz", sha256(GOOD))
+        gpuwheel, make_recipe, cache, monkeypatch, tmp_path):
+    recipe = _url_recipe(make_recipe, tmp_path, "http://127.0.0.1:9/demo-1.0.tar.gz", sha256(GOOD))
     for args in (("--offline",), ()):
         if not args:
             monkeypatch.setenv("GPUWHEEL_OFFLINE", "1")
@@ -154,19 +142,15 @@ def test_offline_fetch_of_a_missing_source_names_it_and_the_command_that_fetches
 
 
 # ---- git ------------------------------------------------------------------------------------------
-def _git_recipe(write_recipe, url: str, commit: str) -> Path:
-    return _recipe(write_recipe, f"""
-        [[package]]
-        name = "demo"
-        version = "1.0"
-        source = {{ git = "{url}", commit = "{commit}" }}
-        """)
+def _git_recipe(make_recipe, directory: Path, url: str, commit: str) -> Path:
+    return make_recipe(directory, package=[demo_package({"git": url, "commit": commit})])
+
 
 
 def test_git_source_is_checked_out_at_its_commit_with_submodules_at_theirs(
-        gpuwheel, write_recipe, cache, tmp_path):
+        gpuwheel, make_recipe, cache, tmp_path):
     repos = make_repos(tmp_path / "repos")
-    recipe = _git_recipe(write_recipe, repos["project"], repos["project_v1"])
+    recipe = _git_recipe(make_recipe, tmp_path, repos["project"], repos["project_v1"])
 
     result = gpuwheel("fetch", recipe, "--json")
     assert result.exit_code == 0, result.stderr
@@ -180,54 +164,39 @@ def test_git_source_is_checked_out_at_its_commit_with_submodules_at_theirs(
     assert leftovers(cache) == []
 
 
-def test_git_commit_that_does_not_exist_is_refused(gpuwheel, write_recipe, cache, tmp_path):
+def test_git_commit_that_does_not_exist_is_refused(gpuwheel, make_recipe, cache, tmp_path):
     repos = make_repos(tmp_path / "repos")
-    result = gpuwheel("fetch", _git_recipe(write_recipe, repos["project"], "0123456789" * 4))
+    result = gpuwheel("fetch", _git_recipe(make_recipe, tmp_path, repos["project"], "0123456789" * 4))
     assert result.exit_code == 4
     assert f"demo 1.0: {repos['project']} has no commit or tag {'0123456789' * 4}" in result.stderr
     assert stored(cache) == [] and leftovers(cache) == []
 
 
-def test_offline_git_source_missing_from_the_cache(gpuwheel, write_recipe, cache, tmp_path):
+def test_offline_git_source_missing_from_the_cache(gpuwheel, make_recipe, cache, tmp_path):
     repos = make_repos(tmp_path / "repos")
-    result = gpuwheel("fetch", _git_recipe(write_recipe, repos["project"], repos["project_v1"]), "--offline")
+    result = gpuwheel("fetch", _git_recipe(make_recipe, tmp_path, repos["project"], repos["project_v1"]), "--offline")
     assert result.exit_code == 5
     assert f"demo 1.0: git {repos['project']} @ {repos['project_v1']} is not in the cache" in result.stderr
     assert stored(cache) == [] and leftovers(cache) == []
 
 
 # ---- build-time dependencies ----------------------------------------------------------------------
-def _deps_recipe(write_recipe, tmp_path: Path, dependencies: str) -> Path:
+def _deps_recipe(make_recipe, tmp_path: Path, dependencies: list[dict]) -> Path:
+    """The demo project from the folder demo-src/, with these [[package.dependency]] entries."""
     (tmp_path / "demo-src").mkdir(exist_ok=True)
     (tmp_path / "demo-src" / "setup.py").write_text("print('demo')\n")
-    return _recipe(write_recipe, f"""
-        [[package]]
-        name = "demo"
-        version = "1.0"
-        source = {{ path = "demo-src" }}
-        {dependencies}
-        """)
+    return make_recipe(tmp_path, package=[demo_package({"path": "demo-src"}, dependency=dependencies)])
 
 
-UNREACHABLE_DEP = """
-[[package.dependency]]
-name = "faraway"
-git = "https://gpuwheel-test.invalid/faraway.git"
-rev = "v9.9"
-src_dir_env = "FARAWAY_SRC_DIR"
-"""
+UNREACHABLE_DEP = {"name": "faraway", "git": "https://gpuwheel-test.invalid/faraway.git", "rev": "v9.9",
+                   "src_dir_env": "FARAWAY_SRC_DIR"}
 
 
 def test_dependencies_are_fetched_by_tag_and_unreachable_ones_reported_with_their_command(
-        gpuwheel, write_recipe, cache, tmp_path):
+        gpuwheel, make_recipe, cache, tmp_path):
     repos = make_repos(tmp_path / "repos")
-    recipe = _deps_recipe(write_recipe, tmp_path, f"""
-        [[package.dependency]]
-        name = "lib"
-        git = "{repos['lib']}"
-        rev = "v1.0"
-        src_dir_env = "LIB_SRC_DIR"
-        """ + UNREACHABLE_DEP)
+    recipe = _deps_recipe(make_recipe, tmp_path, [
+        {"name": "lib", "git": repos["lib"], "rev": "v1.0", "src_dir_env": "LIB_SRC_DIR"}, UNREACHABLE_DEP])
 
     result = gpuwheel("fetch", recipe, "--json")
     assert result.exit_code == 0, result.stderr
@@ -250,15 +219,11 @@ def test_dependencies_are_fetched_by_tag_and_unreachable_ones_reported_with_thei
     assert leftovers(cache) == []
 
 
-def test_dependency_dir_imports_verified_checkouts(gpuwheel, write_recipe, cache, tmp_path):
+def test_dependency_dir_imports_verified_checkouts(gpuwheel, make_recipe, cache, tmp_path):
     repos = make_repos(tmp_path / "repos")
-    recipe = _deps_recipe(write_recipe, tmp_path, f"""
-        [[package.dependency]]
-        name = "project"
-        git = "https://gpuwheel-test.invalid/project.git"
-        rev = "{repos['project_v1']}"
-        src_dir_env = "PROJECT_SRC_DIR"
-        """)
+    recipe = _deps_recipe(make_recipe, tmp_path, [
+        {"name": "project", "git": "https://gpuwheel-test.invalid/project.git", "rev": repos["project_v1"],
+         "src_dir_env": "PROJECT_SRC_DIR"}])
     deps = tmp_path / "deps"
     deps.mkdir()
     checkout = deps / "project"
@@ -290,8 +255,8 @@ def test_dependency_dir_imports_verified_checkouts(gpuwheel, write_recipe, cache
     assert leftovers(cache) == []
 
 
-def test_dependency_dir_refuses_a_tree_that_is_not_a_git_checkout(gpuwheel, write_recipe, cache, tmp_path):
-    recipe = _deps_recipe(write_recipe, tmp_path, UNREACHABLE_DEP)
+def test_dependency_dir_refuses_a_tree_that_is_not_a_git_checkout(gpuwheel, make_recipe, cache, tmp_path):
+    recipe = _deps_recipe(make_recipe, tmp_path, [UNREACHABLE_DEP])
     (tmp_path / "deps" / "faraway").mkdir(parents=True)
     result = gpuwheel("fetch", recipe, "--dependency-dir", tmp_path / "deps")
     assert result.exit_code == 4
@@ -301,61 +266,34 @@ def test_dependency_dir_refuses_a_tree_that_is_not_a_git_checkout(gpuwheel, writ
 
 
 # ---- sdists from a package index ------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def local_index(tmp_path: Path):
-    """A real pypiserver on 127.0.0.1 serving one hand-made sdist (PEP 503 HTML pages)."""
-    packages = tmp_path / "index"
-    packages.mkdir()
+def local_index(pypi_server):
+    """A real pypiserver on 127.0.0.1 serving one hand-made sdist (PEP 503 HTML pages): its simple URL
+    and the sdist's bytes."""
     sdist = tarball([file_member("demo_pkg-1.0/setup.py", b"print('from the index')\n")])
-    (packages / "demo_pkg-1.0.tar.gz").write_bytes(sdist)
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "pypiserver", "run", "-i", "127.0.0.1", "-p", str(port),
-                               "-a", ".", "-P", ".", str(packages)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/simple/", sdist
-    finally:
-        server.terminate()
-        server.wait()
+    server = pypi_server(open_uploads=True)
+    (server.packages / "demo_pkg-1.0.tar.gz").write_bytes(sdist)
+    return f"{server.url}simple/", sdist
 
 
-def test_sdist_comes_from_the_index_pip_is_configured_with(gpuwheel, write_recipe, cache, local_index,
-                                                            monkeypatch):
+def test_sdist_comes_from_the_index_pip_is_configured_with(gpuwheel, make_recipe, cache, local_index,
+                                                            monkeypatch, tmp_path):
     index, sdist = local_index
     monkeypatch.setenv("PIP_INDEX_URL", index)  # pip's own setting; the recipe names no index
-    recipe = _recipe(write_recipe, f"""
-        [[package]]
-        name = "demo-pkg"
-        version = "1.0"
-        source = {{ sdist = "demo_pkg-1.0.tar.gz", sha256 = "{sha256(sdist)}" }}
-        """)
+    recipe = make_recipe(tmp_path, package=[
+        {"name": "demo-pkg", "version": "1.0", "source": {"sdist": "demo_pkg-1.0.tar.gz", "sha256": sha256(sdist)}}])
     result = gpuwheel("fetch", recipe, "--json")
     assert result.exit_code == 0, result.stderr
     assert (Path(result.json()["packages"][0]["tree"]) / "setup.py").read_text() == "print('from the index')\n"
 
 
-def test_offline_extracts_a_copied_sdist_without_asking_the_index(gpuwheel, write_recipe, cache, local_index,
-                                                                  monkeypatch):
+def test_offline_extracts_a_copied_sdist_without_asking_the_index(gpuwheel, make_recipe, cache, local_index,
+                                                                  monkeypatch, tmp_path):
     """An offline site copies only the archives (an sdist, not its 100 MB tree) and builds from them."""
     index, sdist = local_index
     monkeypatch.setenv("PIP_INDEX_URL", index)
-    recipe = _recipe(write_recipe, f"""
-        [[package]]
-        name = "demo-pkg"
-        version = "1.0"
-        source = {{ sdist = "demo_pkg-1.0.tar.gz", sha256 = "{sha256(sdist)}" }}
-        """)
+    recipe = make_recipe(tmp_path, package=[
+        {"name": "demo-pkg", "version": "1.0", "source": {"sdist": "demo_pkg-1.0.tar.gz", "sha256": sha256(sdist)}}])
     assert gpuwheel("fetch", recipe).exit_code == 0
     shutil.rmtree(cache / "sources" / "trees")
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")  # no index answers now
@@ -367,14 +305,10 @@ def test_offline_extracts_a_copied_sdist_without_asking_the_index(gpuwheel, writ
     assert leftovers(cache) == []
 
 
-def test_sdist_the_index_lists_with_another_hash_is_refused(gpuwheel, write_recipe, cache, local_index):
+def test_sdist_the_index_lists_with_another_hash_is_refused(gpuwheel, make_recipe, cache, local_index, tmp_path):
     index, sdist = local_index
-    recipe = _recipe(write_recipe, f"""
-        [[package]]
-        name = "demo-pkg"
-        version = "1.0"
-        source = {{ sdist = "demo_pkg-1.0.tar.gz", sha256 = "{'ab' * 32}", index = "{index}" }}
-        """)
+    recipe = make_recipe(tmp_path, package=[{"name": "demo-pkg", "version": "1.0", "source": {
+        "sdist": "demo_pkg-1.0.tar.gz", "sha256": "ab" * 32, "index": index}}])
     result = gpuwheel("fetch", recipe)
     assert result.exit_code == 4
     assert (f"demo-pkg 1.0: index {index} lists demo_pkg-1.0.tar.gz with sha256 {sha256(sdist)}, the recipe "
@@ -382,14 +316,10 @@ def test_sdist_the_index_lists_with_another_hash_is_refused(gpuwheel, write_reci
     assert stored(cache) == [] and leftovers(cache) == []
 
 
-def test_sdist_missing_from_the_index_lists_what_is_there(gpuwheel, write_recipe, cache, local_index):
+def test_sdist_missing_from_the_index_lists_what_is_there(gpuwheel, make_recipe, cache, local_index, tmp_path):
     index, _ = local_index
-    recipe = _recipe(write_recipe, f"""
-        [[package]]
-        name = "demo-pkg"
-        version = "2.0"
-        source = {{ sdist = "demo_pkg-2.0.tar.gz", sha256 = "{'ab' * 32}", index = "{index}" }}
-        """)
+    recipe = make_recipe(tmp_path, package=[{"name": "demo-pkg", "version": "2.0", "source": {
+        "sdist": "demo_pkg-2.0.tar.gz", "sha256": "ab" * 32, "index": index}}])
     result = gpuwheel("fetch", recipe)
     assert result.exit_code == 4
     assert f"demo-pkg 2.0: index {index} has no file demo_pkg-2.0.tar.gz (sdists there: 1.0)" in result.stderr

@@ -132,14 +132,14 @@ def test_the_same_members_in_another_archive_say_how_the_zip_differs(tmp_path):
 
 # ---- gpuwheel verify: refusals before anything is built ----------------------------------------------------
 @pytest.fixture(scope="module")
-def locked(tmp_path_factory):
+def locked(tmp_path_factory, make_recipe):
     """A fixture recipe and the lock `gpuwheel lock` wrote for it."""
     from click.testing import CliRunner
 
     from gpuwheel.cli import main
 
     directory = tmp_path_factory.mktemp("verify-recipes")
-    recipe = fixture_recipe(directory)
+    recipe = make_recipe(directory, **fixture_recipe())
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
         result = CliRunner().invoke(main, ["lock", str(recipe)])
@@ -159,11 +159,11 @@ def _recording_wheel(directory: Path, provenance: dict) -> Path:
                       extra_members={"gwfixture-0.1.0.dist-info/gpuwheel.json": json.dumps(provenance).encode()})
 
 
-def _fixture_plan_hash(recipes: Path, **changes) -> str:
+def _fixture_plan_hash(recipe: Path) -> str:
     from gpuwheel.plan import make_plan
     from gpuwheel.recipe import load_recipe
 
-    return make_plan(load_recipe(fixture_recipe(recipes, **changes) if changes else recipes / "fixture.toml")).hash
+    return make_plan(load_recipe(recipe)).hash
 
 
 def test_a_wheel_without_provenance_is_refused(gpuwheel, tmp_path):
@@ -188,7 +188,7 @@ def test_a_wheel_naming_a_path_for_its_target_is_refused_before_any_recipe_is_re
 
 
 def test_a_wheel_whose_target_is_not_on_the_recipe_path_is_refused(gpuwheel, tmp_path, locked):
-    wheel = _recording_wheel(tmp_path, {"target": "fixture", "plan_hash": _fixture_plan_hash(locked),
+    wheel = _recording_wheel(tmp_path, {"target": "fixture", "plan_hash": _fixture_plan_hash(locked / "fixture.toml"),
                                         "package": {"name": "gwfixture"}})
 
     result = gpuwheel("verify", wheel)
@@ -199,26 +199,26 @@ def test_a_wheel_whose_target_is_not_on_the_recipe_path_is_refused(gpuwheel, tmp
                                    "(gpuwheel --recipes DIR verify …, or GPUWHEEL_RECIPES), or name it: --target RECIPE)")
 
 
-def test_a_lock_of_another_plan_is_refused_naming_both_plans(gpuwheel, tmp_path, locked):
-    other = _fixture_plan_hash(tmp_path, archs="12.0")  # the wheel was built when the recipe said 12.0 only
+def test_a_lock_of_another_plan_is_refused_naming_both_plans(gpuwheel, tmp_path, locked, make_recipe):
+    # the wheel was built when the recipe said 12.0 only
+    other = _fixture_plan_hash(make_recipe(tmp_path, **fixture_recipe(archs="12.0")))
     wheel = _recording_wheel(tmp_path / "wheel", {"target": "fixture", "plan_hash": other,
                                                   "package": {"name": "gwfixture"}})
 
     result = gpuwheel("--recipes", locked, "verify", wheel)
 
     assert result.exit_code == 21
-    lock_hash = _fixture_plan_hash(locked)
+    lock_hash = _fixture_plan_hash(locked / "fixture.toml")
     assert _error_line(result) == (
         f"gpuwheel: error: {locked / 'fixture.lock'} locks plan {lock_hash[:16]}, {wheel.name} was built from plan "
         f"{other[:16]}; the recipe gives neither now (verify with the lock and recipes of the commit that built the "
         "wheel (--lock LOCK, --recipes DIR))")
 
 
-def test_a_recipe_changed_since_the_lock_and_the_wheel_names_the_drift(gpuwheel, tmp_path, locked):
+def test_a_recipe_changed_since_the_lock_and_the_wheel_names_the_drift(gpuwheel, tmp_path, locked, make_recipe):
     recipes = tmp_path / "recipes"
-    recipes.mkdir()
-    fixture_recipe(recipes, archs="12.0")
-    wheel = _recording_wheel(tmp_path, {"target": "fixture", "plan_hash": _fixture_plan_hash(locked),
+    make_recipe(recipes, **fixture_recipe(archs="12.0"))
+    wheel = _recording_wheel(tmp_path, {"target": "fixture", "plan_hash": _fixture_plan_hash(locked / "fixture.toml"),
                                         "package": {"name": "gwfixture"}})
 
     result = gpuwheel("verify", wheel, "--target", recipes / "fixture.toml", "--lock", locked / "fixture.lock")
@@ -229,7 +229,7 @@ def test_a_recipe_changed_since_the_lock_and_the_wheel_names_the_drift(gpuwheel,
 
 
 def test_wheels_of_two_builds_or_a_recipe_of_another_target_are_refused(gpuwheel, tmp_path, locked):
-    plan = _fixture_plan_hash(locked)
+    plan = _fixture_plan_hash(locked / "fixture.toml")
     first = _recording_wheel(tmp_path / "a", {"target": "fixture", "plan_hash": plan, "package": {"name": "gwfixture"}})
     second = _recording_wheel(tmp_path / "b", {"target": "other", "plan_hash": plan, "package": {"name": "gwfixture"}})
 

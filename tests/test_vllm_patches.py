@@ -33,7 +33,6 @@ from types import SimpleNamespace
 import pytest
 
 from gpuwheel.patch_series import read_series
-from sources_helpers import real_cache  # noqa: F401 (fixture)
 from vllm_patches_helpers import (
     MOE_DIR, PATCHES, apply_patch, extract, hunk_preimage, load_functions, op_schema, patch_files,
     pinned_vllm_versions, sorted_rows_of, vllm_sdist,

@@ -12,11 +12,9 @@ import pytest
 from gpuwheel import facts
 from gpuwheel.kinds import vllm as vllm_kind
 
-VLLM = """
-extends = "rtx6000pro-torch211"
-[[package]]
-name = "vllm"
-"""
+def vllm_recipe(make_recipe, directory, **fields):
+    """The 12.0 vLLM target with these fields added to its vllm package."""
+    return make_recipe(directory, extends="rtx6000pro-torch211", package=[{"name": "vllm", **fields}])
 
 
 def plan_json(gpuwheel, recipe) -> dict:
@@ -47,31 +45,26 @@ def test_the_hopper_plan_leaves_fa3_and_flashmla_out_and_needs_no_flashmla_sourc
     assert not any("dependency flashmla" in step for step in result.json()["steps"])
 
 
-def test_a_blackwell_datacenter_plan_compiles_flashmla_from_its_sources(gpuwheel, write_recipe):
-    recipe = write_recipe("""
-        extends = "rtx6000pro-torch211"
-        [target]
-        name = "b200-vllm"
-        compute_capability = "10.0"
-        torch_cuda_arch_list = "10.0"
-        """)
+def test_a_blackwell_datacenter_plan_compiles_flashmla_from_its_sources(gpuwheel, make_recipe, tmp_path):
+    recipe = make_recipe(tmp_path, extends="rtx6000pro-torch211",
+                         target={"name": "b200-vllm", "compute_capability": "10.0", "torch_cuda_arch_list": "10.0"})
 
     package = plan_json(gpuwheel, recipe)
 
     assert "flashmla" not in package["stand_ins"]  # flashmla.cmake builds 10.0f with CUDA 13
 
 
-@pytest.mark.parametrize("body, message", [
-    ('[package.serving]\nhead_dims = [100]', "'100' is not one of vLLM's FA2 head dims (choose from 32, 64, 96, 128"),
-    ('[package.serving]\nomit = ["fa4"]', "'fa4' is no kernel family gpuwheel can leave out of vLLM (did you mean 'fa3'?)"),
-    ('[package.serving]\ndtypes = []\nhead_dims = []', "the serving profile builds no FA2 kernels"),
-    ('rust_frontend = "requried"', "unknown rust_frontend 'requried' (did you mean 'required'?)"),
-    ('[package.stand_in]\nwheel = "vllm-0.26.0.tar.gz"\nsha256 = "' + "0" * 64 + '"',
+@pytest.mark.parametrize("fields, message", [
+    ({"serving": {"head_dims": [100]}}, "'100' is not one of vLLM's FA2 head dims (choose from 32, 64, 96, 128"),
+    ({"serving": {"omit": ["fa4"]}}, "'fa4' is no kernel family gpuwheel can leave out of vLLM (did you mean 'fa3'?)"),
+    ({"serving": {"dtypes": [], "head_dims": []}}, "the serving profile builds no FA2 kernels"),
+    ({"rust_frontend": "requried"}, "unknown rust_frontend 'requried' (did you mean 'required'?)"),
+    ({"stand_in": {"wheel": "vllm-0.26.0.tar.gz", "sha256": "0" * 64}},
      "'vllm-0.26.0.tar.gz' is not a wheel file name"),
-    ('[package.stand_in]\nsha256 = "abc"', "sha256 must be 64 lowercase hex digits"),
+    ({"stand_in": {"sha256": "abc"}}, "sha256 must be 64 lowercase hex digits"),
 ])
-def test_bad_vllm_keys_get_one_line_naming_the_file_and_key(gpuwheel, write_recipe, body, message):
-    recipe = write_recipe(VLLM + body + "\n")
+def test_bad_vllm_keys_get_one_line_naming_the_file_and_key(gpuwheel, make_recipe, tmp_path, fields, message):
+    recipe = vllm_recipe(make_recipe, tmp_path, **fields)
 
     result = gpuwheel("plan", recipe)
 
@@ -80,15 +73,10 @@ def test_bad_vllm_keys_get_one_line_naming_the_file_and_key(gpuwheel, write_reci
     assert "recipe.toml:" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_dependency_path_that_leaves_the_tree_is_refused(gpuwheel, write_recipe):
-    recipe = write_recipe(VLLM + """
-        [[package.dependency]]
-        name = "triton_kernels"
-        git = "https://github.com/triton-lang/triton.git"
-        rev = "v3.5.1"
-        src_dir_env = "TRITON_KERNELS_SRC_DIR"
-        subdir = "../../etc"
-        """)
+def test_a_dependency_path_that_leaves_the_tree_is_refused(gpuwheel, make_recipe, tmp_path):
+    recipe = vllm_recipe(make_recipe, tmp_path, dependency=[{
+        "name": "triton_kernels", "git": "https://github.com/triton-lang/triton.git", "rev": "v3.5.1",
+        "src_dir_env": "TRITON_KERNELS_SRC_DIR", "subdir": "../../etc"}])
 
     result = gpuwheel("plan", recipe)
 
@@ -96,13 +84,9 @@ def test_a_dependency_path_that_leaves_the_tree_is_refused(gpuwheel, write_recip
     assert "subdir '../../etc' must be a relative path inside the tree" in result.stderr
 
 
-def test_the_serving_profile_is_vllms_and_the_inference_profile_flash_attns(gpuwheel, write_recipe):
-    recipe = write_recipe("""
-        extends = "rtx6000pro-torch211"
-        [[package]]
-        name = "flash-attn"
-        profile = "serving"
-        """)
+def test_the_serving_profile_is_vllms_and_the_inference_profile_flash_attns(gpuwheel, make_recipe, tmp_path):
+    recipe = make_recipe(tmp_path, extends="rtx6000pro-torch211",
+                         package=[{"name": "flash-attn", "profile": "serving"}])
 
     result = gpuwheel("plan", recipe)
 
@@ -120,19 +104,14 @@ def test_the_toolchain_asks_pip_for_the_torch_build_of_the_recipes_toolkit(torch
     assert facts.torch_requirement(torch, cuda) == requirement
 
 
-def test_plan_predicts_a_build_from_the_measured_build_of_the_same_profile(gpuwheel, write_recipe):
+def test_plan_predicts_a_build_from_the_measured_build_of_the_same_profile(gpuwheel, make_recipe, tmp_path):
     measured = plan_json(gpuwheel, "h200-torch211")["measured_build"]
     text = gpuwheel("plan", "h200-torch211", "--only", "vllm").stdout
 
     assert measured["cpu_s"] == 10643 and measured["longest_s"] == 369
     assert "vllm 0.26.0: measured 10,643 CPU-s, longest step 369 s" in text.replace("\n", " ")
-    wider = write_recipe("""
-        extends = "h200-torch211"
-        [[package]]
-        name = "vllm"
-        [package.serving]
-        head_dims = [64, 128]
-        """)
+    wider = make_recipe(tmp_path, extends="h200-torch211",
+                        package=[{"name": "vllm", "serving": {"head_dims": [64, 128]}}])
     assert plan_json(gpuwheel, wider)["measured_build"] is None  # no measured build of that profile
 
 
@@ -156,9 +135,9 @@ def _vendored_crate(root):
 
 
 @pytest.mark.skipif(not shutil.which("cargo"), reason="needs cargo (rustup or apt-get install cargo)")
-def test_vendored_crates_build_offline_with_gpuwheels_cargo_source_replacement(tmp_path, write_recipe, gpuwheel):
+def test_vendored_crates_build_offline_with_gpuwheels_cargo_source_replacement(tmp_path, make_recipe, gpuwheel):
     vendor, app = _vendored_crate(tmp_path)
-    recipe = write_recipe(VLLM + f'rust_frontend = "required"\ncargo_vendor = "{vendor}"\n')
+    recipe = vllm_recipe(make_recipe, tmp_path, rust_frontend="required", cargo_vendor=str(vendor))
     env = plan_json(gpuwheel, recipe)["env"]
     assert (env["VLLM_REQUIRE_RUST_FRONTEND"], env["GPUWHEEL_CARGO_VENDOR"]) == ("1", str(vendor))
     (app / ".cargo").mkdir()
@@ -175,13 +154,8 @@ def test_vendored_crates_build_offline_with_gpuwheels_cargo_source_replacement(t
     assert refused.returncode != 0 and "offline" in refused.stderr
 
 
-def test_the_serving_profile_is_refused_for_a_release_whose_patch_set_lacks_it(gpuwheel, write_recipe):
-    recipe = write_recipe("""
-        extends = "rtx6000pro-cu13"
-        [[package]]
-        name = "vllm"
-        profile = "serving"
-        """)
+def test_the_serving_profile_is_refused_for_a_release_whose_patch_set_lacks_it(gpuwheel, make_recipe, tmp_path):
+    recipe = make_recipe(tmp_path, extends="rtx6000pro-cu13", package=[{"name": "vllm", "profile": "serving"}])
 
     result = gpuwheel("plan", recipe, "--only", "vllm")
 

@@ -10,7 +10,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from sources_helpers import cache, git, leftovers, recipe_text  # noqa: F401 (fixtures)
+from sources_helpers import demo_package, git, leftovers
 
 # ---- mirrors --------------------------------------------------------------------------------------
 
@@ -45,28 +45,19 @@ def _mirrors(root: Path) -> dict[str, str]:
     return {"lib_commit": lib_commit, "sub_commit": sub_commit, "mirrors": str(mirrors), "blob": blob}
 
 
-def _mirror_recipe(write_recipe, tmp_path: Path, extra: str = "") -> Path:
+def _mirror_recipe(make_recipe, tmp_path: Path, rev: str, **more) -> Path:
+    """The demo package with a dependency on vLLM's flash-attention fork at rev (and `more` of its fields)."""
     (tmp_path / "src").mkdir(exist_ok=True)
     (tmp_path / "src" / "setup.py").write_text("print('demo')\n")
-    return write_recipe(recipe_text(f"""
-        [[package]]
-        name = "demo"
-        version = "1.0"
-        source = {{ path = "src" }}
-
-        [[package.dependency]]
-        name = "vllm-flash-attn"
-        git = "https://github.com/vllm-project/flash-attention.git"
-        rev = "{extra or 'main'}"
-        src_dir_env = "VLLM_FLASH_ATTN_SRC_DIR"
-        submodules = ["csrc/cutlass"]
-        """))
+    return make_recipe(tmp_path, package=[demo_package({"path": "src"}, dependency=[{
+        "name": "vllm-flash-attn", "git": "https://github.com/vllm-project/flash-attention.git",
+        "rev": rev, "src_dir_env": "VLLM_FLASH_ATTN_SRC_DIR", "submodules": ["csrc/cutlass"], **more}])])
 
 
 def test_a_mirror_gives_the_pinned_commit_and_its_submodule_from_the_mirror_beside_it(
-        gpuwheel, write_recipe, cache, tmp_path):
+        gpuwheel, make_recipe, cache, tmp_path):
     pins = _mirrors(tmp_path)
-    recipe = _mirror_recipe(write_recipe, tmp_path, pins["lib_commit"])
+    recipe = _mirror_recipe(make_recipe, tmp_path, pins["lib_commit"])
 
     fetched = gpuwheel("fetch", recipe, "--offline", "--dependency-dir", pins["mirrors"], "--json")
 
@@ -80,11 +71,11 @@ def test_a_mirror_gives_the_pinned_commit_and_its_submodule_from_the_mirror_besi
 
 
 def test_an_incomplete_mirror_is_refused_naming_the_file_unless_the_recipe_excludes_it(
-        gpuwheel, write_recipe, cache, tmp_path):
+        gpuwheel, make_recipe, cache, tmp_path):
     pins = _mirrors(tmp_path)
     blob = Path(pins["mirrors"]) / "vllm-flash-attn" / "objects" / pins["blob"][:2] / pins["blob"][2:]
     blob.unlink()  # the mirror lacks the paper's content, as the snapshots this project gets do
-    recipe = _mirror_recipe(write_recipe, tmp_path, pins["lib_commit"])
+    recipe = _mirror_recipe(make_recipe, tmp_path, pins["lib_commit"])
 
     refused = gpuwheel("fetch", recipe, "--offline", "--dependency-dir", pins["mirrors"])
 
@@ -94,19 +85,17 @@ def test_an_incomplete_mirror_is_refused_naming_the_file_unless_the_recipe_exclu
             and "add the path to the dependency's exclude if no build reads it" in refused.stderr)
     assert leftovers(cache) == []
 
-    text = recipe.read_text().replace('submodules = ["csrc/cutlass"]',
-                                      'submodules = ["csrc/cutlass"]\nexclude = ["assets/"]')
-    recipe.write_text(text)
+    recipe = _mirror_recipe(make_recipe, tmp_path, pins["lib_commit"], exclude=["assets/"])
     fetched = gpuwheel("fetch", recipe, "--offline", "--dependency-dir", pins["mirrors"], "--json")
     assert fetched.exit_code == 0, fetched.stderr
     tree = Path(fetched.json()["packages"][0]["dependencies"][0]["tree"])
     assert (tree / "CMakeLists.txt").is_file() and not (tree / "assets").exists()
 
 
-def test_a_submodule_without_a_mirror_is_refused_with_where_to_put_one(gpuwheel, write_recipe, cache, tmp_path):
+def test_a_submodule_without_a_mirror_is_refused_with_where_to_put_one(gpuwheel, make_recipe, cache, tmp_path):
     pins = _mirrors(tmp_path)
     os.rename(Path(pins["mirrors"]) / "cutlass.git", tmp_path / "elsewhere.git")
-    recipe = _mirror_recipe(write_recipe, tmp_path, pins["lib_commit"])
+    recipe = _mirror_recipe(make_recipe, tmp_path, pins["lib_commit"])
 
     refused = gpuwheel("fetch", recipe, "--offline", "--dependency-dir", pins["mirrors"])
 
@@ -116,9 +105,9 @@ def test_a_submodule_without_a_mirror_is_refused_with_where_to_put_one(gpuwheel,
     assert leftovers(cache) == []
 
 
-def test_a_mirror_without_the_pinned_rev_is_refused(gpuwheel, write_recipe, cache, tmp_path):
+def test_a_mirror_without_the_pinned_rev_is_refused(gpuwheel, make_recipe, cache, tmp_path):
     pins = _mirrors(tmp_path)
-    recipe = _mirror_recipe(write_recipe, tmp_path, "v9.9")
+    recipe = _mirror_recipe(make_recipe, tmp_path, "v9.9")
 
     refused = gpuwheel("fetch", recipe, "--offline", "--dependency-dir", pins["mirrors"])
 
@@ -141,35 +130,21 @@ def _published_wheel(files: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-def _vllm_recipe(write_recipe, tmp_path: Path, wheel: bytes, cache_root: Path, arch: str = "12.0") -> Path:
+def _vllm_recipe(make_recipe, tmp_path: Path, wheel: bytes, cache_root: Path, arch: str = "12.0") -> Path:
     """vLLM 0.26.0 for `arch` whose published wheel is already in the cache (an air-gapped copy)."""
     digest = hashlib.sha256(wheel).hexdigest()
     (cache_root / "sources" / "archives" / digest).mkdir(parents=True)
     (cache_root / "sources" / "archives" / digest / WHEEL_NAME).write_bytes(wheel)
     (tmp_path / "vllm-src").mkdir(exist_ok=True)
-    deps = "".join(f"""
-        [[package.dependency]]
-        name = "{name}"
-        git = "https://gpuwheel-test.invalid/{name}.git"
-        rev = "{'a' * 40}"
-        src_dir_env = "{name.upper()}_SRC_DIR"
-        """ for name in ("flashmla", "tml_fa4"))
-    text = recipe_text(f"""
-        [[package]]
-        name = "vllm"
-        version = "0.26.0"
-        source = {{ path = "vllm-src" }}
-        [package.stand_in]
-        wheel = "{WHEEL_NAME}"
-        sha256 = "{digest}"
-        {deps}
-        """).replace('compute_capability = "9.0"', f'compute_capability = "{arch}"') \
-        .replace('torch_cuda_arch_list = "9.0"', f'torch_cuda_arch_list = "{arch}"')
-    return write_recipe(text)
+    dependencies = [{"name": name, "git": f"https://gpuwheel-test.invalid/{name}.git", "rev": "a" * 40,
+                     "src_dir_env": f"{name.upper()}_SRC_DIR"} for name in ("flashmla", "tml_fa4")]
+    return make_recipe(tmp_path, target={"compute_capability": arch, "torch_cuda_arch_list": arch}, package=[{
+        "name": "vllm", "version": "0.26.0", "source": {"path": "vllm-src"},
+        "stand_in": {"wheel": WHEEL_NAME, "sha256": digest}, "dependency": dependencies}])
 
 
 def test_dependencies_the_archs_never_compile_stand_in_as_the_wheels_files_restored(
-        gpuwheel, write_recipe, cache, tmp_path):
+        gpuwheel, make_recipe, cache, tmp_path):
     wheel = _published_wheel({
         "vllm/third_party/flashmla/flash_mla_interface.py":
             INTERFACE.replace("flash_mla_cuda =", "import vllm._flashmla_C\nflash_mla_cuda ="),
@@ -177,7 +152,7 @@ def test_dependencies_the_archs_never_compile_stand_in_as_the_wheels_files_resto
         "vllm/third_party/tml_fa4/README.md": "not a .py: not installed by tml_fa4.cmake\n",
         "vllm/_C.abi3.so": "",
     })
-    recipe = _vllm_recipe(write_recipe, tmp_path, wheel, cache)
+    recipe = _vllm_recipe(make_recipe, tmp_path, wheel, cache)
 
     plan = gpuwheel("plan", recipe, "--json").json()
     assert plan["packages"][0]["stand_ins"] == ["flashmla", "tml_fa4"]
@@ -192,8 +167,8 @@ def test_dependencies_the_archs_never_compile_stand_in_as_the_wheels_files_resto
     assert leftovers(cache) == []
 
 
-def test_a_hopper_build_compiles_flashmla_so_it_needs_its_sources(gpuwheel, write_recipe, cache, tmp_path):
-    recipe = _vllm_recipe(write_recipe, tmp_path, _published_wheel({"vllm/x.py": ""}), cache, arch="9.0")
+def test_a_hopper_build_compiles_flashmla_so_it_needs_its_sources(gpuwheel, make_recipe, cache, tmp_path):
+    recipe = _vllm_recipe(make_recipe, tmp_path, _published_wheel({"vllm/x.py": ""}), cache, arch="9.0")
 
     plan = gpuwheel("plan", recipe, "--json").json()
 
@@ -201,12 +176,12 @@ def test_a_hopper_build_compiles_flashmla_so_it_needs_its_sources(gpuwheel, writ
     assert "fetch vllm dependency flashmla" in " ".join(plan["steps"])
 
 
-def test_a_stand_in_that_cannot_be_restored_exactly_is_refused(gpuwheel, write_recipe, cache, tmp_path):
+def test_a_stand_in_that_cannot_be_restored_exactly_is_refused(gpuwheel, make_recipe, cache, tmp_path):
     # The installed file holds the upstream name unrewritten: undoing the rewrite would change it.
     wheel = _published_wheel({
         "vllm/third_party/flashmla/flash_mla_interface.py": "import vllm._flashmla_C\nflash_mla_cuda = 1\n",
         "vllm/third_party/tml_fa4/flash_fwd.py": "import flash_attn.cute\nimport vllm.third_party.tml_fa4\n"})
-    recipe = _vllm_recipe(write_recipe, tmp_path, wheel, cache)
+    recipe = _vllm_recipe(make_recipe, tmp_path, wheel, cache)
 
     refused = gpuwheel("fetch", recipe, "--offline")
 
