@@ -54,6 +54,16 @@ def test_a_blackwell_datacenter_plan_compiles_flashmla_from_its_sources(gpuwheel
     assert "flashmla" not in package["stand_ins"]  # flashmla.cmake builds 10.0f with CUDA 13
 
 
+def test_a_recipe_that_omits_marlin_says_so_to_the_build(gpuwheel, make_recipe, tmp_path):
+    recipe = vllm_recipe(make_recipe, tmp_path, serving={"omit": ["marlin"]})
+
+    package = plan_json(gpuwheel, recipe)
+
+    assert package["serving"]["omit"] == ["marlin"]
+    assert package["env"]["GPUWHEEL_VLLM_OMIT"] == "marlin"  # what patch 0009's CMake reads
+    assert "marlin" not in package["stand_ins"]  # Marlin is vLLM's own code: no sources to stand in for
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"serving": {"head_dims": [100]}}, "'100' is not one of vLLM's FA2 head dims (choose from 32, 64, 96, 128"),
     ({"serving": {"omit": ["fa4"]}}, "'fa4' is no kernel family gpuwheel can leave out of vLLM (did you mean 'fa3'?)"),
