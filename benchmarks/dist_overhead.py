@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "builder"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dist_helpers import local_cluster, missing_prerequisites  # noqa: E402  the tests' real cluster
-from gpuwheel.build.dist import Cluster, client_config, parse_dist_stats  # noqa: E402
-from gpuwheel.build.local import _free_port  # noqa: E402
+from gpuwheel.backends.dist import Cluster, client_config, parse_dist_stats  # noqa: E402
+from gpuwheel.backends.local import _free_port  # noqa: E402
 from gpuwheel.run import capture  # noqa: E402
 
 SOURCE = ROOT / "tests" / "fixtures" / "cuda_ext" / "csrc" / "vector_add.cu"

@@ -24,7 +24,7 @@ def prepare_fixture_toolchain():
     without nvcc): for module-scoped fixtures of the build tests."""
     import pytest
 
-    from gpuwheel.build.local import LocalBackend
+    from gpuwheel.backends.local import LocalBackend
 
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH: the local build tests need the CUDA 13.0 toolkit")

@@ -11,7 +11,7 @@ import pytest
 
 from build_helpers import FIXTURE_TOOLCHAIN, SHARED_CACHE, files_under, fixture_recipe, fixture_wheel, \
     prepare_fixture_toolchain
-from gpuwheel.build.local import LocalBackend
+from gpuwheel.backends.local import LocalBackend
 
 
 @pytest.fixture(autouse=True)
@@ -296,8 +296,8 @@ def test_a_base_image_tag_that_cannot_name_an_image_is_refused_before_any_engine
 
 
 def test_auto_picks_local_when_no_engine_answers(monkeypatch, tmp_path):
-    from gpuwheel.build.engine import choose_engine
-    from gpuwheel.build.packages import open_backend
+    from gpuwheel.backends.engine import choose_engine
+    from gpuwheel.backends.packages import open_backend
 
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     monkeypatch.delenv("GPUWHEEL_ENGINE", raising=False)
@@ -306,7 +306,7 @@ def test_auto_picks_local_when_no_engine_answers(monkeypatch, tmp_path):
 
 
 def test_plain_progress_lines_follow_ninja_steps(capsys):
-    from gpuwheel.build.progress import BuildProgress
+    from gpuwheel.backends.progress import BuildProgress
 
     with BuildProgress().package("flash-attn 2.8.3") as on_line:
         for step in range(1, 21):
@@ -330,8 +330,8 @@ def test_the_recorded_compiler_is_the_one_the_build_uses(tmp_path, monkeypatch, 
 def test_a_toolkit_without_what_vllm_links_is_refused_before_the_build(tmp_path):
     """vLLM's CMake needs nvrtc, the driver's link stub and cuBLAS's headers; a toolkit lacking them
     failed half a minute into configure. The local backend names what is missing before it starts."""
-    from gpuwheel.build.base import PackageBuild
-    from gpuwheel.build.local import _toolkit_has
+    from gpuwheel.backends.base import PackageBuild
+    from gpuwheel.backends.local import _toolkit_has
     from gpuwheel.errors import ToolchainError
     from gpuwheel.kinds.vllm import TOOLKIT_FILES
 

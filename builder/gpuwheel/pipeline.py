@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuwheel.build.engine import choose_engine
-from gpuwheel.build.packages import RawWheels, build_packages, open_backend
+from gpuwheel.backends.engine import choose_engine
+from gpuwheel.backends.packages import RawWheels, build_packages, open_backend
 from gpuwheel.cache import cache_root
 from gpuwheel.patches import prepare_trees
 from gpuwheel.sources import fetch_sources

@@ -8,7 +8,7 @@ import click
 
 from gpuwheel.cli import main
 
-# Written out, not imported from gpuwheel.build.dist: `gpuwheel --help` imports no stage (docs/cli.md).
+# Written out, not imported from gpuwheel.backends.dist: `gpuwheel --help` imports no stage (docs/cli.md).
 DIST_VARIABLE = "GPUWHEEL_DIST"
 DIST_HELP = (
     "The sccache-dist scheduler, http(s)://HOST:PORT; its client token from $GPUWHEEL_DIST_TOKEN, "
@@ -33,7 +33,7 @@ def check(url: str | None, no_compile: bool, as_json: bool) -> None:
     import sys
     from pathlib import Path
 
-    from gpuwheel.build.dist import check_cluster, cluster_from, trial_compiles
+    from gpuwheel.backends.dist import check_cluster, cluster_from, trial_compiles
     from gpuwheel.cache import cache_root
     from gpuwheel.errors import DistConfigError
     from gpuwheel.log import out

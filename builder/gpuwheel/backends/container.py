@@ -1,5 +1,5 @@
 """The container backend: a toolchain image rendered from the recipe's pins, one container per package,
-on docker or podman alike (build/engine.py is the one interface to both).
+on docker or podman alike (backends/engine.py is the one interface to both).
 
 dockerfiles/toolchain.Dockerfile is rendered with the base image's ID, Python, torch and (where the
 base image has no CUDA toolkit) the pinned PyPI CUDA wheels, and tagged by the hash of the text: the
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpuwheel import facts
-from gpuwheel.build.base import (
+from gpuwheel.backends.base import (
     PROBE_SCRIPT,
     BuildOutcome,
     PackageBuild,
@@ -41,9 +41,9 @@ from gpuwheel.build.base import (
     substitute,
     toolchain_requirements,
 )
-from gpuwheel.build.dist import Cluster, client_config_text, parse_dist_stats
-from gpuwheel.build.engine import ContainerEngine, Image, Mount
-from gpuwheel.build.progress import BuildProgress
+from gpuwheel.backends.dist import Cluster, client_config_text, parse_dist_stats
+from gpuwheel.backends.engine import ContainerEngine, Image, Mount
+from gpuwheel.backends.progress import BuildProgress
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import DistConfigError, ToolchainError
 from gpuwheel.recipe import Toolchain
@@ -310,7 +310,7 @@ class ContainerBackend:
                 Mount(Path(meta), META, read_only=False),
             )
             if self.cluster:
-                from gpuwheel.build.local import _free_port  # one free-port helper for every private sccache server
+                from gpuwheel.backends.local import _free_port  # one free-port helper for every private sccache server
 
                 packed = cache_root() / "compile" / "dist-client-container"
                 packed.mkdir(parents=True, exist_ok=True)

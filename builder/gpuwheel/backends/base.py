@@ -19,7 +19,7 @@ from typing import Protocol
 from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
-from gpuwheel.build.dist import DistStats
+from gpuwheel.backends.dist import DistStats
 from gpuwheel.errors import ToolchainError
 from gpuwheel.recipe import Toolchain
 
@@ -132,7 +132,7 @@ CACHE_DIR = "$GPUWHEEL_CACHE_DIR"
 
 def substitute(values, *, tree: str, out: str, deps: str, cache: str):
     """Replace the plan's $GPUWHEEL_TREE/_OUT/_DEPS and $GPUWHEEL_CACHE_DIR in a str, tuple or dict."""
-    from gpuwheel.plan import DEPS, OUT, TREE  # plan imports build.jobs: import late
+    from gpuwheel.plan import DEPS, OUT, TREE  # plan imports backends.jobs: import late
 
     def one(text: str) -> str:
         return text.replace(TREE, tree).replace(OUT, out).replace(DEPS, deps).replace(CACHE_DIR, cache)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from filelock import FileLock
 
 from gpuwheel import facts
-from gpuwheel.build.base import (
+from gpuwheel.backends.base import (
     CANONICAL_CUDA_HOME,
     CANONICAL_TOOLCHAIN,
     CANONICAL_WORK,
@@ -41,8 +41,8 @@ from gpuwheel.build.base import (
     toolchain_key,
     toolchain_requirements,
 )
-from gpuwheel.build.dist import Cluster, client_config, parse_dist_stats
-from gpuwheel.build.venv import find_uv, venv_steps
+from gpuwheel.backends.dist import Cluster, client_config, parse_dist_stats
+from gpuwheel.backends.venv import find_uv, venv_steps
 from gpuwheel.cache import cache_root, copy_tree, remove_inside
 from gpuwheel.errors import DistConfigError, ToolchainError
 from gpuwheel.log import logger, pip_milestones, say

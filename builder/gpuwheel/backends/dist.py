@@ -1,7 +1,7 @@
 """Distributed compilation on an existing sccache-dist cluster: where it is, whether it can work, and the
 client configuration sccache reads.
 
-gpuwheel schedules nothing itself. The sccache that already fronts every compiler (build/base.py)
+gpuwheel schedules nothing itself. The sccache that already fronts every compiler (backends/base.py)
 sends each compile it can to the cluster's scheduler, which picks a build server; sccache packages
 the compiler (on Linux x86_64 it packs gcc with cc1plus/as/objcopy, and nvcc's own stages — cicc,
 ptxas, cudafe++ — itself), ships it once per server and runs anything that fails remotely again
@@ -245,7 +245,7 @@ def trial_compiles(
     """Compile a trial source per compiler (name → argv before the source, suffix by name: `nvcc` gets .cu)
     through a private sccache server on this cluster, bypassing its cache: where did each one run?
     DistToolchainMismatch when one did not run on the cluster."""
-    from gpuwheel.build.local import _free_port  # one free-port helper for every private sccache server
+    from gpuwheel.backends.local import _free_port  # one free-port helper for every private sccache server
     from gpuwheel.run import capture
 
     results: dict[str, DistStats] = {}

@@ -17,16 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpuwheel.build.base import CACHE_DIR, Backend, CacheStats, PackageBuild, ToolchainInfo, compile_cache_env
-from gpuwheel.build.dist import Cluster, DistStats
-from gpuwheel.build.progress import BuildProgress
+from gpuwheel.backends.base import CACHE_DIR, Backend, CacheStats, PackageBuild, ToolchainInfo, compile_cache_env
+from gpuwheel.backends.dist import Cluster, DistStats
+from gpuwheel.backends.progress import BuildProgress
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import BuildError, OutOfMemoryError, ToolchainError
 from gpuwheel.imageref import image_reference_problem
 from gpuwheel.kinds import registry
 
 if TYPE_CHECKING:
-    from gpuwheel.build.engine import EngineChoice
+    from gpuwheel.backends.engine import EngineChoice
     from gpuwheel.lock import Lock
     from gpuwheel.plan import PackagePlan, Plan
 
@@ -88,9 +88,9 @@ def open_backend(
     for (--base-image, --engine) or the chosen engine can be had (docker answers; podman is installed),
     else local. With a cluster (--dist), either backend sends its compiles there; with a lock, the
     toolchain is installed from the lock's hashes."""
-    from gpuwheel.build.container import ContainerBackend
-    from gpuwheel.build.engine import ContainerEngine, engine_available
-    from gpuwheel.build.local import LocalBackend
+    from gpuwheel.backends.container import ContainerBackend
+    from gpuwheel.backends.engine import ContainerEngine, engine_available
+    from gpuwheel.backends.local import LocalBackend
 
     asked_for_containers = base_image is not None or engine.chosen_by == "--engine"
     if name == "auto":
