@@ -19,8 +19,9 @@ from typing import Protocol
 from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
-from gpuwheel.backends.dist import DistStats
+from gpuwheel.backends.sccache import CacheStats, DistStats
 from gpuwheel.errors import ToolchainError
+from gpuwheel.plan import DEPS, OUT, TREE
 from gpuwheel.recipe import Toolchain
 
 # Installed next to the pinned torch in every toolchain: what flash-attn's and vLLM's setup.py
@@ -84,27 +85,6 @@ class PackageBuild:
 
 
 @dataclass(frozen=True)
-class CacheStats:
-    hits: int
-    misses: int
-
-    @property
-    def requests(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
-
-    def __str__(self) -> str:
-        return (
-            f"{self.hits}/{self.requests} compile-cache hits ({self.hit_rate:.0%})"
-            if self.requests
-            else "no cacheable compiles"
-        )
-
-
-@dataclass(frozen=True)
 class BuildOutcome:
     """What a backend reports for one package: its exit, timing, output tail, cache stats."""
 
@@ -132,7 +112,6 @@ CACHE_DIR = "$GPUWHEEL_CACHE_DIR"
 
 def substitute(values, *, tree: str, out: str, deps: str, cache: str):
     """Replace the plan's $GPUWHEEL_TREE/_OUT/_DEPS and $GPUWHEEL_CACHE_DIR in a str, tuple or dict."""
-    from gpuwheel.plan import DEPS, OUT, TREE  # plan imports backends.jobs: import late
 
     def one(text: str) -> str:
         return text.replace(TREE, tree).replace(OUT, out).replace(DEPS, deps).replace(CACHE_DIR, cache)
@@ -142,25 +121,6 @@ def substitute(values, *, tree: str, out: str, deps: str, cache: str):
     if isinstance(values, tuple):
         return tuple(one(v) for v in values)
     return one(values)
-
-
-def compile_cache_env(cache_dir: str) -> dict[str, str]:
-    """Variables that put sccache in front of nvcc and the C++ compiler, for CMake and torch builds."""
-    return {
-        "SCCACHE_DIR": cache_dir,
-        "SCCACHE_IDLE_TIMEOUT": "0",  # the backend stops the server itself after each package
-        "SCCACHE_CACHE_SIZE": "50G",
-        # vLLM (CMake)
-        "CMAKE_C_COMPILER_LAUNCHER": "sccache",
-        "CMAKE_CXX_COMPILER_LAUNCHER": "sccache",
-        "CMAKE_CUDA_COMPILER_LAUNCHER": "sccache",
-        # flash-attn: torch's BuildExtension writes ninja rules calling $PYTORCH_NVCC (and, from
-        # torch 2.12, puts an sccache found on PATH before the C++ compiler by itself). CXX stays
-        # the bare compiler: torch checks its name and version against the CUDA toolkit.
-        "PYTORCH_NVCC": "sccache nvcc",
-        # nvcc's -MD dependency output makes sccache refuse to cache the compile.
-        "TORCH_EXTENSION_SKIP_NVCC_GEN_DEPENDENCIES": "1",
-    }
 
 
 # The paths a container build compiles at; a local build's paths are mapped onto them in the compiled
@@ -216,17 +176,6 @@ def canonical_nvcc_env(environ: Mapping[str, str], python: str, path_map: Sequen
         "PYTORCH_NVCC": " ".join([*wrapper, environ.get("PYTORCH_NVCC") or "nvcc"]),
         "CMAKE_CUDA_COMPILER_LAUNCHER": ";".join([*wrapper, *([launcher] if launcher else [])]),
     }
-
-
-def parse_cache_stats(text: str) -> CacheStats:
-    """Hits and misses from `sccache --show-stats --stats-format=json`."""
-    try:
-        stats = json.loads(text)["stats"]
-    except (ValueError, KeyError, TypeError):
-        return CacheStats(0, 0)
-    hits = sum(stats.get("cache_hits", {}).get("counts", {}).values())
-    misses = sum(stats.get("cache_misses", {}).get("counts", {}).values())
-    return CacheStats(hits, misses)
 
 
 _NVCC_RELEASE = re.compile(r"release (\d+\.\d+), V(\d+\.\d+\.\d+)")

@@ -35,15 +35,15 @@ from gpuwheel.backends.base import (
     PackageBuild,
     ToolchainInfo,
     check_toolchain,
-    parse_cache_stats,
     parse_nvcc_version,
     reproducible_env,
     substitute,
     toolchain_requirements,
 )
-from gpuwheel.backends.dist import Cluster, client_config_text, parse_dist_stats
+from gpuwheel.backends.dist import Cluster, client_config_text
 from gpuwheel.backends.engine import ContainerEngine, Image, Mount
 from gpuwheel.backends.progress import BuildProgress
+from gpuwheel.backends.sccache import free_port, parse_cache_stats, parse_dist_stats
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import DistConfigError, ToolchainError
 from gpuwheel.recipe import Toolchain
@@ -310,8 +310,6 @@ class ContainerBackend:
                 Mount(Path(meta), META, read_only=False),
             )
             if self.cluster:
-                from gpuwheel.backends.local import _free_port  # one free-port helper for every private sccache server
-
                 packed = cache_root() / "compile" / "dist-client-container"
                 packed.mkdir(parents=True, exist_ok=True)
                 mounts += (Mount(packed, DIST_CLIENT, read_only=False),)
@@ -319,7 +317,7 @@ class ContainerBackend:
                 env.update(
                     {
                         DIST_CONF_VARIABLE: client_config_text(self.cluster, DIST_CLIENT),
-                        "SCCACHE_SERVER_PORT": str(_free_port()),
+                        "SCCACHE_SERVER_PORT": str(free_port()),
                     }
                 )
             tail: deque[str] = deque(maxlen=40)

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -29,19 +28,18 @@ from gpuwheel.backends.base import (
     CANONICAL_WORK,
     PROBE_SCRIPT,
     BuildOutcome,
-    CacheStats,
     PackageBuild,
     ToolchainInfo,
     canonical_nvcc_env,
     check_toolchain,
-    parse_cache_stats,
     parse_nvcc_version,
     reproducible_env,
     substitute,
     toolchain_key,
     toolchain_requirements,
 )
-from gpuwheel.backends.dist import Cluster, client_config, parse_dist_stats
+from gpuwheel.backends.dist import Cluster, client_config
+from gpuwheel.backends.sccache import CacheStats, free_port, parse_cache_stats, parse_dist_stats
 from gpuwheel.backends.venv import find_uv, venv_steps
 from gpuwheel.cache import cache_root, copy_tree, remove_inside
 from gpuwheel.errors import DistConfigError, ToolchainError
@@ -302,7 +300,7 @@ class LocalBackend:
                 return BuildOutcome(finished.returncode, finished.seconds, finished.tail, CacheStats(0, 0))
             # A server of its own, on a free port: stopping the default port's server would stop every
             # other build's compile cache on this machine (and did, mid-build).
-            env.setdefault("SCCACHE_SERVER_PORT", str(_free_port()))
+            env.setdefault("SCCACHE_SERVER_PORT", str(free_port()))
             with ExitStack() as stack:
                 if self.cluster:  # read by the sccache server at start; holds the token, gone after the build
                     env["SCCACHE_CONF"] = str(
@@ -364,12 +362,6 @@ def _venv_failure_hint(installer: str, requirements: tuple[str, ...], tail, log:
         )
         hint = f"torch's {tag} build is on PyTorch's own index, not PyPI: add it (or your mirror of it) {where}; {hint}"
     return hint
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _host_compiler_env(environ) -> dict[str, str]:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpuwheel.backends.base import CACHE_DIR, Backend, CacheStats, PackageBuild, ToolchainInfo, compile_cache_env
-from gpuwheel.backends.dist import Cluster, DistStats
+from gpuwheel.backends.base import CACHE_DIR, Backend, PackageBuild, ToolchainInfo
+from gpuwheel.backends.dist import Cluster
 from gpuwheel.backends.progress import BuildProgress
+from gpuwheel.backends.sccache import CacheStats, DistStats, compile_cache_env
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import BuildError, OutOfMemoryError, ToolchainError
 from gpuwheel.imageref import image_reference_problem
