@@ -30,7 +30,7 @@ def prepare_fixture_toolchain():
         pytest.skip("no nvcc on PATH: the local build tests need the CUDA 13.0 toolkit")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
-        return LocalBackend().prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml")
+        return LocalBackend().prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml").info
 
 
 def fixture_recipe(directory: Path, *, cuda: str = "13.0.2", torch: str = "2.14.1", archs: str = "9.0a;12.0",

@@ -323,14 +323,14 @@ def test_the_recorded_compiler_is_the_one_the_build_uses(tmp_path, monkeypatch, 
     wrapper.write_text('#!/bin/sh\nexec g++ "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("CXX", str(wrapper))
-    info = LocalBackend(python=fixture_toolchain.location).prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml")
+    info = LocalBackend(python=fixture_toolchain.location).prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml").info
     assert info.cc.startswith(f"{wrapper}: g++")
 
 
 def test_a_toolkit_without_what_vllm_links_is_refused_before_the_build(tmp_path):
     """vLLM's CMake needs nvrtc, the driver's link stub and cuBLAS's headers; a toolkit lacking them
     failed half a minute into configure. The local backend names what is missing before it starts."""
-    from gpuwheel.backends.base import PackageBuild
+    from gpuwheel.backends.base import BuildToolchain, PackageBuild, ToolchainInfo
     from gpuwheel.backends.local import _toolkit_has
     from gpuwheel.errors import ToolchainError
     from gpuwheel.kinds.vllm import TOOLKIT_FILES
@@ -349,11 +349,13 @@ def test_a_toolkit_without_what_vllm_links_is_refused_before_the_build(tmp_path)
     missing = [name for name in TOOLKIT_FILES if not _toolkit_has(partial, name)]
     assert "cublas_v2.h" in missing and "libnvrtc.so" not in missing  # libcuda.so: also the host's driver's
 
-    backend = LocalBackend()
-    backend._interpreter, backend._cuda_home = Path(shutil.which("python3")), partial  # as prepare() leaves them
+    info = ToolchainInfo(backend="local", python="3.11.7", torch="2.14.1+cu130", torch_cuda="13.0", nvcc="13.0.88",
+                         cc="c++ (Debian 12.2.0-14) 12.2.0")
+    # As prepare() returns it for that toolkit.
+    toolchain = BuildToolchain(info, python=shutil.which("python3"), sccache=None, env={"CUDA_HOME": str(partial)})
     job = PackageBuild(name="vllm", tree=tmp_path, deps_dir=tmp_path, command=("python", "-c", "pass"), env={},
                        out_dir=tmp_path / "out", log_path=tmp_path / "log", cache_dir=tmp_path / "cache",
                        toolkit_files=TOOLKIT_FILES)
     with pytest.raises(ToolchainError, match=rf"lacks {', '.join(missing)}, which vllm's build links"):
-        backend.build(job, lambda line: None)
+        LocalBackend().build(toolchain, job, lambda line: None)
     assert not (tmp_path / "out").exists()

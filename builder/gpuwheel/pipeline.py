@@ -58,7 +58,7 @@ def build_plan(
         # A toolkit or torch that differs from the recipe (or the lock) stops the build before any download.
         toolchain = chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
         if lock is not None:
-            lock.check_toolchain(toolchain)
+            lock.check_toolchain(toolchain.info)
         timings.append(("toolchain", time.monotonic() - start))
         mark = time.monotonic()
         sources = fetch_sources(plan, offline=offline, progress=not quiet)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -96,14 +97,58 @@ class BuildOutcome:
     dist: DistStats | None = None  # built with --dist: what ran on the cluster, what fell back to local
 
 
+@dataclass(frozen=True)
+class BuildToolchain:
+    """A prepared toolchain as building takes it: what was observed, and how the build's commands call it."""
+
+    info: ToolchainInfo
+    python: str  # the interpreter, as the build's commands name it
+    sccache: str | None  # the compile cache's client, as the commands name it; None: build without one
+    env: dict[str, str]  # what the toolchain adds to every build command's environment (CUDA_HOME, PATH)
+    # (path the commands see, the canonical path compiled files name instead) for the toolchain's own folders
+    path_map: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A command an executor ran: its exit, and whether the engine says it ran out of memory."""
+
+    returncode: int
+    oom_killed: bool = False
+
+
+class Executor(Protocol):
+    """Where one package's build commands run: this machine, or a container of the toolchain image. The
+    build procedure (backends/procedure.py) is written once on top of it."""
+
+    environ: dict[str, str]  # the variables every command starts from, which the build's own extend (CFLAGS)
+
+    def run(
+        self, argv: Sequence[str], *, env: Mapping[str, str], on_line: Callable[[str], None], cwd: str | None = None
+    ) -> Ran:
+        """Run argv with env over `environ`, each line of its output to on_line; never raises for an exit."""
+
+    def stage(self, source: Path, canonical: str) -> str:
+        """Copy a host folder, writable, to where the commands see the canonical path; return that place."""
+
+    def sees(self, host: Path) -> str:
+        """The path at which the commands see a host folder shared with them (the output, the caches)."""
+
+    def path_map(self) -> tuple[tuple[str, str], ...]:
+        """(path the commands see, canonical path) for what was staged where the two differ."""
+
+    def private_file(self, name: str, text: str) -> AbstractContextManager[str]:
+        """text in a file only the commands' user can read, for as long as the block runs; its path."""
+
+
 class Backend(Protocol):
     name: str
 
-    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
+    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> BuildToolchain:
         """Make or find the pinned toolchain and observe it; ToolchainError on any mismatch."""
 
-    def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
-        """Run the package's command; never raises for a failed build."""
+    def build(self, toolchain: BuildToolchain, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
+        """Build one package with the prepared toolchain; never raises for a failed build."""
 
 
 # Where the backend puts the compile cache: a path on the host, a mount in a container.

@@ -176,13 +176,21 @@ def client_config(cluster: Cluster, cache_dir: Path) -> Iterator[Path]:
     stay in cache_dir: sccache packs a compiler once (seconds to a minute for nvcc's stages) and reuses
     the archive while the compiler is unchanged."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    with private_file("sccache.conf", client_config_text(cluster, str(cache_dir))) as path:
+        yield Path(path)
+
+
+@contextmanager
+def private_file(name: str, text: str) -> Iterator[str]:
+    """text in a file of this user's alone (mode 0600 in a 0700 folder), removed when the block ends: what
+    holds a cluster's token on this machine, for as long as a command needs to read it."""
     folder = Path(tempfile.mkdtemp(prefix="gpuwheel-dist-"))  # mode 0700
     try:
-        path = folder / "sccache.conf"
+        path = folder / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(client_config_text(cluster, str(cache_dir)))
-        yield path
+            out.write(text)
+        yield str(path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
