@@ -250,8 +250,6 @@ class ContainerExecutor:
     command run in it by exec. No network, or with --dist the host's (the scheduler and every build
     server it hands out must be reachable at the addresses the host reaches them by)."""
 
-    environ: dict[str, str] = {}  # the image's variables are the engine's to add
-
     def __init__(
         self,
         engine: ContainerEngine,
@@ -268,11 +266,18 @@ class ContainerExecutor:
         self.job = job
         self.log = log
         self.packed_compilers = packed_compilers
+        self.environ: dict[str, str] = {}  # the image's variables are the engine's to add
         self._stack = ExitStack()
         self._shared: dict[Path, str] = {}
         self._writable: list[str] = []
 
     def __enter__(self) -> ContainerExecutor:
+        with self._stack as stack:  # closed here only where the container does not start
+            self._start()
+            self._stack = stack.pop_all()
+        return self
+
+    def _start(self) -> None:
         job = self.job
         no_deps = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="gpuwheel-nodeps-")))
         folders = [
@@ -301,7 +306,6 @@ class ContainerExecutor:
                 network="host" if self.packed_compilers is not None else "none",
             )
         )
-        return self
 
     def __exit__(self, kind, error, trace) -> None:
         with self._stack:
