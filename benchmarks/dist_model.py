@@ -10,7 +10,7 @@ The model, and what it leaves out:
   upload, the scheduler's allocation, the outputs download (measured on the namespace cluster of
   tests/test_dist.py: 0.43 s, benchmarks/dist_overhead.py). Servers are as fast per core as the machine
   of the log.
-- A server runs min(cores, memory / GB per job) jobs at once (vLLM's ~4 GB a TU, build/jobs.py).
+- A server runs min(cores, memory / GB per job) jobs at once (vLLM's ~4 GB a TU, backends/jobs.py).
 - Jobs start in the order ninja started them, each on the first free slot (list scheduling: what the
   scheduler's least-loaded choice comes to when every job is ready).
 - Link and other non-compile steps run here, after their CMake target's last compile, on `--local-cores`.

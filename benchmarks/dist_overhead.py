@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "builder"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dist_helpers import local_cluster, missing_prerequisites  # noqa: E402  the tests' real cluster
-from gpuwheel.build.dist import Cluster, client_config, parse_dist_stats  # noqa: E402
-from gpuwheel.build.local import _free_port  # noqa: E402
+from gpuwheel.backends.dist import Cluster, client_config  # noqa: E402
+from gpuwheel.backends.sccache import free_port, parse_dist_stats  # noqa: E402
 from gpuwheel.run import capture  # noqa: E402
 
 SOURCE = ROOT / "tests" / "fixtures" / "cuda_ext" / "csrc" / "vector_add.cu"
@@ -69,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gpuwheel-dist-overhead-") as scratch:
         work = Path(scratch)
         base = {**os.environ, "SCCACHE_DIR": str(work / "cache"), "SCCACHE_IDLE_TIMEOUT": "0",
-                "SCCACHE_RECACHE": "1", "SCCACHE_SERVER_PORT": str(_free_port())}
+                "SCCACHE_RECACHE": "1", "SCCACHE_SERVER_PORT": str(free_port())}
         print("local (no cluster):")
         local = _compile_times(sccache, {**base, "SCCACHE_CONF": os.devnull}, work, args.jobs, warmup=1)
         (work / "cluster").mkdir()
@@ -77,7 +77,7 @@ def main() -> None:
             with client_config(Cluster(cluster.url, cluster.token), work / "packed") as conf:
                 print(f"distributed ({cluster.url}, 2 servers; the first compile packs nvcc's stages, untimed):")
                 spread = _compile_times(sccache, {**base, "SCCACHE_CONF": str(conf),
-                                                  "SCCACHE_SERVER_PORT": str(_free_port())}, work, args.jobs, warmup=1)
+                                                  "SCCACHE_SERVER_PORT": str(free_port())}, work, args.jobs, warmup=1)
     mean_local, mean_spread = statistics.mean(local), statistics.mean(spread)
     print(f"\nmean compile: local {mean_local:.2f} s, distributed {mean_spread:.2f} s; "
           f"ratio distributed/local {mean_spread / mean_local:.2f}x; "

@@ -27,8 +27,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the scratch venvs and caches")
     args = parser.parse_args()
 
-    from gpuwheel.build import local
-    from gpuwheel.build.venv import find_uv
+    from gpuwheel.backends import local
+    from gpuwheel.backends.venv import find_uv
     from gpuwheel.recipe import load_recipe
 
     if find_uv() is None:

@@ -157,13 +157,13 @@ def shared_cache(monkeypatch) -> Path:
 def fixture_toolchain():
     """The pinned torch 2.14.1 (CUDA 13.0) venv of the fixture recipe, made once and kept in the shared
     test cache (skips without nvcc)."""
-    from gpuwheel.build.local import LocalBackend
+    from gpuwheel.backends.local import LocalBackend
 
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH: the local build tests need the CUDA 13.0 toolkit")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
-        return LocalBackend().prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml")
+        return LocalBackend().prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml").info
 
 
 @pytest.fixture(scope="session")

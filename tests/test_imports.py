@@ -14,10 +14,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "builder" / "gpuwheel"
 
-# Cycles another branch is removing, named so the one that removes them deletes the entry:
-# builder/gpuwheel/build/ becomes backends/ without this one (issue 12).
-KNOWN_CYCLES = {frozenset({"gpuwheel.build.base", "gpuwheel.build.dist", "gpuwheel.build.local"})}
-
 
 def module_names(package: Path) -> dict[str, Path]:
     """Every module of the package by dotted name (a package by its own name, not `.__init__`)."""
@@ -116,15 +112,7 @@ def _describe(cycles: dict[frozenset[str], list[str]]) -> str:
 
 def test_gpuwheel_imports_have_no_cycles():
     cycles = import_cycles(import_graph(PACKAGE))
-    new = {group: path for group, path in cycles.items() if group not in KNOWN_CYCLES}
-    assert not new, f"import cycles: {_describe(new)}"
-
-
-def test_known_cycles_are_still_there():
-    """An entry of KNOWN_CYCLES whose cycle is gone must go too, so that it cannot come back unseen."""
-    cycles = import_cycles(import_graph(PACKAGE))
-    gone = [sorted(group) for group in KNOWN_CYCLES if group not in cycles]
-    assert not gone, f"no longer a cycle, remove from KNOWN_CYCLES: {gone}"
+    assert not cycles, f"import cycles: {_describe(cycles)}"
 
 
 def test_a_cycle_is_found_and_named(tmp_path):

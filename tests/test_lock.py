@@ -160,7 +160,7 @@ def test_a_lock_for_runners_without_cuda_pins_the_pypi_toolkit_and_checks_the_sa
 
 
 def test_a_locked_container_toolchain_installs_the_locks_files_by_hash(locked):
-    from gpuwheel.build.container import LOCKED_REQUIREMENTS, render_dockerfile
+    from gpuwheel.backends.container import LOCKED_REQUIREMENTS, render_dockerfile
     from gpuwheel.errors import LockError
     from gpuwheel.lock import read_lock
     from gpuwheel.recipe import Toolchain

@@ -3,7 +3,7 @@ the first compile, then a line per tenth of the ninja steps."""
 
 from __future__ import annotations
 
-from gpuwheel.build.progress import BuildProgress
+from gpuwheel.backends.progress import BuildProgress
 
 # The shape of `pip wheel -v` output of a CUDA extension build (from a real gwfixture build log).
 PIP_VERBOSE = [

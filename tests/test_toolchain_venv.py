@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuwheel.build.local import LocalBackend
-from gpuwheel.build.venv import find_uv, parse_pip_config, uv_settings
+from gpuwheel.backends.local import LocalBackend
+from gpuwheel.backends.venv import find_uv, parse_pip_config, uv_settings
 from gpuwheel.errors import ToolchainError
 from publish_helpers import import_value, make_wheel
 

@@ -18,8 +18,9 @@ import pytest
 
 from wheels_helpers import (PTX80, SM120, TORCH_WHEEL, compile_plain_library, compile_so, extract_torch_libs,
                             raw_wheel, rewrite_member, toolchain)
-from gpuwheel.build.base import CacheStats, ToolchainInfo
-from gpuwheel.build.packages import RawWheel, RawWheels
+from gpuwheel.backends.base import ToolchainInfo
+from gpuwheel.backends.sccache import CacheStats
+from gpuwheel.backends.packages import RawWheel, RawWheels
 from gpuwheel.errors import AuditFailure, WheelError
 from gpuwheel.publish.gate import PublishGate, check_gate
 from gpuwheel.wheelfile import read_wheel

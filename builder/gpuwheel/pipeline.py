@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuwheel.build.engine import choose_engine
-from gpuwheel.build.packages import RawWheels, build_packages, open_backend
+from gpuwheel.backends.engine import choose_engine
+from gpuwheel.backends.packages import RawWheels, build_packages, open_backend
 from gpuwheel.cache import cache_root
 from gpuwheel.patches import prepare_trees
 from gpuwheel.sources import fetch_sources
@@ -58,7 +58,7 @@ def build_plan(
         # A toolkit or torch that differs from the recipe (or the lock) stops the build before any download.
         toolchain = chosen.prepare(plan.toolchain, recipe_name=plan.recipe.name)
         if lock is not None:
-            lock.check_toolchain(toolchain)
+            lock.check_toolchain(toolchain.info)
         timings.append(("toolchain", time.monotonic() - start))
         mark = time.monotonic()
         sources = fetch_sources(plan, offline=offline, progress=not quiet)

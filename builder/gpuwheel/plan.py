@@ -16,7 +16,7 @@ from pathlib import Path
 from packaging.version import Version
 
 from gpuwheel import facts
-from gpuwheel.build.jobs import Jobs, choose_jobs
+from gpuwheel.backends.jobs import Jobs, choose_jobs
 from gpuwheel.errors import IncompatibleRecipeError, RecipeError
 from gpuwheel.kinds import registry
 from gpuwheel.kinds.base import DEPS, MeasuredBuild  # noqa: F401 - DEPS: the backends read all three here

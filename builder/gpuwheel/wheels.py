@@ -33,8 +33,8 @@ from rich.markup import escape
 
 from gpuwheel import facts
 from gpuwheel.audit.report import AuditReport, AuditTarget, audit
-from gpuwheel.build.base import ToolchainInfo
-from gpuwheel.build.packages import RawWheel, RawWheels
+from gpuwheel.backends.base import ToolchainInfo
+from gpuwheel.backends.packages import RawWheel, RawWheels
 from gpuwheel.cache import remove_inside, sha256_file
 from gpuwheel.errors import AuditFailure, WheelError
 from gpuwheel.kinds import registry

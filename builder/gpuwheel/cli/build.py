@@ -97,7 +97,7 @@ def build(
     as_json: bool,
 ) -> None:
     """Build TARGET's wheels: fetch, patch, compile (local, or in docker or podman containers), finish and audit."""
-    from gpuwheel.build.dist import check_cluster, cluster_from
+    from gpuwheel.backends.dist import check_cluster, cluster_from
     from gpuwheel.cache import target_lock
     from gpuwheel.layout import target_paths
     from gpuwheel.log import console, say
@@ -238,8 +238,8 @@ def toolchain() -> None:
 )
 def base_image(tag: str, suite: str, mirror: str | None, engine: str | None) -> None:
     """Make a base image without a registry: debootstrap a minimal Debian and import it."""
-    from gpuwheel.build.base_image import make_base_image
-    from gpuwheel.build.engine import choose_engine
+    from gpuwheel.backends.base_image import make_base_image
+    from gpuwheel.backends.engine import choose_engine
     from gpuwheel.cache import cache_root
     from gpuwheel.log import out
 

@@ -13,7 +13,7 @@ import click
 from gpuwheel.cli.group import main
 from gpuwheel.errors import DistConfigError
 
-# Written out, not imported from gpuwheel.build.dist: `gpuwheel --help` imports no stage (docs/cli.md).
+# Written out, not imported from gpuwheel.backends.dist: `gpuwheel --help` imports no stage (docs/cli.md).
 DIST_VARIABLE = "GPUWHEEL_DIST"
 DIST_HELP = (
     "The sccache-dist scheduler, http(s)://HOST:PORT; its client token from $GPUWHEEL_DIST_TOKEN, "
@@ -33,7 +33,7 @@ def dist() -> None:
 def check(url: str | None, no_compile: bool, as_json: bool) -> None:
     """Ask the scheduler for its status, try the token, and compile a trial C++ and CUDA source on the
     cluster with this machine's compilers. One line says what is wrong; the exit code says which kind."""
-    from gpuwheel.build.dist import check_cluster, cluster_from, trial_compiles
+    from gpuwheel.backends.dist import check_cluster, cluster_from, trial_compiles
     from gpuwheel.cache import cache_root
     from gpuwheel.log import out
 

@@ -44,8 +44,8 @@ def lock(
     target: str, only: tuple[str, ...], check: bool, python: str | None, cuda_from: str, offline: bool, as_json: bool
 ) -> None:
     """Pin every input of TARGET's build — sources, toolchain packages with hashes, nvcc — in a lock file."""
-    from gpuwheel.build.base import toolchain_requirements
-    from gpuwheel.build.local import LocalBackend
+    from gpuwheel.backends.base import toolchain_requirements
+    from gpuwheel.backends.local import LocalBackend
     from gpuwheel.cache import cache_root
     from gpuwheel.lock import lock_path, make_lock, read_lock, resolve_environment, write_lock
     from gpuwheel.log import out, say

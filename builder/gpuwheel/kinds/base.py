@@ -111,7 +111,7 @@ class Kind:
     problems: Callable[[PackageRecipe, Recipe, list[str]], list[str]] = no_problems
     # Profiles beyond "full" that this kind builds ("inference", "serving").
     profiles: tuple[str, ...] = ()
-    # Peak GB of one compiler job at one arch, and what each extra nvcc thread adds (build/jobs.py).
+    # Peak GB of one compiler job at one arch, and what each extra nvcc thread adds (backends/jobs.py).
     job_memory_gb: tuple[float, float] = (4.0, 1.5)
     # The recipe's dependencies that the archs (or the profile) never compile: they stand in as
     # files instead of being fetched from their sources.
@@ -122,7 +122,7 @@ class Kind:
     tree_files: Callable[[Mapping[str, str]], dict[str, str]] = no_tree_files
     # .so files of the wheel allowed to carry no code for the target GPU, by design (audit).
     audit_optional: tuple[str, ...] = ()
-    # Files the CUDA toolkit must hold beyond nvcc and the runtime (build/packages.py checks them).
+    # Files the CUDA toolkit must hold beyond nvcc and the runtime (backends/packages.py checks them).
     toolkit_files: tuple[str, ...] = ()
     # The smoke stage's probe groups for a wheel of this kind (its project, provenance, .so members and a
     # work directory), and host-side checks of its members.

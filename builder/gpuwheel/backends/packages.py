@@ -15,20 +15,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from gpuwheel.build.base import CACHE_DIR, Backend, CacheStats, PackageBuild, ToolchainInfo, compile_cache_env
-from gpuwheel.build.dist import Cluster, DistStats
-from gpuwheel.build.progress import BuildProgress
+from gpuwheel.backends.base import CACHE_DIR, Backend, BuildToolchain, PackageBuild, ToolchainInfo
+from gpuwheel.backends.container import ContainerBackend
+from gpuwheel.backends.dist import Cluster
+from gpuwheel.backends.engine import ContainerEngine, EngineChoice, engine_available
+from gpuwheel.backends.local import LocalBackend
+from gpuwheel.backends.progress import BuildProgress
+from gpuwheel.backends.sccache import CacheStats, DistStats, compile_cache_env
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import BuildError, OutOfMemoryError, ToolchainError
 from gpuwheel.imageref import image_reference_problem
 from gpuwheel.kinds import registry
-
-if TYPE_CHECKING:
-    from gpuwheel.build.engine import EngineChoice
-    from gpuwheel.lock import Lock
-    from gpuwheel.plan import PackagePlan, Plan
+from gpuwheel.lock import Lock
+from gpuwheel.plan import PackagePlan, Plan
 
 # What a compiler killed by SIGKILL leaves in a build log (gcc, nvcc, a shell, ninja).
 _KILLED = re.compile(
@@ -88,10 +88,6 @@ def open_backend(
     for (--base-image, --engine) or the chosen engine can be had (docker answers; podman is installed),
     else local. With a cluster (--dist), either backend sends its compiles there; with a lock, the
     toolchain is installed from the lock's hashes."""
-    from gpuwheel.build.container import ContainerBackend
-    from gpuwheel.build.engine import ContainerEngine, engine_available
-    from gpuwheel.build.local import LocalBackend
-
     asked_for_containers = base_image is not None or engine.chosen_by == "--engine"
     if name == "auto":
         name = "container" if asked_for_containers or (not python and engine_available(engine.name)) else "local"
@@ -115,20 +111,21 @@ def open_backend(
 
 
 def build_packages(
-    plan: Plan, trees, *, backend: Backend, toolchain: ToolchainInfo, out_dir: Path, quiet: bool = False
+    plan: Plan, trees, *, backend: Backend, toolchain: BuildToolchain, out_dir: Path, quiet: bool = False
 ) -> RawWheels:
     """Build the plan's packages (`--only` is the plan's) from their prepared trees into out_dir.
 
     `trees` is patches.prepare_trees' value: `.packages`, each with name, tree and deps_dir.
-    `toolchain` is what backend.prepare() observed: it is called first, before any download.
+    `toolchain` is what backend.prepare() returned: it is called first, before any download.
     """
     progress = BuildProgress(quiet=quiet)
+    info = toolchain.info
     packages = plan.packages
     prepared = {t.name: t for t in trees.packages}
     progress.say(
-        f"toolchain ({backend.name}): nvcc {toolchain.nvcc}, torch {toolchain.torch} "
-        f"(CUDA {toolchain.torch_cuda}), Python {toolchain.python}, {toolchain.cc}"
-        + (f", image {toolchain.image} ({toolchain.image_id}) on {toolchain.engine}" if toolchain.image else "")
+        f"toolchain ({backend.name}): nvcc {info.nvcc}, torch {info.torch} "
+        f"(CUDA {info.torch_cuda}), Python {info.python}, {info.cc}"
+        + (f", image {info.image} ({info.image_id}) on {info.engine}" if info.image else "")
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = cache_root() / "logs" / plan.hash[:16]
@@ -148,14 +145,14 @@ def build_packages(
                 recipe=plan.recipe.name,
             )
         )
-    return RawWheels(plan.hash, toolchain, tuple(built))
+    return RawWheels(plan.hash, info, tuple(built))
 
 
 def _build_one(
     package: PackagePlan,
     prepared,
     backend: Backend,
-    toolchain: ToolchainInfo,
+    toolchain: BuildToolchain,
     out_dir: Path,
     log_path: Path,
     progress: BuildProgress,
@@ -179,7 +176,7 @@ def _build_one(
             toolkit_files=registry.get(package.kind).toolkit_files,
         )
         with progress.package(f"{package.name} {package.version}") as on_line:
-            outcome = backend.build(job, on_line)
+            outcome = backend.build(toolchain, job, on_line)
         if outcome.returncode != 0:
             _raise_failure(package, outcome, log_path, recipe=recipe)
         wheels = sorted(Path(private).glob("*.whl"))

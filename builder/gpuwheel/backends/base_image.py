@@ -14,8 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuwheel.build.engine import ContainerEngine, EngineChoice
-from gpuwheel.build.progress import BuildProgress
+from gpuwheel.backends.engine import ContainerEngine, EngineChoice
+from gpuwheel.backends.progress import BuildProgress
 from gpuwheel.errors import ToolchainError
 from gpuwheel.imageref import image_reference_problem
 from gpuwheel.run import last_line, run

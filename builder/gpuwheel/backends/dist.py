@@ -1,7 +1,7 @@
 """Distributed compilation on an existing sccache-dist cluster: where it is, whether it can work, and the
 client configuration sccache reads.
 
-gpuwheel schedules nothing itself. The sccache that already fronts every compiler (build/base.py)
+gpuwheel schedules nothing itself. The sccache that already fronts every compiler (backends/sccache.py)
 sends each compile it can to the cluster's scheduler, which picks a build server; sccache packages
 the compiler (on Linux x86_64 it packs gcc with cc1plus/as/objcopy, and nvcc's own stages — cicc,
 ptxas, cudafe++ — itself), ships it once per server and runs anything that fails remotely again
@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gpuwheel.backends.sccache import DistStats, free_port, parse_dist_stats
 from gpuwheel.errors import DistAuthRefused, DistConfigError, DistNoServers, DistToolchainMismatch, DistUnreachable
 from gpuwheel.redact import has_password
+from gpuwheel.run import capture
 
 DIST_VARIABLE = "GPUWHEEL_DIST"
 TOKEN_VARIABLE = "GPUWHEEL_DIST_TOKEN"
@@ -53,29 +55,6 @@ class ClusterStatus:
             f"{self.url}: {self.servers} build server{'s' if self.servers != 1 else ''}, {self.cpus} cores, "
             f"{self.in_progress} job{'s' if self.in_progress != 1 else ''} in progress"
         )
-
-
-@dataclass(frozen=True)
-class DistStats:
-    """What sccache's client says ran where: compiles per build server, and those that failed there
-    and ran again on this machine."""
-
-    remote: tuple[tuple[str, int], ...]  # (server address, compiles), sorted
-    fallbacks: int
-
-    @property
-    def remote_total(self) -> int:
-        return sum(count for _, count in self.remote)
-
-    def __str__(self) -> str:
-        where = ", ".join(f"{server} {count}" for server, count in self.remote) or "none"
-        text = f"{self.remote_total} compiles on the cluster ({where})"
-        if self.fallbacks:
-            text += f"; {self.fallbacks} failed there and ran locally instead (sccache's fallback)"
-        return text
-
-    def to_json(self) -> dict:
-        return {"remote": dict(self.remote), "fallbacks": self.fallbacks}
 
 
 def cluster_from(url: str | None, environ: Mapping[str, str]) -> Cluster | None:
@@ -197,25 +176,23 @@ def client_config(cluster: Cluster, cache_dir: Path) -> Iterator[Path]:
     stay in cache_dir: sccache packs a compiler once (seconds to a minute for nvcc's stages) and reuses
     the archive while the compiler is unchanged."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    with private_file("sccache.conf", client_config_text(cluster, str(cache_dir))) as path:
+        yield Path(path)
+
+
+@contextmanager
+def private_file(name: str, text: str) -> Iterator[str]:
+    """text in a file of this user's alone (mode 0600 in a 0700 folder), removed when the block ends: what
+    holds a cluster's token on this machine, for as long as a command needs to read it."""
     folder = Path(tempfile.mkdtemp(prefix="gpuwheel-dist-"))  # mode 0700
     try:
-        path = folder / "sccache.conf"
+        path = folder / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(client_config_text(cluster, str(cache_dir)))
-        yield path
+            out.write(text)
+        yield str(path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def parse_dist_stats(text: str) -> DistStats:
-    """Compiles per server and fallbacks from `sccache --show-stats --stats-format=json`."""
-    try:
-        stats = json.loads(text)["stats"]
-    except (ValueError, KeyError, TypeError):
-        return DistStats((), 0)
-    remote = stats.get("dist_compiles") or {}
-    return DistStats(tuple(sorted((str(k), int(v)) for k, v in remote.items())), int(stats.get("dist_errors") or 0))
 
 
 def require_remote(stats: DistStats, what: str, cluster: Cluster, log: Path) -> None:
@@ -245,9 +222,6 @@ def trial_compiles(
     """Compile a trial source per compiler (name → argv before the source, suffix by name: `nvcc` gets .cu)
     through a private sccache server on this cluster, bypassing its cache: where did each one run?
     DistToolchainMismatch when one did not run on the cluster."""
-    from gpuwheel.build.local import _free_port  # one free-port helper for every private sccache server
-    from gpuwheel.run import capture
-
     results: dict[str, DistStats] = {}
     with tempfile.TemporaryDirectory(prefix="gpuwheel-dist-check-") as work, client_config(cluster, cache_dir) as conf:
         log = Path(work) / "sccache.log"
@@ -255,7 +229,7 @@ def trial_compiles(
             **os.environ,
             "SCCACHE_CONF": str(conf),
             "SCCACHE_DIR": str(Path(work) / "cache"),
-            "SCCACHE_SERVER_PORT": str(_free_port()),
+            "SCCACHE_SERVER_PORT": str(free_port()),
             "SCCACHE_IDLE_TIMEOUT": "0",
             "SCCACHE_RECACHE": "1",
             "SCCACHE_ERROR_LOG": str(log),

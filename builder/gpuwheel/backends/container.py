@@ -1,17 +1,18 @@
 """The container backend: a toolchain image rendered from the recipe's pins, one container per package,
-on docker or podman alike (build/engine.py is the one interface to both).
+on docker or podman alike (backends/engine.py is the one interface to both).
 
 dockerfiles/toolchain.Dockerfile is rendered with the base image's ID, Python, torch and (where the
 base image has no CUDA toolkit) the pinned PyPI CUDA wheels, and tagged by the hash of the text: the
 same pins on the same base image reuse the same image. Each package builds in a container with its
-sources mounted read-only (copied inside to a stable writable path, which sccache keys on), the
-network off, the output and compile-cache directories mounted, and the plan's env.
+sources mounted read-only (copied inside to the canonical paths, which sccache keys on), the network
+off, the output and compile-cache directories mounted; the build procedure (procedure.py) runs its
+commands in it one by one, as the local backend runs them on this machine.
 
 With --dist the container shares the host's network instead (the scheduler and every build server it
 hands out must be reachable at the addresses the host reaches them by), and the sccache server inside
 packs the image's own compilers for the servers. The client configuration, token included, enters as
-one environment variable that a start script writes to RAM for the sccache server's start, then
-removes with the variable before it execs the build script (docs/dist.md).
+an environment variable of the one command that writes it to RAM (/dev/shm) for the sccache server's
+start; the file is removed before the build command runs (docs/dist.md).
 """
 
 from __future__ import annotations
@@ -22,91 +23,40 @@ import os
 import re
 import string
 import tempfile
-import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gpuwheel import facts
-from gpuwheel.build.base import (
+from gpuwheel.backends.base import (
     PROBE_SCRIPT,
     BuildOutcome,
+    BuildToolchain,
     PackageBuild,
+    Ran,
     ToolchainInfo,
     check_toolchain,
-    parse_cache_stats,
     parse_nvcc_version,
-    reproducible_env,
-    substitute,
     toolchain_requirements,
 )
-from gpuwheel.build.dist import Cluster, client_config_text, parse_dist_stats
-from gpuwheel.build.engine import ContainerEngine, Image, Mount
-from gpuwheel.build.progress import BuildProgress
+from gpuwheel.backends.dist import Cluster
+from gpuwheel.backends.engine import ContainerEngine, Image, Mount
+from gpuwheel.backends.procedure import BuildLog, build_package
+from gpuwheel.backends.progress import BuildProgress
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import DistConfigError, ToolchainError
+from gpuwheel.lock import Lock
 from gpuwheel.recipe import Toolchain
 from gpuwheel.shipped import shipped
-from gpuwheel.wheelfile import DEFAULT_SOURCE_DATE_EPOCH
-
-if TYPE_CHECKING:
-    from gpuwheel.lock import Lock
 
 TEMPLATE = shipped("dockerfiles") / "toolchain.Dockerfile"
 IMAGE_REPOSITORY = "gpuwheel-toolchain"
-# Paths inside the build container.
-SRC, DEPS_SRC, WORK, OUT, CACHE, META = (
-    "/gpuwheel/src",
-    "/gpuwheel/deps-src",
-    "/gpuwheel/work",
-    "/gpuwheel/out",
-    "/gpuwheel/cache",
-    "/gpuwheel/meta",
-)
+# Where the container sees the host's folders: the package's tree and dependencies (read-only, staged
+# from there to the canonical paths), the output folder and the compile cache.
+SRC, DEPS_SRC, OUT, CACHE = "/gpuwheel/src", "/gpuwheel/deps-src", "/gpuwheel/out", "/gpuwheel/cache"
 DIST_CLIENT = "/gpuwheel/dist-client"  # --dist: the compilers sccache packed for the build servers, kept across builds
-# --dist: sccache's client configuration as text (it holds the token), for the build script alone.
+# --dist: the variable that hands the client configuration (the token) to the one command writing it to RAM.
 DIST_CONF_VARIABLE = "GPUWHEEL_SCCACHE_CONF"
-# Runs in the container: copy the read-only tree to a writable stable path, build through sccache,
-# save its stats, hand the outputs to the calling user. "$@" is the plan's command. The "gpuwheel:"
-# lines say what the container is doing before the first compile step (progress shows them).
-BUILD_SCRIPT = f"""set -e
-echo "gpuwheel: copying the source tree to {WORK}/$GPUWHEEL_PACKAGE"
-mkdir -p {WORK}
-cp -a {SRC} {WORK}/$GPUWHEEL_PACKAGE
-cp -a {DEPS_SRC} {WORK}/deps
-cd {WORK}/$GPUWHEEL_PACKAGE
-if [ -n "$SCCACHE_DIR" ] && [ -z "$GPUWHEEL_SCCACHE_STARTED" ]; then sccache --start-server >/dev/null; fi
-echo "gpuwheel: running the build command (pip reads the build's metadata before the first compile step)"
-set +e
-"$@"
-status=$?
-if [ -n "$SCCACHE_DIR" ]; then
-  sccache --show-stats --stats-format=json > {META}/sccache.json
-  sccache --stop-server >/dev/null
-  chown -R "$GPUWHEEL_OWNER" "$SCCACHE_DIR"
-  if [ -d {DIST_CLIENT} ]; then chown -R "$GPUWHEEL_OWNER" {DIST_CLIENT}; fi
-fi
-chown -R "$GPUWHEEL_OWNER" {OUT} {META}
-exit $status
-"""
-# Runs first in a --dist container, BUILD_SCRIPT as $1: the cluster's client config holds its token. printf
-# (a shell builtin: no command line shows it) writes it to RAM (/dev/shm is a tmpfs in docker's and
-# podman's containers); the sccache server reads it as it starts; then file and variable are gone. This
-# shell's first environment (/proc/1/environ) still holds the variable, so the build goes on in a new
-# process image: neither the build command nor any process it can list has the token in its environment.
-DIST_START_SCRIPT = f"""set -e
-echo "gpuwheel: starting sccache as a client of the sccache-dist scheduler"
-conf=/dev/shm/gpuwheel-sccache.conf
-(umask 077 && printf '%s' "${DIST_CONF_VARIABLE}" > $conf)
-unset {DIST_CONF_VARIABLE}
-SCCACHE_CONF=$conf sccache --start-server >/dev/null || {{ rm -f $conf; exit 1; }}
-rm -f $conf
-export GPUWHEEL_SCCACHE_STARTED=1
-script=$1
-shift
-exec /bin/sh -c "$script" gpuwheel-build "$@"
-"""
 PROBE_COMMAND = 'python -c "$0"; nvcc --version; c++ --version | head -n1; sccache --version'
 # The lines of an image build worth a line of their own off a terminal: docker's and podman's steps, and
 # pip's two in the long one (its downloads take minutes before it installs).
@@ -167,11 +117,9 @@ class ContainerBackend:
         self.base_image = base_image  # overrides the recipe's [toolchain] base_image
         self.lock = lock  # `build --locked`: the image's venv is installed from the lock's hashes
         self.cluster = cluster  # an sccache-dist cluster the compiles go to (build --dist), checked already
-        self._image: Image | None = None
-        self._sccache = False
 
     # ---- toolchain image ----------------------------------------------------------------------
-    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
+    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> BuildToolchain:
         base_name = self.base_image or toolchain.base_image
         if not base_name:
             raise ToolchainError(
@@ -208,13 +156,13 @@ class ContainerBackend:
             f"(the CUDA 13 toolkit then comes from PyPI)",
             fix_torch=f"remove image {tag} so gpuwheel rebuilds it",
         )
-        self._image, self._sccache = image, info.sccache is not None
-        if self.cluster and not self._sccache:
+        if self.cluster and info.sccache is None:
             raise DistConfigError(
                 f"--dist {self.cluster}: no sccache in image {image.ref} to send compiles to the cluster",
                 hint=f"remove image {image.ref} so gpuwheel rebuilds it with sccache",
             )
-        return info
+        # The image's PATH and CUDA_HOME are the engine's to add; it compiles at the canonical paths.
+        return BuildToolchain(info, python="python", sccache="sccache" if info.sccache else None, env={})
 
     def _pull(self, name: str) -> Image:
         BuildProgress().say(f"base image {name} is not in {self.engine.description}: pulling it")
@@ -283,79 +231,126 @@ class ContainerBackend:
         )
 
     # ---- one package ----------------------------------------------------------------------------
-    def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
-        assert self._image, "prepare() first"
-        job.cache_dir.mkdir(parents=True, exist_ok=True)
-        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+    def build(self, toolchain: BuildToolchain, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
+        packed = cache_root() / "compile" / "dist-client-container"
         with (
-            tempfile.TemporaryDirectory(prefix="gpuwheel-meta-") as meta,
-            tempfile.TemporaryDirectory(prefix="gpuwheel-nodeps-") as no_deps,
-            open(job.log_path, "w", encoding="utf-8", errors="replace") as log,
+            BuildLog(job.log_path, on_line) as log,
+            ContainerExecutor(
+                self.engine, toolchain.info, job, log, packed_compilers=packed if self.cluster else None
+            ) as executor,
         ):
-            deps = job.deps_dir if job.deps_dir.is_dir() else Path(no_deps)
-            places = dict(tree=f"{WORK}/{job.name}", out=OUT, deps=f"{WORK}/deps", cache=CACHE)
-            env = {
-                k: v
-                for k, v in substitute(job.env, **places).items()
-                if self._sccache or not (k.startswith("SCCACHE_") or v.startswith("sccache"))
-            }
-            env.update(GPUWHEEL_PACKAGE=job.name, GPUWHEEL_OWNER=f"{os.getuid()}:{os.getgid()}")
-            # The container's paths are the canonical ones already (no map); the time is fixed as locally.
-            env.update(reproducible_env(env, (), str(DEFAULT_SOURCE_DATE_EPOCH)))
-            mounts: tuple[Mount, ...] = (
-                Mount(job.tree, SRC, read_only=True),
-                Mount(deps, DEPS_SRC, read_only=True),
-                Mount(job.out_dir, OUT, read_only=False),
-                Mount(job.cache_dir, CACHE, read_only=False),
-                Mount(Path(meta), META, read_only=False),
-            )
-            if self.cluster:
-                from gpuwheel.build.local import _free_port  # one free-port helper for every private sccache server
+            return build_package(executor, toolchain, job, log, cluster=self.cluster, packed_compilers=packed)
 
-                packed = cache_root() / "compile" / "dist-client-container"
-                packed.mkdir(parents=True, exist_ok=True)
-                mounts += (Mount(packed, DIST_CLIENT, read_only=False),)
-                # The host's network: the sccache server's port must be free on the host, not only in here.
-                env.update(
-                    {
-                        DIST_CONF_VARIABLE: client_config_text(self.cluster, DIST_CLIENT),
-                        "SCCACHE_SERVER_PORT": str(_free_port()),
-                    }
-                )
-            tail: deque[str] = deque(maxlen=40)
 
-            def line(text: str) -> None:
-                log.write(text + "\n")
-                tail.append(text)
-                on_line(text)
+class ContainerExecutor:
+    """A container of the toolchain image for one package: the package's folders mounted, each build
+    command run in it by exec. No network, or with --dist the host's (the scheduler and every build
+    server it hands out must be reachable at the addresses the host reaches them by)."""
 
-            start = time.monotonic()
-            line(f"gpuwheel: starting a {self.engine.kind} container of {self._image.ref}")
-            script = (
-                ["/bin/sh", "-c", DIST_START_SCRIPT, "gpuwheel-dist", BUILD_SCRIPT]
-                if self.cluster
-                else ["/bin/sh", "-c", BUILD_SCRIPT, "gpuwheel-build"]
-            )
-            finished = self.engine.run(
-                self._image,
-                [*script, *substitute(job.command, **places)],
-                env=env,
-                mounts=mounts,
+    def __init__(
+        self,
+        engine: ContainerEngine,
+        toolchain: ToolchainInfo,
+        job: PackageBuild,
+        log: BuildLog,
+        *,
+        packed_compilers: Path | None,
+    ):
+        if not (toolchain.image_id and toolchain.image):
+            raise ToolchainError(f"{toolchain.location}: not a toolchain image's toolchain")  # a local one: a bug
+        self.engine = engine
+        self.toolchain = toolchain
+        self.job = job
+        self.log = log
+        self.packed_compilers = packed_compilers
+        self.environ: dict[str, str] = {}  # the image's variables are the engine's to add
+        self._stack = ExitStack()
+        self._shared: dict[Path, str] = {}
+        self._writable: list[str] = []
+
+    def __enter__(self) -> ContainerExecutor:
+        with self._stack as stack:  # closed here only where the container does not start
+            self._start()
+            self._stack = stack.pop_all()
+        return self
+
+    def _start(self) -> None:
+        job = self.job
+        no_deps = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="gpuwheel-nodeps-")))
+        folders = [
+            (job.tree, job.tree, SRC, True),
+            (job.deps_dir, job.deps_dir if job.deps_dir.is_dir() else no_deps, DEPS_SRC, True),
+            (job.out_dir, job.out_dir, OUT, False),
+            (job.cache_dir, job.cache_dir, CACHE, False),
+        ]
+        if self.packed_compilers is not None:
+            folders.append((self.packed_compilers, self.packed_compilers, DIST_CLIENT, False))
+        mounts = []
+        for host, source, target, read_only in folders:
+            source.mkdir(parents=True, exist_ok=True)
+            mounts.append(Mount(source, target, read_only=read_only))
+            self._shared[host] = target
+            if not read_only:
+                self._writable.append(target)
+        self.log.line(f"gpuwheel: starting a {self.engine.kind} container of {self.toolchain.image}")
+        self._container = self._stack.enter_context(
+            self.engine.container(
+                self.toolchain.image_id or "",
+                self.toolchain.image or "",
+                on_line=self.log.line,
+                mounts=tuple(mounts),
                 labels={"gpuwheel.package": job.name},
-                on_line=line,
-                network="host" if self.cluster else "none",
+                network="host" if self.packed_compilers is not None else "none",
             )
-            seconds = time.monotonic() - start
-            stats_file = Path(meta) / "sccache.json"
-            shown = stats_file.read_text() if stats_file.is_file() else ""
-        return BuildOutcome(
-            finished.code,
-            seconds,
-            tuple(tail),
-            parse_cache_stats(shown),
-            oom_killed=finished.oom_killed,
-            dist=parse_dist_stats(shown) if self.cluster else None,
         )
+
+    def __exit__(self, kind, error, trace) -> None:
+        with self._stack:
+            # Files the container's root wrote, handed to the calling user.
+            owner = f"{os.getuid()}:{os.getgid()}"
+            with suppress(ToolchainError) if kind else nullcontext():
+                self.run(["chown", "-R", owner, *self._writable], env={}, on_line=self.log.line)
+
+    def run(
+        self, argv: Sequence[str], *, env: Mapping[str, str], on_line: Callable[[str], None], cwd: str | None = None
+    ) -> Ran:
+        done = self._container.exec(argv, env=env, on_line=on_line, cwd=cwd or "/")
+        return Ran(done.code, done.oom_killed)
+
+    def stage(self, source: Path, canonical: str) -> str:
+        lines: list[str] = []
+        copied = self.run(
+            ["/bin/sh", "-c", 'mkdir -p "$(dirname "$1")" && cp -a "$0" "$1"', self._shared[source], canonical],
+            env={},
+            on_line=lines.append,
+        )
+        if copied.returncode != 0:
+            raise ToolchainError(f"could not copy {source} to {canonical} in the container: {' '.join(lines)[-300:]}")
+        return canonical
+
+    def sees(self, host: Path) -> str:
+        return self._shared[host]
+
+    def path_map(self) -> tuple[tuple[str, str], ...]:
+        return ()  # the container compiles at the canonical paths
+
+    @contextmanager
+    def private_file(self, name: str, text: str) -> Iterator[str]:
+        # /dev/shm is a tmpfs in docker's and podman's containers; printf is the shell's own (no command
+        # line shows the text), and the variable lives only as long as this one shell.
+        path = f"/dev/shm/{name}"
+        lines: list[str] = []
+        written = self.run(
+            ["/bin/sh", "-c", f'umask 077 && printf "%s" "${DIST_CONF_VARIABLE}" > "$0"', path],
+            env={DIST_CONF_VARIABLE: text},
+            on_line=lines.append,
+        )
+        if written.returncode != 0:
+            raise ToolchainError(f"could not write {path} in the container: {' '.join(lines)[-300:]}")
+        try:
+            yield path
+        finally:
+            self.run(["rm", "-f", path], env={}, on_line=self.log.line)
 
 
 def _parse_probe(lines: list[str]) -> dict:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,8 +20,9 @@ from typing import Protocol
 from packaging.version import InvalidVersion, Version
 
 from gpuwheel import facts
-from gpuwheel.build.dist import DistStats
+from gpuwheel.backends.sccache import CacheStats, DistStats
 from gpuwheel.errors import ToolchainError
+from gpuwheel.plan import DEPS, OUT, TREE
 from gpuwheel.recipe import Toolchain
 
 # Installed next to the pinned torch in every toolchain: what flash-attn's and vLLM's setup.py
@@ -84,27 +86,6 @@ class PackageBuild:
 
 
 @dataclass(frozen=True)
-class CacheStats:
-    hits: int
-    misses: int
-
-    @property
-    def requests(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
-
-    def __str__(self) -> str:
-        return (
-            f"{self.hits}/{self.requests} compile-cache hits ({self.hit_rate:.0%})"
-            if self.requests
-            else "no cacheable compiles"
-        )
-
-
-@dataclass(frozen=True)
 class BuildOutcome:
     """What a backend reports for one package: its exit, timing, output tail, cache stats."""
 
@@ -116,14 +97,58 @@ class BuildOutcome:
     dist: DistStats | None = None  # built with --dist: what ran on the cluster, what fell back to local
 
 
+@dataclass(frozen=True)
+class BuildToolchain:
+    """A prepared toolchain as building takes it: what was observed, and how the build's commands call it."""
+
+    info: ToolchainInfo
+    python: str  # the interpreter, as the build's commands name it
+    sccache: str | None  # the compile cache's client, as the commands name it; None: build without one
+    env: dict[str, str]  # what the toolchain adds to every build command's environment (CUDA_HOME, PATH)
+    # (path the commands see, the canonical path compiled files name instead) for the toolchain's own folders
+    path_map: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A command an executor ran: its exit, and whether the engine says it ran out of memory."""
+
+    returncode: int
+    oom_killed: bool = False
+
+
+class Executor(Protocol):
+    """Where one package's build commands run: this machine, or a container of the toolchain image. The
+    build procedure (backends/procedure.py) is written once on top of it."""
+
+    environ: dict[str, str]  # the variables every command starts from, which the build's own extend (CFLAGS)
+
+    def run(
+        self, argv: Sequence[str], *, env: Mapping[str, str], on_line: Callable[[str], None], cwd: str | None = None
+    ) -> Ran:
+        """Run argv with env over `environ`, each line of its output to on_line; never raises for an exit."""
+
+    def stage(self, source: Path, canonical: str) -> str:
+        """Copy a host folder, writable, to where the commands see the canonical path; return that place."""
+
+    def sees(self, host: Path) -> str:
+        """The path at which the commands see a host folder shared with them (the output, the caches)."""
+
+    def path_map(self) -> tuple[tuple[str, str], ...]:
+        """(path the commands see, canonical path) for what was staged where the two differ."""
+
+    def private_file(self, name: str, text: str) -> AbstractContextManager[str]:
+        """text in a file only the commands' user can read, for as long as the block runs; its path."""
+
+
 class Backend(Protocol):
     name: str
 
-    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> ToolchainInfo:
+    def prepare(self, toolchain: Toolchain, *, recipe_name: str) -> BuildToolchain:
         """Make or find the pinned toolchain and observe it; ToolchainError on any mismatch."""
 
-    def build(self, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
-        """Run the package's command; never raises for a failed build."""
+    def build(self, toolchain: BuildToolchain, job: PackageBuild, on_line: Callable[[str], None]) -> BuildOutcome:
+        """Build one package with the prepared toolchain; never raises for a failed build."""
 
 
 # Where the backend puts the compile cache: a path on the host, a mount in a container.
@@ -132,7 +157,6 @@ CACHE_DIR = "$GPUWHEEL_CACHE_DIR"
 
 def substitute(values, *, tree: str, out: str, deps: str, cache: str):
     """Replace the plan's $GPUWHEEL_TREE/_OUT/_DEPS and $GPUWHEEL_CACHE_DIR in a str, tuple or dict."""
-    from gpuwheel.plan import DEPS, OUT, TREE  # plan imports build.jobs: import late
 
     def one(text: str) -> str:
         return text.replace(TREE, tree).replace(OUT, out).replace(DEPS, deps).replace(CACHE_DIR, cache)
@@ -142,25 +166,6 @@ def substitute(values, *, tree: str, out: str, deps: str, cache: str):
     if isinstance(values, tuple):
         return tuple(one(v) for v in values)
     return one(values)
-
-
-def compile_cache_env(cache_dir: str) -> dict[str, str]:
-    """Variables that put sccache in front of nvcc and the C++ compiler, for CMake and torch builds."""
-    return {
-        "SCCACHE_DIR": cache_dir,
-        "SCCACHE_IDLE_TIMEOUT": "0",  # the backend stops the server itself after each package
-        "SCCACHE_CACHE_SIZE": "50G",
-        # vLLM (CMake)
-        "CMAKE_C_COMPILER_LAUNCHER": "sccache",
-        "CMAKE_CXX_COMPILER_LAUNCHER": "sccache",
-        "CMAKE_CUDA_COMPILER_LAUNCHER": "sccache",
-        # flash-attn: torch's BuildExtension writes ninja rules calling $PYTORCH_NVCC (and, from
-        # torch 2.12, puts an sccache found on PATH before the C++ compiler by itself). CXX stays
-        # the bare compiler: torch checks its name and version against the CUDA toolkit.
-        "PYTORCH_NVCC": "sccache nvcc",
-        # nvcc's -MD dependency output makes sccache refuse to cache the compile.
-        "TORCH_EXTENSION_SKIP_NVCC_GEN_DEPENDENCIES": "1",
-    }
 
 
 # The paths a container build compiles at; a local build's paths are mapped onto them in the compiled
@@ -216,17 +221,6 @@ def canonical_nvcc_env(environ: Mapping[str, str], python: str, path_map: Sequen
         "PYTORCH_NVCC": " ".join([*wrapper, environ.get("PYTORCH_NVCC") or "nvcc"]),
         "CMAKE_CUDA_COMPILER_LAUNCHER": ";".join([*wrapper, *([launcher] if launcher else [])]),
     }
-
-
-def parse_cache_stats(text: str) -> CacheStats:
-    """Hits and misses from `sccache --show-stats --stats-format=json`."""
-    try:
-        stats = json.loads(text)["stats"]
-    except (ValueError, KeyError, TypeError):
-        return CacheStats(0, 0)
-    hits = sum(stats.get("cache_hits", {}).get("counts", {}).values())
-    misses = sum(stats.get("cache_misses", {}).get("counts", {}).values())
-    return CacheStats(hits, misses)
 
 
 _NVCC_RELEASE = re.compile(r"release (\d+\.\d+), V(\d+\.\d+\.\d+)")
