@@ -265,6 +265,10 @@ MEASURED_BUILDS: dict[tuple[str, str, str], MeasuredBuild] = {
     ("0.26.0", "12.0", "serving:128:fp16,bf16:"): MeasuredBuild(
         4973, 183, "docs/runs/ninja-rtx6000pro-torch211-serving-h100x16.log (gpuwheel build on nvidia-h100-x1)"
     ),
+    # Another H100 host, 1.18x slower than that one on the FA2 TUs both builds compiled
+    ("0.26.0", "12.0", "serving:128:fp16,bf16:marlin"): MeasuredBuild(
+        3830, 203, "docs/runs/ninja-rtx6000pro-torch211-nomarlin-h100x16.log (gpuwheel build on the nvidia-h200 kind, an H100)"
+    ),
 }
 
 
