@@ -267,7 +267,7 @@ MEASURED_BUILDS: dict[tuple[str, str, str], MeasuredBuild] = {
     ),
     # Another H100 host, 1.18x slower than that one on the FA2 TUs both builds compiled
     ("0.26.0", "12.0", "serving:128:fp16,bf16:marlin"): MeasuredBuild(
-        3830, 203, "docs/runs/ninja-rtx6000pro-torch211-nomarlin-h100x16.log (gpuwheel build on the nvidia-h200 kind, an H100)"
+        3830, 203, "docs/runs/ninja-rtx6000pro-torch211-nomarlin-h100x16.log (gpuwheel build, an H100 host)"
     ),
 }
 
