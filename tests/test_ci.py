@@ -131,6 +131,27 @@ def test_the_summary_renders_build_audit_and_smoke_reports_and_names_a_missing_o
     assert "**build-missing.json**: no report" in text
 
 
+def test_the_summary_reads_smoke_reports_as_the_gate_does(gpuwheel, tmp_path):
+    report = json.loads((RUNS / "smoke-h200-torch211-2026-12-06.json").read_text())  # passed on the H100
+    assert f"### smoke {report['target']} passed (NVIDIA H100 80GB HBM3)" in gpuwheel(
+        "ci", "summary", RUNS / "smoke-h200-torch211-2026-12-06.json").stdout
+    skipped = {**report, "gpu": None, "gpu_checks": "skipped", "gpu_skip_reason": "no GPU visible"}
+    for wheel in skipped["wheels"]:
+        wheel["checks"] = [{**c, "status": "skip"} if c["name"].startswith("GPU") else c for c in wheel["checks"]]
+    (tmp_path / "skipped.json").write_text(json.dumps(skipped))
+    kernels = {"name": "kernels", "status": "fail", "detail": "max err 3.1", "seconds": 1.5, "figures": {}}
+    claims = {**report, "wheels": [{**report["wheels"][0], "checks": [kernels]}]}
+    (tmp_path / "claims.json").write_text(json.dumps(claims))  # "passed": true, yet a check failed
+    (tmp_path / "newer.json").write_text(json.dumps({**report, "schema": 99}))
+
+    text = gpuwheel("ci", "summary", tmp_path / "skipped.json", tmp_path / "claims.json",
+                    tmp_path / "newer.json").stdout
+
+    assert f"### smoke {report['target']} **not on the GPU**: no GPU visible (no GPU)" in text
+    assert f"### smoke {report['target']} **FAILED** (" in text and "| kernels | fail | max err 3.1 |" in text
+    assert "**newer.json**: a smoke report gpuwheel cannot read: schema 99 is newer than this gpuwheel reads" in text
+
+
 def test_an_optional_verify_job_rebuilds_the_wheels_on_a_fresh_runner(gpuwheel):
     text = gpuwheel("ci", "github", "rtx6000pro-cu13", "--only", "flash-attn", "-o", "-").stdout
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from gpuwheel import facts
 from gpuwheel.plan import Plan
+from gpuwheel.smoke.report import SmokeReport, SmokeReportFormatError
 
 # The runner the CPU jobs use, and the versions of the actions the workflow calls.
 HOSTED_RUNNER = "ubuntu-24.04"
@@ -330,7 +331,10 @@ def summary_markdown(reports: Sequence[tuple[str, Any]]) -> str:
         elif isinstance(report, dict) and "finished" in report:
             parts.append(_build_summary(name, report))
         elif isinstance(report, dict) and "gpu_checks" in report:
-            parts.append(_smoke_summary(name, report))
+            try:
+                parts.append(_smoke_summary(SmokeReport.from_json(report)))
+            except SmokeReportFormatError as error:  # the gate refuses such a report too
+                parts.append(f"**{name}**: a smoke report gpuwheel cannot read: {error}\n")
         elif isinstance(report, dict) and "sos" in report:
             parts.append(_audit_summary(name, report))
         elif isinstance(report, dict) and "rebuilt_dir" in report:
@@ -405,22 +409,21 @@ def _verify_summary(name: str, report: Mapping[str, Any]) -> str:
     )
 
 
-def _smoke_summary(name: str, report: Mapping[str, Any]) -> str:
-    gpu = report.get("gpu") or {}
+def _smoke_summary(report: SmokeReport) -> str:
     head = (
         "passed"
-        if report.get("passed") and report.get("gpu_checks") == "ran"
+        if report.passed
         else "**FAILED**"
-        if not report.get("passed")
-        else f"**not on the GPU**: {report.get('gpu_skip_reason')}"
+        if report.failed or report.gpu_ran  # ran on the GPU and not passed: a failure, or no wheel at all
+        else f"**not on the GPU**: {report.gpu_skip_reason}"
     )
-    checks = [("environment", c) for c in report.get("checks", [])]
-    for wheel in report.get("wheels", []):
-        checks.extend((wheel.get("filename", "?"), c) for c in wheel.get("checks", []))
-    rows = [f"| {where} | {c['name']} | {c['status']} | {c.get('detail', '')} |" for where, c in checks]
+    checks = [("environment", c) for c in report.checks]
+    for wheel in report.wheels:
+        checks.extend((wheel.filename, c) for c in wheel.checks)
+    rows = [f"| {where} | {c.name} | {c.status} | {c.detail} |" for where, c in checks]
     return "\n".join(
         [
-            f"### smoke {report.get('target')} {head} ({gpu.get('name', 'no GPU')})",
+            f"### smoke {report.target} {head} ({report.gpu.name if report.gpu else 'no GPU'})",
             "",
             "| where | check | status | detail |",
             "| --- | --- | --- | --- |",
