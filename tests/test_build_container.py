@@ -108,7 +108,7 @@ def base_image(engine, gpuwheel):
     if image_id(engine, BASE_IMAGE) is None:
         made = gpuwheel("toolchain", "base-image", "--tag", BASE_IMAGE)
         assert made.exit_code == 0, made.stderr
-        assert f"use it with --base-image {BASE_IMAGE}" in made.stderr
+        assert f"use it with --base-image {BASE_IMAGE}" in made.stdout  # the result goes to stdout, progress to stderr
     return BASE_IMAGE
 
 
