@@ -76,7 +76,8 @@ def trees(tmp_path_factory):
 
 # The fixes every set carries, then (0.26.0) the build-time and serving-profile patches.
 SERIES = {"0.26.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn"), ("0004", "vllm-flash-attn"),
-                     ("0005", "vllm-flash-attn"), ("0006", ""), ("0007", ""), ("0008", ""), ("0009", "")],
+                     ("0005", "vllm-flash-attn"), ("0006", ""), ("0007", ""), ("0008", ""), ("0009", ""),
+                     ("0010", "")],
           "0.33.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn")]}
 
 
@@ -546,3 +547,33 @@ def test_marlin_is_left_out_only_when_the_profile_omits_it(trees, tmp_path):
         assert built == marlin_arch_lists(cmake_lists, utils, archs, "marlinx;flashmla", tmp_path)  # no prefix match
         assert set(marlin_arch_lists(cmake_lists, utils, archs, "fa3;marlin", tmp_path).values()) == {""}
     assert marlin_arch_lists(cmake_lists, utils, "12.0", "", tmp_path)["MARLIN_FP8_ARCHS"] == "12.0f"
+
+
+# ------------------------------------------------------- 0010 qutlass's SM100 sources only for SM100
+
+def qutlass_sources(cmake_text: str, utils: Path, archs: str, tmp_path: Path) -> list[str]:
+    """The patched qutlass.cmake's own arch selection and source list, run by real cmake for CUDA 13."""
+    start = cmake_text.index("if(${CMAKE_CUDA_COMPILER_VERSION} VERSION_GREATER_EQUAL 13.0)\n  cuda_archs_loose_intersection(QUTLASS")
+    block = cmake_text[start:cmake_text.index("  set(QUTLASS_INCLUDES")] + "endif()\n"
+    script = tmp_path / "qutlass.cmake"
+    script.write_text(f'cmake_minimum_required(VERSION 3.20)\ninclude("{utils}")\nset(CMAKE_CUDA_COMPILER_VERSION 13.0.2)\n'
+                      f'set(CUDA_ARCHS "{archs}")\nset(qutlass_SOURCE_DIR /q)\n{block}'
+                      'message("SOURCES=${QUTLASS_SOURCES}")\n')
+    out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True).stderr
+    (line,) = [line for line in out.splitlines() if line.startswith("SOURCES=")]
+    return [Path(source).name for source in line.removeprefix("SOURCES=").split(";") if source]
+
+
+@pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake (apt-get install cmake)")
+def test_qutlass_compiles_its_sm100_sources_only_for_sm100(trees, tmp_path):
+    pristine, patched = trees("0.26.0")
+    utils = pristine / "cmake" / "utils.cmake"
+    before = (pristine / "cmake" / "external_projects" / "qutlass.cmake").read_text()
+    after = (patched / "cmake" / "external_projects" / "qutlass.cmake").read_text()
+    sm100 = {"fused_quantize_mx_sm100.cu", "fused_quantize_nv_sm100.cu"}
+    assert sm100 <= set(qutlass_sources(before, utils, "12.0", tmp_path))  # upstream: dead code for 12.0
+    for_120 = qutlass_sources(after, utils, "12.0", tmp_path)
+    assert not sm100 & set(for_120) and "gemm.cu" in for_120 and "bindings.cpp" in for_120
+    assert qutlass_sources(after, utils, "10.0", tmp_path) == qutlass_sources(before, utils, "10.0", tmp_path)
+    assert sm100 <= set(qutlass_sources(after, utils, "10.0;12.0", tmp_path))  # both asked: QuTLASS picks SM100
+    assert qutlass_sources(after, utils, "9.0a", tmp_path) == []  # no QuTLASS for Hopper at all
