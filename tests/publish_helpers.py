@@ -1,5 +1,5 @@
 """Real things the publish tests need: small valid wheels, smoke reports, the target recipe's tables,
-fresh virtual environments, the `gpuwheel` command as a subprocess, and a check of a whole index."""
+fresh virtual environments and a check of a whole index."""
 
 from __future__ import annotations
 
@@ -86,23 +86,6 @@ def passing_wheel(directory: Path, name: str, version: str = "1.0", **kwargs) ->
     wheel = make_wheel(directory, name, version, provenance=audit_record(), **kwargs)
     write_smoke_report(directory, sorted(directory.glob("*.whl")))
     return wheel
-
-
-def gpuwheel_env(recipes: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWINE_")}
-    env.update(GPUWHEEL_RECIPES=str(recipes), COLUMNS="200", **extra)
-    return env
-
-
-def run_gpuwheel(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`gpuwheel ARGS` as a user runs it: the installed console script in its own process."""
-    return subprocess.run([str(Path(sys.executable).with_name("gpuwheel")), *args],
-                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def start_gpuwheel(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([str(Path(sys.executable).with_name("gpuwheel")), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def fresh_venv(path: Path) -> Path:
