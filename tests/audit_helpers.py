@@ -1,9 +1,8 @@
-"""Real GPU binaries for the audit tests: small kernels compiled by the machine's nvcc, wheels zipped
-around them, and cuobjdump's view of the same files to compare the parser against."""
+"""Real GPU binaries for the audit tests: small kernels compiled by the machine's nvcc, wheels written
+around them (wheels_helpers.write_wheel), and cuobjdump's view of the same files to compare the parser against."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -11,6 +10,8 @@ import shutil
 import subprocess
 import zipfile
 from pathlib import Path
+
+from wheels_helpers import write_wheel
 
 NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
 # Digests of the audit's JSON recorded before the reader was rewritten (issue 17): its verdicts must not move.
@@ -111,31 +112,6 @@ def our_listing(units) -> dict[str, list[str]]:
     }
 
 
-def make_wheel(directory: Path, name: str, version: str, files: dict[str, bytes | Path],
-               extra_members: dict[str, bytes] | None = None, compression: int = zipfile.ZIP_DEFLATED) -> Path:
-    """A real wheel (dist-info with METADATA, WHEEL, RECORD) holding `files` at their paths; members
-    deflated as pip's wheels are, or stored (`zipfile.ZIP_STORED`), which the zip format allows too."""
-    dist_info = f"{name}-{version}.dist-info"
-    contents: dict[str, bytes] = {
-        path: (data.read_bytes() if isinstance(data, Path) else data) for path, data in files.items()
-    }
-    contents[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
-    contents[f"{dist_info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: gpuwheel-tests\nRoot-Is-Purelib: false\n"
-                                      b"Tag: cp311-cp311-linux_x86_64\n")
-    contents.update(extra_members or {})
-    record = []
-    for path, data in contents.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(data)}")
-    record.append(f"{dist_info}/RECORD,,")
-    contents[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
-    wheel = directory / f"{name}-{version}-cp311-cp311-linux_x86_64.whl"
-    with zipfile.ZipFile(wheel, "w", compression) as archive:
-        for path, data in contents.items():
-            archive.writestr(path, data)
-    return wheel
-
-
 def verdict_digests(report) -> dict:
     """sha256 of the report's JSON (as `gpuwheel audit --json` prints it) and of each .so's, the input's
     location cut to its file name: what the audit found, not where the file lay."""
@@ -162,9 +138,9 @@ def golden_fixture_wheels(sos: dict[str, Path], directory: Path, compression: in
     """The directory of wheels the fixture digests are recorded for: every fixture .so in one wheel, and
     the FA2-style PTX-only .so in another."""
     directory.mkdir()
-    make_wheel(directory, "fixtures", "1.0", {f"fixtures/{name}.so": path for name, path in sos.items()},
-               compression=compression)
-    make_wheel(directory, "fa2", "1.0", {"fa2/_fa2_C.abi3.so": sos["ptx80"]}, compression=compression)
+    write_wheel(directory, "fixtures", "1.0", {f"fixtures/{name}.so": path for name, path in sos.items()},
+                compression=compression)
+    write_wheel(directory, "fa2", "1.0", {"fa2/_fa2_C.abi3.so": sos["ptx80"]}, compression=compression)
     return directory
 
 

@@ -1,5 +1,5 @@
-"""The tests' one place for setup: the real CLI in-process, the recipe factory, caches, toolchains and
-local servers. A fixture that more than one test module uses lives here; one module's own stays there.
+"""The tests' one place for setup: the real CLI in-process or as a subprocess, the recipe factory, caches,
+toolchains and local servers. A fixture that more than one test module uses lives here; one module's own stays there.
 The modules beside this one (`*_helpers.py`) only build real test data: wheels, .so files, git
 repositories, archives, a recipe's tables, a sccache-dist cluster."""
 
@@ -53,6 +53,36 @@ def gpuwheel():
             raise result.exception
         return CliResult(result)
     return call
+
+
+class ConsoleScript:
+    """`gpuwheel ARGS` as a user runs it: the installed console script in its own process, for tests
+    where exit codes, signals or concurrency are the point. Its environment is the test run's without
+    GPUWHEEL_* and TWINE_* (a developer's own options or upload login must not reach a test), with
+    COLUMNS=200 (no wrapped lines) and the variables a call adds as keywords (`GPUWHEEL_RECIPES=...`)."""
+
+    path = Path(sys.executable).with_name("gpuwheel")
+
+    @staticmethod
+    def env(**extra) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUWHEEL_", "TWINE_"))}
+        env.update(COLUMNS="200", **{k: str(v) for k, v in extra.items()})
+        return env
+
+    def run(self, *args, cwd: Path | None = None, **extra) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.path), *map(str, args)], env=self.env(**extra), cwd=cwd,
+                              capture_output=True, text=True, timeout=300)
+
+    def start(self, *args, **extra) -> subprocess.Popen:
+        """The command started, not waited for (to run several at once, or to kill one)."""
+        return subprocess.Popen([str(self.path), *map(str, args)], env=self.env(**extra),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def gpuwheel_script() -> ConsoleScript:
+    """The console script in a subprocess with a scrubbed environment (see ConsoleScript)."""
+    return ConsoleScript()
 
 
 # ---- recipes -------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """Real things the publish tests need: small valid wheels, smoke reports, the target recipe's tables,
-fresh virtual environments, the `gpuwheel` command as a subprocess, and a check of a whole index."""
+fresh virtual environments and a check of a whole index."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -13,8 +12,8 @@ import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-
 from gpuwheel.smoke.report import FAIL, PASS, SKIP, CheckResult, GpuInfo, SmokeReport, WheelSmoke, write_json
+from wheels_helpers import write_wheel
 
 TARGET = "h100-test"
 TARGET_CC = "9.0"
@@ -32,41 +31,21 @@ def publish_recipe() -> dict:
     }
 
 
-def _record_hash(data: bytes) -> str:
-    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-
-
 def audit_record(passed: bool = True, arch: str = TARGET_CC, target: str = TARGET) -> dict:
     return {"target": target, "audit": {"passed": passed, "arch": arch, "driver": "580.65.06"}}
 
 
 def make_wheel(directory: Path, name: str, version: str = "1.0", *, provenance: dict | None = None,
                value: str = "one", payload_bytes: int = 0) -> Path:
-    """A pure-Python wheel with a correct RECORD; its module exposes VALUE. payload_bytes adds a
-    stored (uncompressed) random file, to make the wheel big."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """A pure-Python wheel (py3-none-any, so pip installs it into any venv) whose module exposes VALUE.
+    payload_bytes adds a random file, the wheel then stored (uncompressed), to make it big."""
     module = name.replace("-", "_").lower()
-    dist = f"{module}-{version}"
-    files: dict[str, bytes] = {
-        f"{module}/__init__.py": f"VALUE = {value!r}\n".encode(),
-        f"{dist}.dist-info/METADATA": (f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-                                        "Requires-Python: >=3.8\nSummary: publish test wheel\n").encode(),
-        f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: gpuwheel-tests\nRoot-Is-Purelib: true\n"
-                                   b"Tag: py3-none-any\n",
-    }
-    if provenance is not None:
-        files[f"{dist}.dist-info/gpuwheel.json"] = json.dumps(provenance).encode()
+    files = {f"{module}/__init__.py": f"VALUE = {value!r}\n".encode()}
     if payload_bytes:
         files[f"{module}/payload.bin"] = os.urandom(payload_bytes)
-    record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items())
-    record += f"{dist}.dist-info/RECORD,,\n"
-    path = directory / f"{dist}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as archive:
-        for member, data in files.items():
-            compression = zipfile.ZIP_STORED if member.endswith(".bin") else zipfile.ZIP_DEFLATED
-            archive.writestr(member, data, compress_type=compression)
-        archive.writestr(f"{dist}.dist-info/RECORD", record)
-    return path
+    return write_wheel(directory, name, version, files, tag="py3-none-any", provenance=provenance,
+                       metadata={"Requires-Python": ">=3.8", "Summary": "publish test wheel"},
+                       compression=zipfile.ZIP_STORED if payload_bytes else zipfile.ZIP_DEFLATED)
 
 
 def sha256(path: Path) -> str:
@@ -107,23 +86,6 @@ def passing_wheel(directory: Path, name: str, version: str = "1.0", **kwargs) ->
     wheel = make_wheel(directory, name, version, provenance=audit_record(), **kwargs)
     write_smoke_report(directory, sorted(directory.glob("*.whl")))
     return wheel
-
-
-def gpuwheel_env(recipes: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWINE_")}
-    env.update(GPUWHEEL_RECIPES=str(recipes), COLUMNS="200", **extra)
-    return env
-
-
-def run_gpuwheel(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`gpuwheel ARGS` as a user runs it: the installed console script in its own process."""
-    return subprocess.run([str(Path(sys.executable).with_name("gpuwheel")), *args],
-                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def start_gpuwheel(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([str(Path(sys.executable).with_name("gpuwheel")), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def fresh_venv(path: Path) -> Path:

@@ -4,16 +4,15 @@ libcuda.so.1 as vLLM's op libraries do, a vLLM-shaped wheel of them, and the tab
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import shutil
 import subprocess
-import zipfile
 from pathlib import Path
+
+from wheels_helpers import write_wheel
 
 NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
 TARGET = "h100-smoke"
+TAG = "py3-none-linux_x86_64"  # a platform wheel any CPython installs: the smoke venv's Python is the recipe's
 
 KERNEL = """
 __global__ void add(float* a, const float* b, int n) {
@@ -88,36 +87,14 @@ def build_driver_linked_so(directory: Path, libcuda: Path, name: str = "ops") ->
 def make_vllm_wheel(directory: Path, shared_objects: dict[str, Path], *, version: str = "0.26.0",
                     provenance: dict | None = None) -> Path:
     """A wheel named vllm holding `shared_objects` (wheel path → .so) and an importable package."""
-    files = {"vllm/__init__.py": b"VALUE = 'vllm'\n", "vllm/vllm_flash_attn/__init__.py": b""}
-    files.update({member: path.read_bytes() for member, path in shared_objects.items()})
-    return _wheel(directory, "vllm", version, files, provenance)
+    files: dict[str, bytes | Path] = {"vllm/__init__.py": b"VALUE = 'vllm'\n", "vllm/vllm_flash_attn/__init__.py": b""}
+    return write_wheel(directory, "vllm", version, {**files, **shared_objects}, tag=TAG, provenance=provenance)
 
 
 def make_wheel(directory: Path, shared_object: Path, *, name: str = "gw-smoke-kernels", version: str = "1.0",
                provenance: dict | None = None) -> Path:
-    """A platform wheel (py3-none-linux_x86_64) whose package loads its .so at import."""
+    """A platform wheel whose package loads its .so at import."""
     module = name.replace("-", "_")
-    return _wheel(directory, name, version, {f"{module}/__init__.py": INIT.encode(),
-                                             f"{module}/_kernels.so": shared_object.read_bytes()}, provenance)
-
-
-def _wheel(directory: Path, name: str, version: str, package_files: dict[str, bytes], provenance: dict | None) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    module = name.replace("-", "_")
-    dist = f"{module}-{version}.dist-info"
-    files = {
-        **package_files,
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: gpuwheel-tests\nRoot-Is-Purelib: false\n"
-                         b"Tag: py3-none-linux_x86_64\n",
-    }
-    if provenance is not None:
-        files[f"{dist}/gpuwheel.json"] = json.dumps(provenance).encode()
-    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
-              f"{len(data)}" for path, data in files.items()]
-    files[f"{dist}/RECORD"] = ("\n".join(record + [f"{dist}/RECORD,,"]) + "\n").encode()
-    wheel = directory / f"{module}-{version}-py3-none-linux_x86_64.whl"
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path, data in files.items():
-            archive.writestr(path, data)
-    return wheel
+    return write_wheel(directory, name, version, {f"{module}/__init__.py": INIT.encode(),
+                                                  f"{module}/_kernels.so": shared_object}, tag=TAG,
+                       provenance=provenance)

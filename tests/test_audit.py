@@ -16,7 +16,7 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit_helpers import (GOLDEN, build_fixtures, cuobjdump_listing, golden_fixture_wheels, golden_target, make_wheel,
+from audit_helpers import (GOLDEN, build_fixtures, cuobjdump_listing, golden_fixture_wheels, golden_target,
                            nvcc_version, our_listing, verdict_digests)
 from gpuwheel import facts
 from gpuwheel.audit import fatbin
@@ -24,6 +24,7 @@ from gpuwheel.audit.fatbin import LeftOut, PtxEntry, SassEntry, _lz4_prefix, rea
 from gpuwheel.audit.report import AuditTarget, audit, ptx_jits_on, sass_runs_on
 from gpuwheel.cli import main
 from gpuwheel.errors import AuditFailure, AuditInputError
+from wheels_helpers import write_wheel
 
 RTX6000PRO_DRIVER = "570.195.03"
 R580 = "580.65.06"
@@ -180,9 +181,9 @@ def test_ptx_rules(code, gpu, jits):
 
 @pytest.fixture
 def wheels(sos, tmp_path) -> dict[str, Path]:
-    good = make_wheel(tmp_path, "kernels", "1.0", {"kernels/_native.so": sos["sm120"], "kernels/_mixed.so": sos["mixed"],
-                                                 "kernels/__init__.py": b""})
-    bad = make_wheel(tmp_path, "fa2", "1.0", {"fa2/_fa2_C.abi3.so": sos["ptx80"]})
+    good = write_wheel(tmp_path, "kernels", "1.0", {"kernels/_native.so": sos["sm120"],
+                                                  "kernels/_mixed.so": sos["mixed"], "kernels/__init__.py": b""})
+    bad = write_wheel(tmp_path, "fa2", "1.0", {"fa2/_fa2_C.abi3.so": sos["ptx80"]})
     return {"good": good, "bad": bad}
 
 
@@ -223,8 +224,8 @@ def test_directory_of_wheels(wheels):
 
 
 def test_target_recipe_and_its_optional_globs(sos, tmp_path):
-    wheel = make_wheel(tmp_path, "vllm", "0.11.0", {"vllm/_C.abi3.so": sos["sm120"],
-                                                   "vllm/_flashmla_C.abi3.so": sos["sm90a"]})
+    wheel = write_wheel(tmp_path, "vllm", "0.11.0", {"vllm/_C.abi3.so": sos["sm120"],
+                                                    "vllm/_flashmla_C.abi3.so": sos["sm90a"]})
     result = run_cli("audit", str(wheel), "--target", "rtx6000pro")
     assert result.exit_code == 0, result.output  # FlashMLA declared audit.optional in the recipe
     assert "optional" in result.stdout
@@ -258,7 +259,8 @@ def test_a_container_magic_outside_the_fatbin_changes_nothing(sos, tmp_path, mon
     planted.write_bytes(bytes(data))
     on_disk = audit(planted, target("12.0", R580)).sos[0]
     for compression in (zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED):
-        wheel = make_wheel(tmp_path, f"planted{compression}", "1.0", {"planted/_C.so": planted}, compression=compression)
+        wheel = write_wheel(tmp_path, f"planted{compression}", "1.0", {"planted/_C.so": planted},
+                            compression=compression)
         in_wheel = audit(wheel, target("12.0", R580)).sos[0]
         assert in_wheel.cuda_runtime == 13
         assert in_wheel.units == on_disk.units
@@ -284,8 +286,8 @@ def test_the_first_bad_member_in_wheel_order_is_named(sos, tmp_path):
         struct.pack_into("<I", data, offset, 0xDEADBEEF)
         broken[name] = data
     assert len(broken["sm120"]) < len(broken["mixed"])
-    wheel = make_wheel(tmp_path, "two", "1.0", {"two/a_small.so": bytes(broken["sm120"]),
-                                                "two/b_large.so": bytes(broken["mixed"])})
+    wheel = write_wheel(tmp_path, "two", "1.0", {"two/a_small.so": bytes(broken["sm120"]),
+                                                 "two/b_large.so": bytes(broken["mixed"])})
     _one_line_error(run_cli("audit", str(wheel), "--arch", "12.0"), AuditInputError.exit_code,
                     "two/a_small.so", "no fatbin container at offset")
 
@@ -323,7 +325,8 @@ def test_zip_that_is_no_wheel(tmp_path):
 
 
 def test_wheel_with_path_traversal_is_refused(sos, tmp_path):
-    wheel = make_wheel(tmp_path, "evil", "1.0", {"evil/_C.so": sos["sm120"]}, {"../../escape.so": b"\x7fELF"})
+    wheel = write_wheel(tmp_path, "evil", "1.0", {"evil/_C.so": sos["sm120"], "../../escape.so": b"\x7fELF"},
+                        check=False)
     same = _untouched(tmp_path)
     _one_line_error(run_cli("audit", str(wheel), "--arch", "12.0"), AuditInputError.exit_code,
                     "'../../escape.so'", "path traversal")
@@ -331,7 +334,8 @@ def test_wheel_with_path_traversal_is_refused(sos, tmp_path):
 
 
 def test_wheel_without_gpu_code(tmp_path):
-    wheel = make_wheel(tmp_path, "pure", "1.0", {"pure/__init__.py": b"", "pure/_speedups.so": Path(shutil.which("ls"))})
+    wheel = write_wheel(tmp_path, "pure", "1.0", {"pure/__init__.py": b"",
+                                                 "pure/_speedups.so": Path(shutil.which("ls"))})
     _one_line_error(run_cli("audit", str(wheel), "--arch", "12.0"), AuditFailure.exit_code,
                     "carries no GPU code")
 

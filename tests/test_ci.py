@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from build_helpers import SHARED_CACHE
 from gpuwheel.recipe import PROJECT_ROOT
 
@@ -164,14 +163,14 @@ def test_an_optional_verify_job_rebuilds_the_wheels_on_a_fresh_runner(gpuwheel):
 
 
 def test_the_summary_renders_a_verify_report(gpuwheel, tmp_path):
-    from audit_helpers import make_wheel
     from gpuwheel.verify import Recorded, Verification, WheelCheck
     from gpuwheel.wheeldiff import compare_wheels
+    from wheels_helpers import write_wheel
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = make_wheel(tmp_path / "a", "gwdiff", "1.0", {"gwdiff/config.toml": b"heads = 128\n"})
-    second = make_wheel(tmp_path / "b", "gwdiff", "1.0", {"gwdiff/config.toml": b"heads = 64\n"})
+    first = write_wheel(tmp_path / "a", "gwdiff", "1.0", {"gwdiff/config.toml": b"heads = 128\n"})
+    second = write_wheel(tmp_path / "b", "gwdiff", "1.0", {"gwdiff/config.toml": b"heads = 64\n"})
     diff = compare_wheels(first, second)
     recorded = Recorded(first, first.name, "fixture", "gwdiff", "a" * 64, "local")
     report = Verification("fixture", "a" * 64, tmp_path / "fixture.lock", "local", tmp_path,

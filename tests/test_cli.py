@@ -4,17 +4,14 @@ GPUWHEEL_* variables, completion of target names, a fast start, and the cache it
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import click
 import pytest
 
 from gpuwheel.cli import main
 
-GPUWHEEL = Path(sys.executable).with_name("gpuwheel")
 # Every command that reports something (issue 14): each takes --json and prints JSON on stdout.
 REPORTING = ("targets", "show", "plan", "fetch", "patches check", "audit", "smoke", "publish", "show-wheel",
              "build", "finish", "cache list", "lock", "ci github")
@@ -33,40 +30,34 @@ def test_every_reporting_command_takes_json(path):
     assert option.is_flag  # a switch for stdout, never a file name (smoke's file is --report)
 
 
-def _run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(GPUWHEEL), *args], capture_output=True, text=True, timeout=120, cwd=cwd,
-                          env={**{k: v for k, v in os.environ.items() if not k.startswith("GPUWHEEL_")},
-                               **(env or {})})
-
-
-def test_results_go_to_stdout_so_they_can_be_piped(tmp_path):
-    shown = _run("plan", "h100")
+def test_results_go_to_stdout_so_they_can_be_piped(gpuwheel_script, tmp_path):
+    shown = gpuwheel_script.run("plan", "h100")
     assert shown.returncode == 0, shown.stderr
     assert "plan hash:" in shown.stdout and shown.stderr == ""
 
 
-def test_options_come_from_gpuwheel_environment_variables():
-    planned = _run("plan", "h100", env={"GPUWHEEL_PLAN_JSON": "1", "GPUWHEEL_PLAN_ONLY": "flash-attn"})
+def test_options_come_from_gpuwheel_environment_variables(gpuwheel_script):
+    planned = gpuwheel_script.run("plan", "h100", GPUWHEEL_PLAN_JSON="1", GPUWHEEL_PLAN_ONLY="flash-attn")
     assert planned.returncode == 0, planned.stderr
     assert [p["name"] for p in json.loads(planned.stdout)["packages"]] == ["flash-attn"]
 
 
-def test_errors_are_one_line_with_the_exit_code_of_their_kind(make_recipe, tmp_path):
+def test_errors_are_one_line_with_the_exit_code_of_their_kind(gpuwheel_script, make_recipe, tmp_path):
     path = make_recipe(tmp_path, extends="h100", toolchain={"cuda_version": "13.0"})
-    result = _run("-q", "plan", str(path))
+    result = gpuwheel_script.run("-q", "plan", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"gpuwheel: error: {path}:{make_recipe.line(path, 'cuda_version = ')}: unknown key [toolchain] 'cuda_version' "
         "(did you mean 'cuda'?)"]
 
 
-def test_shell_completion_offers_the_target_names(tmp_path):
+def test_shell_completion_offers_the_target_names(gpuwheel_script, tmp_path):
     mine = tmp_path / "recipes"
     mine.mkdir()
     (mine / "rtx-lab.toml").write_text('extends = "rtx6000pro"\n')
     env = {"_GPUWHEEL_COMPLETE": "bash_complete", "COMP_WORDS": "gpuwheel plan rtx", "COMP_CWORD": "2",
            "GPUWHEEL_RECIPES": str(mine)}
-    completed = _run(env=env)
+    completed = gpuwheel_script.run(**env)
     assert completed.returncode == 0, completed.stderr
     offered = [line.split(",", 1)[1] for line in completed.stdout.splitlines()]
     assert offered == ["rtx-lab", "rtx6000pro", "rtx6000pro-cu13", "rtx6000pro-torch211"]
@@ -92,24 +83,24 @@ def test_help_and_targets_start_without_the_stage_libraries(tmp_path):
 
 
 # ---- the cache ------------------------------------------------------------------------------------
-def test_cache_dir_list_and_prune(tmp_path):
+def test_cache_dir_list_and_prune(gpuwheel_script, tmp_path):
     env = {"GPUWHEEL_CACHE": str(tmp_path / "cache")}
-    assert _run("cache", "dir", env=env).stdout.strip() == str(tmp_path / "cache")
+    assert gpuwheel_script.run("cache", "dir", **env).stdout.strip() == str(tmp_path / "cache")
     (tmp_path / "cache" / "toolchains" / "local-abc" / "bin").mkdir(parents=True)
     (tmp_path / "cache" / "toolchains" / "local-abc" / "bin" / "python").write_bytes(b"x" * 3000)
     (tmp_path / "cache" / "sources" / "archives").mkdir(parents=True)
     (tmp_path / "cache" / "sources" / "archives" / "demo.tar.gz").write_bytes(b"y" * 500)
 
-    listed = _run("cache", "list", "--json", env=env)
+    listed = gpuwheel_script.run("cache", "list", "--json", **env)
     assert listed.returncode == 0, listed.stderr
     sizes = {part["name"]: part["bytes"] for part in json.loads(listed.stdout)["parts"]}
     assert sizes["toolchains"] == 3000 and sizes["sources"] == 500 and sizes["compile"] == 0
 
-    refused = _run("cache", "prune", env=env)
+    refused = gpuwheel_script.run("cache", "prune", **env)
     assert refused.returncode == 2 and "name the parts to remove" in refused.stderr
-    dry = _run("cache", "prune", "toolchains", "--dry-run", env=env)
+    dry = gpuwheel_script.run("cache", "prune", "toolchains", "--dry-run", **env)
     assert dry.stdout.startswith("would remove toolchains: 3.0 KB") and (tmp_path / "cache" / "toolchains").exists()
-    pruned = _run("cache", "prune", "toolchains", env=env)
+    pruned = gpuwheel_script.run("cache", "prune", "toolchains", **env)
     assert pruned.returncode == 0 and pruned.stdout.startswith("removed toolchains: 3.0 KB")
     assert not (tmp_path / "cache" / "toolchains").exists()
     assert (tmp_path / "cache" / "sources" / "archives" / "demo.tar.gz").exists()  # only what was named

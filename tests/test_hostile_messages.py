@@ -180,12 +180,12 @@ def test_a_full_disk_while_copying_a_tree_is_one_line(gpuwheel, make_recipe, cac
 def test_a_full_temp_dir_while_auditing_is_not_a_corrupt_wheel(gpuwheel, tmp_path, monkeypatch):
     import subprocess
 
-    from audit_helpers import make_wheel as make_binary_wheel
+    from wheels_helpers import write_wheel
     from gpuwheel.audit import members
 
     (tmp_path / "f.c").write_text("int f(void) { return 1; }\n")
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libf.so"), str(tmp_path / "f.c")], check=True)
-    wheel = make_binary_wheel(tmp_path, "demo", "1.0", {"demo/libf.so": tmp_path / "libf.so"})
+    wheel = write_wheel(tmp_path, "demo", "1.0", {"demo/libf.so": tmp_path / "libf.so"})
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -51,6 +51,8 @@ def installed(dist, tmp_path_factory) -> Path:
 
 def _user_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a user outside the checkout: no GPUWHEEL_* of the test run, own cache."""
+    # Not conftest's gpuwheel_script on purpose: these tests run the gpuwheel that a wheel installed into
+    # another venv (or uv tool), so PYTHON* and VIRTUAL_ENV of the test run go too, lest the checkout leak in.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUWHEEL_", "PYTHON", "VIRTUAL_ENV"))}
     env.update({"GPUWHEEL_CACHE": str(tmp_path / "cache"), "COLUMNS": "200", **extra})
     return env

@@ -19,18 +19,17 @@ from gpuwheel.errors import PublishError
 from gpuwheel.layout import target_paths
 from gpuwheel.publish.local import publish_local
 from gpuwheel.static_index import write_static_index
-from publish_helpers import (TARGET, audit_record, fresh_venv, gpuwheel_env, import_value,
-                             index_listing, leftovers, make_wheel, passing_wheel, pip_install, run_gpuwheel,
-                             sha256, start_gpuwheel)
+from publish_helpers import (TARGET, audit_record, fresh_venv, import_value, index_listing, leftovers, make_wheel,
+                             passing_wheel, pip_install, sha256)
 
 
 
-def test_published_target_installs_from_file_url(tmp_path: Path, publish_recipes: Path):
+def test_published_target_installs_from_file_url(tmp_path: Path, publish_recipes: Path, gpuwheel_script):
     staging = target_paths(TARGET, tmp_path / "wheels").staging_dir
     passing_wheel(staging, "gw-alpha", value="alpha")
     passing_wheel(staging, "gw-beta", value="beta")
 
-    result = run_gpuwheel(["publish", TARGET], gpuwheel_env(publish_recipes), cwd=tmp_path)
+    result = gpuwheel_script.run("publish", TARGET, cwd=tmp_path, GPUWHEEL_RECIPES=publish_recipes)
 
     assert result.returncode == 0, result.stderr
     assert "published" in result.stdout
@@ -71,15 +70,14 @@ def test_pages_carry_hashes_metadata_and_requires_python(tmp_path: Path):
     assert report.index_url == (tmp_path / "index/simple").absolute().as_uri()
 
 
-def test_same_wheel_again_is_skipped(tmp_path: Path, publish_recipes: Path):
+def test_same_wheel_again_is_skipped(tmp_path: Path, publish_recipes: Path, gpuwheel_script):
     staging = target_paths(TARGET, tmp_path / "wheels").staging_dir
     wheel = passing_wheel(staging, "gw-alpha")
-    env = gpuwheel_env(publish_recipes)
-    assert run_gpuwheel(["publish", TARGET], env, cwd=tmp_path).returncode == 0
+    assert gpuwheel_script.run("publish", TARGET, cwd=tmp_path, GPUWHEEL_RECIPES=publish_recipes).returncode == 0
     index_dir = tmp_path / "wheels" / TARGET
     before = os.readlink(index_dir / "simple")
 
-    again = run_gpuwheel(["publish", TARGET, "--json"], env, cwd=tmp_path)
+    again = gpuwheel_script.run("publish", TARGET, "--json", cwd=tmp_path, GPUWHEEL_RECIPES=publish_recipes)
 
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
@@ -106,21 +104,21 @@ def test_same_name_different_content_is_refused(tmp_path: Path):
     assert leftovers(index_dir) == []
 
 
-def test_refusal_through_the_cli_is_one_line_with_exit_13(tmp_path: Path, publish_recipes: Path):
+def test_refusal_through_the_cli_is_one_line_with_exit_13(tmp_path: Path, publish_recipes: Path, gpuwheel_script):
     index_dir = tmp_path / "index"
     publish_local([make_wheel(tmp_path / "a", "gw-alpha", value="first")], index_dir)
     changed = tmp_path / "b"
     passing_wheel(changed, "gw-alpha", value="second")
 
-    result = run_gpuwheel(["publish", TARGET, "--wheels", str(changed), "--index-dir", str(index_dir)],
-                          gpuwheel_env(publish_recipes))
+    result = gpuwheel_script.run("publish", TARGET, "--wheels", changed, "--index-dir", index_dir,
+                                 GPUWHEEL_RECIPES=publish_recipes)
 
     assert result.returncode == 13
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("gpuwheel: error: gw_alpha-1.0-py3-none-any.whl is already in")
 
 
-def test_eight_concurrent_publishers_leave_every_wheel_once(tmp_path: Path, publish_recipes: Path):
+def test_eight_concurrent_publishers_leave_every_wheel_once(tmp_path: Path, publish_recipes: Path, gpuwheel_script):
     index_dir = tmp_path / "index"
     shared = make_wheel(tmp_path / "shared", "gw-shared", value="shared", provenance=audit_record())
     processes = []
@@ -129,8 +127,8 @@ def test_eight_concurrent_publishers_leave_every_wheel_once(tmp_path: Path, publ
         directory.mkdir()
         (directory / shared.name).write_bytes(shared.read_bytes())  # every publisher also brings this one
         passing_wheel(directory, f"gw-p{number}", value=str(number))
-        processes.append(start_gpuwheel(["publish", TARGET, "--wheels", str(directory), "--index-dir",
-                                         str(index_dir), "--json"], gpuwheel_env(publish_recipes)))
+        processes.append(gpuwheel_script.start("publish", TARGET, "--wheels", directory, "--index-dir", index_dir,
+                                               "--json", GPUWHEEL_RECIPES=publish_recipes))
 
     outcomes = [(*p.communicate(timeout=300), p.returncode) for p in processes]
 
@@ -148,14 +146,14 @@ def test_eight_concurrent_publishers_leave_every_wheel_once(tmp_path: Path, publ
     assert import_value(python, "gw_p7") == "7"
 
 
-def test_publish_killed_mid_copy_leaves_the_index_valid(tmp_path: Path, publish_recipes: Path):
+def test_publish_killed_mid_copy_leaves_the_index_valid(tmp_path: Path, publish_recipes: Path, gpuwheel_script):
     index_dir = tmp_path / "index"
     publish_local([make_wheel(tmp_path / "first", "gw-alpha", value="alpha")], index_dir)
     before = index_listing(index_dir)
     big = tmp_path / "big"
     passing_wheel(big, "gw-big", payload_bytes=300 << 20)
-    process = start_gpuwheel(["publish", TARGET, "--wheels", str(big), "--index-dir", str(index_dir)],
-                             gpuwheel_env(publish_recipes))
+    process = gpuwheel_script.start("publish", TARGET, "--wheels", big, "--index-dir", index_dir,
+                                    GPUWHEEL_RECIPES=publish_recipes)
 
     # SIGKILL the moment the wheel is being copied under its temp name
     while not any((index_dir / "files").glob(".gw_big*.part")):
@@ -170,8 +168,8 @@ def test_publish_killed_mid_copy_leaves_the_index_valid(tmp_path: Path, publish_
     installed = pip_install(python, (index_dir / "simple").as_uri(), "gw-alpha")
     assert installed.returncode == 0, installed.stderr
     # the next publish clears what the killed one left and completes
-    retry = run_gpuwheel(["publish", TARGET, "--wheels", str(big), "--index-dir", str(index_dir)],
-                         gpuwheel_env(publish_recipes))
+    retry = gpuwheel_script.run("publish", TARGET, "--wheels", big, "--index-dir", index_dir,
+                                GPUWHEEL_RECIPES=publish_recipes)
     assert retry.returncode == 0, retry.stderr
     assert sorted(index_listing(index_dir)) == ["gw_alpha-1.0-py3-none-any.whl", "gw_big-1.0-py3-none-any.whl"]
     assert leftovers(index_dir) == []
@@ -206,22 +204,22 @@ def test_write_static_index_lists_wheels_dropped_into_files(tmp_path: Path):
     assert index_listing(index_dir) == {wheel.name: sha256(wheel)}
 
 
-def test_a_directory_without_wheels_is_an_error(tmp_path: Path, publish_recipes: Path):
+def test_a_directory_without_wheels_is_an_error(tmp_path: Path, publish_recipes: Path, gpuwheel_script):
     (tmp_path / "empty").mkdir()
-    result = run_gpuwheel(["publish", TARGET, "--wheels", str(tmp_path / "empty"), "--index-dir",
-                           str(tmp_path / "index")], gpuwheel_env(publish_recipes))
+    result = gpuwheel_script.run("publish", TARGET, "--wheels", tmp_path / "empty", "--index-dir", tmp_path / "index",
+                                 GPUWHEEL_RECIPES=publish_recipes)
     assert result.returncode == 13
     assert result.stderr.strip().splitlines() == [f"gpuwheel: error: no wheels in {tmp_path / 'empty'} "
                                                   "(build the target first, or pass --wheels DIR)"]
     assert not (tmp_path / "index").exists()
 
 
-def test_a_broken_wheel_is_refused_before_anything_is_written(tmp_path: Path, publish_recipes: Path):
+def test_a_broken_wheel_is_refused_before_anything_is_written(tmp_path: Path, publish_recipes: Path, gpuwheel_script):
     directory = tmp_path / "in"
     passing_wheel(directory, "gw-alpha")
     (directory / "gw_broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
-    result = run_gpuwheel(["publish", TARGET, "--wheels", str(directory), "--index-dir",
-                           str(tmp_path / "index"), "--force"], gpuwheel_env(publish_recipes))
+    result = gpuwheel_script.run("publish", TARGET, "--wheels", directory, "--index-dir", tmp_path / "index",
+                                 "--force", GPUWHEEL_RECIPES=publish_recipes)
     assert result.returncode == 10
     assert "gw_broken-1.0-py3-none-any.whl: cannot read the wheel" in result.stderr
     assert not (tmp_path / "index").exists()

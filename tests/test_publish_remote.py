@@ -13,8 +13,7 @@ import requests
 from gpuwheel.errors import PublishError
 from gpuwheel.publish.local import publish_local
 from gpuwheel.publish.remote import publish_remote
-from publish_helpers import (TARGET, fresh_venv, gpuwheel_env, import_value, make_wheel,
-                             passing_wheel, pip_install, run_gpuwheel, sha256)
+from publish_helpers import TARGET, fresh_venv, import_value, make_wheel, passing_wheel, pip_install, sha256
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +25,20 @@ def credentials(server, password: str | None = None) -> dict[str, str]:
     return {"TWINE_USERNAME": server.user, "TWINE_PASSWORD": password or server.password}
 
 
-def upload(server, publish_recipes: Path, wheels: Path, *extra: str, password: str | None = None):
-    return run_gpuwheel(["publish", TARGET, "--wheels", str(wheels), "--repository", server.url, *extra],
-                        gpuwheel_env(publish_recipes, **credentials(server, password)))
+@pytest.fixture
+def upload(server, publish_recipes: Path, gpuwheel_script):
+    """`gpuwheel publish TARGET --wheels WHEELS --repository SERVER EXTRA...` with the server's login (or
+    `password` instead of its own) in TWINE_*, in its own process."""
+    def run(wheels: Path, *extra: str, password: str | None = None):
+        return gpuwheel_script.run("publish", TARGET, "--wheels", wheels, "--repository", server.url, *extra,
+                                   GPUWHEEL_RECIPES=publish_recipes, **credentials(server, password))
+    return run
 
 
-def test_upload_then_pip_install_from_the_server(tmp_path: Path, server, publish_recipes: Path):
+def test_upload_then_pip_install_from_the_server(tmp_path: Path, server, upload):
     wheel = passing_wheel(tmp_path / "in", "gw-remote-alpha", value="remote")
 
-    result = upload(server, publish_recipes, tmp_path / "in", "--json")
+    result = upload(tmp_path / "in", "--json")
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -49,23 +53,23 @@ def test_upload_then_pip_install_from_the_server(tmp_path: Path, server, publish
     assert import_value(python, "gw_remote_alpha") == "remote"
 
 
-def test_same_wheel_again_is_skipped(tmp_path: Path, server, publish_recipes: Path):
+def test_same_wheel_again_is_skipped(tmp_path: Path, server, upload):
     wheel = passing_wheel(tmp_path / "in", "gw-remote-beta")
-    assert upload(server, publish_recipes, tmp_path / "in").returncode == 0
+    assert upload(tmp_path / "in").returncode == 0
 
-    again = upload(server, publish_recipes, tmp_path / "in")
+    again = upload(tmp_path / "in")
 
     assert again.returncode == 0, again.stderr
     assert "skipped: already there with the same sha256" in again.stdout
     assert (server.packages / wheel.name).read_bytes() == wheel.read_bytes()
 
 
-def test_same_name_different_content_is_refused(tmp_path: Path, server, publish_recipes: Path):
+def test_same_name_different_content_is_refused(tmp_path: Path, server, upload):
     first = passing_wheel(tmp_path / "a", "gw-remote-gamma", value="first")
-    assert upload(server, publish_recipes, tmp_path / "a").returncode == 0
+    assert upload(tmp_path / "a").returncode == 0
     passing_wheel(tmp_path / "b", "gw-remote-gamma", value="second")
 
-    result = upload(server, publish_recipes, tmp_path / "b")
+    result = upload(tmp_path / "b")
 
     assert result.returncode == 13
     [line] = result.stderr.strip().splitlines()
@@ -76,11 +80,11 @@ def test_same_name_different_content_is_refused(tmp_path: Path, server, publish_
 
 
 def test_wrong_password_is_one_clear_line_without_the_password(tmp_path: Path, server,
-                                                               publish_recipes: Path):
+                                                               upload):
     wheel = passing_wheel(tmp_path / "in", "gw-remote-delta")
     wrong = "Sup3r-Secret-Wrong-Pw"
 
-    result = upload(server, publish_recipes, tmp_path / "in", password=wrong)
+    result = upload(tmp_path / "in", password=wrong)
 
     assert result.returncode == 13
     [line] = result.stderr.strip().splitlines()
@@ -90,25 +94,25 @@ def test_wrong_password_is_one_clear_line_without_the_password(tmp_path: Path, s
     assert not (server.packages / wheel.name).exists()
 
 
-def test_pypirc_section_names_the_repository(tmp_path: Path, server, publish_recipes: Path):
+def test_pypirc_section_names_the_repository(tmp_path: Path, server, publish_recipes: Path, gpuwheel_script):
     wheel = passing_wheel(tmp_path / "in", "gw-remote-epsilon")
     pypirc = tmp_path / "pypirc"
     pypirc.write_text(f"[distutils]\nindex-servers = internal\n\n[internal]\nrepository = {server.url}\n"
                       f"username = {server.user}\npassword = {server.password}\n")
 
-    result = run_gpuwheel(["publish", TARGET, "--wheels", str(tmp_path / "in"), "--repository", "internal",
-                           "--config-file", str(pypirc)], gpuwheel_env(publish_recipes))
+    result = gpuwheel_script.run("publish", TARGET, "--wheels", tmp_path / "in", "--repository", "internal",
+                                 "--config-file", pypirc, GPUWHEEL_RECIPES=publish_recipes)
 
     assert result.returncode == 0, result.stderr
     assert server.password not in result.stdout + result.stderr
     assert (server.packages / wheel.name).is_file()
 
 
-def test_no_credentials_is_a_clear_error(tmp_path: Path, server, publish_recipes: Path):
+def test_no_credentials_is_a_clear_error(tmp_path: Path, server, publish_recipes: Path, gpuwheel_script):
     passing_wheel(tmp_path / "in", "gw-remote-zeta")
-    result = run_gpuwheel(["publish", TARGET, "--wheels", str(tmp_path / "in"), "--repository", server.url,
-                           "--config-file", str(tmp_path / "missing-pypirc")],
-                          gpuwheel_env(publish_recipes, PYTHON_KEYRING_BACKEND="keyring.backends.null.Keyring"))
+    result = gpuwheel_script.run("publish", TARGET, "--wheels", tmp_path / "in", "--repository", server.url,
+                                 "--config-file", tmp_path / "missing-pypirc", GPUWHEEL_RECIPES=publish_recipes,
+                                 PYTHON_KEYRING_BACKEND="keyring.backends.null.Keyring")
     assert result.returncode == 13
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"gpuwheel: error: cannot use repository {server.url}: Credential not found for ")
@@ -149,17 +153,17 @@ def test_pep691_json_simple_pages_are_read_for_the_check(tmp_path: Path, server,
     assert not (server.packages / wheel.name).exists()  # nothing was uploaded
 
 
-def test_open_index_listing_only_md5(tmp_path: Path, publish_recipes: Path, pypi_server):
+def test_open_index_listing_only_md5(tmp_path: Path, publish_recipes: Path, gpuwheel_script, pypi_server):
     """An index without login (empty credentials) whose pages carry md5: the file is downloaded and
     hashed to decide."""
     server = pypi_server(open_uploads=True, hash_algo="md5")
-    env = gpuwheel_env(publish_recipes, TWINE_USERNAME="", TWINE_PASSWORD="")
+    env = {"GPUWHEEL_RECIPES": publish_recipes, "TWINE_USERNAME": "", "TWINE_PASSWORD": ""}
     passing_wheel(tmp_path / "a", "gw-open", value="first")
     args = ["publish", TARGET, "--repository", server.url, "--wheels"]
-    assert run_gpuwheel([*args, str(tmp_path / "a")], env).returncode == 0
+    assert gpuwheel_script.run(*args, tmp_path / "a", **env).returncode == 0
     assert "#md5=" in requests.get(server.url + "simple/gw-open/").text
-    again = run_gpuwheel([*args, str(tmp_path / "a")], env)
+    again = gpuwheel_script.run(*args, tmp_path / "a", **env)
     passing_wheel(tmp_path / "b", "gw-open", value="second")
-    changed = run_gpuwheel([*args, str(tmp_path / "b")], env)
+    changed = gpuwheel_script.run(*args, tmp_path / "b", **env)
     assert again.returncode == 0 and "skipped" in again.stdout, again.stderr
     assert changed.returncode == 13 and "is already on" in changed.stderr

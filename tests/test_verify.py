@@ -19,7 +19,7 @@ from elftools.elf.elffile import ELFFile
 from packaging.utils import parse_wheel_filename
 from packaging.version import Version
 
-from audit_helpers import make_wheel
+from wheels_helpers import write_wheel
 from build_helpers import SHARED_CACHE, fixture_recipe
 from gpuwheel.wheeldiff import compare_wheels
 from wheels_helpers import rewrite_member
@@ -47,10 +47,8 @@ def _section_of(data: bytes, name: str) -> tuple[int, int]:
 
 
 def _wheel(directory: Path, library: Path, *, config: str = "heads = 128\n", extra: dict | None = None) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    return make_wheel(directory, "gwdiff", "1.0", {"gwdiff/libgreeting.so": library, "gwdiff/config.toml":
-                                                   config.encode(), "gwdiff/__init__.py": b""},
-                      extra_members=extra)
+    return write_wheel(directory, "gwdiff", "1.0", {"gwdiff/libgreeting.so": library, "gwdiff/config.toml":
+                                                    config.encode(), "gwdiff/__init__.py": b"", **(extra or {})})
 
 
 # ---- the comparison, on wheels made here ---------------------------------------------------------------
@@ -154,9 +152,7 @@ def _error_line(result) -> str:
 
 def _recording_wheel(directory: Path, provenance: dict) -> Path:
     """A wheel whose gpuwheel.json says what a finished one would (the refusals read nothing else)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    return make_wheel(directory, "gwfixture", "0.1.0", {"gwfixture/__init__.py": b""},
-                      extra_members={"gwfixture-0.1.0.dist-info/gpuwheel.json": json.dumps(provenance).encode()})
+    return write_wheel(directory, "gwfixture", "0.1.0", {"gwfixture/__init__.py": b""}, provenance=provenance)
 
 
 def _fixture_plan_hash(recipe: Path) -> str:
@@ -167,7 +163,7 @@ def _fixture_plan_hash(recipe: Path) -> str:
 
 
 def test_a_wheel_without_provenance_is_refused(gpuwheel, tmp_path):
-    wheel = make_wheel(tmp_path, "gwfixture", "0.1.0", {"gwfixture/__init__.py": b""})
+    wheel = write_wheel(tmp_path, "gwfixture", "0.1.0", {"gwfixture/__init__.py": b""})
 
     result = gpuwheel("verify", wheel)
 

@@ -1,16 +1,24 @@
-"""Real raw wheels for the finishing tests: kernels compiled by the machine's nvcc, linked against torch's
-own libc10/libtorch (taken from the torch 2.14.1 CUDA wheel on this disk) and the CUDA runtime, and
-packed by `pip wheel` of a tiny setuptools project, as the build stage's `pip wheel` packs vLLM."""
+"""Test wheels. `write_wheel` is the tests' one writer of a wheel from its members (every test wheel not
+made by a real build goes through it). The rest are real raw wheels for the finishing tests: kernels
+compiled by the machine's nvcc, linked against torch's own libc10/libtorch (taken from the torch 2.14.1
+CUDA wheel on this disk) and the CUDA runtime, and packed by `pip wheel` of a tiny setuptools project,
+as the build stage's `pip wheel` packs vLLM."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import platform
 import shutil
 import subprocess
 import sys
 import textwrap
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+
+from gpuwheel.wheelfile import PROVENANCE_FILE, check_wheel, provenance_text
+from packaging.utils import canonicalize_name
 
 NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
 TORCH_WHEEL = Path("/opt/pypi-more/files/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl")
@@ -39,6 +47,42 @@ class BinaryDistribution(Distribution):
 setup(name={name!r}, version={version!r}, packages=[{package!r}], package_data={{{package!r}: ["*.so"]}},
       scripts={scripts!r}, distclass=BinaryDistribution)
 """
+
+
+def write_wheel(directory: Path, name: str, version: str = "1.0", files: Mapping[str, bytes | Path] | None = None, *,
+                tag: str = "cp311-cp311-linux_x86_64", provenance: Mapping | None = None,
+                metadata: Mapping[str, str] | None = None, compression: int = zipfile.ZIP_DEFLATED,
+                check: bool = True) -> Path:
+    """A wheel in `directory` holding `files` (member path → bytes, or a file whose bytes to take) and a
+    .dist-info with METADATA (Name, Version, then the `metadata` fields), WHEEL (`tag`; Root-Is-Purelib
+    for a -any wheel), gpuwheel.json when `provenance` is given (written as the finish stage writes it)
+    and a RECORD with every member's sha256 and size. Members deflated as pip's wheels are, or stored
+    (`zipfile.ZIP_STORED`), which the zip format allows too.
+
+    Not wheelfile.repack: that rewrites a wheel that exists, always with a gpuwheel.json and deflated.
+    check=True (the default) has gpuwheel's own check_wheel accept the result, so a test wheel is one
+    gpuwheel agrees is valid; check=False only for a test that writes a wheel gpuwheel must refuse
+    (a member outside the install root)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{canonicalize_name(name).replace('-', '_')}-{version}"
+    dist_info = f"{stem}.dist-info"
+    fields = {"Metadata-Version": "2.1", "Name": name, "Version": version, **(metadata or {})}
+    contents = {path: (data.read_bytes() if isinstance(data, Path) else data) for path, data in (files or {}).items()}
+    contents[f"{dist_info}/METADATA"] = "".join(f"{key}: {value}\n" for key, value in fields.items()).encode()
+    contents[f"{dist_info}/WHEEL"] = (f"Wheel-Version: 1.0\nGenerator: gpuwheel-tests\n"
+                                      f"Root-Is-Purelib: {str(tag.endswith('-any')).lower()}\nTag: {tag}\n").encode()
+    if provenance is not None:
+        contents[f"{dist_info}/{PROVENANCE_FILE}"] = provenance_text(provenance).encode()
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+              f"{len(data)}" for path, data in contents.items()]
+    contents[f"{dist_info}/RECORD"] = ("\n".join([*record, f"{dist_info}/RECORD,,"]) + "\n").encode()
+    wheel = directory / f"{stem}-{tag}.whl"
+    with zipfile.ZipFile(wheel, "w", compression) as archive:
+        for path, data in contents.items():
+            archive.writestr(path, data)
+    if check:
+        check_wheel(wheel)
+    return wheel
 
 
 def toolchain() -> dict[str, str]:
