@@ -30,7 +30,7 @@ from gpuwheel.recipe_values import (
     Source,
     Target,
     Toolchain,
-    closest,
+    typo_hint,
 )
 from gpuwheel.redact import safe_text, safe_tree
 
@@ -287,10 +287,9 @@ def _select(recipe: Recipe, only: tuple[str, ...]) -> tuple[PackageRecipe, ...]:
     names = [p.name for p in recipe.packages]
     for name in only:
         if name not in names:
-            close = closest(name, names)
             raise RecipeError(
                 f"{recipe.path.name}: --only {name}: the recipe has no package '{name}'",
-                hint=f"did you mean '{close}'?" if close else f"packages: {', '.join(names)}",
+                hint=typo_hint(name, names, f"packages: {', '.join(names)}"),
             )
     return tuple(p for p in recipe.packages if not only or p.name in only)
 

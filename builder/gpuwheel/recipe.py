@@ -40,8 +40,8 @@ from gpuwheel.recipe_values import (
     Source,
     Target,
     Toolchain,
-    closest,
     display_path,
+    typo_hint,
     url_filename,
 )
 from gpuwheel.shipped import CHECKOUT, shipped
@@ -197,9 +197,8 @@ def _locate(ref: str, relative_to: Path | None, extending: Path | None = None) -
     known = list_targets() + sorted(
         {f"_base/{p.stem}" for folder in recipe_paths() for p in (folder / "_base").glob("*.toml")}
     )
-    close = closest(ref, known)
     where = f"{display_path(relative_to)}: " if relative_to else ""
-    hint = f"did you mean '{close}'?" if close else f"known targets: {', '.join(list_targets())}"
+    hint = typo_hint(ref, known, f"known targets: {', '.join(list_targets())}")
     raise RecipeError(f"{where}unknown target '{ref}'", hint=hint)
 
 
@@ -373,8 +372,7 @@ def _check_table(table: dict, schema_name: str, line_path: str, path: Path, line
         where = f"{display_path(path)}:{lines.get(key_path, lines.get(line_path, 1))}"
         label = f"[{schema_name}] " if schema_name else ""
         if key not in allowed:
-            close = closest(key, allowed)
-            hint = f"did you mean '{close}'?" if close else f"valid keys: {', '.join(allowed)}"
+            hint = typo_hint(key, allowed, f"valid keys: {', '.join(allowed)}")
             raise RecipeError(f"{where}: unknown key {label}'{key}'", hint=hint)
         expected = allowed[key]
         sub_schema = f"{schema_name}.{key}" if schema_name else key
@@ -492,10 +490,9 @@ def _build(path: Path, data: dict, origins: dict[str, Origin], files: tuple[Path
         if key in b and not 1 <= b[key] <= MAX_JOBS:
             raise RecipeError(f"{where('build.' + key)}: build.{key} must be from 1 to {MAX_JOBS}, got {b[key]}")
     if "engine" in b and b["engine"] not in ENGINES:
-        close = closest(b["engine"], ENGINES) if b["engine"] else None
         raise RecipeError(
             f"{where('build.engine')}: unknown engine '{b['engine']}'",
-            hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(ENGINES)}",
+            hint=typo_hint(b["engine"], ENGINES, f"use one of {', '.join(ENGINES)}"),
         )
     if "base_image" in tc and (problem := image_reference_problem(tc["base_image"])):
         raise RecipeError(f"{where('toolchain.base_image')}: base_image '{tc['base_image']}' names no image: {problem}")
@@ -529,18 +526,16 @@ def _package(entry: dict, prefix: str, where, origin_of, origins: dict[str, Orig
     source = _source(entry["source"], f"{prefix}.source", where)
     kind_name = entry.get("kind", registry.default_kind(entry["name"]))
     if kind_name not in registry.KINDS:
-        close = closest(kind_name, registry.KINDS)
         raise RecipeError(
             f"{where(prefix + '.kind')}: unknown package kind '{kind_name}'",
-            hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(registry.KINDS)}",
+            hint=typo_hint(kind_name, registry.KINDS, f"use one of {', '.join(registry.KINDS)}"),
         )
     kind = registry.get(kind_name)
     profile = entry.get("profile", "full")
     if profile not in PROFILES:
-        close = closest(profile, PROFILES)
         raise RecipeError(
             f"{where(prefix + '.profile')}: unknown profile '{profile}'",
-            hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(PROFILES)}",
+            hint=typo_hint(profile, PROFILES, f"use one of {', '.join(PROFILES)}"),
         )
     if profile != "full" and profile not in kind.profiles:
         owner = next(k.name for k in registry.KINDS.values() if profile in k.profiles)
@@ -605,10 +600,9 @@ def _package(entry: dict, prefix: str, where, origin_of, origins: dict[str, Orig
         )
     rust_frontend = entry.get("rust_frontend", "off")
     if rust_frontend not in RUST_MODES:
-        close = closest(rust_frontend, RUST_MODES)
         raise RecipeError(
             f"{where(prefix + '.rust_frontend')}: unknown rust_frontend '{rust_frontend}'",
-            hint=f"did you mean '{close}'?" if close else f"use one of {', '.join(RUST_MODES)}",
+            hint=typo_hint(rust_frontend, RUST_MODES, f"use one of {', '.join(RUST_MODES)}"),
         )
     cargo_vendor = None
     if "cargo_vendor" in entry:

@@ -175,3 +175,10 @@ def closest(word: str, choices) -> str | None:
         return match[0]
     containing = [c for c in choices if c and (c in word or word in c)]
     return max(containing, key=len) if containing else None
+
+
+def typo_hint(word: str, choices, otherwise: str) -> str:
+    """The hint for an unknown name: "did you mean '…'?" where a valid one is close, else `otherwise`
+    (the valid names). An empty name is close to none: every name contains it."""
+    close = closest(word, choices) if word else None
+    return f"did you mean '{close}'?" if close else otherwise

@@ -34,7 +34,8 @@ from requests import RequestException
 
 from gpuwheel.cache import cache_root
 from gpuwheel.errors import ToolchainError
-from gpuwheel.recipe import ENGINE_VARIABLE, ENGINES, closest
+from gpuwheel.recipe import ENGINE_VARIABLE, ENGINES
+from gpuwheel.recipe_values import closest
 from gpuwheel.run import background, last_line
 
 DOCKER_SOCKET = "unix:///var/run/docker.sock"

@@ -10,7 +10,7 @@ from gpuwheel import facts
 from gpuwheel.errors import RecipeError
 from gpuwheel.kinds.base import Kind, SmokeGroup, archs, plan_env
 from gpuwheel.provenance import Provenance
-from gpuwheel.recipe_values import InferenceProfile, PackageRecipe, Recipe, closest
+from gpuwheel.recipe_values import InferenceProfile, PackageRecipe, Recipe, typo_hint
 
 # FLASH_ATTN_CUDA_ARCHS values its setup.py turns into `code=sm_NN` (SASS only, no PTX), and the
 # toolkit each needs (setup.py checks bare-metal nvcc ≥ 11.8 / 12.8).
@@ -38,10 +38,9 @@ def inference_profile(spec: dict, where) -> InferenceProfile:
             )
     for feature in disable:
         if feature not in FEATURES:
-            close = closest(feature, FEATURES)
             raise RecipeError(
                 f"{where('inference.disable')}: unknown feature '{feature}'",
-                hint=f"did you mean '{close}'?" if close else f"choose from {', '.join(FEATURES)}",
+                hint=typo_hint(feature, FEATURES, f"choose from {', '.join(FEATURES)}"),
             )
     return InferenceProfile(head_dims=tuple(sorted(set(head_dims))), disable=tuple(sorted(set(disable))))
 

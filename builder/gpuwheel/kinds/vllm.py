@@ -26,7 +26,7 @@ from gpuwheel import facts
 from gpuwheel.errors import RecipeError
 from gpuwheel.kinds.base import DEPS, Kind, MeasuredBuild, SmokeGroup, StandIn, archs
 from gpuwheel.provenance import Provenance
-from gpuwheel.recipe_values import PackageRecipe, Recipe, ServingProfile, closest
+from gpuwheel.recipe_values import PackageRecipe, Recipe, ServingProfile, typo_hint
 from gpuwheel.smoke import vllm as vllm_checks
 from gpuwheel.smoke.report import FAIL, PASS, CheckResult
 
@@ -298,12 +298,11 @@ def serving_profile(spec: dict, where) -> ServingProfile:
     ):
         for value in values:
             if value not in valid:
-                close = closest(str(value), [str(v) for v in valid])
                 raise RecipeError(
                     f"{where(f'serving.{key}')}: '{value}' is not one of vLLM's FA2 {key.replace('_', ' ')}"
                     if key != "omit"
                     else f"{where('serving.omit')}: '{value}' is no kernel family gpuwheel can leave out of vLLM",
-                    hint=f"did you mean '{close}'?" if close else f"choose from {', '.join(map(str, valid))}",
+                    hint=typo_hint(str(value), [str(v) for v in valid], f"choose from {', '.join(map(str, valid))}"),
                 )
     if not head_dims or not dtypes:
         raise RecipeError(
