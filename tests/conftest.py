@@ -23,7 +23,7 @@ import requests
 import tomli_w
 from click.testing import CliRunner
 
-from build_helpers import FIXTURE_TOOLCHAIN, SHARED_CACHE
+from build_helpers import FIXTURE_TOOLCHAIN, SHARED_CACHE, fixture_recipe
 from gpuwheel.cli import main
 from gpuwheel.shipped import CHECKOUT
 from publish_helpers import publish_recipe
@@ -310,6 +310,19 @@ class PypiServer:
             self.process.kill()
             self.process.wait()
         self.log.close()
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory, make_recipe):
+    """The fixture recipe and the lock `gpuwheel lock` wrote beside it, once per test module (pip
+    resolves the toolchain's torch for it): (recipe, lock file, the CLI result)."""
+    directory = tmp_path_factory.mktemp("locked")
+    recipe = make_recipe(directory, **fixture_recipe())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
+        result = CliRunner().invoke(main, ["lock", str(recipe)])
+    assert result.exit_code == 0, result.stderr
+    return recipe, directory / "fixture.lock", result
 
 
 @pytest.fixture(scope="module")

@@ -20,22 +20,6 @@ else:
 pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
-@pytest.fixture(scope="module")
-def locked(tmp_path_factory, make_recipe):
-    """A fixture recipe and the lock `gpuwheel lock` wrote for it (pip resolves torch once per module)."""
-    from click.testing import CliRunner
-
-    from gpuwheel.cli import main
-
-    directory = tmp_path_factory.mktemp("locked")
-    recipe = make_recipe(directory, **fixture_recipe())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
-        result = CliRunner().invoke(main, ["lock", str(recipe)])
-    assert result.exit_code == 0, result.stderr
-    return recipe, directory / "fixture.lock", result
-
-
 def _error_line(result) -> str:
     [line] = [l for l in result.stderr.splitlines() if l.startswith("gpuwheel: error:")]
     return line

@@ -130,19 +130,9 @@ def test_the_same_members_in_another_archive_say_how_the_zip_differs(tmp_path):
 
 # ---- gpuwheel verify: refusals before anything is built ----------------------------------------------------
 @pytest.fixture(scope="module")
-def locked(tmp_path_factory, make_recipe):
-    """A fixture recipe and the lock `gpuwheel lock` wrote for it."""
-    from click.testing import CliRunner
-
-    from gpuwheel.cli import main
-
-    directory = tmp_path_factory.mktemp("verify-recipes")
-    recipe = make_recipe(directory, **fixture_recipe())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
-        result = CliRunner().invoke(main, ["lock", str(recipe)])
-    assert result.exit_code == 0, result.stderr
-    return directory
+def locked_dir(locked) -> Path:
+    """The folder of the fixture recipe and the lock `gpuwheel lock` wrote for it (conftest's `locked`)."""
+    return locked[0].parent
 
 
 def _error_line(result) -> str:
@@ -183,8 +173,8 @@ def test_a_wheel_naming_a_path_for_its_target_is_refused_before_any_recipe_is_re
     assert "its gpuwheel.json has no usable target ('../../etc/x')" in _error_line(result)
 
 
-def test_a_wheel_whose_target_is_not_on_the_recipe_path_is_refused(gpuwheel, tmp_path, locked):
-    wheel = _recording_wheel(tmp_path, {"target": "fixture", "plan_hash": _fixture_plan_hash(locked / "fixture.toml"),
+def test_a_wheel_whose_target_is_not_on_the_recipe_path_is_refused(gpuwheel, tmp_path, locked_dir):
+    wheel = _recording_wheel(tmp_path, {"target": "fixture", "plan_hash": _fixture_plan_hash(locked_dir / "fixture.toml"),
                                         "package": {"name": "gwfixture"}})
 
     result = gpuwheel("verify", wheel)
@@ -195,54 +185,54 @@ def test_a_wheel_whose_target_is_not_on_the_recipe_path_is_refused(gpuwheel, tmp
                                    "(gpuwheel --recipes DIR verify …, or GPUWHEEL_RECIPES), or name it: --target RECIPE)")
 
 
-def test_a_lock_of_another_plan_is_refused_naming_both_plans(gpuwheel, tmp_path, locked, make_recipe):
+def test_a_lock_of_another_plan_is_refused_naming_both_plans(gpuwheel, tmp_path, locked_dir, make_recipe):
     # the wheel was built when the recipe said 12.0 only
     other = _fixture_plan_hash(make_recipe(tmp_path, **fixture_recipe(archs="12.0")))
     wheel = _recording_wheel(tmp_path / "wheel", {"target": "fixture", "plan_hash": other,
                                                   "package": {"name": "gwfixture"}})
 
-    result = gpuwheel("--recipes", locked, "verify", wheel)
+    result = gpuwheel("--recipes", locked_dir, "verify", wheel)
 
     assert result.exit_code == 21
-    lock_hash = _fixture_plan_hash(locked / "fixture.toml")
+    lock_hash = _fixture_plan_hash(locked_dir / "fixture.toml")
     assert _error_line(result) == (
-        f"gpuwheel: error: {locked / 'fixture.lock'} locks plan {lock_hash[:16]}, {wheel.name} was built from plan "
+        f"gpuwheel: error: {locked_dir / 'fixture.lock'} locks plan {lock_hash[:16]}, {wheel.name} was built from plan "
         f"{other[:16]}; the recipe gives neither now (verify with the lock and recipes of the commit that built the "
         "wheel (--lock LOCK, --recipes DIR))")
 
 
-def test_a_recipe_changed_since_the_lock_and_the_wheel_names_the_drift(gpuwheel, tmp_path, locked, make_recipe):
+def test_a_recipe_changed_since_the_lock_and_the_wheel_names_the_drift(gpuwheel, tmp_path, locked_dir, make_recipe):
     recipes = tmp_path / "recipes"
     make_recipe(recipes, **fixture_recipe(archs="12.0"))
-    wheel = _recording_wheel(tmp_path, {"target": "fixture", "plan_hash": _fixture_plan_hash(locked / "fixture.toml"),
+    wheel = _recording_wheel(tmp_path, {"target": "fixture", "plan_hash": _fixture_plan_hash(locked_dir / "fixture.toml"),
                                         "package": {"name": "gwfixture"}})
 
-    result = gpuwheel("verify", wheel, "--target", recipes / "fixture.toml", "--lock", locked / "fixture.lock")
+    result = gpuwheel("verify", wheel, "--target", recipes / "fixture.toml", "--lock", locked_dir / "fixture.lock")
 
     assert result.exit_code == 21
     assert "the lock is stale: target.torch_cuda_arch_list is '12.0' now, '9.0a;12.0' in the lock" \
         in _error_line(result)
 
 
-def test_wheels_of_two_builds_or_a_recipe_of_another_target_are_refused(gpuwheel, tmp_path, locked):
-    plan = _fixture_plan_hash(locked / "fixture.toml")
+def test_wheels_of_two_builds_or_a_recipe_of_another_target_are_refused(gpuwheel, tmp_path, locked_dir):
+    plan = _fixture_plan_hash(locked_dir / "fixture.toml")
     first = _recording_wheel(tmp_path / "a", {"target": "fixture", "plan_hash": plan, "package": {"name": "gwfixture"}})
     second = _recording_wheel(tmp_path / "b", {"target": "other", "plan_hash": plan, "package": {"name": "gwfixture"}})
 
-    two_builds = gpuwheel("--recipes", locked, "verify", first, second)
-    other_recipe = gpuwheel("verify", second, "--target", locked / "fixture.toml")
+    two_builds = gpuwheel("--recipes", locked_dir, "verify", first, second)
+    other_recipe = gpuwheel("verify", second, "--target", locked_dir / "fixture.toml")
 
     assert two_builds.exit_code == 10
     assert _error_line(two_builds) == (f"gpuwheel: error: the wheels record 2 builds (fixture plan {plan[:16]}, other "
                                        f"plan {plan[:16]}) (verify the wheels of one build at a time)")
     assert other_recipe.exit_code == 2
-    no_package = gpuwheel("--recipes", locked, "verify", _recording_wheel(tmp_path / "c", {
+    no_package = gpuwheel("--recipes", locked_dir, "verify", _recording_wheel(tmp_path / "c", {
         "target": "fixture", "plan_hash": plan, "package": {"name": "vllm"}}))
     assert no_package.exit_code == 2
-    assert _error_line(no_package) == (f"gpuwheel: error: {locked / 'fixture.toml'}: no package 'vllm', which "
+    assert _error_line(no_package) == (f"gpuwheel: error: {locked_dir / 'fixture.toml'}: no package 'vllm', which "
                                        "gwfixture-0.1.0-cp311-cp311-linux_x86_64.whl is (name the recipe the wheel "
                                        "was built from (--target RECIPE))")
-    assert _error_line(other_recipe) == (f"gpuwheel: error: {locked / 'fixture.toml'} is the recipe of target "
+    assert _error_line(other_recipe) == (f"gpuwheel: error: {locked_dir / 'fixture.toml'} is the recipe of target "
                                          f"'fixture', {second.name} was built for target 'other' (name the recipe "
                                          "the wheel was built from)")
 
@@ -280,14 +270,14 @@ def _record_mismatches(wheel: Path) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH: the rebuild compiles CUDA code")
 def test_verify_rebuilds_a_locked_wheel_to_the_same_bytes_and_names_a_tampered_section(gpuwheel, monkeypatch,
-                                                                                       tmp_path, locked):
+                                                                                       tmp_path, locked_dir):
     monkeypatch.setenv("GPUWHEEL_CACHE", str(SHARED_CACHE))
     out = tmp_path / "staging"
-    built = gpuwheel("build", locked / "fixture.toml", "--backend", "local", "--locked", "--out", out, "--json")
+    built = gpuwheel("build", locked_dir / "fixture.toml", "--backend", "local", "--locked", "--out", out, "--json")
     assert built.exit_code == 0, built.stderr
     [wheel] = out.glob("*.whl")
 
-    verified = gpuwheel("--recipes", locked, "verify", wheel)
+    verified = gpuwheel("--recipes", locked_dir, "verify", wheel)
 
     assert verified.exit_code == 0, verified.stderr
     assert f"✓ {wheel.name}: the same sha256 {hashlib.sha256(wheel.read_bytes()).hexdigest()}" in verified.stdout
@@ -296,7 +286,7 @@ def test_verify_rebuilds_a_locked_wheel_to_the_same_bytes_and_names_a_tampered_s
     tampered, member = _tampered(wheel, tmp_path / "tampered" / wheel.name, ".text")
     assert _record_mismatches(tampered) == []  # still a valid wheel: RECORD hashes the tampered .so
 
-    result = gpuwheel("--recipes", locked, "verify", tampered)
+    result = gpuwheel("--recipes", locked_dir, "verify", tampered)
 
     assert result.exit_code == 22
     assert _error_line(result).startswith(f"gpuwheel: error: {wheel.name}: the rebuild is not the same bytes: "
@@ -304,7 +294,7 @@ def test_verify_rebuilds_a_locked_wheel_to_the_same_bytes_and_names_a_tampered_s
     assert "ELF sections differ: .text; first differing byte at" in _error_line(result)
     assert f"  {member}: same size (" in result.stdout
     assert "    wheel:   0x" in result.stdout and "    rebuilt: 0x" in result.stdout
-    report = gpuwheel("verify", tampered, "--target", locked / "fixture.toml", "--json")
+    report = gpuwheel("verify", tampered, "--target", locked_dir / "fixture.toml", "--json")
     assert report.exit_code == 22
     [check] = report.json()["wheels"]
     assert [(m["name"], m["at_section"].split("+")[0]) for m in check["diff"]["members"] if m["kind"] == "elf"] == \
