@@ -440,26 +440,27 @@ def test_fused_moe_kernel_token_offsets_are_int64(version, trees):
 
 # ------------------------------------------------------- 0003 vllm-flash-attn FA2 archs
 
-LOOSE_INTERSECTION = """cmake_minimum_required(VERSION 3.20)
-include("{utils}")
-foreach(_target {targets})
-  cuda_archs_loose_intersection(_out "{src}" "${{_target}}")
-  message("${{_target}}=${{_out}}")
-endforeach()
-"""
-
-
 def fa2_arch_list(cmake_text: str) -> str:
     match = re.search(r'cuda_archs_loose_intersection\(FA2_ARCHS\s+"([^"]+)"', cmake_text)
     assert match, "no FA2_ARCHS line"
     return match.group(1)
 
 
-def loose_intersection(utils: Path, src: str, targets: list[str], tmp_path: Path) -> dict[str, str]:
+def cmake_values(utils: Path, body: str, names, tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Run `body` after vLLM's utils.cmake with real `cmake -P`: the value each variable of `names` ends with."""
     script = tmp_path / "probe.cmake"
-    script.write_text(LOOSE_INTERSECTION.format(utils=utils, src=src, targets=" ".join(f'"{t}"' for t in targets)))
-    out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True).stderr
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    script.write_text(f'cmake_minimum_required(VERSION 3.20)\ninclude("{utils}")\n{body}\n'
+                      + "".join(f'message("{name}=${{{name}}}")\n' for name in names))
+    out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})}).stderr
+    return dict(line.split("=", 1) for line in out.splitlines() if line.split("=", 1)[0] in names)
+
+
+def loose_intersection(utils: Path, src: str, targets: list[str], tmp_path: Path) -> dict[str, str]:
+    """target → vLLM's cuda_archs_loose_intersection(src, target)."""
+    body = "".join(f'cuda_archs_loose_intersection(_out{i} "{src}" "{target}")\n' for i, target in enumerate(targets))
+    values = cmake_values(utils, body, [f"_out{i}" for i in range(len(targets))], tmp_path)
+    return {target: values[f"_out{i}"] for i, target in enumerate(targets)}
 
 
 # 0.26.0's 0003 was made against the pinned fork, whose own utils.cmake maps a requested 9.0a onto
@@ -526,13 +527,8 @@ def marlin_arch_lists(cmake_lists: str, utils: Path, archs: str, omit: str, tmp_
     blocks = [cmake_lists[cmake_lists.index(start):cmake_lists.index(end)] for start, end in (
         ("# marlin arches for fp16 output", "if (MARLIN_OTHER_ARCHS)"),
         ("# moe marlin arches", "if (MARLIN_MOE_OTHER_ARCHS)"))]
-    script = tmp_path / "marlin.cmake"
-    script.write_text(f'cmake_minimum_required(VERSION 3.20)\ninclude("{utils}")\nset(CMAKE_CUDA_COMPILER_VERSION 13.0.2)\nset(CUDA_ARCHS "{archs}")\n'
-                      + "\n".join(blocks)
-                      + "".join(f'\nmessage("{name}=${{{name}}}")' for name in MARLIN_LISTS))
-    out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "GPUWHEEL_VLLM_OMIT": omit}).stderr
-    return dict(line.split("=", 1) for line in out.splitlines() if line.startswith("MARLIN"))
+    body = f'set(CMAKE_CUDA_COMPILER_VERSION 13.0.2)\nset(CUDA_ARCHS "{archs}")\n' + "\n".join(blocks)
+    return cmake_values(utils, body, MARLIN_LISTS, tmp_path, {"GPUWHEEL_VLLM_OMIT": omit})
 
 
 @pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake (apt-get install cmake)")
@@ -555,13 +551,9 @@ def qutlass_sources(cmake_text: str, utils: Path, archs: str, tmp_path: Path) ->
     """The patched qutlass.cmake's own arch selection and source list, run by real cmake for CUDA 13."""
     start = cmake_text.index("if(${CMAKE_CUDA_COMPILER_VERSION} VERSION_GREATER_EQUAL 13.0)\n  cuda_archs_loose_intersection(QUTLASS")
     block = cmake_text[start:cmake_text.index("  set(QUTLASS_INCLUDES")] + "endif()\n"
-    script = tmp_path / "qutlass.cmake"
-    script.write_text(f'cmake_minimum_required(VERSION 3.20)\ninclude("{utils}")\nset(CMAKE_CUDA_COMPILER_VERSION 13.0.2)\n'
-                      f'set(CUDA_ARCHS "{archs}")\nset(qutlass_SOURCE_DIR /q)\n{block}'
-                      'message("SOURCES=${QUTLASS_SOURCES}")\n')
-    out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True).stderr
-    (line,) = [line for line in out.splitlines() if line.startswith("SOURCES=")]
-    return [Path(source).name for source in line.removeprefix("SOURCES=").split(";") if source]
+    body = f'set(CMAKE_CUDA_COMPILER_VERSION 13.0.2)\nset(CUDA_ARCHS "{archs}")\nset(qutlass_SOURCE_DIR /q)\n{block}'
+    sources = cmake_values(utils, body, ["QUTLASS_SOURCES"], tmp_path)["QUTLASS_SOURCES"]
+    return [Path(source).name for source in sources.split(";") if source]
 
 
 @pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake (apt-get install cmake)")
