@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpuwheel.backends.base import CACHE_DIR, Backend, BuildToolchain, PackageBuild, ToolchainInfo
-from gpuwheel.backends.container import ContainerBackend
 from gpuwheel.backends.dist import Cluster
-from gpuwheel.backends.engine import ContainerEngine, EngineChoice, engine_available
 from gpuwheel.backends.local import LocalBackend
 from gpuwheel.backends.progress import BuildProgress
 from gpuwheel.backends.sccache import CacheStats, DistStats, compile_cache_env
@@ -29,6 +28,11 @@ from gpuwheel.imageref import image_reference_problem
 from gpuwheel.kinds import registry
 from gpuwheel.lock import Lock
 from gpuwheel.plan import PackagePlan, Plan
+
+# The container backend brings the docker SDK (engine.py), which `gpuwheel wheels finish` and local
+# builds, importing this module, do not need: it loads where a backend is opened.
+if TYPE_CHECKING:
+    from gpuwheel.backends.engine import EngineChoice
 
 # What a compiler killed by SIGKILL leaves in a build log (gcc, nvcc, a shell, ninja).
 _KILLED = re.compile(
@@ -88,6 +92,9 @@ def open_backend(
     for (--base-image, --engine) or the chosen engine can be had (docker answers; podman is installed),
     else local. With a cluster (--dist), either backend sends its compiles there; with a lock, the
     toolchain is installed from the lock's hashes."""
+    from gpuwheel.backends.container import ContainerBackend
+    from gpuwheel.backends.engine import ContainerEngine, engine_available
+
     asked_for_containers = base_image is not None or engine.chosen_by == "--engine"
     if name == "auto":
         name = "container" if asked_for_containers or (not python and engine_available(engine.name)) else "local"
