@@ -3,6 +3,7 @@ longest steps (the wall-time floor), and the ratio of a build to a baseline buil
 
     python benchmarks/build_vllm.py docs/runs/ninja-rtx6000pro-torch211-serving.log
     python benchmarks/build_vllm.py PROFILE.log --baseline STOCK.log [--cores 32]
+    python benchmarks/build_vllm.py LOG --write-order builder/gpuwheel/kinds/vllm_compile_order/V-ARCHS.tsv
 
 Each `.ninja_log` line is one step: start and end (ms since the build began) and its output.
 vLLM's steps compile one translation unit each with NVCC_THREADS=1, so a step's duration is its
@@ -58,6 +59,11 @@ class Step:
     def is_compile(self) -> bool:
         return self.output.endswith(".o")
 
+    @property
+    def source_name(self) -> str:
+        """The compiled file's name (`gemm.cu` of `.../CMakeFiles/_qutlass_C.dir/.../gemm.cu.o`)."""
+        return Path(self.output).name.removesuffix(".o")
+
 
 def read_log(path: Path) -> list[Step]:
     latest: dict[str, Step] = {}
@@ -102,6 +108,26 @@ def summarize(steps: list[Step]) -> Summary:
         by_family={k: (len(v), sum(v)) for k, v in by_family.items()})
 
 
+# What patch 0011's CMake matches an object by (its target and file name, dots escaped there).
+ORDER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def compile_order(steps: list[Step], log_name: str) -> str:
+    """The table vLLM patch 0011 reads (GPUWHEEL_VLLM_COMPILE_ORDER): this log's compiles, longest first,
+    one "seconds<TAB>target<TAB>source file" line each (the same object twice keeps its longer time)."""
+    longest: dict[tuple[str, str], float] = {}
+    for step in steps:
+        if step.is_compile and step.target != "(link/other)":
+            if not (ORDER_NAME.fullmatch(step.target) and ORDER_NAME.fullmatch(step.source_name)):
+                raise SystemExit(f"{log_name}: {step.output}: a name patch 0011 cannot match")
+            key = (step.target, step.source_name)
+            longest[key] = max(longest.get(key, 0.0), step.seconds)
+    lines = sorted(longest.items(), key=lambda item: (-item[1], item[0]))
+    return (f"# Compile order for vLLM patch 0011, longest first, from {log_name}\n"
+            "# (python benchmarks/build_vllm.py LOG --write-order FILE): seconds, target, source file\n"
+            + "".join(f"{seconds:.1f}\t{target}\t{name}\n" for (target, name), seconds in lines))
+
+
 def _table(title: str, rows: dict[str, tuple[int, float]], baseline: dict[str, tuple[int, float]] | None) -> None:
     print(f"\n{title:<28} {'TUs':>5} {'CPU-s':>9}" + (f" {'baseline':>9} {'ratio':>7}" if baseline is not None else ""))
     for name in sorted(set(rows) | set(baseline or {}), key=lambda n: -rows.get(n, (0, 0.0))[1]):
@@ -118,7 +144,13 @@ def main() -> None:
     parser.add_argument("log", type=Path, help="the .ninja_log of the build to measure")
     parser.add_argument("--baseline", type=Path, help="the .ninja_log of the build to compare against")
     parser.add_argument("--cores", type=int, default=32, help="cores for the predicted wall time")
+    parser.add_argument("--write-order", type=Path, metavar="FILE",
+                        help="write the log's compiles, longest first, as vLLM patch 0011's order table")
     args = parser.parse_args()
+    if args.write_order:
+        args.write_order.write_text(compile_order(read_log(args.log), args.log.name), encoding="utf-8")
+        print(f"wrote {args.write_order}")
+        return
     run = summarize(read_log(args.log))
     base = summarize(read_log(args.baseline)) if args.baseline else None
     print(f"{args.log}: {run.steps} steps, {run.compiles} compiles, {run.cpu_s:,.0f} CPU-s, "

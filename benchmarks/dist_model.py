@@ -34,18 +34,23 @@ from build_vllm import Step, read_log, summarize  # noqa: E402  the one ninja-lo
 from gpuwheel.kinds import vllm as vllm_kind  # noqa: E402
 
 FIRST = ("fa2", "fa3", "qutlass")  # build_vllm's families of the subdirectory targets patch 0008 starts first
+# The orders a replay can start the compiles in: as the log started them; as patch 0008 alone gives ninja
+# (the FA2/FA3/qutlass objects before the rest, each group in the logged order); as patch 0011 gives it
+# with a table made from this same log (longest first, across targets).
+ORDERS = {
+    "logged": lambda s: s.start,
+    "attention-first": lambda s: (s.family not in FIRST, s.start),
+    "longest-first": lambda s: (-s.seconds, s.start),
+}
 
 
 def makespan(steps: list[Step], *, servers: int, cores: int, server_memory_gb: float, job_gb: float,
-             job_overhead_s: float, package_s: float, local_cores: int, attention_first: bool = False) -> float:
+             job_overhead_s: float, package_s: float, local_cores: int, order: str = "logged") -> float:
     slots = max(1, min(cores, int(server_memory_gb // job_gb))) * servers
     free = [package_s] * slots  # when each slot is next free
     heapq.heapify(free)
     target_done: dict[str, float] = defaultdict(float)
-    # attention_first: the order patch 0008 gives ninja (the FA2/FA3/qutlass objects before the rest,
-    # each group in the logged order)
-    order = (lambda s: (s.family not in FIRST, s.start)) if attention_first else (lambda s: s.start)
-    for step in sorted((s for s in steps if s.is_compile), key=order):
+    for step in sorted((s for s in steps if s.is_compile), key=ORDERS[order]):
         start = heapq.heappop(free)
         end = start + step.seconds + job_overhead_s
         heapq.heappush(free, end)
@@ -79,8 +84,9 @@ def main() -> None:
     parser.add_argument("--package-s", type=float, default=29.0,
                         help="toolchain packaging, once (measured cold here: gcc 7.6 s, nvcc's stages 21 s)")
     parser.add_argument("--local-cores", type=int, default=16, help="cores of the machine that links")
-    parser.add_argument("--attention-first", action="store_true",
-                        help="also model each log with the attention and qutlass TUs started first (vLLM patch 0008)")
+    parser.add_argument("--order", action="append", choices=list(ORDERS),
+                        help="the order the compiles start in (repeatable): as logged (the default); the attention "
+                             "and qutlass TUs first (vLLM patch 0008); longest first (patch 0011)")
     args = parser.parse_args()
     sizes = [int(n) for n in args.servers.split(",")]
     print(f"servers of {args.cores} cores, {args.server_memory_gb:.0f} GB ({args.job_gb:.1f} GB a job); "
@@ -91,11 +97,11 @@ def main() -> None:
     for log in args.logs:
         steps = read_log(log)
         summary = summarize(steps)
-        for attention_first in (False, True) if args.attention_first else (False,):
+        for order in args.order or ["logged"]:
             walls = [makespan(steps, servers=n, cores=args.cores, server_memory_gb=args.server_memory_gb,
                               job_gb=args.job_gb, job_overhead_s=args.job_overhead_s, package_s=args.package_s,
-                              local_cores=args.local_cores, attention_first=attention_first) for n in sizes]
-            name = f"{log.name}{' (attention first)' if attention_first else ''}"
+                              local_cores=args.local_cores, order=order) for n in sizes]
+            name = f"{log.name}{'' if order == 'logged' else f' ({order})'}"
             print(f"| {name} | {summary.compiles} | {summary.cpu_s / 3600:.2f} CPU-h | {_minutes(summary.wall_s)} | "
                   + " | ".join(_minutes(w) for w in walls)
                   + f" | {_minutes(summary.longest[0].seconds) if summary.longest else '-'} |")

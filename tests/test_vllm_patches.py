@@ -77,7 +77,7 @@ def trees(tmp_path_factory):
 # The fixes every set carries, then (0.26.0) the build-time and serving-profile patches.
 SERIES = {"0.26.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn"), ("0004", "vllm-flash-attn"),
                      ("0005", "vllm-flash-attn"), ("0006", ""), ("0007", ""), ("0008", ""), ("0009", ""),
-                     ("0010", "")],
+                     ("0010", ""), ("0011", "")],
           "0.33.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn")]}
 
 
@@ -92,10 +92,11 @@ def test_series_lists_its_patches_each_saying_what_it_is_for(version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_patches_apply_exactly_to_the_pinned_sdist(version, trees):
+def test_patches_apply_exactly_to_the_pinned_sdist(version, trees, tmp_path):
     pristine, _ = trees(version)
-    for ref in own_tree_patches(version):
-        result = apply_patch(ref.path, pristine, "--dry-run")
+    tree = shutil.copytree(pristine, tmp_path / "tree")
+    for ref in own_tree_patches(version):  # in the series' order, as the patch stage applies them
+        result = apply_patch(ref.path, tree)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "fuzz" not in result.stdout and "FAILED" not in result.stdout
 
@@ -569,3 +570,85 @@ def test_qutlass_compiles_its_sm100_sources_only_for_sm100(trees, tmp_path):
     assert qutlass_sources(after, utils, "10.0", tmp_path) == qutlass_sources(before, utils, "10.0", tmp_path)
     assert sm100 <= set(qutlass_sources(after, utils, "10.0;12.0", tmp_path))  # both asked: QuTLASS picks SM100
     assert qutlass_sources(after, utils, "9.0a", tmp_path) == []  # no QuTLASS for Hopper at all
+
+
+# ------------------------------------------- 0008 + 0011 the order ninja starts the compiles in
+
+def ninja_112() -> str | None:
+    """A ninja that schedules by the longest chain of steps (>= 1.12: the `ninja` wheel of the test extras)."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    binary = Path(ninja.BIN_DIR) / "ninja"
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    return str(binary) if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) >= (1, 12) else None
+
+
+def compile_order_project(cmake_lists: str, root: Path, targets: dict[str, list[str]]) -> Path:
+    """A CMake project shaped like vLLM's build graph: spinloop, the C-compiled stand-ins of `targets`
+    (the attention library in a subdirectory, as vllm-flash-attn is) and the patched CMakeLists.txt's
+    own tail after vllm-flash-attn is included (patches 0008 and 0011)."""
+    anchor = "    include(cmake/external_projects/vllm_flash_attn.cmake)\n"
+    tail = cmake_lists[cmake_lists.index(anchor) + len(anchor):cmake_lists.rindex("endif ()")]
+    (root / "fa").mkdir(parents=True)
+    lists = {".": ["cmake_minimum_required(VERSION 3.20)", "project(order C)",
+                   "add_library(spinloop MODULE spinloop.cpp)", "add_subdirectory(fa)"], "fa": []}
+    (root / "spinloop.cpp").write_text("int spinloop;\n")
+    for target, sources in targets.items():
+        where = "fa" if target == "_vllm_fa2_C" else "."
+        for index, name in enumerate(sources):  # each its own C symbol, compiled as C whatever its suffix
+            (root / where / name).write_text(f"int {target}_{index};\n")
+        lists[where] += [f"add_library({target} MODULE {' '.join(sources)})",
+                         f"set_source_files_properties({' '.join(sources)} PROPERTIES LANGUAGE C)"]
+    lists["."] += ["set_source_files_properties(spinloop.cpp PROPERTIES LANGUAGE C)", tail]
+    for where, lines in lists.items():
+        (root / where / "CMakeLists.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def ninja_start_order(project: Path, ninja: str, env: dict[str, str]) -> list[tuple[str, str]]:
+    """(target, file name) of each object, in the order `ninja -n -j1` starts them."""
+    build = project / "build"
+    subprocess.run(["cmake", "-S", project, "-B", build, "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"],
+                   check=True, capture_output=True, env={**os.environ, **env})
+    dry = subprocess.run([ninja, "-n", "-j1"], cwd=build, check=True, capture_output=True, text=True).stdout
+    return [(m[1], m[2]) for m in re.finditer(r"CMakeFiles/([^/ ]+)\.dir/(?:[^ ]*/)?([^/ ]+)\.o\b", dry)]
+
+
+@pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake (apt-get install cmake)")
+@pytest.mark.skipif(not ninja_112(), reason="needs ninja >= 1.12 (pip install ninja)")
+def test_ninja_starts_the_compiles_in_the_measured_order(trees, tmp_path):
+    from gpuwheel.kinds import vllm as vllm_kind
+
+    _, patched = trees("0.26.0")
+    cmake_lists, ninja = (patched / "CMakeLists.txt").read_text(), ninja_112()
+    table = (vllm_kind.COMPILE_ORDER_DIR / "0.26.0-12.0.tsv").read_text()
+    lines = [line.split("\t") for line in table.splitlines() if not line.startswith("#")]
+    listed = [(target, name) for _, target, name in lines]
+    targets: dict[str, list[str]] = {"_C_stable_libtorch": [], "_moe_C_stable_libtorch": [], "_vllm_fa2_C": []}
+    for target, name in listed:
+        # as a build that omits Marlin: the table's Marlin lines order nothing; _qutlass_C is no target here
+        if target in targets and "marlin" not in name and name not in targets[target]:
+            targets[target].append(name)
+    for target in targets:  # sources the table does not know, first in CMake's own order
+        targets[target].insert(0, f"unlisted_{target}.cu")
+    project = compile_order_project(cmake_lists, tmp_path / "project", targets)
+    env = {vllm_kind.COMPILE_ORDER_ENV: vllm_kind.COMPILE_ORDER_FILE}
+    for relative, text in vllm_kind.tree_files("0.26.0", {**env, "TORCH_CUDA_ARCH_LIST": "12.0"}).items():
+        (project / relative).write_text(text)  # as the patch stage writes it into vLLM's tree
+
+    ordered = ninja_start_order(project, ninja, env)
+    built = [(target, name) for target, name in listed if name in targets.get(target, ())]
+    assert ordered[:len(built)] == list(dict.fromkeys(built))  # the table's order, across targets
+    assert {name for _, name in ordered[len(built):]} == {f"unlisted_{t}.cu" for t in targets} | {"spinloop.cpp"}
+    # and the build itself runs: a stamp for each line of a target the build has, every library linked
+    subprocess.run([ninja], cwd=project / "build", check=True, capture_output=True)
+    stamps = list((project / "build" / "gpuwheel-compile-order").glob("*.stamp"))
+    assert len(stamps) == sum(target in targets for target, _ in listed)
+
+    # Without the table, 0008 alone: the attention library's objects first, then CMake's order.
+    plain = ninja_start_order(compile_order_project(cmake_lists, tmp_path / "plain", targets), ninja, {})
+    fa2 = len(targets["_vllm_fa2_C"])
+    assert {target for target, _ in plain[:fa2]} == {"_vllm_fa2_C"}
+    assert [name for target, name in plain if target == "_C_stable_libtorch"] == targets["_C_stable_libtorch"]

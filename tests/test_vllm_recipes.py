@@ -125,6 +125,47 @@ def test_plan_predicts_a_build_from_the_measured_build_of_the_same_profile(gpuwh
     assert plan_json(gpuwheel, wider)["measured_build"] is None  # no measured build of that profile
 
 
+@pytest.mark.parametrize("target, serving, ordered", [
+    ("rtx6000pro-torch211", None, True),  # the very profile the 12.0 table was measured from
+    ("rtx6000pro-torch211", {"omit": ["marlin"]}, True),  # fewer TUs: the Marlin lines order nothing
+    ("rtx6000pro-torch211", {"dtypes": ["bf16"]}, True),
+    ("rtx6000pro-torch211", {"head_dims": [96, 128]}, False),  # hd96 TUs the table does not know
+    ("h200-torch211", None, True),
+    ("h200-torch211", {"omit": ["flashmla"]}, False),  # FA3's TUs would start after every listed one
+])
+def test_the_compile_order_table_goes_only_to_builds_it_covers(gpuwheel, make_recipe, tmp_path, target, serving,
+                                                               ordered):
+    recipe = make_recipe(tmp_path, extends=target, package=[{"name": "vllm", **({"serving": serving} if serving else {})}])
+
+    env = plan_json(gpuwheel, recipe)["env"]
+
+    assert env.get(vllm_kind.COMPILE_ORDER_ENV) == (vllm_kind.COMPILE_ORDER_FILE if ordered else None)
+    if ordered:
+        tree = vllm_kind.tree_files("0.26.0", env)[vllm_kind.COMPILE_ORDER_FILE]
+        assert tree == (vllm_kind.COMPILE_ORDER_DIR / f"0.26.0-{env['TORCH_CUDA_ARCH_LIST']}.tsv").read_text()
+
+
+@pytest.mark.parametrize("key", sorted(vllm_kind.COMPILE_ORDERS))
+def test_each_shipped_compile_order_is_what_its_ninja_log_gives(key, monkeypatch):
+    """The tables are made, not edited: benchmarks/build_vllm.py --write-order of the committed log."""
+    import importlib
+    from pathlib import Path
+
+    repo = Path(__file__).parent.parent
+    monkeypatch.syspath_prepend(str(repo / "benchmarks"))
+    build_vllm = importlib.import_module("build_vllm")
+    table = (vllm_kind.COMPILE_ORDER_DIR / vllm_kind.COMPILE_ORDERS[key][1]).read_text()
+    log = repo / "docs" / "runs" / table.splitlines()[0].rsplit(" from ", 1)[1]
+
+    assert table == build_vllm.compile_order(build_vllm.read_log(log), log.name)
+
+
+def test_a_full_build_gets_no_compile_order(gpuwheel, make_recipe, tmp_path):
+    recipe = make_recipe(tmp_path, extends="rtx6000pro-torch211", package=[{"name": "vllm", "profile": "full"}])
+
+    assert vllm_kind.COMPILE_ORDER_ENV not in plan_json(gpuwheel, recipe)["env"]
+
+
 def _vendored_crate(root):
     """`cargo vendor`-shaped output holding one crate, and an app that depends on it from crates.io."""
     import hashlib

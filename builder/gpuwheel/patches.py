@@ -99,7 +99,7 @@ def prepare_trees(plan: Plan, sources: Sources, workdir: Path) -> Trees:
         if root.exists():
             shutil.rmtree(root)
         outcomes = _patch_package(package, fetched, root, stop_on_failure=True)
-        for relative, text in registry.get(package.kind).tree_files(package.env_dict).items():
+        for relative, text in registry.get(package.kind).tree_files(package.version, package.env_dict).items():
             (root / "src" / relative).parent.mkdir(parents=True, exist_ok=True)
             (root / "src" / relative).write_text(text, encoding="utf-8")
         prepared.append(PreparedTree(package.name, package.version, root / "src", root / "deps", outcomes))

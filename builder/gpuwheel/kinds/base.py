@@ -90,7 +90,7 @@ def no_stand_in_layout(version: str, dependency: str) -> StandIn | None:
     return None
 
 
-def no_tree_files(env: Mapping[str, str]) -> dict[str, str]:
+def no_tree_files(version: str, env: Mapping[str, str]) -> dict[str, str]:
     return {}
 
 
@@ -118,8 +118,9 @@ class Kind:
     stand_ins: Callable[[PackageRecipe, Recipe], tuple[str, ...]] = no_stand_ins
     # Where a stand-in dependency's files sit in the published wheel (release, dependency → layout).
     stand_in_layout: Callable[[str, str], StandIn | None] = no_stand_in_layout
-    # Files the patch stage writes into the patched tree (path relative to it → text), from the plan env.
-    tree_files: Callable[[Mapping[str, str]], dict[str, str]] = no_tree_files
+    # Files the patch stage writes into the patched tree (path relative to it → text), from the package's
+    # version and plan env.
+    tree_files: Callable[[str, Mapping[str, str]], dict[str, str]] = no_tree_files
     # .so files of the wheel allowed to carry no code for the target GPU, by design (audit).
     audit_optional: tuple[str, ...] = ()
     # Files the CUDA toolkit must hold beyond nvcc and the runtime (backends/packages.py checks them).

@@ -229,10 +229,16 @@ def rust_env(mode: str, vendor_dir: str | None) -> dict[str, str]:
     return env
 
 
-def tree_files(env: Mapping[str, str]) -> dict[str, str]:
-    """Cargo's source replacement where the recipe names vendored crates (cargo, run from the tree, reads it)."""
-    vendor = env.get(CARGO_VENDOR_ENV)
-    return {".cargo/config.toml": cargo_config(vendor)} if vendor else {}
+def tree_files(version: str, env: Mapping[str, str]) -> dict[str, str]:
+    """Cargo's source replacement where the recipe names vendored crates (cargo, run from the tree, reads
+    it), and the compile order table where the build has one (patch 0011 reads it)."""
+    files = {}
+    if vendor := env.get(CARGO_VENDOR_ENV):
+        files[".cargo/config.toml"] = cargo_config(vendor)
+    if order := env.get(COMPILE_ORDER_ENV):
+        table = COMPILE_ORDERS[(version, env["TORCH_CUDA_ARCH_LIST"])][1]
+        files[order] = (COMPILE_ORDER_DIR / table).read_text(encoding="utf-8")
+    return files
 
 
 def components(rust_frontend: str, members: frozenset[str]) -> dict[str, Any]:
@@ -270,6 +276,40 @@ MEASURED_BUILDS: dict[tuple[str, str, str], MeasuredBuild] = {
         3830, 203, "docs/runs/ninja-rtx6000pro-torch211-nomarlin-h100x16.log (gpuwheel build, an H100 host)"
     ),
 }
+
+
+# ---- the order of compiles -------------------------------------------------------------------------
+# Patch 0011 makes ninja start the compiles in the order of a table, longest first, made from a measured
+# build's .ninja_log (`benchmarks/build_vllm.py LOG --write-order`). (release, arch list) → the serving
+# profile of that build and its table. A build gets the table only where it compiles no TU that build
+# did not (the same or fewer head dims and dtypes, the same or more families left out): an object the
+# table lacks starts after every listed one, and a long one (FA3's, for a table measured without FA3)
+# would then end the build late. Objects the build lacks order nothing.
+COMPILE_ORDER_DIR = Path(__file__).parent / "vllm_compile_order"
+COMPILE_ORDER_ENV = "GPUWHEEL_VLLM_COMPILE_ORDER"
+COMPILE_ORDER_FILE = ".gpuwheel-compile-order.tsv"  # in the tree, where CMake reads it
+COMPILE_ORDERS: dict[tuple[str, str], tuple[ServingProfile, str]] = {
+    # docs/runs/ninja-rtx6000pro-torch211-serving-h100x16.log (16 cores of an H100 host)
+    ("0.26.0", "12.0"): (ServingProfile(head_dims=(128,), dtypes=("fp16", "bf16")), "0.26.0-12.0.tsv"),
+    # docs/runs/ninja-h200-torch211-serving-0008-h100x16.log (16 cores of another H100 host)
+    ("0.26.0", "9.0a"): (
+        ServingProfile(head_dims=(128,), dtypes=("fp16", "bf16"), omit=("fa3", "flashmla")),
+        "0.26.0-9.0a.tsv",
+    ),
+}
+
+
+def has_compile_order(package: PackageRecipe, arch_list: str) -> bool:
+    """Whether a measured table orders every compile of this build (see COMPILE_ORDERS)."""
+    measured = COMPILE_ORDERS.get((package.version, arch_list))
+    serving = package.serving
+    return bool(
+        measured
+        and serving
+        and set(serving.head_dims) <= set(measured[0].head_dims)
+        and set(serving.dtypes) <= set(measured[0].dtypes)
+        and set(serving.omit) >= set(measured[0].omit)
+    )
 
 
 def serving_key(head_dims: tuple[int, ...], dtypes: tuple[str, ...], omit: tuple[str, ...]) -> str:
@@ -324,6 +364,8 @@ def build_env(package: PackageRecipe, recipe: Recipe) -> dict[str, str]:
     }
     if package.serving:
         env.update(serving_env(package.serving.head_dims, package.serving.dtypes, package.serving.omit))
+    if has_compile_order(package, recipe.target.torch_cuda_arch_list):
+        env[COMPILE_ORDER_ENV] = COMPILE_ORDER_FILE
     cmake_args = ["-DFETCHCONTENT_FULLY_DISCONNECTED=ON"]  # no compile step touches the network
     for dep in package.dependencies:
         tree = f"{DEPS}/{dep.name}" + (f"/{dep.subdir}" if dep.subdir else "")
