@@ -270,6 +270,8 @@ def test_container_options_with_the_local_backend_are_refused(gpuwheel, tmp_path
                                   "(drop --engine or use --backend container)")
 
 
+@pytest.mark.skipif(not shutil.which("debootstrap"), reason="needs debootstrap, which base-image checks for before "
+                    "the engine (apt-get install debootstrap; .ci/run installs it)")
 def test_making_a_base_image_without_an_engine_says_how_to_start_one(gpuwheel, tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     monkeypatch.delenv("GPUWHEEL_ENGINE", raising=False)
