@@ -160,6 +160,15 @@ def test_each_shipped_compile_order_is_what_its_ninja_log_gives(key, monkeypatch
     assert table == build_vllm.compile_order(build_vllm.read_log(log), log.name)
 
 
+def test_an_empty_compile_order_in_the_recipes_env_builds_in_cmakes_order(gpuwheel, make_recipe, tmp_path):
+    recipe = vllm_recipe(make_recipe, tmp_path, env={vllm_kind.COMPILE_ORDER_ENV: ""})
+
+    env = plan_json(gpuwheel, recipe)["env"]
+
+    assert env[vllm_kind.COMPILE_ORDER_ENV] == ""  # patch 0011 reads empty as off
+    assert vllm_kind.COMPILE_ORDER_FILE not in vllm_kind.tree_files("0.26.0", env)
+
+
 def test_a_full_build_gets_no_compile_order(gpuwheel, make_recipe, tmp_path):
     recipe = make_recipe(tmp_path, extends="rtx6000pro-torch211", package=[{"name": "vllm", "profile": "full"}])
 
