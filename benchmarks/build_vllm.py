@@ -110,21 +110,33 @@ def summarize(steps: list[Step]) -> Summary:
 
 # What patch 0011's CMake matches an object by (its target and file name, dots escaped there).
 ORDER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# Long steps that are no compile of an object, by the custom target that runs them: DeepGEMM's C++
+# extension (tools/build_deepgemm_C.py, 42-75 s on one core), which ninja otherwise starts last.
+CUSTOM_STEPS = ((re.compile(r"(^|/)deepgemm_C_[^/]+/\.built$"), "_deep_gemm_C"),)
+
+
+def _order_key(step: Step) -> tuple[str, str] | None:
+    """(target, name) patch 0011 orders this step by, or None for a step it leaves in CMake's order."""
+    if step.is_compile and step.target != "(link/other)":
+        return step.target, step.source_name
+    target = next((target for pattern, target in CUSTOM_STEPS if pattern.search(step.output)), None)
+    return (target, step.source_name) if target else None
 
 
 def compile_order(steps: list[Step], log_name: str) -> str:
-    """The table vLLM patch 0011 reads (GPUWHEEL_VLLM_COMPILE_ORDER): this log's compiles, longest first,
-    one "seconds<TAB>target<TAB>source file" line each (the same object twice keeps its longer time)."""
+    """The table vLLM patch 0011 reads (GPUWHEEL_VLLM_COMPILE_ORDER): this log's compiles and long custom
+    steps, longest first, one "seconds<TAB>target<TAB>file name" line each (a step logged twice, as
+    DeepGEMM's is under two paths, keeps its longer time)."""
     longest: dict[tuple[str, str], float] = {}
     for step in steps:
-        if step.is_compile and step.target != "(link/other)":
-            if not (ORDER_NAME.fullmatch(step.target) and ORDER_NAME.fullmatch(step.source_name)):
-                raise SystemExit(f"{log_name}: {step.output}: a name patch 0011 cannot match")
-            key = (step.target, step.source_name)
-            longest[key] = max(longest.get(key, 0.0), step.seconds)
+        if (key := _order_key(step)) is None:
+            continue
+        if not (ORDER_NAME.fullmatch(key[0]) and ORDER_NAME.fullmatch(key[1])):
+            raise SystemExit(f"{log_name}: {step.output}: a name patch 0011 cannot match")
+        longest[key] = max(longest.get(key, 0.0), step.seconds)
     lines = sorted(longest.items(), key=lambda item: (-item[1], item[0]))
     return (f"# Compile order for vLLM patch 0011, longest first, from {log_name}\n"
-            "# (python benchmarks/build_vllm.py LOG --write-order FILE): seconds, target, source file\n"
+            "# (python benchmarks/build_vllm.py LOG --write-order FILE): seconds, target, file name\n"
             + "".join(f"{seconds:.1f}\t{target}\t{name}\n" for (target, name), seconds in lines))
 
 

@@ -601,19 +601,25 @@ def compile_order_project(cmake_lists: str, root: Path, targets: dict[str, list[
             (root / where / name).write_text(f"int {target}_{index};\n")
         lists[where] += [f"add_library({target} MODULE {' '.join(sources)})",
                          f"set_source_files_properties({' '.join(sources)} PROPERTIES LANGUAGE C)"]
-    lists["."] += ["set_source_files_properties(spinloop.cpp PROPERTIES LANGUAGE C)", tail]
+    # DeepGEMM's C++ extension: a custom command behind a custom target, as deepgemm.cmake makes it
+    lists["."] += ['add_custom_command(OUTPUT "${CMAKE_BINARY_DIR}/deepgemm_C/.built" '
+                   'COMMAND "${CMAKE_COMMAND}" -E touch "${CMAKE_BINARY_DIR}/deepgemm_C/.built" VERBATIM)',
+                   'add_custom_target(_deep_gemm_C ALL DEPENDS "${CMAKE_BINARY_DIR}/deepgemm_C/.built")',
+                   "set_source_files_properties(spinloop.cpp PROPERTIES LANGUAGE C)", tail]
     for where, lines in lists.items():
         (root / where / "CMakeLists.txt").write_text("\n".join(lines) + "\n")
     return root
 
 
 def ninja_start_order(project: Path, ninja: str, env: dict[str, str]) -> list[tuple[str, str]]:
-    """(target, file name) of each object, in the order `ninja -n -j1` starts them."""
+    """(target, file name) of each object, and ("_deep_gemm_C", ".built") for DeepGEMM's step, in the
+    order `ninja -n -j1` starts them."""
     build = project / "build"
     subprocess.run(["cmake", "-S", project, "-B", build, "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"],
                    check=True, capture_output=True, env={**os.environ, **env})
     dry = subprocess.run([ninja, "-n", "-j1"], cwd=build, check=True, capture_output=True, text=True).stdout
-    return [(m[1], m[2]) for m in re.finditer(r"CMakeFiles/([^/ ]+)\.dir/(?:[^ ]*/)?([^/ ]+)\.o\b", dry)]
+    steps = re.finditer(r"CMakeFiles/([^/ ]+)\.dir/(?:[^ ]*/)?([^/ ]+)\.o\b|deepgemm_C/\.built", dry)
+    return [(m[1], m[2]) if m[1] else ("_deep_gemm_C", ".built") for m in steps]
 
 
 @pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake (apt-get install cmake)")
@@ -639,16 +645,20 @@ def test_ninja_starts_the_compiles_in_the_measured_order(trees, tmp_path):
         (project / relative).write_text(text)  # as the patch stage writes it into vLLM's tree
 
     ordered = ninja_start_order(project, ninja, env)
+    # DeepGEMM's step ranks with the first line (CMake hands its target-level dependency to every stamp)
+    assert ("_deep_gemm_C", ".built") in ordered[:2] and ("_deep_gemm_C", ".built") in listed
+    ordered.remove(("_deep_gemm_C", ".built"))
     built = [(target, name) for target, name in listed if name in targets.get(target, ())]
     assert ordered[:len(built)] == list(dict.fromkeys(built))  # the table's order, across targets
     assert {name for _, name in ordered[len(built):]} == {f"unlisted_{t}.cu" for t in targets} | {"spinloop.cpp"}
     # and the build itself runs: a stamp for each line of a target the build has, every library linked
     subprocess.run([ninja], cwd=project / "build", check=True, capture_output=True)
     stamps = list((project / "build" / "gpuwheel-compile-order").glob("*.stamp"))
-    assert len(stamps) == sum(target in targets for target, _ in listed)
+    assert len(stamps) == sum(target in targets or target == "_deep_gemm_C" for target, _ in listed)
 
     # Without the table, 0008 alone: the attention library's objects first, then CMake's order.
     plain = ninja_start_order(compile_order_project(cmake_lists, tmp_path / "plain", targets), ninja, {})
+    plain.remove(("_deep_gemm_C", ".built"))
     fa2 = len(targets["_vllm_fa2_C"])
     assert {target for target, _ in plain[:fa2]} == {"_vllm_fa2_C"}
     assert [name for target, name in plain if target == "_C_stable_libtorch"] == targets["_C_stable_libtorch"]

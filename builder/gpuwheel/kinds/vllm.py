@@ -289,7 +289,7 @@ COMPILE_ORDER_DIR = Path(__file__).parent / "vllm_compile_order"
 COMPILE_ORDER_ENV = "GPUWHEEL_VLLM_COMPILE_ORDER"
 COMPILE_ORDER_FILE = ".gpuwheel-compile-order.tsv"  # in the tree, where CMake reads it
 COMPILE_ORDERS: dict[tuple[str, str], tuple[ServingProfile, str]] = {
-    # docs/runs/ninja-rtx6000pro-torch211-serving-h100x16.log (16 cores of an H100 host)
+    # docs/runs/ninja-rtx6000pro-torch211-serving-0011-h100x16.log (16 cores of an H100 host)
     ("0.26.0", "12.0"): (ServingProfile(head_dims=(128,), dtypes=("fp16", "bf16")), "0.26.0-12.0.tsv"),
     # docs/runs/ninja-h200-torch211-serving-0008-h100x16.log (16 cores of another H100 host)
     ("0.26.0", "9.0a"): (
