@@ -169,6 +169,17 @@ def test_an_empty_compile_order_in_the_recipes_env_builds_in_cmakes_order(gpuwhe
     assert vllm_kind.COMPILE_ORDER_FILE not in vllm_kind.tree_files("0.26.0", env)
 
 
+@pytest.mark.parametrize("value", ["/home/me/my-order.tsv", "../outside.tsv"])
+def test_a_compile_order_the_recipe_names_itself_is_never_written_by_gpuwheel(gpuwheel, make_recipe, tmp_path, value):
+    recipe = vllm_recipe(make_recipe, tmp_path, env={vllm_kind.COMPILE_ORDER_ENV: value})
+
+    env = plan_json(gpuwheel, recipe)["env"]
+
+    assert env[vllm_kind.COMPILE_ORDER_ENV] == value
+    assert vllm_kind.tree_files("0.26.0", env) == {}  # the patch stage writes no file there, the shipped table nowhere
+    assert vllm_kind.tree_files("0.26.0", {**env, "TORCH_CUDA_ARCH_LIST": "10.0"}) == {}  # no table, no KeyError
+
+
 def test_a_full_build_gets_no_compile_order(gpuwheel, make_recipe, tmp_path):
     recipe = make_recipe(tmp_path, extends="rtx6000pro-torch211", package=[{"name": "vllm", "profile": "full"}])
 

@@ -235,9 +235,10 @@ def tree_files(version: str, env: Mapping[str, str]) -> dict[str, str]:
     files = {}
     if vendor := env.get(CARGO_VENDOR_ENV):
         files[".cargo/config.toml"] = cargo_config(vendor)
-    if order := env.get(COMPILE_ORDER_ENV):
-        table = COMPILE_ORDERS[(version, env["TORCH_CUDA_ARCH_LIST"])][1]
-        files[order] = (COMPILE_ORDER_DIR / table).read_text(encoding="utf-8")
+    # Only the table build_env named: a value the recipe's own env set is the recipe's to provide.
+    measured = COMPILE_ORDERS.get((version, env.get("TORCH_CUDA_ARCH_LIST", "")))
+    if env.get(COMPILE_ORDER_ENV) == COMPILE_ORDER_FILE and measured:
+        files[COMPILE_ORDER_FILE] = (COMPILE_ORDER_DIR / measured[1]).read_text(encoding="utf-8")
     return files
 
 
