@@ -32,6 +32,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from gpuwheel.kinds import vllm as vllm_kind
 from gpuwheel.patch_series import read_series
 from vllm_patches_helpers import (
     MOE_DIR, PATCHES, apply_patch, extract, hunk_preimage, load_functions, op_schema, patch_files,
@@ -625,8 +626,6 @@ def ninja_start_order(project: Path, ninja: str, env: dict[str, str]) -> list[tu
 @pytest.mark.skipif(not shutil.which("cmake"), reason="needs cmake (apt-get install cmake)")
 @pytest.mark.skipif(not ninja_112(), reason="needs ninja >= 1.12 (pip install ninja)")
 def test_ninja_starts_the_compiles_in_the_measured_order(trees, tmp_path):
-    from gpuwheel.kinds import vllm as vllm_kind
-
     _, patched = trees("0.26.0")
     cmake_lists, ninja = (patched / "CMakeLists.txt").read_text(), ninja_112()
     table = (vllm_kind.COMPILE_ORDER_DIR / "0.26.0-12.0.tsv").read_text()

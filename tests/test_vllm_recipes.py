@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -148,9 +150,6 @@ def test_the_compile_order_table_goes_only_to_builds_it_covers(gpuwheel, make_re
 @pytest.mark.parametrize("key", sorted(vllm_kind.COMPILE_ORDERS))
 def test_each_shipped_compile_order_is_what_its_ninja_log_gives(key, monkeypatch):
     """The tables are made, not edited: benchmarks/build_vllm.py --write-order of the committed log."""
-    import importlib
-    from pathlib import Path
-
     repo = Path(__file__).parent.parent
     monkeypatch.syspath_prepend(str(repo / "benchmarks"))
     build_vllm = importlib.import_module("build_vllm")
