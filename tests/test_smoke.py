@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from gpuwheel.kinds.flash_attn import built_head_dims
-from gpuwheel.kinds.vllm import built_serving
+from gpuwheel.kinds.vllm import APPEND_KV_PATCH, built_serving, smoke_groups
 from gpuwheel.layout import target_paths
 from gpuwheel.provenance import Provenance
 from gpuwheel.publish.local import publish_local
 from gpuwheel.smoke.report import (FAIL, PASS, SKIP, SCHEMA, CheckResult, GpuInfo, SmokeReport, SmokeReportFormatError,
                                    WheelSmoke, read_json, write_json)
+from vllm_patches_helpers import PATCHES
 from smoke_helpers import (TARGET, build_cuda_so, build_driver_linked_so, build_libcuda_stub, build_unresolved_so,
                            make_vllm_wheel, make_wheel, smoke_recipe)
 
@@ -283,6 +284,22 @@ def test_the_serving_profile_comes_from_gpuwheel_json():
     assert built_serving(Provenance.from_json(VLLM_PROVENANCE)) == SERVING
     assert built_serving(Provenance.from_json({"build": {"profile": "full", "serving": None}})) is None
     assert built_serving(Provenance.from_json({"target": "h200"})) is None and built_serving(None) is None
+
+
+def test_the_append_kv_refusal_is_checked_where_the_wheel_was_built_without_those_kernels(tmp_path):
+    """Patch 0012 left FA2's appending split-KV kernels out: the wheel's provenance names it, and the
+    FA2 error group then expects fwd_kvcache with new keys to be refused; a wheel without it is not asked."""
+    def fa2_spec(provenance: dict) -> dict:
+        groups = smoke_groups("vllm", Provenance.from_json(provenance), (), tmp_path)
+        return next(g.spec for g in groups if g.group == "vllm-fa2-errors")["fa2"]
+
+    patches = [{"name": APPEND_KV_PATCH, "sha256": "0" * 64, "strip": 1, "tree": "vllm-flash-attn"}]
+    assert APPEND_KV_PATCH in (PATCHES / "0.26.0" / "series").read_text()
+    assert fa2_spec({**VLLM_PROVENANCE, "patches": patches}) == {
+        "head_dims": [128], "dtypes": ["fp16", "bf16"], "append_kv": False}
+    assert "append_kv" not in fa2_spec(VLLM_PROVENANCE)  # built before 0012: the kernels are there
+    full = {"target": TARGET, "build": {"profile": "full", "serving": None}, "patches": patches}
+    assert "append_kv" not in fa2_spec(full)  # 0012 changes nothing without the serving profile
 
 
 def _gpu_of_cc_90() -> str | None:

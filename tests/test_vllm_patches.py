@@ -78,7 +78,7 @@ def trees(tmp_path_factory):
 # The fixes every set carries, then (0.26.0) the build-time and serving-profile patches.
 SERIES = {"0.26.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn"), ("0004", "vllm-flash-attn"),
                      ("0005", "vllm-flash-attn"), ("0006", ""), ("0007", ""), ("0008", ""), ("0009", ""),
-                     ("0010", ""), ("0011", "")],
+                     ("0010", ""), ("0011", ""), ("0012", "vllm-flash-attn")],
           "0.33.0": [("0001", ""), ("0002", ""), ("0003", "vllm-flash-attn")]}
 
 

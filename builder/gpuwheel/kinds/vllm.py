@@ -190,6 +190,11 @@ SERVING_PROFILE_VERSIONS = ("0.26.0",)
 DTYPES = ("fp16", "bf16")
 
 
+# The serving profile's patch that leaves out FA2's split-KV kernels appending new keys to the cache
+# (unreachable from vLLM's own Python); a wheel whose provenance lists it must refuse such calls.
+APPEND_KV_PATCH = "0012-vllm-flash-attn-fa2-no-append-kv.patch"
+
+
 def omitted_dependencies(omit: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dep for family in omit if (dep := OMITTABLE[family][1]))
 
@@ -462,7 +467,9 @@ def smoke_groups(
 ) -> tuple[SmokeGroup, ...]:
     serving = built_serving(provenance)
     dtypes: list[str] = serving["dtypes"] if serving else list(vllm_checks.FA2_DTYPES)
-    fa2 = {"head_dims": serving["head_dims"] if serving else None, "dtypes": dtypes}
+    fa2: dict[str, Any] = {"head_dims": serving["head_dims"] if serving else None, "dtypes": dtypes}
+    if serving and provenance and any(p.get("name") == APPEND_KV_PATCH for p in provenance.patches or ()):
+        fa2["append_kv"] = False
     spec = {
         "root": None,
         "moe_permute_file": None,

@@ -14,7 +14,8 @@ The shapes are the crashes of CONTEXT.md: 8192 scheduled tokens made of 8 reques
   `_moe_C.moe_permute`) at 8192 tokens checked row by row against the routing; a MoE layer at 8192
   tokens through vLLM's routing, permute and unpermute kernels and vLLM's Triton `fused_experts`.
 - `run_fa2_error_checks` (its own process): what the serving profile left out of FA2 (head dims,
-  dtypes) must raise its RuntimeError, not crash, and leave the GPU usable.
+  dtypes, the split-KV kernels that append new keys to the cache) must raise its RuntimeError, not
+  crash, and leave the GPU usable.
 - `run_boundary_checks` (its own process: an unfixed wheel kills the CUDA context): row counts that
   disagree at 8192 tokens must be refused with an error, not read out of bounds (vllm issue 43396).
 - `run_generate_check` (its own process, once compiled with CUDA graphs and once eager): a tiny
@@ -351,8 +352,9 @@ def _fa2_varlen(head_dim: int, dtype_name: str, known: bool):
 
 
 def run_fa2_error_checks(spec: dict, recorder) -> None:
-    """spec: {"fa2": {"head_dims": [..], "dtypes": [..]}}. What the serving profile left out of FA2
-    must raise its RuntimeError and leave the GPU usable; a head dim no kernel serves must raise.
+    """spec: {"fa2": {"head_dims": [..], "dtypes": [..], "append_kv": false (left out) | absent}}.
+    What the serving profile left out of FA2 must raise its RuntimeError and leave the GPU usable;
+    a head dim no kernel serves must raise.
     Run alone: a build whose C++ exceptions crash (the GPU machine's /opt/gcc g++) takes the process
     down here, and the runner reports that death as a failure."""
     import torch
@@ -398,6 +400,55 @@ def run_fa2_error_checks(spec: dict, recorder) -> None:
     recorder.check(
         "FA2 head dim 304 raises", refused(304, built_dtypes[0], "head dim 304, which no kernel serves", False)
     )
+    if fa2.get("append_kv") is False:
+        recorder.check(
+            "FA2 appending new keys to the KV cache raises",
+            lambda: _fa2_append_kv_refused(built_dims[0], built_dtypes[0]),
+        )
+
+
+def _fa2_append_kv_refused(head_dim: int, dtype_name: str):
+    """The serving profile compiles no split-KV kernel that appends new keys (patch 0012):
+    `_vllm_fa2_C::fwd_kvcache` given k and v must raise the profile's refusal, and the same call
+    without them (keys already in the cache, as vLLM writes them) must still attend correctly."""
+    import torch
+
+    dtype = _torch_dtype(dtype_name)
+    torch.manual_seed(head_dim)
+    cached = 48  # keys already in the cache, of its 64 rows
+    q = torch.randn(1, 1, FA2_HEADS, head_dim, device="cuda", dtype=dtype)
+    k_cache, v_cache = (torch.randn(1, 64, FA2_KV_HEADS, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    k_new, v_new = (torch.randn(1, 1, FA2_KV_HEADS, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    seqlens = torch.tensor([cached], device="cuda", dtype=torch.int32)
+    scale = head_dim**-0.5
+
+    def fwd_kvcache(k, v):
+        # after seqlens_k: rotary cos and sin, cache_batch_idx, leftpad_k, block_table, alibi_slopes and
+        # out, all None; then softmax_scale, causal, window left/right, softcap, rotary interleaved, splits
+        unused = (None,) * 7
+        op = torch.ops._vllm_fa2_C.fwd_kvcache
+        return op(q, k_cache, v_cache, k, v, seqlens, *unused, scale, True, -1, -1, 0.0, False, 0)[0]
+
+    try:
+        fwd_kvcache(k_new, v_new)
+        torch.cuda.synchronize()
+    except RuntimeError as error:
+        message = " ".join(str(error).split())
+        if FA2_NOT_BUILT not in message:
+            return "fail", f"raised, but not the serving profile's refusal: {message[:240]}", {}
+    else:
+        return "fail", "accepted new keys: the build compiled the appending kernels after all", {}
+    if not _context_alive():
+        return "fail", f"raised ({message[:160]}), but the CUDA context is dead afterwards", {}
+    out = fwd_kvcache(None, None).float()
+    group = FA2_HEADS // FA2_KV_HEADS
+    keys, values = (t[0, :cached].float().repeat_interleave(group, dim=1).transpose(0, 1) for t in (k_cache, v_cache))
+    weights = torch.softmax(q[0, 0].float().unsqueeze(1) @ keys.transpose(1, 2) * scale, dim=-1)
+    reference = (weights @ values).squeeze(1)
+    worst = (out[0, 0] - reference).abs().max().item()
+    tolerance = 2e-2 if dtype_name == "bf16" else 4e-3
+    detail = f"raised RuntimeError: {message[:200]}; without new keys max err {worst:.1e} (≤ {tolerance})"
+    return ("pass" if worst <= tolerance else "fail"), detail, {"max_error_without_new_keys": worst}
 
 
 def _routing(seed: int):
