@@ -270,14 +270,15 @@ MEASURED_BUILDS: dict[tuple[str, str, str], MeasuredBuild] = {
     ("0.26.0", "12.0", "full"): MeasuredBuild(
         31924, 1041, "stock vLLM 0.26.0, 397 steps on nvidia-h200-x2 (shared/ENVIRONMENT.md, 2026-11-30)"
     ),
+    # The shipped serving recipes with patches 0001-0012, both on one H100 host's 16 cores (2026-12-06,
+    # docs/gpu-runs.md); the stock figure's 32-core H200 host had a slower CPU (docs/benchmarks.md).
     ("0.26.0", "9.0a", "serving:128:fp16,bf16:fa3,flashmla"): MeasuredBuild(
-        10643, 369, "docs/runs/ninja-h200-torch211-serving.log (gpuwheel build on nvidia-h200-x2)"
+        7261, 178, "docs/runs/ninja-h200-torch211-serving-0012-h100x16.log (gpuwheel build on nvidia-h100-x1)"
     ),
-    # An H100 host whose CPU took 0.70x the H200 host's CPU-s for the same 9.0a profile (docs/benchmarks.md)
     ("0.26.0", "12.0", "serving:128:fp16,bf16:"): MeasuredBuild(
-        4973, 183, "docs/runs/ninja-rtx6000pro-torch211-serving-h100x16.log (gpuwheel build on nvidia-h100-x1)"
+        5101, 140, "docs/runs/ninja-rtx6000pro-torch211-serving-0012-h100x16.log (gpuwheel build on nvidia-h100-x1)"
     ),
-    # Another H100 host, 1.18x slower than that one on the FA2 TUs both builds compiled
+    # Before patch 0012 (its FA2 split-KV TUs ~1.8x longer), on another H100 host
     ("0.26.0", "12.0", "serving:128:fp16,bf16:marlin"): MeasuredBuild(
         3830, 203, "docs/runs/ninja-rtx6000pro-torch211-nomarlin-h100x16.log (gpuwheel build, an H100 host)"
     ),
@@ -295,9 +296,8 @@ COMPILE_ORDER_DIR = Path(__file__).parent / "vllm_compile_order"
 COMPILE_ORDER_ENV = "GPUWHEEL_VLLM_COMPILE_ORDER"
 COMPILE_ORDER_FILE = ".gpuwheel-compile-order.tsv"  # in the tree, where CMake reads it
 COMPILE_ORDERS: dict[tuple[str, str], tuple[ServingProfile, str]] = {
-    # docs/runs/ninja-rtx6000pro-torch211-serving-0011-h100x16.log (16 cores of an H100 host)
+    # docs/runs/ninja-{rtx6000pro,h200}-torch211-serving-0012-h100x16.log (16 cores of one H100 host)
     ("0.26.0", "12.0"): (ServingProfile(head_dims=(128,), dtypes=("fp16", "bf16")), "0.26.0-12.0.tsv"),
-    # docs/runs/ninja-h200-torch211-serving-0008-h100x16.log (16 cores of another H100 host)
     ("0.26.0", "9.0a"): (
         ServingProfile(head_dims=(128,), dtypes=("fp16", "bf16"), omit=("fa3", "flashmla")),
         "0.26.0-9.0a.tsv",
