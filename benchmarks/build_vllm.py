@@ -5,6 +5,10 @@ longest steps (the wall-time floor), and the ratio of a build to a baseline buil
     python benchmarks/build_vllm.py PROFILE.log --baseline STOCK.log [--cores 32]
     python benchmarks/build_vllm.py LOG --write-order builder/gpuwheel/kinds/vllm_compile_order/V-ARCHS.tsv
 
+FA2's kernel TUs are also split by kind (plain forward, split-KV, split-align, sparse), with the
+split-KV and split-align TUs' CPU-s as a multiple of the plain forward ones': a ratio within one log,
+which the host's speed cancels out of (patch 0012 changes the split kernels only).
+
 Each `.ninja_log` line is one step: start and end (ms since the build began) and its output.
 vLLM's steps compile one translation unit each with NVCC_THREADS=1, so a step's duration is its
 CPU time. A log that a resumed build appended to keeps only each output's latest step (as ninja
@@ -37,6 +41,14 @@ FAMILIES = (
     ("moe (other)", r"/moe/|_moe_C"),
     ("other", r""),
 )
+# FA2's kernel TUs by kind (flash_fwd_<kind>hdim<N>_<dtype>[_causal]_sm80.cu), first match wins.
+FA2_KINDS = (
+    ("split-align", r"flash_fwd_split_align_hdim"),
+    ("split-KV", r"flash_fwd_split_hdim"),
+    ("sparse", r"flash_fwd_sparse_hdim"),
+    ("forward", r"flash_fwd_hdim"),
+    ("api", r""),
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,12 @@ class Step:
     @property
     def family(self) -> str:
         return next(name for name, pattern in FAMILIES if re.search(pattern, self.output))
+
+    @property
+    def fa2_kind(self) -> str | None:
+        if self.family != "fa2":
+            return None
+        return next(name for name, pattern in FA2_KINDS if re.search(pattern, self.output))
 
     @property
     def is_compile(self) -> bool:
@@ -87,25 +105,37 @@ class Summary:
     longest: tuple[Step, ...]
     by_target: dict[str, tuple[int, float]]
     by_family: dict[str, tuple[int, float]]
+    by_fa2_kind: dict[str, tuple[int, float]]
 
     def predicted_wall(self, cores: int) -> float:
         return max(self.cpu_s / cores, self.longest[0].seconds if self.longest else 0.0)
+
+    @property
+    def fa2_split_per_forward(self) -> float | None:
+        """FA2's split-KV and split-align TUs' CPU-s over its plain forward TUs' (None without both)."""
+        split = sum(self.by_fa2_kind.get(kind, (0, 0.0))[1] for kind in ("split-KV", "split-align"))
+        forward = self.by_fa2_kind.get("forward", (0, 0.0))[1]
+        return split / forward if split and forward else None
 
 
 def summarize(steps: list[Step]) -> Summary:
     by_target: dict[str, list[float]] = defaultdict(list)
     by_family: dict[str, list[float]] = defaultdict(list)
+    by_fa2_kind: dict[str, list[float]] = defaultdict(list)
     for step in steps:
         if step.is_compile:
             by_target[step.target].append(step.seconds)
             by_family[step.family].append(step.seconds)
+            if (kind := step.fa2_kind) is not None:
+                by_fa2_kind[kind].append(step.seconds)
     compiles = [s for s in steps if s.is_compile]
     return Summary(
         steps=len(steps), compiles=len(compiles), cpu_s=sum(s.seconds for s in compiles),
         wall_s=(max(s.end for s in steps) - min(s.start for s in steps)) if steps else 0.0,
         longest=tuple(sorted(compiles, key=lambda s: -s.seconds)[:8]),
         by_target={k: (len(v), sum(v)) for k, v in by_target.items()},
-        by_family={k: (len(v), sum(v)) for k, v in by_family.items()})
+        by_family={k: (len(v), sum(v)) for k, v in by_family.items()},
+        by_fa2_kind={k: (len(v), sum(v)) for k, v in by_fa2_kind.items()})
 
 
 # What patch 0011's CMake matches an object by (its target and file name, dots escaped there).
@@ -171,6 +201,12 @@ def main() -> None:
           f"(max of CPU-s/{args.cores} and the longest step)")
     _table("target", run.by_target, base.by_target if base else None)
     _table("kernel family", run.by_family, base.by_family if base else None)
+    if run.by_fa2_kind:
+        _table("FA2 TUs by kernel", run.by_fa2_kind, base.by_fa2_kind if base else None)
+        ratio, base_ratio = run.fa2_split_per_forward, base.fa2_split_per_forward if base else None
+        if ratio is not None:
+            print(f"FA2 split-KV + split-align CPU-s per plain forward CPU-s: {ratio:.2f}"
+                  + (f" (baseline {base_ratio:.2f}, ratio {ratio / base_ratio:.2f}x)" if base_ratio else ""))
     print("\nlongest steps (the wall-time floor):")
     for step in run.longest:
         print(f"  {step.seconds:>7.0f} s  {step.output}")
