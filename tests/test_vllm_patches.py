@@ -517,6 +517,68 @@ def test_fa2_archs_through_the_forks_own_loose_intersection(real_cache, tmp_path
     assert fa2 == {"9.0a": "9.0a", "9.0": "9.0a", "12.0": "12.0+PTX", "10.0a": "10.0", "12.1": "12.0+PTX"}
 
 
+# ------------------------------------------------------- 0004, 0005, 0012 on the pinned vllm-flash-attn tree
+
+def fork_tree(real_cache: Path, tmp_path: Path) -> Path:
+    """The files the fork's patches touch, copied from the pinned tree and patched in the series' order."""
+    fork = real_cache / "sources" / "git" / FORK_0260
+    if not (fork / "CMakeLists.txt").is_file():
+        pytest.skip("the vllm-flash-attn tree at caaa4eb5 is not in the test cache: it comes from GitHub or a "
+                    "mirror (gpuwheel fetch rtx6000pro-torch211 --dependency-dir MIRRORS)")
+    refs = [ref for ref in read_series(PATCHES / "0.26.0", ("vllm-flash-attn",)) if ref.tree == "vllm-flash-attn"]
+    tree = tmp_path / "fork"
+    for name in {name for ref in refs for name in patch_files(ref.path)}:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(fork / name, tree / name)
+    for ref in refs:
+        result = apply_patch(ref.path, tree)
+        assert result.returncode == 0 and "fuzz" not in result.stdout, f"{ref.name}: {result.stdout}{result.stderr}"
+    return tree
+
+
+def test_0012_refuses_every_call_that_would_append_keys(real_cache, tmp_path):
+    """Appended keys come from knew_ptr, which only mha_fwd_kvcache sets: the refusal must come first
+    there, and the split-KV launch must switch on the profile's APPEND_KV_SWITCH."""
+    tree = fork_tree(real_cache, tmp_path)
+    fork = real_cache / "sources" / "git" / FORK_0260
+    setters = sorted(str(path.relative_to(fork)) for path in (fork / "csrc" / "flash_attn").rglob("*.c*")
+                     if re.search(r"\bknew_ptr\s*=(?!=)", path.read_text(errors="replace")))
+    assert setters == ["csrc/flash_attn/flash_api.cpp"]
+    api = (tree / "csrc/flash_attn/flash_api.cpp").read_text()
+    kvcache = api[api.index("mha_fwd_kvcache(at::Tensor &q,"):]
+    refusal = kvcache.index("#ifdef FLASHATTENTION_DISABLE_APPEND_KV\n        // gpuwheel")
+    assert refusal < kvcache.index("FLASH_NOT_BUILT(\"appending new keys") < kvcache.index("params.knew_ptr = ")
+    launch = (tree / "csrc/flash_attn/src/flash_fwd_launch_template.h").read_text()
+    assert "APPEND_KV_SWITCH(params.knew_ptr != nullptr, Append_KV" in launch and "BOOL_SWITCH(params.knew_ptr" not in launch
+    cmake = (tree / "CMakeLists.txt").read_text()
+    serving = cmake[cmake.index("if (DEFINED ENV{GPUWHEEL_VLLM_SERVING})"):cmake.index("message(STATUS \"FA2 serving profile")]
+    assert "FLASHATTENTION_DISABLE_APPEND_KV" in serving and cmake.count("FLASHATTENTION_DISABLE_APPEND_KV") == 1
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="needs g++")
+@pytest.mark.parametrize("disabled", [True, False])
+def test_0012s_switch_never_names_an_appending_kernel(real_cache, tmp_path, disabled):
+    """The patched static_switch.h, compiled and linked by g++: only kernel<false> exists, so the
+    program links only where APPEND_KV_SWITCH never names kernel<true> (the profile), and upstream's
+    BOOL_SWITCH, which names both, must fail to link."""
+    tree = fork_tree(real_cache, tmp_path)
+    program = tmp_path / "switch.cpp"
+    program.write_text(
+        "#include <stdexcept>\n#define TORCH_CHECK(cond, ...) if (!(cond)) throw std::runtime_error(\"refused\")\n"
+        '#include "static_switch.h"\n'
+        "template <bool Append> int kernel();\ntemplate <> int kernel<false>() { return 7; }\n"
+        "int launch(bool knew) { return APPEND_KV_SWITCH(knew, Append_KV, [&] { return kernel<Append_KV>(); }); }\n"
+        "int main() { return launch(true) == 7 && launch(false) == 7 ? 0 : 1; }\n")
+    flags = ["-DFLASHATTENTION_DISABLE_APPEND_KV"] if disabled else []
+    built = subprocess.run(["g++", "-std=c++17", *flags, "-I", str(tree / "csrc/flash_attn/src"), str(program),
+                            "-o", str(tmp_path / "switch")], capture_output=True, text=True)
+    if disabled:
+        assert built.returncode == 0, built.stderr
+        assert subprocess.run([str(tmp_path / "switch")]).returncode == 0
+    else:
+        assert built.returncode != 0 and "kernel<true>" in built.stderr
+
+
 # ------------------------------------------------------- 0009 Marlin left out by the serving profile
 
 MARLIN_LISTS = ("MARLIN_ARCHS", "MARLIN_SM75_ARCHS", "MARLIN_BF16_ARCHS", "MARLIN_FP8_ARCHS", "MARLIN_OTHER_ARCHS",
