@@ -6,6 +6,7 @@ repositories, archives, a recipe's tables, a sccache-dist cluster."""
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import json
 import os
@@ -173,6 +174,13 @@ def real_cache(monkeypatch) -> Path:
     monkeypatch.setenv("GPUWHEEL_CACHE", str(root))
     monkeypatch.delenv("GPUWHEEL_OFFLINE", raising=False)
     return root
+
+
+@pytest.fixture
+def build_vllm(monkeypatch):
+    """benchmarks/build_vllm.py as a module (the ninja-log reader and compile-order writer)."""
+    monkeypatch.syspath_prepend(str(CHECKOUT / "benchmarks"))
+    return importlib.import_module("build_vllm")
 
 
 @pytest.fixture

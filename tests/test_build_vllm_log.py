@@ -3,7 +3,6 @@ split-per-forward ratio that compares split-KV builds across hosts (patch 0012).
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +24,6 @@ STEPS = (
 )
 
 
-@pytest.fixture(scope="module")
-def build_vllm():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        yield importlib.import_module("build_vllm")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-
-
 def write_log(path: Path, scale: float = 1.0) -> Path:
     lines, start = ["# ninja log v5"], 0
     for output, seconds in STEPS:
@@ -53,7 +43,7 @@ def test_fa2_tus_are_grouped_by_kernel_kind(build_vllm, tmp_path):
     assert run.by_family["fa2"] == (6, 560.0) and run.compiles == 7
 
 
-def test_the_ratio_against_a_baseline_cancels_the_hosts_speed(build_vllm, tmp_path):
+def test_the_ratio_against_a_baseline_cancels_the_hosts_speed(tmp_path):
     """A host twice as slow doubles every step; the split-per-forward ratio stays."""
     fast, slow = write_log(tmp_path / "fast"), write_log(tmp_path / "slow", scale=2.0)
 
@@ -64,7 +54,7 @@ def test_the_ratio_against_a_baseline_cancels_the_hosts_speed(build_vllm, tmp_pa
     assert "ratio (baseline / this): CPU 0.50x" in out
 
 
-def test_a_log_without_fa2_prints_no_fa2_table(build_vllm, tmp_path):
+def test_a_log_without_fa2_prints_no_fa2_table(tmp_path):
     log = tmp_path / "log"
     log.write_text("# ninja log v5\n0\t5000\t0\tCMakeFiles/_C.dir/csrc/cache_kernels.cu.o\t0\n")
 

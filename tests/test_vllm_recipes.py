@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
@@ -150,13 +149,10 @@ def test_the_compile_order_table_goes_only_to_builds_it_covers(gpuwheel, make_re
 
 
 @pytest.mark.parametrize("key", sorted(vllm_kind.COMPILE_ORDERS))
-def test_each_shipped_compile_order_is_what_its_ninja_log_gives(key, monkeypatch):
+def test_each_shipped_compile_order_is_what_its_ninja_log_gives(key, build_vllm):
     """The tables are made, not edited: benchmarks/build_vllm.py --write-order of the committed log."""
-    repo = Path(__file__).parent.parent
-    monkeypatch.syspath_prepend(str(repo / "benchmarks"))
-    build_vllm = importlib.import_module("build_vllm")
     table = (vllm_kind.COMPILE_ORDER_DIR / vllm_kind.COMPILE_ORDERS[key][1]).read_text()
-    log = repo / "docs" / "runs" / table.splitlines()[0].rsplit(" from ", 1)[1]
+    log = Path(__file__).parent.parent / "docs" / "runs" / table.splitlines()[0].rsplit(" from ", 1)[1]
 
     assert table == build_vllm.compile_order(build_vllm.read_log(log), log.name)
 
