@@ -109,23 +109,28 @@ def seconds_per_call(function) -> float:
     return start.elapsed_time(end) / 1000 / TIMED_ITERATIONS
 
 
+def sdpa_error_pair(got, qs, ks, vs, causal: bool = False) -> tuple[float, float]:
+    """Max |got − fp32 SDPA| and max |SDPA in q's dtype − fp32 SDPA| of one attention; (1, H, L, D)
+    tensors, K/V already repeated to H heads. vllm.py uses it too."""
+    import torch.nn.functional as F
+
+    reference = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=causal)
+    low = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+    return (got.float() - reference).abs().max().item(), (low.float() - reference).abs().max().item()
+
+
 def sdpa_errors(out, q, k, v, offsets, causal: bool) -> tuple[float, float]:
     """Max |out − fp32 SDPA| and max |SDPA in q's dtype − fp32 SDPA| over the sequences of a varlen
     batch ((tokens, heads, head dim) tensors, sequence bounds `offsets`); K/V heads may be fewer
     than Q heads (GQA: each serves a group of query heads). vllm.py uses it too."""
-    import torch.nn.functional as F
-
     group = q.shape[1] // k.shape[1]
     error_fa = error_torch = 0.0
     for start, end in itertools.pairwise(offsets):
         # (L, H, D) → (1, H, L, D) for SDPA
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)
+        qs, got = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, out))
         ks, vs = (t[start:end].repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (k, v))
-        reference = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=causal)
-        low = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-        got = out[start:end].transpose(0, 1).unsqueeze(0)
-        error_fa = max(error_fa, (got.float() - reference).abs().max().item())
-        error_torch = max(error_torch, (low.float() - reference).abs().max().item())
+        errors = sdpa_error_pair(got, qs, ks, vs, causal)
+        error_fa, error_torch = max(error_fa, errors[0]), max(error_torch, errors[1])
     return error_fa, error_torch
 
 
@@ -185,7 +190,6 @@ def _varlen(head_dim: int, dtype, known: bool):
 
 def _kvcache(head_dim: int, dtype, known: bool):
     import torch
-    import torch.nn.functional as F
     from flash_attn import flash_attn_with_kvcache
 
     torch.manual_seed(1000 + head_dim)
@@ -226,12 +230,9 @@ def _kvcache(head_dim: int, dtype, known: bool):
             .unsqueeze(0)
             for c in (k_cache, v_cache)
         )
-        qs = q[b].transpose(0, 1).unsqueeze(0)  # (1, H, 1, D)
-        reference = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float())
-        low = F.scaled_dot_product_attention(qs, ks, vs)
-        got = out[b].transpose(0, 1).unsqueeze(0)
-        error_fa = max(error_fa, (got.float() - reference).abs().max().item())
-        error_torch = max(error_torch, (low.float() - reference).abs().max().item())
+        qs, got = (t[b].transpose(0, 1).unsqueeze(0) for t in (q, out))  # (1, H, 1, D)
+        errors = sdpa_error_pair(got, qs, ks, vs)
+        error_fa, error_torch = max(error_fa, errors[0]), max(error_torch, errors[1])
     tolerance = max(FLOOR[str(dtype).removeprefix("torch.")], 2 * error_torch)
     seconds = seconds_per_call(decode)
     cache_bytes = 2 * DECODE_BATCH * DECODE_CONTEXT * DECODE_KV_HEADS * head_dim * k_cache.element_size()

@@ -440,14 +440,14 @@ def _fa2_append_kv_refused(head_dim: int, dtype_name: str):
         return "fail", "accepted new keys: the build compiled the appending kernels after all", {}
     if not _context_alive():
         return "fail", f"raised ({message[:160]}), but the CUDA context is dead afterwards", {}
-    out = fwd_kvcache(None, None).float()
+    shared = _flash_attn_checks()
     group = FA2_HEADS // FA2_KV_HEADS
-    keys, values = (t[0, :cached].float().repeat_interleave(group, dim=1).transpose(0, 1) for t in (k_cache, v_cache))
-    weights = torch.softmax(q[0, 0].float().unsqueeze(1) @ keys.transpose(1, 2) * scale, dim=-1)
-    reference = (weights @ values).squeeze(1)
-    worst = (out[0, 0] - reference).abs().max().item()
-    tolerance = 2e-2 if dtype_name == "bf16" else 4e-3
-    detail = f"raised RuntimeError: {message[:200]}; without new keys max err {worst:.1e} (≤ {tolerance})"
+    # (1, 1, H, D) → (1, H, 1, D); the cached keys (L, Hkv, D) → (1, H, L, D), one KV head per group
+    got, qs = (t[0].transpose(0, 1).unsqueeze(0) for t in (fwd_kvcache(None, None), q))
+    ks, vs = (t[0, :cached].repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (k_cache, v_cache))
+    worst, error_torch = shared.sdpa_error_pair(got, qs, ks, vs)
+    tolerance = max(shared.FLOOR[str(dtype).removeprefix("torch.")], 2 * error_torch)
+    detail = f"raised RuntimeError: {message[:200]}; without new keys max err {worst:.1e} (≤ {tolerance:.1e})"
     return ("pass" if worst <= tolerance else "fail"), detail, {"max_error_without_new_keys": worst}
 
 
