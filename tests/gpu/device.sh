@@ -51,6 +51,10 @@ build() {
   local recipe=$1 jobs=${2:-$(nproc)} name
   name=$(basename "$recipe" .toml)
   local start=$SECONDS status=0
+  # A timing is only worth what the machine was doing besides: a process an earlier call left running
+  # (a smoke test's engine) slows every compile. Say it in the build's log, which comes back.
+  echo "load before the build: $(cut -d' ' -f1-3 /proc/loadavg); busiest processes:"
+  ps -eo pcpu=,etime=,comm= --sort=-pcpu | head -5
   python3 -m gpuwheel build "$recipe" --only vllm --backend local --python python3 --offline --jobs "$jobs" \
     --json > "$OUT/build-$name.json" || status=$?
   echo "gpuwheel build $recipe: exit $status after $((SECONDS - start)) s"
@@ -102,6 +106,8 @@ wait_build() {
   done
   tail -n 5 "$G/$name.build.log"
   cp "$G"/out/*"$name"* "$OUT"/ 2>/dev/null || true
+  # gpuwheel's progress lines: each phase of the build (copying, cmake, ninja, packing) with its second
+  cp "$G/$name.build.log" "$OUT/progress-$name.log"
   [ -e "$G/$name.status" ] || { echo "still building after ${limit} s"; return 75; }
   return "$(cat "$G/$name.status")"
 }
