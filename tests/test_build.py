@@ -31,6 +31,11 @@ def test_local_build_gives_a_wheel_with_sm90a_and_sm120_sass_and_a_rebuild_hits_
     assert built["toolchain"]["torch"].startswith("2.14.1")
     assert Path(built["wheels"][0]["log"]).read_text().count("sccache nvcc") >= 1
     assert "gwfixture: built" in first.stderr and "compile-cache hits" in first.stderr
+    # Where the time went: the build's own milestones, in order, within its seconds; each stage's seconds.
+    milestones = built["wheels"][0]["milestones"]
+    assert list(milestones) == ["first compile step done", "last compile step done", "wheel written"]  # no cmake
+    assert 0 < milestones["first compile step done"] <= milestones["wheel written"] <= built["wheels"][0]["seconds"]
+    assert list(first.json()["timings"]) == ["toolchain", "fetch", "patch", "build gwfixture", "finish + audit"]
 
     again = gpuwheel("build", recipe, "--backend", "local", "--out", out, "--json", "--rebuild")
 

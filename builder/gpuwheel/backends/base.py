@@ -87,7 +87,7 @@ class PackageBuild:
 
 @dataclass(frozen=True)
 class BuildOutcome:
-    """What a backend reports for one package: its exit, timing, output tail, cache stats."""
+    """What a backend reports for one package: its exit, timing and milestones, output tail, cache stats."""
 
     returncode: int
     seconds: float
@@ -95,6 +95,9 @@ class BuildOutcome:
     cache: CacheStats
     oom_killed: bool = False  # the engine says the container hit its memory limit
     dist: DistStats | None = None  # built with --dist: what ran on the cluster, what fell back to local
+    # (milestone, seconds into the build) as the build's output marked them: cmake's configure, the first and
+    # last compile step, the written wheel (progress.milestones)
+    milestones: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class RawWheel:
     seconds: float
     cache: CacheStats
     dist: DistStats | None = None  # built with --dist: compiles per build server, fallbacks to local
+    milestones: tuple[tuple[str, float], ...] = ()  # (milestone, seconds into the build), BuildOutcome's
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class RawWheels:
                     "path": str(w.path),
                     "log": str(w.log_path),
                     "seconds": round(w.seconds, 1),
+                    "milestones": {name: round(seconds, 1) for name, seconds in w.milestones},
                     "cache_hits": w.cache.hits,
                     "cache_misses": w.cache.misses,
                     **({"dist": w.dist.to_json()} if w.dist else {}),
@@ -197,7 +199,7 @@ def _build_one(
         f"{package.name}: built {final.name} in {_duration(outcome.seconds)}; {outcome.cache}"
         + (f"; {outcome.dist}" if outcome.dist else "")
     )
-    return RawWheel(package.name, final, log_path, outcome.seconds, outcome.cache, outcome.dist)
+    return RawWheel(package.name, final, log_path, outcome.seconds, outcome.cache, outcome.dist, outcome.milestones)
 
 
 def _raise_failure(package: PackagePlan, outcome, log_path: Path, *, recipe: str) -> None:

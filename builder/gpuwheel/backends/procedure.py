@@ -26,6 +26,7 @@ from gpuwheel.backends.base import (
     substitute,
 )
 from gpuwheel.backends.dist import Cluster, client_config_text
+from gpuwheel.backends.progress import LAST_STEP, milestones
 from gpuwheel.backends.sccache import CacheStats, free_port, parse_cache_stats, parse_dist_stats
 from gpuwheel.errors import ToolchainError
 from gpuwheel.wheelfile import DEFAULT_SOURCE_DATE_EPOCH
@@ -36,17 +37,20 @@ DIST_CLIENT_CONFIG = "gpuwheel-sccache.conf"
 
 
 class BuildLog:
-    """One package's log file, its last lines, and the caller's progress: every line the build's commands
-    print, and the procedure's own "gpuwheel: …" lines that say what happens before the first compile."""
+    """One package's log file, its last lines, its milestones, and the caller's progress: every line the
+    build's commands print, and the procedure's own "gpuwheel: …" lines that say what happens before the
+    first compile."""
 
     def __init__(self, path: Path, on_line: Callable[[str], None]):
         self.path = path
         self.on_line = on_line
         self.tail: deque[str] = deque(maxlen=40)
+        self.milestones: dict[str, float] = {}  # milestone → seconds since the log was opened
 
     def __enter__(self) -> BuildLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "w", encoding="utf-8", errors="replace")
+        self._opened = time.monotonic()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None):
@@ -56,6 +60,9 @@ class BuildLog:
         self._file.write(text + "\n")
         self._file.flush()  # followed with tail -f during a long build
         self.tail.append(text)
+        for name in milestones(text):
+            if name == LAST_STEP or name not in self.milestones:
+                self.milestones[name] = time.monotonic() - self._opened
         self.on_line(text)
 
 
@@ -99,7 +106,14 @@ def build_package(
 
     if not toolchain.sccache:
         ran = build()
-        return BuildOutcome(ran.returncode, time.monotonic() - start, tuple(log.tail), CacheStats(0, 0), ran.oom_killed)
+        return BuildOutcome(
+            ran.returncode,
+            time.monotonic() - start,
+            tuple(log.tail),
+            CacheStats(0, 0),
+            ran.oom_killed,
+            milestones=tuple(log.milestones.items()),
+        )
     sccache = toolchain.sccache
     # A server of its own, on a free port: stopping the default port's server would stop every other
     # build's compile cache on this machine (and did, mid-build); a container on the host's network
@@ -135,6 +149,7 @@ def build_package(
         parse_cache_stats(stats),
         ran.oom_killed,
         dist=parse_dist_stats(stats) if cluster else None,
+        milestones=tuple(log.milestones.items()),
     )
 
 

@@ -43,6 +43,27 @@ _PHASES = (
 )
 
 
+# Where a package build's time went, for its record (the build report's "milestones"): the first line
+# of each, as cmake and pip -v print them, and ninja's first and last finished step (ninja prints a
+# step's [N/M] line as it finishes when its output is not a terminal). The last step counts at its
+# latest line: a ninja run inside one of the build's steps finishes before that step does.
+LAST_STEP = "last compile step done"
+_MILESTONES = (
+    ("-- The CXX compiler identification", "cmake configure started"),
+    ("-- Configuring done", "cmake configure done"),
+    ("Created wheel for", "wheel written"),
+)
+
+
+def milestones(line: str) -> tuple[str, ...]:
+    """The milestones of a package build that this line of its output marks (a [1/1] step marks two)."""
+    if step := _NINJA_STEP.match(line):
+        done, total = int(step[1]), int(step[2])
+        return (("first compile step done",) if done == 1 else ()) + ((LAST_STEP,) if done == total else ())
+    text = line.strip()
+    return tuple(name for marker, name in _MILESTONES if text.startswith(marker))
+
+
 def _phase(line: str) -> str | None:
     if backend := _BACKEND_LINE.match(line):
         return backend[1]

@@ -128,7 +128,7 @@ def build(
                 f"{wheel.package}: reusing {wheel.path}, finished for plan {plan.hash[:16]} "
                 f"(nothing changed; --rebuild builds it again)"
             )
-        _report(reused, None, plan.target.name, as_json=as_json)
+        _report(reused, None, (), plan.target.name, as_json=as_json)
         return
     from gpuwheel.pipeline import build_plan
 
@@ -150,7 +150,7 @@ def build(
         )
     if not quiet and not as_json:  # timings are diagnostics; the wheels below are the result
         _print_timings(built, plan.target.name, start)
-    _report(built.finished, built.raw, plan.target.name, as_json=as_json)
+    _report(built.finished, built.raw, built.timings, plan.target.name, as_json=as_json)
 
 
 def _read_lock(recipe, plan, *, jobs: int | None):
@@ -193,14 +193,17 @@ def build_error_tail():
         raise
 
 
-def _report(finished, raw, target: str, *, as_json: bool) -> None:
-    """The result on stdout: each wheel's path, audit verdict and build log (raw is None when reused)."""
+def _report(finished, raw, timings, target: str, *, as_json: bool) -> None:
+    """The result on stdout: each wheel's path, audit verdict and build log (raw is None when reused); the
+    JSON also has each stage's seconds (the table stderr shows off --json)."""
     if as_json:
-        click.echo(
-            json.dumps(
-                {"raw": raw.to_json() if raw else None, "finished": finished.to_json(), "reused": raw is None}, indent=2
-            )
-        )
+        report = {
+            "raw": raw.to_json() if raw else None,
+            "finished": finished.to_json(),
+            "reused": raw is None,
+            "timings": {stage: round(seconds, 1) for stage, seconds in timings},
+        }
+        click.echo(json.dumps(report, indent=2))
         return
     from rich.markup import escape
 
