@@ -46,6 +46,37 @@ def test_the_hopper_plan_leaves_fa3_and_flashmla_out_and_needs_no_flashmla_sourc
     assert not any("dependency flashmla" in step for step in result.json()["steps"])
 
 
+GPU_RECIPES = Path(__file__).parent / "gpu" / "recipes"
+
+
+# tests/gpu/recipes/ → the package the GPU runs build of it (docs/gpu-runs.md)
+GPU_RUNS = {
+    "h100-torch211": "flash-attn",  # its vLLM pins torch 2.14: flash-attn only, as its comment says
+    "h200-causal-conv1d": "causal-conv1d",
+    "h200-torch211-full": "vllm",
+    "rtx6000pro-torch211-cmake-order": "vllm",
+    "rtx6000pro-torch211-nomarlin": "vllm",
+    "rtx6000pro-torch211-stock": "vllm",
+}
+
+
+def test_every_recipe_of_the_gpu_runs_plans_the_package_they_build(gpuwheel):
+    assert sorted(GPU_RUNS) == sorted(path.stem for path in GPU_RECIPES.glob("*.toml"))
+    for name, package in GPU_RUNS.items():
+        result = gpuwheel("plan", GPU_RECIPES / f"{name}.toml", "--only", package, "--json")
+        assert result.exit_code == 0, f"{name}: {result.stderr}"
+
+
+def test_the_stock_baseline_recipe_builds_vllm_as_released(gpuwheel):
+    result = gpuwheel("plan", GPU_RECIPES / "rtx6000pro-torch211-stock.toml", "--only", "vllm", "--json")
+    assert result.exit_code == 0, result.stderr
+    [package] = result.json()["packages"]
+
+    assert package["serving"] is None and package["patches"] == []  # no profile, no patch
+    assert not any(key.startswith("GPUWHEEL_VLLM_") for key in package["env"])
+    assert not any(step.startswith("patch vllm") for step in result.json()["steps"])
+
+
 def test_a_blackwell_datacenter_plan_compiles_flashmla_from_its_sources(gpuwheel, make_recipe, tmp_path):
     recipe = make_recipe(tmp_path, extends="rtx6000pro-torch211",
                          target={"name": "b200-vllm", "compute_capability": "10.0", "torch_cuda_arch_list": "10.0"})
