@@ -361,3 +361,15 @@ def test_the_marlin_check_reads_which_ops_have_a_cuda_kernel(tmp_path, monkeypat
     left_out = marlin_check(("with_cuda", "without_cuda"), ["marlin"])
     assert (left_out["status"], left_out["detail"]) == ("fail", "gpuwheel_marlin_test::with_cuda still has a CUDA kernel")
     assert marlin_check(("not_defined",), [])["status"] == "skip"
+
+
+def test_the_attention_checks_tolerance_is_twice_torchs_own_error_never_below_the_dtypes_floor():
+    """One rule for the FA2 and flash-attn attention checks (varlen, decode, append-KV): a dtype's
+    floor while torch SDPA's own error is small, twice that error above it."""
+    from gpuwheel.smoke.flash_attn import FLOOR, tolerance_for
+
+    assert tolerance_for("torch.float16", 0.0) == FLOOR["float16"] == 2e-3
+    assert tolerance_for("torch.float16", 1e-3) == 2e-3  # 2 x 1e-3: at the floor
+    assert tolerance_for("torch.float16", 1.3e-3) == pytest.approx(2.6e-3)  # the H100's fp16 causal varlen
+    assert tolerance_for("torch.bfloat16", 1e-3) == FLOOR["bfloat16"] == 1.6e-2
+    assert tolerance_for("torch.bfloat16", 9.99e-3) == pytest.approx(1.998e-2)

@@ -109,6 +109,12 @@ def seconds_per_call(function) -> float:
     return start.elapsed_time(end) / 1000 / TIMED_ITERATIONS
 
 
+def tolerance_for(dtype, torch_error: float) -> float:
+    """The module docstring's rule: twice torch SDPA's own error in this dtype, at least FLOOR[dtype].
+    vllm.py uses it too."""
+    return max(FLOOR[str(dtype).removeprefix("torch.")], 2 * torch_error)
+
+
 def sdpa_error_pair(got, qs, ks, vs, causal: bool = False) -> tuple[float, float]:
     """Max |got − fp32 SDPA| and max |SDPA in q's dtype − fp32 SDPA| of one attention; (1, H, L, D)
     tensors, K/V already repeated to H heads. vllm.py uses it too."""
@@ -159,8 +165,7 @@ def _varlen(head_dim: int, dtype, known: bool):
         offsets.append(offsets[-1] + length)
     cu_seqlens = torch.tensor(offsets, device="cuda", dtype=torch.int32)
     figures: dict[str, float] = {}
-    worst = 0.0
-    tolerance = FLOOR[str(dtype).removeprefix("torch.")]
+    worst = torch_worst = 0.0
     for causal in (False, True):
 
         def attend(causal=causal):  # bound now: measure_varlen times it within this iteration
@@ -178,9 +183,8 @@ def _varlen(head_dim: int, dtype, known: bool):
             raise
         label = "causal" if causal else "full"
         error_fa, error_torch = measure_varlen(label, out, q, k, v, offsets, causal, attend, figures)
-        tolerance = max(tolerance, 2 * error_torch)
-        worst = max(worst, error_fa)
-    figures["tolerance"] = tolerance
+        worst, torch_worst = max(worst, error_fa), max(torch_worst, error_torch)
+    tolerance = figures["tolerance"] = tolerance_for(dtype, torch_worst)
     detail = (
         f"max err {worst:.2e} (tolerance {tolerance:.1e}); {figures['tflops_full']:.0f} TFLOP/s full, "
         f"{figures['tflops_causal']:.0f} TFLOP/s causal"
@@ -233,7 +237,7 @@ def _kvcache(head_dim: int, dtype, known: bool):
         qs, got = (t[b].transpose(0, 1).unsqueeze(0) for t in (q, out))  # (1, H, 1, D)
         errors = sdpa_error_pair(got, qs, ks, vs)
         error_fa, error_torch = max(error_fa, errors[0]), max(error_torch, errors[1])
-    tolerance = max(FLOOR[str(dtype).removeprefix("torch.")], 2 * error_torch)
+    tolerance = tolerance_for(dtype, error_torch)
     seconds = seconds_per_call(decode)
     cache_bytes = 2 * DECODE_BATCH * DECODE_CONTEXT * DECODE_KV_HEADS * head_dim * k_cache.element_size()
     figures = {
