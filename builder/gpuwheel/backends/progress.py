@@ -31,28 +31,22 @@ _NINJA_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]")  # pip -v indents the build's o
 # What a build does before its first ninja step (a container starting, the tree copy, then minutes of
 # vLLM's cmake): the backend's own "gpuwheel: …" lines, and pip -v's and cmake's markers.
 _BACKEND_LINE = re.compile(r"^\s*gpuwheel: (.+)$")
+# Each marker: the phase shown from its line on, and the milestone of the build's record it marks, if
+# any (the build report's "milestones": where a package build's time went, each at its first line).
 _PHASES = (
-    ("Getting requirements to build wheel", "reading build requirements"),
-    ("Preparing metadata", "preparing metadata"),
-    ("Building wheel for", "starting the build"),
-    ("running build_ext", "building extensions"),
-    ("-- The CXX compiler identification", "cmake: configuring"),
-    ("-- Configuring done", "cmake: generating the build files"),
-    ("Emitting ninja build file", "ninja: first compile starting"),
-    ("Created wheel for", "packing the wheel"),
+    ("Getting requirements to build wheel", "reading build requirements", None),
+    ("Preparing metadata", "preparing metadata", None),
+    ("Building wheel for", "starting the build", None),
+    ("running build_ext", "building extensions", None),
+    ("-- The CXX compiler identification", "cmake: configuring", "cmake configure started"),
+    ("-- Configuring done", "cmake: generating the build files", "cmake configure done"),
+    ("Emitting ninja build file", "ninja: first compile starting", None),
+    ("Created wheel for", "packing the wheel", "wheel written"),
 )
-
-
-# Where a package build's time went, for its record (the build report's "milestones"): the first line
-# of each, as cmake and pip -v print them, and ninja's first and last finished step (ninja prints a
-# step's [N/M] line as it finishes when its output is not a terminal). The last step counts at its
-# latest line: a ninja run inside one of the build's steps finishes before that step does.
+# Ninja's first and last finished step are milestones too (ninja prints a step's [N/M] line as it
+# finishes when its output is not a terminal). The last step counts at its latest line: a ninja run
+# inside one of the build's steps finishes before that step does.
 LAST_STEP = "last compile step done"
-_MILESTONES = (
-    ("-- The CXX compiler identification", "cmake configure started"),
-    ("-- Configuring done", "cmake configure done"),
-    ("Created wheel for", "wheel written"),
-)
 
 
 def milestones(line: str) -> tuple[str, ...]:
@@ -61,14 +55,14 @@ def milestones(line: str) -> tuple[str, ...]:
         done, total = int(step[1]), int(step[2])
         return (("first compile step done",) if done == 1 else ()) + ((LAST_STEP,) if done == total else ())
     text = line.strip()
-    return tuple(name for marker, name in _MILESTONES if text.startswith(marker))
+    return tuple(milestone for marker, _, milestone in _PHASES if milestone and text.startswith(marker))
 
 
 def _phase(line: str) -> str | None:
     if backend := _BACKEND_LINE.match(line):
         return backend[1]
     text = line.strip()
-    return next((phase for marker, phase in _PHASES if text.startswith(marker)), None)
+    return next((phase for marker, phase, _ in _PHASES if text.startswith(marker)), None)
 
 
 class BuildProgress:
